@@ -1,0 +1,57 @@
+# statemesh-node: build, lint, test and demonstrate the package.
+# `make demo` and `make check` each work as the first command on a fresh Debian 12 machine.
+
+PYTHON      := /usr/bin/python3
+CLEAN_ENV   := env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=$(HOME) LC_ALL=C.UTF-8
+BUILD       := build
+VERSION     := $(shell dpkg-parsechangelog -S Version 2>/dev/null)
+DEB         := $(BUILD)/statemesh-node_$(VERSION)_all.deb
+PYTEST      := $(CLEAN_ENV) $(PYTHON) -m pytest
+
+# Everything the build, the tests, the VM harness and the benchmarks need, from Debian's archive.
+DEPS := debhelper dh-python python3-all python3-setuptools lintian \
+        python3-debian python3-cryptography python3-tpm2-pytss python3-dbus-next \
+        python3-psutil python3-openssl python3-pytest python3-hypothesis \
+        cryptsetup-bin ufw swtpm swtpm-tools tpm2-tools dbus util-linux e2fsprogs \
+        mmdebstrap apt-utils qemu-system-x86 qemu-utils git
+
+.PHONY: deps deb lint test vm-test bench check demo clean
+
+deps:
+	@missing=""; for p in $(DEPS); do \
+	   dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || missing="$$missing $$p"; \
+	 done; \
+	 if [ -n "$$missing" ]; then \
+	   echo "installing:$$missing"; \
+	   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	 fi
+
+deb: $(DEB)
+
+$(DEB): $(shell git ls-files 2>/dev/null)
+	rm -rf $(BUILD)/statemesh && mkdir -p $(BUILD)/statemesh
+	git ls-files -z | tar --null -T - -cf - | tar -xf - -C $(BUILD)/statemesh
+	cd $(BUILD)/statemesh && $(CLEAN_ENV) dpkg-buildpackage -us -uc -b
+	@ls -l $@
+
+lint: $(DEB)
+	$(CLEAN_ENV) lintian --fail-on error,warning --display-info --pedantic --tag-display-limit 0 \
+	    $(BUILD)/statemesh_$(VERSION)_amd64.changes
+
+test:
+	$(PYTEST) tests --ignore=tests/vm
+
+vm-test: $(DEB)
+	$(PYTEST) tests/vm --deb $(DEB)
+
+bench:
+	$(CLEAN_ENV) $(PYTHON) -m bench
+
+check: deps deb lint test vm-test
+
+demo: deps deb
+	$(CLEAN_ENV) $(PYTHON) -m tests.vm.demo --deb $(DEB)
+
+clean:
+	rm -rf $(BUILD) .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

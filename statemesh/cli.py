@@ -1,0 +1,99 @@
+"""The `statemesh-node` command: one argparse subcommand per operator-facing action."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from statemesh import __version__, config, guarantees
+from statemesh.guarantee import Finding
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def _print_json(data: object) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _print_findings(findings: List[Finding]) -> None:
+    width = max((len(f.name) for f in findings), default=0)
+    for finding in findings:
+        mark = "ok  " if finding.holds else "FAIL"
+        print(f"{mark} {finding.name:<{width}}  {finding.detail}")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Validate node.conf and show the effective configuration."""
+    node_config = config.load(args.config)
+    if args.json:
+        _print_json(config.as_dict(node_config))
+    else:
+        for key, value in config.as_dict(node_config).items():
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            print(f"{key}: {shown}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show, live, whether each guarantee holds; non-zero exit when any does not."""
+    node_config = config.load(args.config)
+    findings = [g.check() for g in guarantees.ordered(node_config)]
+    holds = all(f.holds for f in findings)
+    if args.json:
+        _print_json(
+            {
+                "version": __version__,
+                "zone": node_config.zone,
+                "holds": holds,
+                "guarantees": [f.as_dict() for f in findings],
+            }
+        )
+    else:
+        print(f"statemesh-node {__version__}  zone {node_config.zone}")
+        _print_findings(findings)
+        print("all guarantees hold" if holds else "NOT all guarantees hold")
+    return EXIT_OK if holds else EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="statemesh-node",
+        description="Turn this machine into a StateMesh node its operator cannot enter.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config", type=Path, default=config.DEFAULT_PATH, help="node configuration file"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands: Dict[str, Callable[[argparse.Namespace], int]] = {
+        "status": cmd_status,
+        "config": cmd_config,
+    }
+    for name, handler in commands.items():
+        command = sub.add_parser(name, help=(handler.__doc__ or "").strip().splitlines()[0])
+        command.add_argument("--json", action="store_true", help="print JSON")
+        command.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return args.handler(args)
+    except config.ConfigError as error:
+        print(f"statemesh-node: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())
