@@ -66,6 +66,8 @@ def _parse_networks(value: str) -> Tuple[IpNetwork, ...]:
             networks.append(ipaddress.ip_network(word, strict=True))
         except ValueError as error:
             raise ValueError(f"not a CIDR network: {word!r} ({error})") from None
+        if networks[-1].prefixlen == 0:
+            raise ValueError(f"{word!r} is the whole address space, not a zone's peers")
     return tuple(networks)
 
 

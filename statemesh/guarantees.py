@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import List
 
+from statemesh import firewall
 from statemesh.config import NodeConfig
 from statemesh.guarantee import Guarantee
 
 
 def ordered(config: NodeConfig) -> List[Guarantee]:
     """Every guarantee of the node, in the order the installer applies them."""
-    del config  # each guarantee added here takes what it needs from the configuration
-    return []
+    return [
+        firewall.Firewall(config),
+    ]

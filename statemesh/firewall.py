@@ -1,0 +1,413 @@
+"""Node isolation: ufw denies every incoming connection but the mesh port from the zone's peers.
+
+The node must expose nothing but its attested mesh endpoint, and only to the peers of its
+zone (node.conf: Mesh-Port, Zone, Zone-Peers), so that zones stay segmented. ufw is the
+firewall Debian and Ubuntu ship, and its rules survive reboots by themselves: ufw.service
+loads them early at every boot.
+
+What happens to the operator's rules: the node's firewall consists of our rules only. Every
+other ufw user rule (allow, limit, deny, reject, route, application profiles) is reported by
+`check()` (facts["foreign_rules"], so status and preflight show them) and removed by
+`apply()`. The previous ufw state as a whole (enabled or not, incoming/outgoing default
+policies, the IPV6 setting and every user rule, in order) is remembered in the restore
+record before anything changes, and `revert()` puts exactly that back at purge.
+
+IPv6: with IPV6=no in /etc/default/ufw, ufw drops all IPv6 traffic and refuses IPv6 rules,
+so IPv6 zone peers could never reach the node; `apply()` sets IPV6=yes (the previous value
+is in the restore record). On a kernel without IPv6 there is nothing to reach over IPv6, and
+IPv6 peers are skipped and reported.
+
+Limits, reported rather than hidden: ufw's own before.rules (conffiles of the ufw package,
+not ours to edit) still accept ICMP, DHCP replies and mDNS/UPnP multicast; rules added to
+the INPUT chain with iptables outside ufw are not removed, but `check()` fails while they
+exist (facts["rules_outside_ufw"]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import shlex
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from statemesh.config import IpNetwork, NodeConfig
+from statemesh.guarantee import Finding
+from statemesh.run import CommandError, have, run
+
+NAME = "firewall"
+# Comment carried by every rule this module adds, so that `ufw status` shows whose they are.
+TAG = "statemesh-node"
+
+UFW_CONF = Path("/etc/ufw/ufw.conf")
+UFW_DEFAULTS = Path("/etc/default/ufw")
+IPV6_PROC = Path("/proc/sys/net/ipv6")
+
+# /etc/default/ufw stores iptables targets; the ufw command line speaks in these words.
+_POLICY_WORDS = {"ACCEPT": "allow", "DROP": "deny", "REJECT": "reject"}
+# The ufw chains its INPUT hooks jump to, per address family (what `ufw enable` loads).
+_UFW_HOOK = {4: "ufw-before-input", 6: "ufw6-before-input"}
+_USER_CHAIN = {4: "ufw-user-input", 6: "ufw6-user-input"}
+_IPTABLES = {4: "iptables", 6: "ip6tables"}
+# ufw itself puts this in INPUT when IPV6=no and never takes it out (MANAGE_BUILTINS=no);
+# it accepts loopback only, which ufw's before rules accept anyway.
+_LOOPBACK_ACCEPT = "-A INPUT -i lo -j ACCEPT"
+
+
+class FirewallError(RuntimeError):
+    """The firewall could not be enforced or restored; the message says what is left to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UfwState:
+    """ufw's persistent configuration: what the restore record keeps and purge puts back."""
+
+    enabled: bool
+    incoming: str
+    outgoing: str
+    ipv6: Optional[str]
+    rules: Tuple[str, ...]
+
+    def as_record(self) -> Dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record["rules"] = list(self.rules)
+        return record
+
+    @classmethod
+    def from_record(cls, record: Dict[str, Any]) -> "UfwState":
+        """Rebuild the state from the restore record, refusing one that is not ours."""
+        try:
+            state = cls(
+                enabled=bool(record["enabled"]),
+                incoming=str(record["incoming"]),
+                outgoing=str(record["outgoing"]),
+                ipv6=None if record["ipv6"] is None else str(record["ipv6"]),
+                rules=tuple(str(rule) for rule in record["rules"]),
+            )
+        except (KeyError, TypeError) as error:
+            raise FirewallError(f"the firewall's restore record is malformed: {error!r}") from None
+        for policy in (state.incoming, state.outgoing):
+            if policy not in _POLICY_WORDS.values():
+                raise FirewallError(f"the firewall's restore record has a bad policy: {policy!r}")
+        return state
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How to get from ufw's current user rules to the node's."""
+
+    remove: Tuple[str, ...]
+    add: Tuple[str, ...]
+    skipped_peers: Tuple[IpNetwork, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveFamily:
+    """What the kernel enforces for one address family, read with iptables -S."""
+
+    policy: str
+    ufw_loaded: bool
+    mesh_sources: Tuple[IpNetwork, ...]
+    other_user_rules: Tuple[str, ...]
+    outside_rules: Tuple[str, ...]
+
+
+def _ufw(*args: str) -> str:
+    return run(["ufw", *args]).stdout.decode(errors="replace")
+
+
+def _rule_argv(rule: str) -> List[str]:
+    """A rule as `ufw show added` prints it, back into ufw arguments."""
+    try:
+        return shlex.split(rule)
+    except ValueError as error:
+        raise FirewallError(f"cannot parse the ufw rule {rule!r}: {error}") from None
+
+
+def _delete_argv(rule: str) -> List[str]:
+    words = _rule_argv(rule)
+    if words[:1] == ["route"]:
+        return ["route", "delete", *words[1:]]
+    return ["delete", *words]
+
+
+def mesh_rule(network: IpNetwork, port: int) -> str:
+    """The ufw rule (in `ufw show added` form) that opens the mesh port to one peer network."""
+    return f"allow from {network} to any port {port} proto tcp comment '{TAG}'"
+
+
+def _mesh_source(rule: str, port: int) -> Optional[IpNetwork]:
+    """The peer network of a rule of ours for this port, None for any other rule."""
+    try:
+        words = shlex.split(rule)
+    except ValueError:
+        return None
+    shape = ["allow", "from", "*", "to", "any", "port", str(port), "proto", "tcp", "comment", TAG]
+    if len(words) != len(shape) or any(s not in ("*", w) for s, w in zip(shape, words)):
+        return None
+    try:
+        return ipaddress.ip_network(words[2], strict=True)
+    except ValueError:
+        return None
+
+
+def _read_assignments(path: Path) -> Dict[str, str]:
+    """KEY=value lines of a shell-style configuration file, quotes removed."""
+    values: Dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key and not key.startswith("#"):
+            values[key] = value.strip().strip("\"'")
+    return values
+
+
+def _set_assignment(path: Path, key: str, value: Optional[str]) -> None:
+    """Set (or, for None, remove) one KEY=value line, replacing the file atomically."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept: List[str] = []
+    written = False
+    for line in lines:
+        if line.strip().partition("=")[0] == key:
+            if value is not None and not written:
+                kept.append(f"{key}={value}\n")
+                written = True
+            continue
+        kept.append(line)
+    if value is not None and not written:
+        kept.append(f"{key}={value}\n")
+    temporary = path.with_name(f".{path.name}.statemesh-new")
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.writelines(kept)
+        file.flush()
+        os.fchmod(file.fileno(), path.stat().st_mode & 0o7777)
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _show_added() -> Tuple[str, ...]:
+    """ufw's user rules in order, in the command-line form ufw itself prints."""
+    rules = []
+    for line in _ufw("show", "added").splitlines():
+        if line.startswith("ufw "):
+            rules.append(line[len("ufw ") :])
+    return tuple(rules)
+
+
+def read_state() -> UfwState:
+    """ufw's persistent configuration (needs root: ufw reads its rules files)."""
+    defaults = _read_assignments(UFW_DEFAULTS)
+    return UfwState(
+        enabled=_read_assignments(UFW_CONF).get("ENABLED", "no").lower() == "yes",
+        incoming=_policy(defaults, "DEFAULT_INPUT_POLICY"),
+        outgoing=_policy(defaults, "DEFAULT_OUTPUT_POLICY"),
+        ipv6=defaults.get("IPV6"),
+        rules=_show_added(),
+    )
+
+
+def _policy(defaults: Dict[str, str], key: str) -> str:
+    """A default policy as a ufw word; anything else could not be restored at purge."""
+    value = defaults.get(key, "")
+    if value not in _POLICY_WORDS:
+        raise FirewallError(f"{UFW_DEFAULTS}: {key} is {value!r}, not ACCEPT, DROP or REJECT")
+    return _POLICY_WORDS[value]
+
+
+def kernel_has_ipv6() -> bool:
+    """ufw itself ignores IPv6 when the kernel has none (ipv6.disable=1)."""
+    return IPV6_PROC.exists()
+
+
+def plan(rules: Sequence[str], peers: Sequence[IpNetwork], port: int, ipv6: bool) -> Plan:
+    """Rules to remove (everything not ours, stale ones of ours) and mesh rules to add."""
+    wanted = [peer for peer in peers if ipv6 or peer.version == 4]
+    present = set()
+    remove = []
+    for rule in rules:
+        source = _mesh_source(rule, port)
+        if source in wanted and source not in present:
+            present.add(source)
+        else:
+            remove.append(rule)
+    add = tuple(mesh_rule(peer, port) for peer in wanted if peer not in present)
+    skipped = tuple(peer for peer in peers if peer not in wanted)
+    return Plan(remove=tuple(remove), add=add, skipped_peers=skipped)
+
+
+def _options(words: Sequence[str]) -> Dict[str, str]:
+    """iptables -S words as option -> value (flags without a value map to "")."""
+    options: Dict[str, str] = {}
+    for index, word in enumerate(words):
+        if word.startswith("-"):
+            following = words[index + 1] if index + 1 < len(words) else ""
+            options[word] = "" if following.startswith("-") else following
+    return options
+
+
+def read_live(family: int, port: int) -> LiveFamily:
+    """The filter table the kernel enforces for one family (needs root)."""
+    output = run([_IPTABLES[family], "-S"]).stdout.decode(errors="replace")
+    return parse_live(output.splitlines(), family, port)
+
+
+def parse_live(lines: Sequence[str], family: int, port: int) -> LiveFamily:
+    """Policy, ufw hooks and user rules of one family's filter table, from iptables -S."""
+    policy = "ACCEPT"
+    hooked = False
+    sources: List[IpNetwork] = []
+    others: List[str] = []
+    outside: List[str] = []
+    anywhere = "0.0.0.0/0" if family == 4 else "::/0"
+    for line in lines:
+        words = line.split()
+        if words[:2] == ["-P", "INPUT"]:
+            policy = words[2]
+        elif words[:2] == ["-A", "INPUT"]:
+            target = _options(words).get("-j", "")
+            if target == _UFW_HOOK[family]:
+                hooked = True
+            elif not target.startswith("ufw") and line != _LOOPBACK_ACCEPT:
+                outside.append(line)
+        elif words[:2] == ["-A", _USER_CHAIN[family]]:
+            options = _options(words)
+            if (options.get("-p"), options.get("--dport"), options.get("-j")) == (
+                "tcp",
+                str(port),
+                "ACCEPT",
+            ) and set(options) <= {"-A", "-s", "-p", "-m", "--dport", "-j"}:
+                sources.append(ipaddress.ip_network(options.get("-s", anywhere)))
+            else:
+                others.append(line)
+    return LiveFamily(policy, hooked, tuple(sources), tuple(others), tuple(outside))
+
+
+class Firewall:
+    """The firewall guarantee: ufw on, deny incoming, mesh port open to Zone-Peers only."""
+
+    name = NAME
+
+    def __init__(self, config: NodeConfig):
+        self.config = config
+
+    def _families(self) -> Tuple[int, ...]:
+        return (4, 6) if kernel_has_ipv6() else (4,)
+
+    def check(self) -> Finding:
+        """Read ufw's configuration and the kernel's live rules; change nothing."""
+        port = self.config.mesh_port
+        facts: Dict[str, Any] = {
+            "zone": self.config.zone,
+            "mesh_port": port,
+            "configured_peers": [str(peer) for peer in self.config.zone_peers],
+        }
+        if not have("ufw"):
+            return Finding(self.name, False, "ufw is not installed", facts)
+        try:
+            state = read_state()
+            live = {family: read_live(family, port) for family in self._families()}
+        except (CommandError, FirewallError, OSError) as error:
+            return Finding(self.name, False, f"cannot read the firewall: {error}", facts)
+        todo = plan(state.rules, self.config.zone_peers, port, 6 in live)
+        allowed = [source for family in live.values() for source in family.mesh_sources]
+        facts.update(
+            enabled=state.enabled,
+            active=all(f.ufw_loaded and f.policy == "DROP" for f in live.values()),
+            incoming=state.incoming,
+            outgoing=state.outgoing,
+            ipv6=state.ipv6,
+            allowed_peers=[str(source) for source in allowed],
+            foreign_rules=list(todo.remove),
+            skipped_peers=[str(peer) for peer in todo.skipped_peers],
+            rules_outside_ufw=[rule for f in live.values() for rule in f.outside_rules],
+        )
+        problems = self._problems(state, live, todo, allowed)
+        if problems:
+            return Finding(self.name, False, "; ".join(problems), facts)
+        peers = " ".join(facts["allowed_peers"]) or "nobody (Zone-Peers is empty)"
+        return Finding(self.name, True, f"ufw active, tcp/{port} open only to {peers}", facts)
+
+    def _problems(
+        self,
+        state: UfwState,
+        live: Dict[int, LiveFamily],
+        todo: Plan,
+        allowed: List[IpNetwork],
+    ) -> List[str]:
+        problems = []
+        if not state.enabled:
+            problems.append("ufw is not enabled")
+        if state.incoming != "deny" or state.outgoing != "allow":
+            problems.append(f"ufw defaults are {state.incoming} incoming, {state.outgoing} outgoing")
+        if 6 in live and state.ipv6 != "yes":
+            problems.append("IPv6 is not managed by ufw (IPV6 is not yes in /etc/default/ufw)")
+        for family, seen in live.items():
+            if not seen.ufw_loaded or seen.policy != "DROP":
+                problems.append(f"IPv{family} INPUT is not ufw's default deny (policy {seen.policy})")
+            for rule in seen.outside_rules + seen.other_user_rules:
+                problems.append(f"IPv{family} rule not ours: {rule}")
+        for rule in todo.remove:
+            problems.append(f"operator rule to be removed: ufw {rule}")
+        expected = [p for p in self.config.zone_peers if p not in todo.skipped_peers]
+        if sorted(map(str, allowed)) != sorted(map(str, expected)):
+            shown = " ".join(map(str, allowed)) or "none"
+            problems.append(f"mesh port open to {shown}, Zone-Peers says {' '.join(map(str, expected)) or 'none'}")
+        return problems
+
+    def apply(self, journal: Any) -> None:
+        """Remember ufw's state, remove every rule but ours, deny incoming, enable ufw."""
+        port = self.config.mesh_port
+        state = read_state()
+        journal.remember(self.name, state.as_record())
+        todo = plan(state.rules, self.config.zone_peers, port, kernel_has_ipv6())
+        for rule in todo.remove:
+            _ufw(*_delete_argv(rule))
+            journal.record("firewall-rule-removed", rule=rule)
+        if state.ipv6 != "yes":
+            _set_assignment(UFW_DEFAULTS, "IPV6", "yes")
+            journal.record("firewall-ipv6-managed", previous=state.ipv6)
+            if state.enabled:
+                # An active ufw only builds its IPv6 chains on reload; rules added live need them.
+                _ufw("reload")
+        if state.incoming != "deny":
+            _ufw("default", "deny", "incoming")
+        if state.outgoing != "allow":
+            _ufw("default", "allow", "outgoing")
+        for rule in todo.add:
+            _ufw(*_rule_argv(rule))
+            journal.record("firewall-rule-added", rule=rule)
+        for peer in todo.skipped_peers:
+            journal.record("firewall-peer-skipped", peer=str(peer), reason="kernel without IPv6")
+        _ufw("--force", "enable")
+        if state.enabled:
+            # `ufw enable` does not reload an already enabled firewall: make the kernel match.
+            _ufw("reload")
+        journal.record("firewall-enabled", mesh_port=port, peers=[str(p) for p in self.config.zone_peers])
+
+    def revert(self, record: Dict[str, Any]) -> None:
+        """Put back the remembered ufw state: rules in order, defaults, IPV6, enabled or not."""
+        if not record:
+            return  # apply() never ran: nothing of ours to undo
+        previous = UfwState.from_record(record)
+        current = read_state()
+        if not previous.enabled and current.enabled:
+            _ufw("disable")
+        for rule in current.rules:
+            _ufw(*_delete_argv(rule))
+        if current.ipv6 != previous.ipv6:
+            _set_assignment(UFW_DEFAULTS, "IPV6", previous.ipv6)
+        if current.incoming != previous.incoming:
+            _ufw("default", previous.incoming, "incoming")
+        if current.outgoing != previous.outgoing:
+            _ufw("default", previous.outgoing, "outgoing")
+        failed = []
+        for rule in previous.rules:
+            try:
+                _ufw(*_rule_argv(rule))
+            except CommandError as error:
+                failed.append(f"ufw {rule} ({error})")
+        if previous.enabled:
+            _ufw("--force", "enable")
+            _ufw("reload")
+        if failed:
+            raise FirewallError("could not restore these operator rules: " + "; ".join(failed))

@@ -1,0 +1,457 @@
+"""The firewall guarantee against the real ufw and netfilter, in private namespaces.
+
+This host's firewall and /etc are never touched: each test gets a network namespace and a
+mount namespace of its own, in which /etc/ufw, /etc/default, /lib/ufw and /run are temporary
+copies (ufw's sysctl file emptied), so that the real ufw and iptables work on a private
+netns. A veth pair to a second namespace carries real TCP connections from a zone peer and
+from outside the zone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import pytest
+
+from statemesh import config, firewall
+from statemesh.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT = 7443
+
+# Runs inside the namespaces: one guarantee action, then check(), as JSON on stdout.
+DRIVER = r'''
+import json, sys
+from pathlib import Path
+from statemesh import config, firewall
+
+
+class Journal:
+    """Test double of the installer's journal (contract 1): events, first-wins restore data."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"events": [], "restore": {}}
+
+    def record(self, event, **details):
+        self.data["events"].append(dict(details, event=event))
+        self.path.write_text(json.dumps(self.data))
+
+    def remember(self, name, data):
+        self.data["restore"].setdefault(name, data)
+        self.path.write_text(json.dumps(self.data))
+
+
+action, conf_path, journal_path = sys.argv[1:4]
+try:
+    guarantee = firewall.Firewall(config.load(Path(conf_path)))
+    journal = Journal(journal_path)
+    if action == "apply":
+        guarantee.apply(journal)
+    elif action == "revert":
+        guarantee.revert(journal.data["restore"].get("firewall", {}))
+except (config.ConfigError, firewall.FirewallError) as error:
+    print(json.dumps({"error": str(error)}))
+    sys.exit(2)
+print(json.dumps(guarantee.check().as_dict()))
+'''
+
+# Runs in the node namespace: listen on the given ports (both families) until killed.
+LISTENER = r'''
+import socket, sys, time
+sockets = []
+for port in sys.argv[1:]:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::", int(port)))
+    s.listen(16)
+    sockets.append(s)
+print("listening", flush=True)
+while True:
+    time.sleep(3600)
+'''
+
+# Runs in the peer namespace: try every (source, destination, port) at once; "open" or why not.
+PROBE = r'''
+import json, socket, sys
+from concurrent.futures import ThreadPoolExecutor
+
+def probe(target):
+    source, destination, port = target
+    family = socket.AF_INET6 if ":" in destination else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        s.bind((source, 0))
+        try:
+            s.connect((destination, port))
+            return "open"
+        except socket.timeout:
+            return "dropped"
+        except OSError as error:
+            return error.strerror
+
+targets = json.loads(sys.argv[1])
+with ThreadPoolExecutor(len(targets)) as pool:
+    print(json.dumps(list(pool.map(probe, targets))))
+'''
+
+VETH = """
+ip netns add peer
+ip link add smn0 type veth peer name smp0 netns peer
+ip addr add 10.77.0.1/24 dev smn0
+ip addr add 10.77.1.1/24 dev smn0
+ip -6 addr add fd00:77::1/64 dev smn0 nodad
+ip -6 addr add fd00:78::1/64 dev smn0 nodad
+ip link set smn0 up
+ip netns exec peer ip link set lo up
+ip netns exec peer ip addr add 10.77.0.2/24 dev smp0
+ip netns exec peer ip addr add 10.77.1.2/24 dev smp0
+ip netns exec peer ip -6 addr add fd00:77::2/64 dev smp0 nodad
+ip netns exec peer ip -6 addr add fd00:78::2/64 dev smp0 nodad
+ip netns exec peer ip link set smp0 up
+"""
+
+ZONE_CONF = "Zone: eu-west\nMesh-Port: 7443\nZone-Peers: 10.77.0.0/24\n  fd00:77::/64\n"
+
+
+class Namespace:
+    """A private network + mount namespace with temporary copies of ufw's state."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.marker = secrets.token_hex(8)
+        copies = {"/etc/ufw": "etc-ufw", "/etc/default": "etc-default", "/lib/ufw": "lib-ufw"}
+        mounts = []
+        for real, copy in copies.items():
+            shutil.copytree(real, workdir / copy, symlinks=True)
+            mounts.append(f"mount --bind {workdir / copy} {real}")
+        (workdir / "etc-ufw" / "sysctl.conf").write_text("")  # no sysctl writes, even per-netns
+        (workdir / "etc-ufw" / "statemesh-test-marker").write_text(self.marker)
+        script = " && ".join(
+            [*mounts, "mount -t tmpfs tmpfs /run", "ip link set lo up", "echo ready", "exec sleep infinity"]
+        )
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--net", "--propagation", "private", "--", "sh", "-c", script],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.holder.stdout is not None
+        if self.holder.stdout.readline().strip() != "ready":
+            self.close()
+            raise RuntimeError("could not set up the private ufw namespace")
+        self._assert_private()
+
+    def _assert_private(self) -> None:
+        """Refuse to go on unless ufw would really see the copies and a private netns."""
+        inside = self.run(["cat", "/etc/ufw/statemesh-test-marker"]).stdout.strip()
+        host_netns = os.readlink("/proc/self/ns/net")
+        ns_netns = self.run(["readlink", "/proc/self/ns/net"]).stdout.strip()
+        if inside != self.marker or ns_netns == host_netns:
+            self.close()
+            raise RuntimeError("the ufw namespace is not private: refusing to run ufw")
+
+    def _enter(self, argv: Sequence[str]) -> List[str]:
+        return ["nsenter", "-t", str(self.holder.pid), "-m", "-n", "--", *argv]
+
+    def run(self, argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "LC_ALL": "C.UTF-8"}
+        result = subprocess.run(self._enter(argv), capture_output=True, text=True, env=env)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{argv} failed ({result.returncode}): {result.stdout}{result.stderr}")
+        return result
+
+    def sh(self, script: str) -> str:
+        return self.run(["sh", "-ec", script]).stdout
+
+    def popen(self, argv: Sequence[str]) -> subprocess.Popen:
+        return subprocess.Popen(self._enter(argv), stdout=subprocess.PIPE, text=True)
+
+    def guarantee(self, action: str, conf: str, expect_error: bool = False) -> Dict[str, Any]:
+        """Run apply/revert/check of the firewall guarantee inside the namespaces."""
+        conf_path = self.workdir / "node.conf"
+        conf_path.write_text(conf)
+        driver = self.workdir / "driver.py"
+        driver.write_text(DRIVER)
+        result = self.run(
+            ["/usr/bin/python3", str(driver), action, str(conf_path), str(self.journal_path)],
+            check=False,
+        )
+        assert result.returncode == (2 if expect_error else 0), result.stdout + result.stderr
+        return json.loads(result.stdout)
+
+    @property
+    def journal_path(self) -> Path:
+        return self.workdir / "journal.json"
+
+    def journal(self) -> Dict[str, Any]:
+        return json.loads(self.journal_path.read_text())
+
+    def ufw_files(self) -> Dict[str, str]:
+        """Everything ufw persists, as text, to compare before and after."""
+        names = ["etc-ufw/ufw.conf", "etc-ufw/user.rules", "etc-ufw/user6.rules", "etc-default/ufw"]
+        return {name: (self.workdir / name).read_text() for name in names}
+
+    def close(self) -> None:
+        self.holder.kill()
+        self.holder.wait()
+
+
+@pytest.fixture
+def ns(tmp_path: Path):
+    namespace = Namespace(tmp_path)
+    yield namespace
+    namespace.close()
+
+
+def added_rules(ns: Namespace) -> List[str]:
+    return [line for line in ns.run(["ufw", "show", "added"]).stdout.splitlines() if line.startswith("ufw ")]
+
+
+def set_operator_state(ns: Namespace) -> None:
+    """A machine whose operator runs ufw with IPv6 off, incoming allowed and own rules."""
+    ns.sh(
+        "sed -i 's/^IPV6=.*/IPV6=no/; s/^DEFAULT_INPUT_POLICY=.*/DEFAULT_INPUT_POLICY=\"ACCEPT\"/' "
+        "/etc/default/ufw\n"
+        "ufw allow 22/tcp\n"
+        "ufw limit from 192.0.2.0/24 to any port 8080 proto tcp comment 'operator web'\n"
+        "ufw deny from 198.51.100.7\n"
+        "ufw route allow in on eth0 out on eth1\n"
+        "ufw allow from 10.77.0.0/24 to any port 9999 proto tcp comment 'statemesh-node'\n"
+        "ufw --force enable\n"
+    )
+
+
+# --- pure logic --------------------------------------------------------------------------
+
+
+def net(text: str) -> config.IpNetwork:
+    return ipaddress.ip_network(text)
+
+
+def test_plan_keeps_our_rules_removes_everything_else():
+    peers = [net("10.0.2.2/32"), net("fd00:77::/64")]
+    rules = [
+        "allow 22/tcp",
+        "allow from 10.0.2.2 to any port 7443 proto tcp comment 'statemesh-node'",
+        "allow from 10.9.9.0/24 to any port 7443 proto tcp comment 'statemesh-node'",
+        "allow from fd00:77::/64 to any port 7443 proto tcp",
+        "route allow in on eth0 out on eth1",
+    ]
+    todo = firewall.plan(rules, peers, PORT, ipv6=True)
+    assert todo.remove == (rules[0], rules[2], rules[3], rules[4])
+    assert todo.add == ("allow from fd00:77::/64 to any port 7443 proto tcp comment 'statemesh-node'",)
+    assert todo.skipped_peers == ()
+
+
+def test_plan_skips_ipv6_peers_without_kernel_ipv6():
+    todo = firewall.plan([], [net("10.0.0.0/8"), net("fd00::/8")], PORT, ipv6=False)
+    assert todo.add == (firewall.mesh_rule(net("10.0.0.0/8"), PORT),)
+    assert todo.skipped_peers == (net("fd00::/8"),)
+
+
+def test_plan_of_applied_rules_is_empty():
+    peers = [net("192.0.2.0/24"), net("2001:db8::/32")]
+    rules = [firewall.mesh_rule(peer, PORT) for peer in peers]
+    todo = firewall.plan(rules, peers, PORT, ipv6=True)
+    assert (todo.remove, todo.add) == ((), ())
+
+
+def test_parse_live_tells_mesh_rules_from_others():
+    lines = [
+        "-P INPUT DROP",
+        "-A INPUT -j ufw-before-logging-input",
+        "-A INPUT -j ufw-before-input",
+        "-A INPUT -p tcp -m tcp --dport 8080 -j ACCEPT",
+        "-A ufw-user-input -s 10.0.2.2/32 -p tcp -m tcp --dport 7443 -j ACCEPT",
+        "-A ufw-user-input -p tcp -m tcp --dport 22 -j ACCEPT",
+        "-A ufw-user-input -i eth0 -p tcp -m tcp --dport 7443 -j ACCEPT",
+    ]
+    live = firewall.parse_live(lines, 4, PORT)
+    assert (live.policy, live.ufw_loaded) == ("DROP", True)
+    assert live.mesh_sources == (net("10.0.2.2/32"),)
+    assert live.other_user_rules == (lines[5], lines[6])
+    assert live.outside_rules == (lines[3],)
+
+
+def test_restore_record_round_trip_and_malformed_records():
+    state = firewall.UfwState(True, "allow", "allow", None, ("allow 22/tcp",))
+    assert firewall.UfwState.from_record(json.loads(json.dumps(state.as_record()))) == state
+    with pytest.raises(firewall.FirewallError, match="malformed"):
+        firewall.UfwState.from_record({"enabled": True})
+    with pytest.raises(firewall.FirewallError, match="bad policy"):
+        firewall.UfwState.from_record(dict(state.as_record(), incoming="open"))
+
+
+def test_set_assignment_replaces_adds_and_removes(tmp_path: Path):
+    path = tmp_path / "ufw"
+    path.write_text("# comment IPV6=no\nIPV6=no\nDEFAULT_INPUT_POLICY=\"DROP\"\n")
+    path.chmod(0o640)
+    firewall._set_assignment(path, "IPV6", "yes")
+    assert path.read_text() == "# comment IPV6=no\nIPV6=yes\nDEFAULT_INPUT_POLICY=\"DROP\"\n"
+    assert path.stat().st_mode & 0o777 == 0o640
+    firewall._set_assignment(path, "IPV6", None)
+    assert "IPV6" not in path.read_text().replace("# comment IPV6=no", "")
+    firewall._set_assignment(path, "IPV6", "no")
+    assert path.read_text().endswith("IPV6=no\n")
+
+
+@pytest.mark.parametrize(
+    "text, key, line, message",
+    [
+        ("Zone: eu\nZone-Peers: 10.0.0.0/8\n  10.1.2.3/8\n", "Zone-Peers", 2, "not a CIDR network"),
+        ("Zone: eu\nMesh-Port: 70000\n", "Mesh-Port", 2, "not a port number"),
+        ("Zone: eu\nZone-Pears: 10.0.0.0/8\n", "Zone-Pears", 2, "unknown key"),
+        ("Zone-Peers: 0.0.0.0/0\n", "Zone-Peers", 1, "whole"),
+    ],
+)
+def test_config_errors_name_key_and_line(text: str, key: str, line: int, message: str):
+    with pytest.raises(ConfigError) as caught:
+        config.parse(text)
+    assert (caught.value.key, caught.value.line) == (key, line)
+    assert message in caught.value.message
+
+
+# --- the real ufw in private namespaces --------------------------------------------------
+
+
+def test_apply_on_fresh_ufw_opens_only_the_mesh_port_to_the_zone(ns: Namespace):
+    before = ns.guarantee("check", ZONE_CONF)
+    assert not before["holds"] and "ufw is not enabled" in before["detail"]
+
+    after = ns.guarantee("apply", ZONE_CONF)
+    assert after["holds"], after["detail"]
+    assert sorted(after["facts"]["allowed_peers"]) == ["10.77.0.0/24", "fd00:77::/64"]
+    assert after["facts"]["zone"] == "eu-west" and after["facts"]["foreign_rules"] == []
+
+    v4 = ns.run(["iptables-save", "-t", "filter"]).stdout
+    v6 = ns.run(["ip6tables-save", "-t", "filter"]).stdout
+    assert ":INPUT DROP" in v4 and ":INPUT DROP" in v6 and ":OUTPUT ACCEPT" in v4
+    assert "-A ufw-user-input -s 10.77.0.0/24 -p tcp -m tcp --dport 7443 -j ACCEPT" in v4
+    assert "-A ufw6-user-input -s fd00:77::/64 -p tcp -m tcp --dport 7443 -j ACCEPT" in v6
+    assert [line for line in v4.splitlines() if line.startswith("-A ufw-user-input")] == [
+        "-A ufw-user-input -s 10.77.0.0/24 -p tcp -m tcp --dport 7443 -j ACCEPT"
+    ]
+    assert "ENABLED=yes" in ns.ufw_files()["etc-ufw/ufw.conf"]
+
+
+def test_operator_rules_are_reported_removed_and_restored_by_revert(ns: Namespace):
+    set_operator_state(ns)
+    original_rules = added_rules(ns)
+    original_defaults = ns.ufw_files()["etc-default/ufw"]
+
+    report = ns.guarantee("check", ZONE_CONF)
+    assert not report["holds"]
+    assert "allow 22/tcp" in report["facts"]["foreign_rules"]
+    assert "route allow in on eth0 out on eth1" in report["facts"]["foreign_rules"]
+    assert "operator rule to be removed: ufw allow 22/tcp" in report["detail"]
+
+    applied = ns.guarantee("apply", ZONE_CONF)
+    assert applied["holds"], applied["detail"]
+    assert added_rules(ns) == [
+        "ufw allow from 10.77.0.0/24 to any port 7443 proto tcp comment 'statemesh-node'",
+        "ufw allow from fd00:77::/64 to any port 7443 proto tcp comment 'statemesh-node'",
+    ]
+    assert "IPV6=yes" in ns.ufw_files()["etc-default/ufw"]
+    removed = [e["rule"] for e in ns.journal()["events"] if e["event"] == "firewall-rule-removed"]
+    assert len(removed) == 5
+
+    reverted = ns.guarantee("revert", ZONE_CONF)
+    assert not reverted["holds"]
+    assert added_rules(ns) == original_rules
+    assert ns.ufw_files()["etc-default/ufw"] == original_defaults
+    assert "ENABLED=yes" in ns.ufw_files()["etc-ufw/ufw.conf"]
+    assert "-P INPUT ACCEPT" in ns.run(["iptables", "-S", "INPUT"]).stdout
+
+
+def test_apply_is_idempotent_and_remembers_the_first_state(ns: Namespace):
+    ns.guarantee("apply", ZONE_CONF)
+    files = ns.ufw_files()
+    events = len(ns.journal()["events"])
+    again = ns.guarantee("apply", ZONE_CONF)
+    assert again["holds"], again["detail"]
+    assert ns.ufw_files() == files
+    new_events = [e["event"] for e in ns.journal()["events"][events:]]
+    assert new_events == ["firewall-enabled"]
+    assert ns.journal()["restore"]["firewall"]["enabled"] is False
+
+    ns.guarantee("revert", ZONE_CONF)
+    assert added_rules(ns) == []
+    assert "ENABLED=no" in ns.ufw_files()["etc-ufw/ufw.conf"]
+
+
+def test_apply_follows_a_changed_zone(ns: Namespace):
+    ns.guarantee("apply", ZONE_CONF)
+    changed = ns.guarantee("apply", "Zone: eu-west\nZone-Peers: 10.77.1.0/24\n")
+    assert changed["holds"], changed["detail"]
+    assert changed["facts"]["allowed_peers"] == ["10.77.1.0/24"]
+
+
+def test_check_fails_on_rules_added_outside_ufw(ns: Namespace):
+    ns.guarantee("apply", ZONE_CONF)
+    ns.run(["iptables", "-I", "INPUT", "-p", "tcp", "--dport", "8080", "-j", "ACCEPT"])
+    report = ns.guarantee("check", ZONE_CONF)
+    assert not report["holds"]
+    assert report["facts"]["rules_outside_ufw"] == ["-A INPUT -p tcp -m tcp --dport 8080 -j ACCEPT"]
+
+
+def test_bad_config_is_refused_and_changes_nothing(ns: Namespace):
+    set_operator_state(ns)
+    files = ns.ufw_files()
+    refused = ns.guarantee("apply", "Zone: eu-west\nMesh-Port: 7443\nZone-Peers: 10.77.0.0/33\n", expect_error=True)
+    assert "node.conf:3: Zone-Peers: not a CIDR network" in refused["error"]
+    refused = ns.guarantee("apply", "Mesh-Port: 0\n", expect_error=True)
+    assert "node.conf:1: Mesh-Port: not a port number" in refused["error"]
+    assert ns.ufw_files() == files
+    assert not ns.journal_path.exists()
+
+
+def test_revert_without_record_changes_nothing(ns: Namespace):
+    set_operator_state(ns)
+    files = ns.ufw_files()
+    ns.guarantee("revert", ZONE_CONF)
+    assert ns.ufw_files() == files
+
+
+def test_revert_restores_what_it_can_and_names_what_it_cannot(ns: Namespace):
+    record = firewall.UfwState(False, "deny", "allow", "yes", ("allow NoSuchProfile", "allow 22/tcp"))
+    ns.journal_path.write_text(json.dumps({"events": [], "restore": {"firewall": record.as_record()}}))
+    ns.guarantee("apply", ZONE_CONF)
+    failed = ns.guarantee("revert", ZONE_CONF, expect_error=True)
+    assert "ufw allow NoSuchProfile" in failed["error"]
+    assert added_rules(ns) == ["ufw allow 22/tcp"]
+
+
+def probe(ns: Namespace, targets: Sequence[Sequence[Any]]) -> List[str]:
+    result = ns.run(["ip", "netns", "exec", "peer", "/usr/bin/python3", "-c", PROBE, json.dumps(targets)])
+    return json.loads(result.stdout)
+
+
+def test_only_zone_peers_reach_the_mesh_port_over_tcp(ns: Namespace):
+    ns.sh(VETH)
+    listener: Optional[subprocess.Popen] = ns.popen(["/usr/bin/python3", "-c", LISTENER, "7443", "8080"])
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
+        targets = [
+            ("10.77.0.2", "10.77.0.1", 7443),  # zone peer, mesh port
+            ("fd00:77::2", "fd00:77::1", 7443),
+            ("10.77.0.2", "10.77.0.1", 8080),  # zone peer, another listening port
+            ("fd00:77::2", "fd00:77::1", 8080),
+            ("10.77.1.2", "10.77.1.1", 7443),  # outside the zone, mesh port
+            ("fd00:78::2", "fd00:78::1", 7443),
+        ]
+        assert probe(ns, targets) == ["open"] * 6  # everything answers without the firewall
+        ns.guarantee("apply", ZONE_CONF)
+        assert probe(ns, targets) == ["open", "open"] + ["dropped"] * 4
+        ns.guarantee("revert", ZONE_CONF)
+        assert probe(ns, targets) == ["open"] * 6
+    finally:
+        listener.kill()
+        listener.wait()
