@@ -1,0 +1,56 @@
+"""The node's side of attestation: evidence bound to a verifier's nonce and a TLS session.
+
+It owns no policy: it states the node's class, zone and PCRs, and lets the TPM sign them
+together with the binding values the verifier will check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, Sequence, Tuple
+
+from statemesh import ekchain, evidence
+from statemesh.tpm import Tpm
+
+
+class Attester:
+    """Produces evidence and answers credential-activation challenges with one TPM."""
+
+    def __init__(self, tpm: Tpm, security_class: str, zone: str, pcrs: Sequence[int],
+                 ca_dir: Path, clock: Callable[[], float] = time.time):
+        if security_class not in evidence.CLASSES:
+            raise ValueError(f"unknown security class {security_class!r}")
+        self.tpm = tpm
+        self.security_class = security_class
+        self.zone = zone
+        self.pcrs = tuple(pcrs)
+        self.clock = clock
+        self.node_id = tpm.node_id()
+        self.ek_chain = self._chain(ca_dir) if security_class == "tpm" else ()
+
+    def _chain(self, ca_dir: Path) -> Tuple[bytes, ...]:
+        """The EK certificate and the intermediate CAs from the node's CA directory."""
+        certificate = self.tpm.ek_certificate()
+        if certificate is None:
+            raise ValueError("a tpm-class node needs an EK certificate in its TPM's NV")
+        anchors = ekchain.load_anchors(ca_dir)
+        return (certificate, *ekchain.intermediates_for(certificate, anchors))
+
+    def evidence(self, nonce: bytes, tls_spki_sha256: bytes, session_binding: bytes) -> bytes:
+        """Fresh evidence: one TPM quote whose qualifying data covers every claim."""
+        claims = evidence.Evidence(
+            node_id=self.node_id, zone=self.zone, security_class=self.security_class,
+            issued=int(self.clock()), nonce=nonce, tls_spki_sha256=tls_spki_sha256,
+            session_binding=session_binding, ak_public=self.tpm.ak_public(),
+            ek_public=self.tpm.ek_public(), quote=b"-", signature=b"-",
+            pcr_values=((0, bytes(32)),), ek_chain=self.ek_chain,
+        )
+        quote, signature, values = self.tpm.quote(self.pcrs, claims.claims_digest())
+        return evidence.encode(dataclasses.replace(
+            claims, quote=quote, signature=signature, pcr_values=values))
+
+    def activate(self, blob: bytes, encrypted_secret: bytes) -> bytes:
+        """Answer a verifier's MakeCredential challenge (TpmError if it is not for us)."""
+        return self.tpm.activate_credential(blob, encrypted_secret)

@@ -1,0 +1,337 @@
+"""Checking a node's evidence against a customer's policy.
+
+Stricter than the aTLS verifiers this design learned from (Constellation, Keylime, RA-TLS):
+- the quote must be bound to this verifier's fresh nonce, to the TLS key the peer proved it
+  holds and to this TLS session (exporter), so neither replay nor relay works;
+- the AK must be restricted+sign+fixedTPM+fixedParent, the quote of magic TPM_GENERATED and
+  type ATTEST_QUOTE, the PCRs those of the *signed* pcrSelect, SHA-256 only, the digest
+  recomputed; every comparison of secrets or digests is constant-time;
+- the AK is trusted only after it proved by credential activation that it lives in the TPM
+  of the EK whose certificate chains to a trusted CA (see `challenge`/`confirm`).
+A policy that allows nothing refuses everything: there is no default-open path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from statemesh import ekchain, evidence, tpmwire
+from statemesh.tpm import seal_credential
+from statemesh.attesterrors import (
+    AkAttributesRefused, AkNotBound, ClaimsNotSigned, ClassRefused, EkChainInvalid,
+    MalformedEvidence, NonceMismatch, PcrBankRefused, PcrDigestMismatch, PcrPolicyViolation,
+    QuoteInvalid, SessionMismatch, SignatureInvalid, StaleEvidence, TlsKeyMismatch,
+    VerificationError, ZoneRefused,
+)
+from statemesh.evidence import Evidence
+
+AK_REQUIRED = tpmwire.RESTRICTED | tpmwire.SIGN | tpmwire.FIXED_TPM | tpmwire.FIXED_PARENT
+EK_REQUIRED = tpmwire.RESTRICTED | tpmwire.DECRYPT | tpmwire.FIXED_TPM | tpmwire.FIXED_PARENT
+_SIGNATURE_HASHES = {
+    tpmwire.ALG_SHA256: hashes.SHA256, tpmwire.ALG_SHA384: hashes.SHA384,
+    tpmwire.ALG_SHA512: hashes.SHA512,
+}
+_CURVES = {tpmwire.ECC_NIST_P256: ec.SECP256R1, tpmwire.ECC_NIST_P384: ec.SECP384R1}
+DEFAULT_MAX_AGE = 300
+
+
+class PolicyError(ValueError):
+    """A policy file that is missing, malformed or allows nothing (fail closed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PcrExpectation:
+    value: bytes
+    enforce: bool  # False: a mismatch is reported as a warning only
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """What a verifier accepts. zones=None accepts every zone (written "*" in the file)."""
+
+    allowed_classes: FrozenSet[str]
+    zones: Optional[FrozenSet[str]]
+    ek_ca_dir: Path
+    max_age: int = DEFAULT_MAX_AGE
+    pcrs: Dict[int, PcrExpectation] = dataclasses.field(default_factory=dict)
+
+
+_POLICY_KEYS = {"allowed_classes", "zones", "ek_ca_dir", "max_age_seconds", "pcrs"}
+
+
+def _policy_pcrs(raw: Any) -> Dict[int, PcrExpectation]:
+    if not isinstance(raw, dict):
+        raise PolicyError("pcrs: must be an object mapping PCR index to {sha256, mode}")
+    pcrs: Dict[int, PcrExpectation] = {}
+    for index, spec in raw.items():
+        if not (isinstance(index, str) and index.isdigit() and 0 <= int(index) <= 23):
+            raise PolicyError(f"pcrs: {index!r} is not a PCR index 0-23")
+        if not isinstance(spec, dict) or set(spec) - {"sha256", "mode"} or "sha256" not in spec:
+            raise PolicyError(f"pcrs.{index}: needs exactly 'sha256' and optionally 'mode'")
+        mode = spec.get("mode", "enforce")
+        if mode not in ("enforce", "warn"):
+            raise PolicyError(f"pcrs.{index}.mode: {mode!r} is neither 'enforce' nor 'warn'")
+        try:
+            value = bytes.fromhex(spec["sha256"])
+        except (TypeError, ValueError):
+            value = b""
+        if len(value) != 32:
+            raise PolicyError(f"pcrs.{index}.sha256: not 64 hexadecimal digits")
+        pcrs[int(index)] = PcrExpectation(value, mode == "enforce")
+    return pcrs
+
+
+def parse_policy(raw: Any, source: str = "policy") -> Policy:
+    """Validate a decoded policy document; an empty or allow-nothing policy is an error."""
+    if not isinstance(raw, dict) or not raw:
+        raise PolicyError(f"{source}: an empty policy accepts nothing; refusing to use it")
+    unknown = set(raw) - _POLICY_KEYS
+    if unknown:
+        raise PolicyError(f"{source}: unknown keys {sorted(unknown)} (known: {sorted(_POLICY_KEYS)})")
+    classes = raw.get("allowed_classes")
+    if not isinstance(classes, list) or not classes or set(classes) - set(evidence.CLASSES):
+        raise PolicyError(f"{source}: allowed_classes must list one or more of tpm, weak")
+    zones = raw.get("zones")
+    if zones != "*" and (not isinstance(zones, list) or not zones
+                         or not all(isinstance(z, str) and z for z in zones)):
+        raise PolicyError(f"{source}: zones must be a non-empty list of zone names, or \"*\"")
+    ca_dir = raw.get("ek_ca_dir", "/etc/statemesh/tpm-ca.d")
+    if not isinstance(ca_dir, str) or not ca_dir.startswith("/"):
+        raise PolicyError(f"{source}: ek_ca_dir must be an absolute path")
+    max_age = raw.get("max_age_seconds", DEFAULT_MAX_AGE)
+    if not isinstance(max_age, int) or isinstance(max_age, bool) or not 0 < max_age <= 86400:
+        raise PolicyError(f"{source}: max_age_seconds must be an integer from 1 to 86400")
+    return Policy(frozenset(classes), None if zones == "*" else frozenset(zones), Path(ca_dir),
+                  max_age, _policy_pcrs(raw.get("pcrs", {})))
+
+
+def load_policy(path: Path) -> Policy:
+    """Read a JSON policy file."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise PolicyError(f"{path}: cannot be read: {error.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PolicyError(f"{path}: not JSON ({error})") from None
+    return parse_policy(raw, str(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class Expected:
+    """What the verifier itself knows of this connection; the evidence must match it."""
+
+    nonce: bytes
+    tls_spki_sha256: bytes
+    session_binding: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Evidence that passed every check (activation is confirmed separately)."""
+
+    evidence: Evidence
+    warnings: Tuple[str, ...]
+
+    def as_dict(self) -> Dict[str, Any]:
+        ev = self.evidence
+        return {
+            "node_id": ev.node_id, "zone": ev.zone, "class": ev.security_class,
+            "issued": ev.issued, "pcrs": {str(i): v.hex() for i, v in ev.pcr_values},
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Challenge:
+    """A MakeCredential challenge for one AK; `secret` never leaves the verifier."""
+
+    blob: bytes
+    encrypted_secret: bytes
+    secret: bytes
+    key: Tuple[bytes, bytes]
+
+
+def _public_key(public: tpmwire.Public) -> Any:
+    """The cryptography public key of an RSA or ECC TPMT_PUBLIC."""
+    if public.type == tpmwire.ALG_ECC:
+        if public.curve not in _CURVES:
+            raise MalformedEvidence(f"unsupported ECC curve {public.curve:#06x}")
+        x, y = (int.from_bytes(c, "big") for c in public.unique)
+        try:
+            return ec.EllipticCurvePublicNumbers(x, y, _CURVES[public.curve]()).public_key()
+        except ValueError:
+            raise MalformedEvidence("ECC public point is not on its curve") from None
+    if public.rsa_bits < 2048:
+        raise MalformedEvidence(f"RSA key of {public.rsa_bits} bits")
+    exponent = public.rsa_exponent or 65537
+    try:
+        return rsa.RSAPublicNumbers(exponent, int.from_bytes(public.unique[0], "big")).public_key()
+    except ValueError:
+        raise MalformedEvidence("RSA public key is invalid") from None
+
+
+def _check_signature(ak: tpmwire.Public, signature: tpmwire.Signature, signed: bytes) -> None:
+    if signature.hash_alg not in _SIGNATURE_HASHES:
+        raise SignatureInvalid(f"signature hash {signature.hash_alg:#06x} is not SHA-256/384/512")
+    algorithm = _SIGNATURE_HASHES[signature.hash_alg]()
+    key = _public_key(ak)
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey) and signature.alg == tpmwire.ALG_ECDSA:
+            r, s = (int.from_bytes(v, "big") for v in signature.values)
+            key.verify(encode_dss_signature(r, s), signed, ec.ECDSA(algorithm))
+        elif isinstance(key, rsa.RSAPublicKey) and signature.alg == tpmwire.ALG_RSASSA:
+            key.verify(signature.values[0], signed, padding.PKCS1v15(), algorithm)
+        elif isinstance(key, rsa.RSAPublicKey) and signature.alg == tpmwire.ALG_RSAPSS:
+            key.verify(signature.values[0], signed,
+                       padding.PSS(padding.MGF1(algorithm), padding.PSS.AUTO), algorithm)
+        else:
+            raise SignatureInvalid("signature algorithm does not match the AK's key type")
+    except InvalidSignature:
+        raise SignatureInvalid("the quote's signature does not verify with the AK") from None
+
+
+def _same_key(public: tpmwire.Public, certificate_key: Any) -> bool:
+    key = _public_key(public)
+    if isinstance(key, rsa.RSAPublicKey) and isinstance(certificate_key, rsa.RSAPublicKey):
+        return key.public_numbers() == certificate_key.public_numbers()
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(certificate_key, ec.EllipticCurvePublicKey):
+        return key.public_numbers() == certificate_key.public_numbers()
+    return False
+
+
+def _parse(data: bytes) -> Tuple[Evidence, tpmwire.Public, tpmwire.Public, tpmwire.Signature]:
+    try:
+        ev = evidence.decode(data)
+        ak = tpmwire.parse_public(ev.ak_public)
+        ek = tpmwire.parse_public(ev.ek_public)
+        signature = tpmwire.parse_signature(ev.signature)
+    except ValueError as error:
+        raise MalformedEvidence(str(error)) from None
+    return ev, ak, ek, signature
+
+
+class Verifier:
+    """Checks evidence under one policy; remembers AKs that passed credential activation."""
+
+    def __init__(self, policy: Policy, clock: Callable[[], float] = time.time):
+        self.policy = policy
+        self.clock = clock
+        self.anchors = ekchain.load_anchors(policy.ek_ca_dir)
+        self._bound: Set[Tuple[bytes, bytes]] = set()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def fresh_nonce() -> bytes:
+        return secrets.token_bytes(32)
+
+    def check(self, data: bytes, expected: Expected) -> Verdict:
+        """Every check but credential activation; raises a VerificationError subclass."""
+        ev, ak, ek, signature = _parse(data)
+        if not ak.has(AK_REQUIRED) or ak.attributes & tpmwire.DECRYPT:
+            raise AkAttributesRefused("the AK is not a restricted, fixedTPM, fixedParent signing key")
+        try:
+            quote = tpmwire.parse_attest(ev.quote)
+        except tpmwire.TpmWireError as error:
+            raise QuoteInvalid(str(error)) from None
+        if quote.magic != tpmwire.TPM_GENERATED:
+            raise QuoteInvalid("the quote's magic is not TPM_GENERATED")
+        _check_signature(ak, signature, quote.raw)
+        if not hmac.compare_digest(quote.extra_data, ev.claims_digest()):
+            raise ClaimsNotSigned("the quote's qualifying data does not cover the claims")
+        self._check_binding(ev, expected)
+        if abs(self.clock() - ev.issued) > self.policy.max_age:
+            raise StaleEvidence(f"issued {int(self.clock() - ev.issued)} s ago, beyond "
+                                f"{self.policy.max_age} s")
+        self._check_pcr_digest(ev, quote)
+        self._check_endorsement(ev, ek)
+        self._check_policy_claims(ev)
+        return Verdict(ev, tuple(self._check_pcr_policy(ev)))
+
+    @staticmethod
+    def _check_binding(ev: Evidence, expected: Expected) -> None:
+        if not hmac.compare_digest(ev.nonce, expected.nonce):
+            raise NonceMismatch("the evidence answers another nonce than this verifier's")
+        if not hmac.compare_digest(ev.tls_spki_sha256, expected.tls_spki_sha256):
+            raise TlsKeyMismatch("the evidence is bound to another TLS key than the peer's")
+        if not hmac.compare_digest(ev.session_binding, expected.session_binding):
+            raise SessionMismatch("the evidence is bound to another TLS session (relayed)")
+
+    @staticmethod
+    def _check_pcr_digest(ev: Evidence, quote: tpmwire.Quote) -> None:
+        if len(quote.pcr_select) != 1 or quote.pcr_select[0].hash_alg != tpmwire.ALG_SHA256:
+            banks = [f"{s.hash_alg:#06x}" for s in quote.pcr_select]
+            raise PcrBankRefused(f"the quote must select the SHA-256 bank only, not {banks}")
+        signed_indices = quote.pcr_select[0].indices
+        if tuple(i for i, _v in ev.pcr_values) != signed_indices:
+            raise PcrDigestMismatch(f"PCR values given for other PCRs than the quoted {signed_indices}")
+        digest = hashlib.sha256(b"".join(v for _i, v in ev.pcr_values)).digest()
+        if not hmac.compare_digest(digest, quote.pcr_digest):
+            raise PcrDigestMismatch("the PCR values do not hash to the quoted PCR digest")
+
+    def _check_endorsement(self, ev: Evidence, ek: tpmwire.Public) -> None:
+        if not ek.has(EK_REQUIRED) or ek.attributes & tpmwire.SIGN:
+            raise EkChainInvalid("the EK is not a restricted, fixedTPM decryption key")
+        if ev.security_class != "tpm":
+            return  # a weak node's vTPM EK proves nothing; activation still ties the AK to it
+        now = datetime.datetime.utcfromtimestamp(self.clock())
+        certificate = ekchain.verify(ev.ek_chain, self.anchors, now)
+        if not _same_key(ek, certificate.public_key()):
+            raise EkChainInvalid("the EK certificate certifies another key than the EK's")
+
+    def _check_policy_claims(self, ev: Evidence) -> None:
+        if ev.security_class not in self.policy.allowed_classes:
+            raise ClassRefused(f"class {ev.security_class!r} is not allowed by the policy "
+                               f"({', '.join(sorted(self.policy.allowed_classes))})")
+        if self.policy.zones is not None and ev.zone not in self.policy.zones:
+            raise ZoneRefused(f"zone {ev.zone!r} is not allowed by the policy")
+
+    def _check_pcr_policy(self, ev: Evidence) -> List[str]:
+        values = dict(ev.pcr_values)
+        warnings = []
+        for index, expectation in sorted(self.policy.pcrs.items()):
+            value = values.get(index)
+            if value is not None and hmac.compare_digest(value, expectation.value):
+                continue
+            problem = f"PCR {index} " + ("was not quoted" if value is None else
+                                         f"is {value.hex()}, expected {expectation.value.hex()}")
+            if expectation.enforce:
+                raise PcrPolicyViolation(problem)
+            warnings.append(problem)
+        return warnings
+
+    def challenge(self, verdict: Verdict) -> Optional[Challenge]:
+        """A credential-activation challenge for this evidence's AK, or None if it was bound."""
+        ev = verdict.evidence
+        ak_name = tpmwire.parse_public(ev.ak_public).name()
+        key = (hashlib.sha256(ev.ek_public).digest(), ak_name)
+        with self._lock:
+            if key in self._bound:
+                return None
+        secret = secrets.token_bytes(32)
+        try:
+            blob, encrypted = seal_credential(ev.ek_public, ak_name, secret)
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise MalformedEvidence(f"cannot make a credential for this EK: {error}") from None
+        return Challenge(blob, encrypted, secret, key)
+
+    def confirm(self, challenge: Challenge, answer: bytes) -> None:
+        """Accept the AK if the node recovered the secret: its TPM holds both EK and AK."""
+        if not hmac.compare_digest(answer, challenge.secret):
+            raise AkNotBound("the node could not activate a credential for its AK with its EK")
+        with self._lock:
+            self._bound.add(challenge.key)
+

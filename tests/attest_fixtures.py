@@ -1,0 +1,101 @@
+"""Session fixtures shared by the attestation tests: real swtpm TPMs and CA directories.
+
+`trusted` has an EK certificate issued by a private CA whose root `ca_dir` trusts (the
+node's `node_ca_dir` also holds the issuing CA); `bare` is a
+second TPM without any certificate; `foreign_ca_dir` trusts an unrelated CA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import secrets
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from statemesh.attester import Attester
+from statemesh.tpm import Tpm
+from statemesh.verifier import Expected, Policy, Verifier
+from tests.swtpm import SwTpm, provision_with_ca
+
+PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
+
+
+def self_signed_ca(name: str) -> bytes:
+    """A throw-away root CA certificate (PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.utcnow()
+    certificate = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclasses.dataclass
+class TpmWorld:
+    trusted: Tpm
+    bare: Tpm
+    ca_dir: Path
+    node_ca_dir: Path
+    foreign_ca_dir: Path
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TpmWorld]:
+    base = tmp_path_factory.mktemp("tpm-world")
+    root = provision_with_ca(base / "trusted-state", base / "localca")
+    ca_dir = base / "ca.d"
+    ca_dir.mkdir()
+    shutil.copy(root, ca_dir / "root.pem")
+    node_ca_dir = base / "node-ca.d"  # the node also holds the issuing CA, to send it along
+    node_ca_dir.mkdir()
+    shutil.copy(root, node_ca_dir / "root.pem")
+    shutil.copy(root.parent / "issuercert.pem", node_ca_dir / "issuing.pem")
+    foreign = base / "foreign-ca.d"
+    foreign.mkdir()
+    (foreign / "other.pem").write_bytes(self_signed_ca("Some Other TPM Vendor CA"))
+    trusted_sw, bare_sw = SwTpm(base / "trusted-state"), SwTpm(base / "bare-state")
+    trusted, bare = Tpm(trusted_sw.tcti), Tpm(bare_sw.tcti)
+    try:
+        yield TpmWorld(trusted, bare, ca_dir, node_ca_dir, foreign)
+    finally:
+        for tpm in (trusted, bare):
+            tpm.close()
+        for sw in (trusted_sw, bare_sw):
+            sw.stop()
+
+
+def policy(ca_dir: Path, **overrides: object) -> Policy:
+    values = dict(allowed_classes=frozenset({"tpm", "weak"}), zones=None, ek_ca_dir=ca_dir)
+    values.update(overrides)
+    return Policy(**values)  # type: ignore[arg-type]
+
+
+def expected() -> Expected:
+    """Binding values of a fictitious connection."""
+    return Expected(secrets.token_bytes(32), secrets.token_bytes(32), secrets.token_bytes(32))
+
+
+def attest(attester: Attester, want: Expected) -> bytes:
+    return attester.evidence(want.nonce, want.tls_spki_sha256, want.session_binding)
+
+
+def full_check(verifier: Verifier, attester: Attester, data: bytes, want: Expected) -> None:
+    """Evidence checks, then the credential-activation round trip."""
+    verdict = verifier.check(data, want)
+    challenge = verifier.challenge(verdict)
+    if challenge is not None:
+        verifier.confirm(challenge, attester.activate(challenge.blob, challenge.encrypted_secret))

@@ -1,0 +1,190 @@
+"""tpm.py against real swtpm instances, and the EK chain checks against built chains."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from statemesh import ekchain, tpmwire
+from statemesh.attesterrors import EkChainInvalid, EkUntrusted
+from statemesh.tpm import Tpm, TpmError, seal_credential
+from tests.attest_fixtures import PCRS, TpmWorld, world
+from tests.swtpm import SwTpm
+
+__all__ = ["world"]
+
+
+def test_ek_certificate_chains_to_the_test_ca(world: TpmWorld) -> None:
+    certificate = world.trusted.ek_certificate()
+    assert certificate is not None
+    anchors = ekchain.load_anchors(world.ca_dir)
+    chain = [certificate, *ekchain.intermediates_for(certificate, ekchain.load_anchors(world.node_ca_dir))]
+    assert len(chain) == 2  # EK certificate and the issuing CA; the root stays with the verifier
+    ekchain.verify(chain, anchors)
+    with pytest.raises(EkUntrusted):
+        ekchain.verify(chain, ekchain.load_anchors(world.foreign_ca_dir))
+
+
+def test_bare_tpm_has_no_ek_certificate_but_an_ek(world: TpmWorld) -> None:
+    assert world.bare.ek_certificate() is None
+    ek = tpmwire.parse_public(world.bare.ek_public())
+    assert ek.has(tpmwire.RESTRICTED | tpmwire.DECRYPT | tpmwire.FIXED_TPM)
+
+
+def test_ak_is_a_restricted_signing_key_of_this_tpm(world: TpmWorld) -> None:
+    ak = tpmwire.parse_public(world.trusted.ak_public())
+    assert ak.has(tpmwire.RESTRICTED | tpmwire.SIGN | tpmwire.FIXED_TPM | tpmwire.FIXED_PARENT)
+    assert not ak.attributes & tpmwire.DECRYPT
+    assert ak.type == tpmwire.ALG_ECC and ak.scheme == (tpmwire.ALG_ECDSA, tpmwire.ALG_SHA256)
+    assert world.trusted.ak_public() != world.bare.ak_public()
+
+
+def test_ak_is_the_same_after_a_tpm_restart(tmp_path: Path) -> None:
+    """The AK is re-derived from the endorsement seed: nothing to store, nothing to steal."""
+    seen = []
+    for _restart in range(2):
+        sw = SwTpm(tmp_path / "state")
+        try:
+            with Tpm(sw.tcti) as tpm:
+                seen.append((tpm.ak_public(), tpm.node_id()))
+        finally:
+            sw.stop()
+    assert seen[0] == seen[1]
+
+
+def test_quote_covers_data_and_pcr_values(world: TpmWorld) -> None:
+    data = hashlib.sha256(b"qualifying").digest()
+    attest, signature, values = world.trusted.quote(PCRS, data)
+    quote = tpmwire.parse_attest(attest)
+    assert quote.magic == tpmwire.TPM_GENERATED and quote.extra_data == data
+    assert quote.pcr_select == (tpmwire.PcrSelection(tpmwire.ALG_SHA256, PCRS),)
+    assert quote.pcr_digest == hashlib.sha256(b"".join(v for _i, v in values)).digest()
+    assert tpmwire.parse_signature(signature).alg == tpmwire.ALG_ECDSA
+
+
+def test_quote_of_more_than_eight_pcrs(world: TpmWorld) -> None:
+    _attest, _signature, values = world.trusted.quote(tuple(range(12)), bytes(32))
+    assert [i for i, _v in values] == list(range(12))
+
+
+def test_credential_activation_only_in_the_right_tpm(world: TpmWorld) -> None:
+    name = tpmwire.parse_public(world.trusted.ak_public()).name()
+    blob, encrypted = seal_credential(world.trusted.ek_public(), name, b"s" * 32)
+    assert world.trusted.activate_credential(blob, encrypted) == b"s" * 32
+    with pytest.raises(TpmError):
+        world.bare.activate_credential(blob, encrypted)
+    with pytest.raises(TpmError):
+        world.trusted.activate_credential(b"\x00\x05junk!", encrypted)
+
+
+def test_unreachable_tpm_is_a_clear_error() -> None:
+    with pytest.raises(TpmError, match="cannot open the TPM"):
+        Tpm("swtpm:host=127.0.0.1,port=1")
+
+
+# --- EK chains built here, one defect at a time -------------------------------------------
+
+NOW = datetime.datetime.utcnow()
+
+
+def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: Optional[x509.Certificate],
+                 issuer_key: ec.EllipticCurvePrivateKey, ca: bool, path_length: Optional[int] = None,
+                 days: int = 30, extra: Optional[x509.ExtensionType] = None,
+                 hash_algorithm: hashes.HashAlgorithm = hashes.SHA256()) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]) if subject else x509.Name([])
+    builder = (
+        x509.CertificateBuilder().subject_name(name)
+        .issuer_name(issuer.subject if issuer else name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=1))
+        .not_valid_after(NOW + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+    )
+    if not subject:
+        san = x509.SubjectAlternativeName([x509.DirectoryName(x509.Name(
+            [x509.NameAttribute(x509.ObjectIdentifier("2.23.133.2.1"), "id:00001014")]))])
+        builder = builder.add_extension(san, critical=True)
+    if extra is not None:
+        builder = builder.add_extension(extra, critical=True)
+    return builder.sign(issuer_key, hash_algorithm)
+
+
+def _der(*certificates: x509.Certificate) -> List[bytes]:
+    return [c.public_bytes(serialization.Encoding.DER) for c in certificates]
+
+
+@pytest.fixture(scope="module")
+def keys() -> List[ec.EllipticCurvePrivateKey]:
+    return [ec.generate_private_key(ec.SECP256R1()) for _ in range(4)]
+
+
+def test_three_link_chain_is_accepted(keys: List[ec.EllipticCurvePrivateKey]) -> None:
+    root = _certificate("Root", keys[0], None, keys[0], ca=True)
+    issuing = _certificate("Issuing", keys[1], root, keys[0], ca=True, path_length=0)
+    ek = _certificate("", keys[2], issuing, keys[1], ca=False)
+    assert ekchain.verify(_der(ek, issuing), [root]) == ek
+    with pytest.raises(EkUntrusted):
+        ekchain.verify(_der(ek, issuing), [_certificate("Other", keys[3], None, keys[3], ca=True)])
+
+
+@pytest.mark.parametrize("defect, complaint", [
+    ("expired", "not valid at"),
+    ("issuer-not-ca", "not a CA"),
+    ("path-length", "path length"),
+    ("unknown-critical", "unknown critical extension"),
+    ("wrong-signer", "not signed by the next"),
+    ("sha1", "broken hash"),
+    ("no-san", "critical subjectAltName"),
+    ("ek-is-ca", "is a CA certificate"),
+])
+def test_chain_defects_are_refused(keys: List[ec.EllipticCurvePrivateKey], defect: str,
+                                   complaint: str) -> None:
+    root = _certificate("Root", keys[0], None, keys[0], ca=True,
+                        path_length=0 if defect == "path-length" else None)
+    middle = _certificate("Middle", keys[1], root, keys[0], ca=defect != "issuer-not-ca")
+    issuing = _certificate("Issuing", keys[2], middle, keys[1], ca=True)
+    if defect == "no-san":
+        ek = _no_san_ek(keys[3], issuing, keys[2])
+    else:
+        ek = _certificate(
+            "", keys[3], issuing, keys[0] if defect == "wrong-signer" else keys[2],
+            ca=defect == "ek-is-ca", days=-1 if defect == "expired" else 30,
+            extra=x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00")
+            if defect == "unknown-critical" else None,
+            hash_algorithm=hashes.SHA1() if defect == "sha1" else hashes.SHA256(),
+        )
+    with pytest.raises(EkChainInvalid, match=complaint):
+        ekchain.verify(_der(ek, issuing, middle), [root])
+
+
+def _no_san_ek(key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate,
+               issuer_key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    return (
+        x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(issuer.subject)
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(NOW - datetime.timedelta(days=1))
+        .not_valid_after(NOW + datetime.timedelta(days=1))
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+def test_garbage_and_empty_chains_are_refused() -> None:
+    with pytest.raises(EkChainInvalid, match="no EK certificate"):
+        ekchain.verify([], [])
+    with pytest.raises(EkChainInvalid, match="not valid DER"):
+        ekchain.verify([b"\x30\x03\x02\x01\x01"], [])
+
+
+def test_ca_directory_with_a_broken_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(EkChainInvalid, match="bad.pem"):
+        ekchain.load_anchors(tmp_path)
+    assert ekchain.load_anchors(tmp_path / "absent") == []

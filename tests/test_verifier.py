@@ -1,0 +1,209 @@
+"""The verifier against evidence from real swtpm TPMs: one good path, one error per attack."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from statemesh import evidence
+from statemesh.attester import Attester
+from statemesh.attesterrors import (
+    AkNotBound, ClaimsNotSigned, ClassRefused, EkUntrusted, NonceMismatch, PcrDigestMismatch,
+    PcrPolicyViolation, SessionMismatch, SignatureInvalid, StaleEvidence, TlsKeyMismatch,
+    ZoneRefused,
+)
+from statemesh.tpm import TpmError
+from statemesh.verifier import (
+    Expected, PcrExpectation, PolicyError, Verifier, load_policy, parse_policy,
+)
+from tests.attest_fixtures import PCRS, TpmWorld, attest, expected, full_check, policy, world
+
+__all__ = ["world"]
+
+
+@pytest.fixture
+def node(world: TpmWorld) -> Attester:
+    return Attester(world.trusted, "tpm", "eu-west", PCRS, world.node_ca_dir)
+
+
+def test_good_evidence_is_accepted_with_its_claims(world: TpmWorld, node: Attester) -> None:
+    verifier = Verifier(policy(world.ca_dir))
+    want = expected()
+    data = attest(node, want)
+    verdict = verifier.check(data, want)
+    assert (verdict.evidence.security_class, verdict.evidence.zone) == ("tpm", "eu-west")
+    assert [i for i, _ in verdict.evidence.pcr_values] == list(PCRS)
+    challenge = verifier.challenge(verdict)
+    assert challenge is not None
+    verifier.confirm(challenge, node.activate(challenge.blob, challenge.encrypted_secret))
+    assert verifier.challenge(verdict) is None  # the activated AK is remembered
+
+
+def test_forged_signature_is_rejected(world: TpmWorld, node: Attester) -> None:
+    want = expected()
+    ev = evidence.decode(attest(node, want))
+    signature = bytearray(ev.signature)
+    signature[-1] ^= 0x01
+    forged = evidence.encode(dataclasses.replace(ev, signature=bytes(signature)))
+    with pytest.raises(SignatureInvalid):
+        Verifier(policy(world.ca_dir)).check(forged, want)
+
+
+def test_claims_changed_after_quoting_are_rejected(world: TpmWorld, node: Attester) -> None:
+    want = expected()
+    ev = evidence.decode(attest(node, want))
+    relabelled = evidence.encode(dataclasses.replace(ev, zone="us-east"))
+    with pytest.raises(ClaimsNotSigned):
+        Verifier(policy(world.ca_dir)).check(relabelled, want)
+
+
+def test_ak_of_another_tpm_beside_a_trusted_ek_fails_activation(world: TpmWorld) -> None:
+    """A bare TPM's AK presented with the trusted TPM's EK certificate and EK."""
+    impostor = Attester(world.bare, "weak", "eu-west", PCRS, world.node_ca_dir)
+    honest = Attester(world.trusted, "tpm", "eu-west", PCRS, world.node_ca_dir)
+    impostor.security_class = "tpm"
+    impostor.ek_chain = honest.ek_chain
+    impostor.tpm = _WithEk(world.bare, world.trusted.ek_public())
+    verifier = Verifier(policy(world.ca_dir))
+    want = expected()
+    verdict = verifier.check(attest(impostor, want), want)  # every signature is genuine
+    challenge = verifier.challenge(verdict)
+    assert challenge is not None
+    with pytest.raises(TpmError):
+        world.bare.activate_credential(challenge.blob, challenge.encrypted_secret)
+    with pytest.raises(AkNotBound):
+        verifier.confirm(challenge, bytes(32))
+
+
+class _WithEk:
+    """A TPM that claims another TPM's EK public area (what an impostor would send)."""
+
+    def __init__(self, tpm: object, ek_public: bytes):
+        self._tpm = tpm
+        self._ek_public = ek_public
+
+    def ek_public(self) -> bytes:
+        return self._ek_public
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._tpm, name)
+
+
+def test_replayed_evidence_is_rejected(world: TpmWorld, node: Attester) -> None:
+    old = expected()
+    data = attest(node, old)
+    new = dataclasses.replace(old, nonce=Verifier.fresh_nonce())
+    with pytest.raises(NonceMismatch):
+        Verifier(policy(world.ca_dir)).check(data, new)
+
+
+def test_evidence_relayed_through_another_tls_key_is_rejected(world: TpmWorld, node: Attester) -> None:
+    node_side = expected()
+    data = attest(node, node_side)
+    verifier_side = dataclasses.replace(node_side, tls_spki_sha256=bytes(32))
+    with pytest.raises(TlsKeyMismatch):
+        Verifier(policy(world.ca_dir)).check(data, verifier_side)
+
+
+def test_evidence_relayed_through_another_session_is_rejected(world: TpmWorld, node: Attester) -> None:
+    """Even with the node's own TLS key (leaked), another session has another exporter."""
+    node_side = expected()
+    data = attest(node, node_side)
+    verifier_side = dataclasses.replace(node_side, session_binding=bytes(32))
+    with pytest.raises(SessionMismatch):
+        Verifier(policy(world.ca_dir)).check(data, verifier_side)
+
+
+def test_changed_pcr_value_is_rejected(world: TpmWorld, node: Attester) -> None:
+    want = expected()
+    ev = evidence.decode(attest(node, want))
+    values = list(ev.pcr_values)
+    values[7] = (7, b"\x11" * 32)
+    changed = evidence.encode(dataclasses.replace(ev, pcr_values=tuple(values)))
+    with pytest.raises(PcrDigestMismatch):
+        Verifier(policy(world.ca_dir)).check(changed, want)
+
+
+def test_pcr_policy_enforced_and_warn_only(world: TpmWorld, node: Attester) -> None:
+    want = expected()
+    data = attest(node, want)
+    actual = dict(evidence.decode(data).pcr_values)
+    wrong = PcrExpectation(b"\x22" * 32, enforce=False)
+    warn = Verifier(policy(world.ca_dir, pcrs={0: PcrExpectation(actual[0], True), 7: wrong}))
+    assert len(warn.check(data, want).warnings) == 1
+    enforce = Verifier(policy(world.ca_dir, pcrs={7: dataclasses.replace(wrong, enforce=True)}))
+    with pytest.raises(PcrPolicyViolation):
+        enforce.check(data, want)
+
+
+def test_ek_outside_trusted_cas_is_rejected(world: TpmWorld, node: Attester) -> None:
+    want = expected()
+    with pytest.raises(EkUntrusted):
+        Verifier(policy(world.foreign_ca_dir)).check(attest(node, want), want)
+
+
+def test_weak_node_under_a_policy_refusing_weak(world: TpmWorld) -> None:
+    weak = Attester(world.bare, "weak", "eu-west", PCRS, world.node_ca_dir)
+    want = expected()
+    data = attest(weak, want)
+    full_check(Verifier(policy(world.ca_dir)), weak, data, want)  # accepted when allowed
+    with pytest.raises(ClassRefused):
+        Verifier(policy(world.ca_dir, allowed_classes=frozenset({"tpm"}))).check(data, want)
+
+
+def test_zone_and_age_policies(world: TpmWorld, node: Attester) -> None:
+    want = expected()
+    data = attest(node, want)
+    with pytest.raises(ZoneRefused):
+        Verifier(policy(world.ca_dir, zones=frozenset({"us-east"}))).check(data, want)
+    issued = evidence.decode(data).issued
+    late = Verifier(policy(world.ca_dir, max_age=60), clock=lambda: issued + 61.0)
+    with pytest.raises(StaleEvidence):
+        late.check(data, want)
+
+
+def test_each_rejection_has_its_own_code() -> None:
+    classes = [AkNotBound, ClaimsNotSigned, ClassRefused, EkUntrusted, NonceMismatch,
+               PcrDigestMismatch, PcrPolicyViolation, SessionMismatch, SignatureInvalid,
+               StaleEvidence, TlsKeyMismatch, ZoneRefused]
+    assert len({c.code for c in classes}) == len(classes)
+
+
+@pytest.mark.parametrize("document, complaint", [
+    ({}, "empty policy"),
+    ({"allowed_classes": [], "zones": "*"}, "allowed_classes"),
+    ({"allowed_classes": ["tpm"]}, "zones"),
+    ({"allowed_classes": ["tpm"], "zones": "*", "surprise": 1}, "unknown keys"),
+    ({"allowed_classes": ["tpm"], "zones": "*", "pcrs": {"7": {"sha256": "ab"}}}, "64 hex"),
+    ({"allowed_classes": ["tpm"], "zones": "*", "pcrs": {"7": {"sha256": "00" * 32,
+                                                                 "mode": "maybe"}}}, "mode"),
+    ({"allowed_classes": ["gold"], "zones": "*"}, "allowed_classes"),
+    ({"allowed_classes": ["tpm"], "zones": "*", "max_age_seconds": 0}, "max_age_seconds"),
+])
+def test_bad_policies_are_refused(document: object, complaint: str) -> None:
+    with pytest.raises(PolicyError, match=complaint):
+        parse_policy(document)
+
+
+def test_policy_file_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({
+        "allowed_classes": ["tpm"], "zones": ["eu-west"], "ek_ca_dir": "/srv/ca",
+        "max_age_seconds": 30, "pcrs": {"7": {"sha256": "ab" * 32, "mode": "warn"}},
+    }))
+    loaded = load_policy(path)
+    assert loaded.zones == frozenset({"eu-west"}) and loaded.max_age == 30
+    assert loaded.pcrs[7] == PcrExpectation(bytes.fromhex("ab" * 32), enforce=False)
+    path.write_text("")
+    with pytest.raises(PolicyError, match="not JSON"):
+        load_policy(path)
+    with pytest.raises(PolicyError, match="cannot be read"):
+        load_policy(tmp_path / "absent.json")
+
+
+def test_expected_is_what_the_connection_knows() -> None:
+    assert {f.name for f in dataclasses.fields(Expected)} == {
+        "nonce", "tls_spki_sha256", "session_binding"}
