@@ -12,7 +12,7 @@ PYTEST      := $(CLEAN_ENV) $(PYTHON) -m pytest
 DEPS := debhelper dh-python python3-all python3-setuptools lintian \
         python3-debian python3-cryptography python3-tpm2-pytss python3-dbus-next \
         python3-psutil python3-openssl python3-pytest python3-hypothesis \
-        cryptsetup-bin ufw swtpm swtpm-tools tpm2-tools dbus util-linux e2fsprogs \
+        cryptsetup-bin ufw swtpm swtpm-tools tpm2-tools dbus util-linux e2fsprogs fdisk \
         mmdebstrap apt-utils qemu-system-x86 qemu-utils git
 
 .PHONY: deps deb lint test vm-test bench check demo clean

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from statemesh import __version__, config, guarantees
+from statemesh import __version__, config, guarantees, storage
 from statemesh.guarantee import Finding
 
 EXIT_OK = 0
@@ -61,6 +61,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if holds else EXIT_FAILED
 
 
+def cmd_storage(args: argparse.Namespace) -> int:
+    """Set up or destroy the encrypted /var/lib/statemesh (statemesh-storage.service runs it)."""
+    volume = storage.Storage(config.load(args.config))
+    try:
+        steps = [volume.setup()] if args.action == "setup" else volume.teardown()
+    except (storage.StorageError, storage.CommandError, OSError) as error:
+        print(f"statemesh-node: storage {args.action} failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    for step in steps:
+        print(f"storage: {step}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="statemesh-node",
@@ -74,11 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands: Dict[str, Callable[[argparse.Namespace], int]] = {
         "status": cmd_status,
         "config": cmd_config,
+        "storage": cmd_storage,
     }
     for name, handler in commands.items():
         command = sub.add_parser(name, help=(handler.__doc__ or "").strip().splitlines()[0])
         command.add_argument("--json", action="store_true", help="print JSON")
         command.set_defaults(handler=handler)
+    sub.choices["storage"].add_argument("action", choices=("setup", "teardown"))
     return parser
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import List
 
-from statemesh import firewall
+from statemesh import firewall, storage
 from statemesh.config import NodeConfig
 from statemesh.guarantee import Guarantee
 
@@ -18,4 +18,5 @@ def ordered(config: NodeConfig) -> List[Guarantee]:
     """Every guarantee of the node, in the order the installer applies them."""
     return [
         firewall.Firewall(config),
+        storage.Storage(config),
     ]

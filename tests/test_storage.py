@@ -1,0 +1,398 @@
+"""Host tests of the encrypted storage: probing, refusals, key handling, config.
+
+This host has no device-mapper and its block devices are off limits, so signatures are
+probed on image files with the real wipefs/cryptsetup, and the setup flow runs against
+fake cryptsetup/losetup/mkfs/mount programs placed first on the storage module's search
+path: they log every command line and what came through stdin, so the tests can check
+where the key went. The real flow runs in the VM (tests/vm/test_storage.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from statemesh import blockdev, cli, config, storage
+from statemesh.run import SAFE_PATH, CommandError
+
+FAKE = r'''#!/usr/bin/python3
+"""Stand-in for cryptsetup, losetup, mkfs.ext4, mount, umount and chattr: logs and obeys."""
+import json, os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+name, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+stdin = b""
+if name == "cryptsetup" and "--key-file=-" in args:
+    stdin = sys.stdin.buffer.read()
+with open(os.path.join(here, "..", "log.jsonl"), "a") as log:
+    log.write(json.dumps({"argv": [name] + args, "stdin": stdin.hex()}) + "\n")
+fail = open(os.path.join(here, "..", "fail-on")).read().split() if os.path.exists(
+    os.path.join(here, "..", "fail-on")) else []
+if args[:1] and args[0] in fail:
+    sys.stderr.write(f"{name}: {args[0]} failed as the test asked\n")
+    sys.exit(1)
+if name == "cryptsetup" and args[:1] == ["status"]:
+    sys.exit(4)
+if name == "cryptsetup" and args[:1] == ["luksDump"]:
+    print("LUKS header information\nVersion: 2\n\nKeyslots:\nTokens:\nDigests:")
+if name == "losetup" and "--show" in args:
+    print("/dev/loop7")
+'''
+
+FAKED = ("cryptsetup", "losetup", "mkfs.ext4", "mount", "umount", "chattr")
+
+
+class Fakes:
+    """A directory of fake programs and the log they write."""
+
+    def __init__(self, root: Path):
+        self.bin = root / "bin"
+        self.bin.mkdir(parents=True)
+        program = self.bin / "fake"
+        program.write_text(FAKE)
+        program.chmod(0o755)
+        for name in FAKED:
+            (self.bin / name).symlink_to("fake")
+        self.log = root / "log.jsonl"
+        self.fail_file = root / "fail-on"
+
+    @property
+    def search_path(self) -> str:
+        return f"{self.bin}:{SAFE_PATH}"
+
+    def fail_on(self, subcommand: str) -> None:
+        self.fail_file.write_text(subcommand)
+
+    def calls(self) -> List[Dict]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def argvs(self, program: str) -> List[List[str]]:
+        return [call["argv"] for call in self.calls() if call["argv"][0] == program]
+
+
+@pytest.fixture
+def fakes(tmp_path: Path) -> Fakes:
+    return Fakes(tmp_path / "fakes")
+
+
+@pytest.fixture
+def layout(tmp_path: Path, fakes: Fakes) -> storage.Layout:
+    node = tmp_path / "node"
+    node.mkdir()
+    return storage.Layout(mount_point=node / "statemesh",
+                          backing_file=node / "state" / "storage.img",
+                          mapper="statemesh-test", search_path=fakes.search_path)
+
+
+@pytest.fixture
+def keys(monkeypatch: pytest.MonkeyPatch) -> List[storage.Key]:
+    """Every Key the code creates, with a copy of its random bytes taken at birth."""
+    made: List[storage.Key] = []
+
+    class RecordedKey(storage.Key):
+        def __enter__(self) -> bytearray:
+            buffer = super().__enter__()
+            self.original = bytes(buffer)
+            made.append(self)
+            return buffer
+
+    monkeypatch.setattr(storage, "Key", RecordedKey)
+    return made
+
+
+def _image(path: Path, size_mib: int = 64) -> Path:
+    with open(path, "wb") as image:
+        image.truncate(size_mib * 1024 * 1024)
+    return path
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _sh(*argv: str, stdin: bytes = b"") -> None:
+    subprocess.run(list(argv), input=stdin, check=True, capture_output=True,
+                   env={"PATH": SAFE_PATH, "LC_ALL": "C.UTF-8"})
+
+
+def _luks(path: Path, label: str = "") -> Path:
+    _sh("cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2",
+        "--pbkdf-force-iterations", "1000", *(["--label", label] if label else []),
+        "--key-file=-", str(path), stdin=os.urandom(32))
+    return path
+
+
+def _real(dedicated: bool = False) -> storage.Storage:
+    """A Storage using the real tools, for read-only probing of image files."""
+    return storage.Storage(config.NodeConfig(storage_dedicated=dedicated), storage.Layout())
+
+
+# -- refusing data-carrying backing stores ------------------------------------------------
+
+
+@pytest.mark.parametrize("make, found", [
+    (lambda p: _sh("mkfs.ext4", "-q", "-F", str(p)), "filesystem or other signature ext4"),
+    (lambda p: _sh("sfdisk", "-q", str(p), stdin=b"label: dos\n"), "partition table dos"),
+    (lambda p: _sh("sfdisk", "-q", str(p), stdin=b"label: gpt\n"), "partition table gpt"),
+    (lambda p: _luks(p), "encrypted volume crypto_LUKS"),
+], ids=["ext4", "dos", "gpt", "foreign-luks"])
+def test_a_store_carrying_data_is_refused_by_name_and_left_unchanged(tmp_path, make, found):
+    image = _image(tmp_path / "disk.img")
+    make(image)
+    before = _sha(image)
+    with pytest.raises(storage.StorageError) as refused:
+        _real().check_signatures(image)
+    message = str(refused.value)
+    assert str(image) in message and found in message and "Storage-Dedicated: yes" in message
+    assert _sha(image) == before
+
+
+def test_a_luks_header_with_our_label_but_a_live_keyslot_is_not_ours(tmp_path):
+    image = _luks(_image(tmp_path / "disk.img"), label=storage.LUKS_LABEL)
+    with pytest.raises(storage.StorageError, match="crypto_LUKS labelled 'statemesh-ephemeral'"):
+        _real().check_signatures(image)
+
+
+def test_our_own_erased_header_from_an_earlier_boot_may_be_reformatted(tmp_path):
+    image = _luks(_image(tmp_path / "disk.img"), label=storage.LUKS_LABEL)
+    _sh("cryptsetup", "luksErase", "--batch-mode", str(image))
+    found = _real().check_signatures(image)
+    assert {s.type for s in found} == {"crypto_LUKS"}
+
+
+def test_a_blank_store_is_accepted_and_a_dedicated_one_whatever_it_carries(tmp_path):
+    blank = _image(tmp_path / "blank.img")
+    assert _real().check_signatures(blank) == ()
+    used = _image(tmp_path / "used.img")
+    _sh("mkfs.ext4", "-q", "-F", str(used))
+    assert [s.type for s in _real(dedicated=True).check_signatures(used)] == ["ext4"]
+
+
+def test_wipefs_output_is_parsed_and_garbage_is_an_error():
+    output = b'{"signatures": [{"device": "x", "offset": "0x438", "type": "ext4", "uuid": null, "label": "data"}]}'
+    assert blockdev.parse_wipefs(output) == (blockdev.Signature("ext4", "0x438", "data"),)
+    assert blockdev.parse_wipefs(b"") == ()
+    with pytest.raises(ValueError, match="unexpected wipefs output"):
+        blockdev.parse_wipefs(b'{"nothing": 1}')
+
+
+# -- devices the system uses ----------------------------------------------------------------
+
+
+def _sysfs(root: Path) -> blockdev.Sysfs:
+    """A fake /sys: disk vda (252:0, partition vda1 252:1 held by dm-0) and disk vdb (252:16)."""
+    devices = root / "devices"
+    vda, vdb, dm0 = devices / "vda", devices / "vdb", devices / "dm-0"
+    for node, number in ((vda, "252:0"), (vda / "vda1", "252:1"), (vdb, "252:16"), (dm0, "253:0")):
+        node.mkdir(parents=True)
+        (node / "dev").write_text(number + "\n")
+        (node / "holders").mkdir()
+        (node / "slaves").mkdir()
+    (vda / "vda1" / "partition").write_text("1\n")
+    (vda / "vda1" / "holders" / "dm-0").symlink_to(dm0)
+    (dm0 / "slaves" / "vda1").symlink_to(vda / "vda1")
+    (root / "dev" / "block").mkdir(parents=True)
+    for node, number in ((vda, "252:0"), (vda / "vda1", "252:1"), (vdb, "252:16"), (dm0, "253:0")):
+        (root / "dev" / "block" / number).symlink_to(node)
+    return blockdev.Sysfs(root)
+
+
+def test_the_disks_under_a_root_on_device_mapper_are_found(tmp_path):
+    sysfs = _sysfs(tmp_path)
+    assert sysfs.underlying_disks((253, 0)) == {(252, 0)}
+    assert sysfs.disk_of((252, 1)) == (252, 0)
+
+
+def test_a_device_in_use_is_refused_for_each_reason(tmp_path):
+    sysfs = _sysfs(tmp_path)
+    mountinfo = "36 1 252:16 / /mnt rw - ext4 /dev/vdb rw\n"
+    swaps = "Filename Type Size Used Priority\n/dev/vdb partition 1 0 -2\n"
+    problems = blockdev.usage_problems(Path("/dev/vdb"), (252, 16), sysfs, mountinfo, swaps, set())
+    assert problems == ["it is mounted", "it is in use as swap"]
+    problems = blockdev.usage_problems(Path("/dev/vda"), (252, 0), sysfs, "", "", {(252, 0)})
+    assert problems == ["it has 1 partition(s)", "it is held by dm-0",
+                        "it is on the disk of the root filesystem"]
+    assert blockdev.usage_problems(Path("/dev/vdb"), (252, 16), sysfs, "", "", {(252, 0)}) == []
+
+
+def test_a_storage_device_that_is_not_a_block_device_is_refused_untouched(tmp_path, layout, fakes):
+    image = _image(tmp_path / "not-a-device.img")
+    before = _sha(image)
+    volume = storage.Storage(config.NodeConfig(storage_device=image), layout)
+    with pytest.raises(storage.StorageError, match=f"Storage-Device {image}: .* is not a block device"):
+        volume.setup()
+    assert _sha(image) == before
+    assert not [argv for argv in fakes.argvs("cryptsetup") if argv[1] != "status"]
+    assert fakes.argvs("mount") == [] and not layout.backing_file.exists()
+
+
+# -- the setup flow and the key -----------------------------------------------------------
+
+
+def _all_file_bytes(root: Path) -> List[bytes]:
+    return [p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+
+
+def test_setup_feeds_the_key_through_stdin_only_and_zeroes_it(tmp_path, layout, fakes, keys):
+    size = 96 * 1024 * 1024
+    volume = storage.Storage(config.NodeConfig(storage_size=size), layout)
+    assert "mounted from /dev/mapper/statemesh-test on /dev/loop7" in volume.setup()
+
+    assert len(keys) == 1
+    key = keys[0].original
+    assert len(key) == storage.KEY_BYTES and key != bytes(storage.KEY_BYTES)
+    assert keys[0].buffer == bytearray(storage.KEY_BYTES)  # overwritten in place
+    fed = [call for call in fakes.calls() if call["stdin"]]
+    assert [c["argv"][1] for c in fed] == ["luksFormat", "open"]
+    assert all(bytes.fromhex(c["stdin"]) == key for c in fed)
+    for call in fakes.calls():
+        line = " ".join(call["argv"]).encode()
+        assert key not in line and key.hex().encode() not in line
+    for content in _all_file_bytes(layout.mount_point.parent):
+        assert key not in content and key.hex().encode() not in content
+
+    backing = layout.backing_file.stat()
+    assert backing.st_size == size and backing.st_blocks * 512 < size  # sparse
+    assert stat.S_IMODE(backing.st_mode) == 0o600
+
+
+def test_setup_formats_luks2_with_minimal_pbkdf2_erases_keyslots_then_mounts(layout, fakes, keys):
+    storage.Storage(config.NodeConfig(storage_size=64 * 1024**2), layout).setup()
+    crypt = [argv[1] for argv in fakes.argvs("cryptsetup") if argv[1] != "status"]
+    assert crypt == ["luksFormat", "open", "luksErase", "luksDump"]
+    formatting = fakes.argvs("cryptsetup")[[a[1] for a in fakes.argvs("cryptsetup")].index("luksFormat")]
+    for option in (["--type", "luks2"], ["--cipher", "aes-xts-plain64"], ["--key-size", "512"],
+                   ["--pbkdf", "pbkdf2"], ["--pbkdf-force-iterations", "1000"]):
+        assert " ".join(option) in " ".join(formatting)
+    assert formatting[-1] == "/dev/loop7" and "--key-file=-" in formatting
+    assert fakes.argvs("mkfs.ext4")[0][-1] == "/dev/mapper/statemesh-test"
+    mount = fakes.argvs("mount")[0]
+    assert mount[-2:] == ["/dev/mapper/statemesh-test", str(layout.mount_point)]
+    assert {"nodev", "nosuid"} <= set(mount[mount.index("-o") + 1].split(","))
+    order = [c["argv"][0] + " " + c["argv"][1] for c in fakes.calls()]
+    assert order.index("chattr +i") < order.index("cryptsetup luksFormat")
+    assert stat.S_IMODE(layout.mount_point.stat().st_mode) == storage.VOLUME_MODE
+
+
+def test_a_failing_setup_leaves_the_mount_point_locked_and_the_key_zeroed(layout, fakes, keys):
+    fakes.fail_on("open")
+    volume = storage.Storage(config.NodeConfig(storage_size=64 * 1024**2), layout)
+    with pytest.raises(CommandError, match="cryptsetup exited with status 1: .*open failed"):
+        volume.setup()
+    assert keys[0].buffer == bytearray(storage.KEY_BYTES)
+    assert fakes.argvs("mount") == [] and fakes.argvs("mkfs.ext4") == []
+    point = layout.mount_point.stat()
+    assert stat.S_IMODE(point.st_mode) == 0 and list(layout.mount_point.iterdir()) == []
+    assert fakes.argvs("chattr")[-1] == ["chattr", "+i", str(layout.mount_point)]
+    assert not layout.backing_file.exists()
+
+
+def test_short_free_space_is_a_clear_error_before_anything_is_written(layout, fakes):
+    volume = storage.Storage(config.NodeConfig(storage_size=2**60), layout)
+    with pytest.raises(storage.StorageError, match=r"not enough free space for the 1048576\.0T backing "
+                                                   r"file .*lower Storage-Size or set Storage-Device"):
+        volume.setup()
+    assert not layout.backing_file.exists()
+    assert fakes.argvs("losetup") == [argv for argv in fakes.argvs("losetup") if "--list" in argv]
+
+
+def test_plaintext_left_in_the_unmounted_mount_point_is_refused(layout, fakes):
+    layout.mount_point.mkdir()
+    (layout.mount_point / "leftover").write_text("plaintext")
+    volume = storage.Storage(config.NodeConfig(storage_size=64 * 1024**2), layout)
+    with pytest.raises(storage.StorageError, match="holds files"):
+        volume.setup()
+    assert not [argv for argv in fakes.argvs("cryptsetup") if argv[1] != "status"]
+
+
+def test_purge_removes_the_backing_file_and_gives_the_mount_point_back(layout, fakes, keys):
+    volume = storage.Storage(config.NodeConfig(storage_size=64 * 1024**2), layout)
+    volume.setup()
+    os.chmod(layout.mount_point, 0)  # what the unmounted directory looks like
+    volume.revert({})
+    assert not layout.backing_file.exists() and not layout.mount_point.exists()
+    assert fakes.argvs("chattr")[-1] == ["chattr", "-i", str(layout.mount_point)]
+
+
+def test_feed_key_reports_a_program_that_exits_without_reading(tmp_path):
+    with pytest.raises(CommandError, match="false exited with status 1"):
+        storage.feed_key(["false"], bytearray(b"k" * 64), SAFE_PATH)
+
+
+def test_the_key_is_random_locked_and_zeroed_after_use():
+    with storage.Key() as first, storage.Key() as second:
+        assert first != second and len(first) == storage.KEY_BYTES
+        kept = first
+    assert kept == bytearray(storage.KEY_BYTES)
+
+
+# -- reading the live volume ----------------------------------------------------------------
+
+
+def test_keyslots_are_counted_from_a_real_luks_dump(tmp_path):
+    image = _luks(_image(tmp_path / "disk.img"), label=storage.LUKS_LABEL)
+    dump = lambda: subprocess.run(["cryptsetup", "luksDump", str(image)], capture_output=True,
+                                  check=True, text=True, env={"PATH": SAFE_PATH}).stdout
+    assert storage.count_keyslots(dump()) == 1
+    _sh("cryptsetup", "luksErase", "--batch-mode", str(image))
+    assert storage.count_keyslots(dump()) == 0
+
+
+def test_cryptsetup_status_and_mountinfo_are_parsed():
+    status = storage.parse_crypt_status(
+        "/dev/mapper/statemesh is active and is in use.\n  type:    LUKS2\n"
+        "  cipher:  aes-xts-plain64\n  keysize: 512 bits\n  device:  /dev/loop0\n"
+        "  loop:    /var/lib/statemesh-node/storage.img\n  size:    16744448 sectors\n")
+    assert status["type"] == "LUKS2" and status["keysize"] == "512 bits"
+    assert status["loop"] == "/var/lib/statemesh-node/storage.img"
+    mountinfo = ("22 1 252:1 / / rw,relatime - ext4 /dev/vda1 rw\n"
+                 "40 22 253:0 / /var/lib/statemesh rw,nosuid,nodev,noatime - ext4 "
+                 "/dev/mapper/statemesh rw\n")
+    source, options = storage.find_mount(mountinfo, Path("/var/lib/statemesh"))
+    assert source == "/dev/mapper/statemesh" and {"nodev", "nosuid"} <= set(options)
+    assert storage.find_mount(mountinfo, Path("/srv")) is None
+
+
+def test_status_reports_a_volume_that_is_not_set_up(layout, fakes):
+    finding = storage.Storage(config.NodeConfig(), layout).check()
+    assert not finding.holds and "/dev/mapper/statemesh-test is not set up" in finding.detail
+    assert finding.facts["backing"] == f"file {layout.backing_file}"
+    assert finding.facts["mounted"] is False
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line, message", [
+    ("Storage-Device: sdb", "not a block device path under /dev"),
+    ("Storage-Size: 10M", "smaller than the minimum of 64M"),
+    ("Storage-Size: 8GB", "not a size such as 512M or 8G"),
+    ("Storage-Dedicated: maybe", "not yes or no"),
+])
+def test_storage_settings_are_validated_with_file_line_and_key(line, message):
+    with pytest.raises(config.ConfigError) as error:
+        config.parse(f"Zone: eu-west\n{line}\n", Path("/etc/statemesh/node.conf"))
+    assert error.value.line == 2 and error.value.key == line.split(":")[0]
+    assert message in str(error.value)
+
+
+def test_storage_settings_are_read():
+    parsed = config.parse("Storage-Device: /dev/disk/by-id/virtio-extra0\nStorage-Size: 512M\n"
+                          "Storage-Dedicated: yes\n")
+    assert parsed.storage_device == Path("/dev/disk/by-id/virtio-extra0")
+    assert parsed.storage_size == 512 * 1024**2 and parsed.storage_dedicated
+
+
+def test_the_storage_command_stops_at_a_bad_config_before_touching_anything(tmp_path, capsys):
+    conf = tmp_path / "node.conf"
+    conf.write_text("Storage-Size: tiny\n")
+    assert cli.main(["--config", str(conf), "storage", "setup"]) == cli.EXIT_CONFIG
+    assert "Storage-Size" in capsys.readouterr().err
