@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from statemesh import __version__, config, guarantees, storage
+from statemesh import __version__, config, endpoint, guarantees, storage
 from statemesh.guarantee import Finding
 
 EXIT_OK = 0
@@ -74,6 +74,21 @@ def cmd_storage(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify a node's aTLS evidence: print its class, zone, PCRs and the verdict."""
+    return endpoint.verify(args.target, args.policy, config.load(args.config), args.json)
+
+
+def cmd_atls_serve(args: argparse.Namespace) -> int:
+    """Serve this node's aTLS endpoint on the mesh port (statemesh-atls.service runs it)."""
+    return endpoint.serve(config.load(args.config))
+
+
+def cmd_security_class(args: argparse.Namespace) -> int:
+    """Show the node's security class (tpm or weak) and why."""
+    return endpoint.print_class(config.load(args.config), args.json, args.is_weak)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="statemesh-node",
@@ -88,12 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
         "status": cmd_status,
         "config": cmd_config,
         "storage": cmd_storage,
+        "verify": cmd_verify,
+        "atls-serve": cmd_atls_serve,
+        "security-class": cmd_security_class,
     }
     for name, handler in commands.items():
         command = sub.add_parser(name, help=(handler.__doc__ or "").strip().splitlines()[0])
         command.add_argument("--json", action="store_true", help="print JSON")
         command.set_defaults(handler=handler)
     sub.choices["storage"].add_argument("action", choices=("setup", "teardown"))
+    sub.choices["verify"].add_argument("target", metavar="HOST:PORT", help="the node's aTLS endpoint")
+    sub.choices["verify"].add_argument("--policy", type=Path, help="JSON verification policy")
+    sub.choices["security-class"].add_argument(
+        "--is-weak", action="store_true", help="exit 0 only if the node is weak")
     return parser
 
 

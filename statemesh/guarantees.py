@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import List
 
-from statemesh import firewall, storage
+from statemesh import firewall, securityclass, storage
 from statemesh.config import NodeConfig
 from statemesh.guarantee import Guarantee
 
@@ -18,5 +18,6 @@ def ordered(config: NodeConfig) -> List[Guarantee]:
     """Every guarantee of the node, in the order the installer applies them."""
     return [
         firewall.Firewall(config),
+        securityclass.SecurityClass(config),
         storage.Storage(config),
     ]

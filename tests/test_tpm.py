@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import shutil
+import socket
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,11 +15,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from statemesh import ekchain, tpmwire
+from statemesh import ekchain, securityclass, tpm, tpmwire
 from statemesh.attesterrors import EkChainInvalid, EkUntrusted
+from statemesh.config import NodeConfig
 from statemesh.tpm import Tpm, TpmError, seal_credential
 from tests.attest_fixtures import PCRS, TpmWorld, world
-from tests.swtpm import SwTpm
+from tests.swtpm import SwTpm, provision_with_ca
 
 __all__ = ["world"]
 
@@ -135,6 +138,7 @@ def test_three_link_chain_is_accepted(keys: List[ec.EllipticCurvePrivateKey]) ->
         ekchain.verify(_der(ek, issuing), [_certificate("Other", keys[3], None, keys[3], ca=True)])
 
 
+@pytest.mark.filterwarnings("ignore:SHA1 signatures:UserWarning")
 @pytest.mark.parametrize("defect, complaint", [
     ("expired", "not valid at"),
     ("issuer-not-ca", "not a CA"),
@@ -188,3 +192,61 @@ def test_ca_directory_with_a_broken_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(EkChainInvalid, match="bad.pem"):
         ekchain.load_anchors(tmp_path)
     assert ekchain.load_anchors(tmp_path / "absent") == []
+
+
+# --- the security class -------------------------------------------------------------------
+
+
+def test_no_tpm_device_means_weak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tpm, "DEVICE", tmp_path / "tpmrm0")
+    found = securityclass.classify(NodeConfig())
+    assert found.weak and "no TPM device" in found.reason
+
+
+def test_tpm_class_needs_a_trusted_ek(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TPM device is stood in for by a provisioned swtpm; the CA directory decides."""
+    root = provision_with_ca(tmp_path / "state", tmp_path / "ca")
+    sw = SwTpm(tmp_path / "state")
+    try:
+        device = tmp_path / "tpmrm0"
+        device.touch()
+        monkeypatch.setattr(tpm, "DEVICE", device)
+        monkeypatch.setattr(tpm, "DEVICE_TCTI", sw.tcti)
+        ca_dir = tmp_path / "ca.d"
+        ca_dir.mkdir()
+        untrusted = securityclass.classify(NodeConfig(tpm_ca_dir=ca_dir))
+        assert untrusted.weak and "EK not trusted" in untrusted.reason
+        shutil.copy(root, ca_dir)
+        shutil.copy(root.parent / "issuercert.pem", ca_dir)
+        trusted = securityclass.SecurityClass(NodeConfig(tpm_ca_dir=ca_dir)).check()
+        assert trusted.holds and trusted.facts["class"] == "tpm"
+    finally:
+        sw.stop()
+
+
+def test_weak_class_holds_only_while_the_vtpm_listens(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tpm, "DEVICE", tmp_path / "tpmrm0")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        monkeypatch.setattr(tpm, "VTPM_PORT", listener.getsockname()[1])
+        running = securityclass.SecurityClass(NodeConfig()).check()
+    stopped = securityclass.SecurityClass(NodeConfig()).check()
+    assert running.holds and running.facts == {"class": "weak", "reason": running.facts["reason"],
+                                               "vtpm": "listening"}
+    assert "WEAK" in running.detail
+    assert not stopped.holds and "NOT running" in stopped.detail
+
+
+def test_apply_records_the_class(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(tpm, "DEVICE", tmp_path / "tpmrm0")
+    recorded = []
+
+    class Journal:
+        def record(self, event: str, **details: object) -> None:
+            recorded.append((event, details))
+
+    securityclass.SecurityClass(NodeConfig()).apply(Journal())
+    assert recorded == [("security-class", {"security_class": "weak",
+                                            "reason": "no TPM device (" + str(tmp_path / "tpmrm0") + ")"})]

@@ -1,0 +1,143 @@
+"""The operator-facing aTLS commands: `atls-serve` (the node's endpoint) and `verify`.
+
+Kept apart from atls.py (the protocol) so that the protocol has no knowledge of node.conf,
+systemd or terminal output.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from statemesh import atls, securityclass, tpm
+from statemesh.attester import Attester
+from statemesh.attesterrors import VerificationError
+from statemesh.config import NodeConfig
+from statemesh.verifier import Policy, Verifier, load_policy
+
+log = logging.getLogger(__name__)
+TPM_OPEN_ATTEMPTS = 20  # the vTPM may still be starting when the endpoint does
+
+
+def parse_target(target: str) -> Tuple[str, int]:
+    """HOST:PORT or [IPv6]:PORT."""
+    host, _, port = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {target!r}")
+    return host, int(port)
+
+
+def default_policy(config: NodeConfig) -> Policy:
+    """Without --policy: any zone, either class (shown), EK CAs of this machine's node.conf."""
+    return Policy(frozenset({"tpm", "weak"}), None, config.tpm_ca_dir)
+
+
+def _open_tpm(weak: bool) -> tpm.Tpm:
+    for _attempt in range(TPM_OPEN_ATTEMPTS - 1):
+        try:
+            return tpm.open_node_tpm(weak)
+        except tpm.TpmError as error:
+            log.info("waiting for the TPM: %s", error)
+            time.sleep(0.5)
+    return tpm.open_node_tpm(weak)
+
+
+def _listen(attester: Attester, port: int, verifier: Verifier) -> atls.AtlsServer:
+    identity = atls.TlsIdentity.generate(attester.node_id)
+    try:
+        return atls.AtlsServer(("::", port), attester, identity, verifier=verifier)
+    except OSError as error:  # a kernel without IPv6
+        log.info("no IPv6 (%s): listening on IPv4 only", error)
+        return atls.AtlsServer(("0.0.0.0", port), attester, identity, verifier=verifier)
+
+
+def serve(config: NodeConfig) -> int:
+    """Serve this node's aTLS endpoint on the mesh port until stopped."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    found = securityclass.classify(config)
+    log.info("security class %s: %s", found.security_class, found.reason)
+    try:
+        node_tpm = _open_tpm(found.weak)
+        attester = Attester(node_tpm, found.security_class, config.zone,
+                            config.attestation_pcrs, config.tpm_ca_dir)
+    except (tpm.TpmError, ValueError) as error:
+        print(f"statemesh-node: cannot attest: {error}", file=sys.stderr)
+        return 1
+    # Peers of this node's zone may attest to it too (mutual aTLS); customers need not.
+    peers = Verifier(Policy(frozenset({"tpm", "weak"}), frozenset({config.zone}), config.tpm_ca_dir))
+    server = _listen(attester, config.mesh_port, peers)
+    log.info("aTLS endpoint of node %s on port %d", attester.node_id, config.mesh_port)
+    server.serve_forever()
+    return 0
+
+
+def _report(verdict: Any, policy_source: str) -> Dict[str, Any]:
+    report = {"verdict": "accepted", "policy": policy_source, **verdict.as_dict()}
+    report["issued"] = datetime.datetime.utcfromtimestamp(verdict.evidence.issued).isoformat() + "Z"
+    return report
+
+
+def _print_report(report: Dict[str, Any]) -> None:
+    if report["verdict"] != "accepted":
+        print(f"verdict   REFUSED ({report['code']}): {report['reason']}")
+        return
+    weak = "  (software vTPM: proves nothing about the host)" if report["class"] == "weak" else ""
+    print(f"node      {report['node_id']}")
+    print(f"class     {report['class']}{weak}")
+    print(f"zone      {report['zone']}")
+    print(f"issued    {report['issued']}")
+    for index, value in report["pcrs"].items():
+        print(f"PCR {index:<5} {value}")
+    for warning in report["warnings"]:
+        print(f"warning   {warning}")
+    print(f"policy    {report['policy']}")
+    print("verdict   ACCEPTED")
+
+
+def verify(target: str, policy_path: Optional[Path], config: NodeConfig, as_json: bool) -> int:
+    """Connect to HOST:PORT, verify its evidence under a policy, print what was proven."""
+    try:
+        address = parse_target(target)
+        policy = load_policy(policy_path) if policy_path else default_policy(config)
+        verifier = Verifier(policy)
+    except (ValueError, VerificationError) as error:  # PolicyError is a ValueError
+        print(f"statemesh-node: {error}", file=sys.stderr)
+        return 2
+    source = str(policy_path) if policy_path else "built-in: any zone, class tpm or weak"
+    try:
+        connection = atls.connect(address, verifier, atls.TlsIdentity.generate("verifier"))
+    except VerificationError as error:
+        report: Dict[str, Any] = {"verdict": "refused", "code": error.code, "reason": str(error),
+                                  "policy": source}
+    else:
+        assert connection.peer is not None
+        report = _report(connection.peer, source)
+        connection.close()
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print_report(report)
+    return 0 if report["verdict"] == "accepted" else 1
+
+
+def print_class(config: NodeConfig, as_json: bool, exit_zero_if_weak: bool) -> int:
+    """Show the security class; with --is-weak, the exit status says whether it is weak
+    (statemesh-vtpm.service runs only then)."""
+    found = securityclass.classify(config)
+    if as_json:
+        json.dump({"class": found.security_class, "reason": found.reason}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"{found.security_class}: {found.reason}")
+    if exit_zero_if_weak:
+        return 0 if found.weak else 1
+    return 0
+

@@ -1,0 +1,244 @@
+"""aTLS end to end on loopback with real swtpm TPMs: plain and mutual, relays, limits."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import pytest
+from OpenSSL import SSL
+
+from statemesh import atls, cli
+from statemesh.attester import Attester
+from statemesh.attesterrors import ClassRefused, ProtocolError, SessionMismatch, TlsKeyMismatch
+from statemesh.verifier import Verifier
+from tests.attest_fixtures import PCRS, TpmWorld, policy, world
+
+__all__ = ["world"]
+
+
+class Running:
+    """An AtlsServer on an ephemeral loopback port, served by a background thread."""
+
+    def __init__(self, server: atls.AtlsServer):
+        self.server = server
+        self.thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return self.server.address
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def node(world: TpmWorld) -> Attester:
+    return Attester(world.trusted, "tpm", "eu-west", PCRS, world.node_ca_dir)
+
+
+@pytest.fixture
+def endpoint(world: TpmWorld, node: Attester) -> Iterator[Running]:
+    identity = atls.TlsIdentity.generate(node.node_id)
+    running = Running(atls.AtlsServer(("127.0.0.1", 0), node, identity))
+    yield running
+    running.stop()
+
+
+def _client() -> atls.TlsIdentity:
+    return atls.TlsIdentity.generate("customer")
+
+
+def test_client_verifies_a_tpm_node(world: TpmWorld, endpoint: Running) -> None:
+    connection = atls.connect(endpoint.address, Verifier(policy(world.ca_dir)), _client())
+    assert connection.peer is not None
+    assert (connection.peer.evidence.security_class, connection.peer.evidence.zone) == ("tpm", "eu-west")
+    connection.close()
+
+
+def test_optional_mutual_endpoint_serves_customers_and_verifies_peers(world: TpmWorld,
+                                                                     node: Attester) -> None:
+    seen = []
+    server = atls.AtlsServer(("127.0.0.1", 0), node, atls.TlsIdentity.generate("server"),
+                             verifier=Verifier(policy(world.ca_dir)),
+                             handler=lambda c: seen.append(c.peer))
+    running = Running(server)
+    try:
+        atls.connect(running.address, Verifier(policy(world.ca_dir)), _client()).close()
+        weak = Attester(world.bare, "weak", "us-east", PCRS, world.ca_dir)
+        atls.connect(running.address, Verifier(policy(world.ca_dir)), _client(), attester=weak).close()
+    finally:
+        running.stop()
+    peers = [verdict.evidence.zone for verdict in seen if verdict is not None]
+    assert len(seen) == 2 and peers == ["us-east"]  # the customer did not attest
+
+
+def test_policy_refusal_reaches_the_client_with_its_own_error(world: TpmWorld, endpoint: Running) -> None:
+    with pytest.raises(ClassRefused):
+        atls.connect(endpoint.address, Verifier(policy(world.ca_dir, allowed_classes=frozenset({"weak"}))),
+                     _client())
+
+
+def test_mutual_atls_between_a_tpm_node_and_a_weak_node(world: TpmWorld, node: Attester) -> None:
+    seen = []
+    server = atls.AtlsServer(("127.0.0.1", 0), node, atls.TlsIdentity.generate("server"),
+                             verifier=Verifier(policy(world.ca_dir)), require_mutual=True,
+                             handler=lambda c: seen.append(c.peer))
+    running = Running(server)
+    try:
+        weak = Attester(world.bare, "weak", "us-east", PCRS, world.ca_dir)
+        connection = atls.connect(running.address, Verifier(policy(world.ca_dir)),
+                                  atls.TlsIdentity.generate("peer"), attester=weak)
+        assert connection.peer is not None and connection.peer.evidence.security_class == "tpm"
+        connection.close()
+        with pytest.raises(ProtocolError, match="refused"):  # a client that does not attest
+            atls.connect(running.address, Verifier(policy(world.ca_dir)), _client())
+    finally:
+        running.stop()
+    assert seen and seen[0] is not None and seen[0].evidence.security_class == "weak"
+
+
+class Relay:
+    """A man in the middle: its own TLS endpoint towards the victim, forwarding the exchange
+    to the real node through its own TLS connection."""
+
+    def __init__(self, node_address: Tuple[str, int], identity: atls.TlsIdentity):
+        self.node_address = node_address
+        self.identity = identity
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self.thread = threading.Thread(target=self._relay_once, daemon=True)
+        self.thread.start()
+
+    def _relay_once(self) -> None:
+        victim_sock, _ = self.listener.accept()
+        victim = atls._open(victim_sock, atls.tls_context(self.identity, server=True), True, 10)
+        node_sock = socket.create_connection(self.node_address)
+        node = atls._open(node_sock, atls.tls_context(_client(), server=False), False, 10)
+        node.send(atls.HELLO, victim.receive(atls.HELLO))
+        victim.send(atls.EVIDENCE, node.receive(atls.EVIDENCE))
+        try:
+            victim.receive(atls.CHALLENGE)
+        except ProtocolError:
+            pass
+        finally:
+            victim_sock.close()
+            node_sock.close()
+
+
+@pytest.mark.parametrize("attacker_key, error", [("own", TlsKeyMismatch), ("stolen", SessionMismatch)])
+def test_relayed_evidence_is_rejected(world: TpmWorld, node: Attester, attacker_key: str,
+                                      error: type) -> None:
+    identity = atls.TlsIdentity.generate(node.node_id)
+    running = Running(atls.AtlsServer(("127.0.0.1", 0), node, identity))
+    try:
+        relay = Relay(running.address, identity if attacker_key == "stolen" else _client())
+        with pytest.raises(error):
+            atls.connect(relay.address, Verifier(policy(world.ca_dir)), _client())
+        relay.thread.join(10)
+    finally:
+        running.stop()
+
+
+def test_quote_rate_limit_refuses_cleanly(world: TpmWorld, node: Attester) -> None:
+    limiter = atls.QuoteLimiter(rate=1000, per_source_rate=2)  # burst of one per source
+    running = Running(atls.AtlsServer(("127.0.0.1", 0), node, _client(), limiter=limiter))
+    try:
+        atls.connect(running.address, Verifier(policy(world.ca_dir)), _client()).close()
+        with pytest.raises(ProtocolError, match="busy"):
+            atls.connect(running.address, Verifier(policy(world.ca_dir)), _client())
+    finally:
+        running.stop()
+
+
+def test_token_bucket_refills_with_time() -> None:
+    now = [0.0]
+    bucket = atls.TokenBucket(rate=2, burst=2, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(3)] == [True, True, False]
+    now[0] += 0.5
+    assert bucket.take() and not bucket.take()
+
+
+def _plain_tls(address: Tuple[str, int], method_max: Optional[int] = None) -> SSL.Connection:
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_verify(SSL.VERIFY_NONE, lambda *a: True)
+    if method_max is not None:
+        context.set_max_proto_version(method_max)
+    sock = socket.create_connection(address)
+    connection = SSL.Connection(context, sock)
+    connection.set_connect_state()
+    connection.do_handshake()
+    return connection
+
+
+def test_tls_1_2_is_refused(endpoint: Running) -> None:
+    with pytest.raises(SSL.Error):
+        _plain_tls(endpoint.address, method_max=SSL.TLS1_2_VERSION)
+
+
+def test_no_session_is_resumed(endpoint: Running) -> None:
+    """No ticket is issued and an offered session is not resumed (stdlib ssl reports both)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with context.wrap_socket(socket.create_connection(endpoint.address)) as first:
+        first.sendall(b"\x01\x00\x00\x00\x00")  # a bad HELLO: its refusal comes after any ticket
+        first.recv(1)
+        session = first.session
+    assert session is not None and not session.has_ticket
+    with context.wrap_socket(socket.create_connection(endpoint.address), session=session) as second:
+        assert second.version() == "TLSv1.3" and not second.session_reused
+
+
+def test_unreachable_node_is_a_clear_error(world: TpmWorld) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ProtocolError, match="cannot connect"):
+        atls.connect(("127.0.0.1", port), Verifier(policy(world.ca_dir)), _client(), timeout=2)
+
+
+def _cli(*argv: str) -> int:
+    return cli.main(["--config", "/nonexistent/node.conf", *argv])
+
+
+def test_verify_command_prints_class_zone_pcrs_and_verdict(
+        world: TpmWorld, endpoint: Running, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    target = f"{endpoint.address[0]}:{endpoint.address[1]}"
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(json.dumps({"allowed_classes": ["tpm"], "zones": ["eu-west"],
+                                       "ek_ca_dir": str(world.ca_dir)}))
+    assert _cli("verify", target, "--policy", str(policy_file)) == 0
+    out = capsys.readouterr().out
+    assert "class     tpm" in out and "zone      eu-west" in out and "PCR 7" in out
+    assert out.rstrip().endswith("verdict   ACCEPTED")
+    assert _cli("verify", target, "--json", "--policy", str(policy_file)) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verdict"] == "accepted" and sorted(report["pcrs"], key=int) == [str(p) for p in PCRS]
+    policy_file.write_text(json.dumps({"allowed_classes": ["tpm"], "zones": ["us-east"],
+                                       "ek_ca_dir": str(world.ca_dir)}))
+    assert _cli("verify", target, "--json", "--policy", str(policy_file)) == 1
+    assert json.loads(capsys.readouterr().out)["code"] == "zone-refused"
+
+
+def test_verify_command_without_policy_uses_node_conf_cas(endpoint: Running,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """The built-in policy trusts node.conf's TPM-CA-Dir: absent here, so the EK is untrusted."""
+    assert _cli("verify", f"{endpoint.address[0]}:{endpoint.address[1]}") == 1
+    assert "REFUSED (ek-untrusted)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, complaint", [
+    (["verify", "no-port"], "not HOST:PORT"),
+    (["verify", "host:99999"], "not HOST:PORT"),
+    (["verify", "127.0.0.1:7443", "--policy", "/nonexistent.json"], "cannot be read"),
+])
+def test_verify_command_bad_input(argv: list, complaint: str, capsys: pytest.CaptureFixture) -> None:
+    assert _cli(*argv) == 2
+    assert complaint in capsys.readouterr().err
