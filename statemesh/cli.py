@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from statemesh import __version__, config, endpoint, guarantees, storage
+from statemesh import __version__, config, endpoint, grace, guarantees, storage, watchdog
 from statemesh.guarantee import Finding
 
 EXIT_OK = 0
@@ -61,6 +61,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if holds else EXIT_FAILED
 
 
+def cmd_watchdog(args: argparse.Namespace) -> int:
+    """Run the terminal watchdog (what statemesh-watchdog.service runs)."""
+    node_config = config.load(args.config)
+    settings = watchdog.Settings(
+        devpts=args.devpts,
+        dev=args.dev,
+        grace_path=args.grace_file,
+        exempt_units=node_config.watchdog_exempt_units,
+        logind=not args.no_logind,
+    )
+    try:
+        return watchdog.main(settings)
+    except watchdog.WatchdogError as error:
+        print(f"statemesh-node: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
 def cmd_storage(args: argparse.Namespace) -> int:
     """Set up or destroy the encrypted /var/lib/statemesh (statemesh-storage.service runs it)."""
     volume = storage.Storage(config.load(args.config))
@@ -102,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands: Dict[str, Callable[[argparse.Namespace], int]] = {
         "status": cmd_status,
         "config": cmd_config,
+        "watchdog": cmd_watchdog,
         "storage": cmd_storage,
         "verify": cmd_verify,
         "atls-serve": cmd_atls_serve,
@@ -111,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=(handler.__doc__ or "").strip().splitlines()[0])
         command.add_argument("--json", action="store_true", help="print JSON")
         command.set_defaults(handler=handler)
+    watchdog_args = sub.choices["watchdog"]
+    watchdog_args.add_argument("--devpts", default="/dev/pts", help="devpts mount to watch")
+    watchdog_args.add_argument("--dev", default="/dev", help="directory of terminal devices")
+    watchdog_args.add_argument("--grace-file", type=Path, default=grace.GRACE_PATH,
+                               help="installation grace record")
+    watchdog_args.add_argument("--no-logind", action="store_true", help="leave logind alone")
     sub.choices["storage"].add_argument("action", choices=("setup", "teardown"))
     sub.choices["verify"].add_argument("target", metavar="HOST:PORT", help="the node's aTLS endpoint")
     sub.choices["verify"].add_argument("--policy", type=Path, help="JSON verification policy")

@@ -51,6 +51,13 @@ class NodeConfig:
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _ZONE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@-]+\.(service|scope|slice)$")
+# Units whose exemption from the terminal watchdog would exempt logins themselves.
+_LOGIN_UNIT_RE = re.compile(
+    r"^(-\.slice|system\.slice|user\.slice|user-[0-9]+\.slice|user@.*\.service|init\.scope"
+    r"|session-.*\.scope|(serial-|container-|console-)?getty@?.*\.service|autovt@.*\.service"
+    r"|container-shell@.*\.service|sshd?(@.*)?\.service|run-.*\.(service|scope)"
+    r"|statemesh-watchdog\.service)$"
+)
 
 
 def _parse_zone(value: str) -> str:
@@ -107,6 +114,8 @@ def _parse_units(value: str) -> Tuple[str, ...]:
     for word in value.split():
         if not _UNIT_RE.match(word):
             raise ValueError(f"not a systemd service, scope or slice name: {word!r}")
+        if _LOGIN_UNIT_RE.match(word):
+            raise ValueError(f"{word!r} holds logins or every service: exempting it exempts shells")
     return tuple(value.split())
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import List
 
-from statemesh import firewall, securityclass, storage
+from statemesh import firewall, securityclass, storage, watchdog
 from statemesh.config import NodeConfig
 from statemesh.guarantee import Guarantee
 
@@ -19,5 +19,6 @@ def ordered(config: NodeConfig) -> List[Guarantee]:
     return [
         firewall.Firewall(config),
         securityclass.SecurityClass(config),
+        watchdog.WatchdogGuarantee(config),
         storage.Storage(config),
     ]

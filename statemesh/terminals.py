@@ -1,0 +1,283 @@
+"""Which processes hold which terminal: read from /proc, nothing changed.
+
+A pty is named by its index inside one devpts instance, and every instance numbers from 0:
+/proc/PID/stat's tty_nr (136, 0) is the same for /dev/pts/0 of the host and of a
+container. So a pty is identified here by the devpts instance (the st_dev of its mount)
+AND its device number: fds are matched by fstat (both numbers), a controlling tty by the
+devpts the process sees (see _ctty_instance). Other terminals
+(/dev/ttyN, serial ports, /dev/console) are global devices: the device number suffices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pwd
+import stat
+import time
+from pathlib import Path
+from typing import Dict, FrozenSet, Iterator, List, Optional, Set, Tuple
+
+PTY_SLAVE_MAJOR = 136  # UNIX98_PTY_SLAVE_MAJOR; indices above 255 use the next majors
+PTY_SLAVE_MAJORS = range(PTY_SLAVE_MAJOR, PTY_SLAVE_MAJOR + 8)
+PTMX = os.makedev(5, 2)
+PF_KTHREAD = 0x00200000
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# (instance, rdev): instance is the devpts st_dev for a pty, 0 for a global tty device.
+Key = Tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Terminal:
+    """One terminal the watchdog guards."""
+
+    path: str
+    rdev: int
+    instance: int  # st_dev of the devpts mount for a pty, 0 for a global tty device
+    appeared: Optional[float]  # wall-clock creation of a pty node; None for tty devices
+
+    @property
+    def key(self) -> Key:
+        return (self.instance, self.rdev)
+
+    @property
+    def is_pty(self) -> bool:
+        return self.instance != 0
+
+
+def pty_rdev(index: int) -> int:
+    """The device number of pty slave `index`, as the kernel numbers them."""
+    return os.makedev(PTY_SLAVE_MAJOR + index // 256, index % 256)
+
+
+def pty(devpts: str, name: str) -> Optional[Terminal]:
+    """The pty `name` of the devpts mount `devpts`; None if it is gone or not a pty."""
+    if not name.isdigit():
+        return None
+    try:
+        info = os.stat(os.path.join(devpts, name))
+    except OSError:
+        return None
+    if not stat.S_ISCHR(info.st_mode) or os.major(info.st_rdev) not in PTY_SLAVE_MAJORS:
+        return None
+    return Terminal(os.path.join(devpts, name), info.st_rdev, info.st_dev, info.st_ctime)
+
+
+def tty_device(path: str) -> Optional[Terminal]:
+    """A global terminal device such as /dev/tty3 or /dev/ttyS0; None if not one."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISCHR(info.st_mode) or os.major(info.st_rdev) in PTY_SLAVE_MAJORS:
+        return None
+    return Terminal(path, info.st_rdev, 0, None)
+
+
+def ptys(devpts: str) -> List[Terminal]:
+    """Every pty of the devpts mount that exists now (a node exists while its master is open)."""
+    found = (pty(devpts, name) for name in os.listdir(devpts))
+    return [terminal for terminal in found if terminal is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """What the watchdog needs of one process, read in one pass over /proc."""
+
+    pid: int
+    ppid: int
+    sid: int
+    tty_nr: int
+    kernel_thread: bool
+    start_ticks: int  # start time in clock ticks after boot: with the pid, a process identity
+    holds: FrozenSet[Key]  # terminals it has open fds on (a pty master counts as its slave)
+
+    def age(self) -> float:
+        """Seconds since the process started (tick resolution)."""
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - self.start_ticks / _CLOCK_TICKS
+
+
+def _read_stat(pid: int) -> Optional[Tuple[int, int, int, int, int]]:
+    """(ppid, sid, tty_nr, flags, starttime) from /proc/PID/stat, None for a zombie or a gone pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[1]), int(fields[3]), int(fields[4]), int(fields[6]), int(fields[19])
+
+
+def start_ticks(pid: int) -> Optional[int]:
+    """A live process's start time in clock ticks after boot: with the pid, its identity."""
+    fields = _read_stat(pid)
+    return None if fields is None else fields[4]
+
+
+def _pts_instance_of(pid: int) -> int:
+    """The devpts instance a /dev/ptmx opened by `pid` belongs to: its root's /dev/pts."""
+    try:
+        return os.stat(f"/proc/{pid}/root/dev/pts").st_dev
+    except OSError:
+        return -1
+
+
+def _master_index(pid: int, fd: str) -> Optional[int]:
+    """The pty index behind a ptmx fd, from fdinfo's tty-index (Linux >= 4.13)."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"tty-index:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _held_terminals(pid: int, tty_rdevs: FrozenSet[int]) -> FrozenSet[Key]:
+    """Keys of the terminals `pid` has fds open on."""
+    directory = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(directory)
+    except OSError:
+        return frozenset()
+    held: Set[Key] = set()
+    for fd in fds:
+        try:
+            info = os.stat(f"{directory}/{fd}")
+        except OSError:
+            continue
+        if not stat.S_ISCHR(info.st_mode):
+            continue
+        if os.major(info.st_rdev) in PTY_SLAVE_MAJORS:
+            held.add((info.st_dev, info.st_rdev))
+        elif info.st_rdev == PTMX:
+            index = _master_index(pid, fd)
+            if index is not None:
+                held.add((_master_instance(pid, info), pty_rdev(index)))
+        elif info.st_rdev in tty_rdevs:
+            held.add((0, info.st_rdev))
+    return frozenset(held)
+
+
+def _master_instance(pid: int, info: os.stat_result) -> int:
+    """A ptmx opened inside a devpts mount belongs to it; /dev/ptmx to the opener's /dev/pts."""
+    if stat.S_ISCHR(info.st_mode) and _is_devpts(info.st_dev):
+        return info.st_dev
+    return _pts_instance_of(pid)
+
+
+_DEVPTS_DEVS: Dict[int, bool] = {}
+
+
+def _is_devpts(dev: int) -> bool:
+    """Whether a filesystem device number is a devpts instance (from /proc/self/mountinfo)."""
+    if dev not in _DEVPTS_DEVS:
+        _DEVPTS_DEVS.clear()
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                fields = line.split()
+                major, minor = fields[2].split(":")
+                fstype = fields[fields.index("-") + 1]
+                _DEVPTS_DEVS[os.makedev(int(major), int(minor))] = fstype == "devpts"
+        _DEVPTS_DEVS.setdefault(dev, False)
+    return _DEVPTS_DEVS[dev]
+
+
+def is_devpts_mount(path: str) -> bool:
+    """Whether `path` is the root of a devpts mount."""
+    try:
+        return os.path.ismount(path) and _is_devpts(os.stat(path).st_dev)
+    except OSError:
+        return False
+
+
+def _pids() -> Iterator[int]:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            yield int(entry.name)
+
+
+def processes(tty_rdevs: FrozenSet[int] = frozenset()) -> Iterator[Process]:
+    """Every live process, newest pid first: the opener of a new terminal comes early."""
+    for pid in sorted(_pids(), reverse=True):
+        fields = _read_stat(pid)
+        if fields is None:
+            continue
+        ppid, sid, tty_nr, flags, start = fields
+        kernel_thread = bool(flags & PF_KTHREAD)
+        holds = frozenset() if kernel_thread else _held_terminals(pid, tty_rdevs)
+        yield Process(pid, ppid, sid, tty_nr, kernel_thread, start, holds)
+
+
+def _ctty_instance(process: Process) -> int:
+    """The devpts instance of a process's controlling pty.
+
+    The kernel reports only the device number. The process acquired the tty by opening a
+    slave, which is (nearly always) one it holds too, else one under the /dev/pts it sees:
+    a container's processes see the container's instance, the host's see the host's.
+    """
+    for instance, rdev in process.holds:
+        if rdev == process.tty_nr and instance:
+            return instance
+    return _pts_instance_of(process.pid)
+
+
+def is_holder(terminal: Terminal, process: Process) -> bool:
+    """Whether `process` holds `terminal`: by an open fd, or as its controlling tty."""
+    if terminal.key in process.holds:
+        return True
+    if process.tty_nr != terminal.rdev:
+        return False
+    return not terminal.is_pty or _ctty_instance(process) == terminal.instance
+
+
+def holders(wanted: List[Terminal], tty_rdevs: FrozenSet[int] = frozenset()
+            ) -> Iterator[Tuple[Terminal, Process]]:
+    """Each process holding one of `wanted`, in one pass over /proc, yielded as soon as it is
+    read so that the caller can act at once."""
+    for process in processes(tty_rdevs):
+        for terminal in wanted:
+            if is_holder(terminal, process):
+                yield terminal, process
+                break
+
+
+def cgroup_path(pid: int) -> str:
+    """The process's systemd cgroup path; empty when it is gone."""
+    try:
+        return systemd_cgroup(Path(f"/proc/{pid}/cgroup").read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return ""
+
+
+def systemd_cgroup(text: str) -> str:
+    """The systemd path in a /proc/PID/cgroup text: the unified hierarchy's, else name=systemd's."""
+    legacy = ""
+    for line in text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "" and path != "/":
+            return path
+        if controllers == "name=systemd":
+            legacy = path
+    return legacy
+
+
+def describe(pid: int) -> Tuple[str, str]:
+    """(user, command line) of a process for the kill log; '?' where it is gone."""
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except OSError:
+        return "?", "?"
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    command = " ".join(os.fsdecode(arg) for arg in argv if arg) or "?"
+    return user, command

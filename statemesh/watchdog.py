@@ -1,0 +1,465 @@
+"""The terminal watchdog: every pty/tty session on the node is ended the moment it appears.
+
+Anything that gives root a terminal (a getty, `script`, `systemd-run --pty`,
+`machinectl shell`, any program calling openpty) is a way into the workloads. The seed
+polled `ls /dev/pts` every second; here the kernel tells us instead:
+- inotify IN_CREATE on the devpts mount: a new /dev/pts/N, reported before its slave side
+  is even opened (the opener holds the master, which fdinfo's tty-index names);
+- inotify IN_OPEN on each terminal device (/dev/ttyN, serial ports, /dev/console);
+- logind's SessionNew over D-Bus, which also ends sessions without a terminal (remote);
+- a periodic full reconcile, the safety net for anything the events could miss.
+Holders are SIGKILLed at once (a shell ignores SIGTERM); the logind session they belong to
+is then terminated so that logind and systemd clean up the rest of the login.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Set, Tuple
+
+from statemesh import grace, terminals
+from statemesh.config import NodeConfig
+from statemesh.guarantee import Finding
+from statemesh.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_MOVED_TO, IN_OPEN, IN_Q_OVERFLOW, Inotify
+
+UNIT = "statemesh-watchdog.service"
+RECONCILE_SECONDS = 10.0
+# Terminal devices a login can be given on. tty0 and /dev/tty only alias one of these.
+TTY_NAMES = re.compile(r"^(tty[1-9][0-9]*|ttyS[0-9]+|ttyAMA[0-9]+|ttyUSB[0-9]+|ttyACM[0-9]+|hvc[0-9]+|console)$")
+# A kill loop ends when a pass finds no new holder; this bounds a fork bomb's hold on it.
+MAX_ROUNDS = 20
+INTERACTIVE_SESSION_TYPES = frozenset({"tty", "x11", "wayland", "mir"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Where the watchdog looks; tests point it at a private devpts and empty directories."""
+
+    devpts: str = "/dev/pts"
+    dev: str = "/dev"
+    grace_path: Path = grace.GRACE_PATH
+    exempt_units: Tuple[str, ...] = ()
+    logind: bool = True
+    reconcile_seconds: float = RECONCILE_SECONDS
+
+
+class WatchdogError(RuntimeError):
+    """The watchdog cannot watch what it was told to (a wrong path, most likely)."""
+
+
+class SessionManager(Protocol):
+    """The part of statemesh.systemd.Logind the watchdog uses."""
+
+    async def list_sessions(self) -> List[Any]: ...
+
+    async def terminate_session(self, session_id: str) -> None: ...
+
+    async def kill_session(self, session_id: str, signal: int) -> None: ...
+
+    def on_session_new(self, callback: Callable[[str], Any]) -> None: ...
+
+
+def log(event: str, **fields: Any) -> None:
+    """One JSON line on stdout (the journal, under systemd)."""
+    print(json.dumps({"event": event, **fields}, sort_keys=False), flush=True)
+
+
+def exempt_unit(cgroup: str, exempt: Tuple[str, ...]) -> Optional[str]:
+    """The exempt unit (service, scope or slice) whose cgroup contains this path, if any."""
+    for part in cgroup.split("/"):
+        if part in exempt:
+            return part
+    return None
+
+
+def spare_reason(process: terminals.Process, cgroup: str, exempt: Tuple[str, ...],
+                 current_grace: Optional[grace.Grace]) -> Optional[str]:
+    """Why a holder must not be killed, or None: the watchdog's whole no-false-kill policy."""
+    if process.pid == os.getpid():
+        return "self"
+    if process.pid == 1:
+        return "init"
+    if process.kernel_thread or process.pid == 2 or process.ppid == 2:
+        return "kernel thread"
+    unit = exempt_unit(cgroup, exempt)
+    if unit:
+        return f"exempt unit {unit}"
+    if current_grace is not None and current_grace.spares(process.sid, cgroup):
+        return "installation grace"
+    return None
+
+
+def session_spared(session: Any, exempt: Tuple[str, ...],
+                   current_grace: Optional[grace.Grace]) -> bool:
+    """Whether a logind session may stay: not a way in (no terminal, seat or remote login),
+    an exempt unit's, or the installing one while the package manager runs."""
+    interactive = bool(session.tty) or bool(session.remote) or session.type in INTERACTIVE_SESSION_TYPES
+    if not interactive:
+        return True
+    if current_grace is not None and current_grace.session == session.id:
+        return True
+    return exempt_unit(session.scope or "", exempt) is not None
+
+
+class Watchdog:
+    """Watches for terminals and ends every one that is not spared."""
+
+    def __init__(self, settings: Settings,
+                 connect: Optional[Callable[[], Awaitable[SessionManager]]] = None):
+        self.settings = settings
+        self.connect = connect
+        self.sessions: Optional[SessionManager] = None
+        self.logind_warned = False
+        if not terminals.is_devpts_mount(settings.devpts):
+            raise WatchdogError(f"{settings.devpts} is not a devpts mount")
+        if not os.path.isdir(settings.dev):
+            raise WatchdogError(f"{settings.dev} is not a directory of terminal devices")
+        self.inotify = Inotify()
+        self.devpts_wd = self.inotify.add_watch(settings.devpts, IN_CREATE)
+        self.dev_wd = self.inotify.add_watch(settings.dev, IN_CREATE)
+        self.tty_wds: Dict[int, str] = {}
+        self.grace_wd = self._watch_grace_directory()
+        self.grace: Optional[grace.Grace] = None
+        self.grace_fd: Optional[int] = None
+        self.tty_rdevs: Set[int] = set()
+        self.killed: Set[Tuple[int, int]] = set()  # SIGKILLed, perhaps not dead yet
+        for name in sorted(os.listdir(settings.dev)):
+            self._watch_tty(name)
+
+    # -- event sources -------------------------------------------------------
+
+    def _watch_grace_directory(self) -> Optional[int]:
+        try:
+            return self.inotify.add_watch(str(self.settings.grace_path.parent), IN_CLOSE_WRITE | IN_MOVED_TO)
+        except FileNotFoundError:
+            return None  # no installation in progress can record a grace without this directory
+
+    def _watch_tty(self, name: str) -> Optional[terminals.Terminal]:
+        if not TTY_NAMES.match(name):
+            return None
+        terminal = terminals.tty_device(os.path.join(self.settings.dev, name))
+        if terminal is None:
+            return None
+        wd = self.inotify.add_watch(terminal.path, IN_OPEN)
+        self.tty_wds[wd] = terminal.path
+        self.tty_rdevs.add(terminal.rdev)
+        return terminal
+
+    def on_inotify(self) -> None:
+        """Turn the queued inotify events into terminals to end, then end them."""
+        found: Dict[terminals.Key, terminals.Terminal] = {}
+        reconcile = False
+        for event in self.inotify.read():
+            terminal: Optional[terminals.Terminal] = None
+            if event.mask & IN_Q_OVERFLOW:
+                reconcile = True
+            elif event.wd == self.devpts_wd:
+                terminal = terminals.pty(self.settings.devpts, event.name)
+            elif event.wd == self.dev_wd:
+                terminal = self._watch_tty(event.name)
+            elif event.wd in self.tty_wds:
+                terminal = terminals.tty_device(self.tty_wds[event.wd])
+            elif event.wd == self.grace_wd and event.name == self.settings.grace_path.name:
+                self.load_grace()
+            if terminal is not None:
+                found[terminal.key] = terminal
+        if reconcile:
+            self.reconcile("overflow")
+        elif found:
+            self.end_terminals(list(found.values()), "inotify")
+
+    def load_grace(self) -> None:
+        """(Re)read the installation grace and wake up when its package manager exits."""
+        if self.grace_fd is not None:
+            asyncio.get_running_loop().remove_reader(self.grace_fd)
+            os.close(self.grace_fd)
+            self.grace_fd = None
+        self.grace = grace.current(self.settings.grace_path)
+        if self.grace is None:
+            return
+        try:
+            self.grace_fd = os.pidfd_open(self.grace.pid)
+        except ProcessLookupError:
+            self.grace = None
+            return
+        if terminals.start_ticks(self.grace.pid) != self.grace.start_ticks:
+            self.load_grace()  # the pid was reused between reading and opening it
+            return
+        log("grace", pid=self.grace.pid, session=self.grace.session, sid=self.grace.sid, tty=self.grace.tty)
+        asyncio.get_running_loop().add_reader(self.grace_fd, self._grace_ended)
+
+    def _grace_ended(self) -> None:
+        log("grace-ended", pid=self.grace.pid if self.grace else None)
+        self.load_grace()
+        self.reconcile("grace-ended")
+        asyncio.get_running_loop().create_task(self.end_sessions())
+
+    # -- ending terminals ----------------------------------------------------
+
+    def _all_terminals(self) -> List[terminals.Terminal]:
+        found = terminals.ptys(self.settings.devpts)
+        for path in self.tty_wds.values():
+            terminal = terminals.tty_device(path)
+            if terminal is not None:
+                found.append(terminal)
+        return found
+
+    def reconcile(self, source: str = "reconcile") -> None:
+        """The safety net: end every terminal in use now, whatever the events said."""
+        self.end_terminals(self._all_terminals(), source)
+
+    def end_terminals(self, wanted: List[terminals.Terminal], source: str) -> None:
+        """SIGKILL every holder that is not spared, pass after pass until none is left."""
+        self.killed = {identity for identity in self.killed
+                       if terminals.start_ticks(identity[0]) == identity[1]}
+        decided = set(self.killed)  # (pid, start) of holders killed or spared
+        sessions: Set[str] = set()
+        for _ in range(MAX_ROUNDS):
+            killed = 0
+            for terminal, process in terminals.holders(wanted, frozenset(self.tty_rdevs)):
+                identity = (process.pid, process.start_ticks)
+                if identity in decided:
+                    continue
+                decided.add(identity)
+                cgroup = terminals.cgroup_path(process.pid)
+                if spare_reason(process, cgroup, self.settings.exempt_units, self.grace):
+                    continue
+                if self._kill(terminal, process, cgroup, source):
+                    self.killed.add(identity)
+                    killed += 1
+                    session = grace.logind_session(cgroup)
+                    if session:
+                        sessions.add(session)
+            if not killed:
+                break
+        for session in sorted(sessions):
+            self._end_session(session, f"held a terminal ({source})")
+
+    def _kill(self, terminal: terminals.Terminal, process: terminals.Process, cgroup: str,
+              source: str) -> bool:
+        """SIGKILL one holder and log it; False if it was already gone."""
+        user, command = terminals.describe(process.pid)
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        ages = [process.age()]
+        if terminal.appeared is not None:
+            ages.append(time.time() - terminal.appeared)
+        log("kill", pid=process.pid, user=user, terminal=terminal.path, command=command,
+            latency_ms=round(max(0.0, min(ages)) * 1000, 3), source=source,
+            session=grace.logind_session(cgroup))
+        return True
+
+    def _end_session(self, session_id: str, why: str) -> None:
+        if self.sessions is None:
+            return
+        asyncio.get_running_loop().create_task(self._terminate(session_id, why))
+
+    async def _terminate(self, session_id: str, why: str) -> None:
+        assert self.sessions is not None
+        try:
+            await self.sessions.kill_session(session_id, signal.SIGKILL)
+            await self.sessions.terminate_session(session_id)
+        except Exception as error:  # noqa: BLE001 - a vanished session or bus must not stop us
+            log("error", what=f"terminating logind session {session_id}", error=str(error))
+            return
+        log("terminate-session", session=session_id, why=why)
+
+    # -- logind --------------------------------------------------------------
+
+    async def _connect_sessions(self) -> None:
+        """Connect to logind if not connected; without it the terminal sources still work."""
+        if self.sessions is not None or self.connect is None:
+            return
+        try:
+            self.sessions = await self.connect()
+        except Exception as error:  # noqa: BLE001 - no bus yet: retried at the next reconcile
+            if not self.logind_warned:
+                log("error", what="connecting to logind", error=str(error))
+                self.logind_warned = True
+            return
+        self.sessions.on_session_new(self.on_session_new)
+        log("logind", connected=True)
+
+    async def end_sessions(self, only: Optional[str] = None) -> None:
+        """Terminate every interactive logind session (or just `only`) that is not spared."""
+        if self.sessions is None:
+            return
+        try:
+            listed = await self.sessions.list_sessions()
+        except Exception as error:  # noqa: BLE001 - logind restarted or the bus went away
+            log("error", what="listing logind sessions", error=str(error))
+            self.sessions = None
+            return
+        for session in listed:
+            if only is not None and session.id != only:
+                continue
+            if not session_spared(session, self.settings.exempt_units, self.grace):
+                log("session", id=session.id, user=session.user, tty=session.tty,
+                    type=session.type, remote=session.remote, leader=session.leader)
+                await self._terminate(session.id, "interactive logind session")
+
+    def on_session_new(self, session_id: str) -> None:
+        asyncio.get_running_loop().create_task(self.end_sessions(session_id))
+
+    # -- main loop -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Arm every source, end what exists already, report ready, then reconcile forever."""
+        asyncio.get_running_loop().add_reader(self.inotify.fileno(), self.on_inotify)
+        self.load_grace()
+        self.reconcile("start")
+        notify_ready()
+        log("ready", devpts=self.settings.devpts, ttys=sorted(self.tty_wds.values()),
+            exempt_units=list(self.settings.exempt_units), pid=os.getpid())
+        while True:
+            await self._connect_sessions()
+            await self.end_sessions()
+            await asyncio.sleep(self.settings.reconcile_seconds)
+            self.reconcile()
+
+
+def notify_ready() -> None:
+    """Tell systemd (Type=notify) that the watches are armed, so a start job means protection."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.sendto(b"READY=1", address)
+
+
+def _reexec() -> None:
+    """SIGHUP (ExecReload): run the code now installed, e.g. after a package upgrade."""
+    log("reexec")
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+async def connect_logind() -> SessionManager:
+    """logind on the system bus (or STATEMESH_DBUS_ADDRESS)."""
+    # Imported here: the terminal sources must keep running even if the D-Bus stack cannot load.
+    from statemesh import systemd
+
+    bus = await systemd.connect()
+    return systemd.Logind(bus)
+
+
+def main(settings: Settings) -> int:
+    """Run until stopped; a stop is possible only at shutdown (RefuseManualStop)."""
+    loop = asyncio.new_event_loop()
+    watchdog = Watchdog(settings, connect_logind if settings.logind else None)
+    loop.add_signal_handler(signal.SIGTERM, loop.stop)
+    loop.add_signal_handler(signal.SIGHUP, _reexec)
+    task = loop.create_task(watchdog.run())
+    task.add_done_callback(lambda _: loop.stop())
+    loop.run_forever()
+    if task.done() and task.exception() is not None:
+        raise task.exception()
+    return 0
+
+
+# -- the guarantee -------------------------------------------------------------------------
+
+# A runtime drop-in lifts RefuseManualStop for purge only; /run is gone at the next boot.
+PURGE_DROPIN = Path(f"/run/systemd/system/{UNIT}.d/50-statemesh-purge.conf")
+SERVICE_INTERFACE = "org.freedesktop.systemd1.Service"
+
+
+class WatchdogGuarantee:
+    """statemesh-watchdog.service is enabled (at every boot) and running now.
+
+    check() reads the kernel's and the filesystem's view (the unit's cgroup, its wants
+    symlink), so that status works even where D-Bus does not; apply() and revert() act
+    through systemd's D-Bus API.
+    """
+
+    name = "watchdog"
+
+    def __init__(self, config: NodeConfig, cgroup_root: Path = Path("/sys/fs/cgroup"),
+                 unit_dir: Path = Path("/etc/systemd/system"), devpts: str = "/dev/pts"):
+        self.config = config
+        self.cgroups = [cgroup_root / "system.slice" / UNIT, cgroup_root / "systemd/system.slice" / UNIT]
+        self.wants = unit_dir / "multi-user.target.wants" / UNIT
+        self.devpts = devpts
+
+    def _pids(self) -> List[int]:
+        for directory in self.cgroups:
+            try:
+                return [int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
+            except OSError:
+                continue
+        return []
+
+    def check(self) -> Finding:
+        pids = self._pids()
+        enabled = self.wants.is_symlink() or self.wants.exists()
+        ptys = len(terminals.ptys(self.devpts)) if os.path.isdir(self.devpts) else 0
+        facts = {"running": bool(pids), "pids": pids, "enabled": enabled, "ptys_now": ptys,
+                 "exempt_units": list(self.config.watchdog_exempt_units)}
+        holds = bool(pids) and enabled
+        if holds:
+            detail = f"{UNIT} running (pid {pids[0]}), enabled at boot, {ptys} pty(s) in use"
+        else:
+            detail = (f"{UNIT} {'running' if pids else 'not running'}, "
+                      f"{'enabled' if enabled else 'not enabled'} at boot")
+        return Finding(self.name, holds, detail, facts)
+
+    def apply(self, journal: Any) -> None:
+        asyncio.run(_start())
+        journal.record("watchdog-started", unit=UNIT)
+
+    def revert(self, record: Dict[str, Any]) -> None:
+        del record  # the unit is the package's own: there is nothing of the operator's to restore
+        PURGE_DROPIN.parent.mkdir(parents=True, exist_ok=True)
+        PURGE_DROPIN.write_text("[Unit]\nRefuseManualStop=no\n", encoding="utf-8")
+        try:
+            asyncio.run(_stop())
+        finally:
+            PURGE_DROPIN.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                PURGE_DROPIN.parent.rmdir()
+
+
+async def _start() -> None:
+    """Enable and start it; a running one re-executes itself into the code just installed."""
+    from statemesh import systemd
+
+    bus = await systemd.connect()
+    try:
+        manager = systemd.Systemd(bus)
+        await manager.enable_unit_files([UNIT])
+        await manager.reload()
+        if await manager.get_active_state(UNIT) == "active":
+            pid = await manager.get_unit_property(UNIT, SERVICE_INTERFACE, "MainPID")
+            os.kill(int(getattr(pid, "value", pid)), signal.SIGHUP)
+        else:
+            await manager.start_unit(UNIT)
+    finally:
+        bus.disconnect()
+
+
+async def _stop() -> None:
+    from statemesh import systemd
+
+    bus = await systemd.connect()
+    try:
+        manager = systemd.Systemd(bus)
+        await manager.reload()
+        await manager.stop_unit(UNIT)
+        await manager.disable_unit_files([UNIT])
+        PURGE_DROPIN.unlink(missing_ok=True)
+        await manager.reload()
+    finally:
+        bus.disconnect()

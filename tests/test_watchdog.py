@@ -1,0 +1,324 @@
+"""The terminal watchdog on the host: only inside private devpts namespaces, with our own processes.
+
+The scenarios (tests/watchdog_scenarios.py) run the real `statemesh-node watchdog` in a
+private mount namespace whose /dev/pts is a new devpts instance (tests/private_devpts.py),
+with an empty terminal-device directory and no logind, so no terminal or session of this
+host can be seen or touched. The policy and parsing are tested directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from statemesh import config, grace, inotify, terminals, watchdog
+from tests.private_devpts import ROOT, run_scenario
+
+SCENARIOS = "tests.watchdog_scenarios"
+
+
+def kills(log) -> list:
+    return [line for line in log if line["event"] == "kill"]
+
+
+# -- end to end, in a private devpts ------------------------------------------------------
+
+
+def test_pty_holders_are_killed_and_logged_and_a_plain_process_lives() -> None:
+    result = run_scenario(f"{SCENARIOS}:terminals_are_ended")
+    assert result["signals"] == [9, 9, 9]
+    assert result["orphans_left"] == []
+    assert result["plain_alive"] and result["watchdog_alive"]
+    logged = kills(result["log"])
+    assert sorted(line["pid"] for line in logged) == sorted(result["holders"])
+    assert {line["source"] for line in logged} == {"inotify"}
+    for line in logged:
+        assert set(line) >= {"pid", "user", "terminal", "command", "latency_ms"}
+        assert line["user"] == "root" and line["terminal"].startswith("/tmp/sm-devpts-")
+        assert "tests.watchdog_scenarios" in line["command"] and line["latency_ms"] >= 0
+
+
+def test_terminals_open_before_start_are_ended_even_a_controlling_tty_without_fds() -> None:
+    result = run_scenario(f"{SCENARIOS}:existing_terminals_at_start")
+    assert result["holder"] == 9 and result["ctty_parent"] == 9 and result["forking"] == 9
+    assert len(result["ctty_children"]) == 1 and len(result["grandchildren"]) == 1
+    assert result["children_left"] == []
+    killed = {line["pid"] for line in kills(result["log"])}
+    # the child ignores SIGHUP: only the watchdog (by TIOCGSID) can have ended it
+    assert result["ctty_children"][0] in killed
+    # the forked holder's child, in a session of its own with the pty as controlling tty
+    assert result["grandchildren"][0] in killed
+    assert {line["source"] for line in kills(result["log"])} == {"start"}
+
+
+def test_watchdog_cannot_see_the_hosts_devpts_nor_another_instance() -> None:
+    host_devpts = os.stat("/dev/pts").st_dev
+    result = run_scenario(f"{SCENARIOS}:other_devpts_instance_is_invisible",
+                          {"host_devpts_dev": host_devpts})
+    # inside the namespace /dev/pts is the private instance, not the host's
+    assert result["namespace_devpts_dev"] == result["watched_devpts_dev"] != host_devpts
+    # a pty with the very same index and device number in another instance (as the host's
+    # /dev/pts/0 would be) is held, as controlling tty and fd, by a process that survives
+    assert result["other_index"] == 0 and result["other_rdev"] == terminals.pty_rdev(0)
+    assert result["ours_signal"] == 9
+    assert result["other_alive"]
+    assert all(line["terminal"].startswith("/tmp/sm-devpts-") for line in kills(result["log"]))
+
+
+def test_installing_session_is_spared_until_the_package_manager_exits() -> None:
+    result = run_scenario(f"{SCENARIOS}:installation_grace")
+    assert result["outsider"] == 9
+    assert result["spared_while_installing"]
+    assert result["leader_after_install"] == 9
+    events = [line["event"] for line in result["log"]]
+    assert events.index("grace") < events.index("grace-ended")
+    last_kill = kills(result["log"])[-1]
+    assert last_kill["source"] == "grace-ended"
+
+
+def test_logind_sessions_are_terminated_unless_spared() -> None:
+    result = run_scenario(f"{SCENARIOS}:logind_sessions")
+    assert result["ended"] == ["2", "3", "4", "6"]
+    assert result["calls"][:2] == [["kill", "2", 9], ["terminate", "2"]]
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["/usr/bin/python3", "-m", "statemesh.cli", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+
+
+def test_cli_refuses_a_directory_that_is_not_devpts(tmp_path: Path) -> None:
+    done = _cli("--config", str(tmp_path / "none.conf"), "watchdog", "--devpts", str(tmp_path),
+                "--dev", str(tmp_path), "--no-logind")
+    assert done.returncode == 1
+    assert f"{tmp_path} is not a devpts mount" in done.stderr
+
+
+def test_cli_refuses_a_missing_terminal_device_directory(tmp_path: Path) -> None:
+    done = _cli("--config", str(tmp_path / "none.conf"), "watchdog", "--devpts", "/dev/pts",
+                "--dev", str(tmp_path / "missing"), "--no-logind")
+    assert done.returncode == 1
+    assert "is not a directory of terminal devices" in done.stderr
+
+
+def test_cli_reports_an_exemption_that_would_exempt_logins(tmp_path: Path) -> None:
+    conf = tmp_path / "node.conf"
+    conf.write_text("Watchdog-Exempt-Units: workload.service user.slice\n")
+    done = _cli("--config", str(conf), "watchdog", "--no-logind")
+    assert done.returncode == 2
+    assert f"{conf}:1: Watchdog-Exempt-Units: 'user.slice' holds logins" in done.stderr
+
+
+# -- policy --------------------------------------------------------------------------------
+
+
+def process(pid: int = 4242, ppid: int = 100, sid: int = 4242, kernel: bool = False) -> terminals.Process:
+    return terminals.Process(pid, ppid, sid, terminals.pty_rdev(3), kernel, 1000, frozenset())
+
+
+@pytest.mark.parametrize("proc, reason", [
+    (process(pid=os.getpid()), "self"),
+    (process(pid=1, ppid=0), "init"),
+    (process(pid=57, ppid=2, kernel=True), "kernel thread"),
+    (process(ppid=2), "kernel thread"),
+])
+def test_never_kills_itself_init_or_kernel_threads(proc, reason) -> None:
+    assert watchdog.spare_reason(proc, "/", (), None) == reason
+
+
+def test_exempt_units_match_any_component_of_the_cgroup() -> None:
+    exempt = ("workload.service", "machine.slice")
+    assert watchdog.spare_reason(process(), "/system.slice/workload.service", exempt, None) \
+        == "exempt unit workload.service"
+    assert watchdog.spare_reason(process(), "/machine.slice/c1.scope/payload", exempt, None) \
+        == "exempt unit machine.slice"
+    assert watchdog.spare_reason(process(), "/system.slice/workload2.service", exempt, None) is None
+    assert watchdog.spare_reason(process(), "/user.slice/user-0.slice/session-3.scope", exempt, None) is None
+
+
+def test_grace_spares_only_the_installing_session() -> None:
+    by_logind = grace.Grace(pid=10, start_ticks=1, session="7", sid=99, tty="/dev/pts/0")
+    in_session = "/user.slice/user-0.slice/session-7.scope"
+    assert watchdog.spare_reason(process(sid=5), in_session, (), by_logind) == "installation grace"
+    assert watchdog.spare_reason(process(sid=99), "/user.slice/user-0.slice/session-17.scope", (),
+                                 by_logind) is None
+    by_sid = grace.Grace(pid=10, start_ticks=1, session=None, sid=99, tty=None)
+    assert watchdog.spare_reason(process(sid=99), "/system.slice/agent.service", (), by_sid) \
+        == "installation grace"
+    assert watchdog.spare_reason(process(sid=98), "/system.slice/agent.service", (), by_sid) is None
+
+
+@dataclasses.dataclass
+class FakeSession:
+    id: str
+    type: str = "unspecified"
+    tty: str = ""
+    remote: bool = False
+    scope: str = ""
+    user: str = "root"
+    leader: int = 1
+
+
+def test_sessions_spared_are_those_without_a_way_in_exempt_or_installing() -> None:
+    installing = grace.Grace(pid=10, start_ticks=1, session="9", sid=9, tty=None)
+    assert watchdog.session_spared(FakeSession("1", type="unspecified"), (), None)
+    assert not watchdog.session_spared(FakeSession("2", tty="tty1"), (), None)
+    assert not watchdog.session_spared(FakeSession("3", remote=True), (), None)
+    assert not watchdog.session_spared(FakeSession("4", type="wayland"), (), None)
+    assert watchdog.session_spared(FakeSession("9", type="tty", tty="pts/0"), (), installing)
+    assert watchdog.session_spared(FakeSession("5", remote=True, scope="wl.scope"), ("wl.scope",), None)
+
+
+@pytest.mark.parametrize("unit", ["user.slice", "system.slice", "-.slice", "session-4.scope",
+                                  "getty@tty1.service", "serial-getty@ttyS0.service",
+                                  "ssh.service", "run-u42.service", "container-shell@1.service",
+                                  "user@0.service", "statemesh-watchdog.service"])
+def test_config_refuses_exemptions_that_would_exempt_logins(unit: str) -> None:
+    with pytest.raises(config.ConfigError, match="Watchdog-Exempt-Units: .* holds logins"):
+        config.parse(f"Watchdog-Exempt-Units: {unit}\n")
+
+
+def test_config_accepts_workload_units() -> None:
+    parsed = config.parse("Watchdog-Exempt-Units: workload.service machine.slice pod-1.scope\n")
+    assert parsed.watchdog_exempt_units == ("workload.service", "machine.slice", "pod-1.scope")
+
+
+# -- reading /proc ---------------------------------------------------------------------------
+
+
+def test_systemd_cgroup_path_from_unified_and_hybrid_hierarchies() -> None:
+    assert terminals.systemd_cgroup("0::/system.slice/a.service\n") == "/system.slice/a.service"
+    hybrid = "12:memory:/x\n1:name=systemd:/user.slice/user-0.slice/session-2.scope\n0::/\n"
+    assert terminals.systemd_cgroup(hybrid) == "/user.slice/user-0.slice/session-2.scope"
+    assert grace.logind_session(terminals.systemd_cgroup(hybrid)) == "2"
+    assert grace.logind_session("/system.slice/a.service") is None
+
+
+def test_pty_device_numbers_follow_the_kernel() -> None:
+    assert terminals.pty_rdev(0) == os.makedev(136, 0)
+    assert terminals.pty_rdev(300) == os.makedev(137, 44)
+
+
+def test_only_character_devices_are_terminals(tmp_path: Path) -> None:
+    (tmp_path / "ttyS0").write_text("")
+    (tmp_path / "7").write_text("")
+    assert terminals.tty_device(str(tmp_path / "ttyS0")) is None
+    assert terminals.tty_device("/dev/null") is not None  # a char device: callers filter names
+    assert terminals.pty(str(tmp_path), "7") is None
+    assert terminals.pty(str(tmp_path), "ptmx") is None
+    assert not terminals.is_devpts_mount(str(tmp_path))
+
+
+def test_inotify_reports_creations_and_opens(tmp_path: Path) -> None:
+    watcher = inotify.Inotify()
+    try:
+        directory = watcher.add_watch(str(tmp_path), inotify.IN_CREATE)
+        (tmp_path / "tty7").write_text("")
+        opened = watcher.add_watch(str(tmp_path / "tty7"), inotify.IN_OPEN)
+        (tmp_path / "tty7").read_text()
+        events = watcher.read()
+        assert inotify.Event(directory, inotify.IN_CREATE, "tty7") in events
+        assert inotify.Event(opened, inotify.IN_OPEN, "") in events
+        assert watcher.read() == []
+        with pytest.raises(OSError, match="inotify_add_watch .*missing"):
+            watcher.add_watch(str(tmp_path / "missing"), inotify.IN_OPEN)
+    finally:
+        watcher.close()
+
+
+# -- installation grace record ----------------------------------------------------------------
+
+
+def _sleeper(tmp_path: Path, name: str) -> subprocess.Popen:
+    """A process named `name` (a script, as apt-get's stand-in) whose child sleeps."""
+    script = tmp_path / name
+    script.write_text("#!/bin/sh\nsleep 60 &\nwait\n")
+    script.chmod(0o755)
+    return subprocess.Popen([str(script)], start_new_session=True)
+
+
+def _child_of(pid: int) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.02)
+    raise AssertionError("no child")
+
+
+def test_grace_records_the_topmost_package_manager_and_ends_with_it(tmp_path: Path) -> None:
+    manager = _sleeper(tmp_path, "apt-get")
+    try:
+        record = tmp_path / "run" / "install-grace.json"
+        grace.record_installer(_child_of(manager.pid), record)
+        saved = json.loads(record.read_text())
+        assert saved["pid"] == manager.pid and saved["sid"] == manager.pid
+        current: Optional[grace.Grace] = grace.current(record)
+        assert current is not None and current.pid == manager.pid and current.session is None
+    finally:
+        os.killpg(manager.pid, 9)
+        manager.wait()
+    assert grace.current(record) is None
+
+
+def test_grace_without_a_package_manager_records_the_caller(tmp_path: Path) -> None:
+    other = _sleeper(tmp_path, "not-a-package-manager")
+    try:
+        child = _child_of(other.pid)
+        grace.record_installer(child, tmp_path / "g.json")
+        assert json.loads((tmp_path / "g.json").read_text())["pid"] == child
+    finally:
+        os.killpg(other.pid, 9)
+        other.wait()
+
+
+@pytest.mark.parametrize("text", ["", "not json", "[]", '{"pid": "x"}',
+                                  '{"pid": 1, "start_ticks": 0, "session": null, "sid": 1, "tty": null}'])
+def test_grace_is_none_for_a_bad_or_stale_record(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "g.json"
+    path.write_text(text)
+    assert grace.current(path) is None
+    assert grace.current(tmp_path / "missing.json") is None
+
+
+# -- the guarantee -----------------------------------------------------------------------------
+
+
+def _guarantee(tmp_path: Path, pids: str, enabled: bool) -> watchdog.WatchdogGuarantee:
+    cgroup = tmp_path / "cgroup" / "system.slice" / watchdog.UNIT
+    cgroup.mkdir(parents=True)
+    (cgroup / "cgroup.procs").write_text(pids)
+    wants = tmp_path / "units" / "multi-user.target.wants"
+    wants.mkdir(parents=True)
+    if enabled:
+        (wants / watchdog.UNIT).symlink_to(f"/usr/lib/systemd/system/{watchdog.UNIT}")
+    return watchdog.WatchdogGuarantee(config.NodeConfig(), tmp_path / "cgroup", tmp_path / "units",
+                                      devpts=str(tmp_path / "no-devpts"))
+
+
+def test_guarantee_holds_when_the_unit_runs_and_is_enabled(tmp_path: Path) -> None:
+    finding = _guarantee(tmp_path, "1234\n", enabled=True).check()
+    assert finding.holds and finding.name == "watchdog"
+    assert finding.facts["pids"] == [1234] and "running (pid 1234)" in finding.detail
+
+
+@pytest.mark.parametrize("pids, enabled, detail", [
+    ("", True, "not running, enabled at boot"),
+    ("77\n", False, "running, not enabled at boot"),
+])
+def test_guarantee_fails_when_stopped_or_not_enabled(tmp_path: Path, pids: str, enabled: bool,
+                                                     detail: str) -> None:
+    finding = _guarantee(tmp_path, pids, enabled).check()
+    assert not finding.holds and finding.detail.endswith(detail)

@@ -1,0 +1,347 @@
+"""Scenarios of tests/test_watchdog.py, run by tests.private_devpts inside a private devpts.
+
+Each function starts the real watchdog (`statemesh-node watchdog` pointed at the private
+devpts, an empty terminal-device directory and no logind) and processes of its own, and
+returns what happened to them as JSON for the test to judge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+from statemesh import grace
+from statemesh.watchdog import Settings, Watchdog
+
+WAIT_SECONDS = 30.0
+
+
+@contextlib.contextmanager
+def watchdog(devpts: str, exempt_units: str = "") -> Iterator[Dict[str, Any]]:
+    """The watchdog CLI as systemd would run it (Type=notify): yields once it reports ready."""
+    work = Path(tempfile.mkdtemp(prefix="sm-watchdog-"))
+    (work / "dev").mkdir()
+    (work / "run").mkdir()
+    conf = work / "node.conf"
+    conf.write_text(f"Watchdog-Exempt-Units: {exempt_units}\n" if exempt_units else "")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(work / "notify"))
+    log = open(work / "log", "w+")
+    process = subprocess.Popen(
+        ["/usr/bin/python3", "-m", "statemesh.cli", "--config", str(conf), "watchdog",
+         "--devpts", devpts, "--dev", str(work / "dev"),
+         "--grace-file", str(work / "run" / "install-grace.json"), "--no-logind"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env={**os.environ, "NOTIFY_SOCKET": str(work / "notify")},
+    )
+    ready, _, _ = select.select([notify], [], [], WAIT_SECONDS)
+    if not ready or notify.recv(64) != b"READY=1":
+        process.kill()
+        raise RuntimeError(f"watchdog not ready: {(work / 'log').read_text()}")
+    state: Dict[str, Any] = {"process": process, "grace": work / "run" / "install-grace.json",
+                             "log_path": work / "log"}
+    try:
+        yield state
+    finally:
+        state["alive_at_end"] = process.poll() is None
+        process.kill()
+        process.wait()
+        log.seek(0)
+        state["log"] = [json.loads(line) for line in log if line.startswith("{")]
+
+
+def logged_kills(state: Dict[str, Any], pids: List[int]) -> None:
+    """Wait until the watchdog has logged the kill of each of `pids` (it logs after killing)."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        lines = [json.loads(line) for line in state["log_path"].read_text().splitlines()
+                 if line.startswith("{")]
+        if set(pids) <= {line["pid"] for line in lines if line["event"] == "kill"}:
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"kills of {pids} not logged")
+
+
+def fork_child(child) -> int:
+    """Run `child()` in a forked process that never returns into the scenario."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child()
+        finally:
+            os._exit(0)
+    return pid
+
+
+def sleep_forever() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def wait_death(pid: int, timeout: float = WAIT_SECONDS) -> Optional[int]:
+    """The signal that ended child `pid`, 0 for a normal exit, None if still alive after timeout."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if not ready:
+        return None
+    _, status = os.waitpid(pid, 0)
+    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+
+
+def alive(pid: int) -> bool:
+    """Whether child `pid` is alive (not yet a zombie)."""
+    return os.waitpid(pid, os.WNOHANG) == (0, 0)
+
+
+def hold_pty() -> None:
+    os.openpty()
+    sleep_forever()
+
+
+def _hold_pty_and_fork() -> None:
+    """Open a pty, hand its slave to a grandchild in a new session (its controlling tty)."""
+    master, slave = os.openpty()
+    if os.fork() == 0:
+        os.setsid()
+        os.close(master)
+        os.close(os.open(os.ttyname(slave), os.O_RDWR))  # acquires the controlling tty
+        sleep_forever()
+    sleep_forever()
+
+
+def _ctty_only() -> None:
+    """A session whose controlling tty is a pty it holds no fd on (TIOCGSID must find it)."""
+    master, slave = os.openpty()
+    read_end, write_end = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # survives the hangup of its master
+        name = os.ttyname(slave)
+        os.close(master)
+        os.close(slave)
+        os.close(os.open(name, os.O_RDWR))
+        os.write(write_end, str(os.getpid()).encode())
+        sleep_forever()
+    os.close(slave)
+    os.read(read_end, 32)
+    sleep_forever()
+
+
+def terminals_are_ended(devpts: str) -> Dict[str, Any]:
+    """Pty holders die one after another, the pty goes; a plain process lives on."""
+    plain = fork_child(sleep_forever)
+    with watchdog(devpts) as state:
+        holders = [fork_child(hold_pty) for _ in range(3)]
+        signals = [wait_death(holder) for holder in holders]
+        logged_kills(state, holders)
+        orphans_left = _orphans_with_ptys(devpts)
+        plain_alive = alive(plain)
+    os.kill(plain, signal.SIGKILL)
+    return {"signals": signals, "orphans_left": orphans_left, "plain_alive": plain_alive,
+            "watchdog_alive": state["alive_at_end"], "log": state["log"], "holders": holders}
+
+
+def _orphans_with_ptys(devpts: str) -> List[str]:
+    """The ptys still in existence after their holders were killed (a node lives as long as a master)."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        left = [name for name in os.listdir(devpts) if name.isdigit()]
+        if not left:
+            return []
+        time.sleep(0.05)
+    return left
+
+
+def existing_terminals_at_start(devpts: str) -> Dict[str, Any]:
+    """Terminals opened before the watchdog starts, a controlling-tty-only session included."""
+    holder = fork_child(hold_pty)
+    ctty_parent = fork_child(_ctty_only)
+    forking = fork_child(_hold_pty_and_fork)
+    time.sleep(0.5)  # let all set up their terminals before the watchdog exists
+    ctty_children = _session_members_of_children(ctty_parent)
+    grandchildren = _session_members_of_children(forking)
+    with watchdog(devpts) as state:
+        holder_signal = wait_death(holder)
+        parent_signal = wait_death(ctty_parent)
+        forking_signal = wait_death(forking)
+        children_left = [pid for pid in ctty_children + grandchildren if _exists(pid)]
+        logged_kills(state, [holder, ctty_parent, forking, *ctty_children, *grandchildren])
+    return {"holder": holder_signal, "ctty_parent": parent_signal, "forking": forking_signal,
+            "ctty_children": ctty_children, "grandchildren": grandchildren,
+            "children_left": children_left, "log": state["log"]}
+
+
+def _children(pid: int) -> List[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        return [int(word) for word in handle.read().split()]
+
+
+def _session_members_of_children(pid: int) -> List[int]:
+    return [child for child in _children(pid) if os.getsid(child) == child]
+
+
+def _exists(pid: int) -> bool:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                if handle.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    return False
+        except FileNotFoundError:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def other_devpts_instance_is_invisible(devpts: str, host_devpts_dev: int) -> Dict[str, Any]:
+    """Another devpts (as the host's is) with the same pty index: its holder is never touched."""
+    other = tempfile.mkdtemp(prefix="sm-other-devpts-")
+    subprocess.run(["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0666", "devpts", other],
+                   check=True)
+    ready_r, ready_w = os.pipe()
+
+    def hold_other() -> None:
+        os.setsid()
+        master = os.open(f"{other}/ptmx", os.O_RDWR | os.O_NOCTTY)
+        fcntl.ioctl(master, 0x40045431, struct.pack("i", 0))  # TIOCSPTLCK: unlock
+        index = struct.unpack("i", fcntl.ioctl(master, 0x80045430, b"\0" * 4))[0]  # TIOCGPTN
+        slave = os.open(f"{other}/{index}", os.O_RDWR)  # no O_NOCTTY: its controlling tty
+        os.write(ready_w, json.dumps([index, os.stat(f"{other}/{index}").st_rdev]).encode())
+        del slave
+        sleep_forever()
+
+    other_holder = fork_child(hold_other)
+    other_index, other_rdev = json.loads(os.read(ready_r, 64))
+    with watchdog(devpts) as state:
+        ours = fork_child(hold_pty)
+        ours_signal = wait_death(ours)
+        logged_kills(state, [ours])
+        other_alive = alive(other_holder)
+    os.kill(other_holder, signal.SIGKILL)
+    os.waitpid(other_holder, 0)
+    return {
+        "namespace_devpts_dev": os.stat("/dev/pts").st_dev,
+        "watched_devpts_dev": os.stat(devpts).st_dev,
+        "host_devpts_dev": host_devpts_dev,
+        "other_index": other_index, "other_rdev": other_rdev,
+        "ours_signal": ours_signal, "other_alive": other_alive, "log": state["log"],
+    }
+
+
+def installation_grace(devpts: str) -> Dict[str, Any]:
+    """The installing session keeps its terminal while the package manager lives, not after."""
+    to_scenario_r, to_scenario_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def installing_session() -> None:
+        os.setsid()
+        manager = subprocess.Popen(["sleep", "300"])  # stands in for apt, in this session
+        os.write(to_scenario_w, str(manager.pid).encode())
+        os.read(go_r, 1)
+        os.openpty()
+        os.write(to_scenario_w, b"pty")
+        sleep_forever()
+
+    with watchdog(devpts) as state:
+        session_leader = fork_child(installing_session)
+        manager_pid = int(os.read(to_scenario_r, 32))
+        grace.record_installer(manager_pid, state["grace"])
+        time.sleep(0.2)  # the watchdog reads the record on inotify
+        os.write(go_w, b"g")
+        os.read(to_scenario_r, 3)
+        outsider = fork_child(hold_pty)
+        outsider_signal = wait_death(outsider)
+        spared_while_installing = alive(session_leader)
+        os.kill(manager_pid, signal.SIGKILL)
+        leader_signal = wait_death(session_leader)
+        logged_kills(state, [outsider, session_leader])
+    return {"outsider": outsider_signal, "spared_while_installing": spared_while_installing,
+            "leader_after_install": leader_signal, "log": state["log"]}
+
+
+@dataclasses.dataclass
+class FakeSession:
+    """A logind session as statemesh.systemd.Logind lists it."""
+
+    id: str
+    type: str = "unspecified"
+    tty: str = ""
+    remote: bool = False
+    scope: str = ""
+    user: str = "root"
+    leader: int = 1
+
+
+class FakeLogind:
+    """Records what the watchdog asks of logind, instead of asking this host's."""
+
+    def __init__(self, sessions: List[FakeSession]):
+        self.sessions = sessions
+        self.calls: List[List[Any]] = []
+        self.callback: Optional[Callable[[str], Any]] = None
+
+    async def list_sessions(self) -> List[FakeSession]:
+        return list(self.sessions)
+
+    async def terminate_session(self, session_id: str) -> None:
+        self.calls.append(["terminate", session_id])
+
+    async def kill_session(self, session_id: str, signal_number: int) -> None:
+        self.calls.append(["kill", session_id, signal_number])
+
+    def on_session_new(self, callback: Callable[[str], Any]) -> None:
+        self.callback = callback
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.01)
+
+
+def logind_sessions(devpts: str) -> Dict[str, Any]:
+    """Interactive sessions (listed at start, or announced by SessionNew) are ended, others not."""
+    work = Path(tempfile.mkdtemp(prefix="sm-logind-"))
+    settings = Settings(devpts=devpts, dev=str(work), grace_path=work / "grace.json",
+                        exempt_units=("workload.scope",))
+    fake = FakeLogind([
+        FakeSession("1"),  # a background session: no terminal, not remote
+        FakeSession("2", type="tty", tty="tty1"),
+        FakeSession("3", remote=True),
+        FakeSession("4", type="x11"),
+        FakeSession("5", remote=True, scope="workload.scope"),
+    ])
+
+    async def connect() -> FakeLogind:
+        return fake
+
+    async def scenario() -> None:
+        task = asyncio.get_running_loop().create_task(Watchdog(settings, connect).run())
+        await _until(lambda: fake.callback is not None and len(fake.calls) == 6)
+        fake.sessions.append(FakeSession("6", type="tty", tty="pts/4"))
+        assert fake.callback is not None
+        fake.callback("6")
+        await _until(lambda: len(fake.calls) == 8)
+        task.cancel()
+
+    asyncio.run(scenario())
+    ended = [call[1] for call in fake.calls if call[0] == "terminate"]
+    return {"ended": ended, "calls": fake.calls}
