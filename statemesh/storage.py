@@ -169,6 +169,22 @@ def parse_crypt_status(text: str) -> Dict[str, str]:
     return fields
 
 
+def table_key_bits(table: str) -> int:
+    """Key size of a dm-crypt table line (`dmsetup table`, keys hidden or in the keyring).
+
+    `cryptsetup status` derives the key size from the LUKS2 keyslots, which we erased, so
+    it says 0; the kernel's table is the truth: `:64:logon:...` for a key in the kernel
+    keyring, otherwise the key as hex digits (zeros unless --showkeys).
+    """
+    fields = table.split()
+    if len(fields) < 5 or fields[2] != "crypt":
+        raise ValueError(f"not a dm-crypt table: {table!r}")
+    key = fields[4]
+    if key.startswith(":"):
+        return int(key.split(":")[1]) * 8
+    return len(key) * 4
+
+
 def count_keyslots(luks_dump: str) -> int:
     """Number of keyslots in `cryptsetup luksDump` output (LUKS2: the Keyslots: section)."""
     count = 0
@@ -445,14 +461,17 @@ class Storage:
             slots = count_keyslots(self._output("cryptsetup", "luksDump", device))
         except CommandError as error:
             return Finding(self.name, False, f"cannot read the LUKS header of {device}: {error}", facts)
+        try:
+            key_bits = table_key_bits(self._output("dmsetup", "table", self.layout.mapper))
+        except (CommandError, ValueError) as error:
+            return Finding(self.name, False, f"cannot read the dm-crypt table: {error}", facts)
         sectors = status.get("size", "0").split()[0]
         facts.update(device=device, loop_file=status.get("loop"), type=status.get("type"),
-                     cipher=status.get("cipher"), key_size=status.get("keysize"),
-                     active_keyslots=slots,
+                     cipher=status.get("cipher"), key_bits=key_bits, active_keyslots=slots,
                      size=int(sectors) * 512 if sectors.isdigit() else None)
         problems = []
-        if status.get("type") != "LUKS2" or status.get("cipher") != CIPHER or status.get("keysize") != "512 bits":
-            problems.append(f"volume is {status.get('type')} {status.get('cipher')} {status.get('keysize')}")
+        if (status.get("type"), status.get("cipher"), key_bits) != ("LUKS2", CIPHER, KEY_BYTES * 8):
+            problems.append(f"volume is {status.get('type')} {status.get('cipher')} {key_bits}-bit")
         if slots:
             problems.append(f"{slots} active keyslot(s): the key could be recovered from the disk")
         if mounted is None:

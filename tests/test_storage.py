@@ -361,6 +361,15 @@ def test_cryptsetup_status_and_mountinfo_are_parsed():
     assert storage.find_mount(mountinfo, Path("/srv")) is None
 
 
+def test_the_key_size_is_read_from_the_kernels_table_whether_keyring_or_hex():
+    keyring = "0 2048 crypt aes-xts-plain64 :64:logon:cryptsetup:3f2a-d0 0 7:0 32768 1 sector_size:4096"
+    assert storage.table_key_bits(keyring) == 512
+    hidden = "0 2048 crypt aes-xts-plain64 " + "0" * 128 + " 0 7:0 32768"
+    assert storage.table_key_bits(hidden) == 512
+    with pytest.raises(ValueError, match="not a dm-crypt table"):
+        storage.table_key_bits("0 2048 linear 7:0 0")
+
+
 def test_status_reports_a_volume_that_is_not_set_up(layout, fakes):
     finding = storage.Storage(config.NodeConfig(), layout).check()
     assert not finding.holds and "/dev/mapper/statemesh-test is not set up" in finding.detail
