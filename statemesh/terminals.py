@@ -226,6 +226,16 @@ def _ctty_instance(process: Process) -> int:
     return _pts_instance_of(process.pid)
 
 
+def controlling_ttys() -> Set[int]:
+    """The device numbers of every controlling tty in use: one read per process, no fd scan."""
+    found = set()
+    for pid in _pids():
+        fields = _read_stat(pid)
+        if fields is not None and fields[2]:
+            found.add(fields[2])
+    return found
+
+
 def is_holder(terminal: Terminal, process: Process) -> bool:
     """Whether `process` holds `terminal`: by an open fd, or as its controlling tty."""
     if terminal.key in process.holds:
@@ -267,17 +277,20 @@ def systemd_cgroup(text: str) -> str:
     return legacy
 
 
-def describe(pid: int) -> Tuple[str, str]:
-    """(user, command line) of a process for the kill log; '?' where it is gone."""
+def describe(pid: int) -> Tuple[int, str]:
+    """(uid, command line) of a process for the kill log; (-1, '?') when it is gone."""
     try:
         uid = os.stat(f"/proc/{pid}").st_uid
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             argv = handle.read().split(b"\0")
     except OSError:
-        return "?", "?"
+        return -1, "?"
+    return uid, " ".join(os.fsdecode(arg) for arg in argv if arg) or "?"
+
+
+def user_name(uid: int) -> str:
+    """The user name of a uid, the number when it has none."""
     try:
-        user = pwd.getpwuid(uid).pw_name
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        user = str(uid)
-    command = " ".join(os.fsdecode(arg) for arg in argv if arg) or "?"
-    return user, command
+        return str(uid)

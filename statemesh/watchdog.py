@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from statemesh.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_MOVED_TO, IN_OPEN, I
 
 UNIT = "statemesh-watchdog.service"
 RECONCILE_SECONDS = 10.0
+FULL_SCAN_EVERY = 6  # reconcile rounds: a full scan of every fd once a minute
 # Terminal devices a login can be given on. tty0 and /dev/tty only alias one of these.
 TTY_NAMES = re.compile(r"^(tty[1-9][0-9]*|ttyS[0-9]+|ttyAMA[0-9]+|ttyUSB[0-9]+|ttyACM[0-9]+|hvc[0-9]+|console)$")
 # A kill loop ends when a pass finds no new holder; this bounds a fork bomb's hold on it.
@@ -218,6 +220,18 @@ class Watchdog:
         """The safety net: end every terminal in use now, whatever the events said."""
         self.end_terminals(self._all_terminals(), source)
 
+    def periodic(self, rounds: int) -> Optional[str]:
+        """A cheap check every round (a pty exists, a process has a controlling tty), the
+        full scan of every process's fds on every FULL_SCAN_EVERY-th round or when the cheap
+        check finds something: that keeps the idle watchdog near zero CPU. Returns the kind
+        of reconcile done, if any."""
+        full = rounds % FULL_SCAN_EVERY == 0
+        if not full and not terminals.ptys(self.settings.devpts) and not terminals.controlling_ttys():
+            return None
+        source = "reconcile" if full else "reconcile-check"
+        self.reconcile(source)
+        return source
+
     def end_terminals(self, wanted: List[terminals.Terminal], source: str) -> None:
         """SIGKILL every holder that is not spared, pass after pass until none is left."""
         self.killed = {identity for identity in self.killed
@@ -248,11 +262,12 @@ class Watchdog:
     def _kill(self, terminal: terminals.Terminal, process: terminals.Process, cgroup: str,
               source: str) -> bool:
         """SIGKILL one holder and log it; False if it was already gone."""
-        user, command = terminals.describe(process.pid)
+        uid, command = terminals.describe(process.pid)  # read first: gone once it is dead
         try:
             os.kill(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             return False
+        user = terminals.user_name(uid)
         ages = [process.age()]
         if terminal.appeared is not None:
             ages.append(time.time() - terminal.appeared)
@@ -323,11 +338,11 @@ class Watchdog:
         notify_ready()
         log("ready", devpts=self.settings.devpts, ttys=sorted(self.tty_wds.values()),
             exempt_units=list(self.settings.exempt_units), pid=os.getpid())
-        while True:
+        for rounds in itertools.count(1):
             await self._connect_sessions()
             await self.end_sessions()
             await asyncio.sleep(self.settings.reconcile_seconds)
-            self.reconcile()
+            self.periodic(rounds)
 
 
 def notify_ready() -> None:

@@ -322,3 +322,10 @@ def test_guarantee_fails_when_stopped_or_not_enabled(tmp_path: Path, pids: str, 
                                                      detail: str) -> None:
     finding = _guarantee(tmp_path, pids, enabled).check()
     assert not finding.holds and finding.detail.endswith(detail)
+
+
+def test_periodic_check_ends_what_the_events_missed() -> None:
+    result = run_scenario(f"{SCENARIOS}:periodic_reconcile")
+    assert result["quiet_round"] is None
+    assert result["checked"] == "reconcile-check" and result["holder"] == 9
+    assert result["full_round"] == "reconcile"
