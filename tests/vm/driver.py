@@ -1,0 +1,270 @@
+"""Drive a Debian guest under QEMU (TCG) through a virtio-serial agent, never a terminal.
+
+The product removes SSH, gettys and terminals, so the harness talks to the guest through
+a test-only agent unit on a virtio-serial port (see guest/statemesh-test-agent). Every wait
+has a timeout, and the serial console is kept in a log file that failures quote.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import itertools
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from tests.vm.image import CLEAN_ENV, Image
+from tests.vm import vtpm
+
+BOOT_TIMEOUT = float(os.environ.get("STATEMESH_VM_BOOT_TIMEOUT", "300"))
+BASE_KERNEL_ARGS = "root=LABEL=smroot rw console=ttyS0,115200 systemd.show_status=1"
+
+
+class GuestError(RuntimeError):
+    """The guest did not do what the test needed; the message quotes the console."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Guest:
+    """One guest: a copy-on-write overlay over a cached image, and the QEMU that runs it."""
+
+    def __init__(
+        self,
+        image: Image,
+        workdir: Path,
+        repo_disk: Path,
+        tpm_ca: Optional[vtpm.LocalCa] = None,
+        extra_disks_mib: Sequence[int] = (),
+        kernel_args: str = "",
+        forward_ports: Sequence[int] = (),
+    ):
+        self.image = image
+        self.workdir = workdir
+        self.repo_disk = repo_disk
+        self.kernel_args = kernel_args
+        self.overlay = workdir / "overlay.qcow2"
+        self.console_path = workdir / "console.log"
+        # UNIX socket paths are limited to 108 bytes: keep them in a short private directory.
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="smvm-"))
+        self.agent_path = self.socket_dir / "agent.sock"
+        self.tpm = vtpm.GuestTpm(workdir, self.socket_dir, tpm_ca) if tpm_ca else None
+        self.extra_disks = [workdir / f"extra{i}.raw" for i in range(len(extra_disks_mib))]
+        self.forwards: Dict[int, int] = {port: _free_port() for port in forward_ports}
+        self._ids = itertools.count(1)
+        self._qemu: Optional[subprocess.Popen] = None
+        self._sock: Optional[socket.socket] = None
+        self._buffer = b""
+        self.boot_id = ""
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
+                        "-b", str(image.disk), str(self.overlay)], check=True, env=CLEAN_ENV)
+        for path, size in zip(self.extra_disks, extra_disks_mib):
+            with open(path, "wb") as disk:
+                disk.truncate(size * 1024 * 1024)
+
+    # -- power ---------------------------------------------------------------
+
+    def boot(self, kernel_args: Optional[str] = None) -> None:
+        """Start QEMU (a cold boot) and wait until the agent answers."""
+        if self._qemu and self._qemu.poll() is None:
+            raise GuestError("boot() while the guest is running")
+        if kernel_args is not None:
+            self.kernel_args = kernel_args
+        self._close_socket()
+        self.agent_path.unlink(missing_ok=True)
+        with open(self.console_path, "ab") as console:
+            console.write(f"\n===== harness: boot {' '.join(self.kernel_args.split())}\n".encode())
+        self._qemu = subprocess.Popen(self._qemu_argv(), stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL,
+                                      stderr=open(self.workdir / "qemu.err", "ab"), env=CLEAN_ENV)
+        self._wait_for_agent(previous_boot_id=None)
+
+    def reboot(self, kernel_args: Optional[str] = None) -> None:
+        """A clean reboot; with new kernel arguments it is a shutdown and a cold boot."""
+        if kernel_args is not None and kernel_args != self.kernel_args:
+            self.shutdown()
+            self.boot(kernel_args)
+            return
+        previous = self.boot_id
+        self._send({"op": "run", "cmd": "systemctl reboot", "id": next(self._ids)})
+        self._wait_for_agent(previous_boot_id=previous)
+
+    def shutdown(self, timeout: float = 120) -> None:
+        """A clean power-off from inside the guest; waits for QEMU to exit."""
+        self._send({"op": "run", "cmd": "systemctl poweroff", "id": next(self._ids)})
+        self._wait_exit(timeout)
+
+    def power_off_hard(self) -> None:
+        """Pull the plug: QEMU is killed, whatever the guest was doing."""
+        if self._qemu and self._qemu.poll() is None:
+            self._qemu.send_signal(signal.SIGKILL)
+            self._qemu.wait(30)
+        self._close_socket()
+
+    def close(self) -> None:
+        self.power_off_hard()
+        if self.tpm:
+            self.tpm.stop()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    def _wait_exit(self, timeout: float) -> None:
+        assert self._qemu
+        try:
+            self._qemu.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.power_off_hard()
+            raise self._error(f"guest did not power off within {timeout:.0f} s") from None
+        self._close_socket()
+
+    def _qemu_argv(self) -> List[str]:
+        argv = [
+            "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-machine", "q35",
+            "-cpu", "max", "-smp", "2", "-m", "2048", "-display", "none", "-monitor", "none",
+            "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
+            "-append", f"{BASE_KERNEL_ARGS} {self.kernel_args}".strip(),
+            "-chardev", f"file,id=console,path={self.console_path},append=on",
+            "-serial", "chardev:console",
+            "-drive", f"file={self.overlay},if=virtio,format=qcow2,cache=unsafe",
+            "-drive", f"file={self.repo_disk},if=virtio,format=raw,readonly=on",
+            "-device", "virtio-rng-pci",
+            "-device", "virtio-serial-pci,id=vser",
+            "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
+            "-device", "virtserialport,bus=vser.0,chardev=agent,name=org.statemesh.agent",
+            "-netdev", "user,id=net0,restrict=on" + "".join(
+                f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in self.forwards.items()),
+            "-device", "virtio-net-pci,netdev=net0",
+        ]
+        for index, disk in enumerate(self.extra_disks):
+            argv += ["-drive", f"file={disk},if=none,id=extra{index},format=raw,cache=unsafe",
+                     "-device", f"virtio-blk-pci,drive=extra{index},serial=extra{index}"]
+        if self.tpm:
+            argv += self.tpm.qemu_args()
+        return argv
+
+    # -- the agent -----------------------------------------------------------
+
+    def _wait_for_agent(self, previous_boot_id: Optional[str]) -> None:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._qemu is None or self._qemu.poll() is not None:
+                raise self._error("QEMU exited while waiting for the guest to boot")
+            try:
+                reply = self._request({"op": "ping"}, timeout=3)
+            except (OSError, TimeoutError):
+                self._close_socket()
+                time.sleep(1)
+                continue
+            if reply.get("boot_id") and reply["boot_id"] != previous_boot_id:
+                self.boot_id = reply["boot_id"]
+                return
+            time.sleep(1)
+        raise self._error(f"guest agent did not answer within {BOOT_TIMEOUT:.0f} s")
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(self.agent_path))
+            self._sock, self._buffer = sock, b""
+        return self._sock
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _send(self, request: dict) -> None:
+        self._connect().sendall((json.dumps(request) + "\n").encode())
+
+    def _request(self, request: dict, timeout: float) -> dict:
+        request = dict(request, id=next(self._ids))
+        self._send(request)
+        sock = self._connect()
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\n", 1)
+                try:
+                    reply = json.loads(line)
+                except ValueError:
+                    continue
+                if reply.get("id") == request["id"]:
+                    if "error" in reply:
+                        raise GuestError(f"agent: {reply['error']}")
+                    return reply
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no answer from the guest agent within {timeout:.0f} s")
+            sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(1 << 20)
+            except socket.timeout:
+                raise TimeoutError(f"no answer from the guest agent within {timeout:.0f} s") from None
+            if not chunk:
+                self._close_socket()
+                raise ConnectionError("agent socket closed")
+            self._buffer += chunk
+
+    # -- what tests use ------------------------------------------------------
+
+    def run(self, cmd: str, timeout: float = 120, check: bool = True,
+            env: Optional[Dict[str, str]] = None) -> Result:
+        """Run a shell command as root in the guest (not in a terminal)."""
+        reply = self._request({"op": "run", "cmd": cmd, "timeout": timeout, "env": env or {}},
+                              timeout=timeout + 30)
+        result = Result(reply["returncode"], reply["stdout"], reply["stderr"])
+        if check and result.returncode != 0:
+            raise GuestError(f"guest command failed ({result.returncode}): {cmd}\n"
+                             f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
+        return result
+
+    def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self._request({"op": "put", "path": path, "mode": mode,
+                       "data": base64.b64encode(data).decode()}, timeout=60)
+
+    def get(self, path: str) -> bytes:
+        return base64.b64decode(self._request({"op": "get", "path": path}, timeout=60)["data"])
+
+    def install(self, extra_env: Optional[Dict[str, str]] = None, check: bool = True,
+                timeout: float = 600) -> Result:
+        """Install the package exactly as an operator would, from the local repository."""
+        env = {"DEBIAN_FRONTEND": "noninteractive", **(extra_env or {})}
+        self.run("apt-get update -q", env=env, timeout=timeout)
+        return self.run("apt-get install -y statemesh-node", env=env, check=check, timeout=timeout)
+
+    def host_port(self, guest_port: int) -> int:
+        return self.forwards[guest_port]
+
+    def console_log(self) -> str:
+        return self.console_path.read_text(errors="replace") if self.console_path.exists() else ""
+
+    def _error(self, message: str) -> GuestError:
+        tail = "\n".join(self.console_log().splitlines()[-60:])
+        qemu_err = self.workdir / "qemu.err"
+        said = qemu_err.read_text(errors="replace")[-2000:] if qemu_err.exists() else ""
+        return GuestError(f"{message}\n--- qemu said\n{said}\n"
+                          f"--- console (last lines) of {self.console_path}\n{tail}")
+
+
+def quote(*words: str) -> str:
+    """Shell-quote words for Guest.run."""
+    return " ".join(shlex.quote(word) for word in words)

@@ -1,0 +1,163 @@
+"""Guest images for the VM suite: built with mmdebstrap, cached by what they contain.
+
+The guest has no network, so its image carries every runtime dependency of the package
+(read from debian/control) plus what a real server has (openssh-server enabled, gettys,
+unattended-upgrades). Images are keyed by suite, package list and the harness files that
+go into them, so a change to any of those builds a new image and nothing stale is reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import List, Sequence
+
+from debian.deb822 import Deb822, PkgRelation
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+GUEST_FILES = HERE / "guest"
+CACHE = Path(os.environ.get("STATEMESH_VM_CACHE", "/var/cache/statemesh-vm"))
+MIRROR = "http://deb.debian.org/debian"
+CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root"}
+
+# What a typical server has, beyond the package's own dependencies.
+SERVER_PACKAGES = [
+    "systemd", "systemd-sysv", "udev", "dbus", "libpam-systemd", "linux-image-amd64",
+    "openssh-server", "unattended-upgrades", "python3", "iproute2", "procps", "kmod",
+    "util-linux", "systemd-container", "tpm2-tools", "ca-certificates", "less",
+]
+
+# Device names the harness hands to QEMU; fstab in the guest refers to the labels.
+ROOT_LABEL = "smroot"
+REPO_LABEL = "smrepo"
+REPO_MOUNT = "/srv/statemesh-repo"
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    """A cached guest image: a qcow2 root disk, the kernel and initrd to boot it, and the
+    same tree as a tar for chroot tests."""
+
+    suite: str
+    disk: Path
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+
+
+def runtime_depends(control: Path = ROOT / "debian" / "control") -> List[str]:
+    """The binary package's Depends (first alternatives), without substitution variables."""
+    paragraphs = Deb822.iter_paragraphs(control.read_text().splitlines())
+    binary = next(p for p in paragraphs if p.get("Package") == "statemesh-node")
+    parts = [part.strip() for part in binary["Depends"].split(",")]
+    relations = PkgRelation.parse_relations(", ".join(p for p in parts if p and "${" not in p))
+    return sorted({group[0]["name"] for group in relations})
+
+
+def packages() -> List[str]:
+    return sorted(set(SERVER_PACKAGES) | set(runtime_depends()))
+
+
+def image_key(suite: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(suite.encode())
+    digest.update("\n".join(packages()).encode())
+    for path in sorted([Path(__file__), *GUEST_FILES.iterdir()]):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _customize_script() -> str:
+    """Shell run by mmdebstrap on the finished tree ($1): make it a bootable test guest."""
+    return f"""set -e
+root="$1"
+install -m 0755 {GUEST_FILES}/statemesh-test-agent "$root/usr/local/sbin/statemesh-test-agent"
+install -m 0644 {GUEST_FILES}/statemesh-test-agent.service "$root/etc/systemd/system/"
+mkdir -p "$root/etc/systemd/system/sysinit.target.wants" "$root{REPO_MOUNT}"
+ln -sf /etc/systemd/system/statemesh-test-agent.service "$root/etc/systemd/system/sysinit.target.wants/"
+install -m 0644 {GUEST_FILES}/50-dhcp.network "$root/etc/systemd/network/50-dhcp.network"
+cat > "$root/etc/fstab" <<FSTAB
+LABEL={ROOT_LABEL} / ext4 errors=remount-ro 0 1
+LABEL={REPO_LABEL} {REPO_MOUNT} ext4 ro,nofail,x-systemd.device-timeout=300s 0 0
+FSTAB
+echo statemesh-guest > "$root/etc/hostname"
+printf '127.0.0.1 localhost\\n127.0.1.1 statemesh-guest\\n' > "$root/etc/hosts"
+rm -f "$root/etc/apt/sources.list"
+echo 'deb [trusted=yes] file:{REPO_MOUNT} ./' > "$root/etc/apt/sources.list.d/statemesh-local.list"
+chroot "$root" sh -c 'echo root:statemesh | chpasswd'
+chroot "$root" systemctl enable systemd-networkd.service ssh.service
+# The guest has no network: apt's daily timers would only hold the dpkg lock during tests.
+chroot "$root" systemctl mask apt-daily.timer apt-daily-upgrade.timer
+cp -L "$root/vmlinuz" "$root/../kernel"
+cp -L "$root/initrd.img" "$root/../initrd"
+"""
+
+
+def build(suite: str, cache: Path = CACHE) -> Image:
+    """Return the cached image for `suite`, building it first if it does not exist."""
+    target = cache / f"{suite}-{image_key(suite)}"
+    image = Image(suite, target / "disk.qcow2", target / "kernel", target / "initrd",
+                  target / "rootfs.tar")
+    if image.disk.exists():
+        return image
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix="build-") as work:
+        work_dir = Path(work)
+        tree = work_dir / "tree"
+        hook = work_dir / "customize.sh"
+        hook.write_text(_customize_script())
+        _run([
+            "mmdebstrap", "--variant=apt", "--mode=root", "--components=main",
+            "--include=" + ",".join(packages()),
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            f"--customize-hook=sh {hook} \"$1\"",
+            suite, str(tree), MIRROR,
+        ])
+        raw = work_dir / "disk.raw"
+        _run(["mkfs.ext4", "-q", "-L", ROOT_LABEL, "-d", str(tree), str(raw), "4G"])
+        staging = work_dir / "image"
+        staging.mkdir()
+        _run(["tar", "-C", str(tree), "--numeric-owner", "-cf", str(staging / "rootfs.tar"), "."])
+        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(staging / "disk.qcow2")])
+        shutil.move(str(work_dir / "kernel"), staging / "kernel")
+        shutil.move(str(work_dir / "initrd"), staging / "initrd")
+        staging.rename(target)
+    return image
+
+
+def build_repo_disk(debs: Sequence[Path], output: Path) -> Path:
+    """A small ext4 image holding a flat apt repository of `debs`, mounted by the guest."""
+    with tempfile.TemporaryDirectory() as work:
+        repo = Path(work) / "repo"
+        repo.mkdir()
+        for deb in debs:
+            shutil.copy2(deb, repo / Path(deb).name)
+        packages_index = _run(["apt-ftparchive", "packages", "."], cwd=repo).stdout
+        (repo / "Packages").write_bytes(packages_index)
+        release = _run(["apt-ftparchive", "-o", "APT::FTPArchive::Release::Origin=StateMesh",
+                        "-o", "APT::FTPArchive::Release::Label=StateMesh",
+                        "-o", "APT::FTPArchive::Release::Suite=stable",
+                        "-o", "APT::FTPArchive::Release::Codename=statemesh",
+                        "release", "."], cwd=repo).stdout
+        (repo / "Release").write_bytes(release)
+        output.unlink(missing_ok=True)
+        _run(["mkfs.ext4", "-q", "-L", REPO_LABEL, "-d", str(repo), str(output), "64M"])
+    return output
+
+
+def _run(argv: Sequence[str], cwd: Path = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(argv), cwd=cwd, env=CLEAN_ENV, capture_output=True)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{argv[0]} failed ({result.returncode}):\n{result.stderr.decode(errors='replace')[-4000:]}"
+        )
+    return result

@@ -1,0 +1,41 @@
+"""The package installs from the local repository as an operator would, and purges cleanly."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.vm.driver import Guest, GuestError
+
+# What purge may leave changed: apt's and dpkg's own bookkeeping, logs and caches.
+SNAPSHOT = (
+    "find /etc /usr /opt /srv /var -xdev "
+    "\\( -path /var/lib/dpkg -o -path /var/lib/apt -o -path /var/cache -o -path /var/log "
+    "-o -path /var/tmp -o -path /var/lib/systemd -o -path /etc/ld.so.cache \\) -prune "
+    "-o -print | sort"
+)
+
+
+def test_harness_reports_a_failing_guest_command(guest: Guest) -> None:
+    with pytest.raises(GuestError, match=r"failed \(1\)"):
+        guest.run("echo to-stderr >&2; exit 1")
+    result = guest.run("exit 3", check=False)
+    assert result.returncode == 3
+
+
+@pytest.mark.parametrize("tpm", [False, True], ids=["weak", "tpm"])
+def test_install_from_local_repository_then_purge_leaves_nothing(guest_factory, tpm: bool) -> None:
+    guest = guest_factory(tpm=tpm)
+    assert ("/dev/tpm0" in guest.run("ls /dev/tpm* || true").stdout) == tpm
+    before = guest.run(SNAPSHOT).stdout.splitlines()
+
+    installed = guest.install()
+    assert "Setting up statemesh-node" in installed.stdout
+    policy = guest.run("apt-cache policy statemesh-node").stdout
+    assert "file:/srv/statemesh-repo" in policy
+    assert guest.run("statemesh-node --version").stdout.startswith("statemesh-node ")
+    assert guest.run("test -f /etc/statemesh/node.conf && statemesh-node config").returncode == 0
+
+    guest.run("apt-get purge -y statemesh-node", env={"DEBIAN_FRONTEND": "noninteractive"})
+    after = guest.run(SNAPSHOT).stdout.splitlines()
+    assert sorted(set(after) - set(before)) == []
+    assert "multi-user.target" in guest.console_log() or "Multi-User System" in guest.console_log()
