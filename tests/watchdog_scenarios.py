@@ -31,8 +31,8 @@ WAIT_SECONDS = 30.0
 
 
 @contextlib.contextmanager
-def watchdog(devpts: str, exempt_units: str = "", nice: int = 0) -> Iterator[Dict[str, Any]]:
-    """The watchdog CLI as systemd would run it (Type=notify, at `nice`): yields once ready."""
+def watchdog(devpts: str, exempt_units: str = "") -> Iterator[Dict[str, Any]]:
+    """The watchdog CLI as systemd would run it (Type=notify): yields once it reports ready."""
     work = Path(tempfile.mkdtemp(prefix="sm-watchdog-"))
     (work / "dev").mkdir()
     (work / "run").mkdir()
@@ -47,7 +47,6 @@ def watchdog(devpts: str, exempt_units: str = "", nice: int = 0) -> Iterator[Dic
          "--grace-file", str(work / "run" / "install-grace.json"), "--no-logind"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         env={**os.environ, "NOTIFY_SOCKET": str(work / "notify")},
-        preexec_fn=(lambda: os.nice(nice)) if nice else None,
     )
     ready, _, _ = select.select([notify], [], [], WAIT_SECONDS)
     if not ready or notify.recv(64) != b"READY=1":
