@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from statemesh import __version__, config, endpoint, grace, guarantees, storage, watchdog
+from statemesh import (__version__, config, endpoint, grace, guarantees, install, preflight,
+                       storage, watchdog)
 from statemesh.guarantee import Finding
 
 EXIT_OK = 0
@@ -106,6 +108,36 @@ def cmd_security_class(args: argparse.Namespace) -> int:
     return endpoint.print_class(config.load(args.config), args.json, args.is_weak)
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    """Check whether this machine may become a node; list every reason to refuse."""
+    report = preflight.check()
+    if args.json:
+        _print_json(report.as_dict())
+    elif report.ok:
+        print(f"preflight passed: {report.facts['os']}, no other interactive session")
+    else:
+        print("preflight refused:")
+        for problem in report.problems:
+            print(f"  - {problem}")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    """Harden this machine through statemesh-harden.service (the postinst runs this)."""
+    config.load(args.config)
+    return install.request_install(quiet=os.environ.get("DEBIAN_FRONTEND") == "noninteractive")
+
+
+def cmd_harden(args: argparse.Namespace) -> int:
+    """Run the installation transaction or boot-time lockdown (statemesh-harden.service)."""
+    return install.harden(config.load(args.config), listen=not args.no_listen)
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    """Destroy the data, then give the machine back (the prerm runs this at removal)."""
+    return install.uninstall(config.load(args.config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="statemesh-node",
@@ -124,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         "verify": cmd_verify,
         "atls-serve": cmd_atls_serve,
         "security-class": cmd_security_class,
+        "preflight": cmd_preflight,
+        "install": cmd_install,
+        "harden": cmd_harden,
+        "uninstall": cmd_uninstall,
     }
     for name, handler in commands.items():
         command = sub.add_parser(name, help=(handler.__doc__ or "").strip().splitlines()[0])
@@ -140,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["verify"].add_argument("--policy", type=Path, help="JSON verification policy")
     sub.choices["security-class"].add_argument(
         "--is-weak", action="store_true", help="exit 0 only if the node is weak")
+    sub.choices["harden"].add_argument(
+        "--no-listen", action="store_true", help="exit after hardening (no tamper listener)")
     return parser
 
 

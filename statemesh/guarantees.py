@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import List
 
-from statemesh import firewall, securityclass, storage, watchdog
+from statemesh import firewall, logins, rescue, securityclass, ssh, storage, watchdog
 from statemesh.config import NodeConfig
 from statemesh.guarantee import Guarantee
 
@@ -17,6 +17,9 @@ from statemesh.guarantee import Guarantee
 def ordered(config: NodeConfig) -> List[Guarantee]:
     """Every guarantee of the node, in the order the installer applies them."""
     return [
+        ssh.Ssh(config),
+        logins.Logins(config),
+        rescue.Rescue(config),
         firewall.Firewall(config),
         securityclass.SecurityClass(config),
         watchdog.WatchdogGuarantee(config),

@@ -1,0 +1,235 @@
+"""The all-or-nothing installation transaction, and its undoing at package removal.
+
+Where the work runs: the postinst calls `statemesh-node install` (request_install), which
+only records the installing package manager (grace), runs preflight for a readable
+refusal, and restarts statemesh-harden.service over D-Bus, waiting for the job. The
+hardening itself (harden) runs inside that unit, outside the operator's terminal and
+process tree: Ctrl-C, SIGHUP, a closed SSH connection or a killed apt end the waiting
+helper at most, never the transaction. The unit is Type=notify: the job is "done" only once
+every guarantee was applied and read back, and "failed" otherwise.
+
+States (statemesh.journal): installing (journaled with the boot id) -> installed, or ->
+failed. A transaction that dies (SIGKILL, power loss) leaves "installing" with a dead pid:
+that and "failed" make every later attempt and every StateMesh service refuse with "reboot
+required" until the boot id changes. The node is reported installed only after the last
+guarantee was applied and every guarantee's check() holds.
+
+At every boot the unit runs again: an installed node re-asserts the lockdown (ssh, logins,
+rescue; the other guarantees are persistent or have units of their own), a node that is
+not installed yet (an image built in a chroot) runs the whole installation. Then the unit
+stays up as the tamper listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, List, Sequence
+
+from statemesh import grace, guarantees, journal, preflight, systemd, tamper
+from statemesh.config import NodeConfig
+from statemesh.guarantee import Guarantee
+from statemesh.unitmask import BusGuarantee
+
+HARDEN_UNIT = "statemesh-harden.service"
+# Written by the install helper for the unit: run the whole transaction even on an
+# installed node (an upgrade, a reconfigure, a trigger), not just the boot-time re-assert.
+REQUEST = Path("/run/statemesh-node/install-request")
+RUN_SYSTEMD = Path("/run/systemd/system")
+LOCKDOWN = ("ssh", "logins", "rescue")
+# Reverted first at removal; if it cannot destroy the data, nothing is given back.
+DATA_GUARANTEE = "storage"
+
+
+class InstallError(RuntimeError):
+    """The installation did not complete; the node is not installed."""
+
+
+class PreflightRefused(InstallError):
+    """Preflight found reasons to refuse; nothing was changed."""
+
+    def __init__(self, report: preflight.Report):
+        self.report = report
+        super().__init__("refusing to install: " + "; ".join(report.problems))
+
+
+def lockdown_of(ordered: Sequence[Guarantee]) -> List[BusGuarantee]:
+    return [g for g in ordered if g.name in LOCKDOWN and isinstance(g, BusGuarantee)]
+
+
+def transaction(book: journal.Journal, ordered: Sequence[Guarantee],
+                check_preflight: Callable[[], preflight.Report]) -> None:
+    """Preflight (unless installed already), apply every guarantee in order, read all back."""
+    book.require_clean_boot()
+    if not book.state().installed:
+        report = check_preflight()
+        if not report.ok:
+            book.record("preflight-refused", problems=report.problems)
+            raise PreflightRefused(report)
+    book.set_state(journal.INSTALLING)
+    current = "preflight"
+    try:
+        for guarantee in ordered:
+            current = guarantee.name
+            book.record("apply", guarantee=current)
+            guarantee.apply(book)
+            book.record("applied", guarantee=current)
+        current = "verification"
+        failing = [f for f in (g.check() for g in ordered) if not f.holds]
+        if failing:
+            raise InstallError("; ".join(f"{f.name}: {f.detail}" for f in failing))
+    except Exception as error:
+        book.set_state(journal.FAILED, reason=f"{current} failed: {error}")
+        raise InstallError(f"{current} failed: {error}") from error
+    book.set_state(journal.INSTALLED)
+
+
+def reassert(book: journal.Journal, lockdown: Sequence[Guarantee]) -> None:
+    """Boot time on an installed node: enforce the lockdown again (idempotent)."""
+    book.require_clean_boot()
+    for guarantee in lockdown:
+        guarantee.apply(book)
+    book.record("lockdown-reasserted", guarantees=[g.name for g in lockdown])
+
+
+def harden(config: NodeConfig, listen: bool = True) -> int:
+    """What statemesh-harden.service runs: the transaction or the re-assert, then listen."""
+    from statemesh.watchdog import notify_ready
+
+    book = journal.Journal()
+    ordered = guarantees.ordered(config)
+    requested = REQUEST.exists()
+    REQUEST.unlink(missing_ok=True)
+    try:
+        if requested or not book.state().installed:
+            transaction(book, ordered, preflight.check)
+        else:
+            reassert(book, lockdown_of(ordered))
+    except (InstallError, journal.RebootRequiredError, journal.JournalError) as error:
+        print(f"statemesh-node: {error}", file=sys.stderr)
+        return 1
+    print("statemesh-node: hardened, every guarantee holds", flush=True)
+    if not listen:
+        notify_ready()
+        return 0
+    asyncio.run(tamper.listen(lockdown_of(ordered), book, ready=notify_ready))
+    return 0
+
+
+async def _run_harden_unit() -> None:
+    bus = await systemd.connect()
+    try:
+        manager = systemd.Systemd(bus)
+        await manager.reload()
+        await manager.restart_unit(HARDEN_UNIT)
+    finally:
+        bus.disconnect()
+
+
+def _say(message: str, quiet: bool) -> None:
+    """Tell the operator; the terminal may be gone (closed SSH), which must not matter."""
+    if quiet:
+        return
+    try:
+        print(message, flush=True)
+    except OSError:
+        pass
+
+
+def _complain(message: str) -> None:
+    try:
+        print(f"statemesh-node: {message}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def request_install(quiet: bool) -> int:
+    """What the postinst runs: have the unit do the transaction, wait, report its outcome."""
+    if not RUN_SYSTEMD.is_dir():
+        _say("statemesh-node: systemd is not running here; the hardening runs at first boot",
+             quiet)
+        return 0
+    book = journal.Journal()
+    try:
+        book.require_clean_boot()
+    except journal.RebootRequiredError as error:
+        _complain(str(error))
+        return 1
+    grace.record_installer(os.getpid())
+    if not book.state().installed:
+        report = preflight.check()
+        if not report.ok:
+            _complain("refusing to install, nothing was changed:")
+            for problem in report.problems:
+                _complain(f"  - {problem}")
+            return 1
+    # From here on the operator's terminal going away must not end this helper early.
+    for number in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(number, signal.SIG_IGN)
+    REQUEST.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    REQUEST.write_text(f"{os.getpid()}\n", encoding="ascii")
+    _say("statemesh-node: hardening this machine (statemesh-harden.service)...", quiet)
+    try:
+        asyncio.run(_run_harden_unit())
+    except systemd.SystemdError as error:
+        state = book.state()
+        why = state.reason if state.state == journal.FAILED else str(error)
+        _complain(f"installation failed, the node is NOT installed: {why}")
+        return 1
+    if not book.state().installed:
+        _complain("installation did not complete, the node is NOT installed")
+        return 1
+    _say("statemesh-node: installed; every guarantee holds", quiet)
+    return 0
+
+
+async def _stop_harden_unit() -> None:
+    bus = await systemd.connect()
+    try:
+        await systemd.Systemd(bus).stop_unit(HARDEN_UNIT)
+    finally:
+        bus.disconnect()
+
+
+def revert_all(book: journal.Journal, ordered: Sequence[Guarantee]) -> List[str]:
+    """Revert in reverse order from the restore record; returns what could not be given back.
+
+    The data guarantee comes first: if the workload data cannot be destroyed, nothing is
+    given back (InstallError). Otherwise every other guarantee is reverted even if one
+    fails, so that the operator gets back as much of the machine as possible.
+    """
+    record = book.restore_record()
+    errors = []
+    for guarantee in reversed(ordered):
+        try:
+            guarantee.revert(record.get(guarantee.name, {}))
+        except Exception as error:  # noqa: BLE001 - each guarantee has its own errors
+            book.record("revert-failed", guarantee=guarantee.name, error=str(error))
+            if guarantee.name == DATA_GUARANTEE:
+                raise InstallError("the workload data could not be destroyed, nothing was "
+                                   f"given back: {error}") from error
+            errors.append(f"{guarantee.name}: {error}")
+            continue
+        book.record("reverted", guarantee=guarantee.name)
+    if not errors:
+        book.forget_restore_record()
+        book.set_state(journal.REMOVED)
+    return errors
+
+
+def uninstall(config: NodeConfig) -> int:
+    """Package removal (prerm): stop the listener, destroy the data, give the machine back."""
+    book = journal.Journal()
+    book.set_state(journal.REMOVING)
+    try:
+        asyncio.run(_stop_harden_unit())
+        errors = revert_all(book, guarantees.ordered(config))
+    except (InstallError, systemd.SystemdError) as error:
+        _complain(str(error))
+        return 1
+    for error in errors:
+        _complain(f"not restored: {error}")
+    return 1 if errors else 0

@@ -1,0 +1,222 @@
+"""Preflight: refuse to install, listing every reason and changing nothing, on a machine
+that is not a plain server the lockdown can take over safely.
+
+Refused when: the OS is not a supported Debian (12+) or Ubuntu (22.04+) release; PID 1 is
+not systemd (the lockdown is systemd's); a display manager runs or an X11/Wayland session
+exists (a desktop someone sits at); an interactive session other than the installing one is
+open: what `w` shows, from logind's sessions and utmp. The installing session is the one of
+the package manager recorded by the installer (statemesh.grace), or, when preflight is run
+by hand, the caller's own; the watchdog ends it once the package manager has exited.
+
+Only reads: /etc/os-release, /proc/1/comm, utmp, and systemd/logind over D-Bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import psutil
+
+from statemesh import grace, systemd, terminals
+
+UTMP = Path("/run/utmp")
+OS_RELEASE = Path("/etc/os-release")
+PID1_COMM = Path("/proc/1/comm")
+DISPLAY_MANAGER = "display-manager.service"
+GRAPHICAL_TYPES = ("x11", "wayland", "mir")
+# Minimum supported version per distribution (VERSION_ID compared numerically).
+SUPPORTED = {"debian": (12,), "ubuntu": (22, 4)}
+
+# struct utmp on Linux (glibc, 64-bit and 32-bit alike): 384 bytes.
+_UTMP_FORMAT = "hi32s4s32s256shhiii4i20s"
+_UTMP_SIZE = struct.calcsize(_UTMP_FORMAT)
+USER_PROCESS = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class Login:
+    """A utmp USER_PROCESS entry: a login as `w` shows it."""
+
+    user: str
+    line: str
+    host: str
+    pid: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Own:
+    """The session the installation runs in: it may stay open."""
+
+    session: Optional[str]
+    tty: Optional[str]
+    sid: int
+
+
+@dataclasses.dataclass
+class Report:
+    """Every reason to refuse, and what was seen."""
+
+    problems: List[str]
+    facts: Dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"ok": self.ok, "problems": self.problems, "facts": self.facts}
+
+
+def parse_os_release(text: str) -> Dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        match = re.match(r"^([A-Z_][A-Z0-9_]*)=(.*)$", line.strip())
+        if match:
+            values[match.group(1)] = match.group(2).strip().strip("\"'")
+    return values
+
+
+def _version(text: str) -> Optional[Tuple[int, ...]]:
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", text):
+        return None
+    return tuple(int(part) for part in text.split("."))
+
+
+def os_problem(path: Path = OS_RELEASE) -> Tuple[Optional[str], Dict[str, str]]:
+    """Why this OS is not supported (None when it is), and what os-release says."""
+    try:
+        release = parse_os_release(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        return f"cannot read {path}: {error.strerror}", {}
+    name, version = release.get("ID", ""), release.get("VERSION_ID", "")
+    shown = release.get("PRETTY_NAME", f"{name} {version}".strip() or "unknown")
+    if name not in SUPPORTED:
+        return f"unsupported OS {shown!r}: only Debian 12+ and Ubuntu 22.04+ are supported", release
+    parsed = _version(version)
+    if parsed is None or parsed < SUPPORTED[name]:
+        minimum = ".".join(f"{part:02d}" if i else str(part)
+                           for i, part in enumerate(SUPPORTED[name]))
+        return f"unsupported release {shown!r}: {name} {minimum} or later is needed", release
+    return None, release
+
+
+def pid1_problem(comm: Path = PID1_COMM) -> Optional[str]:
+    try:
+        name = comm.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        return f"cannot tell what PID 1 is ({comm}: {error.strerror})"
+    return None if name == "systemd" else f"PID 1 is {name!r}, not systemd"
+
+
+def read_utmp(path: Path = UTMP) -> List[Login]:
+    """Live USER_PROCESS entries (a dead process's entry is a stale record, not a login)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    logins = []
+    for offset in range(0, len(data) - _UTMP_SIZE + 1, _UTMP_SIZE):
+        fields = struct.unpack_from(_UTMP_FORMAT, data, offset)
+        kind, pid, line, _id, user, host = fields[:6]
+        if kind != USER_PROCESS or not psutil.pid_exists(pid):
+            continue
+        text = [value.split(b"\0", 1)[0].decode(errors="replace") for value in (user, line, host)]
+        logins.append(Login(user=text[0], line=text[1], host=text[2], pid=pid))
+    return logins
+
+
+def own_session(grace_path: Path = grace.GRACE_PATH, pid: Optional[int] = None) -> Own:
+    """The installing session: the package manager's (recorded), else the caller's."""
+    current = grace.current(grace_path)
+    if current is not None:
+        return Own(current.session, current.tty, current.sid)
+    pid = pid or os.getpid()
+    try:
+        tty = psutil.Process(pid).terminal()
+    except psutil.NoSuchProcess:
+        tty = None
+    return Own(grace.logind_session(terminals.cgroup_path(pid)), tty, os.getsid(pid))
+
+
+def _is_own_login(login: Login, own: Own) -> bool:
+    if own.tty and own.tty == f"/dev/{login.line}":
+        return True
+    if own.session and grace.logind_session(terminals.cgroup_path(login.pid)) == own.session:
+        return True
+    try:
+        return os.getsid(login.pid) == own.sid
+    except OSError:
+        return False
+
+
+def session_problems(sessions: List[systemd.Session], own: Own) -> List[str]:
+    problems = []
+    for session in sessions:
+        where = f" on {session.tty}" if session.tty else ""
+        if session.type in GRAPHICAL_TYPES:
+            problems.append(f"graphical ({session.type}) session {session.id} of "
+                            f"{session.user}{where}")
+        elif session.id == own.session:
+            continue
+        elif session.class_ in ("user", "greeter") or session.tty or session.remote:
+            remote = " (remote)" if session.remote else ""
+            problems.append(f"interactive session {session.id} of {session.user}{where}{remote}")
+    return problems
+
+
+def utmp_problems(logins: List[Login], own: Own, seen_ttys: List[str]) -> List[str]:
+    problems = []
+    for login in logins:
+        if _is_own_login(login, own) or login.line in seen_ttys:
+            continue
+        host = f" from {login.host}" if login.host else ""
+        problems.append(f"login of {login.user} on {login.line}{host} (pid {login.pid})")
+    return problems
+
+
+async def _bus_facts() -> Tuple[str, List[systemd.Session]]:
+    bus = await systemd.connect()
+    try:
+        manager = systemd.Systemd(bus)
+        try:
+            display_manager = await manager.get_active_state(DISPLAY_MANAGER)
+        except systemd.UnknownUnitError:
+            display_manager = "inactive"
+        sessions = await systemd.Logind(bus).list_sessions()
+    finally:
+        bus.disconnect()
+    return display_manager, sessions
+
+
+def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path = UTMP,
+          grace_path: Path = grace.GRACE_PATH) -> Report:
+    """Every reason to refuse the installation (read-only)."""
+    problems: List[str] = []
+    release_problem, release = os_problem(os_release)
+    facts: Dict[str, Any] = {"os": release.get("PRETTY_NAME", ""),
+                             "os_id": release.get("ID", ""),
+                             "os_version": release.get("VERSION_ID", "")}
+    problems += [p for p in (release_problem, pid1_problem(pid1_comm)) if p]
+    own = own_session(grace_path)
+    facts["installing_session"] = dataclasses.asdict(own)
+    try:
+        display_manager, sessions = asyncio.run(_bus_facts())
+    except systemd.SystemdError as error:
+        problems.append(f"cannot ask systemd and logind: {error}")
+        display_manager, sessions = "unknown", []
+    facts["display_manager"] = display_manager
+    facts["sessions"] = [dataclasses.asdict(s) for s in sessions]
+    if display_manager in ("active", "activating", "reloading"):
+        problems.append(f"a display manager runs ({DISPLAY_MANAGER} is {display_manager})")
+    problems += session_problems(sessions, own)
+    logins = read_utmp(utmp)
+    facts["logins"] = [dataclasses.asdict(login) for login in logins]
+    seen = [s.tty for s in sessions if s.tty]
+    problems += utmp_problems(logins, own, seen)
+    return Report(problems, facts)

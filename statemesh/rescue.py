@@ -1,0 +1,118 @@
+"""No single-user shell: rescue and emergency are masked, GRUB offers no recovery entry.
+
+Masking rather than redirecting to a reboot, because masking is the safer of the two:
+- a masked unit cannot be started by anything, and there is no override whose correctness
+  we would have to trust: a drop-in that replaces ExecStart= of rescue.service with a
+  reboot gives a shell again the day the drop-in is wrong or another one sorts after it;
+- booting with systemd.unit=rescue.target (or emergency.target, "single", "1", "s") makes
+  PID 1 fail to queue its default job ("Rescue target masked") and freeze: no unit starts
+  at all, so no shell, and no sulogin whose password check we would depend on (sulogin
+  honours SYSTEMD_SULOGIN_FORCE=1 from the kernel command line even with root locked);
+- when a boot-time failure pulls in emergency.target (OnFailure= of local-fs.target, a bad
+  fstab line), the masked target is refused and the boot goes on degraded, with the
+  watchdog and the StateMesh services running, instead of a reboot loop that would never
+  end while the failure persists.
+The cost is that a node booted into rescue by someone at its console hangs until it is
+power-cycled; at the console that person could have pulled the plug anyway, and the
+ephemeral storage key is gone after any reboot.
+
+GRUB, where it is installed: a drop-in under /etc/default/grub.d turns recovery entries
+off, hides the menu and boots at once (no other operating systems offered), then
+update-grub writes grub.cfg. Honest limit: someone at the console during boot can still
+interrupt GRUB and edit the kernel command line (init=/bin/sh); nothing installed on the
+disk can prevent that (it is physical access), which is why the storage key never persists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+from statemesh.config import NodeConfig
+from statemesh.guarantee import Finding
+from statemesh.run import CommandError, have, run
+from statemesh.systemd import Systemd
+from statemesh.unitmask import BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked
+
+UNITS = UnitSet(("rescue.service", "emergency.service", "rescue.target", "emergency.target",
+                 "kbrequest.target"))
+GRUB_DEFAULTS = Path("etc/default/grub")
+GRUB_DROPIN = Path("etc/default/grub.d/50-statemesh-node.cfg")
+GRUB_SETTINGS = """\
+# Written by statemesh-node (removed at purge): no recovery entries, no menu to interrupt.
+GRUB_DISABLE_RECOVERY=true
+GRUB_TIMEOUT=0
+GRUB_TIMEOUT_STYLE=hidden
+GRUB_RECORDFAIL_TIMEOUT=0
+GRUB_DISABLE_OS_PROBER=true
+"""
+
+
+def update_grub() -> None:
+    """Regenerate grub.cfg when GRUB is really installed (a grub.cfg exists to regenerate)."""
+    if have("update-grub") and Path("/boot/grub/grub.cfg").exists():
+        run(["update-grub"], timeout=600)
+
+
+class Rescue(BusGuarantee):
+    """rescue/emergency cannot give a shell; GRUB has no recovery entry."""
+
+    name = "rescue"
+
+    def __init__(self, config: NodeConfig, root: Path = Path("/"),
+                 regenerate_grub: Callable[[], None] = update_grub):
+        self.config = config
+        self.grub_defaults = root / GRUB_DEFAULTS
+        self.dropin = root / GRUB_DROPIN
+        self.regenerate_grub = regenerate_grub
+
+    def _grub_installed(self) -> bool:
+        return self.grub_defaults.exists()
+
+    def _grub_locked(self) -> bool:
+        if not self._grub_installed():
+            return True
+        try:
+            return self.dropin.read_text(encoding="utf-8") == GRUB_SETTINGS
+        except OSError:
+            return False
+
+    async def inspect(self, manager: Systemd) -> Finding:
+        left = await unlocked(manager, UNITS)
+        facts: Dict[str, Any] = {**left, "grub": self._grub_installed(),
+                                 "grub_locked": self._grub_locked()}
+        problems = []
+        if left["not_masked"]:
+            problems.append("not masked: " + ", ".join(sorted(left["not_masked"])))
+        if left["running"]:
+            problems.append("running: " + ", ".join(left["running"]))
+        if not facts["grub_locked"]:
+            problems.append(f"GRUB recovery entries not disabled ({self.dropin} missing)")
+        detail = "; ".join(problems) or "rescue and emergency masked" + (
+            ", GRUB recovery entries off" if facts["grub"] else ", no GRUB")
+        return Finding(self.name, not problems, detail, facts)
+
+    async def enforce(self, manager: Systemd, journal: Any) -> None:
+        journal.remember(self.name, {**await snapshot(manager, UNITS),
+                                     "grub_dropin_dir": self.dropin.parent.is_dir()})
+        journal.record("rescue-locked", **await lock(manager, UNITS))
+        if not self._grub_locked():
+            self.dropin.parent.mkdir(parents=True, exist_ok=True)
+            self.dropin.write_text(GRUB_SETTINGS, encoding="utf-8")
+            self.regenerate_grub()
+            journal.record("grub-locked", dropin=str(self.dropin))
+        await self.verify(manager)
+
+    async def restore(self, manager: Systemd, record: Dict[str, Any]) -> List[str]:
+        errors = await give_back(manager, record)
+        if self.dropin.exists():
+            self.dropin.unlink()
+            if not record.get("grub_dropin_dir", True):
+                with contextlib.suppress(OSError):
+                    self.dropin.parent.rmdir()
+            try:
+                self.regenerate_grub()
+            except CommandError as error:
+                errors.append(f"update-grub: {error}")
+        return errors

@@ -1,0 +1,133 @@
+"""SSH is off: every unit that can serve sshd is disabled, masked and stopped.
+
+Which units serve sshd depends on the release: Debian 12 has ssh.service (Alias=sshd.service,
+enabled) and ssh.socket (Accept=yes, spawning ssh@.service instances); Ubuntu 24.04 enables
+ssh.socket, which starts ssh.service on demand, so stopping the service alone would leave
+port 22 open; Debian 13 adds sshd@.service and systemd's ssh generator, which binds AF_UNIX
+and (in VMs) vsock sockets from /run/systemd/generator.early, where a mask in /etc does not
+reach: the generator itself is masked with a /dev/null link in /etc/systemd/system-generators.
+Every name is masked whether it exists or not, so that an openssh-server installed later
+finds its units masked already (and a dpkg file trigger on /usr/sbin/sshd re-asserts this).
+
+Stopping ssh.service ends only the listener (KillMode=process): existing connections are
+separate sshd processes. Those are terminated too, except the connection the installation
+runs in, which the watchdog ends once the package manager has exited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, FrozenSet, List
+
+import psutil
+
+from statemesh import grace
+from statemesh.config import NodeConfig
+from statemesh.guarantee import Finding
+from statemesh.systemd import Systemd
+from statemesh.unitmask import BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked
+
+UNITS = UnitSet(("ssh.service", "ssh.socket", "sshd.service", "ssh@.service",
+                 "sshd.socket", "sshd@.service"))
+GENERATOR = Path("etc/systemd/system-generators/systemd-ssh-generator")
+SSHD = "/usr/sbin/sshd"
+
+
+def sshd_processes() -> List[int]:
+    """Pids of running sshd processes (listeners and per-connection ones)."""
+    found = []
+    for process in psutil.process_iter(["exe"]):
+        if process.info.get("exe") == SSHD:
+            found.append(process.pid)
+    return found
+
+
+def terminate(pids: List[int]) -> None:
+    """SIGTERM, and SIGKILL what is still there after a few seconds."""
+    processes = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = psutil.Process(pid)
+            process.terminate()
+            processes.append(process)
+    _gone, alive = psutil.wait_procs(processes, timeout=5)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def installer_ancestors(grace_path: Path = grace.GRACE_PATH) -> FrozenSet[int]:
+    """The processes the running installation descends from (its ssh connection among them)."""
+    current = grace.current(grace_path)
+    if current is None:
+        return frozenset()
+    try:
+        process = psutil.Process(current.pid)
+        return frozenset([process.pid, *(parent.pid for parent in process.parents())])
+    except psutil.NoSuchProcess:
+        return frozenset()
+
+
+class Ssh(BusGuarantee):
+    """No sshd unit can run, and no sshd process runs (but the installing connection)."""
+
+    name = "ssh"
+
+    def __init__(self, config: NodeConfig, root: Path = Path("/"),
+                 find_sshd: Callable[[], List[int]] = sshd_processes,
+                 grace_path: Path = grace.GRACE_PATH):
+        self.config = config
+        self.generator = root / GENERATOR
+        self.find_sshd = find_sshd
+        self.grace_path = grace_path
+
+    def _generator_masked(self) -> bool:
+        return self.generator.is_symlink() and os.readlink(self.generator) == "/dev/null"
+
+    def _stray_sshd(self) -> List[int]:
+        spared = installer_ancestors(self.grace_path)
+        return [pid for pid in self.find_sshd() if pid not in spared]
+
+    async def inspect(self, manager: Systemd) -> Finding:
+        left = await unlocked(manager, UNITS)
+        stray = self._stray_sshd()
+        facts: Dict[str, Any] = {**left, "generator_masked": self._generator_masked(),
+                                 "sshd_processes": stray}
+        problems = []
+        if left["not_masked"]:
+            problems.append("not masked: " + ", ".join(sorted(left["not_masked"])))
+        if left["running"]:
+            problems.append("running: " + ", ".join(left["running"]))
+        if not facts["generator_masked"]:
+            problems.append("systemd-ssh-generator not masked")
+        if stray:
+            problems.append("sshd processes: " + " ".join(map(str, stray)))
+        detail = "; ".join(problems) or "sshd units masked and stopped, no sshd running"
+        return Finding(self.name, not problems, detail, facts)
+
+    async def enforce(self, manager: Systemd, journal: Any) -> None:
+        journal.remember(self.name, {**await snapshot(manager, UNITS),
+                                     "generator_masked": self._generator_masked(),
+                                     "generator_dir": self.generator.parent.is_dir()})
+        if not self._generator_masked():
+            self.generator.parent.mkdir(parents=True, exist_ok=True)
+            self.generator.unlink(missing_ok=True)
+            self.generator.symlink_to("/dev/null")
+            journal.record("ssh-generator-masked", path=str(self.generator))
+        journal.record("ssh-locked", **await lock(manager, UNITS))
+        stray = self._stray_sshd()
+        if stray:
+            terminate(stray)
+            journal.record("sshd-terminated", pids=stray)
+        await self.verify(manager)
+
+    async def restore(self, manager: Systemd, record: Dict[str, Any]) -> List[str]:
+        if not record.get("generator_masked", False) and self._generator_masked():
+            self.generator.unlink()
+            if not record.get("generator_dir", True):
+                with contextlib.suppress(OSError):
+                    self.generator.parent.rmdir()
+        return await give_back(manager, record)

@@ -1,0 +1,78 @@
+"""Tamper response: re-assert the lockdown as soon as anything unmasks or enables a locked unit.
+
+`systemctl unmask ssh`, `systemctl enable`, a unit file dropped into /etc followed by a
+daemon-reload: each makes systemd emit UnitFilesChanged or Reloading on its bus. The
+listener (running inside statemesh-harden.service once the hardening is done) checks every
+lockdown guarantee on each such signal and enforces again those that no longer hold,
+logging what had changed. A periodic check is the safety net for changes that emit no
+signal (a symlink removed by hand without a reload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any, Callable, List, Sequence
+
+from statemesh import systemd
+from statemesh.unitmask import BusGuarantee, LockdownError
+
+# Seconds between checks when no signal came: the safety net, not the reaction time.
+PERIOD = 5.0
+RECONNECT_DELAY = 1.0
+
+
+def log(event: str, **fields: Any) -> None:
+    """One JSON line on stdout (the journal, under systemd)."""
+    print(json.dumps({"event": event, **fields}, default=str), flush=True)
+
+
+async def reassert(manager: systemd.Systemd, lockdown: Sequence[BusGuarantee],
+                   journal: Any) -> List[str]:
+    """Enforce again every lockdown guarantee that no longer holds; returns their names."""
+    fixed = []
+    for guarantee in lockdown:
+        finding = await guarantee.inspect(manager)
+        if finding.holds:
+            continue
+        log("tamper-detected", guarantee=guarantee.name, changed=finding.detail)
+        journal.record("tamper-detected", guarantee=guarantee.name, changed=finding.detail)
+        await guarantee.enforce(manager, journal)
+        journal.record("tamper-reasserted", guarantee=guarantee.name)
+        log("tamper-reasserted", guarantee=guarantee.name)
+        fixed.append(guarantee.name)
+    return fixed
+
+
+async def _listen_once(lockdown: Sequence[BusGuarantee], journal: Any,
+                       ready: Callable[[], None], period: float) -> None:
+    bus = await systemd.connect()
+    try:
+        manager = systemd.Systemd(bus)
+        changed = asyncio.Event()
+        await manager.on_unit_files_changed(changed.set)
+        await manager.on_reloading(lambda active: None if active else changed.set())
+        await reassert(manager, lockdown, journal)
+        ready()
+        while bus.connected:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), period)
+            changed.clear()
+            try:
+                await reassert(manager, lockdown, journal)
+            except (LockdownError, systemd.JobFailedError, systemd.UnknownUnitError) as error:
+                log("tamper-error", error=str(error))
+    finally:
+        bus.disconnect()
+
+
+async def listen(lockdown: Sequence[BusGuarantee], journal: Any,
+                 ready: Callable[[], None] = lambda: None, period: float = PERIOD) -> None:
+    """Run forever; a lost bus (dbus restarted) is reconnected rather than giving up."""
+    while True:
+        try:
+            await _listen_once(lockdown, journal, ready, period)
+        except (systemd.NoBusError, ConnectionError, EOFError) as error:
+            log("tamper-bus-lost", error=str(error))
+        await asyncio.sleep(RECONNECT_DELAY)

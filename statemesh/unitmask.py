@@ -1,0 +1,174 @@
+"""Locking a set of units away (disable, mask, stop) and giving them back from a record.
+
+The ssh, logins and rescue guarantees all take units away from the operator the same way,
+over systemd's D-Bus API: disable what is enabled (so that no .wants/ or alias symlink is
+left to bring it back), mask every name (templates and aliases included, present or not,
+so that a package installed later finds its units masked already), reload, then stop
+what runs, sockets first so that they cannot start a service again. The record of the
+previous unit-file states and of what ran lets purge give back exactly that.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+from typing import Any, Awaitable, Callable, Dict, FrozenSet, Iterable, List, Sequence, TypeVar
+
+from statemesh.guarantee import Finding
+from statemesh.systemd import Systemd, SystemdError, UnknownUnitError, connect
+
+T = TypeVar("T")
+
+ABSENT = "absent"
+MASKED = "masked"
+# Unit-file states that DisableUnitFiles undoes and EnableUnitFiles gives back.
+ENABLED_STATES = ("enabled", "enabled-runtime", "indirect", "linked", "linked-runtime")
+RUNNING_STATES = ("active", "activating", "reloading", "deactivating")
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitSet:
+    """The unit names one guarantee locks; `restart_instances` says whether purge restarts
+    the template instances that ran (gettys: yes; per-connection ssh@ instances: no)."""
+
+    names: Sequence[str]
+    restart_instances: bool = False
+
+    def patterns(self) -> List[str]:
+        """ListUnits patterns: a template name stands for all its instances."""
+        return [name.replace("@.", "@*.") for name in self.names]
+
+
+def _is_instance(name: str) -> bool:
+    return "@" in name and "@." not in name
+
+
+async def file_states(manager: Systemd, names: Iterable[str]) -> Dict[str, str]:
+    states = {}
+    for name in names:
+        try:
+            states[name] = await manager.get_unit_file_state(name)
+        except UnknownUnitError:
+            states[name] = ABSENT
+    return states
+
+
+async def running(manager: Systemd, units: UnitSet) -> List[str]:
+    """Loaded units of the set that run (or are starting/stopping)."""
+    listed = await manager.list_units(units.patterns())
+    return sorted(u.name for u in listed if u.active_state in RUNNING_STATES)
+
+
+async def snapshot(manager: Systemd, units: UnitSet) -> Dict[str, Any]:
+    """What purge needs to give the units back: unit-file states and what ran."""
+    active = await running(manager, units)
+    if not units.restart_instances:
+        active = [name for name in active if not _is_instance(name)]
+    return {"unit_files": await file_states(manager, units.names), "active": active}
+
+
+async def lock(manager: Systemd, units: UnitSet,
+               spare: FrozenSet[str] = frozenset()) -> Dict[str, List[str]]:
+    """Disable, mask and stop every unit of the set; units in `spare` keep running."""
+    states = await file_states(manager, units.names)
+    enabled = [name for name, state in states.items() if state in ENABLED_STATES]
+    if enabled:
+        await manager.disable_unit_files(enabled)
+    await manager.mask_unit_files(list(units.names))
+    await manager.reload()
+    stopped = []
+    for name in sorted(await running(manager, units), key=lambda n: not n.endswith(".socket")):
+        if name in spare:
+            continue
+        await manager.stop_unit(name)
+        stopped.append(name)
+    return {"disabled": enabled, "masked": list(units.names), "stopped": stopped}
+
+
+async def unlocked(manager: Systemd, units: UnitSet,
+                   spare: FrozenSet[str] = frozenset()) -> Dict[str, Any]:
+    """What is not locked: names not masked, and units still running (but spared ones)."""
+    states = await file_states(manager, units.names)
+    return {
+        "not_masked": {name: state for name, state in states.items() if state != MASKED},
+        "running": [name for name in await running(manager, units) if name not in spare],
+    }
+
+
+async def give_back(manager: Systemd, record: Dict[str, Any]) -> List[str]:
+    """Unmask what we masked, re-enable what was enabled, start what ran; returns errors."""
+    states: Dict[str, str] = dict(record.get("unit_files", {}))
+    ours = [name for name, state in states.items() if state != MASKED]
+    errors: List[str] = []
+    if ours:
+        await manager.unmask_unit_files(ours)
+        await manager.reload()
+    enable = [name for name, state in states.items() if state in ENABLED_STATES]
+    if enable:
+        await manager.enable_unit_files(enable)
+        await manager.reload()
+    for name in sorted(record.get("active", []), key=lambda n: not n.endswith(".socket")):
+        try:
+            await manager.start_unit(name)
+        except SystemdError as error:
+            errors.append(str(error))
+    return errors
+
+
+class LockdownError(RuntimeError):
+    """A lockdown step did not take, or could not be given back; the message says which."""
+
+
+class BusGuarantee(abc.ABC):
+    """A guarantee enforced over systemd's D-Bus API.
+
+    Subclasses implement the async `inspect`, `enforce` and `restore`, which the tamper
+    listener calls on its own bus connection inside its event loop; the synchronous
+    Guarantee protocol (check/apply/revert) wraps them with a connection of their own.
+    """
+
+    name = ""
+
+    @abc.abstractmethod
+    async def inspect(self, manager: Systemd) -> Finding:
+        """Read the live state (no side effects)."""
+
+    @abc.abstractmethod
+    async def enforce(self, manager: Systemd, journal: Any) -> None:
+        """Remember the previous state, lock, then verify (idempotent)."""
+
+    @abc.abstractmethod
+    async def restore(self, manager: Systemd, record: Dict[str, Any]) -> List[str]:
+        """Give back what the record says; returns what could not be given back."""
+
+    async def verify(self, manager: Systemd) -> None:
+        """Read the state back after enforcing: raise unless the guarantee now holds."""
+        finding = await self.inspect(manager)
+        if not finding.holds:
+            raise LockdownError(f"{self.name}: still not locked after enforcing: {finding.detail}")
+
+    def check(self) -> Finding:
+        try:
+            return asyncio.run(_with_manager(self.inspect))
+        except SystemdError as error:
+            return Finding(self.name, False, f"cannot ask systemd: {error}")
+
+    def apply(self, journal: Any) -> None:
+        asyncio.run(_with_manager(lambda manager: self.enforce(manager, journal)))
+
+    def revert(self, record: Dict[str, Any]) -> None:
+        if not record:
+            return
+        errors = asyncio.run(_with_manager(lambda manager: self.restore(manager, record)))
+        if errors:
+            raise LockdownError(f"{self.name}: not everything could be given back: "
+                                + "; ".join(errors))
+
+
+async def _with_manager(action: Callable[[Systemd], Awaitable[T]]) -> T:
+    bus = await connect()
+    try:
+        return await action(Systemd(bus))
+    finally:
+        bus.disconnect()

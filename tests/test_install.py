@@ -1,0 +1,224 @@
+"""The journaled all-or-nothing transaction, "reboot required", and the removal path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+from statemesh import install, journal
+from statemesh.guarantee import Finding
+from tests.conftest import ROOT
+
+
+class Step:
+    """A guarantee that records what is asked of it."""
+
+    def __init__(self, name: str, log: List[Any], fail: Optional[Exception] = None,
+                 holds_after: bool = True, revert_fails: bool = False):
+        self.name = name
+        self.log = log
+        self.fail = fail
+        self.holds_after = holds_after
+        self.revert_fails = revert_fails
+        self.applied = False
+
+    def check(self) -> Finding:
+        return Finding(self.name, self.applied and self.holds_after, "checked")
+
+    def apply(self, book: journal.Journal) -> None:
+        self.log.append(("apply", self.name))
+        book.remember(self.name, {"before": f"{self.name}-original"})
+        if self.fail:
+            raise self.fail
+        self.applied = True
+
+    def revert(self, record: Dict[str, Any]) -> None:
+        self.log.append(("revert", self.name, record))
+        if self.revert_fails:
+            raise RuntimeError(f"{self.name} cannot be reverted")
+
+
+class Boot:
+    """This test's boot id, which a "reboot" changes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.count = 0
+        self.reboot()
+
+    def reboot(self) -> None:
+        self.count += 1
+        self.path.write_text(f"00000000-0000-0000-0000-{self.count:012d}\n")
+
+
+@pytest.fixture
+def boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Boot:
+    current = Boot(tmp_path / "boot_id")
+    monkeypatch.setattr(journal, "BOOT_ID_PATH", current.path)
+    return current
+
+
+@pytest.fixture
+def book(tmp_path: Path, boot: Boot) -> journal.Journal:
+    return journal.Journal(tmp_path / "state")
+
+
+def passed() -> Any:
+    from statemesh.preflight import Report
+    return Report([], {})
+
+
+def refused() -> Any:
+    from statemesh.preflight import Report
+    return Report(["interactive session 5 of bob on pts/3"], {})
+
+
+def events(book: journal.Journal) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in book.journal_path.read_text().splitlines()]
+
+
+def test_success_applies_in_order_and_reports_installed(book: journal.Journal) -> None:
+    log: List[Any] = []
+    steps = [Step(name, log) for name in ("ssh", "logins", "rescue", "storage")]
+    install.transaction(book, steps, passed)
+    assert log == [("apply", n) for n in ("ssh", "logins", "rescue", "storage")]
+    assert book.state().state == journal.INSTALLED
+    names = [e["event"] for e in events(book)]
+    assert names[0] == "state-installing" and names[-1] == "state-installed"
+    assert names.count("applied") == 4
+    assert {e["boot_id"] for e in events(book)} == {journal.boot_id()}
+
+
+def test_preflight_refusal_changes_nothing(book: journal.Journal) -> None:
+    log: List[Any] = []
+    with pytest.raises(install.PreflightRefused, match="interactive session 5 of bob"):
+        install.transaction(book, [Step("ssh", log)], refused)
+    assert log == []
+    assert book.state().state == journal.NOT_INSTALLED
+    assert book.restore_record() == {}
+    book.require_clean_boot()  # a refusal is not an interrupted installation
+
+
+def test_failed_step_means_reboot_required_then_a_clean_retry(book: journal.Journal,
+                                                              boot: Boot) -> None:
+    log: List[Any] = []
+    steps = [Step("ssh", log), Step("firewall", log, fail=RuntimeError("ufw is broken")),
+             Step("storage", log)]
+    with pytest.raises(install.InstallError, match="firewall failed: ufw is broken"):
+        install.transaction(book, steps, passed)
+    assert ("apply", "storage") not in log
+    assert book.state().state == journal.FAILED and not book.state().installed
+    with pytest.raises(journal.RebootRequiredError, match="reboot required: firewall failed"):
+        journal.require_clean_boot(book.directory)
+    with pytest.raises(journal.RebootRequiredError):
+        install.transaction(book, steps, passed)
+    boot.reboot()
+    steps[1].fail = None
+    install.transaction(book, steps, passed)
+    assert book.state().installed
+    assert book.restore_record()["ssh"] == {"before": "ssh-original"}
+
+
+def test_a_guarantee_that_does_not_hold_afterwards_fails_the_installation(
+        book: journal.Journal) -> None:
+    steps = [Step("ssh", []), Step("rescue", [], holds_after=False)]
+    with pytest.raises(install.InstallError, match="verification failed: rescue: checked"):
+        install.transaction(book, steps, passed)
+    assert book.state().state == journal.FAILED
+
+
+KILLED_MIDWAY = """
+import os, signal, sys
+from pathlib import Path
+from statemesh import install, journal
+from statemesh.preflight import Report
+journal.BOOT_ID_PATH = Path(sys.argv[2])
+
+class Killer:
+    name = "logins"
+    def apply(self, book):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+install.transaction(journal.Journal(Path(sys.argv[1])), [Killer()], lambda: Report([], {}))
+"""
+
+
+def test_sigkill_midway_is_never_installed_and_needs_a_reboot(book: journal.Journal,
+                                                              boot: Boot) -> None:
+    child = subprocess.run([sys.executable, "-c", KILLED_MIDWAY, str(book.directory),
+                            str(boot.path)], cwd=ROOT, capture_output=True, check=False)
+    assert child.returncode == -9, child.stderr
+    assert book.state().state == journal.INSTALLING and not book.state().installed
+    with pytest.raises(journal.RebootRequiredError, match=r"an installation \(pid \d+\) was "
+                                                          r"interrupted in this boot"):
+        book.require_clean_boot()
+    boot.reboot()
+    install.transaction(book, [Step("logins", [])], passed)
+    assert book.state().installed
+
+
+def test_a_running_transaction_is_not_an_interrupted_one(book: journal.Journal) -> None:
+    book.set_state(journal.INSTALLING)
+    book.require_clean_boot()
+
+
+def test_an_installed_node_is_reapplied_without_preflight(book: journal.Journal) -> None:
+    log: List[Any] = []
+    install.transaction(book, [Step("ssh", log)], passed)
+    install.transaction(book, [Step("ssh", log)], refused)
+    assert log == [("apply", "ssh"), ("apply", "ssh")]
+    assert book.state().installed
+
+
+def test_revert_is_reverse_with_each_record_then_the_record_is_spent(
+        book: journal.Journal) -> None:
+    log: List[Any] = []
+    steps = [Step(name, log) for name in ("ssh", "logins", "storage")]
+    install.transaction(book, steps, passed)
+    log.clear()
+    assert install.revert_all(book, steps) == []
+    assert log == [("revert", "storage", {"before": "storage-original"}),
+                   ("revert", "logins", {"before": "logins-original"}),
+                   ("revert", "ssh", {"before": "ssh-original"})]
+    assert book.restore_record() == {} and book.state().state == journal.REMOVED
+
+
+def test_data_not_destroyed_means_nothing_given_back(book: journal.Journal) -> None:
+    log: List[Any] = []
+    steps = [Step("ssh", log), Step("storage", log, revert_fails=True)]
+    install.transaction(book, steps, passed)
+    log.clear()
+    with pytest.raises(install.InstallError, match="data could not be destroyed"):
+        install.revert_all(book, steps)
+    assert [entry[:2] for entry in log] == [("revert", "storage")]
+    assert "ssh" in book.restore_record()
+
+
+def test_other_revert_failures_give_back_the_rest_and_keep_the_record(
+        book: journal.Journal) -> None:
+    log: List[Any] = []
+    steps = [Step("ssh", log), Step("firewall", log, revert_fails=True), Step("storage", log)]
+    install.transaction(book, steps, passed)
+    log.clear()
+    assert install.revert_all(book, steps) == ["firewall: firewall cannot be reverted"]
+    assert [entry[:2] for entry in log] == [("revert", "storage"), ("revert", "firewall"),
+                                            ("revert", "ssh")]
+    assert "ssh" in book.restore_record()
+
+
+def test_remember_keeps_the_first_value_across_instances(book: journal.Journal) -> None:
+    book.remember("ssh", {"unit_files": {"ssh.service": "enabled"}})
+    journal.Journal(book.directory).remember("ssh", {"unit_files": {"ssh.service": "masked"}})
+    assert book.restore_record() == {"ssh": {"unit_files": {"ssh.service": "enabled"}}}
+
+
+def test_unreadable_state_is_a_clear_error(book: journal.Journal) -> None:
+    book.directory.mkdir(parents=True)
+    book.state_path.write_text("{not json")
+    with pytest.raises(journal.JournalError, match="state.json cannot be read"):
+        book.require_clean_boot()

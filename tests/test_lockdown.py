@@ -1,0 +1,224 @@
+"""ssh, logins, rescue and the tamper listener against stand-in systemd on a private bus.
+
+Files the lockdown writes (shadow, GRUB drop-in, generator mask) live in a temp root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+
+from statemesh import grace, journal, logins, rescue, ssh, systemd, tamper
+from statemesh.config import NodeConfig
+from statemesh.unitmask import LockdownError
+from tests.fakebus import FakeBus, debian12_units, fakebus  # noqa: F401 - fixture
+
+SHADOW = "root:$6$salt$hash:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\n"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A machine's files: passwd/shadow for usermod --root, /etc/default/grub."""
+    etc = tmp_path / "root/etc"
+    (etc / "default").mkdir(parents=True)
+    shutil.copy("/etc/passwd", etc / "passwd")
+    shutil.copy("/etc/group", etc / "group")
+    (etc / "shadow").write_text(SHADOW)
+    (etc / "shadow").chmod(0o600)
+    (etc / "gshadow").write_text("")
+    (etc / "default/grub").write_text("GRUB_DEFAULT=0\n")
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def book(tmp_path: Path) -> journal.Journal:
+    return journal.Journal(tmp_path / "state")
+
+
+@pytest.fixture
+def debian(fakebus: FakeBus) -> FakeBus:
+    debian12_units(fakebus.systemd)
+    return fakebus
+
+
+class Machine:
+    """The three lockdown guarantees of one (fake) machine."""
+
+    def __init__(self, root: Path, tmp_path: Path):
+        self.grub_runs: List[str] = []
+        self.sshd: List[int] = []
+        self.grace_path = tmp_path / "grace.json"
+        config = NodeConfig()
+        self.ssh = ssh.Ssh(config, root=root, find_sshd=lambda: list(self.sshd),
+                           grace_path=self.grace_path)
+        self.logins = logins.Logins(config, root=root, grace_path=self.grace_path)
+        self.rescue = rescue.Rescue(config, root=root,
+                                    regenerate_grub=lambda: self.grub_runs.append("update-grub"))
+        self.all = [self.ssh, self.logins, self.rescue]
+
+
+@pytest.fixture
+def machine(root: Path, tmp_path: Path) -> Machine:
+    return Machine(root, tmp_path)
+
+
+def unit_states(fake: FakeBus) -> Dict[str, Any]:
+    return {name: (u.unit_file_state(), u.active_state) for name, u in fake.systemd.units.items()}
+
+
+def test_lockdown_masks_stops_locks_and_holds(debian: FakeBus, machine: Machine, root: Path,
+                                              book: journal.Journal) -> None:
+    assert [g.check().holds for g in machine.all] == [False, False, False]
+    for guarantee in machine.all:
+        guarantee.apply(book)
+    findings = [g.check() for g in machine.all]
+    assert all(f.holds for f in findings), [f.detail for f in findings]
+    units = debian.systemd.units
+    for name in ssh.UNITS.names + logins.UNITS.names + rescue.UNITS.names:
+        assert units[name].masked, name
+    assert units["ssh.service"].active_state == "inactive" and not units["ssh.service"].enabled
+    assert units["getty@tty1.service"].active_state == "inactive"
+    assert units["serial-getty@ttyS0.service"].active_state == "inactive"
+    assert logins.password_field(root / "etc/shadow") == "!$6$salt$hash"
+    assert (root / rescue.GRUB_DROPIN).read_text() == rescue.GRUB_SETTINGS
+    assert machine.grub_runs == ["update-grub"]
+    assert os.readlink(root / ssh.GENERATOR) == "/dev/null"
+    record = book.restore_record()
+    assert record["ssh"]["unit_files"]["ssh.service"] == "enabled"
+    assert record["ssh"]["active"] == ["ssh.service"]
+    assert record["logins"]["root_locked"] is False
+    assert sorted(record["logins"]["active"]) == ["getty@tty1.service",
+                                                  "serial-getty@ttyS0.service"]
+
+
+def test_apply_is_idempotent_and_keeps_the_first_record(debian: FakeBus, machine: Machine,
+                                                        book: journal.Journal) -> None:
+    for _ in range(2):
+        for guarantee in machine.all:
+            guarantee.apply(book)
+    record = book.restore_record()
+    assert record["ssh"]["unit_files"]["ssh.service"] == "enabled"
+    assert record["logins"]["root_locked"] is False
+    assert all(g.check().holds for g in machine.all)
+
+
+def test_revert_gives_back_exactly_what_was_there(debian: FakeBus, machine: Machine, root: Path,
+                                                  book: journal.Journal) -> None:
+    debian.systemd.units["debug-shell.service"].masked = True  # masked by the operator before
+    before = unit_states(debian)
+    shadow_before = (root / "etc/shadow").read_text()
+    for guarantee in machine.all:
+        guarantee.apply(book)
+    record = book.restore_record()
+    for guarantee in reversed(machine.all):
+        guarantee.revert(record[guarantee.name])
+    after = unit_states(debian)
+    assert {n: after[n] for n in before} == before
+    assert not debian.systemd.units["kbrequest.target"].masked
+    assert debian.systemd.units["debug-shell.service"].masked
+    assert (root / "etc/shadow").read_text() == shadow_before
+    assert not (root / rescue.GRUB_DROPIN).exists()
+    assert not (root / "etc/default/grub.d").exists()
+    assert not (root / ssh.GENERATOR).exists() and not (root / ssh.GENERATOR).parent.exists()
+    assert machine.grub_runs == ["update-grub", "update-grub"]
+
+
+def test_a_root_locked_before_stays_locked(debian: FakeBus, machine: Machine, root: Path,
+                                           book: journal.Journal) -> None:
+    (root / "etc/shadow").write_text(SHADOW.replace("$6$", "!$6$", 1))
+    machine.logins.apply(book)
+    machine.logins.revert(book.restore_record()["logins"])
+    assert logins.password_field(root / "etc/shadow").startswith("!")
+
+
+def test_failed_stop_job_fails_the_apply(debian: FakeBus, machine: Machine,
+                                         book: journal.Journal) -> None:
+    debian.systemd.failing["ssh.service"] = "timeout"
+    with pytest.raises(systemd.JobFailedError, match="ssh.service: job timeout"):
+        machine.ssh.apply(book)
+    assert not machine.ssh.check().holds
+
+
+def test_access_denied_is_reported_not_hidden(debian: FakeBus, machine: Machine,
+                                              book: journal.Journal) -> None:
+    debian.systemd.denied.add("MaskUnitFiles")
+    with pytest.raises(systemd.AccessDeniedError):
+        machine.rescue.apply(book)
+    assert debian.systemd.units["ssh.service"].enabled
+    debian.systemd.denied.add("GetUnitFileState")
+    finding = machine.rescue.check()
+    assert not finding.holds and "Access denied" in finding.detail
+
+
+def test_stray_sshd_processes_are_terminated(debian: FakeBus, machine: Machine,
+                                             book: journal.Journal) -> None:
+    victim = os.fork()
+    if victim == 0:
+        time.sleep(60)
+        os._exit(0)
+    machine.sshd.append(victim)
+    machine.ssh.find_sshd = lambda: [p for p in machine.sshd if _alive(p)]
+    machine.ssh.apply(book)
+    assert not _alive(victim)
+    events = [json.loads(line) for line in book.journal_path.read_text().splitlines()]
+    assert any(e["event"] == "sshd-terminated" and e["pids"] == [victim] for e in events)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return waited == 0
+
+
+def test_the_installing_getty_is_spared_while_the_package_manager_runs(
+        debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
+    ticks = grace.terminals.start_ticks(os.getpid())
+    machine.grace_path.write_text(json.dumps({"pid": os.getpid(), "start_ticks": ticks,
+                                              "session": "1", "sid": os.getsid(0),
+                                              "tty": "/dev/tty1"}))
+    machine.logins.apply(book)
+    assert debian.systemd.units["getty@tty1.service"].active_state == "active"
+    assert debian.systemd.units["serial-getty@ttyS0.service"].active_state == "inactive"
+    assert machine.logins.check().holds
+    machine.grace_path.unlink()
+    assert not machine.logins.check().holds
+
+
+def test_a_shadow_without_root_is_a_clear_error(debian: FakeBus, machine: Machine, root: Path,
+                                                book: journal.Journal) -> None:
+    (root / "etc/shadow").write_text("nobody:*:1:0:99999:7:::\n")
+    with pytest.raises(LockdownError, match="has no entry for root"):
+        machine.logins.apply(book)
+
+
+def test_tamper_listener_reasserts_after_unmask(debian: FakeBus, machine: Machine,
+                                               book: journal.Journal) -> None:
+    for guarantee in machine.all:
+        guarantee.apply(book)
+
+    async def scenario() -> List[str]:
+        ready = asyncio.Event()
+        listener = asyncio.ensure_future(
+            tamper.listen(machine.all, book, ready=ready.set, period=3600))
+        await asyncio.wait_for(ready.wait(), 30)
+        bus = await systemd.connect()
+        manager = systemd.Systemd(bus)
+        await manager.unmask_unit_files(["ssh.service"])
+        while await manager.get_unit_file_state("ssh.service") != "masked":
+            await asyncio.sleep(0.05)
+        listener.cancel()
+        bus.disconnect()
+        return [json.loads(line)["event"] for line in book.journal_path.read_text().splitlines()]
+
+    events = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert "tamper-detected" in events and events[-1] == "tamper-reasserted"
+    assert machine.ssh.check().holds

@@ -1,0 +1,123 @@
+"""Preflight: every reason to refuse is listed, and the installing session is allowed."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from statemesh import preflight, terminals
+from tests.fakebus import FakeBus, FakeSession, fakebus  # noqa: F401 - fixture
+
+DEBIAN12 = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
+
+
+def utmp_entry(kind: int, pid: int, line: str, user: str, host: str = "") -> bytes:
+    return struct.pack(preflight._UTMP_FORMAT, kind, pid, line.encode(), b"", user.encode(),
+                       host.encode(), 0, 0, 0, 0, 0, 0, 0, 0, 0, b"")
+
+
+@pytest.fixture
+def sleeper() -> Iterator[int]:
+    """A live process to stand for a login's shell."""
+    process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+class Host:
+    def __init__(self, tmp_path: Path):
+        self.os_release = tmp_path / "os-release"
+        self.os_release.write_text(DEBIAN12)
+        self.comm = tmp_path / "comm"
+        self.comm.write_text("systemd\n")
+        self.utmp = tmp_path / "utmp"
+        self.grace = tmp_path / "grace.json"
+
+    def check(self) -> preflight.Report:
+        return preflight.check(self.os_release, self.comm, self.utmp, self.grace)
+
+
+@pytest.fixture
+def host(tmp_path: Path, fakebus: FakeBus) -> Host:
+    fakebus.systemd.add("display-manager.service", exists=False)
+    return Host(tmp_path)
+
+
+@pytest.mark.parametrize("text, verdict", [
+    (DEBIAN12, None),
+    ('ID=debian\nVERSION_ID="13"\n', None),
+    ('ID=ubuntu\nVERSION_ID="22.04"\nPRETTY_NAME="Ubuntu 22.04.4 LTS"\n', None),
+    ('ID=ubuntu\nVERSION_ID="24.04"\n', None),
+    ('ID=debian\nVERSION_ID="11"\nPRETTY_NAME="Debian GNU/Linux 11 (bullseye)"\n',
+     "unsupported release 'Debian GNU/Linux 11 (bullseye)': debian 12 or later is needed"),
+    ('ID=ubuntu\nVERSION_ID="20.04"\n', "ubuntu 22.04 or later is needed"),
+    ('ID=debian\n', "debian 12 or later is needed"),
+    ('ID=fedora\nVERSION_ID=40\nPRETTY_NAME="Fedora Linux 40"\n',
+     "unsupported OS 'Fedora Linux 40': only Debian 12+ and Ubuntu 22.04+ are supported"),
+])
+def test_os_release(tmp_path: Path, text: str, verdict: str) -> None:
+    path = tmp_path / "os-release"
+    path.write_text(text)
+    problem, _release = preflight.os_problem(path)
+    if verdict is None:
+        assert problem is None
+    else:
+        assert problem is not None and verdict in problem
+
+
+def test_missing_os_release_and_pid1(tmp_path: Path) -> None:
+    problem, _ = preflight.os_problem(tmp_path / "none")
+    assert problem is not None and "cannot read" in problem
+    (tmp_path / "comm").write_text("init\n")
+    assert preflight.pid1_problem(tmp_path / "comm") == "PID 1 is 'init', not systemd"
+
+
+def test_a_plain_server_passes(host: Host) -> None:
+    report = host.check()
+    assert report.ok, report.problems
+    assert report.facts["os_id"] == "debian" and report.facts["display_manager"] == "inactive"
+
+
+def test_every_reason_is_listed(host: Host, fakebus: FakeBus, sleeper: int) -> None:
+    host.comm.write_text("sysvinit\n")
+    fakebus.systemd.units["display-manager.service"].exists = True
+    fakebus.systemd.units["display-manager.service"].active_state = "active"
+    fakebus.do(fakebus.logind.add, FakeSession("2", type="wayland", tty="tty2", user="alice"))
+    fakebus.do(fakebus.logind.add, FakeSession("5", tty="pts/3", remote=True, user="bob"))
+    fakebus.do(fakebus.logind.add, FakeSession("c7", type="unspecified", class_="background"))
+    host.utmp.write_bytes(utmp_entry(preflight.USER_PROCESS, sleeper, "pts/9", "carol", "10.0.0.9")
+                          + utmp_entry(preflight.USER_PROCESS, 999999999, "pts/8", "gone")
+                          + utmp_entry(8, sleeper, "pts/7", "dead-process-record"))
+    report = host.check()
+    assert report.problems == [
+        "PID 1 is 'sysvinit', not systemd",
+        "a display manager runs (display-manager.service is active)",
+        "graphical (wayland) session 2 of alice on tty2",
+        "interactive session 5 of bob on pts/3 (remote)",
+        f"login of carol on pts/9 from 10.0.0.9 (pid {sleeper})",
+    ]
+    assert json.loads(json.dumps(report.as_dict()))["ok"] is False
+
+
+def test_the_installing_session_is_allowed(host: Host, fakebus: FakeBus) -> None:
+    fakebus.do(fakebus.logind.add, FakeSession("7", tty="pts/0"))
+    host.grace.write_text(json.dumps({
+        "pid": os.getpid(), "start_ticks": terminals.start_ticks(os.getpid()),
+        "session": "7", "sid": os.getsid(0), "tty": "/dev/pts/0"}))
+    host.utmp.write_bytes(utmp_entry(preflight.USER_PROCESS, os.getpid(), "pts/0", "root"))
+    assert host.check().ok
+    fakebus.do(fakebus.logind.add, FakeSession("8", tty="tty1"))
+    assert host.check().problems == ["interactive session 8 of root on tty1"]
+
+
+def test_no_bus_is_a_reason(host: Host, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("STATEMESH_DBUS_ADDRESS", f"unix:path={tmp_path}/none")
+    problems = host.check().problems
+    assert len(problems) == 1 and problems[0].startswith("cannot ask systemd and logind")
