@@ -61,6 +61,7 @@ class Guest:
     ):
         self.image = image
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.repo_disk = repo_disk
         self.kernel_args = kernel_args
         self.overlay = workdir / "overlay.qcow2"

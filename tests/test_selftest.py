@@ -1,0 +1,38 @@
+"""selftest must be able to say "open": a probe that can only pass proves nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from statemesh import selftest
+
+
+def test_pty_probe_reports_open_when_nothing_kills_the_holder() -> None:
+    # No watchdog runs in the test: the holder survives, and the probe must say so.
+    probe = selftest.probe_pty(deadline=0.3)
+    assert probe.name == "pty"
+    assert not probe.blocked
+    assert "stayed open" in probe.detail
+
+
+def test_pty_probe_reports_blocked_when_the_holder_is_killed(monkeypatch) -> None:
+    real_wait = selftest._wait_child
+
+    def kill_then_wait(pid: int, timeout: float) -> tuple:
+        os.kill(pid, signal.SIGKILL)  # stands in for the watchdog
+        return real_wait(pid, timeout)
+
+    monkeypatch.setattr(selftest, "_wait_child", kill_then_wait)
+    probe = selftest.probe_pty(deadline=5)
+    assert probe.blocked
+    assert "killed after" in probe.detail
+
+
+def test_key_search_finds_a_key_across_chunk_boundaries(tmp_path) -> None:
+    key = bytes(range(64))
+    path = tmp_path / "state"
+    path.write_bytes(b"\0" * ((8 << 20) - 10) + key + b"\0" * 100)
+    assert selftest._contains(path, key, path.stat().st_size)
+    assert not selftest._contains(path, key, 8 << 20)
+    assert not selftest._contains(path, bytes(reversed(key)), path.stat().st_size)

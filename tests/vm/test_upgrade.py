@@ -1,0 +1,113 @@
+"""Live upgrades through unattended-upgrades on a node with workload data on it.
+
+Version N (the freshly built package) is installed; N+1 is built from the same tree. The
+operator's unattended-upgrades, configured for the StateMesh origin, brings N+1: the data
+stays, the storage unit is not restarted, the lockdown holds, nothing prompts. A broken N+1
+whose preinst fails must leave N installed and working (dpkg's abort-upgrade path).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.vm import image
+from tests.vm.driver import Guest
+from tests.vm.variants import build_variant
+
+UNATTENDED_CONFIG = b"""// The node's operator lets unattended-upgrades take StateMesh's own repository.
+Unattended-Upgrade::Origins-Pattern { "origin=StateMesh,label=StateMesh"; };
+Unattended-Upgrade::Automatic-Reboot "false";
+"""
+NONINTERACTIVE = {"DEBIAN_FRONTEND": "noninteractive"}
+
+
+def _version(deb: Path) -> str:
+    return re.match(r"statemesh-node_(.+)_all\.deb", deb.name).group(1)
+
+
+@pytest.fixture(scope="module")
+def next_version_repo(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("upgrade")
+    newer = build_variant(work, f"{_version(deb)}+upgrade1")
+    return image.build_repo_disk([deb, newer], work / "repo.img")
+
+
+@pytest.fixture(scope="module")
+def broken_version_repo(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("broken")
+    broken = build_variant(work, f"{_version(deb)}+broken1", broken_preinst=True)
+    return image.build_repo_disk([deb, broken], work / "repo.img")
+
+
+def _install_version_n(guest: Guest, version: str) -> None:
+    guest.run("apt-get update -q", env=NONINTERACTIVE)
+    guest.run(f"apt-get install -y statemesh-node={version}", env=NONINTERACTIVE, timeout=600)
+    guest.run("statemesh-node status")
+    guest.run("dd if=/dev/urandom of=/var/lib/statemesh/workload.bin bs=1M count=8 status=none")
+
+
+def _storage_invocation(guest: Guest) -> str:
+    return guest.run("systemctl show -P InvocationID statemesh-storage.service").stdout.strip()
+
+
+def _checksum(guest: Guest) -> str:
+    return guest.run("sha256sum /var/lib/statemesh/workload.bin").stdout.split()[0]
+
+
+def _watchdog_gap_seconds(guest: Guest) -> float:
+    """How long the watchdog was not running in its most recent stop/start, 0 if never."""
+    shown = guest.run("systemctl show -P InactiveEnterTimestampMonotonic statemesh-watchdog; "
+                      "systemctl show -P ActiveEnterTimestampMonotonic statemesh-watchdog").stdout
+    inactive, active = (int(value or 0) for value in shown.split())
+    return max(0, active - inactive) / 1e6 if inactive else 0.0
+
+
+def _installed_version(guest: Guest) -> str:
+    return guest.run("dpkg-query -W -f '${Version} ${db:Status-Abbrev}' statemesh-node").stdout
+
+
+def test_unattended_upgrade_keeps_data_storage_and_lockdown(
+    guest_factory, deb: Path, next_version_repo: Path
+) -> None:
+    guest = guest_factory(repo=next_version_repo)
+    version = _version(deb)
+    _install_version_n(guest, version)
+    checksum, invocation = _checksum(guest), _storage_invocation(guest)
+    guest.put("/etc/apt/apt.conf.d/51statemesh-unattended", UNATTENDED_CONFIG)
+
+    upgrade = guest.run("unattended-upgrade -v", env=NONINTERACTIVE, timeout=900, check=False)
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert _installed_version(guest).startswith(f"{version}+upgrade1 ii")
+    assert "conffile" not in (upgrade.stdout + upgrade.stderr).lower()
+
+    assert _checksum(guest) == checksum, "workload data changed across the upgrade"
+    assert _storage_invocation(guest) == invocation, "the storage unit was restarted"
+    status = guest.run("statemesh-node status --json", check=False)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert guest.run("systemctl is-active ssh.service", check=False).stdout.strip() != "active"
+    assert guest.run("systemctl is-active statemesh-watchdog").stdout.strip() == "active"
+    gap = _watchdog_gap_seconds(guest)
+    print(f"watchdog gap during the upgrade: {gap:.3f} s")
+    assert gap < 1.0, f"the watchdog was down {gap:.3f} s during the upgrade"
+
+
+def test_failing_upgrade_leaves_version_n_working(
+    guest_factory, deb: Path, broken_version_repo: Path
+) -> None:
+    guest = guest_factory(repo=broken_version_repo)
+    version = _version(deb)
+    _install_version_n(guest, version)
+    checksum = _checksum(guest)
+
+    upgrade = guest.run("apt-get install -y statemesh-node", env=NONINTERACTIVE,
+                        timeout=600, check=False)
+    assert upgrade.returncode != 0
+    assert "this preinst fails on purpose" in upgrade.stdout + upgrade.stderr
+
+    assert _installed_version(guest) == f"{version} ii"
+    assert _checksum(guest) == checksum
+    status = guest.run("statemesh-node status", check=False)
+    assert status.returncode == 0, status.stdout + status.stderr
