@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import re
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -49,6 +49,52 @@ def load_anchors(directory: Path) -> List[x509.Certificate]:
     return anchors
 
 
+def _tlv(der: bytes, offset: int) -> Tuple[int, int, int]:
+    """(tag, start of value, end of value) of the DER element at `offset`."""
+    if offset + 2 > len(der):
+        raise ValueError("truncated DER")
+    tag, first = der[offset], der[offset + 1]
+    start = offset + 2
+    if first < 0x80:
+        length = first
+    elif 0x81 <= first <= 0x84:
+        start += first - 0x80
+        length = int.from_bytes(der[offset + 2:start], "big")
+    else:
+        raise ValueError("unsupported DER length")
+    if start + length > len(der):
+        raise ValueError("truncated DER")
+    return tag, start, start + length
+
+
+def _strict_frame(der: bytes) -> Optional[str]:
+    """What is wrong with the certificate's unsigned frame, or None.
+
+    cryptography 38 checks neither that the outer signatureAlgorithm equals the signed one
+    in tbsCertificate (RFC 5280 4.1.1.2) nor that the signature BIT STRING has no unused
+    bits, so changes there would yield another encoding that still verifies (bench/fuzz
+    found both).
+    """
+    _tag, body, body_end = _tlv(der, 0)
+    _tag, tbs_start, tbs_end = _tlv(der, body)
+    _tag, _start, outer_end = _tlv(der, tbs_end)
+    tag, bits_start, bits_end = _tlv(der, outer_end)
+    if body_end != len(der) or bits_end != body_end:
+        return "bytes outside the certificate's three parts"
+    if tag != 0x03 or bits_start == bits_end or der[bits_start] != 0:
+        return "the signature is not a BIT STRING without unused bits"
+    position = tbs_start
+    tag, _start, end = _tlv(der, position)
+    if tag == 0xA0:  # [0] EXPLICIT version
+        position = end
+        tag, _start, end = _tlv(der, position)
+    position = end  # past serialNumber
+    _tag, _start, end = _tlv(der, position)
+    if der[position:end] != der[tbs_end:outer_end]:
+        return "outer and signed signature algorithms differ"
+    return None
+
+
 def parse(chain: Sequence[bytes]) -> List[x509.Certificate]:
     """DER certificates, EK certificate first; refuses anything unparsable."""
     if not chain:
@@ -59,9 +105,17 @@ def parse(chain: Sequence[bytes]) -> List[x509.Certificate]:
     for index, der in enumerate(chain):
         try:
             certificate = x509.load_der_x509_certificate(der)
-            certificate.extensions  # parse them now: malformed extensions raise here
-        except ValueError as error:
-            raise EkChainInvalid(f"certificate {index} is not valid DER X.509 ({error})") from None
+            # cryptography parses lazily: make every part we use raise here, not later.
+            certificate.extensions, certificate.subject, certificate.issuer  # noqa: B018
+            certificate.not_valid_before, certificate.not_valid_after  # noqa: B018
+            certificate.public_key()
+            problem = _strict_frame(der)
+            if problem:
+                raise ValueError(problem)
+        except Exception as error:  # noqa: BLE001 - cryptography 38 raises KeyError,
+            # ValueError or UnsupportedAlgorithm on different malformations of hostile DER
+            raise EkChainInvalid(f"certificate {index} is not valid DER X.509 "
+                                 f"({type(error).__name__}: {error})") from None
         certificates.append(certificate)
     return certificates
 
@@ -102,10 +156,13 @@ def _check_validity(certificate: x509.Certificate, what: str, now: datetime.date
 
 def _signed_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
     """Whether `issuer`'s key made `certificate`'s signature (names checked by the caller)."""
-    algorithm = certificate.signature_hash_algorithm
+    try:
+        algorithm = certificate.signature_hash_algorithm
+        key = issuer.public_key()
+    except (UnsupportedAlgorithm, ValueError) as error:
+        raise EkChainInvalid(f"unsupported signature or key: {error}") from None
     if isinstance(algorithm, _WEAK_HASHES):
         raise EkChainInvalid(f"signature with the broken hash {algorithm.name}")
-    key = issuer.public_key()
     try:
         if isinstance(key, rsa.RSAPublicKey) and algorithm is not None:
             key.verify(certificate.signature, certificate.tbs_certificate_bytes,
@@ -137,31 +194,31 @@ def verify(chain: Sequence[bytes], anchors: Sequence[x509.Certificate],
            now: Optional[datetime.datetime] = None) -> x509.Certificate:
     """Check that the EK certificate (chain[0]) chains to one of `anchors`; return it.
 
-    EkChainInvalid: a malformed or broken chain. EkUntrusted: a sound chain that ends at
-    no trusted anchor.
+    Every certificate given must be a link of the path: each is issued by the next, and
+    the last is a trusted anchor or issued by one. EkChainInvalid: a malformed or broken
+    chain. EkUntrusted: a sound chain that ends at no trusted anchor.
     """
     now = now or datetime.datetime.utcnow()
     certificates = parse(chain)
-    anchor_ders = {a.public_bytes(serialization.Encoding.DER) for a in anchors}
     for index, certificate in enumerate(certificates):
         what = "EK certificate" if index == 0 else f"chain certificate {index}"
         _check_validity(certificate, what, now)
         _check_extensions(certificate, what, is_ca=index > 0)
         if index > 0:
             _check_path_length(certificate, index - 1, what)
-        if certificate.public_bytes(serialization.Encoding.DER) in anchor_ders:
-            return certificates[0]
-        for anchor in anchors:
-            if _issued(certificate, anchor):
-                _check_validity(anchor, "trusted CA", now)
-                _check_extensions(anchor, "trusted CA", is_ca=True)
-                _check_path_length(anchor, index, "trusted CA")
-                return certificates[0]
-        if index + 1 == len(certificates):
-            break
-        if not _issued(certificate, certificates[index + 1]):
+        if index + 1 < len(certificates) and not _issued(certificate, certificates[index + 1]):
             raise EkChainInvalid(f"{what} is not signed by the next certificate of the chain")
-    raise EkUntrusted(f"the EK certificate (issuer {certificates[-1].issuer.rfc4514_string()}) "
+    last = certificates[-1]
+    anchor_ders = {a.public_bytes(serialization.Encoding.DER) for a in anchors}
+    if last.public_bytes(serialization.Encoding.DER) in anchor_ders:
+        return certificates[0]
+    for anchor in anchors:
+        if _issued(last, anchor):
+            _check_validity(anchor, "trusted CA", now)
+            _check_extensions(anchor, "trusted CA", is_ca=True)
+            _check_path_length(anchor, len(certificates) - 1, "trusted CA")
+            return certificates[0]
+    raise EkUntrusted(f"the EK certificate (issuer {last.issuer.rfc4514_string()}) "
                       "does not chain to a trusted TPM CA")
 
 

@@ -42,6 +42,7 @@ DECRYPT = 1 << 17
 SIGN = 1 << 18
 
 TPM_GENERATED = 0xFF544347
+RH_ENDORSEMENT = 0x4000000B
 ST_ATTEST_QUOTE = 0x8018
 
 MAX_PCR_SELECT = 4  # 32 PCRs at most in any real TPM
@@ -173,6 +174,12 @@ class Public:
         if self.name_alg != ALG_SHA256:
             raise TpmWireError(f"TPMT_PUBLIC: name algorithm {self.name_alg:#06x} is not SHA-256")
         return struct.pack(">H", self.name_alg) + hashlib.sha256(self.raw).digest()
+
+    def qualified_name(self, hierarchy: int = RH_ENDORSEMENT) -> bytes:
+        """The qualified name of this key as a primary key of `hierarchy`: what the TPM
+        writes, signed, as qualifiedSigner in every TPMS_ATTEST the key makes."""
+        digest = hashlib.sha256(struct.pack(">I", hierarchy) + self.name()).digest()
+        return struct.pack(">H", ALG_SHA256) + digest
 
     def has(self, attributes: int) -> bool:
         return self.attributes & attributes == attributes

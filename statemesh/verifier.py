@@ -40,7 +40,12 @@ from statemesh.attesterrors import (
 from statemesh.evidence import Evidence
 
 AK_REQUIRED = tpmwire.RESTRICTED | tpmwire.SIGN | tpmwire.FIXED_TPM | tpmwire.FIXED_PARENT
-EK_REQUIRED = tpmwire.RESTRICTED | tpmwire.DECRYPT | tpmwire.FIXED_TPM | tpmwire.FIXED_PARENT
+# The TCG EK Credential Profile's default (low range) EK templates, RSA 2048 and ECC P-256:
+# the EK certificate certifies a key made from exactly this template, and nothing else is
+# accepted as the EK (its attributes, policy and symmetric scheme are what MakeCredential uses).
+EK_ATTRIBUTES = (tpmwire.FIXED_TPM | tpmwire.FIXED_PARENT | tpmwire.SENSITIVE_DATA_ORIGIN
+                 | tpmwire.ADMIN_WITH_POLICY | tpmwire.RESTRICTED | tpmwire.DECRYPT)
+EK_POLICY = bytes.fromhex("837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa")
 _SIGNATURE_HASHES = {
     tpmwire.ALG_SHA256: hashes.SHA256, tpmwire.ALG_SHA384: hashes.SHA384,
     tpmwire.ALG_SHA512: hashes.SHA512,
@@ -213,6 +218,16 @@ def _same_key(public: tpmwire.Public, certificate_key: Any) -> bool:
     return False
 
 
+def _is_default_ek(ek: tpmwire.Public) -> bool:
+    shape = (ek.name_alg, ek.attributes, ek.auth_policy, ek.symmetric, ek.scheme)
+    if shape != (tpmwire.ALG_SHA256, EK_ATTRIBUTES, EK_POLICY,
+                 (tpmwire.ALG_AES, 128, tpmwire.ALG_CFB), (tpmwire.ALG_NULL, 0)):
+        return False
+    if ek.type == tpmwire.ALG_RSA:
+        return ek.rsa_bits == 2048 and ek.rsa_exponent == 0 and len(ek.unique[0]) == 256
+    return ek.curve == tpmwire.ECC_NIST_P256 and all(len(c) == 32 for c in ek.unique)
+
+
 def _parse(data: bytes) -> Tuple[Evidence, tpmwire.Public, tpmwire.Public, tpmwire.Signature]:
     try:
         ev = evidence.decode(data)
@@ -232,6 +247,9 @@ class Verifier:
         self.clock = clock
         self.anchors = ekchain.load_anchors(policy.ek_ca_dir)
         self._bound: Set[Tuple[bytes, bytes]] = set()
+        # EK chains verified before, with the window in which all their certificates are valid:
+        # a peer connecting again costs no chain walk.
+        self._trusted_chains: Dict[bytes, Tuple[datetime.datetime, datetime.datetime]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -250,6 +268,13 @@ class Verifier:
         if quote.magic != tpmwire.TPM_GENERATED:
             raise QuoteInvalid("the quote's magic is not TPM_GENERATED")
         _check_signature(ak, signature, quote.raw)
+        try:
+            signer = ak.qualified_name()
+        except tpmwire.TpmWireError as error:
+            raise AkAttributesRefused(str(error)) from None
+        if not hmac.compare_digest(quote.qualified_signer, signer):
+            raise QuoteInvalid("the quote's signer is not the evidence's AK as a primary key of "
+                               "the endorsement hierarchy")
         if not hmac.compare_digest(quote.extra_data, ev.claims_digest()):
             raise ClaimsNotSigned("the quote's qualifying data does not cover the claims")
         self._check_binding(ev, expected)
@@ -283,14 +308,26 @@ class Verifier:
             raise PcrDigestMismatch("the PCR values do not hash to the quoted PCR digest")
 
     def _check_endorsement(self, ev: Evidence, ek: tpmwire.Public) -> None:
-        if not ek.has(EK_REQUIRED) or ek.attributes & tpmwire.SIGN:
-            raise EkChainInvalid("the EK is not a restricted, fixedTPM decryption key")
+        if not _is_default_ek(ek):
+            raise EkChainInvalid("the EK is not made from the TCG default EK template")
         if ev.security_class != "tpm":
             return  # a weak node's vTPM EK proves nothing; activation still ties the AK to it
         now = datetime.datetime.utcfromtimestamp(self.clock())
+        key = hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in ev.ek_chain)
+                             + ev.ek_public).digest()
+        with self._lock:
+            window = self._trusted_chains.get(key)
+        if window is not None and window[0] <= now <= window[1]:
+            return
         certificate = ekchain.verify(ev.ek_chain, self.anchors, now)
         if not _same_key(ek, certificate.public_key()):
             raise EkChainInvalid("the EK certificate certifies another key than the EK's")
+        involved = [*ekchain.parse(ev.ek_chain), *self.anchors]
+        with self._lock:
+            if len(self._trusted_chains) > 1024:
+                self._trusted_chains.clear()
+            self._trusted_chains[key] = (max(c.not_valid_before for c in involved),
+                                         min(c.not_valid_after for c in involved))
 
     def _check_policy_claims(self, ev: Evidence) -> None:
         if ev.security_class not in self.policy.allowed_classes:

@@ -250,3 +250,19 @@ def test_apply_records_the_class(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     securityclass.SecurityClass(NodeConfig()).apply(Journal())
     assert recorded == [("security-class", {"security_class": "weak",
                                             "reason": "no TPM device (" + str(tmp_path / "tpmrm0") + ")"})]
+
+
+def test_unsigned_parts_of_a_certificate_are_strict(world: TpmWorld) -> None:
+    """Found by bench/fuzz: cryptography 38 ignores both the outer AlgorithmIdentifier's
+    parameters and the signature's unused-bits count."""
+    der = world.trusted.ek_certificate()
+    assert der is not None
+    outer = der.rfind(bytes.fromhex("300d06092a864886f70d01010b0500"))
+    tampered = der[:outer + 13] + b"\x15" + der[outer + 14:]  # NULL -> VideotexString, still empty
+    with pytest.raises(EkChainInvalid, match="signature algorithms differ"):
+        ekchain.parse([tampered])
+    bit_string = len(der) - 385  # the unused-bits byte of the 3072-bit CA's signature
+    assert der[bit_string - 4:bit_string + 1] == bytes.fromhex("0382018100")
+    with pytest.raises(EkChainInvalid, match="without unused bits"):
+        ekchain.parse([der[:bit_string] + b"\x01" + der[bit_string + 1:-1] + bytes([der[-1] & 0xFE])])
+    assert ekchain.parse([der])

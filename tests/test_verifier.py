@@ -11,7 +11,8 @@ import pytest
 from statemesh import evidence
 from statemesh.attester import Attester
 from statemesh.attesterrors import (
-    AkNotBound, ClaimsNotSigned, ClassRefused, EkUntrusted, NonceMismatch, PcrDigestMismatch,
+    AkNotBound, ClaimsNotSigned, ClassRefused, EkChainInvalid, EkUntrusted, NonceMismatch,
+    PcrDigestMismatch,
     PcrPolicyViolation, SessionMismatch, SignatureInvalid, StaleEvidence, TlsKeyMismatch,
     ZoneRefused,
 )
@@ -207,3 +208,16 @@ def test_policy_file_round_trip(tmp_path: Path) -> None:
 def test_expected_is_what_the_connection_knows() -> None:
     assert {f.name for f in dataclasses.fields(Expected)} == {
         "nonce", "tls_spki_sha256", "session_binding"}
+
+
+def test_ek_certificate_of_another_tpm_is_rejected_even_after_caching(world: TpmWorld,
+                                                                      node: Attester) -> None:
+    """A bare TPM sending the trusted TPM's EK certificate beside its own EK, to a verifier
+    that has just accepted (and cached) that certificate chain."""
+    verifier = Verifier(policy(world.ca_dir))
+    want = expected()
+    verifier.check(attest(node, want), want)
+    impostor = Attester(world.bare, "weak", "eu-west", PCRS, world.ca_dir)
+    impostor.security_class, impostor.ek_chain = "tpm", node.ek_chain
+    with pytest.raises(EkChainInvalid, match="another key"):
+        verifier.check(attest(impostor, want), want)
