@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from statemesh import atls, securityclass, tpm
+from statemesh import atls, journal, securityclass, tpm
 from statemesh.attester import Attester
 from statemesh.attesterrors import VerificationError
 from statemesh.config import NodeConfig
@@ -61,6 +61,11 @@ def _listen(attester: Attester, port: int, verifier: Verifier) -> atls.AtlsServe
 def serve(config: NodeConfig) -> int:
     """Serve this node's aTLS endpoint on the mesh port until stopped."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        journal.require_clean_boot()
+    except journal.RebootRequiredError as error:
+        print(f"statemesh-node: {error}", file=sys.stderr)
+        return 1
     found = securityclass.classify(config)
     log.info("security class %s: %s", found.security_class, found.reason)
     try:

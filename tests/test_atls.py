@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Tuple
 import pytest
 from OpenSSL import SSL
 
-from statemesh import atls, cli
+from statemesh import atls, cli, journal
 from statemesh.attester import Attester
 from statemesh.attesterrors import ClassRefused, ProtocolError, SessionMismatch, TlsKeyMismatch
 from statemesh.verifier import Verifier
@@ -242,3 +242,13 @@ def test_verify_command_without_policy_uses_node_conf_cas(endpoint: Running,
 def test_verify_command_bad_input(argv: list, complaint: str, capsys: pytest.CaptureFixture) -> None:
     assert _cli(*argv) == 2
     assert complaint in capsys.readouterr().err
+
+
+def test_atls_serve_refuses_after_an_interrupted_installation(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    def interrupted() -> None:
+        raise journal.RebootRequiredError("reboot required: an installation was interrupted")
+
+    monkeypatch.setattr(journal, "require_clean_boot", interrupted)
+    assert _cli("atls-serve") == 1
+    assert "reboot required" in capsys.readouterr().err
