@@ -68,7 +68,7 @@ class Tpm:
             self._esapi = ESAPI(tcti)
         except (TSS2_Exception, RuntimeError) as error:
             raise TpmError(f"cannot open the TPM at {tcti}: {error}") from None
-        self._ek_certificate: Optional[bytes] = None
+        self._ek_template: Optional[Tuple[Optional[bytes], TPM2B_PUBLIC]] = None
         self._ek: Optional[Tuple[ESYS_TR, bytes]] = None
         self._ak: Optional[Tuple[ESYS_TR, bytes]] = None
 
@@ -82,19 +82,25 @@ class Tpm:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _endorsement(self) -> Tuple[ESYS_TR, bytes]:
-        """Create (once) the EK matching the TPM's EK certificate; remember its certificate."""
-        if self._ek is None:
+    def _certificate_and_template(self) -> Tuple[Optional[bytes], TPM2B_PUBLIC]:
+        """The EK certificate from NV (RSA 2048 first, then ECC P-256) and the template of
+        the key it certifies; NV reads only, no key generation."""
+        if self._ek_template is None:
             reader = NVReadEK(self._esapi)
-            template = certificate = None
             for ek_type in EK_TYPES:
                 certificate, template = create_ek_template(ek_type, reader)
                 if certificate:
+                    self._ek_template = (certificate, template)
                     break
-            if not certificate:
-                certificate, template = create_ek_template(EK_TYPES[0], reader)
+            else:
+                self._ek_template = (None, create_ek_template(EK_TYPES[0], reader)[1])
+        return self._ek_template
+
+    def _endorsement(self) -> Tuple[ESYS_TR, bytes]:
+        """Create (once) the EK matching the TPM's EK certificate."""
+        if self._ek is None:
+            _certificate, template = self._certificate_and_template()
             handle, public, *_ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
-            self._ek_certificate = certificate or None
             self._ek = (handle, public.publicArea.marshal())
         return self._ek
 
@@ -113,9 +119,9 @@ class Tpm:
                 raise TpmError(f"TPM {what} failed: {error}") from None
 
     def ek_certificate(self) -> Optional[bytes]:
-        """The DER EK certificate from NV (RSA 2048 first, then ECC P-256), if provisioned."""
-        self._call("EK creation", self._endorsement)
-        return self._ek_certificate
+        """The DER EK certificate from NV (RSA 2048 first, then ECC P-256), if provisioned.
+        Cheap: `status` calls it, and creating an RSA EK takes seconds on some TPMs."""
+        return self._call("EK certificate read", self._certificate_and_template)[0]
 
     def ek_public(self) -> bytes:
         """The EK's TPMT_PUBLIC, for the verifier's MakeCredential."""
