@@ -28,6 +28,7 @@ Storage-Dedicated: yes overrides signatures only, never a device the system uses
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import dataclasses
@@ -296,20 +297,16 @@ class Storage:
         path = self.layout.backing_file
         size = self.config.storage_size
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        reusable = 0
-        if path.exists():
-            self._wipe_header(path)
-            reusable = os.stat(path, follow_symlinks=False).st_blocks * 512
-        fs = os.statvfs(path.parent)
-        available = fs.f_bavail * fs.f_frsize + reusable
+        fs = os.statvfs(path.parent)  # the previous file is gone: teardown() removed it
+        available = fs.f_bavail * fs.f_frsize
         if available < size:
             raise StorageError(
                 f"not enough free space for the {_human(size)} backing file {path}: "
                 f"{_human(available)} available on its filesystem; lower Storage-Size or set "
                 "Storage-Device in /etc/statemesh/node.conf")
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        descriptor = os.open(path, flags, 0o600)
         try:
-            os.ftruncate(descriptor, 0)  # the old volume's blocks go back to the filesystem
             os.ftruncate(descriptor, size)
         finally:
             os.close(descriptor)
@@ -486,14 +483,44 @@ class Storage:
                        f"{size} on {device}", facts)
 
     def apply(self, journal: Any) -> None:
-        """Set up this boot's volume (what the unit does at every boot); idempotent."""
-        journal.record("storage-ready", detail=self.setup())
+        """Start statemesh-storage.service (what every boot does) and confirm the volume.
+
+        The unit, not this process, sets the volume up: systemd then knows it is active,
+        and services that require it see it so. A failed start names the unit's journal.
+        """
+        from statemesh import systemd  # lazily, as the watchdog does: status needs no D-Bus
+
+        try:
+            asyncio.run(_unit_job("start"))
+        except systemd.SystemdError as error:
+            raise StorageError(f"{UNIT} did not start ({error}); see journalctl -u {UNIT}") from None
+        finding = self.check()
+        if not finding.holds:
+            raise StorageError(f"{UNIT} started but the volume is not right: {finding.detail}")
+        journal.record("storage-ready", detail=finding.detail)
 
     def revert(self, record: Dict[str, Any]) -> None:
-        """Destroy the volume, then give the operator the empty mount point back."""
+        """Destroy the volume (stopping the unit tears it down), then free the mount point."""
+        del record  # the volume is the package's own: nothing of the operator's to restore
+        asyncio.run(_unit_job("stop"))
         for step in self.teardown():
             log.info("storage: %s", step)
         self.release_mount_point()
+
+
+async def _unit_job(verb: str) -> None:
+    """Start or stop the storage unit over D-Bus and wait for the job's result."""
+    from statemesh import systemd
+
+    bus = await systemd.connect()
+    try:
+        manager = systemd.Systemd(bus)
+        if verb == "start":
+            await manager.start_unit(UNIT)
+        else:
+            await manager.stop_unit(UNIT)
+    finally:
+        bus.disconnect()
 
 
 def _human(size: int) -> str:

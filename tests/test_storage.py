@@ -313,11 +313,13 @@ def test_plaintext_left_in_the_unmounted_mount_point_is_refused(layout, fakes):
     assert not [argv for argv in fakes.argvs("cryptsetup") if argv[1] != "status"]
 
 
-def test_purge_removes_the_backing_file_and_gives_the_mount_point_back(layout, fakes, keys):
+def test_teardown_removes_the_backing_file_and_purge_gives_the_mount_point_back(layout, fakes, keys):
+    # revert() is the unit's stop over D-Bus (VM-tested), then exactly these two steps.
     volume = storage.Storage(config.NodeConfig(storage_size=64 * 1024**2), layout)
     volume.setup()
     os.chmod(layout.mount_point, 0)  # what the unmounted directory looks like
-    volume.revert({})
+    assert volume.teardown() == [f"removed {layout.backing_file}"]
+    volume.release_mount_point()
     assert not layout.backing_file.exists() and not layout.mount_point.exists()
     assert fakes.argvs("chattr")[-1] == ["chattr", "-i", str(layout.mount_point)]
 
