@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from statemesh import (__version__, config, endpoint, grace, guarantees, install, preflight,
-                       storage, watchdog)
+from statemesh import (__version__, config, endpoint, grace, guarantees, install, journal,
+                       preflight, storage, watchdog)
 from statemesh.guarantee import Finding
 
 EXIT_OK = 0
@@ -84,8 +84,11 @@ def cmd_storage(args: argparse.Namespace) -> int:
     """Set up or destroy the encrypted /var/lib/statemesh (statemesh-storage.service runs it)."""
     volume = storage.Storage(config.load(args.config))
     try:
+        if args.action == "setup":
+            journal.require_clean_boot()  # teardown must always work: it destroys data
         steps = [volume.setup()] if args.action == "setup" else volume.teardown()
-    except (storage.StorageError, storage.CommandError, OSError) as error:
+    except (storage.StorageError, storage.CommandError, journal.RebootRequiredError,
+            OSError) as error:
         print(f"statemesh-node: storage {args.action} failed: {error}", file=sys.stderr)
         return EXIT_FAILED
     for step in steps:
