@@ -235,6 +235,10 @@ def plan(rules: Sequence[str], peers: Sequence[IpNetwork], port: int, ipv6: bool
     return Plan(remove=tuple(remove), add=add, skipped_peers=skipped)
 
 
+def _words(networks: Sequence[IpNetwork]) -> str:
+    return " ".join(map(str, networks)) or "none"
+
+
 def _options(words: Sequence[str]) -> Dict[str, str]:
     """iptables -S words as option -> value (flags without a value map to "")."""
     options: Dict[str, str] = {}
@@ -338,20 +342,20 @@ class Firewall:
         if not state.enabled:
             problems.append("ufw is not enabled")
         if state.incoming != "deny" or state.outgoing != "allow":
-            problems.append(f"ufw defaults are {state.incoming} incoming, {state.outgoing} outgoing")
+            defaults = f"{state.incoming} incoming, {state.outgoing} outgoing"
+            problems.append(f"ufw defaults are {defaults}, not deny incoming, allow outgoing")
         if 6 in live and state.ipv6 != "yes":
             problems.append("IPv6 is not managed by ufw (IPV6 is not yes in /etc/default/ufw)")
         for family, seen in live.items():
             if not seen.ufw_loaded or seen.policy != "DROP":
-                problems.append(f"IPv{family} INPUT is not ufw's default deny (policy {seen.policy})")
+                problems.append(f"IPv{family} INPUT is not ufw's deny (policy {seen.policy})")
             for rule in seen.outside_rules + seen.other_user_rules:
                 problems.append(f"IPv{family} rule not ours: {rule}")
         for rule in todo.remove:
             problems.append(f"operator rule to be removed: ufw {rule}")
         expected = [p for p in self.config.zone_peers if p not in todo.skipped_peers]
         if sorted(map(str, allowed)) != sorted(map(str, expected)):
-            shown = " ".join(map(str, allowed)) or "none"
-            problems.append(f"mesh port open to {shown}, Zone-Peers says {' '.join(map(str, expected)) or 'none'}")
+            problems.append(f"mesh port open to {_words(allowed)}, Zone-Peers says {_words(expected)}")
         return problems
 
     def apply(self, journal: Any) -> None:
@@ -382,12 +386,15 @@ class Firewall:
         if state.enabled:
             # `ufw enable` does not reload an already enabled firewall: make the kernel match.
             _ufw("reload")
-        journal.record("firewall-enabled", mesh_port=port, peers=[str(p) for p in self.config.zone_peers])
+        peers = [str(peer) for peer in self.config.zone_peers]
+        journal.record("firewall-enabled", mesh_port=port, peers=peers)
 
     def revert(self, record: Dict[str, Any]) -> None:
         """Put back the remembered ufw state: rules in order, defaults, IPV6, enabled or not."""
         if not record:
             return  # apply() never ran: nothing of ours to undo
+        if not have("ufw"):
+            return  # ufw was removed (forcibly, before us), and its rules with it
         previous = UfwState.from_record(record)
         current = read_state()
         if not previous.enabled and current.enabled:

@@ -1,0 +1,137 @@
+"""Node isolation in a real guest: from the host, only the mesh port answers, and only
+while the host is in Zone-Peers.
+
+QEMU's user networking (restrict=on) forwards 127.0.0.1 ports of the host to the guest;
+inside the guest those connections come from 10.0.2.2, the host as the guest sees it. A
+forwarded connection is always accepted by QEMU on the host side, so "answers" means the
+guest's service sent its first bytes (the SSH banner, or our test listener's line).
+Nothing is ever sent to an address other than 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict
+
+from tests.vm.driver import Guest
+
+MESH, SSH, OTHER = 7443, 22, 8080
+PORTS = (MESH, SSH, OTHER)
+HOST_AS_SEEN_BY_GUEST = "10.0.2.2/32"
+
+LISTENER_PATH = "/usr/local/sbin/statemesh-test-listener"
+# Test-only service in the guest: greet every connection with a line naming the port.
+LISTENER = b'''#!/usr/bin/python3
+import socket, sys, threading
+
+def serve(port):
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", port))
+    server.listen(8)
+    while True:
+        connection, _ = server.accept()
+        connection.sendall(b"statemesh-test %d\\n" % port)
+        connection.close()
+
+for port in sys.argv[1:]:
+    threading.Thread(target=serve, args=(int(port),)).start()
+'''
+
+CONFOLD = b'Dpkg::Options { "--force-confdef"; "--force-confold"; };\n'
+
+
+def node_conf(peers: str) -> bytes:
+    return f"Zone: test-zone\nMesh-Port: {MESH}\nZone-Peers: {peers}\n".encode()
+
+
+def listening(guest: Guest) -> set:
+    out = guest.run("ss -Hltn").stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
+def serve_all_ports(guest: Guest) -> None:
+    """Make every port of PORTS listen in the guest (sshd may hold 22, or may be gone).
+
+    The harness's agent answers early in boot: wait for the guest's network first, or
+    a probe could miss for want of an address rather than because of the firewall.
+    """
+    guest.run("/lib/systemd/systemd-networkd-wait-online --timeout=120", timeout=180)
+    missing = [port for port in PORTS if port not in listening(guest)]
+    if missing:
+        guest.put(LISTENER_PATH, LISTENER, mode=0o755)
+        words = " ".join(map(str, missing))
+        guest.run(f"systemd-run --unit=statemesh-test-listener-$$ {LISTENER_PATH} {words}")
+        guest.run("for i in $(seq 100); do "
+                  + " && ".join(f"ss -Hltn 'sport = :{p}' | grep -q ." for p in missing)
+                  + " && exit 0; sleep 0.1; done; exit 1")
+    assert set(PORTS) <= listening(guest)
+
+
+def answers(host_port: int) -> bool:
+    """Whether the guest's service behind a 127.0.0.1 forward says anything."""
+    try:
+        with socket.create_connection(("127.0.0.1", host_port), timeout=15) as connection:
+            return bool(connection.recv(64))
+    except OSError:  # refused, reset or timed out: the guest never answered
+        return False
+
+
+def probe(guest: Guest) -> Dict[int, bool]:
+    with ThreadPoolExecutor(len(PORTS)) as pool:
+        results = pool.map(lambda port: answers(guest.host_port(port)), PORTS)
+    return dict(zip(PORTS, results))
+
+
+def firewall_finding(guest: Guest) -> dict:
+    result = guest.run("statemesh-node status --json", check=False)
+    assert result.stdout.startswith("{"), f"status failed: {result.stderr}"
+    status = json.loads(result.stdout)
+    return next(f for f in status["guarantees"] if f["name"] == "firewall")
+
+
+def test_only_the_mesh_port_answers_and_only_inside_the_zone(
+    guest_factory: Callable[..., Guest],
+) -> None:
+    guest = guest_factory(forward_ports=PORTS)
+    serve_all_ports(guest)
+    assert probe(guest) == {MESH: True, SSH: True, OTHER: True}  # the forwards work
+
+    guest.run("mkdir -p /etc/statemesh")  # configured before installing, as a provisioner would
+    guest.put("/etc/statemesh/node.conf", node_conf(f"{HOST_AS_SEEN_BY_GUEST} 192.0.2.0/24"))
+    guest.put("/etc/apt/apt.conf.d/90statemesh-test-confold", CONFOLD)
+    guest.install()
+    serve_all_ports(guest)
+    assert probe(guest) == {MESH: True, SSH: False, OTHER: False}
+    finding = firewall_finding(guest)
+    assert finding["holds"], finding["detail"]
+    assert finding["facts"]["allowed_peers"] == [HOST_AS_SEEN_BY_GUEST, "192.0.2.0/24"]
+    assert "Status: active" in guest.run("ufw status").stdout
+
+    # A zone without the host: re-asserted at boot from node.conf, the mesh port goes dark too.
+    guest.put("/etc/statemesh/node.conf", node_conf("192.0.2.0/24 fd00:77::/64"))
+    guest.reboot()
+    serve_all_ports(guest)
+    assert probe(guest) == {MESH: False, SSH: False, OTHER: False}
+    finding = firewall_finding(guest)
+    assert finding["holds"], finding["detail"]
+    assert finding["facts"]["allowed_peers"] == ["192.0.2.0/24", "fd00:77::/64"]
+
+
+def test_purge_gives_the_operator_rules_back(guest_factory: Callable[..., Guest]) -> None:
+    guest = guest_factory(forward_ports=(SSH,))
+    guest.run("ufw allow 22/tcp && ufw limit 8080/tcp && ufw --force enable")
+    before = guest.run("ufw show added && cat /etc/default/ufw /etc/ufw/ufw.conf").stdout
+    assert answers(guest.host_port(SSH))
+
+    guest.install()
+    finding = firewall_finding(guest)
+    assert finding["holds"], finding["detail"]
+    assert "ufw allow 22/tcp" not in guest.run("ufw show added").stdout
+
+    guest.run("apt-get purge -y statemesh-node", env={"DEBIAN_FRONTEND": "noninteractive"})
+    assert guest.run("ufw show added && cat /etc/default/ufw /etc/ufw/ufw.conf").stdout == before
+    assert "ALLOW" in guest.run("ufw status").stdout
+    assert answers(guest.host_port(SSH))  # sshd and the operator's rule are both back
