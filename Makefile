@@ -44,8 +44,15 @@ NO_TESTS := || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests: fail
 test:
 	$(PYTEST) tests --ignore=tests/vm $(NO_TESTS)
 
+# The whole VM suite on Debian 12; the tests marked every_release on Debian 13 too, from
+# the same .deb built on Debian 12.
+OTHER_SUITES := trixie
+
 vm-test: $(DEB)
 	$(PYTEST) tests/vm --deb $(DEB) $(NO_TESTS)
+	for suite in $(OTHER_SUITES); do \
+	  $(PYTEST) tests/vm --deb $(DEB) --suite $$suite -m every_release $(NO_TESTS) || exit $$?; \
+	done
 
 bench: $(DEB)
 	$(CLEAN_ENV) $(PYTHON) -m bench --deb $(DEB)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from statemesh import (__version__, config, endpoint, grace, guarantees, install, journal,
-                       preflight, storage, watchdog)
+                       preflight, selftest, storage, watchdog)
 from statemesh.guarantee import Finding
 
 EXIT_OK = 0
@@ -125,6 +125,20 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    """Try every way in that is safe on a live node; non-zero exit if any is open."""
+    probes = selftest.run_all(config.load(args.config))
+    blocked = all(p.blocked for p in probes)
+    if args.json:
+        _print_json({"blocked": blocked, "probes": [p.as_dict() for p in probes]})
+    else:
+        width = max(len(p.name) for p in probes)
+        for probe in probes:
+            print(f"{'blocked' if probe.blocked else 'OPEN   '} {probe.name:<{width}}  {probe.detail}")
+        print("every way in is blocked" if blocked else "SOME way in is OPEN")
+    return EXIT_OK if blocked else EXIT_FAILED
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     """Harden this machine through statemesh-harden.service (the postinst runs this)."""
     config.load(args.config)
@@ -160,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "atls-serve": cmd_atls_serve,
         "security-class": cmd_security_class,
         "preflight": cmd_preflight,
+        "selftest": cmd_selftest,
         "install": cmd_install,
         "harden": cmd_harden,
         "uninstall": cmd_uninstall,

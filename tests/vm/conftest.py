@@ -25,6 +25,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="Debian release of the guests (bookworm or trixie)")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "every_release: also run on the other supported releases (make vm-test "
+        "runs the whole suite on bookworm and these tests on trixie, from the same .deb)")
+
+
 @pytest.fixture(scope="session")
 def deb(pytestconfig: pytest.Config) -> Path:
     path = pytestconfig.getoption("--deb")

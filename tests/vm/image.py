@@ -131,7 +131,16 @@ def build(suite: str, cache: Path = CACHE) -> Image:
         shutil.move(str(work_dir / "kernel"), staging / "kernel")
         shutil.move(str(work_dir / "initrd"), staging / "initrd")
         staging.rename(target)
+    _prune(cache, suite, keep=target)
     return image
+
+
+def _prune(cache: Path, suite: str, keep: Path, spare: int = 2) -> None:
+    """Remove all but the newest images of `suite` (each is a gigabyte or more)."""
+    others = sorted((p for p in cache.glob(f"{suite}-*") if p != keep),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in others[spare - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_repo_disk(debs: Sequence[Path], output: Path) -> Path:

@@ -22,6 +22,7 @@ def test_harness_reports_a_failing_guest_command(guest: Guest) -> None:
     assert result.returncode == 3
 
 
+@pytest.mark.every_release
 @pytest.mark.parametrize("tpm", [False, True], ids=["weak", "tpm"])
 def test_install_from_local_repository_then_purge_leaves_nothing(guest_factory, tpm: bool) -> None:
     guest = guest_factory(tpm=tpm)
