@@ -364,27 +364,29 @@ class Firewall:
         state = read_state()
         journal.remember(self.name, state.as_record())
         todo = plan(state.rules, self.config.zone_peers, port, kernel_has_ipv6())
-        for rule in todo.remove:
-            _ufw(*_delete_argv(rule))
-            journal.record("firewall-rule-removed", rule=rule)
-        if state.ipv6 != "yes":
-            _set_assignment(UFW_DEFAULTS, "IPV6", "yes")
-            journal.record("firewall-ipv6-managed", previous=state.ipv6)
-            if state.enabled:
-                # An active ufw only builds its IPv6 chains on reload; rules added live need them.
-                _ufw("reload")
         if state.incoming != "deny":
             _ufw("default", "deny", "incoming")
         if state.outgoing != "allow":
             _ufw("default", "allow", "outgoing")
+        in_sync = not state.enabled  # `ufw enable` loads everything; an active ufw needs a reload
+        if state.ipv6 != "yes":
+            _set_assignment(UFW_DEFAULTS, "IPV6", "yes")
+            journal.record("firewall-ipv6-managed", previous=state.ipv6)
+            if state.enabled:
+                # An active ufw builds its IPv6 chains only on reload; live rule changes need them.
+                _ufw("reload")
+                in_sync = True
+        for rule in todo.remove:
+            _ufw(*_delete_argv(rule))
+            journal.record("firewall-rule-removed", rule=rule)
         for rule in todo.add:
             _ufw(*_rule_argv(rule))
             journal.record("firewall-rule-added", rule=rule)
         for peer in todo.skipped_peers:
             journal.record("firewall-peer-skipped", peer=str(peer), reason="kernel without IPv6")
         _ufw("--force", "enable")
-        if state.enabled:
-            # `ufw enable` does not reload an already enabled firewall: make the kernel match.
+        if not in_sync:
+            # Make the kernel match ufw's files again, whatever was done to it by hand.
             _ufw("reload")
         peers = [str(peer) for peer in self.config.zone_peers]
         journal.record("firewall-enabled", mesh_port=port, peers=peers)
@@ -413,8 +415,9 @@ class Firewall:
                 _ufw(*_rule_argv(rule))
             except CommandError as error:
                 failed.append(f"ufw {rule} ({error})")
-        if previous.enabled:
+        if previous.enabled and current.enabled:
+            _ufw("reload")  # load the restored defaults and IPV6 setting into the kernel
+        elif previous.enabled:
             _ufw("--force", "enable")
-            _ufw("reload")
         if failed:
             raise FirewallError("could not restore these operator rules: " + "; ".join(failed))

@@ -371,7 +371,7 @@ def test_operator_rules_are_reported_removed_and_restored_by_revert(ns: Namespac
     assert "-P INPUT ACCEPT" in ns.run(["iptables", "-S", "INPUT"]).stdout
 
 
-def test_apply_is_idempotent_and_remembers_the_first_state(ns: Namespace):
+def test_apply_is_idempotent_remembers_the_first_state_and_follows_the_zone(ns: Namespace):
     ns.guarantee("apply", ZONE_CONF)
     files = ns.ufw_files()
     events = len(ns.journal()["events"])
@@ -382,20 +382,24 @@ def test_apply_is_idempotent_and_remembers_the_first_state(ns: Namespace):
     assert new_events == ["firewall-enabled"]
     assert ns.journal()["restore"]["firewall"]["enabled"] is False
 
+    changed = ns.guarantee("apply", "Zone: eu-west\nZone-Peers: 10.77.1.0/24\n")
+    assert changed["holds"], changed["detail"]
+    assert changed["facts"]["allowed_peers"] == ["10.77.1.0/24"]
+
     ns.guarantee("revert", ZONE_CONF)
     assert added_rules(ns) == []
     assert "ENABLED=no" in ns.ufw_files()["etc-ufw/ufw.conf"]
 
 
-def test_apply_follows_a_changed_zone(ns: Namespace):
+def test_reapply_repairs_the_kernel_and_check_sees_rules_outside_ufw(ns: Namespace):
     ns.guarantee("apply", ZONE_CONF)
-    changed = ns.guarantee("apply", "Zone: eu-west\nZone-Peers: 10.77.1.0/24\n")
-    assert changed["holds"], changed["detail"]
-    assert changed["facts"]["allowed_peers"] == ["10.77.1.0/24"]
+    ns.sh("iptables -F ufw-user-input && ip6tables -P INPUT ACCEPT")
+    tampered = ns.guarantee("check", ZONE_CONF)
+    assert not tampered["holds"] and tampered["facts"]["allowed_peers"] == ["fd00:77::/64"]
+    assert "IPv6 INPUT is not ufw's deny (policy ACCEPT)" in tampered["detail"]
+    repaired = ns.guarantee("apply", ZONE_CONF)
+    assert repaired["holds"], repaired["detail"]
 
-
-def test_check_fails_on_rules_added_outside_ufw(ns: Namespace):
-    ns.guarantee("apply", ZONE_CONF)
     ns.run(["iptables", "-I", "INPUT", "-p", "tcp", "--dport", "8080", "-j", "ACCEPT"])
     report = ns.guarantee("check", ZONE_CONF)
     assert not report["holds"]
@@ -403,7 +407,7 @@ def test_check_fails_on_rules_added_outside_ufw(ns: Namespace):
 
 
 def test_bad_config_is_refused_and_changes_nothing(ns: Namespace):
-    set_operator_state(ns)
+    ns.run(["ufw", "allow", "22/tcp"])
     files = ns.ufw_files()
     refused = ns.guarantee("apply", "Zone: eu-west\nMesh-Port: 7443\nZone-Peers: 10.77.0.0/33\n", expect_error=True)
     assert "node.conf:3: Zone-Peers: not a CIDR network" in refused["error"]
@@ -414,7 +418,7 @@ def test_bad_config_is_refused_and_changes_nothing(ns: Namespace):
 
 
 def test_revert_without_record_changes_nothing(ns: Namespace):
-    set_operator_state(ns)
+    ns.run(["ufw", "allow", "22/tcp"])
     files = ns.ufw_files()
     ns.guarantee("revert", ZONE_CONF)
     assert ns.ufw_files() == files
