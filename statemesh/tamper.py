@@ -16,6 +16,7 @@ import json
 from typing import Any, Callable, List, Sequence
 
 from statemesh import systemd
+from statemesh.run import CommandError
 from statemesh.unitmask import BusGuarantee, LockdownError
 
 # Seconds between checks when no signal came: the safety net, not the reaction time.
@@ -61,7 +62,10 @@ async def _listen_once(lockdown: Sequence[BusGuarantee], journal: Any,
             changed.clear()
             try:
                 await reassert(manager, lockdown, journal)
-            except (LockdownError, systemd.JobFailedError, systemd.UnknownUnitError) as error:
+            except systemd.NoBusError:
+                raise
+            except (LockdownError, systemd.SystemdError, CommandError) as error:
+                # Logged and retried at the next signal or period: the listener must not die.
                 log("tamper-error", error=str(error))
     finally:
         bus.disconnect()
