@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from statemesh import (__version__, config, endpoint, grace, guarantees, install, journal,
-                       preflight, selftest, storage, watchdog)
+from statemesh import (__version__, config, endpoint, firewall, grace, guarantees, install,
+                       journal, preflight, selftest, storage, watchdog)
 from statemesh.guarantee import Finding
+from statemesh.run import CommandError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -114,6 +115,7 @@ def cmd_security_class(args: argparse.Namespace) -> int:
 def cmd_preflight(args: argparse.Namespace) -> int:
     """Check whether this machine may become a node; list every reason to refuse."""
     report = preflight.check()
+    report.facts["firewall_notes"] = firewall.preflight_notes(config.load(args.config))
     if args.json:
         _print_json(report.as_dict())
     elif report.ok:
@@ -122,7 +124,26 @@ def cmd_preflight(args: argparse.Namespace) -> int:
         print("preflight refused:")
         for problem in report.problems:
             print(f"  - {problem}")
+    for note in [] if args.json else report.facts["firewall_notes"]:
+        print(f"  note: {note}")
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_firewall(args: argparse.Namespace) -> int:
+    """Re-apply the firewall from node.conf on an installed node (statemesh-firewall.service)."""
+    try:
+        finding = firewall.reassert(config.load(args.config), journal.Journal())
+    except (journal.RebootRequiredError, firewall.FirewallError, CommandError) as error:
+        print(f"statemesh-node: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    if finding is None:
+        print("statemesh-node: not installed; the installation applies the firewall")
+        return EXIT_OK
+    if args.json:
+        _print_json(finding.as_dict())
+    else:
+        _print_findings([finding])
+    return EXIT_OK if finding.holds else EXIT_FAILED
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
@@ -178,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "install": cmd_install,
         "harden": cmd_harden,
         "uninstall": cmd_uninstall,
+        "firewall": cmd_firewall,
     }
     for name, handler in commands.items():
         command = sub.add_parser(name, help=(handler.__doc__ or "").strip().splitlines()[0])

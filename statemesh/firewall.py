@@ -421,3 +421,29 @@ class Firewall:
             _ufw("--force", "enable")
         if failed:
             raise FirewallError("could not restore these operator rules: " + "; ".join(failed))
+
+
+def preflight_notes(config: NodeConfig) -> List[str]:
+    """For preflight: the ufw rules an installation would remove (and purge put back)."""
+    try:
+        todo = plan(read_state().rules, config.zone_peers, config.mesh_port, kernel_has_ipv6())
+    except (CommandError, FirewallError, OSError) as error:
+        return [f"cannot read ufw's rules: {error}"]
+    return [f"ufw rule to be removed (put back at purge): ufw {rule}" for rule in todo.remove]
+
+
+def reassert(config: NodeConfig, journal: Any) -> Optional[Finding]:
+    """Boot time on an installed node: apply again from node.conf, then read back.
+
+    ufw.service has already loaded the saved rules; this catches what changed while the
+    node was down (ufw's files edited from other media, a node.conf delivered by an
+    upgrade). Before an installation has completed there is nothing to re-assert (None):
+    the installation's transaction applies the firewall.
+    """
+    journal.require_clean_boot()
+    if not journal.state().installed:
+        return None
+    guarantee = Firewall(config)
+    guarantee.apply(journal)
+    journal.record("firewall-reasserted")
+    return guarantee.check()

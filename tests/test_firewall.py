@@ -26,38 +26,34 @@ from statemesh.config import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 PORT = 7443
 
-# Runs inside the namespaces: one guarantee action, then check(), as JSON on stdout.
+# Runs inside the namespaces with the real journal in a temporary state directory: one
+# action, then check(), as JSON on stdout; refusals as {"error": ...} with exit status 2.
 DRIVER = r'''
 import json, sys
 from pathlib import Path
-from statemesh import config, firewall
+from statemesh import config, firewall, journal
 
-
-class Journal:
-    """Test double of the installer's journal (contract 1): events, first-wins restore data."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"events": [], "restore": {}}
-
-    def record(self, event, **details):
-        self.data["events"].append(dict(details, event=event))
-        self.path.write_text(json.dumps(self.data))
-
-    def remember(self, name, data):
-        self.data["restore"].setdefault(name, data)
-        self.path.write_text(json.dumps(self.data))
-
-
-action, conf_path, journal_path = sys.argv[1:4]
+action, conf_path, state_dir = sys.argv[1:4]
+book = journal.Journal(Path(state_dir))
 try:
-    guarantee = firewall.Firewall(config.load(Path(conf_path)))
-    journal = Journal(journal_path)
+    node_config = config.load(Path(conf_path))
+    guarantee = firewall.Firewall(node_config)
     if action == "apply":
-        guarantee.apply(journal)
+        guarantee.apply(book)
     elif action == "revert":
-        guarantee.revert(journal.data["restore"].get("firewall", {}))
-except (config.ConfigError, firewall.FirewallError) as error:
+        guarantee.revert(book.restore_record().get("firewall", {}))
+    elif action == "reassert":
+        if firewall.reassert(node_config, book) is None:
+            print(json.dumps({"reasserted": False}))
+            sys.exit(0)
+    elif action in (journal.INSTALLED, journal.FAILED):
+        book.set_state(action)
+        print(json.dumps({"state": action}))
+        sys.exit(0)
+    elif action == "preflight":
+        print(json.dumps(firewall.preflight_notes(node_config)))
+        sys.exit(0)
+except (config.ConfigError, firewall.FirewallError, journal.RebootRequiredError) as error:
     print(json.dumps({"error": str(error)}))
     sys.exit(2)
 print(json.dumps(guarantee.check().as_dict()))
@@ -181,18 +177,22 @@ class Namespace:
         driver = self.workdir / "driver.py"
         driver.write_text(DRIVER)
         result = self.run(
-            ["/usr/bin/python3", str(driver), action, str(conf_path), str(self.journal_path)],
+            ["/usr/bin/python3", str(driver), action, str(conf_path), str(self.state_dir)],
             check=False,
         )
         assert result.returncode == (2 if expect_error else 0), result.stdout + result.stderr
         return json.loads(result.stdout)
 
     @property
-    def journal_path(self) -> Path:
-        return self.workdir / "journal.json"
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
 
-    def journal(self) -> Dict[str, Any]:
-        return json.loads(self.journal_path.read_text())
+    def events(self) -> List[Dict[str, Any]]:
+        lines = (self.state_dir / "journal.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    def restore_record(self) -> Dict[str, Any]:
+        return json.loads((self.state_dir / "restore.json").read_text())
 
     def ufw_files(self) -> Dict[str, str]:
         """Everything ufw persists, as text, to compare before and after."""
@@ -360,7 +360,7 @@ def test_operator_rules_are_reported_removed_and_restored_by_revert(ns: Namespac
         "ufw allow from fd00:77::/64 to any port 7443 proto tcp comment 'statemesh-node'",
     ]
     assert "IPV6=yes" in ns.ufw_files()["etc-default/ufw"]
-    removed = [e["rule"] for e in ns.journal()["events"] if e["event"] == "firewall-rule-removed"]
+    removed = [e["rule"] for e in ns.events() if e["event"] == "firewall-rule-removed"]
     assert len(removed) == 5
 
     reverted = ns.guarantee("revert", ZONE_CONF)
@@ -374,13 +374,13 @@ def test_operator_rules_are_reported_removed_and_restored_by_revert(ns: Namespac
 def test_apply_is_idempotent_remembers_the_first_state_and_follows_the_zone(ns: Namespace):
     ns.guarantee("apply", ZONE_CONF)
     files = ns.ufw_files()
-    events = len(ns.journal()["events"])
+    events = len(ns.events())
     again = ns.guarantee("apply", ZONE_CONF)
     assert again["holds"], again["detail"]
     assert ns.ufw_files() == files
-    new_events = [e["event"] for e in ns.journal()["events"][events:]]
+    new_events = [e["event"] for e in ns.events()[events:]]
     assert new_events == ["firewall-enabled"]
-    assert ns.journal()["restore"]["firewall"]["enabled"] is False
+    assert ns.restore_record()["firewall"]["enabled"] is False
 
     changed = ns.guarantee("apply", "Zone: eu-west\nZone-Peers: 10.77.1.0/24\n")
     assert changed["holds"], changed["detail"]
@@ -414,7 +414,7 @@ def test_bad_config_is_refused_and_changes_nothing(ns: Namespace):
     refused = ns.guarantee("apply", "Mesh-Port: 0\n", expect_error=True)
     assert "node.conf:1: Mesh-Port: not a port number" in refused["error"]
     assert ns.ufw_files() == files
-    assert not ns.journal_path.exists()
+    assert not ns.state_dir.exists()
 
 
 def test_revert_without_record_changes_nothing(ns: Namespace):
@@ -426,11 +426,32 @@ def test_revert_without_record_changes_nothing(ns: Namespace):
 
 def test_revert_restores_what_it_can_and_names_what_it_cannot(ns: Namespace):
     record = firewall.UfwState(False, "deny", "allow", "yes", ("allow NoSuchProfile", "allow 22/tcp"))
-    ns.journal_path.write_text(json.dumps({"events": [], "restore": {"firewall": record.as_record()}}))
+    ns.state_dir.mkdir()
+    (ns.state_dir / "restore.json").write_text(json.dumps({"firewall": record.as_record()}))
     ns.guarantee("apply", ZONE_CONF)
     failed = ns.guarantee("revert", ZONE_CONF, expect_error=True)
     assert "ufw allow NoSuchProfile" in failed["error"]
     assert added_rules(ns) == ["ufw allow 22/tcp"]
+
+
+def test_preflight_notes_and_boot_reassert_on_installed_nodes_only(ns: Namespace):
+    ns.run(["ufw", "allow", "22/tcp"])
+    notes = ns.guarantee("preflight", ZONE_CONF)
+    assert notes == ["ufw rule to be removed (put back at purge): ufw allow 22/tcp"]
+    files = ns.ufw_files()
+    assert ns.guarantee("reassert", ZONE_CONF) == {"reasserted": False}  # not installed
+    assert ns.ufw_files() == files
+
+    ns.guarantee("apply", ZONE_CONF)
+    ns.guarantee("installed", ZONE_CONF)
+    ns.run(["ufw", "allow", "8080/tcp"])  # what an edit from other media would leave
+    reasserted = ns.guarantee("reassert", ZONE_CONF)
+    assert reasserted["holds"], reasserted["detail"]
+    assert "firewall-reasserted" in [e["event"] for e in ns.events()]
+
+    ns.guarantee("failed", ZONE_CONF)  # an installation interrupted in this boot
+    refused = ns.guarantee("reassert", ZONE_CONF, expect_error=True)
+    assert refused["error"].startswith("reboot required")
 
 
 def probe(ns: Namespace, targets: Sequence[Sequence[Any]]) -> List[str]:
