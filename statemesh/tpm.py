@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 # Before tpm2_pytss loads libtss2-esys: its expected "no such NV index" probes log to stderr.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
+# tpm2-pytss 1.2 leaves every TPM structure uninitialised when unittest.mock was imported
+# before it (a hack for its documentation build), which any test suite may have done.
+_MOCK = sys.modules.pop("unittest.mock", None)
 
 from tpm2_pytss import (  # noqa: E402
     ESAPI,
@@ -32,6 +36,9 @@ from tpm2_pytss import (  # noqa: E402
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_OBJECT  # noqa: E402
 from tpm2_pytss.types import TPM2B_NAME  # noqa: E402
 from tpm2_pytss.utils import NVReadEK, create_ek_template, make_credential  # noqa: E402
+
+if _MOCK is not None:
+    sys.modules["unittest.mock"] = _MOCK
 
 from statemesh import tpmwire  # noqa: E402
 

@@ -6,6 +6,8 @@ import datetime
 import hashlib
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -266,3 +268,19 @@ def test_unsigned_parts_of_a_certificate_are_strict(world: TpmWorld) -> None:
     with pytest.raises(EkChainInvalid, match="without unused bits"):
         ekchain.parse([der[:bit_string] + b"\x01" + der[bit_string + 1:-1] + bytes([der[-1] & 0xFE])])
     assert ekchain.parse([der])
+
+
+def test_tpm_structures_work_after_unittest_mock_was_imported(world: TpmWorld) -> None:
+    """tpm2-pytss 1.2 disables its structures when unittest.mock is loaded first; the VM
+    suite's process had it loaded, and MakeCredential broke there."""
+    ek_public = world.trusted.ek_public()
+    name = tpmwire.parse_public(world.trusted.ak_public()).name()
+    script = ("import sys, unittest.mock; sys.path.insert(0, sys.argv[1]); "
+              "from statemesh.tpm import seal_credential; "
+              "blob, secret = seal_credential(bytes.fromhex(sys.argv[2]), bytes.fromhex(sys.argv[3]), b'k' * 32); "
+              "sys.stdout.write((blob + secret).hex())")
+    result = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent.parent),
+                             ek_public.hex(), name.hex()], capture_output=True, text=True, check=True)
+    sealed = bytes.fromhex(result.stdout)
+    blob_size = int.from_bytes(sealed[:2], "big") + 2
+    assert world.trusted.activate_credential(sealed[:blob_size], sealed[blob_size:]) == b"k" * 32
