@@ -42,7 +42,7 @@ class NodeConfig:
     mesh_port: int = 7443
     storage_device: Optional[Path] = None
     storage_dedicated: bool = False
-    storage_size: int = 8 * 1024**3
+    storage_size: Optional[int] = None  # None: 8G, or half the free space if less
     watchdog_exempt_units: Tuple[str, ...] = ()
     tpm_ca_dir: Path = Path("/etc/statemesh/tpm-ca.d")
     attestation_pcrs: Tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)

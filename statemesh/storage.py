@@ -5,7 +5,8 @@ single-user mode. So statemesh-storage.service, early at every boot and without 
 crypttab, runs `setup()`:
 
 1. backing: Storage-Device (node.conf) after safety checks, or a sparse file of Storage-Size
-   on a loop device; the previous boot's header is wiped first (its key is gone anyway);
+   (default 8G, or half the free space if less) on a loop device; the previous boot's
+   header is wiped first (its key is gone anyway);
 2. a fresh 512-bit key from the kernel's CSPRNG in a bytearray (mlocked where allowed), fed
    to cryptsetup through a pipe written from a memoryview: never argv, never a file, never
    an immutable bytes copy; luksFormat (LUKS2, aes-xts-plain64, 512-bit), open as
@@ -54,6 +55,10 @@ CIPHER = "aes-xts-plain64"
 KEY_BYTES = 64
 # LUKS2's default metadata and keyslot area: both header copies and every keyslot.
 HEADER_BYTES = 16 * 1024 * 1024
+# Without Storage-Size: 8G, or half the free space when that is less, so that a small
+# cloud disk still gets a volume; an explicit Storage-Size that does not fit is an error.
+DEFAULT_SIZE = 8 * 1024**3
+MINIMUM_SIZE = 64 * 1024**2
 MOUNT_OPTIONS = "nodev,nosuid,noatime"
 VOLUME_MODE = 0o700
 # ext4 for a volume that is new at every boot and never checked or recovered: no journal
@@ -295,10 +300,10 @@ class Storage:
     def _prepare_file(self) -> Path:
         """A fresh sparse backing file on a new loop device; returns the loop device."""
         path = self.layout.backing_file
-        size = self.config.storage_size
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fs = os.statvfs(path.parent)  # the previous file is gone: teardown() removed it
         available = fs.f_bavail * fs.f_frsize
+        size = backing_size(self.config.storage_size, available)
         if available < size:
             raise StorageError(
                 f"not enough free space for the {_human(size)} backing file {path}: "
@@ -521,6 +526,14 @@ async def _unit_job(verb: str) -> None:
             await manager.stop_unit(UNIT)
     finally:
         bus.disconnect()
+
+
+def backing_size(configured: Optional[int], available: int) -> int:
+    """Storage-Size if set; else 8G, or half the available space (whole MiB) if less."""
+    if configured is not None:
+        return configured
+    half = available // 2 // 1024**2 * 1024**2
+    return max(MINIMUM_SIZE, min(DEFAULT_SIZE, half))
 
 
 def _human(size: int) -> str:

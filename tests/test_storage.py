@@ -304,6 +304,14 @@ def test_short_free_space_is_a_clear_error_before_anything_is_written(layout, fa
     assert fakes.argvs("losetup") == [argv for argv in fakes.argvs("losetup") if "--list" in argv]
 
 
+def test_the_default_size_is_8g_or_half_the_free_space_and_an_explicit_one_is_kept():
+    gib = 1024**3
+    assert storage.backing_size(None, 100 * gib) == 8 * gib
+    assert storage.backing_size(None, 3 * gib + 5) == 3 * gib // 2
+    assert storage.backing_size(None, 10 * 1024**2) == storage.MINIMUM_SIZE  # then refused
+    assert storage.backing_size(512 * 1024**2, 100 * gib) == 512 * 1024**2
+
+
 def test_plaintext_left_in_the_unmounted_mount_point_is_refused(layout, fakes):
     layout.mount_point.mkdir()
     (layout.mount_point / "leftover").write_text("plaintext")
