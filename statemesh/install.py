@@ -15,9 +15,11 @@ required" until the boot id changes. The node is reported installed only after t
 guarantee was applied and every guarantee's check() holds.
 
 At every boot the unit runs again: an installed node re-asserts the lockdown (ssh, logins,
-rescue; the other guarantees are persistent or have units of their own), a node that is
-not installed yet (an image built in a chroot) runs the whole installation. Then the unit
-stays up as the tamper listener.
+rescue; the other guarantees are persistent or have units of their own), and a pristine
+one (an image built in a chroot, no journal yet) runs the whole installation. A node whose
+installation was refused, failed or interrupted is left alone at boot: retrying is the
+operator's explicit `dpkg --configure -a`, never a surprise. Then the unit stays up as the
+tamper listener.
 """
 
 from __future__ import annotations
@@ -95,6 +97,20 @@ def reassert(book: journal.Journal, lockdown: Sequence[Guarantee]) -> None:
     book.record("lockdown-reasserted", guarantees=[g.name for g in lockdown])
 
 
+TRANSACTION, REASSERT, IDLE = "transaction", "reassert", "idle"
+
+
+def boot_action(book: journal.Journal, requested: bool) -> str:
+    """What the harden unit does: the transaction when the installer asked for it or on a
+    pristine node (an image's first boot: no journal at all), the re-assert on an installed
+    node, nothing otherwise. A refused, failed, interrupted or removed installation is never
+    turned into an installation by a reboot: retrying is the operator's explicit choice."""
+    state = book.state()
+    if requested or (state.state == journal.NOT_INSTALLED and not book.journal_path.exists()):
+        return TRANSACTION
+    return REASSERT if state.installed else IDLE
+
+
 def harden(config: NodeConfig, listen: bool = True) -> int:
     """What statemesh-harden.service runs: the transaction or the re-assert, then listen."""
     from statemesh.watchdog import notify_ready
@@ -104,10 +120,16 @@ def harden(config: NodeConfig, listen: bool = True) -> int:
     requested = REQUEST.exists()
     REQUEST.unlink(missing_ok=True)
     try:
-        if requested or not book.state().installed:
+        action = boot_action(book, requested)
+        if action == TRANSACTION:
             transaction(book, ordered, preflight.check)
-        else:
+        elif action == REASSERT:
             reassert(book, lockdown_of(ordered))
+        else:
+            print(f"statemesh-node: not installed ({book.state().state}); nothing to do "
+                  f"until the installation is retried (dpkg --configure -a)", flush=True)
+            notify_ready()
+            return 0
     except (InstallError, journal.RebootRequiredError, journal.JournalError) as error:
         print(f"statemesh-node: {error}", file=sys.stderr)
         return 1

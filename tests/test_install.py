@@ -222,3 +222,14 @@ def test_unreadable_state_is_a_clear_error(book: journal.Journal) -> None:
     book.state_path.write_text("{not json")
     with pytest.raises(journal.JournalError, match="state.json cannot be read"):
         book.require_clean_boot()
+
+
+def test_what_the_harden_unit_does_at_boot(book: journal.Journal) -> None:
+    assert install.boot_action(book, requested=False) == install.TRANSACTION  # image, 1st boot
+    with pytest.raises(install.PreflightRefused):
+        install.transaction(book, [Step("ssh", [])], refused)
+    assert install.boot_action(book, requested=False) == install.IDLE  # no surprise install
+    assert install.boot_action(book, requested=True) == install.TRANSACTION
+    install.transaction(book, [Step("ssh", [])], passed)
+    assert install.boot_action(book, requested=False) == install.REASSERT
+    assert install.boot_action(book, requested=True) == install.TRANSACTION  # upgrade
