@@ -35,7 +35,7 @@ from statemesh.attesterrors import (
     AkAttributesRefused, AkNotBound, ClaimsNotSigned, ClassRefused, EkChainInvalid,
     MalformedEvidence, NonceMismatch, PcrBankRefused, PcrDigestMismatch, PcrPolicyViolation,
     QuoteInvalid, SessionMismatch, SignatureInvalid, StaleEvidence, TlsKeyMismatch,
-    VerificationError, ZoneRefused,
+    ZoneRefused,
 )
 from statemesh.evidence import Evidence
 
