@@ -38,8 +38,11 @@ class Grace:
     sid: int  # the Unix session id, which identifies the session when logind has none
     tty: Optional[str]
 
-    def spares(self, sid: int, cgroup: str) -> bool:
-        """Whether a process (its Unix session and cgroup path) belongs to the installing session."""
+    def spares(self, pid: int, sid: int, cgroup: str) -> bool:
+        """Whether a process belongs to the installation: a descendant of the package manager
+        (apt runs dpkg on a pty of its own, in a new session), or in the installing session."""
+        if terminals.is_descendant(pid, self.pid):
+            return True
         if self.session is not None:
             return logind_session(cgroup) == self.session
         return sid == self.sid

@@ -117,6 +117,19 @@ def start_ticks(pid: int) -> Optional[int]:
     return None if fields is None else fields[4]
 
 
+def is_descendant(pid: int, ancestor: int) -> bool:
+    """Whether `ancestor` is `pid` or one of its ancestors (by the live parent chain)."""
+    seen = 0
+    while pid > 1 and seen < 4096:
+        if pid == ancestor:
+            return True
+        fields = _read_stat(pid)
+        if fields is None:
+            return False
+        pid, seen = fields[0], seen + 1
+    return pid == ancestor
+
+
 def _pts_instance_of(pid: int) -> int:
     """The devpts instance a /dev/ptmx opened by `pid` belongs to: its root's /dev/pts."""
     try:

@@ -41,6 +41,11 @@ TTY_NAMES = re.compile(r"^(tty[1-9][0-9]*|ttyS[0-9]+|ttyAMA[0-9]+|ttyUSB[0-9]+|t
 # A kill loop ends when a pass finds no new holder; this bounds a fork bomb's hold on it.
 MAX_ROUNDS = 20
 INTERACTIVE_SESSION_TYPES = frozenset({"tty", "x11", "wayland", "mir"})
+# System units that hold terminal devices without giving anyone a terminal: logind keeps
+# fds on VTs (ReserveVT, VT switching). Killing it would only break session tracking.
+SYSTEM_UNITS = ("systemd-logind.service",)
+# D-Bus calls to logind get this long: logind restarting must never stall the watchdog.
+LOGIND_TIMEOUT = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,8 @@ class SessionManager(Protocol):
 
     def on_session_new(self, callback: Callable[[str], Any]) -> None: ...
 
+    async def subscribed(self) -> None: ...
+
 
 def log(event: str, **fields: Any) -> None:
     """One JSON line on stdout (the journal, under systemd)."""
@@ -93,10 +100,10 @@ def spare_reason(process: terminals.Process, cgroup: str, exempt: Tuple[str, ...
         return "init"
     if process.kernel_thread or process.pid == 2 or process.ppid == 2:
         return "kernel thread"
-    unit = exempt_unit(cgroup, exempt)
+    unit = exempt_unit(cgroup, SYSTEM_UNITS + exempt)
     if unit:
         return f"exempt unit {unit}"
-    if current_grace is not None and current_grace.spares(process.sid, cgroup):
+    if current_grace is not None and current_grace.spares(process.pid, process.sid, cgroup):
         return "installation grace"
     return None
 
@@ -134,6 +141,7 @@ class Watchdog:
         self.grace: Optional[grace.Grace] = None
         self.grace_fd: Optional[int] = None
         self.tty_rdevs: Set[int] = set()
+        self.tty_paths: Set[str] = set()  # every terminal device, watched or not
         self.killed: Set[Tuple[int, int]] = set()  # SIGKILLed, perhaps not dead yet
         for name in sorted(os.listdir(settings.dev)):
             self._watch_tty(name)
@@ -152,9 +160,14 @@ class Watchdog:
         terminal = terminals.tty_device(os.path.join(self.settings.dev, name))
         if terminal is None:
             return None
-        wd = self.inotify.add_watch(terminal.path, IN_OPEN)
-        self.tty_wds[wd] = terminal.path
+        self.tty_paths.add(terminal.path)
         self.tty_rdevs.add(terminal.rdev)
+        try:
+            wd = self.inotify.add_watch(terminal.path, IN_OPEN)
+        except OSError as error:  # the reconcile still covers it; say so and go on
+            log("error", what=f"watching {terminal.path}", error=str(error))
+            return terminal
+        self.tty_wds[wd] = terminal.path
         return terminal
 
     def on_inotify(self) -> None:
@@ -210,7 +223,7 @@ class Watchdog:
 
     def _all_terminals(self) -> List[terminals.Terminal]:
         found = terminals.ptys(self.settings.devpts)
-        for path in self.tty_wds.values():
+        for path in sorted(self.tty_paths):
             terminal = terminals.tty_device(path)
             if terminal is not None:
                 found.append(terminal)
@@ -282,10 +295,12 @@ class Watchdog:
         asyncio.get_running_loop().create_task(self._terminate(session_id, why))
 
     async def _terminate(self, session_id: str, why: str) -> None:
-        assert self.sessions is not None
+        sessions = self.sessions
+        if sessions is None:
+            return
         try:
-            await self.sessions.kill_session(session_id, signal.SIGKILL)
-            await self.sessions.terminate_session(session_id)
+            await asyncio.wait_for(sessions.kill_session(session_id, signal.SIGKILL), LOGIND_TIMEOUT)
+            await asyncio.wait_for(sessions.terminate_session(session_id), LOGIND_TIMEOUT)
         except Exception as error:  # noqa: BLE001 - a vanished session or bus must not stop us
             log("error", what=f"terminating logind session {session_id}", error=str(error))
             return
@@ -305,6 +320,7 @@ class Watchdog:
                 self.logind_warned = True
             return
         self.sessions.on_session_new(self.on_session_new)
+        await self.sessions.subscribed()
         log("logind", connected=True)
 
     async def end_sessions(self, only: Optional[str] = None) -> None:
@@ -338,11 +354,22 @@ class Watchdog:
         notify_ready()
         log("ready", devpts=self.settings.devpts, ttys=sorted(self.tty_wds.values()),
             exempt_units=list(self.settings.exempt_units), pid=os.getpid())
+        if self.connect is not None:
+            asyncio.get_running_loop().create_task(self._logind_loop())
         for rounds in itertools.count(1):
-            await self._connect_sessions()
-            await self.end_sessions()
             await asyncio.sleep(self.settings.reconcile_seconds)
             self.periodic(rounds)
+
+    async def _logind_loop(self) -> None:
+        """logind apart from the terminal sources: a slow or restarting logind delays nothing."""
+        while True:
+            try:
+                await asyncio.wait_for(self._connect_sessions(), LOGIND_TIMEOUT)
+                await asyncio.wait_for(self.end_sessions(), LOGIND_TIMEOUT)
+            except asyncio.TimeoutError:
+                log("error", what="logind", error=f"no answer within {LOGIND_TIMEOUT:.0f} s")
+                self.sessions = None
+            await asyncio.sleep(self.settings.reconcile_seconds)
 
 
 def notify_ready() -> None:

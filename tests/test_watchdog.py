@@ -86,7 +86,7 @@ def test_installing_session_is_spared_until_the_package_manager_exits() -> None:
 def test_logind_sessions_are_terminated_unless_spared() -> None:
     result = run_scenario(f"{SCENARIOS}:logind_sessions")
     assert result["ended"] == ["2", "3", "4", "6"]
-    assert result["calls"][:2] == [["kill", "2", 9], ["terminate", "2"]]
+    assert result["calls"][:3] == [["subscribed"], ["kill", "2", 9], ["terminate", "2"]]
 
 
 # -- the command line ----------------------------------------------------------------------
@@ -137,6 +137,11 @@ def test_never_kills_itself_init_or_kernel_threads(proc, reason) -> None:
     assert watchdog.spare_reason(proc, "/", (), None) == reason
 
 
+def test_logind_holding_its_reserved_vt_is_never_killed() -> None:
+    assert watchdog.spare_reason(process(), "/system.slice/systemd-logind.service", (), None) \
+        == "exempt unit systemd-logind.service"
+
+
 def test_exempt_units_match_any_component_of_the_cgroup() -> None:
     exempt = ("workload.service", "machine.slice")
     assert watchdog.spare_reason(process(), "/system.slice/workload.service", exempt, None) \
@@ -153,6 +158,9 @@ def test_grace_spares_only_the_installing_session() -> None:
     assert watchdog.spare_reason(process(sid=5), in_session, (), by_logind) == "installation grace"
     assert watchdog.spare_reason(process(sid=99), "/user.slice/user-0.slice/session-17.scope", (),
                                  by_logind) is None
+    own_child = grace.Grace(pid=os.getppid(), start_ticks=1, session="7", sid=99, tty=None)
+    assert watchdog.spare_reason(process(pid=os.getpid() + 10**6), "/", (), own_child) is None
+    assert own_child.spares(os.getpid(), 5, "/")  # apt's dpkg, on apt's pty in a new session
     by_sid = grace.Grace(pid=10, start_ticks=1, session=None, sid=99, tty=None)
     assert watchdog.spare_reason(process(sid=99), "/system.slice/agent.service", (), by_sid) \
         == "installation grace"

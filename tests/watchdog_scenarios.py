@@ -309,6 +309,9 @@ class FakeLogind:
     def on_session_new(self, callback: Callable[[str], Any]) -> None:
         self.callback = callback
 
+    async def subscribed(self) -> None:
+        self.calls.append(["subscribed"])
+
 
 async def _until(condition: Callable[[], bool]) -> None:
     deadline = time.monotonic() + WAIT_SECONDS
@@ -336,11 +339,11 @@ def logind_sessions(devpts: str) -> Dict[str, Any]:
 
     async def scenario() -> None:
         task = asyncio.get_running_loop().create_task(Watchdog(settings, connect).run())
-        await _until(lambda: fake.callback is not None and len(fake.calls) == 6)
+        await _until(lambda: fake.callback is not None and len(fake.calls) == 7)
         fake.sessions.append(FakeSession("6", type="tty", tty="pts/4"))
         assert fake.callback is not None
         fake.callback("6")
-        await _until(lambda: len(fake.calls) == 8)
+        await _until(lambda: len(fake.calls) == 9)
         task.cancel()
 
     asyncio.run(scenario())
