@@ -184,7 +184,7 @@ def request_install(quiet: bool) -> int:
     if not book.state().installed:
         report = preflight.check()
         if not report.ok:
-            _complain("refusing to install, nothing was changed:")
+            _complain("refusing to install; nothing was hardened:")
             for problem in report.problems:
                 _complain(f"  - {problem}")
             return 1
