@@ -3,11 +3,12 @@
 The node must expose nothing but its attested mesh endpoint, and only to the peers of its
 zone (node.conf: Mesh-Port, Zone, Zone-Peers), so that zones stay segmented. ufw is the
 firewall Debian and Ubuntu ship, and its rules survive reboots by themselves: ufw.service
-loads them early at every boot.
+loads them early at every boot, then statemesh-firewall.service applies node.conf again over
+them (`reassert()`), undoing whatever was changed while the node was down.
 
 What happens to the operator's rules: the node's firewall consists of our rules only. Every
 other ufw user rule (allow, limit, deny, reject, route, application profiles) is reported by
-`check()` (facts["foreign_rules"], so status and preflight show them) and removed by
+`check()` (facts["foreign_rules"], shown by status) and `preflight_notes()`, and removed by
 `apply()`. The previous ufw state as a whole (enabled or not, incoming/outgoing default
 policies, the IPV6 setting and every user rule, in order) is remembered in the restore
 record before anything changes, and `revert()` puts exactly that back at purge.

@@ -52,13 +52,16 @@ def listening(guest: Guest) -> set:
     return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
 
 
-def serve_all_ports(guest: Guest) -> None:
-    """Make every port of PORTS listen in the guest (sshd may hold 22, or may be gone).
+def settle(guest: Guest) -> None:
+    """Wait for the end of boot and for the network: the agent answers early in boot, and a
+    probe must not miss for want of an address rather than because of the firewall."""
+    guest.run("systemctl is-system-running --wait", check=False, timeout=900)
+    guest.run("/lib/systemd/systemd-networkd-wait-online --timeout=300", timeout=360)
 
-    The harness's agent answers early in boot: wait for the guest's network first, or
-    a probe could miss for want of an address rather than because of the firewall.
-    """
-    guest.run("/lib/systemd/systemd-networkd-wait-online --timeout=120", timeout=180)
+
+def serve_all_ports(guest: Guest) -> None:
+    """Make every port of PORTS listen in the guest (sshd may hold 22, or may be gone)."""
+    settle(guest)
     missing = [port for port in PORTS if port not in listening(guest)]
     if missing:
         guest.put(LISTENER_PATH, LISTENER, mode=0o755)
@@ -122,7 +125,8 @@ def test_only_the_mesh_port_answers_and_only_inside_the_zone(
 
 def test_purge_gives_the_operator_rules_back(guest_factory: Callable[..., Guest]) -> None:
     guest = guest_factory(forward_ports=(SSH,))
-    guest.run("ufw allow 22/tcp && ufw limit 8080/tcp && ufw --force enable")
+    settle(guest)
+    guest.run("ufw allow 22/tcp && ufw limit 8080/tcp && ufw --force enable", timeout=600)
     before = guest.run("ufw show added && cat /etc/default/ufw /etc/ufw/ufw.conf").stdout
     assert answers(guest.host_port(SSH))
 
