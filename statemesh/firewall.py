@@ -20,8 +20,9 @@ IPv6 peers are skipped and reported.
 
 Limits, reported rather than hidden: ufw's own before.rules (conffiles of the ufw package,
 not ours to edit) still accept ICMP, DHCP replies and mDNS/UPnP multicast; rules added to
-the INPUT chain with iptables outside ufw are not removed, but `check()` fails while they
-exist (facts["rules_outside_ufw"]).
+the INPUT chain with iptables outside ufw are not removed, but those that may accept
+(ACCEPT, or a jump to another chain) make `check()` fail while they exist
+(facts["rules_outside_ufw"]), and preflight names them beforehand.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ _IPTABLES = {4: "iptables", 6: "ip6tables"}
 # ufw itself puts this in INPUT when IPV6=no and never takes it out (MANAGE_BUILTINS=no);
 # it accepts loopback only, which ufw's before rules accept anyway.
 _LOOPBACK_ACCEPT = "-A INPUT -i lo -j ACCEPT"
+# Targets that cannot let a packet through when written in INPUT outside ufw.
+_CLOSING_TARGETS = ("DROP", "REJECT", "LOG", "RETURN")
 
 
 class FirewallError(RuntimeError):
@@ -256,6 +259,11 @@ def read_live(family: int, port: int) -> LiveFamily:
     return parse_live(output.splitlines(), family, port)
 
 
+def _may_accept(line: str, target: str) -> bool:
+    """Whether an INPUT rule written outside ufw could let a packet in past ufw."""
+    return not target.startswith("ufw") and target not in _CLOSING_TARGETS and line != _LOOPBACK_ACCEPT
+
+
 def parse_live(lines: Sequence[str], family: int, port: int) -> LiveFamily:
     """Policy, ufw hooks and user rules of one family's filter table, from iptables -S."""
     policy = "ACCEPT"
@@ -272,7 +280,7 @@ def parse_live(lines: Sequence[str], family: int, port: int) -> LiveFamily:
             target = _options(words).get("-j", "")
             if target == _UFW_HOOK[family]:
                 hooked = True
-            elif not target.startswith("ufw") and line != _LOOPBACK_ACCEPT:
+            elif _may_accept(line, target):
                 outside.append(line)
         elif words[:2] == ["-A", _USER_CHAIN[family]]:
             options = _options(words)
@@ -425,12 +433,17 @@ class Firewall:
 
 
 def preflight_notes(config: NodeConfig) -> List[str]:
-    """For preflight: the ufw rules an installation would remove (and purge put back)."""
+    """For preflight: the ufw rules an installation would remove (and purge put back), and
+    the rules outside ufw it would leave, which make the firewall guarantee fail."""
+    families = (4, 6) if kernel_has_ipv6() else (4,)
     try:
-        todo = plan(read_state().rules, config.zone_peers, config.mesh_port, kernel_has_ipv6())
+        todo = plan(read_state().rules, config.zone_peers, config.mesh_port, 6 in families)
+        outside = [rule for f in families for rule in read_live(f, config.mesh_port).outside_rules]
     except (CommandError, FirewallError, OSError) as error:
-        return [f"cannot read ufw's rules: {error}"]
-    return [f"ufw rule to be removed (put back at purge): ufw {rule}" for rule in todo.remove]
+        return [f"cannot read the firewall: {error}"]
+    notes = [f"ufw rule to be removed (put back at purge): ufw {rule}" for rule in todo.remove]
+    notes += [f"rule outside ufw, the firewall guarantee fails while it exists: {r}" for r in outside]
+    return notes
 
 
 def reassert(config: NodeConfig, journal: Any) -> Optional[Finding]:

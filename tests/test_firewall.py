@@ -270,6 +270,7 @@ def test_parse_live_tells_mesh_rules_from_others():
         "-A INPUT -j ufw-before-logging-input",
         "-A INPUT -j ufw-before-input",
         "-A INPUT -p tcp -m tcp --dport 8080 -j ACCEPT",
+        "-A INPUT -s 198.51.100.7/32 -j DROP",
         "-A ufw-user-input -s 10.0.2.2/32 -p tcp -m tcp --dport 7443 -j ACCEPT",
         "-A ufw-user-input -p tcp -m tcp --dport 22 -j ACCEPT",
         "-A ufw-user-input -i eth0 -p tcp -m tcp --dport 7443 -j ACCEPT",
@@ -277,7 +278,7 @@ def test_parse_live_tells_mesh_rules_from_others():
     live = firewall.parse_live(lines, 4, PORT)
     assert (live.policy, live.ufw_loaded) == ("DROP", True)
     assert live.mesh_sources == (net("10.0.2.2/32"),)
-    assert live.other_user_rules == (lines[5], lines[6])
+    assert live.other_user_rules == (lines[6], lines[7])
     assert live.outside_rules == (lines[3],)
 
 
@@ -436,8 +437,14 @@ def test_revert_restores_what_it_can_and_names_what_it_cannot(ns: Namespace):
 
 def test_preflight_notes_and_boot_reassert_on_installed_nodes_only(ns: Namespace):
     ns.run(["ufw", "allow", "22/tcp"])
+    ns.run(["iptables", "-A", "INPUT", "-i", "virbr0", "-p", "udp", "--dport", "53", "-j", "ACCEPT"])
     notes = ns.guarantee("preflight", ZONE_CONF)
-    assert notes == ["ufw rule to be removed (put back at purge): ufw allow 22/tcp"]
+    assert notes == [
+        "ufw rule to be removed (put back at purge): ufw allow 22/tcp",
+        "rule outside ufw, the firewall guarantee fails while it exists: "
+        "-A INPUT -i virbr0 -p udp -m udp --dport 53 -j ACCEPT",
+    ]
+    ns.run(["iptables", "-F", "INPUT"])
     files = ns.ufw_files()
     assert ns.guarantee("reassert", ZONE_CONF) == {"reasserted": False}  # not installed
     assert ns.ufw_files() == files
