@@ -128,10 +128,7 @@ async def connect(address: Optional[str] = None) -> MessageBus:
         else:
             bus = MessageBus(bus_type=BusType.SYSTEM)
         return await bus.connect()
-    except (OSError, EOFError) as error:
-        where = address or "the system bus"
-        raise NoBusError(f"cannot connect to {where}: {error}") from None
-    except Exception as error:  # noqa: BLE001 - dbus-next raises bare Exception/AuthError
+    except Exception as error:  # noqa: BLE001 - OSError, EOFError, AuthError or bare Exception
         where = address or "the system bus"
         raise NoBusError(f"cannot connect to {where}: {error}") from None
 
@@ -222,6 +219,7 @@ class Systemd:
         self._finished: Dict[str, str] = {}
         self._waiters: Dict[str, asyncio.Future] = {}
         self._jobs_watched = False
+        self._subscribed = False
 
     async def _manager(self, member: str, signature: str = "", body: Sequence[Any] = (),
                        what: str = "") -> List[Any]:
@@ -243,7 +241,7 @@ class Systemd:
         if self._jobs_watched:
             return
         await self._client.on_signal(MANAGER, "JobRemoved", self._job_removed)
-        await self._manager("Subscribe")
+        await self._subscribe()
         self._jobs_watched = True
 
     async def _job(self, verb: str, name: str, mode: str, timeout: Optional[float]) -> str:
@@ -354,13 +352,19 @@ class Systemd:
 
     async def on_unit_files_changed(self, callback: Callable[[], Any]) -> None:
         await self._client.on_signal(MANAGER, "UnitFilesChanged", lambda _m: _schedule(callback))
-        await self._manager("Subscribe")
+        await self._subscribe()
 
     async def on_reloading(self, callback: Callable[[bool], Any]) -> None:
         """callback(active): True when a reload starts, False when it has finished."""
         await self._client.on_signal(MANAGER, "Reloading",
                                      lambda m: _schedule(callback, bool(m.body[0])))
-        await self._manager("Subscribe")
+        await self._subscribe()
+
+    async def _subscribe(self) -> None:
+        """Ask systemd for its signals, once per connection (a second time is an error)."""
+        if not self._subscribed:
+            await self._manager("Subscribe")
+            self._subscribed = True
 
 
 class Logind:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
-from dbus_next import DBusError
+from dbus_next import DBusError, Message
 from dbus_next.aio import MessageBus
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
@@ -98,6 +98,8 @@ class FakeSystemd(ServiceInterface):
         self.early_job_signal = False       # send JobRemoved before the method's reply
         self._jobs = 0
         self._exported: Set[str] = set()
+        self._subscribers: Set[str] = set()
+        bus.add_message_handler(self._refuse_second_subscribe)
 
     # -- model -----------------------------------------------------------------------------
 
@@ -227,6 +229,16 @@ class FakeSystemd(ServiceInterface):
     @method()
     def Subscribe(self):  # noqa: N802
         self._guard("Subscribe", ())
+
+    def _refuse_second_subscribe(self, message: Message) -> Optional[Message]:
+        """systemd answers a client's second Subscribe with AlreadySubscribed."""
+        if message.member != "Subscribe" or message.interface != self.name:
+            return None
+        if message.sender in self._subscribers:
+            return Message.new_error(message, "org.freedesktop.systemd1.AlreadySubscribed",
+                                     "Client is already subscribed.")
+        self._subscribers.add(message.sender)
+        return None
 
     @method()
     def ListUnitsByPatterns(self, states: "as", patterns: "as") -> "a(ssssssouso)":  # noqa: N802,F821
