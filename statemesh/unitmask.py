@@ -24,6 +24,10 @@ ABSENT = "absent"
 MASKED = "masked"
 # Unit-file states that DisableUnitFiles undoes and EnableUnitFiles gives back.
 ENABLED_STATES = ("enabled", "enabled-runtime", "indirect", "linked", "linked-runtime")
+# What EnableUnitFiles of the name itself re-creates. An "indirect" template (no
+# DefaultInstance) cannot be enabled by name, and alias/indirect states come back with the
+# unit they belong to.
+RE_ENABLED_STATES = ("enabled",)
 RUNNING_STATES = ("active", "activating", "reloading", "deactivating")
 
 
@@ -104,7 +108,7 @@ async def give_back(manager: Systemd, record: Dict[str, Any]) -> List[str]:
     if ours:
         await manager.unmask_unit_files(ours)
         await manager.reload()
-    enable = [name for name, state in states.items() if state in ENABLED_STATES]
+    enable = [name for name, state in states.items() if state in RE_ENABLED_STATES]
     if enable:
         await manager.enable_unit_files(enable)
         await manager.reload()

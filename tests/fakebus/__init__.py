@@ -207,6 +207,9 @@ class FakeSystemd(ServiceInterface):
             unit = self._unit(name)
             if unit.masked:
                 raise DBusError("org.freedesktop.systemd1.UnitMasked", f"Unit {name} is masked.")
+            if unit.file_state == "indirect":
+                raise DBusError("org.freedesktop.systemd1.BadUnitSetting",
+                                "Destination unit getty.target is a non-template unit.")
             unit.enabled = True
         self._changed()
         return [True, [["symlink", f"/etc/systemd/system/multi-user.target.wants/{n}", n]
@@ -466,7 +469,8 @@ def debian12_units(fake: FakeSystemd) -> None:
     fake.add("ssh@.service", file_state="static")
     fake.add("getty@.service", enabled=True)
     fake.add("getty@tty1.service", active_state="active")
-    fake.add("serial-getty@.service", file_state="static")
+    # a template without DefaultInstance, with an [Install] section: "indirect"
+    fake.add("serial-getty@.service", file_state="indirect")
     fake.add("serial-getty@ttyS0.service", active_state="active")
     fake.add("autovt@.service", file_state="alias")
     fake.add("console-getty.service")
