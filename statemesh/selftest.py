@@ -16,7 +16,7 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 from statemesh import storage, systemd
 from statemesh.config import NodeConfig
@@ -117,17 +117,28 @@ def probe_keyslots(config: NodeConfig) -> Probe:
     return Probe("storage keyslots", False, finding.detail)
 
 
-def _volume_key(mapper: str) -> bytes:
-    """The volume key as the kernel holds it.
+def _volume_key(mapper: str) -> Optional[bytes]:
+    """The volume key as the kernel holds it, None when user space cannot read it back.
 
-    Root can always read it from the live kernel (an honest limit the README states); the
+    Root can read a hex key from the live table (an honest limit the README states); the
     selftest holds this copy only for the search and exits right after.
     """
-    table = run(["dmsetup", "table", "--showkeys", mapper]).stdout
-    match = re.search(rb" crypt \S+ ([0-9a-f]{32,}) ", table)
+    return table_key(run(["dmsetup", "table", "--showkeys", mapper]).stdout)
+
+
+def table_key(table: bytes) -> Optional[bytes]:
+    """The key field of a dm-crypt table line: the key itself when given in hex, None when
+    it is a reference to a logon key in the kernel keyring (cryptsetup >= 2.6 with LUKS2),
+    which by design no process can read back."""
+    match = re.search(rb" crypt \S+ (\S+) ", table)
     if not match:
-        raise ValueError("no dm-crypt key in the device-mapper table")
-    return bytes.fromhex(match.group(1).decode())
+        raise ValueError("no dm-crypt target in the device-mapper table")
+    field = match.group(1)
+    if re.fullmatch(rb":\d+:logon:\S+", field):
+        return None
+    if re.fullmatch(rb"(?:[0-9a-f]{2}){16,}", field):
+        return bytes.fromhex(field.decode())
+    raise ValueError("the dm-crypt key field is neither a hex key nor a logon key reference")
 
 
 def _files(directories: Iterable[Path]) -> Iterable[Path]:
@@ -163,6 +174,9 @@ def probe_key_on_disk(config: NodeConfig) -> Probe:
         key = _volume_key(layout.mapper)
     except (CommandError, ValueError) as error:
         return Probe(name, False, f"cannot read the volume key: {error}")
+    if key is None:
+        return Probe(name, True, "the volume key is a logon key in the kernel keyring, "
+                     "which no process can read back")
     places = [(Path(device), storage.HEADER_BYTES)]
     places += [(path, path.stat().st_size) for path in _files(KEY_FREE_DIRECTORIES)
                if path != layout.backing_file]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from statemesh import selftest
 
 
@@ -36,3 +38,14 @@ def test_key_search_finds_a_key_across_chunk_boundaries(tmp_path) -> None:
     assert selftest._contains(path, key, path.stat().st_size)
     assert not selftest._contains(path, key, 8 << 20)
     assert not selftest._contains(path, bytes(reversed(key)), path.stat().st_size)
+
+
+def test_table_key_reads_a_hex_key_and_refuses_to_guess() -> None:
+    hex_key = "ab" * 64
+    assert selftest.table_key(
+        f"0 2048 crypt aes-xts-plain64 {hex_key} 0 7:0 32768\n".encode()) == bytes.fromhex(hex_key)
+    keyring = b"0 2048 crypt aes-xts-plain64 :64:logon:cryptsetup:3f1c-d0 0 7:0 32768 1 sector_size:4096\n"
+    assert selftest.table_key(keyring) is None
+    for table in (b"0 2048 linear 7:0 0\n", b"0 2048 crypt aes-xts-plain64 - 0 7:0 32768\n"):
+        with pytest.raises(ValueError):
+            selftest.table_key(table)
