@@ -54,7 +54,8 @@ def probe_pty(deadline: float = PTY_DEADLINE_SECONDS) -> Probe:
         os._exit(0)
     os.close(ready_write)
     started = time.monotonic()
-    terminal = os.read(ready_read, 64).decode() or "?"
+    # The watchdog may kill the holder before it has written the pty's name.
+    terminal = os.read(ready_read, 64).decode() or "a new pty"
     os.close(ready_read)
     try:
         _pid, status = _wait_child(child, deadline)
@@ -64,8 +65,8 @@ def probe_pty(deadline: float = PTY_DEADLINE_SECONDS) -> Probe:
         return Probe(name, False, f"{terminal} stayed open {deadline:.1f} s")
     elapsed_ms = (time.monotonic() - started) * 1000
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-        return Probe(name, True, f"{terminal} holder killed after {elapsed_ms:.0f} ms")
-    return Probe(name, False, f"{terminal} holder ended on its own (status {status})")
+        return Probe(name, True, f"holder of {terminal} killed after {elapsed_ms:.0f} ms")
+    return Probe(name, False, f"holder of {terminal} ended on its own (status {status})")
 
 
 def _wait_child(pid: int, timeout: float) -> tuple:

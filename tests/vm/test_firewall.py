@@ -135,7 +135,8 @@ def test_purge_gives_the_operator_rules_back(guest_factory: Callable[..., Guest]
     assert finding["holds"], finding["detail"]
     assert "ufw allow 22/tcp" not in guest.run("ufw show added").stdout
 
-    guest.run("apt-get purge -y statemesh-node", env={"DEBIAN_FRONTEND": "noninteractive"})
+    guest.run("apt-get purge -y statemesh-node", env={"DEBIAN_FRONTEND": "noninteractive"},
+              timeout=600)
     assert guest.run("ufw show added && cat /etc/default/ufw /etc/ufw/ufw.conf").stdout == before
     assert "ALLOW" in guest.run("ufw status").stdout
     assert answers(guest.host_port(SSH))  # sshd and the operator's rule are both back

@@ -36,7 +36,8 @@ def test_install_from_local_repository_then_purge_leaves_nothing(guest_factory, 
     assert guest.run("statemesh-node --version").stdout.startswith("statemesh-node ")
     assert guest.run("test -f /etc/statemesh/node.conf && statemesh-node config").returncode == 0
 
-    guest.run("apt-get purge -y statemesh-node", env={"DEBIAN_FRONTEND": "noninteractive"})
+    guest.run("apt-get purge -y statemesh-node", env={"DEBIAN_FRONTEND": "noninteractive"},
+              timeout=600)
     after = guest.run(SNAPSHOT).stdout.splitlines()
     assert sorted(set(after) - set(before)) == []
     assert "multi-user.target" in guest.console_log() or "Multi-User System" in guest.console_log()

@@ -66,7 +66,8 @@ def _watchdog_gap_seconds(guest: Guest) -> float:
 
 
 def _installed_version(guest: Guest) -> str:
-    return guest.run("dpkg-query -W -f '${Version} ${db:Status-Abbrev}' statemesh-node").stdout
+    """"<version> ii" (Status-Abbrev's third column, the error flag, is a space when clear)."""
+    return guest.run("dpkg-query -W -f '${Version} ${db:Status-Abbrev}' statemesh-node").stdout.rstrip()
 
 
 def test_unattended_upgrade_keeps_data_storage_and_lockdown(
