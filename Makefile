@@ -11,7 +11,7 @@ PYTEST      := $(CLEAN_ENV) $(PYTHON) -m pytest
 # Everything the build, the tests, the VM harness and the benchmarks need, from Debian's archive.
 DEPS := debhelper dh-python python3-all python3-setuptools lintian \
         python3-debian python3-cryptography python3-tpm2-pytss python3-dbus-next \
-        python3-psutil python3-openssl python3-pytest python3-hypothesis \
+        python3-psutil python3-openssl python3-pytest python3-pytest-xdist python3-hypothesis \
         cryptsetup-bin ufw swtpm swtpm-tools tpm2-tools dbus util-linux e2fsprogs fdisk \
         mmdebstrap apt-utils qemu-system-x86 qemu-utils git
 
@@ -46,12 +46,14 @@ test:
 
 # The whole VM suite on Debian 12; the tests marked every_release on Debian 13 too, from
 # the same .deb built on Debian 12.
+# Guests spend much of their time waiting (boots, reboots, timeouts): two run at once.
 OTHER_SUITES := trixie
+VM_WORKERS  := 2
 
 vm-test: $(DEB)
-	$(PYTEST) tests/vm --deb $(DEB) $(NO_TESTS)
+	$(PYTEST) -n $(VM_WORKERS) tests/vm --deb $(DEB) $(NO_TESTS)
 	for suite in $(OTHER_SUITES); do \
-	  $(PYTEST) tests/vm --deb $(DEB) --suite $$suite -m every_release $(NO_TESTS) || exit $$?; \
+	  $(PYTEST) -n $(VM_WORKERS) tests/vm --deb $(DEB) --suite $$suite -m every_release $(NO_TESTS) || exit $$?; \
 	done
 
 bench: $(DEB)

@@ -9,6 +9,7 @@ go into them, so a change to any of those builds a new image and nothing stale i
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import shutil
@@ -108,6 +109,15 @@ def build(suite: str, cache: Path = CACHE) -> Image:
     if image.disk.exists():
         return image
     cache.mkdir(parents=True, exist_ok=True)
+    # Parallel test workers (pytest -n) all ask for the image: one builds, the others wait.
+    with open(cache / f".{suite}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not image.disk.exists():
+            _build_into(target, suite, cache)
+    return image
+
+
+def _build_into(target: Path, suite: str, cache: Path) -> None:
     with tempfile.TemporaryDirectory(dir=cache, prefix="build-") as work:
         work_dir = Path(work)
         tree = work_dir / "tree"
@@ -132,7 +142,6 @@ def build(suite: str, cache: Path = CACHE) -> Image:
         shutil.move(str(work_dir / "initrd"), staging / "initrd")
         staging.rename(target)
     _prune(cache, suite, keep=target)
-    return image
 
 
 def _prune(cache: Path, suite: str, keep: Path, spare: int = 2) -> None:

@@ -1,0 +1,105 @@
+"""Security class and aTLS in real guests, verified from the host through a forwarded port.
+
+A guest whose TPM is a swtpm with an EK certificate from the suite's private CA (tpm_ca)
+is `tpm` once the node trusts that CA; a guest without a TPM is `weak` and runs the vTPM.
+The verifier runs on the host, with only the CA's root certificate: the node sends its
+EK certificate and the issuing CA inside the evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from statemesh import atls
+from statemesh.attesterrors import ClassRefused
+from statemesh.verifier import Policy, Verifier
+from tests.vm import vtpm
+from tests.vm.driver import Guest
+
+MESH = 7443
+HOST_AS_SEEN_BY_GUEST = "10.0.2.2/32"
+NODE_CONF = f"Zone: test-zone\nMesh-Port: {MESH}\nZone-Peers: {HOST_AS_SEEN_BY_GUEST}\n".encode()
+# node.conf is the package's conffile: a provisioner's copy is kept without a prompt.
+CONFOLD = b'Dpkg::Options { "--force-confdef"; "--force-confold"; };\n'
+
+
+def _install_node(guest: Guest, ca_certificates: list = ()) -> None:
+    """Configure as a provisioner would (node.conf, trusted TPM CAs), then install."""
+    guest.run("mkdir -p /etc/statemesh/tpm-ca.d")
+    guest.put("/etc/statemesh/node.conf", NODE_CONF)
+    guest.put("/etc/apt/apt.conf.d/90statemesh-test-confold", CONFOLD)
+    for path in ca_certificates:
+        guest.put(f"/etc/statemesh/tpm-ca.d/{path.name}", path.read_bytes())
+    guest.install()
+    guest.run("for i in $(seq 300); do ss -Hltn 'sport = :7443' | grep -q . && exit 0; "
+              "sleep 0.2; done; journalctl -u statemesh-atls --no-pager; exit 1", timeout=120)
+
+
+def _security_class(guest: Guest) -> dict:
+    return json.loads(guest.run("statemesh-node security-class --json").stdout)
+
+
+def _verify(guest: Guest, verifier: Verifier) -> atls.AtlsConnection:
+    return atls.connect(("127.0.0.1", guest.host_port(MESH)), verifier,
+                        atls.TlsIdentity.generate("host-verifier"), timeout=60)
+
+
+def _root_only(tpm_ca: vtpm.LocalCa, directory: Path) -> Path:
+    """The host verifier's CA directory: the test CA's self-signed root and nothing else
+    (the CA exists once a guest with a TPM has been made)."""
+    directory.mkdir()
+    for path in tpm_ca.ca_certificates():
+        if "rootca" in path.name:
+            shutil.copy(path, directory)
+    assert list(directory.iterdir()), "the test CA has no root certificate"
+    return directory
+
+
+def test_guest_with_a_trusted_tpm_is_tpm_class(guest_factory: Callable[..., Guest],
+                                              tpm_ca: vtpm.LocalCa, tmp_path: Path) -> None:
+    guest = guest_factory(tpm=True, forward_ports=(MESH,))
+    root_only = _root_only(tpm_ca, tmp_path / "host-ca.d")
+    assert guest.run("test -c /dev/tpmrm0", check=False).returncode == 0
+    _install_node(guest, tpm_ca.ca_certificates())
+    found = _security_class(guest)
+    assert found["class"] == "tpm", found["reason"]
+    vtpm = guest.run("systemctl is-active statemesh-vtpm", check=False).stdout.strip()
+    assert vtpm != "active", guest.run("date -u; journalctl -b -u statemesh-vtpm -u statemesh-atls "
+                                       "--no-pager", check=False).stdout
+    status = json.loads(guest.run("statemesh-node status --json", check=False).stdout)
+    finding = next(f for f in status["guarantees"] if f["name"] == "security_class")
+    assert finding["holds"] and finding["facts"]["class"] == "tpm"
+
+    connection = _verify(guest, Verifier(Policy(frozenset({"tpm"}), frozenset({"test-zone"}),
+                                                root_only)))
+    assert connection.peer is not None
+    evidence = connection.peer.evidence
+    assert (evidence.security_class, evidence.zone) == ("tpm", "test-zone")
+    assert len(evidence.ek_chain) == 2  # the EK certificate and the issuing CA
+    connection.close()
+
+
+@pytest.mark.every_release
+def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[..., Guest],
+                                                     tmp_path: Path) -> None:
+    """No CA is needed to accept a weak node: its vTPM's EK proves nothing anyway."""
+    guest = guest_factory(forward_ports=(MESH,))
+    no_cas = tmp_path
+    _install_node(guest)
+    found = _security_class(guest)
+    assert found["class"] == "weak" and "no TPM device" in found["reason"]
+    assert guest.run("systemctl is-active statemesh-vtpm").stdout.strip() == "active"
+    status = json.loads(guest.run("statemesh-node status --json", check=False).stdout)
+    finding = next(f for f in status["guarantees"] if f["name"] == "security_class")
+    assert finding["holds"] and "WEAK" in finding["detail"]
+
+    connection = _verify(guest, Verifier(Policy(frozenset({"tpm", "weak"}), None, no_cas)))
+    assert connection.peer is not None and connection.peer.evidence.security_class == "weak"
+    connection.close()
+    with pytest.raises(ClassRefused):
+        _verify(guest, Verifier(Policy(frozenset({"tpm"}), None, no_cas)))

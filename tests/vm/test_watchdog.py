@@ -1,0 +1,141 @@
+"""The terminal watchdog on a real guest: real ptys, ttys, systemd units and a real restart.
+
+What only a real system shows: `script`, `systemd-run --pty`, an agetty started by hand,
+`machinectl shell` (where systemd-container is installed) and a Python openpty holder are
+all ended; a process without a terminal is not; the unit refuses a manual stop, comes back
+after SIGKILL, runs sandboxed, and a reload re-reads node.conf (exemptions).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Dict, List
+
+import pytest
+
+from tests.vm.driver import Guest, quote
+
+UNIT = "statemesh-watchdog.service"
+HOLDER = "import os, time; os.openpty(); time.sleep({})"
+
+
+def start_watchdog(guest: Guest) -> int:
+    """The watchdog running (the installer starts it, the test makes sure) -> its pid."""
+    started = guest.run(f"systemctl is-active --quiet {UNIT} || systemctl enable --now {UNIT}",
+                        check=False)
+    assert started.returncode == 0, guest.run(
+        f"systemctl status --no-pager {UNIT}; journalctl -q --no-pager -u {UNIT}", check=False).stdout
+    return main_pid(guest)
+
+
+def main_pid(guest: Guest) -> int:
+    return int(guest.run(f"systemctl show -P MainPID {UNIT}").stdout)
+
+
+def background(guest: Guest, command: str) -> int:
+    """Start a command in the background, outside any terminal; its pid."""
+    return int(guest.run(f"{command} </dev/null >/dev/null 2>&1 & echo $!").stdout)
+
+
+def ended(guest: Guest, pid: int, seconds: float = 20) -> bool:
+    """Whether process `pid` is gone (or a zombie) within `seconds`."""
+    script = (f"end=$(( $(date +%s) + {int(seconds)} )); while [ $(date +%s) -le $end ]; do "
+              f"s=$(sed -n 's/^State:[[:space:]]*\\(.\\).*/\\1/p' /proc/{pid}/status 2>/dev/null); "
+              f"if [ -z \"$s\" ] || [ \"$s\" = Z ]; then exit 0; fi; sleep 0.1; done; exit 1")
+    return guest.run(script, check=False, timeout=seconds + 30).returncode == 0
+
+
+def running(guest: Guest, pattern: str) -> List[int]:
+    # "[s]leep 1" matches "sleep 1" but not the shell running this pgrep
+    found = guest.run(f"pgrep -f {quote('[' + pattern[0] + ']' + pattern[1:])} || true").stdout.split()
+    return [int(pid) for pid in found]
+
+
+def kill_log(guest: Guest) -> List[Dict]:
+    lines = guest.run(f"journalctl -q -u {UNIT} -o cat").stdout.splitlines()
+    return [json.loads(line) for line in lines if line.startswith('{"event": "kill"')]
+
+
+@pytest.mark.every_release
+def test_every_kind_of_terminal_is_ended_and_a_plain_process_lives(installed_guest: Guest) -> None:
+    guest = installed_guest
+    watchdog = start_watchdog(guest)
+    guest.run("systemd-run --unit=sm-workload sleep 1605")
+    plain = background(guest, "sleep 1606")
+
+    python = background(guest, f"python3 -c {quote(HOLDER.format(1601))}")
+    script = background(guest, "script -qfc 'sleep 1602' /dev/null")
+    pty_client = background(guest, "systemd-run --pty --unit=sm-pty sleep 1603")
+    agetty = background(guest, "agetty --noclear tty3 linux")
+    has_machinectl = guest.run("command -v machinectl", check=False).returncode == 0
+    shell = background(guest, "machinectl shell .host /bin/sleep 1604") if has_machinectl else None
+
+    assert ended(guest, python), "python openpty holder"
+    assert ended(guest, script), "script"
+    assert ended(guest, pty_client), "systemd-run --pty client"
+    assert ended(guest, agetty), "agetty on tty3"
+    if shell is not None:
+        assert ended(guest, shell), "machinectl shell"
+    for duration in (1601, 1602, 1603, 1604):
+        assert running(guest, f"sleep {duration}") == [], f"the shell side of sleep {duration}"
+    assert guest.run("systemctl is-active sm-pty", check=False).stdout.strip() != "active"
+
+    assert guest.run("systemctl is-active sm-workload").stdout.strip() == "active"
+    assert running(guest, "sleep 1606") == [plain]
+    assert main_pid(guest) == watchdog
+
+    logged = {line["pid"]: line for line in kill_log(guest)}
+    assert python in logged and logged[python]["terminal"].startswith("/dev/pts/")
+    assert logged[python]["user"] == "root" and "os.openpty" in logged[python]["command"]
+    assert logged[python]["latency_ms"] >= 0
+    assert agetty in logged and logged[agetty]["terminal"] == "/dev/tty3"
+
+
+def test_watchdog_refuses_stop_comes_back_after_sigkill_and_is_sandboxed(installed_guest: Guest) -> None:
+    guest = installed_guest
+    first = start_watchdog(guest)
+
+    refused = guest.run(f"systemctl stop {UNIT}", check=False)
+    assert refused.returncode != 0 and "refused" in refused.stderr
+    assert main_pid(guest) == first
+
+    guest.run(f"kill -9 {first}")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = guest.run(f"systemctl is-active {UNIT}; systemctl show -P MainPID {UNIT}",
+                          check=False).stdout.split()
+        if state[:1] == ["active"] and state[1:] and int(state[1]) not in (0, first):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"{UNIT} did not come back after SIGKILL: {state}")
+    holder = background(guest, f"python3 -c {quote(HOLDER.format(1611))}")
+    assert ended(guest, holder), "a pty opened after the restart"
+
+    status = guest.run(f"grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/{main_pid(guest)}/status").stdout
+    assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
+    assert int(status.split("CapEff:")[1].split()[0], 16) == (1 << 5) | (1 << 19)  # KILL, SYS_PTRACE
+    exposure = guest.run(f"systemd-analyze security --no-pager {UNIT}").stdout
+    score = float(exposure.rsplit("Overall exposure level for", 1)[1].split(":")[1].split()[0])
+    assert score <= 3.0, exposure
+
+
+def test_exempt_unit_keeps_its_pty_after_a_reload(installed_guest: Guest) -> None:
+    guest = installed_guest
+    first = start_watchdog(guest)
+    guest.put("/etc/statemesh/node.conf", b"Watchdog-Exempt-Units: sm-runtime.service\n")
+    guest.run(f"systemctl reload {UNIT}")
+    deadline = time.monotonic() + 60
+    while '"exempt_units": ["sm-runtime.service"]' not in guest.run(
+            f"journalctl -q -u {UNIT} -o cat | grep '\"ready\"' | tail -1").stdout:
+        assert time.monotonic() < deadline, "the reload did not re-read node.conf"
+        time.sleep(0.5)
+    assert main_pid(guest) == first  # re-executed in place: no stop, no gap in supervision
+
+    guest.run(f"systemd-run --unit=sm-runtime python3 -c {quote(HOLDER.format(1621))}")
+    outsider = background(guest, f"python3 -c {quote(HOLDER.format(1622))}")
+    # events are handled in order: the outsider's pty was handled after the exempt one's
+    assert ended(guest, outsider)
+    assert guest.run("systemctl is-active sm-runtime").stdout.strip() == "active"
+    assert len(running(guest, "sleep.1621")) == 1
