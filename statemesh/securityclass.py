@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from statemesh import ekchain, tpm
 from statemesh.attesterrors import VerificationError
 from statemesh.config import NodeConfig
 from statemesh.guarantee import Finding
-
-# A TPM that answers an I/O error right after boot or while another client is busy with it
-# (seen with a swtpm-backed TPM under emulation) is asked again before the node is called weak.
-TPM_ATTEMPTS = 5
-TPM_RETRY_SECONDS = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +32,8 @@ def classify(config: NodeConfig) -> Classification:
     if not tpm.DEVICE.exists():
         return Classification("weak", f"no TPM device ({tpm.DEVICE})")
     try:
-        certificate = _read_ek_certificate()
+        with tpm.Tpm(tpm.DEVICE_TCTI) as device:
+            certificate = device.ek_certificate()
     except tpm.TpmError as error:
         return Classification("weak", f"the TPM is unusable: {error}")
     if certificate is None:
@@ -50,21 +45,6 @@ def classify(config: NodeConfig) -> Classification:
     except (VerificationError, ValueError) as error:
         return Classification("weak", f"EK not trusted ({config.tpm_ca_dir}): {error}")
     return Classification("tpm", f"EK certificate chains to a CA in {config.tpm_ca_dir}")
-
-
-def _read_ek_certificate() -> Optional[bytes]:
-    """The DER EK certificate of the TPM device, asked again after a transient failure."""
-    for _ in range(TPM_ATTEMPTS - 1):
-        try:
-            return _ek_certificate_once()
-        except tpm.TpmError:
-            time.sleep(TPM_RETRY_SECONDS)
-    return _ek_certificate_once()
-
-
-def _ek_certificate_once() -> Optional[bytes]:
-    with tpm.Tpm(tpm.DEVICE_TCTI) as device:
-        return device.ek_certificate()
 
 
 def vtpm_listening() -> bool:

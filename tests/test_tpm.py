@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import types
 from pathlib import Path
 from typing import List, Optional
 
@@ -285,36 +284,3 @@ def test_tpm_structures_work_after_unittest_mock_was_imported(world: TpmWorld) -
     sealed = bytes.fromhex(result.stdout)
     blob_size = int.from_bytes(sealed[:2], "big") + 2
     assert world.trusted.activate_credential(sealed[:blob_size], sealed[blob_size:]) == b"k" * 32
-
-
-def test_a_tpm_failing_at_first_is_asked_again_and_one_never_answering_is_weak(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first attempt meets no TPM (a real TCTI I/O failure); during the pause before
-    the next one a provisioned swtpm comes up there, and the node is `tpm` after all."""
-    root = provision_with_ca(tmp_path / "state", tmp_path / "ca")
-    device = tmp_path / "tpmrm0"
-    device.touch()
-    monkeypatch.setattr(tpm, "DEVICE", device)
-    monkeypatch.setattr(tpm, "DEVICE_TCTI", "swtpm:host=127.0.0.1,port=9")
-    ca_dir = tmp_path / "ca.d"
-    ca_dir.mkdir()
-    shutil.copy(root, ca_dir)
-    shutil.copy(root.parent / "issuercert.pem", ca_dir)
-    monkeypatch.setattr(securityclass, "time", types.SimpleNamespace(sleep=lambda _s: None))
-    never = securityclass.classify(NodeConfig(tpm_ca_dir=ca_dir))
-    assert never.weak and "the TPM is unusable" in never.reason
-
-    started: List[SwTpm] = []
-
-    def tpm_comes_up(_seconds: float) -> None:
-        if not started:
-            started.append(SwTpm(tmp_path / "state"))
-            monkeypatch.setattr(tpm, "DEVICE_TCTI", started[0].tcti)
-
-    monkeypatch.setattr(securityclass, "time", types.SimpleNamespace(sleep=tpm_comes_up))
-    try:
-        found = securityclass.classify(NodeConfig(tpm_ca_dir=ca_dir))
-    finally:
-        for sw in started:
-            sw.stop()
-    assert found.security_class == "tpm", found.reason
