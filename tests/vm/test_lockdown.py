@@ -27,11 +27,16 @@ NODE_CONF = b"Zone: test-zone\nStorage-Size: 256M\n"
 CONFOLD = b'Dpkg::Options { "--force-confdef"; "--force-confold"; };\n'
 
 
+def settled(guest: Guest) -> None:
+    """Wait for the end of boot: the agent answers early in sysinit, long before the gettys,
+    sshd or statemesh-harden have started."""
+    guest.run("systemctl is-system-running --wait", check=False, timeout=600)
+
+
 @pytest.fixture
 def node(guest: Guest) -> Guest:
     """A guest provisioned for the node, sshd running and enabled, nothing installed yet."""
-    # The agent answers early in boot: wait until sshd and the gettys have started.
-    guest.run("systemctl is-system-running --wait", check=False, timeout=600)
+    settled(guest)
     guest.run("mkdir -p /etc/statemesh")
     guest.put("/etc/statemesh/node.conf", NODE_CONF)
     guest.put("/etc/apt/apt.conf.d/90statemesh-test-confold", CONFOLD)
@@ -137,6 +142,7 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
              f"{JOURNAL}", "the tamper-reasserted journal entry", 60)
 
     guest.reboot()
+    settled(guest)
     assert_locked_down(guest)
     assert active(guest, "statemesh-harden.service") == "active"
     assert any(e["event"] == "lockdown-reasserted" and e["boot_id"] == guest.boot_id
@@ -144,10 +150,11 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
 
     # Single-user boots give no shell: PID 1 refuses the masked target and freezes.
     monkeypatch.setattr(driver, "BOOT_TIMEOUT", FROZEN_BOOT_WAIT)
+    guest.shutdown()
     for target in ("rescue.target", "emergency.target"):
         mark = len(guest.console_log())
         with pytest.raises(GuestError, match="did not answer"):
-            guest.reboot(kernel_args=f"systemd.unit={target}")
+            guest.boot(kernel_args=f"systemd.unit={target}")
         console = guest.console_log()[mark:]
         assert "masked" in console, console[-3000:]
         for shell_prompt in ("Give root password", "Press Enter for maintenance",
@@ -156,6 +163,7 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
         guest.power_off_hard()
     monkeypatch.undo()
     guest.boot(kernel_args="")
+    settled(guest)
     assert_locked_down(guest)
 
     guest.run("apt-get purge -y statemesh-node", env=ENV, timeout=900)
@@ -200,6 +208,7 @@ def test_sigkill_of_the_hardening_is_never_installed_and_a_retry_after_reboot_su
     assert "nothing to do until the installation is retried" in untouched.stdout
 
     guest.reboot()
+    settled(guest)
     guest.run("dpkg --configure -a", env=ENV, timeout=900)
     assert package_status(guest) == "ii"
     assert_locked_down(guest)
@@ -211,6 +220,7 @@ def test_power_loss_midway_is_never_installed_and_a_retry_after_reboot_succeeds(
     begin_install_and_wait_midway(guest)
     guest.power_off_hard()
     guest.boot()
+    settled(guest)
     assert install_state(guest) in ("installing", "absent")
     assert package_status(guest) != "ii"
     guest.run("dpkg --configure -a", env=ENV, timeout=900)
