@@ -39,8 +39,6 @@ def main() -> int:
         guest = Guest(image.build(args.suite), workdir, repo, extra_disks_mib=(area_mib,))
         try:
             guest.boot()
-            guest.run("for i in $(seq 120); do mountpoint -q /srv/statemesh-repo && exit 0; "
-                      "mount /srv/statemesh-repo 2>/dev/null; sleep 1; done; exit 1", timeout=180)
             guest.install()
             guest.run(f"mkfs.ext4 -q /dev/disk/by-id/virtio-extra0 && mkdir -p {WORK_AREA} && "
                       f"mount /dev/disk/by-id/virtio-extra0 {WORK_AREA}")

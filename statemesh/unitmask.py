@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 ABSENT = "absent"
 MASKED = "masked"
-# Unit-file states that DisableUnitFiles undoes and EnableUnitFiles gives back.
+# Unit-file states that DisableUnitFiles undoes (lock() disables them before masking).
 ENABLED_STATES = ("enabled", "enabled-runtime", "indirect", "linked", "linked-runtime")
 # What EnableUnitFiles of the name itself re-creates. An "indirect" template (no
 # DefaultInstance) cannot be enabled by name, and alias/indirect states come back with the

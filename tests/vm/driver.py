@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from tests.vm.image import CLEAN_ENV, Image
+from tests.vm.image import CLEAN_ENV, REPO_MOUNT, Image
 from tests.vm import vtpm
 
 BOOT_TIMEOUT = float(os.environ.get("STATEMESH_VM_BOOT_TIMEOUT", "300"))
 BASE_KERNEL_ARGS = "root=LABEL=smroot rw console=ttyS0,115200 systemd.show_status=1"
+# node.conf is the package's conffile: a provisioner's copy is kept without a prompt.
+KEEP_CONFFILES = b'Dpkg::Options { "--force-confdef"; "--force-confold"; };\n'
 
 
 class GuestError(RuntimeError):
@@ -245,9 +247,27 @@ class Guest:
     def get(self, path: str) -> bytes:
         return base64.b64decode(self._request({"op": "get", "path": path}, timeout=60)["data"])
 
+    def wait_until_booted(self, timeout: float = 600) -> None:
+        """Wait for the end of boot: the agent answers early in sysinit, long before sshd,
+        the gettys or the node's own services have started."""
+        self.run("systemctl is-system-running --wait", check=False, timeout=timeout)
+
+    def provision(self, node_conf: bytes) -> None:
+        """Configure the node before installing, as a provisioner would: node.conf (on the
+        disk, for tests that pull the plug), and apt keeping that conffile without a prompt."""
+        self.run("mkdir -p /etc/statemesh")
+        self.put("/etc/statemesh/node.conf", node_conf)
+        self.put("/etc/apt/apt.conf.d/90statemesh-test-confold", KEEP_CONFFILES)
+        self.run("sync")
+
     def install(self, extra_env: Optional[Dict[str, str]] = None, check: bool = True,
                 timeout: float = 600) -> Result:
-        """Install the package exactly as an operator would, from the local repository."""
+        """Install the package exactly as an operator would, from the local repository.
+
+        Waits for the repository disk first: its nofail mount is not ordered before
+        local-fs.target, so the agent can answer before it is there."""
+        self.run(f"for i in $(seq 120); do mountpoint -q {REPO_MOUNT} && exit 0; "
+                 f"mount {REPO_MOUNT} 2>/dev/null; sleep 1; done; exit 1", timeout=180)
         env = {"DEBIAN_FRONTEND": "noninteractive", **(extra_env or {})}
         self.run("apt-get update -q", env=env, timeout=timeout)
         return self.run("apt-get install -y statemesh-node", env=env, check=check, timeout=timeout)

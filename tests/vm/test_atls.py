@@ -24,15 +24,12 @@ from tests.vm.driver import Guest
 MESH = 7443
 HOST_AS_SEEN_BY_GUEST = "10.0.2.2/32"
 NODE_CONF = f"Zone: test-zone\nMesh-Port: {MESH}\nZone-Peers: {HOST_AS_SEEN_BY_GUEST}\n".encode()
-# node.conf is the package's conffile: a provisioner's copy is kept without a prompt.
-CONFOLD = b'Dpkg::Options { "--force-confdef"; "--force-confold"; };\n'
 
 
 def _install_node(guest: Guest, ca_certificates: list = ()) -> None:
     """Configure as a provisioner would (node.conf, trusted TPM CAs), then install."""
+    guest.provision(NODE_CONF)
     guest.run("mkdir -p /etc/statemesh/tpm-ca.d")
-    guest.put("/etc/statemesh/node.conf", NODE_CONF)
-    guest.put("/etc/apt/apt.conf.d/90statemesh-test-confold", CONFOLD)
     for path in ca_certificates:
         guest.put(f"/etc/statemesh/tpm-ca.d/{path.name}", path.read_bytes())
     guest.install()

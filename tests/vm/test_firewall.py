@@ -40,9 +40,6 @@ for port in sys.argv[1:]:
     threading.Thread(target=serve, args=(int(port),)).start()
 '''
 
-CONFOLD = b'Dpkg::Options { "--force-confdef"; "--force-confold"; };\n'
-
-
 def node_conf(peers: str) -> bytes:
     return f"Zone: test-zone\nMesh-Port: {MESH}\nZone-Peers: {peers}\n".encode()
 
@@ -55,7 +52,7 @@ def listening(guest: Guest) -> set:
 def settle(guest: Guest) -> None:
     """Wait for the end of boot and for the network: the agent answers early in boot, and a
     probe must not miss for want of an address rather than because of the firewall."""
-    guest.run("systemctl is-system-running --wait", check=False, timeout=900)
+    guest.wait_until_booted(timeout=900)
     guest.run("/lib/systemd/systemd-networkd-wait-online --timeout=300", timeout=360)
 
 
@@ -102,9 +99,7 @@ def test_only_the_mesh_port_answers_and_only_inside_the_zone(
     serve_all_ports(guest)
     assert probe(guest) == {MESH: True, SSH: True, OTHER: True}  # the forwards work
 
-    guest.run("mkdir -p /etc/statemesh")  # configured before installing, as a provisioner would
-    guest.put("/etc/statemesh/node.conf", node_conf(f"{HOST_AS_SEEN_BY_GUEST} 192.0.2.0/24"))
-    guest.put("/etc/apt/apt.conf.d/90statemesh-test-confold", CONFOLD)
+    guest.provision(node_conf(f"{HOST_AS_SEEN_BY_GUEST} 192.0.2.0/24"))
     guest.install()
     serve_all_ports(guest)
     assert probe(guest) == {MESH: True, SSH: False, OTHER: False}

@@ -22,24 +22,15 @@ STATE = "/var/lib/statemesh-node/state.json"
 JOURNAL = "/var/lib/statemesh-node/journal.jsonl"
 # How long a frozen rescue/emergency boot is given to show a shell before we call it shut.
 FROZEN_BOOT_WAIT = 120.0
-# A provisioner's node.conf (the guest's disk is small) and apt keeping it without a prompt.
+# A provisioner's node.conf (the guest's disk is small).
 NODE_CONF = b"Zone: test-zone\nStorage-Size: 256M\n"
-CONFOLD = b'Dpkg::Options { "--force-confdef"; "--force-confold"; };\n'
-
-
-def settled(guest: Guest) -> None:
-    """Wait for the end of boot: the agent answers early in sysinit, long before the gettys,
-    sshd or statemesh-harden have started."""
-    guest.run("systemctl is-system-running --wait", check=False, timeout=600)
 
 
 @pytest.fixture
 def node(guest: Guest) -> Guest:
     """A guest provisioned for the node, sshd running and enabled, nothing installed yet."""
-    settled(guest)
-    guest.run("mkdir -p /etc/statemesh")
-    guest.put("/etc/statemesh/node.conf", NODE_CONF)
-    guest.put("/etc/apt/apt.conf.d/90statemesh-test-confold", CONFOLD)
+    guest.wait_until_booted()
+    guest.provision(NODE_CONF)
     guest.run("apt-get update -q", env=ENV)
     return guest
 
@@ -142,7 +133,7 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
              f"{JOURNAL}", "the tamper-reasserted journal entry", 60)
 
     guest.reboot()
-    settled(guest)
+    guest.wait_until_booted()
     assert_locked_down(guest)
     assert active(guest, "statemesh-harden.service") == "active"
     assert any(e["event"] == "lockdown-reasserted" and e["boot_id"] == guest.boot_id
@@ -163,7 +154,7 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
         guest.power_off_hard()
     monkeypatch.undo()
     guest.boot(kernel_args="")
-    settled(guest)
+    guest.wait_until_booted()
     assert_locked_down(guest)
 
     guest.run("apt-get purge -y statemesh-node", env=ENV, timeout=900)
@@ -208,7 +199,7 @@ def test_sigkill_of_the_hardening_is_never_installed_and_a_retry_after_reboot_su
     assert "nothing to do until the installation is retried" in untouched.stdout
 
     guest.reboot()
-    settled(guest)
+    guest.wait_until_booted()
     guest.run("dpkg --configure -a", env=ENV, timeout=900)
     assert package_status(guest) == "ii"
     assert_locked_down(guest)
@@ -220,7 +211,7 @@ def test_power_loss_midway_is_never_installed_and_a_retry_after_reboot_succeeds(
     begin_install_and_wait_midway(guest)
     guest.power_off_hard()
     guest.boot()
-    settled(guest)
+    guest.wait_until_booted()
     assert install_state(guest) in ("installing", "absent")
     assert package_status(guest) != "ii"
     guest.run("dpkg --configure -a", env=ENV, timeout=900)

@@ -59,20 +59,9 @@ print(" ".join(sorted({p for paths in hits.values() for p in paths})))
 '''
 
 
-# node.conf is the package's conffile: a provisioner's copy is kept without a prompt.
-CONFOLD = b'Dpkg::Options { "--force-confdef"; "--force-confold"; };\n'
-
-
 def _install(guest: Guest, node_conf: str) -> None:
-    """Provision node.conf, then install: the installer's transaction sets the volume up.
-
-    Waits for the repository disk first (its nofail mount is not ordered before
-    local-fs.target, so the agent can answer before it is there)."""
-    guest.run("for i in $(seq 120); do mountpoint -q /srv/statemesh-repo && exit 0; "
-              "mount /srv/statemesh-repo 2>/dev/null; sleep 1; done; exit 1", timeout=180)
-    guest.run("mkdir -p /etc/statemesh")
-    _conf(guest, node_conf)
-    guest.put("/etc/apt/apt.conf.d/90statemesh-test-confold", CONFOLD)
+    """Provision node.conf, then install: the installer's transaction sets the volume up."""
+    guest.provision(node_conf.encode())
     guest.install()
 
 
@@ -103,11 +92,6 @@ def _status(guest: Guest) -> Dict:
 def _unit(guest: Guest, *props: str) -> Dict[str, str]:
     out = guest.run(f"systemctl show {UNIT} " + " ".join(f"-p {p}" for p in props)).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def _booted(guest: Guest) -> None:
-    """Wait for the boot to finish: the agent answers long before (it is in sysinit)."""
-    guest.run("systemctl is-system-running --wait", check=False, timeout=600)
 
 
 def _assert_volume(guest: Guest, backing: str) -> Dict:
@@ -171,7 +155,7 @@ def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace
     assert guest.get(f"{MOUNT}/marker") == b"statemesh-marker-" + marker
 
     guest.reboot()
-    _booted(guest)
+    guest.wait_until_booted()
     _assert_volume(guest, f"file {BACKING}")
     assert guest.run(f"ls -A {MOUNT}").stdout.split() == ["lost+found"]
     assert _volume_key_reference(guest) != key_field or key_field.startswith(":")
@@ -199,7 +183,7 @@ def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace
     _conf(guest, "Storage-Size: 256M\n")
     guest.power_off_hard()
     guest.boot()
-    _booted(guest)
+    guest.wait_until_booted()
     _assert_volume(guest, f"file {BACKING}")
     assert guest.run(f"ls -A {MOUNT}").stdout.split() == ["lost+found"]
 

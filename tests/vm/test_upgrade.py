@@ -66,7 +66,8 @@ def _watchdog_gap_seconds(guest: Guest) -> float:
 
 
 def _installed_version(guest: Guest) -> str:
-    """"<version> ii" (Status-Abbrev's third column, the error flag, is a space when clear)."""
+    """Version and status, e.g. `0.1.0 ii` (dpkg's error-flag column, a space when clear,
+    is stripped)."""
     return guest.run("dpkg-query -W -f '${Version} ${db:Status-Abbrev}' statemesh-node").stdout.rstrip()
 
 
