@@ -18,6 +18,7 @@ IN_OPEN = 0x00000020
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
 IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000  # the watch is gone: its file was deleted, or it was removed
 
 _IN_CLOEXEC = os.O_CLOEXEC
 _IN_NONBLOCK = os.O_NONBLOCK

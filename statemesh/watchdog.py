@@ -5,6 +5,8 @@ Anything that gives root a terminal (a getty, `script`, `systemd-run --pty`,
 polled `ls /dev/pts` every second; here the kernel tells us instead:
 - inotify IN_CREATE on the devpts mount: a new /dev/pts/N, reported before its slave side
   is even opened (the opener holds the master, which fdinfo's tty-index names);
+- inotify IN_OPEN on each /dev/pts/N while it exists: whoever opens the slave of a pty that
+  is spared (an exempt workload's, the installing session's) or not yet ended;
 - inotify IN_OPEN on each terminal device (/dev/ttyN, serial ports, /dev/console);
 - logind's SessionNew over D-Bus, which also ends sessions without a terminal (remote);
 - a periodic full reconcile, the safety net for anything the events could miss.
@@ -31,7 +33,8 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Set
 from statemesh import grace, terminals
 from statemesh.config import NodeConfig
 from statemesh.guarantee import Finding
-from statemesh.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_MOVED_TO, IN_OPEN, IN_Q_OVERFLOW, Inotify
+from statemesh.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_IGNORED, IN_MOVED_TO, IN_OPEN,
+                               IN_Q_OVERFLOW, Inotify)
 
 UNIT = "statemesh-watchdog.service"
 RECONCILE_SECONDS = 10.0
@@ -137,6 +140,7 @@ class Watchdog:
         self.devpts_wd = self.inotify.add_watch(settings.devpts, IN_CREATE)
         self.dev_wd = self.inotify.add_watch(settings.dev, IN_CREATE)
         self.tty_wds: Dict[int, str] = {}
+        self.pty_wds: Dict[int, str] = {}  # IN_OPEN watch on each pty node -> its name
         self.grace_wd = self._watch_grace_directory()
         self.grace: Optional[grace.Grace] = None
         self.grace_fd: Optional[int] = None
@@ -145,6 +149,8 @@ class Watchdog:
         self.killed: Set[Tuple[int, int]] = set()  # SIGKILLed, perhaps not dead yet
         for name in sorted(os.listdir(settings.dev)):
             self._watch_tty(name)
+        for name in os.listdir(settings.devpts):
+            self._watch_pty(name)
 
     # -- event sources -------------------------------------------------------
 
@@ -170,6 +176,17 @@ class Watchdog:
         self.tty_wds[wd] = terminal.path
         return terminal
 
+    def _watch_pty(self, name: str) -> Optional[terminals.Terminal]:
+        """The pty `name`, watched for opens of its slave until the node goes away."""
+        terminal = terminals.pty(self.settings.devpts, name)
+        if terminal is None:
+            return None
+        try:
+            self.pty_wds[self.inotify.add_watch(terminal.path, IN_OPEN)] = name
+        except OSError:
+            pass  # gone already: its master was closed, nobody can open it any more
+        return terminal
+
     def on_inotify(self) -> None:
         """Turn the queued inotify events into terminals to end, then end them."""
         found: Dict[terminals.Key, terminals.Terminal] = {}
@@ -179,7 +196,12 @@ class Watchdog:
             if event.mask & IN_Q_OVERFLOW:
                 reconcile = True
             elif event.wd == self.devpts_wd:
-                terminal = terminals.pty(self.settings.devpts, event.name)
+                terminal = self._watch_pty(event.name)
+            elif event.wd in self.pty_wds:
+                if event.mask & IN_IGNORED:
+                    del self.pty_wds[event.wd]
+                else:
+                    terminal = terminals.pty(self.settings.devpts, self.pty_wds[event.wd])
             elif event.wd == self.dev_wd:
                 terminal = self._watch_tty(event.name)
             elif event.wd in self.tty_wds:

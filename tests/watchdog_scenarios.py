@@ -246,7 +246,8 @@ def other_devpts_instance_is_invisible(devpts: str, host_devpts_dev: int) -> Dic
 
 
 def installation_grace(devpts: str) -> Dict[str, Any]:
-    """The installing session keeps its terminal while the package manager lives, not after."""
+    """The installing session keeps its terminal while the package manager lives, not after;
+    a process of another session that opens that spared terminal is ended at once."""
     to_scenario_r, to_scenario_w = os.pipe()
     go_r, go_w = os.pipe()
 
@@ -255,8 +256,8 @@ def installation_grace(devpts: str) -> Dict[str, Any]:
         manager = subprocess.Popen(["sleep", "300"])  # stands in for apt, in this session
         os.write(to_scenario_w, str(manager.pid).encode())
         os.read(go_r, 1)
-        os.openpty()
-        os.write(to_scenario_w, b"pty")
+        _master, slave = os.openpty()
+        os.write(to_scenario_w, os.ttyname(slave).encode())
         sleep_forever()
 
     with watchdog(devpts) as state:
@@ -265,14 +266,21 @@ def installation_grace(devpts: str) -> Dict[str, Any]:
         grace.record_installer(manager_pid, state["grace"])
         time.sleep(0.2)  # the watchdog reads the record on inotify
         os.write(go_w, b"g")
-        os.read(to_scenario_r, 3)
+        spared_pty = os.read(to_scenario_r, 64).decode()
         outsider = fork_child(hold_pty)
         outsider_signal = wait_death(outsider)
+        intruder = fork_child(lambda: (os.open(spared_pty, os.O_RDWR | os.O_NOCTTY), sleep_forever()))
+        intruder_signal = wait_death(intruder)
+        logged_kills(state, [intruder])
         spared_while_installing = alive(session_leader)
         os.kill(manager_pid, signal.SIGKILL)
         leader_signal = wait_death(session_leader)
         logged_kills(state, [outsider, session_leader])
-    return {"outsider": outsider_signal, "spared_while_installing": spared_while_installing,
+    intruder_kill = next(line for line in state["log"]
+                         if line["event"] == "kill" and line["pid"] == intruder)
+    return {"outsider": outsider_signal, "intruder": intruder_signal,
+            "intruder_source": intruder_kill["source"],
+            "spared_while_installing": spared_while_installing,
             "leader_after_install": leader_signal, "log": state["log"]}
 
 
