@@ -439,10 +439,15 @@ class FakeBus:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def do(self, function: Any, *args: Any) -> Any:
-        """Call a function in the services' loop (signals are emitted from there)."""
+        """Call a function in the services' loop (signals are emitted from there), and return
+        once the bus daemon has routed what it emitted: a client subscribing afterwards must
+        not receive those signals."""
 
         async def wrapper() -> Any:
-            return function(*args)
+            result = function(*args)
+            await self._bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                         interface="org.freedesktop.DBus.Peer", member="Ping"))
+            return result
 
         return self.call(wrapper())
 
