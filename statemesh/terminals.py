@@ -138,20 +138,38 @@ def _pts_instance_of(pid: int) -> int:
         return -1
 
 
-def _master_index(pid: int, fd: str) -> Optional[int]:
-    """The pty index behind a ptmx fd, from fdinfo's tty-index (Linux >= 4.13)."""
+def _fdinfo_field(pid: int, fd: str, name: bytes) -> Optional[bytes]:
+    """One field of /proc/PID/fdinfo/FD; None when the fd is gone or has no such field."""
     try:
         with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as handle:
             for line in handle:
-                if line.startswith(b"tty-index:"):
-                    return int(line.split()[1])
+                if line.startswith(name + b":"):
+                    return line.split()[1]
     except OSError:
         pass
     return None
 
 
+def _master_index(pid: int, fd: str) -> Optional[int]:
+    """The pty index behind a ptmx fd, from fdinfo's tty-index (Linux >= 4.13)."""
+    index = _fdinfo_field(pid, fd, b"tty-index")
+    return None if index is None else int(index)
+
+
+def _reads(pid: int, fd: str) -> bool:
+    """Whether an fd on a terminal device can read from it (unknown counts as yes).
+
+    A write-only fd gives nobody a session: systemd logs to /dev/console that way (its
+    executor opens it O_WRONLY|O_CLOEXEC while it spawns every service, on Debian 13), and
+    so does any boot script echoing to the console. Ptys are not relaxed so: root can
+    TIOCSTI input into a pty through a write-only fd, and an exempt workload may read one.
+    """
+    flags = _fdinfo_field(pid, fd, b"flags")
+    return flags is None or int(flags, 8) & os.O_ACCMODE != os.O_WRONLY
+
+
 def _held_terminals(pid: int, tty_rdevs: FrozenSet[int]) -> FrozenSet[Key]:
-    """Keys of the terminals `pid` has fds open on."""
+    """Keys of the terminals `pid` has fds open on (for a terminal device: to read)."""
     directory = f"/proc/{pid}/fd"
     try:
         fds = os.listdir(directory)
@@ -171,7 +189,7 @@ def _held_terminals(pid: int, tty_rdevs: FrozenSet[int]) -> FrozenSet[Key]:
             index = _master_index(pid, fd)
             if index is not None:
                 held.add((_master_instance(pid, info), pty_rdev(index)))
-        elif info.st_rdev in tty_rdevs:
+        elif info.st_rdev in tty_rdevs and _reads(pid, fd):
             held.add((0, info.st_rdev))
     return frozenset(held)
 

@@ -220,6 +220,18 @@ def test_pty_device_numbers_follow_the_kernel() -> None:
     assert terminals.pty_rdev(300) == os.makedev(137, 44)
 
 
+@pytest.mark.parametrize("mode, holds", [(os.O_WRONLY, False), (os.O_RDWR, True), (os.O_RDONLY, True)])
+def test_a_terminal_device_open_only_for_writing_is_not_held(mode: int, holds: bool) -> None:
+    # /dev/full stands in for a terminal device: this only reads our own fds, kills nothing.
+    device = os.stat("/dev/full").st_rdev
+    fd = os.open("/dev/full", mode | os.O_CLOEXEC)
+    try:
+        held = terminals._held_terminals(os.getpid(), frozenset({device}))
+    finally:
+        os.close(fd)
+    assert ((0, device) in held) == holds
+
+
 def test_only_character_devices_are_terminals(tmp_path: Path) -> None:
     (tmp_path / "ttyS0").write_text("")
     (tmp_path / "7").write_text("")

@@ -2,7 +2,7 @@
 
 What only a real system shows: `script`, `systemd-run --pty`, an agetty started by hand,
 `machinectl shell` (where systemd-container is installed) and a Python openpty holder are
-all ended; a process without a terminal is not; the unit refuses a manual stop, comes back
+all ended; a process without a terminal is not, nor one writing to the console; the unit refuses a manual stop, comes back
 after SIGKILL, runs sandboxed, and a reload re-reads node.conf (exemptions).
 """
 
@@ -63,6 +63,8 @@ def test_every_kind_of_terminal_is_ended_and_a_plain_process_lives(installed_gue
     watchdog = start_watchdog(guest)
     guest.run("systemd-run --unit=sm-workload sleep 1605")
     plain = background(guest, "sleep 1606")
+    # writes to the console, as systemd and boot scripts do: no input, so no session
+    console_writer = background(guest, "sh -c 'exec 3>/dev/console; exec sleep 1607'")
 
     python = background(guest, f"python3 -c {quote(HOLDER.format(1601))}")
     script = background(guest, "script -qfc 'sleep 1602' /dev/null")
@@ -83,6 +85,7 @@ def test_every_kind_of_terminal_is_ended_and_a_plain_process_lives(installed_gue
 
     assert guest.run("systemctl is-active sm-workload").stdout.strip() == "active"
     assert running(guest, "sleep 1606") == [plain]
+    assert running(guest, "sleep 1607") == [console_writer]
     assert main_pid(guest) == watchdog
 
     logged = {line["pid"]: line for line in kill_log(guest)}
