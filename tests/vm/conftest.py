@@ -109,10 +109,17 @@ def installed_guest(guest: Guest) -> Guest:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
-    """Show the end of each guest's console when a test fails."""
+    """When a test fails: keep each live guest's journal, show the end of each console and
+    the node's own units' lines of the journal (CI keeps only what the report prints)."""
     outcome = yield
     report = outcome.get_result()
     if report.failed:
         for index, guest in enumerate(getattr(item, "statemesh_guests", [])):
             tail = "\n".join(guest.console_log().splitlines()[-80:])
             report.sections.append((f"guest{index} console ({guest.console_path})", tail))
+            journal = guest.save_journal()
+            if journal is not None:
+                ours = [line for line in journal.read_text(encoding="utf-8").splitlines()
+                        if "statemesh" in line]
+                report.sections.append((f"guest{index} journal, statemesh lines ({journal})",
+                                        "\n".join(ours[-80:])))

@@ -275,6 +275,19 @@ class Guest:
     def host_port(self, guest_port: int) -> int:
         return self.forwards[guest_port]
 
+    def save_journal(self) -> Optional[Path]:
+        """Keep the guest's journal of this boot next to its console, for a failed test;
+        None when the guest no longer answers (crashed, powered off, agent gone)."""
+        if not self._qemu or self._qemu.poll() is not None:
+            return None
+        try:
+            text = self.run("journalctl -b --no-pager -o short-monotonic", check=False, timeout=60).stdout
+        except (GuestError, OSError, TimeoutError):
+            return None
+        path = self.workdir / "journal.txt"
+        path.write_text(text, encoding="utf-8")
+        return path
+
     def console_log(self) -> str:
         return self.console_path.read_text(errors="replace") if self.console_path.exists() else ""
 
