@@ -107,7 +107,7 @@ def parse(chain: Sequence[bytes]) -> List[x509.Certificate]:
             certificate = x509.load_der_x509_certificate(der)
             # cryptography parses lazily: make every part we use raise here, not later.
             certificate.extensions, certificate.subject, certificate.issuer  # noqa: B018
-            certificate.not_valid_before, certificate.not_valid_after  # noqa: B018
+            validity(certificate)
             certificate.public_key()
             problem = _strict_frame(der)
             if problem:
@@ -146,11 +146,27 @@ def _check_extensions(certificate: x509.Certificate, what: str, is_ca: bool) -> 
             raise EkChainInvalid(f"{what}: empty subject without a critical subjectAltName")
 
 
+def utc_now(timestamp: Optional[float] = None) -> datetime.datetime:
+    """Now (or `timestamp`) as a naive UTC datetime, the form validity() returns."""
+    moment = (datetime.datetime.now(datetime.timezone.utc) if timestamp is None
+              else datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc))
+    return moment.replace(tzinfo=None)
+
+
+def validity(certificate: x509.Certificate) -> Tuple[datetime.datetime, datetime.datetime]:
+    """(not before, not after) as naive UTC. cryptography 42 (Debian 13) deprecates the naive
+    properties for *_utc ones, which 38 (Debian 12) and 3.4 (Ubuntu 22.04) do not have."""
+    if hasattr(certificate, "not_valid_before_utc"):
+        return (certificate.not_valid_before_utc.replace(tzinfo=None),
+                certificate.not_valid_after_utc.replace(tzinfo=None))
+    return certificate.not_valid_before, certificate.not_valid_after
+
+
 def _check_validity(certificate: x509.Certificate, what: str, now: datetime.datetime) -> None:
-    if not certificate.not_valid_before <= now <= certificate.not_valid_after:
+    not_before, not_after = validity(certificate)
+    if not not_before <= now <= not_after:
         raise EkChainInvalid(
-            f"{what}: not valid at {now:%Y-%m-%d %H:%M} UTC "
-            f"({certificate.not_valid_before} to {certificate.not_valid_after})"
+            f"{what}: not valid at {now:%Y-%m-%d %H:%M} UTC ({not_before} to {not_after})"
         )
 
 
@@ -198,7 +214,7 @@ def verify(chain: Sequence[bytes], anchors: Sequence[x509.Certificate],
     the last is a trusted anchor or issued by one. EkChainInvalid: a malformed or broken
     chain. EkUntrusted: a sound chain that ends at no trusted anchor.
     """
-    now = now or datetime.datetime.utcnow()
+    now = now or utc_now()
     certificates = parse(chain)
     for index, certificate in enumerate(certificates):
         what = "EK certificate" if index == 0 else f"chain certificate {index}"

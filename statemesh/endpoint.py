@@ -85,7 +85,8 @@ def serve(config: NodeConfig) -> int:
 
 def _report(verdict: Any, policy_source: str) -> Dict[str, Any]:
     report = {"verdict": "accepted", "policy": policy_source, **verdict.as_dict()}
-    report["issued"] = datetime.datetime.utcfromtimestamp(verdict.evidence.issued).isoformat() + "Z"
+    issued = datetime.datetime.fromtimestamp(verdict.evidence.issued, datetime.timezone.utc)
+    report["issued"] = issued.replace(tzinfo=None).isoformat() + "Z"
     return report
 
 

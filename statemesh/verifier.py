@@ -312,7 +312,7 @@ class Verifier:
             raise EkChainInvalid("the EK is not made from the TCG default EK template")
         if ev.security_class != "tpm":
             return  # a weak node's vTPM EK proves nothing; activation still ties the AK to it
-        now = datetime.datetime.utcfromtimestamp(self.clock())
+        now = ekchain.utc_now(self.clock())
         key = hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in ev.ek_chain)
                              + ev.ek_public).digest()
         with self._lock:
@@ -326,8 +326,8 @@ class Verifier:
         with self._lock:
             if len(self._trusted_chains) > 1024:
                 self._trusted_chains.clear()
-            self._trusted_chains[key] = (max(c.not_valid_before for c in involved),
-                                         min(c.not_valid_after for c in involved))
+            windows = [ekchain.validity(c) for c in involved]
+            self._trusted_chains[key] = (max(w[0] for w in windows), min(w[1] for w in windows))
 
     def _check_policy_claims(self, ev: Evidence) -> None:
         if ev.security_class not in self.policy.allowed_classes:

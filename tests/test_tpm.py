@@ -189,6 +189,26 @@ def test_garbage_and_empty_chains_are_refused() -> None:
         ekchain.verify([b"\x30\x03\x02\x01\x01"], [])
 
 
+class _Cryptography42Certificate:
+    """The validity of a certificate as cryptography >= 42 (Debian 13) offers it: aware
+    *_utc properties, the naive ones deprecated (here: failing)."""
+
+    not_valid_before_utc = datetime.datetime(2030, 1, 1, 12, tzinfo=datetime.timezone.utc)
+    not_valid_after_utc = datetime.datetime(2031, 1, 1, 12, tzinfo=datetime.timezone.utc)
+
+    @property
+    def not_valid_before(self) -> datetime.datetime:
+        raise AssertionError("the deprecated naive property was used")
+
+    not_valid_after = not_valid_before
+
+
+def test_validity_uses_the_utc_properties_where_cryptography_has_them() -> None:
+    assert ekchain.validity(_Cryptography42Certificate()) == (
+        datetime.datetime(2030, 1, 1, 12), datetime.datetime(2031, 1, 1, 12))
+    assert ekchain.utc_now(0) == datetime.datetime(1970, 1, 1)
+
+
 def test_ca_directory_with_a_broken_file_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "bad.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     with pytest.raises(EkChainInvalid, match="bad.pem"):
