@@ -96,6 +96,28 @@ def guest_factory(request: pytest.FixtureRequest, vm_image: image.Image, repo_di
             disk.unlink(missing_ok=True)
 
 
+MEASURED = "measured"
+
+
+@pytest.fixture
+def measured(record_property: Callable[[str, object], None]) -> Callable[[str, str], None]:
+    """measured(what, figure): a figure for the notes, listed at the end of the run (as a
+    user property it travels from pytest-xdist workers with the test's report)."""
+    return lambda what, figure: record_property(MEASURED, f"{what}: {figure}")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """List every figure the VM tests measured, with the test that measured it."""
+    lines = [f"{report.nodeid}: {value}"
+             for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", [])
+             if report.when == "call"
+             for name, value in report.user_properties if name == MEASURED]
+    if lines:
+        terminalreporter.section("measured in the guests")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture
 def guest(guest_factory: Callable[..., Guest]) -> Guest:
     return guest_factory()

@@ -108,7 +108,7 @@ def begin_install_and_wait_midway(guest: Guest) -> None:
 
 @pytest.mark.every_release
 def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
-        node: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
+        node: Guest, monkeypatch: pytest.MonkeyPatch, measured) -> None:
     guest = node
     assert enabled(guest, "ssh.service")["ssh.service"] == "enabled"
     assert active(guest, "ssh.service") == "active"
@@ -120,14 +120,14 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert "statemesh-node:" not in said, said  # silent under DEBIAN_FRONTEND=noninteractive
     assert_locked_down(guest)
     steps = {e["event"]: e["time"] for e in events(guest)}
-    print(f"\nMEASURED apt-get install: {install_seconds:.1f} s wall; transaction in the guest: "
-          f"{steps['state-installed'] - steps['state-installing']:.1f} s")
+    measured("apt-get install", f"{install_seconds:.1f} s wall, transaction in the guest "
+             f"{steps['state-installed'] - steps['state-installing']:.1f} s")
 
     # Tamper: unmasking ssh is undone by the listener, and logged.
     guest.run("systemctl unmask ssh.service")
     unmasked_at = time.monotonic()
     wait_for(guest, "test \"$(systemctl is-enabled ssh.service)\" = masked", "the re-mask", 60)
-    print(f"MEASURED tamper re-mask seen by the host after {time.monotonic() - unmasked_at:.2f} s")
+    measured("tamper re-mask seen by the host after", f"{time.monotonic() - unmasked_at:.2f} s")
     # The listener journals the re-assert once its read-back has confirmed it.
     wait_for(guest, f"grep -q '\"event\": \"tamper-reasserted\", \"guarantee\": \"ssh\"' "
              f"{JOURNAL}", "the tamper-reasserted journal entry", 60)

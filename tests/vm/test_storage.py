@@ -131,7 +131,7 @@ def _found(guest: Guest, needles, *targets: str) -> str:
 
 
 @pytest.mark.every_release
-def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace(guest):
+def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace(guest, measured):
     _install(guest, "Storage-Size: 256M\n")
     assert _unit(guest, "UnitFileState")["UnitFileState"] == "enabled"
     facts = _assert_volume(guest, f"file {BACKING}")
@@ -165,7 +165,7 @@ def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace
     timing = _unit(guest, "ExecMainStartTimestampMonotonic", "ExecMainExitTimestampMonotonic")
     setup_s = (int(timing["ExecMainExitTimestampMonotonic"])
                - int(timing["ExecMainStartTimestampMonotonic"])) / 1e6
-    print(f"storage setup at boot (256M file, TCG guest): {setup_s:.2f} s")
+    measured("storage setup at boot (256M file, TCG guest)", f"{setup_s:.2f} s")
 
     # Stopping destroys it and locks the mount point; a setup that fails keeps it locked.
     guest.run(f"systemctl stop {UNIT}")

@@ -72,7 +72,7 @@ def _installed_version(guest: Guest) -> str:
 
 
 def test_unattended_upgrade_keeps_data_storage_and_lockdown(
-    guest_factory, deb: Path, next_version_repo: Path
+    guest_factory, deb: Path, next_version_repo: Path, measured
 ) -> None:
     guest = guest_factory(repo=next_version_repo)
     version = _version(deb)
@@ -92,7 +92,7 @@ def test_unattended_upgrade_keeps_data_storage_and_lockdown(
     assert guest.run("systemctl is-active ssh.service", check=False).stdout.strip() != "active"
     assert guest.run("systemctl is-active statemesh-watchdog").stdout.strip() == "active"
     gap = _watchdog_gap_seconds(guest)
-    print(f"watchdog gap during the upgrade: {gap:.3f} s")
+    measured("watchdog gap during the upgrade", f"{gap:.3f} s")
     assert gap < 1.0, f"the watchdog was down {gap:.3f} s during the upgrade"
 
 
