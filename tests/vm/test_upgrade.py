@@ -8,8 +8,10 @@ whose preinst fails must leave N installed and working (dpkg's abort-upgrade pat
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 
@@ -57,12 +59,24 @@ def _checksum(guest: Guest) -> str:
     return guest.run("sha256sum /var/lib/statemesh/workload.bin").stdout.split()[0]
 
 
-def _watchdog_gap_seconds(guest: Guest) -> float:
-    """How long the watchdog was not running in its most recent stop/start, 0 if never."""
+def _watchdog_gap_seconds(guest: Guest) -> Tuple[float, float]:
+    """How long the watchdog was not watching: (the unit's most recent stop/start by systemd's
+    timestamps, 0 if it never stopped; its in-place re-exec on SIGHUP, from its "reexec" line to
+    the next "ready" by journald's timestamps, 0 if it did not re-exec)."""
     shown = guest.run("systemctl show -P InactiveEnterTimestampMonotonic statemesh-watchdog; "
                       "systemctl show -P ActiveEnterTimestampMonotonic statemesh-watchdog").stdout
     inactive, active = (int(value or 0) for value in shown.split())
-    return max(0, active - inactive) / 1e6 if inactive else 0.0
+    restart = max(0, active - inactive) / 1e6 if inactive else 0.0
+    entries = [json.loads(line) for line in guest.run(
+        "journalctl -b -u statemesh-watchdog -o json --output-fields=MESSAGE").stdout.splitlines()]
+    reexec_at, reexec = None, 0.0
+    for entry in entries:
+        message = str(entry.get("MESSAGE", ""))
+        if message.startswith('{"event": "reexec"'):
+            reexec_at = int(entry["__MONOTONIC_TIMESTAMP"])
+        elif message.startswith('{"event": "ready"') and reexec_at is not None:
+            reexec, reexec_at = (int(entry["__MONOTONIC_TIMESTAMP"]) - reexec_at) / 1e6, None
+    return restart, reexec
 
 
 def _installed_version(guest: Guest) -> str:
@@ -91,9 +105,14 @@ def test_unattended_upgrade_keeps_data_storage_and_lockdown(
     assert status.returncode == 0, status.stdout + status.stderr
     assert guest.run("systemctl is-active ssh.service", check=False).stdout.strip() != "active"
     assert guest.run("systemctl is-active statemesh-watchdog").stdout.strip() == "active"
-    gap = _watchdog_gap_seconds(guest)
-    measured("watchdog gap during the upgrade", f"{gap:.3f} s")
-    assert gap < 1.0, f"the watchdog was down {gap:.3f} s during the upgrade"
+    restart, reexec = _watchdog_gap_seconds(guest)
+    measured("watchdog gap during the upgrade",
+             f"unit inactive {restart:.3f} s, in-place re-exec {reexec:.3f} s")
+    # The unit never stops. Its in-place re-exec (a new Python, under TCG) leaves a window of
+    # about 2 s without watches; whatever opened a terminal then is ended by the new process's
+    # start reconcile. Closing that window (hand-over to a process that is already watching)
+    # is open work: README "Upgrades", issue 8.
+    assert restart < 1.0, f"the watchdog unit was down {restart:.3f} s during the upgrade"
 
 
 def test_failing_upgrade_leaves_version_n_working(
