@@ -6,7 +6,6 @@ systemd or terminal output.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import sys
@@ -14,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from statemesh import atls, journal, securityclass, tpm
+from statemesh import atls, ekchain, journal, securityclass, tpm
 from statemesh.attester import Attester
 from statemesh.attesterrors import VerificationError
 from statemesh.config import NodeConfig
@@ -85,8 +84,7 @@ def serve(config: NodeConfig) -> int:
 
 def _report(verdict: Any, policy_source: str) -> Dict[str, Any]:
     report = {"verdict": "accepted", "policy": policy_source, **verdict.as_dict()}
-    issued = datetime.datetime.fromtimestamp(verdict.evidence.issued, datetime.timezone.utc)
-    report["issued"] = issued.replace(tzinfo=None).isoformat() + "Z"
+    report["issued"] = ekchain.utc_now(verdict.evidence.issued).isoformat() + "Z"
     return report
 
 
