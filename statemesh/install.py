@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Sequence
 
-from statemesh import grace, guarantees, journal, preflight, systemd, tamper
+from statemesh import grace, guarantees, journal, preflight, sdnotify, systemd, tamper
 from statemesh.config import NodeConfig
 from statemesh.guarantee import Guarantee
 from statemesh.unitmask import BusGuarantee
@@ -113,8 +113,6 @@ def boot_action(book: journal.Journal, requested: bool) -> str:
 
 def harden(config: NodeConfig, listen: bool = True) -> int:
     """What statemesh-harden.service runs: the transaction or the re-assert, then listen."""
-    from statemesh.watchdog import notify_ready
-
     book = journal.Journal()
     ordered = guarantees.ordered(config)
     requested = REQUEST.exists()
@@ -128,16 +126,16 @@ def harden(config: NodeConfig, listen: bool = True) -> int:
         else:
             print(f"statemesh-node: not installed ({book.state().state}); nothing to do "
                   f"until the installation is retried (dpkg --configure -a)", flush=True)
-            notify_ready()
+            sdnotify.ready()
             return 0
     except (InstallError, journal.RebootRequiredError, journal.JournalError) as error:
         print(f"statemesh-node: {error}", file=sys.stderr)
         return 1
     print("statemesh-node: hardened, every guarantee holds", flush=True)
     if not listen:
-        notify_ready()
+        sdnotify.ready()
         return 0
-    asyncio.run(tamper.listen(lockdown_of(ordered), book, ready=notify_ready))
+    asyncio.run(tamper.listen(lockdown_of(ordered), book, ready=sdnotify.ready))
     return 0
 
 

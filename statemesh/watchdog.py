@@ -11,7 +11,8 @@ polled `ls /dev/pts` every second; here the kernel tells us instead:
 - logind's SessionNew over D-Bus, which also ends sessions without a terminal (remote);
 - a periodic full reconcile, the safety net for anything the events could miss.
 Holders are SIGKILLed at once (a shell ignores SIGTERM); the logind session they belong to
-is then terminated so that logind and systemd clean up the rest of the login.
+is then terminated so that logind and systemd clean up the rest of the login. On SIGHUP the
+role passes to a successor without a gap (statemesh.handover).
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
-from statemesh import grace, terminals
+from statemesh import grace, handover, terminals
 from statemesh.config import NodeConfig
 from statemesh.guarantee import Finding
 from statemesh.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_IGNORED, IN_MOVED_TO, IN_OPEN,
@@ -49,6 +49,8 @@ INTERACTIVE_SESSION_TYPES = frozenset({"tty", "x11", "wayland", "mir"})
 SYSTEM_UNITS = ("systemd-logind.service",)
 # D-Bus calls to logind get this long: logind restarting must never stall the watchdog.
 LOGIND_TIMEOUT = 10.0
+# A successor gets this long to arm its watches; the running watchdog guards meanwhile.
+HANDOVER_TIMEOUT = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,9 +375,10 @@ class Watchdog:
         asyncio.get_running_loop().add_reader(self.inotify.fileno(), self.on_inotify)
         self.load_grace()
         self.reconcile("start")
-        notify_ready()
+        # logged before it is reported: a predecessor's "handed-over" line always comes after
         log("ready", devpts=self.settings.devpts, ttys=sorted(self.tty_wds.values()),
             exempt_units=list(self.settings.exempt_units), pid=os.getpid())
+        handover.report_ready()
         if self.connect is not None:
             asyncio.get_running_loop().create_task(self._logind_loop())
         for rounds in itertools.count(1):
@@ -394,21 +397,30 @@ class Watchdog:
             await asyncio.sleep(self.settings.reconcile_seconds)
 
 
-def notify_ready() -> None:
-    """Tell systemd (Type=notify) that the watches are armed, so a start job means protection."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.sendto(b"READY=1", address)
+class HandOverOnHangup:
+    """SIGHUP (ExecReload, the package's postinst): pass the role to a process running the
+    code now installed, watching all along (statemesh.handover); one hand-over at a time."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.task: Optional["asyncio.Task[None]"] = None
 
-def _reexec() -> None:
-    """SIGHUP (ExecReload): run the code now installed, e.g. after a package upgrade."""
-    log("reexec")
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+    def __call__(self) -> None:
+        if self.task is not None and not self.task.done():
+            log("handover", pid=os.getpid(), state="in progress already")
+            return
+        self.task = self.loop.create_task(self._hand_over())
+
+    async def _hand_over(self) -> None:
+        log("handover", pid=os.getpid(), state="starting the successor")
+        argv = [sys.executable, *sys.orig_argv[1:]]  # also `python3 -m statemesh.cli` in tests
+        try:
+            successor = await handover.hand_over(argv, HANDOVER_TIMEOUT)
+        except handover.HandOverError as error:
+            log("error", what="handover", error=str(error), pid=os.getpid())
+            return
+        log("handed-over", pid=os.getpid(), successor=successor)
+        self.loop.stop()
 
 
 async def connect_logind() -> SessionManager:
@@ -425,7 +437,7 @@ def main(settings: Settings) -> int:
     loop = asyncio.new_event_loop()
     watchdog = Watchdog(settings, connect_logind if settings.logind else None)
     loop.add_signal_handler(signal.SIGTERM, loop.stop)
-    loop.add_signal_handler(signal.SIGHUP, _reexec)
+    loop.add_signal_handler(signal.SIGHUP, HandOverOnHangup(loop))
     task = loop.create_task(watchdog.run())
     task.add_done_callback(lambda _: loop.stop())
     loop.run_forever()
@@ -497,7 +509,8 @@ class WatchdogGuarantee:
 
 
 async def _start() -> None:
-    """Enable and start it; a running one re-executes itself into the code just installed."""
+    """Enable and start it; a running one hands over to a process running the code just
+    installed."""
     from statemesh import systemd
 
     bus = await systemd.connect()

@@ -85,6 +85,29 @@ def test_installing_session_is_spared_until_the_package_manager_exits() -> None:
     assert last_kill["source"] == "grace-ended"
 
 
+def test_hangup_hands_over_to_a_successor_that_is_watching_before_the_old_one_exits() -> None:
+    result = run_scenario(f"{SCENARIOS}:hand_over_on_hangup")
+    successor, old = result["successor"], result["old"]
+    assert result["message"] == f"MAINPID={successor}" and successor != old
+    assert result["old_status"] == 0 and result["successor_alive"]
+    # opened while the successor started (the old one ended it), and after the old one left
+    assert result["signals"] == {"during": 9, "after": 9}
+    events = [(line["event"], line.get("pid")) for line in result["log"]]
+    assert events.index(("ready", successor)) < events.index(("handed-over", old))
+    handed = [line for line in result["log"] if line["event"] == "handed-over"]
+    assert handed == [{"event": "handed-over", "pid": old, "successor": successor}]
+
+
+def test_a_successor_that_cannot_start_leaves_the_running_watchdog_in_charge() -> None:
+    result = run_scenario(f"{SCENARIOS}:hand_over_refused_by_a_failing_successor")
+    assert result["message"] is None  # systemd was told of no new main process
+    assert result["holder"] == 9 and result["old_alive"]
+    errors = [line for line in result["log"] if line["event"] == "error"]
+    assert len(errors) == 1 and errors[0]["what"] == "handover"
+    assert "before it was ready" in errors[0]["error"]
+    assert not any(line["event"] == "handed-over" for line in result["log"])
+
+
 def test_logind_sessions_are_terminated_unless_spared() -> None:
     result = run_scenario(f"{SCENARIOS}:logind_sessions")
     assert result["ended"] == ["2", "3", "4", "6"]

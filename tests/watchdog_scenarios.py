@@ -53,24 +53,31 @@ def watchdog(devpts: str, exempt_units: str = "") -> Iterator[Dict[str, Any]]:
         process.kill()
         raise RuntimeError(f"watchdog not ready: {(work / 'log').read_text()}")
     state: Dict[str, Any] = {"process": process, "grace": work / "run" / "install-grace.json",
-                             "log_path": work / "log"}
+                             "log_path": work / "log", "conf": conf, "notify": notify,
+                             "successors": []}
     try:
         yield state
     finally:
         state["alive_at_end"] = process.poll() is None
         process.kill()
         process.wait()
+        for successor in state["successors"]:  # not our children: they outlived their parent
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(successor, signal.SIGKILL)
         log.seek(0)
         state["log"] = [json.loads(line) for line in log if line.startswith("{")]
+
+
+def log_lines(state: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in state["log_path"].read_text().splitlines()
+            if line.startswith("{")]
 
 
 def logged_kills(state: Dict[str, Any], pids: List[int]) -> None:
     """Wait until the watchdog has logged the kill of each of `pids` (it logs after killing)."""
     deadline = time.monotonic() + WAIT_SECONDS
     while time.monotonic() < deadline:
-        lines = [json.loads(line) for line in state["log_path"].read_text().splitlines()
-                 if line.startswith("{")]
-        if set(pids) <= {line["pid"] for line in lines if line["event"] == "kill"}:
+        if set(pids) <= {line["pid"] for line in log_lines(state) if line["event"] == "kill"}:
             return
         time.sleep(0.02)
     raise RuntimeError(f"kills of {pids} not logged")
@@ -357,6 +364,58 @@ def logind_sessions(devpts: str) -> Dict[str, Any]:
     asyncio.run(scenario())
     ended = [call[1] for call in fake.calls if call[0] == "terminate"]
     return {"ended": ended, "calls": fake.calls}
+
+
+def _notified(state: Dict[str, Any], timeout: float) -> Optional[bytes]:
+    """The next message the watchdog sent to its notify socket, None if none came."""
+    ready, _, _ = select.select([state["notify"]], [], [], timeout)
+    return state["notify"].recv(64) if ready else None
+
+
+def _pid_exit(pid: int, timeout: float = WAIT_SECONDS) -> bool:
+    """Whether `pid` (not our child) is gone within `timeout`."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def hand_over_on_hangup(devpts: str) -> Dict[str, Any]:
+    """SIGHUP: a successor takes the role; the old process guards until it is ready."""
+    with watchdog(devpts) as state:
+        old = state["process"]
+        os.kill(old.pid, signal.SIGHUP)
+        during = fork_child(hold_pty)  # opened while the successor starts
+        message = _notified(state, WAIT_SECONDS) or b""
+        successor = int(message.split(b"=", 1)[1]) if message.startswith(b"MAINPID=") else None
+        if successor is not None:
+            state["successors"].append(successor)
+        old_status = old.wait(WAIT_SECONDS)
+        after = fork_child(hold_pty)  # only the successor is left to end it
+        signals = {"during": wait_death(during), "after": wait_death(after)}
+        logged_kills(state, [during, after])
+        successor_alive = successor is not None and not _pid_exit(successor, 0)
+    return {"message": message.decode(), "successor": successor, "old": old.pid,
+            "old_status": old_status, "signals": signals, "successor_alive": successor_alive,
+            "log": state["log"]}
+
+
+def hand_over_refused_by_a_failing_successor(devpts: str) -> Dict[str, Any]:
+    """A successor that cannot start (here: node.conf made malformed) changes nothing."""
+    with watchdog(devpts) as state:
+        state["conf"].write_text("this is not a node.conf\n")
+        os.kill(state["process"].pid, signal.SIGHUP)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not any(line["event"] == "error" for line in log_lines(state)):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the failed hand-over was not logged")
+            time.sleep(0.05)
+        holder = fork_child(hold_pty)
+        holder_signal = wait_death(holder)
+        message = _notified(state, 0.5)
+    return {"message": message, "holder": holder_signal, "old_alive": state["alive_at_end"],
+            "log": state["log"]}
 
 
 def periodic_reconcile(devpts: str) -> Dict[str, Any]:

@@ -127,14 +127,18 @@ def test_watchdog_refuses_stop_comes_back_after_sigkill_and_is_sandboxed(install
 def test_exempt_unit_keeps_its_pty_after_a_reload(installed_guest: Guest) -> None:
     guest = installed_guest
     first = start_watchdog(guest)
+    invocation = guest.run(f"systemctl show -P InvocationID {UNIT}").stdout.strip()
     guest.put("/etc/statemesh/node.conf", b"Watchdog-Exempt-Units: sm-runtime.service\n")
     guest.run(f"systemctl reload {UNIT}")
     deadline = time.monotonic() + 60
-    while '"exempt_units": ["sm-runtime.service"]' not in guest.run(
-            f"journalctl -q -u {UNIT} -o cat | grep '\"ready\"' | tail -1").stdout:
-        assert time.monotonic() < deadline, "the reload did not re-read node.conf"
+    while main_pid(guest) == first:  # the old process names its successor once it is ready
+        assert time.monotonic() < deadline, "the reload did not hand over to a successor"
         time.sleep(0.5)
-    assert main_pid(guest) == first  # re-executed in place: no stop, no gap in supervision
+    ready = json.loads(guest.run(f"journalctl -q -u {UNIT} -o cat | grep '\"ready\"' | tail -1").stdout)
+    assert ready["exempt_units"] == ["sm-runtime.service"] and ready["pid"] == main_pid(guest)
+    # handed over within the same run of the unit: no stop, no gap in supervision
+    assert guest.run(f"systemctl show -P InvocationID {UNIT}").stdout.strip() == invocation
+    assert ended(guest, first)
 
     guest.run(f"systemd-run --unit=sm-runtime python3 -c {quote(HOLDER.format(1621))}")
     outsider = background(guest, f"python3 -c {quote(HOLDER.format(1622))}")
