@@ -149,12 +149,18 @@ class Watchdog:
         self.tty_rdevs: Set[int] = set()
         self.tty_paths: Set[str] = set()  # every terminal device, watched or not
         self.killed: Set[Tuple[int, int]] = set()  # SIGKILLed, perhaps not dead yet
-        for name in sorted(os.listdir(settings.dev)):
-            self._watch_tty(name)
-        for name in os.listdir(settings.devpts):
-            self._watch_pty(name)
+        self._watch_existing_terminals()
 
     # -- event sources -------------------------------------------------------
+
+    def _watch_existing_terminals(self) -> None:
+        """An open watch on every terminal there is now: at start, and after the kernel's
+        queue overflowed, which loses the creation events of ptys we then never watched.
+        Watching a node twice is harmless: the kernel returns the watch it has."""
+        for name in sorted(os.listdir(self.settings.dev)):
+            self._watch_tty(name)
+        for name in os.listdir(self.settings.devpts):
+            self._watch_pty(name)
 
     def _watch_grace_directory(self) -> Optional[int]:
         try:
@@ -213,6 +219,7 @@ class Watchdog:
             if terminal is not None:
                 found[terminal.key] = terminal
         if reconcile:
+            self._watch_existing_terminals()
             self.reconcile("overflow")
         elif found:
             self.end_terminals(list(found.values()), "inotify")

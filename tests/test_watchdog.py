@@ -98,6 +98,11 @@ def test_hangup_hands_over_to_a_successor_that_is_watching_before_the_old_one_ex
     assert handed == [{"event": "handed-over", "pid": old, "successor": successor}]
 
 
+def test_an_inotify_overflow_rearms_the_open_watch_of_every_pty() -> None:
+    result = run_scenario(f"{SCENARIOS}:overflow_rearms_pty_watches")
+    assert result["watched"] and result["seen"] and result["opener"] == 9
+
+
 def test_a_successor_that_cannot_start_leaves_the_running_watchdog_in_charge() -> None:
     result = run_scenario(f"{SCENARIOS}:hand_over_refused_by_a_failing_successor")
     assert result["message"] is None  # systemd was told of no new main process

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from statemesh import grace
+from statemesh import grace, inotify
 from statemesh import watchdog as watchdog_module
 from statemesh.watchdog import Settings, Watchdog
 
@@ -416,6 +416,37 @@ def hand_over_refused_by_a_failing_successor(devpts: str) -> Dict[str, Any]:
         message = _notified(state, 0.5)
     return {"message": message, "holder": holder_signal, "old_alive": state["alive_at_end"],
             "log": state["log"]}
+
+
+def overflow_rearms_pty_watches(devpts: str) -> Dict[str, Any]:
+    """After an inotify overflow, the open of a spared pty created meanwhile is still seen."""
+    work = Path(tempfile.mkdtemp(prefix="sm-overflow-"))
+    guard = Watchdog(Settings(devpts=devpts, dev=str(work), grace_path=work / "grace.json"))
+    _master, slave = os.openpty()  # ours, the watchdog's own process: spared ("self")
+    name = os.ttyname(slave)
+    queued = guard.inotify.read  # the pty's creation is among the events the overflow lost
+    queued()
+    guard.inotify.read = lambda: [inotify.Event(-1, inotify.IN_Q_OVERFLOW, "")]
+    guard.on_inotify()
+    guard.inotify.read = queued
+
+    read_end, write_end = os.pipe()
+
+    def open_slave() -> None:
+        os.open(name, os.O_RDWR | os.O_NOCTTY)
+        os.write(write_end, b"open")
+        sleep_forever()
+
+    opener = fork_child(open_slave)
+    os.read(read_end, 4)  # its fd exists: handled outside an event loop, there is no recheck
+    seen = bool(select.select([guard.inotify], [], [], 5.0)[0])
+    if seen:
+        guard.on_inotify()
+    opener_signal = wait_death(opener, 5.0)
+    if opener_signal is None:
+        os.kill(opener, signal.SIGKILL)
+    return {"seen": seen, "opener": opener_signal,
+            "watched": os.path.basename(name) in guard.pty_wds.values()}
 
 
 def periodic_reconcile(devpts: str) -> Dict[str, Any]:
