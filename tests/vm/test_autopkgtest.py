@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
-import pytest
 from debian.deb822 import Deb822
 
 from tests.vm.driver import Guest
