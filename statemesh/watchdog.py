@@ -4,7 +4,8 @@ Anything that gives root a terminal (a getty, `script`, `systemd-run --pty`,
 `machinectl shell`, any program calling openpty) is a way into the workloads. The seed
 polled `ls /dev/pts` every second; here the kernel tells us instead:
 - inotify IN_CREATE on the devpts mount: a new /dev/pts/N, reported before its slave side
-  is even opened (the opener holds the master, which fdinfo's tty-index names);
+  is even opened (the opener holds the master, which fdinfo's tty-index names), and looked
+  at again a few times shortly after, for holders the first scan could not see yet;
 - inotify IN_OPEN on each /dev/pts/N while it exists: whoever opens the slave of a pty that
   is spared (an exempt workload's, the installing session's) or not yet ended;
 - inotify IN_OPEN on each terminal device (/dev/ttyN, serial ports, /dev/console);
@@ -49,6 +50,8 @@ INTERACTIVE_SESSION_TYPES = frozenset({"tty", "x11", "wayland", "mir"})
 SYSTEM_UNITS = ("systemd-logind.service",)
 # D-Bus calls to logind get this long: logind restarting must never stall the watchdog.
 LOGIND_TIMEOUT = 10.0
+# A pty created or opened is looked at again after these delays (seconds): see _recheck_later.
+RECHECK_DELAYS = (0.005, 0.02, 0.1, 0.5, 2.0)
 # A successor gets this long to arm its watches; the running watchdog guards meanwhile.
 HANDOVER_TIMEOUT = 60.0
 
@@ -142,7 +145,9 @@ class Watchdog:
         self.devpts_wd = self.inotify.add_watch(settings.devpts, IN_CREATE)
         self.dev_wd = self.inotify.add_watch(settings.dev, IN_CREATE)
         self.tty_wds: Dict[int, str] = {}
-        self.pty_wds: Dict[int, str] = {}  # IN_OPEN watch on each pty node -> its name
+        # IN_OPEN watch on each pty node -> the pty, kept: an open may be reported after the
+        # node went (its master closed), and the opener still holds the pty's slave
+        self.pty_wds: Dict[int, terminals.Terminal] = {}
         self.grace_wd = self._watch_grace_directory()
         self.grace: Optional[grace.Grace] = None
         self.grace_fd: Optional[int] = None
@@ -190,7 +195,7 @@ class Watchdog:
         if terminal is None:
             return None
         try:
-            self.pty_wds[self.inotify.add_watch(terminal.path, IN_OPEN)] = name
+            self.pty_wds[self.inotify.add_watch(terminal.path, IN_OPEN)] = terminal
         except OSError:
             pass  # gone already: its master was closed, nobody can open it any more
         return terminal
@@ -209,7 +214,7 @@ class Watchdog:
                 if event.mask & IN_IGNORED:
                     del self.pty_wds[event.wd]
                 else:
-                    terminal = terminals.pty(self.settings.devpts, self.pty_wds[event.wd])
+                    terminal = self.pty_wds[event.wd]
             elif event.wd == self.dev_wd:
                 terminal = self._watch_tty(event.name)
             elif event.wd in self.tty_wds:
@@ -223,6 +228,25 @@ class Watchdog:
             self.reconcile("overflow")
         elif found:
             self.end_terminals(list(found.values()), "inotify")
+            ptys = [terminal for terminal in found.values() if terminal.is_pty]
+            if ptys:
+                self._recheck_later(ptys, 0)
+
+    def _recheck_later(self, ptys: List[terminals.Terminal], attempt: int) -> None:
+        """Look again, a few times shortly after, for holders of ptys just created or opened.
+
+        The kernel reports both from inside the open, before the opener's fd exists, and no
+        event follows when it does: a scan can come in between when the opener is preempted
+        (often, in a busy guest), and so can a second opener of the same pty (the service of
+        `systemd-run --pty`, while its client is being killed). Terminal devices are not
+        looked at again: systemd opens /dev/console write-only for every service it starts,
+        and the periodic check finds a getty within seconds."""
+        if attempt < len(RECHECK_DELAYS):
+            asyncio.get_running_loop().call_later(RECHECK_DELAYS[attempt], self._recheck, ptys, attempt)
+
+    def _recheck(self, ptys: List[terminals.Terminal], attempt: int) -> None:
+        self.end_terminals(ptys, "inotify-recheck")
+        self._recheck_later(ptys, attempt + 1)
 
     def load_grace(self) -> None:
         """(Re)read the installation grace and wake up when its package manager exits."""

@@ -103,6 +103,17 @@ def test_an_inotify_overflow_rearms_the_open_watch_of_every_pty() -> None:
     assert result["watched"] and result["seen"] and result["opener"] == 9
 
 
+def test_a_pty_whose_opener_is_not_visible_yet_is_looked_at_again_at_once() -> None:
+    result = run_scenario(f"{SCENARIOS}:creation_seen_before_its_opener")
+    assert result["holder"] == 9 and result["sources"] == ["inotify-recheck"]
+    assert result["scans"] >= 2
+
+
+def test_an_open_handled_after_its_pty_went_still_ends_the_opener() -> None:
+    result = run_scenario(f"{SCENARIOS}:open_reported_after_the_pty_went")
+    assert result["gone_before_handled"] and result["opener"] == 9
+
+
 def test_a_successor_that_cannot_start_leaves_the_running_watchdog_in_charge() -> None:
     result = run_scenario(f"{SCENARIOS}:hand_over_refused_by_a_failing_successor")
     assert result["message"] is None  # systemd was told of no new main process

@@ -418,6 +418,15 @@ def hand_over_refused_by_a_failing_successor(devpts: str) -> Dict[str, Any]:
             "log": state["log"]}
 
 
+def _handle_events(guard: Watchdog) -> None:
+    """guard.on_inotify() as its event loop calls it (the rechecks it schedules are dropped)."""
+
+    async def handle() -> None:
+        guard.on_inotify()
+
+    asyncio.run(handle())
+
+
 def overflow_rearms_pty_watches(devpts: str) -> Dict[str, Any]:
     """After an inotify overflow, the open of a spared pty created meanwhile is still seen."""
     work = Path(tempfile.mkdtemp(prefix="sm-overflow-"))
@@ -427,7 +436,7 @@ def overflow_rearms_pty_watches(devpts: str) -> Dict[str, Any]:
     queued = guard.inotify.read  # the pty's creation is among the events the overflow lost
     queued()
     guard.inotify.read = lambda: [inotify.Event(-1, inotify.IN_Q_OVERFLOW, "")]
-    guard.on_inotify()
+    _handle_events(guard)
     guard.inotify.read = queued
 
     read_end, write_end = os.pipe()
@@ -438,15 +447,83 @@ def overflow_rearms_pty_watches(devpts: str) -> Dict[str, Any]:
         sleep_forever()
 
     opener = fork_child(open_slave)
-    os.read(read_end, 4)  # its fd exists: handled outside an event loop, there is no recheck
+    os.read(read_end, 4)  # its fd exists before the open event is handled
     seen = bool(select.select([guard.inotify], [], [], 5.0)[0])
     if seen:
-        guard.on_inotify()
+        _handle_events(guard)
     opener_signal = wait_death(opener, 5.0)
     if opener_signal is None:
         os.kill(opener, signal.SIGKILL)
     return {"seen": seen, "opener": opener_signal,
-            "watched": os.path.basename(name) in guard.pty_wds.values()}
+            "watched": os.path.basename(name) in [os.path.basename(terminal.path)
+                                                  for terminal in guard.pty_wds.values()]}
+
+
+def _kill_if_alive(pid: int, timeout: float) -> Optional[int]:
+    """wait_death(), and a SIGKILL for a child that outlived it (a failed scenario)."""
+    ended = wait_death(pid, timeout)
+    if ended is None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return ended
+
+
+def creation_seen_before_its_opener(devpts: str) -> Dict[str, Any]:
+    """The first scan after a pty's creation finds no holder (as when the opener's fd is not
+    installed yet); the holder is still ended at once, by the rechecks."""
+    work = Path(tempfile.mkdtemp(prefix="sm-recheck-"))
+    kills: List[Dict[str, Any]] = []
+    scans: List[int] = []
+    real_holders = watchdog_module.terminals.holders
+
+    def late_holders(wanted, tty_rdevs=frozenset()):
+        scans.append(len(wanted))
+        return iter(()) if len(scans) == 1 else real_holders(wanted, tty_rdevs)
+
+    def capture(event: str, **fields: Any) -> None:
+        if event == "kill":
+            kills.append(fields)
+
+    async def scenario() -> Optional[int]:
+        guard = Watchdog(Settings(devpts=devpts, dev=str(work), grace_path=work / "grace.json"))
+        asyncio.get_running_loop().add_reader(guard.inotify.fileno(), guard.on_inotify)
+        holder = fork_child(hold_pty)
+        return await asyncio.get_running_loop().run_in_executor(None, _kill_if_alive, holder, 10.0)
+
+    watchdog_module.terminals.holders = late_holders
+    watchdog_module.log = capture
+    holder_signal = asyncio.run(scenario())
+    return {"holder": holder_signal, "sources": [kill["source"] for kill in kills],
+            "scans": len(scans)}
+
+
+def open_reported_after_the_pty_went(devpts: str) -> Dict[str, Any]:
+    """A slave opened just before its master closed: by the time the open is handled the
+    node is gone, and the opener holds the slave of a pty that no longer exists."""
+    work = Path(tempfile.mkdtemp(prefix="sm-gone-"))
+    guard = Watchdog(Settings(devpts=devpts, dev=str(work), grace_path=work / "grace.json"))
+    master, slave = os.openpty()  # ours, the watchdog's own process: spared
+    name = os.ttyname(slave)
+    _handle_events(guard)  # its creation: watched from now on
+    read_end, write_end = os.pipe()
+
+    def open_slave() -> None:
+        os.close(master)  # inherited: the pty must go when the scenario closes its own
+        os.open(name, os.O_RDWR | os.O_NOCTTY)
+        os.write(write_end, b"open")
+        sleep_forever()
+
+    opener = fork_child(open_slave)
+    os.read(read_end, 4)
+    os.close(master)  # the node goes with its master
+    os.close(slave)
+    node = os.path.join(devpts, os.path.basename(name))
+    deadline = time.monotonic() + 5.0
+    while os.path.exists(node) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the kernel removes it shortly after the close
+    gone = not os.path.exists(node)
+    _handle_events(guard)
+    return {"gone_before_handled": gone, "opener": _kill_if_alive(opener, 5.0)}
 
 
 def periodic_reconcile(devpts: str) -> Dict[str, Any]:
