@@ -40,7 +40,7 @@ def watchdog(devpts: str, exempt_units: str = "") -> Iterator[Dict[str, Any]]:
     conf.write_text(f"Watchdog-Exempt-Units: {exempt_units}\n" if exempt_units else "")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(work / "notify"))
-    log = open(work / "log", "w+")
+    log = open(work / "log", "w")
     process = subprocess.Popen(
         ["/usr/bin/python3", "-m", "statemesh.cli", "--config", str(conf), "watchdog",
          "--devpts", devpts, "--dev", str(work / "dev"),
@@ -64,23 +64,29 @@ def watchdog(devpts: str, exempt_units: str = "") -> Iterator[Dict[str, Any]]:
         for successor in state["successors"]:  # not our children: they outlived their parent
             with contextlib.suppress(ProcessLookupError):
                 os.kill(successor, signal.SIGKILL)
-        log.seek(0)
-        state["log"] = [json.loads(line) for line in log if line.startswith("{")]
+        log.close()
+        state["log"] = log_lines(state)
 
 
 def log_lines(state: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The watchdog's JSON log lines so far."""
     return [json.loads(line) for line in state["log_path"].read_text().splitlines()
             if line.startswith("{")]
 
 
+def wait_logged(state: Dict[str, Any], done: Callable[[List[Dict[str, Any]]], bool], what: str) -> None:
+    """Wait until the watchdog's log satisfies `done`."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not done(log_lines(state)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not logged")
+        time.sleep(0.02)
+
+
 def logged_kills(state: Dict[str, Any], pids: List[int]) -> None:
     """Wait until the watchdog has logged the kill of each of `pids` (it logs after killing)."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while time.monotonic() < deadline:
-        if set(pids) <= {line["pid"] for line in log_lines(state) if line["event"] == "kill"}:
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"kills of {pids} not logged")
+    wait_logged(state, lambda lines: set(pids) <= {line["pid"] for line in lines if line["event"] == "kill"},
+                f"kills of {pids}")
 
 
 def fork_child(child) -> int:
@@ -99,17 +105,30 @@ def sleep_forever() -> None:
         time.sleep(3600)
 
 
-def wait_death(pid: int, timeout: float = WAIT_SECONDS) -> Optional[int]:
-    """The signal that ended child `pid`, 0 for a normal exit, None if still alive after timeout."""
+def gone_within(pid: int, timeout: float) -> bool:
+    """Whether process `pid` (a child or not) exits within `timeout` seconds."""
     pidfd = os.pidfd_open(pid)
     try:
-        ready, _, _ = select.select([pidfd], [], [], timeout)
+        return bool(select.select([pidfd], [], [], timeout)[0])
     finally:
         os.close(pidfd)
-    if not ready:
+
+
+def wait_death(pid: int, timeout: float = WAIT_SECONDS) -> Optional[int]:
+    """The signal that ended child `pid`, 0 for a normal exit, None if still alive after timeout."""
+    if not gone_within(pid, timeout):
         return None
     _, status = os.waitpid(pid, 0)
     return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+
+
+def kill_if_alive(pid: int, timeout: float) -> Optional[int]:
+    """wait_death(), and a SIGKILL for a child that outlived it (a failed scenario)."""
+    ended = wait_death(pid, timeout)
+    if ended is None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return ended
 
 
 def alive(pid: int) -> bool:
@@ -372,15 +391,6 @@ def _notified(state: Dict[str, Any], timeout: float) -> Optional[bytes]:
     return state["notify"].recv(64) if ready else None
 
 
-def _pid_exit(pid: int, timeout: float = WAIT_SECONDS) -> bool:
-    """Whether `pid` (not our child) is gone within `timeout`."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        return bool(select.select([pidfd], [], [], timeout)[0])
-    finally:
-        os.close(pidfd)
-
-
 def hand_over_on_hangup(devpts: str) -> Dict[str, Any]:
     """SIGHUP: a successor takes the role; the old process guards until it is ready."""
     with watchdog(devpts) as state:
@@ -395,7 +405,7 @@ def hand_over_on_hangup(devpts: str) -> Dict[str, Any]:
         after = fork_child(hold_pty)  # only the successor is left to end it
         signals = {"during": wait_death(during), "after": wait_death(after)}
         logged_kills(state, [during, after])
-        successor_alive = successor is not None and not _pid_exit(successor, 0)
+        successor_alive = successor is not None and not gone_within(successor, 0)
     return {"message": message.decode(), "successor": successor, "old": old.pid,
             "old_status": old_status, "signals": signals, "successor_alive": successor_alive,
             "log": state["log"]}
@@ -406,11 +416,8 @@ def hand_over_refused_by_a_failing_successor(devpts: str) -> Dict[str, Any]:
     with watchdog(devpts) as state:
         state["conf"].write_text("this is not a node.conf\n")
         os.kill(state["process"].pid, signal.SIGHUP)
-        deadline = time.monotonic() + WAIT_SECONDS
-        while not any(line["event"] == "error" for line in log_lines(state)):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the failed hand-over was not logged")
-            time.sleep(0.05)
+        wait_logged(state, lambda lines: any(line["event"] == "error" for line in lines),
+                    "the failed hand-over")
         holder = fork_child(hold_pty)
         holder_signal = wait_death(holder)
         message = _notified(state, 0.5)
@@ -451,21 +458,9 @@ def overflow_rearms_pty_watches(devpts: str) -> Dict[str, Any]:
     seen = bool(select.select([guard.inotify], [], [], 5.0)[0])
     if seen:
         _handle_events(guard)
-    opener_signal = wait_death(opener, 5.0)
-    if opener_signal is None:
-        os.kill(opener, signal.SIGKILL)
-    return {"seen": seen, "opener": opener_signal,
+    return {"seen": seen, "opener": kill_if_alive(opener, 5.0),
             "watched": os.path.basename(name) in [os.path.basename(terminal.path)
                                                   for terminal in guard.pty_wds.values()]}
-
-
-def _kill_if_alive(pid: int, timeout: float) -> Optional[int]:
-    """wait_death(), and a SIGKILL for a child that outlived it (a failed scenario)."""
-    ended = wait_death(pid, timeout)
-    if ended is None:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    return ended
 
 
 def creation_seen_before_its_opener(devpts: str) -> Dict[str, Any]:
@@ -488,7 +483,7 @@ def creation_seen_before_its_opener(devpts: str) -> Dict[str, Any]:
         guard = Watchdog(Settings(devpts=devpts, dev=str(work), grace_path=work / "grace.json"))
         asyncio.get_running_loop().add_reader(guard.inotify.fileno(), guard.on_inotify)
         holder = fork_child(hold_pty)
-        return await asyncio.get_running_loop().run_in_executor(None, _kill_if_alive, holder, 10.0)
+        return await asyncio.get_running_loop().run_in_executor(None, kill_if_alive, holder, 10.0)
 
     watchdog_module.terminals.holders = late_holders
     watchdog_module.log = capture
@@ -523,7 +518,7 @@ def open_reported_after_the_pty_went(devpts: str) -> Dict[str, Any]:
         time.sleep(0.01)  # the kernel removes it shortly after the close
     gone = not os.path.exists(node)
     _handle_events(guard)
-    return {"gone_before_handled": gone, "opener": _kill_if_alive(opener, 5.0)}
+    return {"gone_before_handled": gone, "opener": kill_if_alive(opener, 5.0)}
 
 
 def periodic_reconcile(devpts: str) -> Dict[str, Any]:
