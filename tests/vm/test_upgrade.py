@@ -82,8 +82,9 @@ def _watchdog_gap(guest: Guest) -> WatchdogGap:
     rounds: List[Dict[str, float]] = []
     for entry in map(json.loads, journal.splitlines()):
         message, at = str(entry.get("MESSAGE", "")), int(entry["__MONOTONIC_TIMESTAMP"]) / 1e6
-        event = json.loads(message).get("event") if message.startswith('{"event"') else None
-        if event == "handover" and "starting" in message:
+        line = json.loads(message) if message.startswith('{"event"') else {}
+        event = line.get("event")
+        if event == "handover" and line.get("state") == "starting the successor":
             rounds.append({"start": at})
         elif event == "ready" and rounds and "ready" not in rounds[-1]:
             rounds[-1]["ready"] = at
