@@ -138,34 +138,37 @@ def _pts_instance_of(pid: int) -> int:
         return -1
 
 
-def _fdinfo_field(pid: int, fd: str, name: bytes) -> Optional[bytes]:
-    """One field of /proc/PID/fdinfo/FD; None when the fd is gone or has no such field."""
+def _fdinfo(pid: int, fd: str) -> Dict[bytes, bytes]:
+    """The fields of /proc/PID/fdinfo/FD, read at once (one open file's); {} when the fd is gone."""
     try:
         with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as handle:
-            for line in handle:
-                if line.startswith(name + b":"):
-                    return line.split()[1]
+            lines = handle.read().splitlines()
     except OSError:
-        pass
-    return None
+        return {}
+    return {name: value.strip() for name, _, value in (line.partition(b":") for line in lines) if value}
 
 
 def _master_index(pid: int, fd: str) -> Optional[int]:
     """The pty index behind a ptmx fd, from fdinfo's tty-index (Linux >= 4.13)."""
-    index = _fdinfo_field(pid, fd, b"tty-index")
+    index = _fdinfo(pid, fd).get(b"tty-index")
     return None if index is None else int(index)
 
 
-def _reads(pid: int, fd: str) -> bool:
-    """Whether an fd on a terminal device can read from it (unknown counts as yes).
+def _reads(pid: int, fd: str, seen: os.stat_result) -> bool:
+    """Whether an fd on a terminal device, `seen` by a stat through it, can read from it.
 
     A write-only fd gives nobody a session: systemd logs to /dev/console that way (its
     executor opens it O_WRONLY|O_CLOEXEC while it spawns every service, on Debian 13), and
     so does any boot script echoing to the console. Ptys are not relaxed so: root can
     TIOCSTI input into a pty through a write-only fd, and an exempt workload may read one.
+    The executor closes its console fd and soon opens other files read-only under the same
+    number: fdinfo's inode (Linux >= 5.14) tells whether its flags are still the terminal's.
     """
-    flags = _fdinfo_field(pid, fd, b"flags")
-    return flags is None or int(flags, 8) & os.O_ACCMODE != os.O_WRONLY
+    fields = _fdinfo(pid, fd)
+    if b"ino" in fields and int(fields[b"ino"]) != seen.st_ino:
+        return False  # the fd was closed since the stat, and its number reused
+    flags = fields.get(b"flags")
+    return flags is not None and int(flags, 8) & os.O_ACCMODE != os.O_WRONLY
 
 
 def _held_terminals(pid: int, tty_rdevs: FrozenSet[int]) -> FrozenSet[Key]:
@@ -189,7 +192,7 @@ def _held_terminals(pid: int, tty_rdevs: FrozenSet[int]) -> FrozenSet[Key]:
             index = _master_index(pid, fd)
             if index is not None:
                 held.add((_master_instance(pid, info), pty_rdev(index)))
-        elif info.st_rdev in tty_rdevs and _reads(pid, fd):
+        elif info.st_rdev in tty_rdevs and _reads(pid, fd, info):
             held.add((0, info.st_rdev))
     return frozenset(held)
 
