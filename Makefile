@@ -47,13 +47,15 @@ test:
 # The whole VM suite on Debian 12; the tests marked every_release on Debian 13 too, from
 # the same .deb built on Debian 12.
 # Guests spend much of their time waiting (boots, reboots, timeouts): two run at once.
+# Each guest test's duration is printed: where the suite's time goes, run by run.
 OTHER_SUITES := trixie
 VM_WORKERS  := 2
+VM_PYTEST   := $(PYTEST) -n $(VM_WORKERS) --durations=0 tests/vm --deb $(DEB)
 
 vm-test: $(DEB)
-	$(PYTEST) -n $(VM_WORKERS) tests/vm --deb $(DEB) $(NO_TESTS)
+	$(VM_PYTEST) $(NO_TESTS)
 	for suite in $(OTHER_SUITES); do \
-	  $(PYTEST) -n $(VM_WORKERS) tests/vm --deb $(DEB) --suite $$suite -m every_release $(NO_TESTS) || exit $$?; \
+	  $(VM_PYTEST) --suite $$suite -m every_release $(NO_TESTS) || exit $$?; \
 	done
 
 bench: $(DEB)
