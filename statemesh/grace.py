@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 import psutil
 
-from statemesh import terminals
+from statemesh import proc
 
 GRACE_PATH = Path("/run/statemesh-node/install-grace.json")
 
@@ -41,7 +41,7 @@ class Grace:
     def spares(self, pid: int, sid: int, cgroup: str) -> bool:
         """Whether a process belongs to the installation: a descendant of the package manager
         (apt runs dpkg on a pty of its own, in a new session), or in the installing session."""
-        if terminals.is_descendant(pid, self.pid):
+        if proc.is_descendant(pid, self.pid):
             return True
         if self.session is not None:
             return logind_session(cgroup) == self.session
@@ -77,13 +77,13 @@ def installer_of(pid: int) -> psutil.Process:
 def record_installer(pid: int, path: Path = GRACE_PATH) -> None:
     """Record the package manager running the installation that `pid` is part of."""
     process = installer_of(pid)
-    ticks = terminals.start_ticks(process.pid)
+    ticks = proc.start_ticks(process.pid)
     if ticks is None:
         raise psutil.NoSuchProcess(process.pid)
     record = {
         "pid": process.pid,
         "start_ticks": ticks,
-        "session": logind_session(terminals.cgroup_path(process.pid)),
+        "session": logind_session(proc.cgroup_path(process.pid)),
         "sid": os.getsid(process.pid),
         "tty": process.terminal(),
         "command": " ".join(process.cmdline()),
@@ -117,4 +117,4 @@ def current(path: Path = GRACE_PATH) -> Optional[Grace]:
         )
     except (KeyError, TypeError, ValueError):
         return None
-    return grace if terminals.start_ticks(grace.pid) == grace.start_ticks else None
+    return grace if proc.start_ticks(grace.pid) == grace.start_ticks else None

@@ -140,13 +140,9 @@ def harden(config: NodeConfig, listen: bool = True) -> int:
 
 
 async def _run_harden_unit() -> None:
-    bus = await systemd.connect()
-    try:
-        manager = systemd.Systemd(bus)
+    async with systemd.manager() as manager:
         await manager.reload()
         await manager.restart_unit(HARDEN_UNIT)
-    finally:
-        bus.disconnect()
 
 
 def _say(message: str, quiet: bool) -> None:
@@ -207,11 +203,8 @@ def request_install(quiet: bool) -> int:
 
 
 async def _stop_harden_unit() -> None:
-    bus = await systemd.connect()
-    try:
-        await systemd.Systemd(bus).stop_unit(HARDEN_UNIT)
-    finally:
-        bus.disconnect()
+    async with systemd.manager() as manager:
+        await manager.stop_unit(HARDEN_UNIT)
 
 
 def revert_all(book: journal.Journal, ordered: Sequence[Guarantee]) -> List[str]:

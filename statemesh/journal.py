@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-from statemesh import __version__, terminals
+from statemesh import __version__, proc
 
 STATE_DIR = Path("/var/lib/statemesh-node")
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
@@ -67,7 +67,7 @@ class InstallState:
     def in_progress(self) -> bool:
         """Whether the process that wrote this state is still running it (same pid, same start)."""
         return (self.boot_id == boot_id() and self.pid > 0
-                and terminals.start_ticks(self.pid) == self.start_ticks)
+                and proc.start_ticks(self.pid) == self.start_ticks)
 
 
 def boot_id() -> str:
@@ -171,7 +171,7 @@ class Journal:
         self._ensure_dir()
         pid = os.getpid()
         current = InstallState(state=state, boot_id=boot_id(), pid=pid,
-                               start_ticks=terminals.start_ticks(pid) or 0,
+                               start_ticks=proc.start_ticks(pid) or 0,
                                version=__version__, reason=reason, time=round(time.time(), 3))
         _write_atomically(self.state_path, dataclasses.asdict(current))
         self.record(f"state-{state}", reason=reason)

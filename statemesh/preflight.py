@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import psutil
 
-from statemesh import grace, systemd, terminals
+from statemesh import grace, proc, systemd
 
 UTMP = Path("/run/utmp")
 OS_RELEASE = Path("/etc/os-release")
@@ -141,13 +141,13 @@ def own_session(grace_path: Path = grace.GRACE_PATH, pid: Optional[int] = None) 
         tty = psutil.Process(pid).terminal()
     except psutil.NoSuchProcess:
         tty = None
-    return Own(grace.logind_session(terminals.cgroup_path(pid)), tty, os.getsid(pid))
+    return Own(grace.logind_session(proc.cgroup_path(pid)), tty, os.getsid(pid))
 
 
 def _is_own_login(login: Login, own: Own) -> bool:
     if own.tty and own.tty == f"/dev/{login.line}":
         return True
-    if own.session and grace.logind_session(terminals.cgroup_path(login.pid)) == own.session:
+    if own.session and grace.logind_session(proc.cgroup_path(login.pid)) == own.session:
         return True
     try:
         return os.getsid(login.pid) == own.sid
@@ -181,16 +181,12 @@ def utmp_problems(logins: List[Login], own: Own, seen_ttys: List[str]) -> List[s
 
 
 async def _bus_facts() -> Tuple[str, List[systemd.Session]]:
-    bus = await systemd.connect()
-    try:
-        manager = systemd.Systemd(bus)
+    async with systemd.manager() as manager:
         try:
             display_manager = await manager.get_active_state(DISPLAY_MANAGER)
         except systemd.UnknownUnitError:
             display_manager = "inactive"
-        sessions = await systemd.Logind(bus).list_sessions()
-    finally:
-        bus.disconnect()
+        sessions = await systemd.Logind(manager.bus).list_sessions()
     return display_manager, sessions
 
 

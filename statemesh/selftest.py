@@ -92,12 +92,8 @@ async def _try_start(manager: systemd.Systemd, unit: str) -> Probe:
 
 
 async def _probe_units() -> List[Probe]:
-    bus = await systemd.connect()
-    try:
-        manager = systemd.Systemd(bus)
+    async with systemd.manager() as manager:
         return [await _try_start(manager, unit) for unit in UNITS_THAT_MUST_NOT_START]
-    finally:
-        bus.disconnect()
 
 
 def probe_units() -> List[Probe]:

@@ -517,15 +517,11 @@ async def _unit_job(verb: str) -> None:
     """Start or stop the storage unit over D-Bus and wait for the job's result."""
     from statemesh import systemd
 
-    bus = await systemd.connect()
-    try:
-        manager = systemd.Systemd(bus)
+    async with systemd.manager() as manager:
         if verb == "start":
             await manager.start_unit(UNIT)
         else:
             await manager.stop_unit(UNIT)
-    finally:
-        bus.disconnect()
 
 
 def backing_size(configured: Optional[int], available: int) -> int:

@@ -13,10 +13,12 @@ STATEMESH_DBUS_ADDRESS environment variable (see tests/fakebus/).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import os
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Sequence,
+                    Tuple)
 
 from dbus_next import BusType, Message, MessageType, Variant
 from dbus_next.aio import MessageBus
@@ -133,6 +135,21 @@ async def connect(address: Optional[str] = None) -> MessageBus:
         raise NoBusError(f"cannot connect to {where}: {error}") from None
 
 
+@contextlib.asynccontextmanager
+async def manager(address: Optional[str] = None) -> AsyncIterator["Systemd"]:
+    """The systemd manager on a connection of its own, disconnected however the block ends.
+
+    A connection left open keeps the process's bus name and match rules alive: every
+    short conversation with systemd goes through here. `manager.bus` reaches logind on
+    the same connection.
+    """
+    bus = await connect(address)
+    try:
+        yield Systemd(bus)
+    finally:
+        bus.disconnect()
+
+
 def _unwrap(value: Any) -> Any:
     return value.value if isinstance(value, Variant) else value
 
@@ -215,6 +232,7 @@ class Systemd:
     """The systemd manager: jobs, unit files, unit properties."""
 
     def __init__(self, bus: MessageBus):
+        self.bus = bus
         self._client = _Client(bus, SYSTEMD)
         self._finished: Dict[str, str] = {}
         self._waiters: Dict[str, asyncio.Future] = {}

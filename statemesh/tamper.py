@@ -48,15 +48,13 @@ async def reassert(manager: systemd.Systemd, lockdown: Sequence[BusGuarantee],
 
 async def _listen_once(lockdown: Sequence[BusGuarantee], journal: Any,
                        ready: Callable[[], None], period: float) -> None:
-    bus = await systemd.connect()
-    try:
-        manager = systemd.Systemd(bus)
+    async with systemd.manager() as manager:
         changed = asyncio.Event()
         await manager.on_unit_files_changed(changed.set)
         await manager.on_reloading(lambda active: None if active else changed.set())
         await reassert(manager, lockdown, journal)
         ready()
-        while bus.connected:
+        while manager.bus.connected:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), period)
             changed.clear()
@@ -67,8 +65,6 @@ async def _listen_once(lockdown: Sequence[BusGuarantee], journal: Any,
             except (LockdownError, systemd.SystemdError, CommandError) as error:
                 # Logged and retried at the next signal or period: the listener must not die.
                 log("tamper-error", error=str(error))
-    finally:
-        bus.disconnect()
 
 
 async def listen(lockdown: Sequence[BusGuarantee], journal: Any,

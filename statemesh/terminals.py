@@ -15,8 +15,9 @@ import os
 import pwd
 import stat
 import time
-from pathlib import Path
 from typing import Dict, FrozenSet, Iterator, List, Optional, Set, Tuple
+
+from statemesh import proc
 
 PTY_SLAVE_MAJOR = 136  # UNIX98_PTY_SLAVE_MAJOR; indices above 255 use the next majors
 PTY_SLAVE_MAJORS = range(PTY_SLAVE_MAJOR, PTY_SLAVE_MAJOR + 8)
@@ -96,38 +97,6 @@ class Process:
     def age(self) -> float:
         """Seconds since the process started (tick resolution)."""
         return time.clock_gettime(time.CLOCK_BOOTTIME) - self.start_ticks / _CLOCK_TICKS
-
-
-def _read_stat(pid: int) -> Optional[Tuple[int, int, int, int, int]]:
-    """(ppid, sid, tty_nr, flags, starttime) from /proc/PID/stat, None for a zombie or a gone pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[1]), int(fields[3]), int(fields[4]), int(fields[6]), int(fields[19])
-
-
-def start_ticks(pid: int) -> Optional[int]:
-    """A live process's start time in clock ticks after boot: with the pid, its identity."""
-    fields = _read_stat(pid)
-    return None if fields is None else fields[4]
-
-
-def is_descendant(pid: int, ancestor: int) -> bool:
-    """Whether `ancestor` is `pid` or one of its ancestors (by the live parent chain)."""
-    seen = 0
-    while pid > 1 and seen < 4096:
-        if pid == ancestor:
-            return True
-        fields = _read_stat(pid)
-        if fields is None:
-            return False
-        pid, seen = fields[0], seen + 1
-    return pid == ancestor
 
 
 def _pts_instance_of(pid: int) -> int:
@@ -238,7 +207,7 @@ def _pids() -> Iterator[int]:
 def processes(tty_rdevs: FrozenSet[int] = frozenset()) -> Iterator[Process]:
     """Every live process, newest pid first: the opener of a new terminal comes early."""
     for pid in sorted(_pids(), reverse=True):
-        fields = _read_stat(pid)
+        fields = proc.read_stat(pid)
         if fields is None:
             continue
         ppid, sid, tty_nr, flags, start = fields
@@ -264,7 +233,7 @@ def controlling_ttys() -> Set[int]:
     """The device numbers of every controlling tty in use: one read per process, no fd scan."""
     found = set()
     for pid in _pids():
-        fields = _read_stat(pid)
+        fields = proc.read_stat(pid)
         if fields is not None and fields[2]:
             found.add(fields[2])
     return found
@@ -288,27 +257,6 @@ def holders(wanted: List[Terminal], tty_rdevs: FrozenSet[int] = frozenset()
             if is_holder(terminal, process):
                 yield terminal, process
                 break
-
-
-def cgroup_path(pid: int) -> str:
-    """The process's systemd cgroup path; empty when it is gone."""
-    try:
-        return systemd_cgroup(Path(f"/proc/{pid}/cgroup").read_text(encoding="utf-8", errors="replace"))
-    except OSError:
-        return ""
-
-
-def systemd_cgroup(text: str) -> str:
-    """The systemd path in a /proc/PID/cgroup text: the unified hierarchy's, else name=systemd's."""
-    legacy = ""
-    for line in text.splitlines():
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and controllers == "" and path != "/":
-            return path
-        if controllers == "name=systemd":
-            legacy = path
-    return legacy
 
 
 def describe(pid: int) -> Tuple[int, str]:

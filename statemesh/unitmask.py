@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any, Awaitable, Callable, Dict, FrozenSet, Iterable, List, Sequence, TypeVar
 
 from statemesh.guarantee import Finding
-from statemesh.systemd import Systemd, SystemdError, UnknownUnitError, connect
+from statemesh.systemd import Systemd, SystemdError, UnknownUnitError, manager
 
 T = TypeVar("T")
 
@@ -171,8 +171,5 @@ class BusGuarantee(abc.ABC):
 
 
 async def _with_manager(action: Callable[[Systemd], Awaitable[T]]) -> T:
-    bus = await connect()
-    try:
-        return await action(Systemd(bus))
-    finally:
-        bus.disconnect()
+    async with manager() as systemd_manager:
+        return await action(systemd_manager)

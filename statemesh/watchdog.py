@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
-from statemesh import grace, handover, terminals
+from statemesh import grace, handover, proc, terminals
 from statemesh.config import NodeConfig
 from statemesh.guarantee import Finding
 from statemesh.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_IGNORED, IN_MOVED_TO, IN_OPEN,
@@ -262,7 +262,7 @@ class Watchdog:
         except ProcessLookupError:
             self.grace = None
             return
-        if terminals.start_ticks(self.grace.pid) != self.grace.start_ticks:
+        if proc.start_ticks(self.grace.pid) != self.grace.start_ticks:
             self.load_grace()  # the pid was reused between reading and opening it
             return
         log("grace", pid=self.grace.pid, session=self.grace.session, sid=self.grace.sid, tty=self.grace.tty)
@@ -303,7 +303,7 @@ class Watchdog:
     def end_terminals(self, wanted: List[terminals.Terminal], source: str) -> None:
         """SIGKILL every holder that is not spared, pass after pass until none is left."""
         self.killed = {identity for identity in self.killed
-                       if terminals.start_ticks(identity[0]) == identity[1]}
+                       if proc.start_ticks(identity[0]) == identity[1]}
         decided = set(self.killed)  # (pid, start) of holders killed or spared
         sessions: Set[str] = set()
         for _ in range(MAX_ROUNDS):
@@ -313,7 +313,7 @@ class Watchdog:
                 if identity in decided:
                     continue
                 decided.add(identity)
-                cgroup = terminals.cgroup_path(process.pid)
+                cgroup = proc.cgroup_path(process.pid)
                 if spare_reason(process, cgroup, self.settings.exempt_units, self.grace):
                     continue
                 if self._kill(terminal, process, cgroup, source):
@@ -544,9 +544,7 @@ async def _start() -> None:
     installed."""
     from statemesh import systemd
 
-    bus = await systemd.connect()
-    try:
-        manager = systemd.Systemd(bus)
+    async with systemd.manager() as manager:
         await manager.enable_unit_files([UNIT])
         await manager.reload()
         if await manager.get_active_state(UNIT) == "active":
@@ -554,20 +552,14 @@ async def _start() -> None:
             os.kill(int(getattr(pid, "value", pid)), signal.SIGHUP)
         else:
             await manager.start_unit(UNIT)
-    finally:
-        bus.disconnect()
 
 
 async def _stop() -> None:
     from statemesh import systemd
 
-    bus = await systemd.connect()
-    try:
-        manager = systemd.Systemd(bus)
+    async with systemd.manager() as manager:
         await manager.reload()
         await manager.stop_unit(UNIT)
         await manager.disable_unit_files([UNIT])
         PURGE_DROPIN.unlink(missing_ok=True)
         await manager.reload()
-    finally:
-        bus.disconnect()

@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from statemesh import grace, journal, logins, rescue, ssh, systemd, tamper
+from statemesh import grace, journal, logins, proc, rescue, ssh, systemd, tamper
 from statemesh.config import NodeConfig
 from statemesh.unitmask import LockdownError
 from tests.fakebus import FakeBus, debian12_units, fakebus  # noqa: F401 - fixture
@@ -181,7 +181,7 @@ def _alive(pid: int) -> bool:
 
 def test_the_installing_getty_is_spared_while_the_package_manager_runs(
         debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
-    ticks = grace.terminals.start_ticks(os.getpid())
+    ticks = proc.start_ticks(os.getpid())
     machine.grace_path.write_text(json.dumps({"pid": os.getpid(), "start_ticks": ticks,
                                               "session": "1", "sid": os.getsid(0),
                                               "tty": "/dev/tty1"}))
@@ -210,13 +210,11 @@ def test_tamper_listener_reasserts_after_unmask(debian: FakeBus, machine: Machin
         listener = asyncio.ensure_future(
             tamper.listen(machine.all, book, ready=ready.set, period=3600))
         await asyncio.wait_for(ready.wait(), 30)
-        bus = await systemd.connect()
-        manager = systemd.Systemd(bus)
-        await manager.unmask_unit_files(["ssh.service"])
-        while await manager.get_unit_file_state("ssh.service") != "masked":
-            await asyncio.sleep(0.05)
+        async with systemd.manager() as manager:
+            await manager.unmask_unit_files(["ssh.service"])
+            while await manager.get_unit_file_state("ssh.service") != "masked":
+                await asyncio.sleep(0.05)
         listener.cancel()
-        bus.disconnect()
         return [json.loads(line)["event"] for line in book.journal_path.read_text().splitlines()]
 
     events = asyncio.run(asyncio.wait_for(scenario(), 60))

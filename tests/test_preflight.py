@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from statemesh import preflight, terminals
+from statemesh import preflight, proc
 from tests.fakebus import FakeBus, FakeSession, fakebus  # noqa: F401 - fixture
 
 DEBIAN12 = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
@@ -109,7 +109,7 @@ def test_every_reason_is_listed(host: Host, fakebus: FakeBus, sleeper: int) -> N
 def test_the_installing_session_is_allowed(host: Host, fakebus: FakeBus) -> None:
     fakebus.do(fakebus.logind.add, FakeSession("7", tty="pts/0"))
     host.grace.write_text(json.dumps({
-        "pid": os.getpid(), "start_ticks": terminals.start_ticks(os.getpid()),
+        "pid": os.getpid(), "start_ticks": proc.start_ticks(os.getpid()),
         "session": "7", "sid": os.getsid(0), "tty": "/dev/pts/0"}))
     host.utmp.write_bytes(utmp_entry(preflight.USER_PROCESS, os.getpid(), "pts/0", "root"))
     assert host.check().ok

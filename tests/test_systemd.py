@@ -13,22 +13,16 @@ from tests.fakebus import FakeBus, FakeSession, fakebus  # noqa: F401 - fixture
 
 def with_systemd(action: Callable[[systemd.Systemd], Awaitable[Any]]) -> Any:
     async def run() -> Any:
-        bus = await systemd.connect()
-        try:
-            return await action(systemd.Systemd(bus))
-        finally:
-            bus.disconnect()
+        async with systemd.manager() as manager:
+            return await action(manager)
 
     return asyncio.run(run())
 
 
 def with_logind(action: Callable[[systemd.Logind], Awaitable[Any]]) -> Any:
     async def run() -> Any:
-        bus = await systemd.connect()
-        try:
-            return await action(systemd.Logind(bus))
-        finally:
-            bus.disconnect()
+        async with systemd.manager() as manager:
+            return await action(systemd.Logind(manager.bus))
 
     return asyncio.run(run())
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import pytest
 
-from statemesh import config, grace, inotify, terminals, watchdog
+from statemesh import config, grace, inotify, proc, terminals, watchdog
 from tests.private_devpts import ROOT, run_scenario
 
 SCENARIOS = "tests.watchdog_scenarios"
@@ -252,10 +252,10 @@ def test_config_accepts_workload_units() -> None:
 
 
 def test_systemd_cgroup_path_from_unified_and_hybrid_hierarchies() -> None:
-    assert terminals.systemd_cgroup("0::/system.slice/a.service\n") == "/system.slice/a.service"
+    assert proc.systemd_cgroup("0::/system.slice/a.service\n") == "/system.slice/a.service"
     hybrid = "12:memory:/x\n1:name=systemd:/user.slice/user-0.slice/session-2.scope\n0::/\n"
-    assert terminals.systemd_cgroup(hybrid) == "/user.slice/user-0.slice/session-2.scope"
-    assert grace.logind_session(terminals.systemd_cgroup(hybrid)) == "2"
+    assert proc.systemd_cgroup(hybrid) == "/user.slice/user-0.slice/session-2.scope"
+    assert grace.logind_session(proc.systemd_cgroup(hybrid)) == "2"
     assert grace.logind_session("/system.slice/a.service") is None
 
 

@@ -1,0 +1,64 @@
+"""Process identity from /proc: a pid with its start time names one process, never its successor.
+
+The install journal, the installation grace and the watchdog all remember processes across
+time; a pid alone can be reused by the next process, so each pairs it with the start time
+from /proc/PID/stat. Nothing here is specific to terminals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+
+def read_stat(pid: int) -> Optional[Tuple[int, int, int, int, int]]:
+    """(ppid, sid, tty_nr, flags, starttime) from /proc/PID/stat, None for a zombie or a gone pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[1]), int(fields[3]), int(fields[4]), int(fields[6]), int(fields[19])
+
+
+def start_ticks(pid: int) -> Optional[int]:
+    """A live process's start time in clock ticks after boot: with the pid, its identity."""
+    fields = read_stat(pid)
+    return None if fields is None else fields[4]
+
+
+def is_descendant(pid: int, ancestor: int) -> bool:
+    """Whether `ancestor` is `pid` or one of its ancestors (by the live parent chain)."""
+    seen = 0
+    while pid > 1 and seen < 4096:
+        if pid == ancestor:
+            return True
+        fields = read_stat(pid)
+        if fields is None:
+            return False
+        pid, seen = fields[0], seen + 1
+    return pid == ancestor
+
+
+def cgroup_path(pid: int) -> str:
+    """The process's systemd cgroup path; empty when it is gone."""
+    try:
+        return systemd_cgroup(Path(f"/proc/{pid}/cgroup").read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return ""
+
+
+def systemd_cgroup(text: str) -> str:
+    """The systemd path in a /proc/PID/cgroup text: the unified hierarchy's, else name=systemd's."""
+    legacy = ""
+    for line in text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "" and path != "/":
+            return path
+        if controllers == "name=systemd":
+            legacy = path
+    return legacy
