@@ -17,9 +17,9 @@ from statemesh.guarantee import Guarantee
 def ordered(config: NodeConfig) -> List[Guarantee]:
     """Every guarantee of the node, in the order the installer applies them."""
     return [
-        ssh.Ssh(config),
-        logins.Logins(config),
-        rescue.Rescue(config),
+        ssh.Ssh(),
+        logins.Logins(),
+        rescue.Rescue(),
         firewall.Firewall(config),
         securityclass.SecurityClass(config),
         watchdog.WatchdogGuarantee(config),

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Optional
 
 from statemesh import grace
-from statemesh.config import NodeConfig
 from statemesh.guarantee import Finding
 from statemesh.run import CommandError, run
 from statemesh.systemd import Systemd
 from statemesh.unitmask import (BusGuarantee, LockdownError, UnitSet, give_back, lock,
-                                snapshot, unlocked)
+                                snapshot, unlocked, unlocked_problems)
 
 UNITS = UnitSet(("getty@.service", "serial-getty@.service", "autovt@.service",
                  "console-getty.service", "container-getty@.service", "debug-shell.service"),
@@ -59,9 +58,8 @@ class Logins(BusGuarantee):
 
     name = "logins"
 
-    def __init__(self, config: NodeConfig, root: Path = Path("/"),
+    def __init__(self, root: Path = Path("/"),
                  grace_path: Path = grace.GRACE_PATH):
-        self.config = config
         self.root = root
         self.grace_path = grace_path
 
@@ -81,11 +79,7 @@ class Logins(BusGuarantee):
     async def inspect(self, manager: Systemd) -> Finding:
         left = await unlocked(manager, UNITS, spare=self._spare())
         facts: Dict[str, Any] = {**left, "root_locked": self._root_locked()}
-        problems = []
-        if left["not_masked"]:
-            problems.append("not masked: " + ", ".join(sorted(left["not_masked"])))
-        if left["running"]:
-            problems.append("running: " + ", ".join(left["running"]))
+        problems = unlocked_problems(left)
         if not facts["root_locked"]:
             problems.append("root's password is not locked")
         detail = "; ".join(problems) or "gettys and debug shell masked, root's password locked"

@@ -29,11 +29,11 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from statemesh.config import NodeConfig
 from statemesh.guarantee import Finding
 from statemesh.run import CommandError, have, run
 from statemesh.systemd import Systemd
-from statemesh.unitmask import BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked
+from statemesh.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked,
+                                unlocked_problems)
 
 UNITS = UnitSet(("rescue.service", "emergency.service", "rescue.target", "emergency.target",
                  "kbrequest.target"))
@@ -60,9 +60,8 @@ class Rescue(BusGuarantee):
 
     name = "rescue"
 
-    def __init__(self, config: NodeConfig, root: Path = Path("/"),
+    def __init__(self, root: Path = Path("/"),
                  regenerate_grub: Callable[[], None] = update_grub):
-        self.config = config
         self.grub_defaults = root / GRUB_DEFAULTS
         self.dropin = root / GRUB_DROPIN
         self.regenerate_grub = regenerate_grub
@@ -82,11 +81,7 @@ class Rescue(BusGuarantee):
         left = await unlocked(manager, UNITS)
         facts: Dict[str, Any] = {**left, "grub": self._grub_installed(),
                                  "grub_locked": self._grub_locked()}
-        problems = []
-        if left["not_masked"]:
-            problems.append("not masked: " + ", ".join(sorted(left["not_masked"])))
-        if left["running"]:
-            problems.append("running: " + ", ".join(left["running"]))
+        problems = unlocked_problems(left)
         if not facts["grub_locked"]:
             problems.append(f"GRUB recovery entries not disabled ({self.dropin} missing)")
         detail = "; ".join(problems) or "rescue and emergency masked" + (

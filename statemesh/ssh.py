@@ -24,10 +24,10 @@ from typing import Any, Callable, Dict, FrozenSet, List
 import psutil
 
 from statemesh import grace
-from statemesh.config import NodeConfig
 from statemesh.guarantee import Finding
 from statemesh.systemd import Systemd
-from statemesh.unitmask import BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked
+from statemesh.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked,
+                                unlocked_problems)
 
 UNITS = UnitSet(("ssh.service", "ssh.socket", "sshd.service", "ssh@.service",
                  "sshd.socket", "sshd@.service"))
@@ -76,10 +76,9 @@ class Ssh(BusGuarantee):
 
     name = "ssh"
 
-    def __init__(self, config: NodeConfig, root: Path = Path("/"),
+    def __init__(self, root: Path = Path("/"),
                  find_sshd: Callable[[], List[int]] = sshd_processes,
                  grace_path: Path = grace.GRACE_PATH):
-        self.config = config
         self.generator = root / GENERATOR
         self.find_sshd = find_sshd
         self.grace_path = grace_path
@@ -96,11 +95,7 @@ class Ssh(BusGuarantee):
         stray = self._stray_sshd()
         facts: Dict[str, Any] = {**left, "generator_masked": self._generator_masked(),
                                  "sshd_processes": stray}
-        problems = []
-        if left["not_masked"]:
-            problems.append("not masked: " + ", ".join(sorted(left["not_masked"])))
-        if left["running"]:
-            problems.append("running: " + ", ".join(left["running"]))
+        problems = unlocked_problems(left)
         if not facts["generator_masked"]:
             problems.append("systemd-ssh-generator not masked")
         if stray:

@@ -100,6 +100,16 @@ async def unlocked(manager: Systemd, units: UnitSet,
     }
 
 
+def unlocked_problems(left: Dict[str, Any]) -> List[str]:
+    """What `unlocked` found, as the problems a Finding's detail lists."""
+    problems = []
+    if left["not_masked"]:
+        problems.append("not masked: " + ", ".join(sorted(left["not_masked"])))
+    if left["running"]:
+        problems.append("running: " + ", ".join(left["running"]))
+    return problems
+
+
 async def give_back(manager: Systemd, record: Dict[str, Any]) -> List[str]:
     """Unmask what we masked, re-enable what was enabled, start what ran; returns errors."""
     states: Dict[str, str] = dict(record.get("unit_files", {}))

@@ -16,7 +16,6 @@ from typing import Any, Dict, List
 import pytest
 
 from statemesh import grace, journal, logins, proc, rescue, ssh, systemd, tamper
-from statemesh.config import NodeConfig
 from statemesh.unitmask import LockdownError
 from tests.fakebus import FakeBus, debian12_units, fakebus  # noqa: F401 - fixture
 
@@ -55,11 +54,10 @@ class Machine:
         self.grub_runs: List[str] = []
         self.sshd: List[int] = []
         self.grace_path = tmp_path / "grace.json"
-        config = NodeConfig()
-        self.ssh = ssh.Ssh(config, root=root, find_sshd=lambda: list(self.sshd),
+        self.ssh = ssh.Ssh(root=root, find_sshd=lambda: list(self.sshd),
                            grace_path=self.grace_path)
-        self.logins = logins.Logins(config, root=root, grace_path=self.grace_path)
-        self.rescue = rescue.Rescue(config, root=root,
+        self.logins = logins.Logins(root=root, grace_path=self.grace_path)
+        self.rescue = rescue.Rescue(root=root,
                                     regenerate_grub=lambda: self.grub_runs.append("update-grub"))
         self.all = [self.ssh, self.logins, self.rescue]
 
