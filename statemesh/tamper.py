@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from typing import Any, Callable, List, Sequence
 
 from statemesh import systemd
+from statemesh.events import log
 from statemesh.run import CommandError
 from statemesh.unitmask import BusGuarantee, LockdownError
 
 # Seconds between checks when no signal came: the safety net, not the reaction time.
 PERIOD = 5.0
 RECONNECT_DELAY = 1.0
-
-
-def log(event: str, **fields: Any) -> None:
-    """One JSON line on stdout (the journal, under systemd)."""
-    print(json.dumps({"event": event, **fields}, default=str), flush=True)
 
 
 async def reassert(manager: systemd.Systemd, lockdown: Sequence[BusGuarantee],

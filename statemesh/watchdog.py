@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import json
 import os
 import re
 import signal
@@ -33,6 +32,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Set
 
 from statemesh import grace, handover, proc, terminals
 from statemesh.config import NodeConfig
+from statemesh.events import log
 from statemesh.guarantee import Finding
 from statemesh.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_IGNORED, IN_MOVED_TO, IN_OPEN,
                                IN_Q_OVERFLOW, Inotify)
@@ -84,11 +84,6 @@ class SessionManager(Protocol):
     def on_session_new(self, callback: Callable[[str], Any]) -> None: ...
 
     async def subscribed(self) -> None: ...
-
-
-def log(event: str, **fields: Any) -> None:
-    """One JSON line on stdout (the journal, under systemd)."""
-    print(json.dumps({"event": event, **fields}, sort_keys=False), flush=True)
 
 
 def exempt_unit(cgroup: str, exempt: Tuple[str, ...]) -> Optional[str]:
