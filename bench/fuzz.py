@@ -26,12 +26,12 @@ import warnings
 from pathlib import Path
 from typing import Callable, Counter, List
 
-from statemesh import evidence
-from statemesh.attester import Attester
-from statemesh.attesterrors import VerificationError
-from statemesh.evidence import Evidence
-from statemesh.tpm import Tpm
-from statemesh.verifier import Expected, Policy, Verifier
+from statemesh.attest import evidence
+from statemesh.attest.attester import Attester
+from statemesh.attest.refusals import VerificationError
+from statemesh.attest.evidence import Evidence
+from statemesh.attest.tpm import Tpm
+from statemesh.attest.verifier import Expected, Policy, Verifier
 from tests.swtpm import SwTpm, provision_with_ca
 
 PCRS = (0, 1, 2, 3, 4, 5, 6, 7)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, List
 
-from statemesh import storage
+from statemesh import volume
 from statemesh.config import NodeConfig
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
@@ -56,9 +56,9 @@ class Product:
     """The product's setup on a private layout."""
 
     def __init__(self, workdir: Path, size: int):
-        layout = storage.Layout(mount_point=workdir / "product-mnt",
+        layout = volume.Layout(mount_point=workdir / "product-mnt",
                                 backing_file=workdir / "product.img", mapper="bench-product")
-        self.volume = storage.Storage(NodeConfig(storage_size=size), layout)
+        self.volume = volume.Volume(NodeConfig(storage_size=size), layout)
         self.layout = layout
 
     def setup(self) -> None:
@@ -97,7 +97,7 @@ class Crypttab:
             image.truncate(self.size)
         self.loop = sh("losetup", "--find", "--show", str(self.image)).strip()
         key = os.urandom(64)
-        sh("cryptsetup", "open", "--type", "plain", "--cipher", storage.CIPHER, "--key-size", "512",
+        sh("cryptsetup", "open", "--type", "plain", "--cipher", volume.CIPHER, "--key-size", "512",
            "--key-file=-", self.loop, "bench-baseline", stdin=key)
         sh("mkfs.ext4", "-q", "/dev/mapper/bench-baseline")
         self.mount.mkdir(exist_ok=True)

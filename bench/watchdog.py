@@ -34,7 +34,7 @@ UNIT_FILE = Path(__file__).resolve().parent.parent / "debian" / "statemesh-node.
 # The baseline: poll once a second, SIGKILL every holder of every pty that exists.
 BASELINE = """
 import os, signal, sys, time
-from statemesh import terminals
+from statemesh.watchdog import terminals
 devpts = sys.argv[1]
 print("ready", flush=True)
 while True:

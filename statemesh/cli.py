@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from statemesh import (__version__, config, endpoint, firewall, grace, guarantees, install,
-                       journal, preflight, selftest, storage, watchdog)
-from statemesh.guarantee import Finding
+from statemesh import (__version__, config, grace, guarantees, install, journal, preflight,
+                       selftest, volume)
+from statemesh.attest import endpoint
+from statemesh.guarantees import firewall
+from statemesh.watchdog import daemon
+from statemesh.guarantees.base import Finding
 from statemesh.run import CommandError
 
 EXIT_OK = 0
@@ -67,7 +70,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_watchdog(args: argparse.Namespace) -> int:
     """Run the terminal watchdog (what statemesh-watchdog.service runs)."""
     node_config = config.load(args.config)
-    settings = watchdog.Settings(
+    settings = daemon.Settings(
         devpts=args.devpts,
         dev=args.dev,
         grace_path=args.grace_file,
@@ -75,20 +78,20 @@ def cmd_watchdog(args: argparse.Namespace) -> int:
         logind=not args.no_logind,
     )
     try:
-        return watchdog.main(settings)
-    except watchdog.WatchdogError as error:
+        return daemon.main(settings)
+    except daemon.WatchdogError as error:
         print(f"statemesh-node: {error}", file=sys.stderr)
         return EXIT_FAILED
 
 
 def cmd_storage(args: argparse.Namespace) -> int:
     """Set up or destroy the encrypted /var/lib/statemesh (statemesh-storage.service runs it)."""
-    volume = storage.Storage(config.load(args.config))
+    store = volume.Volume(config.load(args.config))
     try:
         if args.action == "setup":
             journal.require_clean_boot()  # teardown must always work: it destroys data
-        steps = [volume.setup()] if args.action == "setup" else volume.teardown()
-    except (storage.StorageError, storage.CommandError, journal.RebootRequiredError,
+        steps = [store.setup()] if args.action == "setup" else store.teardown()
+    except (volume.StorageError, volume.CommandError, journal.RebootRequiredError,
             OSError) as error:
         print(f"statemesh-node: storage {args.action} failed: {error}", file=sys.stderr)
         return EXIT_FAILED

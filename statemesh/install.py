@@ -31,10 +31,11 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Sequence
 
-from statemesh import grace, guarantees, journal, preflight, sdnotify, systemd, tamper
+from statemesh import grace, guarantees, journal, preflight, sdnotify, systemd
+from statemesh.guarantees import tamper
 from statemesh.config import NodeConfig
-from statemesh.guarantee import Guarantee
-from statemesh.unitmask import BusGuarantee
+from statemesh.guarantees.base import Guarantee
+from statemesh.guarantees.unitmask import BusGuarantee
 
 HARDEN_UNIT = "statemesh-harden.service"
 # Written by the install helper for the unit: run the whole transaction even on an

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from statemesh import storage, systemd
+from statemesh import systemd, volume
+from statemesh.guarantees import storage
 from statemesh.config import NodeConfig
 from statemesh.run import CommandError, run
 
@@ -162,7 +163,7 @@ def _contains(path: Path, needle: bytes, limit: int) -> bool:
 def probe_key_on_disk(config: NodeConfig) -> Probe:
     """Search the LUKS header area and the package's state for the live volume key."""
     name = "volume key on disk"
-    layout = storage.Layout()
+    layout = volume.Layout()
     finding = storage.Storage(config).check()
     device = finding.facts.get("device")
     if not device:
@@ -174,7 +175,7 @@ def probe_key_on_disk(config: NodeConfig) -> Probe:
     if key is None:
         return Probe(name, True, "the volume key is a logon key in the kernel keyring, "
                      "which no process can read back")
-    places = [(Path(device), storage.HEADER_BYTES)]
+    places = [(Path(device), volume.HEADER_BYTES)]
     places += [(path, path.stat().st_size) for path in _files(KEY_FREE_DIRECTORIES)
                if path != layout.backing_file]
     found = [str(path) for path, limit in places if _contains(path, key, limit)]

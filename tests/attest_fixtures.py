@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from statemesh.attester import Attester
-from statemesh.tpm import Tpm
-from statemesh.verifier import Expected, Policy, Verifier
+from statemesh.attest.attester import Attester
+from statemesh.attest.tpm import Tpm
+from statemesh.attest.verifier import Expected, Policy, Verifier
 from tests.swtpm import SwTpm, provision_with_ca
 
 PCRS = (0, 1, 2, 3, 4, 5, 6, 7)

@@ -12,10 +12,11 @@ from typing import Iterator, Optional, Tuple
 import pytest
 from OpenSSL import SSL
 
-from statemesh import atls, cli, journal
-from statemesh.attester import Attester
-from statemesh.attesterrors import ClassRefused, ProtocolError, SessionMismatch, TlsKeyMismatch
-from statemesh.verifier import Verifier
+from statemesh import cli, journal
+from statemesh.attest import atls
+from statemesh.attest.attester import Attester
+from statemesh.attest.refusals import ClassRefused, ProtocolError, SessionMismatch, TlsKeyMismatch
+from statemesh.attest.verifier import Verifier
 from tests.attest_fixtures import PCRS, TpmWorld, policy, world
 
 __all__ = ["world"]

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from statemesh import evidence
-from statemesh.evidence import Evidence, EvidenceFormatError
+from statemesh.attest import evidence
+from statemesh.attest.evidence import Evidence, EvidenceFormatError
 
 names = st.from_regex(r"[a-z0-9][a-z0-9.-]{0,20}", fullmatch=True)
 blobs = st.binary(min_size=1, max_size=300)

@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import pytest
 
-from statemesh import config, firewall
+from statemesh import config
+from statemesh.guarantees import firewall
 from statemesh.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,8 @@ PORT = 7443
 DRIVER = r'''
 import json, sys
 from pathlib import Path
-from statemesh import config, firewall, journal
+from statemesh import config, journal
+from statemesh.guarantees import firewall
 
 action, conf_path, state_dir = sys.argv[1:4]
 book = journal.Journal(Path(state_dir))

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from statemesh import install, journal
-from statemesh.guarantee import Finding
+from statemesh.guarantees.base import Finding
 from tests.conftest import ROOT
 
 

@@ -15,8 +15,9 @@ from typing import Any, Dict, List
 
 import pytest
 
-from statemesh import grace, journal, logins, proc, rescue, ssh, systemd, tamper
-from statemesh.unitmask import LockdownError
+from statemesh import grace, journal, proc, systemd
+from statemesh.guarantees import logins, rescue, ssh, tamper
+from statemesh.guarantees.unitmask import LockdownError
 from tests.fakebus import FakeBus, debian12_units, fakebus  # noqa: F401 - fixture
 
 SHADOW = "root:$6$salt$hash:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\n"

@@ -2,7 +2,7 @@
 
 This host has no device-mapper and its block devices are off limits, so signatures are
 probed on image files with the real wipefs/cryptsetup, and the setup flow runs against
-fake cryptsetup/losetup/mkfs/mount programs placed first on the storage module's search
+fake cryptsetup/losetup/mkfs/mount programs placed first on the volume module's search
 path: they log every command line and what came through stdin, so the tests can check
 where the key went. The real flow runs in the VM (tests/vm/test_storage.py).
 """
@@ -19,7 +19,8 @@ from typing import Dict, List
 
 import pytest
 
-from statemesh import blockdev, cli, config, storage
+from statemesh import blockdev, cli, config, volume
+from statemesh.guarantees import storage
 from statemesh.run import SAFE_PATH, CommandError
 
 FAKE = r'''#!/usr/bin/python3
@@ -84,27 +85,27 @@ def fakes(tmp_path: Path) -> Fakes:
 
 
 @pytest.fixture
-def layout(tmp_path: Path, fakes: Fakes) -> storage.Layout:
+def layout(tmp_path: Path, fakes: Fakes) -> volume.Layout:
     node = tmp_path / "node"
     node.mkdir()
-    return storage.Layout(mount_point=node / "statemesh",
+    return volume.Layout(mount_point=node / "statemesh",
                           backing_file=node / "state" / "storage.img",
                           mapper="statemesh-test", search_path=fakes.search_path)
 
 
 @pytest.fixture
-def keys(monkeypatch: pytest.MonkeyPatch) -> List[storage.Key]:
+def keys(monkeypatch: pytest.MonkeyPatch) -> List[volume.Key]:
     """Every Key the code creates, with a copy of its random bytes taken at birth."""
-    made: List[storage.Key] = []
+    made: List[volume.Key] = []
 
-    class RecordedKey(storage.Key):
+    class RecordedKey(volume.Key):
         def __enter__(self) -> bytearray:
             buffer = super().__enter__()
             self.original = bytes(buffer)
             made.append(self)
             return buffer
 
-    monkeypatch.setattr(storage, "Key", RecordedKey)
+    monkeypatch.setattr(volume, "Key", RecordedKey)
     return made
 
 
@@ -130,9 +131,9 @@ def _luks(path: Path, label: str = "") -> Path:
     return path
 
 
-def _real(dedicated: bool = False) -> storage.Storage:
+def _real(dedicated: bool = False) -> volume.Volume:
     """A Storage using the real tools, for read-only probing of image files."""
-    return storage.Storage(config.NodeConfig(storage_dedicated=dedicated), storage.Layout())
+    return volume.Volume(config.NodeConfig(storage_dedicated=dedicated), volume.Layout())
 
 
 # -- refusing data-carrying backing stores ------------------------------------------------
@@ -148,7 +149,7 @@ def test_a_store_carrying_data_is_refused_by_name_and_left_unchanged(tmp_path, m
     image = _image(tmp_path / "disk.img")
     make(image)
     before = _sha(image)
-    with pytest.raises(storage.StorageError) as refused:
+    with pytest.raises(volume.StorageError) as refused:
         _real().check_signatures(image)
     message = str(refused.value)
     assert str(image) in message and found in message and "Storage-Dedicated: yes" in message
@@ -156,13 +157,13 @@ def test_a_store_carrying_data_is_refused_by_name_and_left_unchanged(tmp_path, m
 
 
 def test_a_luks_header_with_our_label_but_a_live_keyslot_is_not_ours(tmp_path):
-    image = _luks(_image(tmp_path / "disk.img"), label=storage.LUKS_LABEL)
-    with pytest.raises(storage.StorageError, match="crypto_LUKS labelled 'statemesh-ephemeral'"):
+    image = _luks(_image(tmp_path / "disk.img"), label=volume.LUKS_LABEL)
+    with pytest.raises(volume.StorageError, match="crypto_LUKS labelled 'statemesh-ephemeral'"):
         _real().check_signatures(image)
 
 
 def test_our_own_erased_header_from_an_earlier_boot_may_be_reformatted(tmp_path):
-    image = _luks(_image(tmp_path / "disk.img"), label=storage.LUKS_LABEL)
+    image = _luks(_image(tmp_path / "disk.img"), label=volume.LUKS_LABEL)
     _sh("cryptsetup", "luksErase", "--batch-mode", str(image))
     found = _real().check_signatures(image)
     assert {s.type for s in found} == {"crypto_LUKS"}
@@ -226,9 +227,9 @@ def test_a_device_in_use_is_refused_for_each_reason(tmp_path):
 def test_a_storage_device_that_is_not_a_block_device_is_refused_untouched(tmp_path, layout, fakes):
     image = _image(tmp_path / "not-a-device.img")
     before = _sha(image)
-    volume = storage.Storage(config.NodeConfig(storage_device=image), layout)
-    with pytest.raises(storage.StorageError, match=f"Storage-Device {image}: .* is not a block device"):
-        volume.setup()
+    store = volume.Volume(config.NodeConfig(storage_device=image), layout)
+    with pytest.raises(volume.StorageError, match=f"Storage-Device {image}: .* is not a block device"):
+        store.setup()
     assert _sha(image) == before
     assert not [argv for argv in fakes.argvs("cryptsetup") if argv[1] != "status"]
     assert fakes.argvs("mount") == [] and not layout.backing_file.exists()
@@ -243,13 +244,13 @@ def _all_file_bytes(root: Path) -> List[bytes]:
 
 def test_setup_feeds_the_key_through_stdin_only_and_zeroes_it(tmp_path, layout, fakes, keys):
     size = 96 * 1024 * 1024
-    volume = storage.Storage(config.NodeConfig(storage_size=size), layout)
-    assert "mounted from /dev/mapper/statemesh-test on /dev/loop7" in volume.setup()
+    store = volume.Volume(config.NodeConfig(storage_size=size), layout)
+    assert "mounted from /dev/mapper/statemesh-test on /dev/loop7" in store.setup()
 
     assert len(keys) == 1
     key = keys[0].original
-    assert len(key) == storage.KEY_BYTES and key != bytes(storage.KEY_BYTES)
-    assert keys[0].buffer == bytearray(storage.KEY_BYTES)  # overwritten in place
+    assert len(key) == volume.KEY_BYTES and key != bytes(volume.KEY_BYTES)
+    assert keys[0].buffer == bytearray(volume.KEY_BYTES)  # overwritten in place
     fed = [call for call in fakes.calls() if call["stdin"]]
     assert [c["argv"][1] for c in fed] == ["luksFormat", "open"]
     assert all(bytes.fromhex(c["stdin"]) == key for c in fed)
@@ -265,7 +266,7 @@ def test_setup_feeds_the_key_through_stdin_only_and_zeroes_it(tmp_path, layout, 
 
 
 def test_setup_formats_luks2_with_minimal_pbkdf2_erases_keyslots_then_mounts(layout, fakes, keys):
-    storage.Storage(config.NodeConfig(storage_size=64 * 1024**2), layout).setup()
+    volume.Volume(config.NodeConfig(storage_size=64 * 1024**2), layout).setup()
     crypt = [argv[1] for argv in fakes.argvs("cryptsetup") if argv[1] != "status"]
     assert crypt == ["luksFormat", "open", "luksErase", "luksDump"]
     formatting = fakes.argvs("cryptsetup")[[a[1] for a in fakes.argvs("cryptsetup")].index("luksFormat")]
@@ -279,15 +280,15 @@ def test_setup_formats_luks2_with_minimal_pbkdf2_erases_keyslots_then_mounts(lay
     assert {"nodev", "nosuid"} <= set(mount[mount.index("-o") + 1].split(","))
     order = [c["argv"][0] + " " + c["argv"][1] for c in fakes.calls()]
     assert order.index("chattr +i") < order.index("cryptsetup luksFormat")
-    assert stat.S_IMODE(layout.mount_point.stat().st_mode) == storage.VOLUME_MODE
+    assert stat.S_IMODE(layout.mount_point.stat().st_mode) == volume.VOLUME_MODE
 
 
 def test_a_failing_setup_leaves_the_mount_point_locked_and_the_key_zeroed(layout, fakes, keys):
     fakes.fail_on("open")
-    volume = storage.Storage(config.NodeConfig(storage_size=64 * 1024**2), layout)
+    store = volume.Volume(config.NodeConfig(storage_size=64 * 1024**2), layout)
     with pytest.raises(CommandError, match="cryptsetup exited with status 1: .*open failed"):
-        volume.setup()
-    assert keys[0].buffer == bytearray(storage.KEY_BYTES)
+        store.setup()
+    assert keys[0].buffer == bytearray(volume.KEY_BYTES)
     assert fakes.argvs("mount") == [] and fakes.argvs("mkfs.ext4") == []
     point = layout.mount_point.stat()
     assert stat.S_IMODE(point.st_mode) == 0 and list(layout.mount_point.iterdir()) == []
@@ -296,68 +297,68 @@ def test_a_failing_setup_leaves_the_mount_point_locked_and_the_key_zeroed(layout
 
 
 def test_short_free_space_is_a_clear_error_before_anything_is_written(layout, fakes):
-    volume = storage.Storage(config.NodeConfig(storage_size=2**60), layout)
-    with pytest.raises(storage.StorageError, match=r"not enough free space for the 1048576\.0T backing "
+    store = volume.Volume(config.NodeConfig(storage_size=2**60), layout)
+    with pytest.raises(volume.StorageError, match=r"not enough free space for the 1048576\.0T backing "
                                                    r"file .*lower Storage-Size or set Storage-Device"):
-        volume.setup()
+        store.setup()
     assert not layout.backing_file.exists()
     assert fakes.argvs("losetup") == [argv for argv in fakes.argvs("losetup") if "--list" in argv]
 
 
 def test_the_default_size_is_8g_or_half_the_free_space_and_an_explicit_one_is_kept():
     gib = 1024**3
-    assert storage.backing_size(None, 100 * gib) == 8 * gib
-    assert storage.backing_size(None, 3 * gib + 5) == 3 * gib // 2
-    assert storage.backing_size(None, 10 * 1024**2) == storage.MINIMUM_SIZE  # then refused
-    assert storage.backing_size(512 * 1024**2, 100 * gib) == 512 * 1024**2
+    assert volume.backing_size(None, 100 * gib) == 8 * gib
+    assert volume.backing_size(None, 3 * gib + 5) == 3 * gib // 2
+    assert volume.backing_size(None, 10 * 1024**2) == volume.MINIMUM_SIZE  # then refused
+    assert volume.backing_size(512 * 1024**2, 100 * gib) == 512 * 1024**2
 
 
 def test_plaintext_left_in_the_unmounted_mount_point_is_refused(layout, fakes):
     layout.mount_point.mkdir()
     (layout.mount_point / "leftover").write_text("plaintext")
-    volume = storage.Storage(config.NodeConfig(storage_size=64 * 1024**2), layout)
-    with pytest.raises(storage.StorageError, match="holds files"):
-        volume.setup()
+    store = volume.Volume(config.NodeConfig(storage_size=64 * 1024**2), layout)
+    with pytest.raises(volume.StorageError, match="holds files"):
+        store.setup()
     assert not [argv for argv in fakes.argvs("cryptsetup") if argv[1] != "status"]
 
 
 def test_teardown_removes_the_backing_file_and_purge_gives_the_mount_point_back(layout, fakes, keys):
     # revert() is the unit's stop over D-Bus (VM-tested), then exactly these two steps.
-    volume = storage.Storage(config.NodeConfig(storage_size=64 * 1024**2), layout)
-    volume.setup()
+    store = volume.Volume(config.NodeConfig(storage_size=64 * 1024**2), layout)
+    store.setup()
     os.chmod(layout.mount_point, 0)  # what the unmounted directory looks like
-    assert volume.teardown() == [f"removed {layout.backing_file}"]
-    volume.release_mount_point()
+    assert store.teardown() == [f"removed {layout.backing_file}"]
+    store.release_mount_point()
     assert not layout.backing_file.exists() and not layout.mount_point.exists()
     assert fakes.argvs("chattr")[-1] == ["chattr", "-i", str(layout.mount_point)]
 
 
 def test_feed_key_reports_a_program_that_exits_without_reading(tmp_path):
     with pytest.raises(CommandError, match="false exited with status 1"):
-        storage.feed_key(["false"], bytearray(b"k" * 64), SAFE_PATH)
+        volume.feed_key(["false"], bytearray(b"k" * 64), SAFE_PATH)
 
 
 def test_the_key_is_random_locked_and_zeroed_after_use():
-    with storage.Key() as first, storage.Key() as second:
-        assert first != second and len(first) == storage.KEY_BYTES
+    with volume.Key() as first, volume.Key() as second:
+        assert first != second and len(first) == volume.KEY_BYTES
         kept = first
-    assert kept == bytearray(storage.KEY_BYTES)
+    assert kept == bytearray(volume.KEY_BYTES)
 
 
 # -- reading the live volume ----------------------------------------------------------------
 
 
 def test_keyslots_are_counted_from_a_real_luks_dump(tmp_path):
-    image = _luks(_image(tmp_path / "disk.img"), label=storage.LUKS_LABEL)
+    image = _luks(_image(tmp_path / "disk.img"), label=volume.LUKS_LABEL)
     dump = lambda: subprocess.run(["cryptsetup", "luksDump", str(image)], capture_output=True,
                                   check=True, text=True, env={"PATH": SAFE_PATH}).stdout
-    assert storage.count_keyslots(dump()) == 1
+    assert volume.count_keyslots(dump()) == 1
     _sh("cryptsetup", "luksErase", "--batch-mode", str(image))
-    assert storage.count_keyslots(dump()) == 0
+    assert volume.count_keyslots(dump()) == 0
 
 
 def test_cryptsetup_status_and_mountinfo_are_parsed():
-    status = storage.parse_crypt_status(
+    status = volume.parse_crypt_status(
         "/dev/mapper/statemesh is active and is in use.\n  type:    LUKS2\n"
         "  cipher:  aes-xts-plain64\n  keysize: 512 bits\n  device:  /dev/loop0\n"
         "  loop:    /var/lib/statemesh-node/storage.img\n  size:    16744448 sectors\n")
@@ -366,18 +367,18 @@ def test_cryptsetup_status_and_mountinfo_are_parsed():
     mountinfo = ("22 1 252:1 / / rw,relatime - ext4 /dev/vda1 rw\n"
                  "40 22 253:0 / /var/lib/statemesh rw,nosuid,nodev,noatime - ext4 "
                  "/dev/mapper/statemesh rw\n")
-    source, options = storage.find_mount(mountinfo, Path("/var/lib/statemesh"))
+    source, options = volume.find_mount(mountinfo, Path("/var/lib/statemesh"))
     assert source == "/dev/mapper/statemesh" and {"nodev", "nosuid"} <= set(options)
-    assert storage.find_mount(mountinfo, Path("/srv")) is None
+    assert volume.find_mount(mountinfo, Path("/srv")) is None
 
 
 def test_the_key_size_is_read_from_the_kernels_table_whether_keyring_or_hex():
     keyring = "0 2048 crypt aes-xts-plain64 :64:logon:cryptsetup:3f2a-d0 0 7:0 32768 1 sector_size:4096"
-    assert storage.table_key_bits(keyring) == 512
+    assert volume.table_key_bits(keyring) == 512
     hidden = "0 2048 crypt aes-xts-plain64 " + "0" * 128 + " 0 7:0 32768"
-    assert storage.table_key_bits(hidden) == 512
+    assert volume.table_key_bits(hidden) == 512
     with pytest.raises(ValueError, match="not a dm-crypt table"):
-        storage.table_key_bits("0 2048 linear 7:0 0")
+        volume.table_key_bits("0 2048 linear 7:0 0")
 
 
 def test_status_reports_a_volume_that_is_not_set_up(layout, fakes):

@@ -17,10 +17,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from statemesh import ekchain, securityclass, tpm, tpmwire
-from statemesh.attesterrors import EkChainInvalid, EkUntrusted
+from statemesh.attest import ekchain, tpm, tpmwire
+from statemesh.guarantees import securityclass
+from statemesh.attest.refusals import EkChainInvalid, EkUntrusted
 from statemesh.config import NodeConfig
-from statemesh.tpm import Tpm, TpmError, seal_credential
+from statemesh.attest.tpm import Tpm, TpmError, seal_credential
 from tests.attest_fixtures import PCRS, TpmWorld, world
 from tests.swtpm import SwTpm, provision_with_ca
 
@@ -296,7 +297,7 @@ def test_tpm_structures_work_after_unittest_mock_was_imported(world: TpmWorld) -
     ek_public = world.trusted.ek_public()
     name = tpmwire.parse_public(world.trusted.ak_public()).name()
     script = ("import sys, unittest.mock; sys.path.insert(0, sys.argv[1]); "
-              "from statemesh.tpm import seal_credential; "
+              "from statemesh.attest.tpm import seal_credential; "
               "blob, secret = seal_credential(bytes.fromhex(sys.argv[2]), bytes.fromhex(sys.argv[3]), b'k' * 32); "
               "sys.stdout.write((blob + secret).hex())")
     result = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent.parent),

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from statemesh import evidence
-from statemesh.attester import Attester
-from statemesh.attesterrors import (
+from statemesh.attest import evidence
+from statemesh.attest.attester import Attester
+from statemesh.attest.refusals import (
     AkNotBound, ClaimsNotSigned, ClassRefused, EkChainInvalid, EkUntrusted, NonceMismatch,
     PcrDigestMismatch,
     PcrPolicyViolation, SessionMismatch, SignatureInvalid, StaleEvidence, TlsKeyMismatch,
     ZoneRefused,
 )
-from statemesh.tpm import TpmError
-from statemesh.verifier import (
+from statemesh.attest.tpm import TpmError
+from statemesh.attest.verifier import (
     Expected, PcrExpectation, PolicyError, Verifier, load_policy, parse_policy,
 )
 from tests.attest_fixtures import PCRS, TpmWorld, attest, expected, full_check, policy, world

@@ -18,7 +18,9 @@ from typing import Optional
 
 import pytest
 
-from statemesh import config, grace, inotify, proc, terminals, watchdog
+from statemesh import config, grace, proc
+from statemesh.guarantees import watchdog as guarantee
+from statemesh.watchdog import daemon, inotify, terminals
 from tests.private_devpts import ROOT, run_scenario
 
 SCENARIOS = "tests.watchdog_scenarios"
@@ -180,37 +182,37 @@ def process(pid: int = 4242, ppid: int = 100, sid: int = 4242, kernel: bool = Fa
     (process(ppid=2), "kernel thread"),
 ])
 def test_never_kills_itself_init_or_kernel_threads(proc, reason) -> None:
-    assert watchdog.spare_reason(proc, "/", (), None) == reason
+    assert daemon.spare_reason(proc, "/", (), None) == reason
 
 
 def test_logind_holding_its_reserved_vt_is_never_killed() -> None:
-    assert watchdog.spare_reason(process(), "/system.slice/systemd-logind.service", (), None) \
+    assert daemon.spare_reason(process(), "/system.slice/systemd-logind.service", (), None) \
         == "exempt unit systemd-logind.service"
 
 
 def test_exempt_units_match_any_component_of_the_cgroup() -> None:
     exempt = ("workload.service", "machine.slice")
-    assert watchdog.spare_reason(process(), "/system.slice/workload.service", exempt, None) \
+    assert daemon.spare_reason(process(), "/system.slice/workload.service", exempt, None) \
         == "exempt unit workload.service"
-    assert watchdog.spare_reason(process(), "/machine.slice/c1.scope/payload", exempt, None) \
+    assert daemon.spare_reason(process(), "/machine.slice/c1.scope/payload", exempt, None) \
         == "exempt unit machine.slice"
-    assert watchdog.spare_reason(process(), "/system.slice/workload2.service", exempt, None) is None
-    assert watchdog.spare_reason(process(), "/user.slice/user-0.slice/session-3.scope", exempt, None) is None
+    assert daemon.spare_reason(process(), "/system.slice/workload2.service", exempt, None) is None
+    assert daemon.spare_reason(process(), "/user.slice/user-0.slice/session-3.scope", exempt, None) is None
 
 
 def test_grace_spares_only_the_installing_session() -> None:
     by_logind = grace.Grace(pid=10, start_ticks=1, session="7", sid=99, tty="/dev/pts/0")
     in_session = "/user.slice/user-0.slice/session-7.scope"
-    assert watchdog.spare_reason(process(sid=5), in_session, (), by_logind) == "installation grace"
-    assert watchdog.spare_reason(process(sid=99), "/user.slice/user-0.slice/session-17.scope", (),
+    assert daemon.spare_reason(process(sid=5), in_session, (), by_logind) == "installation grace"
+    assert daemon.spare_reason(process(sid=99), "/user.slice/user-0.slice/session-17.scope", (),
                                  by_logind) is None
     own_child = grace.Grace(pid=os.getppid(), start_ticks=1, session="7", sid=99, tty=None)
-    assert watchdog.spare_reason(process(pid=os.getpid() + 10**6), "/", (), own_child) is None
+    assert daemon.spare_reason(process(pid=os.getpid() + 10**6), "/", (), own_child) is None
     assert own_child.spares(os.getpid(), 5, "/")  # apt's dpkg, on apt's pty in a new session
     by_sid = grace.Grace(pid=10, start_ticks=1, session=None, sid=99, tty=None)
-    assert watchdog.spare_reason(process(sid=99), "/system.slice/agent.service", (), by_sid) \
+    assert daemon.spare_reason(process(sid=99), "/system.slice/agent.service", (), by_sid) \
         == "installation grace"
-    assert watchdog.spare_reason(process(sid=98), "/system.slice/agent.service", (), by_sid) is None
+    assert daemon.spare_reason(process(sid=98), "/system.slice/agent.service", (), by_sid) is None
 
 
 @dataclasses.dataclass
@@ -226,12 +228,12 @@ class FakeSession:
 
 def test_sessions_spared_are_those_without_a_way_in_exempt_or_installing() -> None:
     installing = grace.Grace(pid=10, start_ticks=1, session="9", sid=9, tty=None)
-    assert watchdog.session_spared(FakeSession("1", type="unspecified"), (), None)
-    assert not watchdog.session_spared(FakeSession("2", tty="tty1"), (), None)
-    assert not watchdog.session_spared(FakeSession("3", remote=True), (), None)
-    assert not watchdog.session_spared(FakeSession("4", type="wayland"), (), None)
-    assert watchdog.session_spared(FakeSession("9", type="tty", tty="pts/0"), (), installing)
-    assert watchdog.session_spared(FakeSession("5", remote=True, scope="wl.scope"), ("wl.scope",), None)
+    assert daemon.session_spared(FakeSession("1", type="unspecified"), (), None)
+    assert not daemon.session_spared(FakeSession("2", tty="tty1"), (), None)
+    assert not daemon.session_spared(FakeSession("3", remote=True), (), None)
+    assert not daemon.session_spared(FakeSession("4", type="wayland"), (), None)
+    assert daemon.session_spared(FakeSession("9", type="tty", tty="pts/0"), (), installing)
+    assert daemon.session_spared(FakeSession("5", remote=True, scope="wl.scope"), ("wl.scope",), None)
 
 
 @pytest.mark.parametrize("unit", ["user.slice", "system.slice", "-.slice", "session-4.scope",
@@ -378,15 +380,15 @@ def test_grace_is_none_for_a_bad_or_stale_record(tmp_path: Path, text: str) -> N
 # -- the guarantee -----------------------------------------------------------------------------
 
 
-def _guarantee(tmp_path: Path, pids: str, enabled: bool) -> watchdog.WatchdogGuarantee:
-    cgroup = tmp_path / "cgroup" / "system.slice" / watchdog.UNIT
+def _guarantee(tmp_path: Path, pids: str, enabled: bool) -> guarantee.WatchdogGuarantee:
+    cgroup = tmp_path / "cgroup" / "system.slice" / guarantee.UNIT
     cgroup.mkdir(parents=True)
     (cgroup / "cgroup.procs").write_text(pids)
     wants = tmp_path / "units" / "multi-user.target.wants"
     wants.mkdir(parents=True)
     if enabled:
-        (wants / watchdog.UNIT).symlink_to(f"/usr/lib/systemd/system/{watchdog.UNIT}")
-    return watchdog.WatchdogGuarantee(config.NodeConfig(), tmp_path / "cgroup", tmp_path / "units",
+        (wants / guarantee.UNIT).symlink_to(f"/usr/lib/systemd/system/{guarantee.UNIT}")
+    return guarantee.WatchdogGuarantee(config.NodeConfig(), tmp_path / "cgroup", tmp_path / "units",
                                       devpts=str(tmp_path / "no-devpts"))
 
 

@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from statemesh import grace, inotify
-from statemesh import watchdog as watchdog_module
-from statemesh.watchdog import Settings, Watchdog
+from statemesh import grace
+from statemesh.watchdog import daemon as watchdog_module
+from statemesh.watchdog import inotify
+from statemesh.watchdog.daemon import Settings, Watchdog
 
 WAIT_SECONDS = 30.0
 

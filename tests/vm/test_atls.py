@@ -15,9 +15,9 @@ from typing import Callable
 
 import pytest
 
-from statemesh import atls
-from statemesh.attesterrors import ClassRefused
-from statemesh.verifier import Policy, Verifier
+from statemesh.attest import atls
+from statemesh.attest.refusals import ClassRefused
+from statemesh.attest.verifier import Policy, Verifier
 from tests.vm import vtpm
 from tests.vm.driver import Guest
 

@@ -67,7 +67,8 @@ def _install(guest: Guest, node_conf: str) -> None:
 
 # The storage guarantee's revert(), as removal runs it (apply() ran in the installation).
 GUARANTEE = b"""
-from statemesh import config, storage
+from statemesh import config
+from statemesh.guarantees import storage
 
 storage.Storage(config.load()).revert({})
 """

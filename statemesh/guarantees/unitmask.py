@@ -15,7 +15,7 @@ import asyncio
 import dataclasses
 from typing import Any, Awaitable, Callable, Dict, FrozenSet, Iterable, List, Sequence, TypeVar
 
-from statemesh.guarantee import Finding
+from statemesh.guarantees.base import Finding
 from statemesh.systemd import Systemd, SystemdError, UnknownUnitError, manager
 
 T = TypeVar("T")

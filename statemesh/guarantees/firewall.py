@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from statemesh.config import IpNetwork, NodeConfig
-from statemesh.guarantee import Finding
+from statemesh.guarantees.base import Finding
 from statemesh.run import CommandError, have, run
 
 NAME = "firewall"

@@ -29,15 +29,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from statemesh import ekchain, evidence, tpmwire
-from statemesh.tpm import seal_credential
-from statemesh.attesterrors import (
+from statemesh.attest import ekchain, evidence, tpmwire
+from statemesh.attest.tpm import seal_credential
+from statemesh.attest.refusals import (
     AkAttributesRefused, AkNotBound, ClaimsNotSigned, ClassRefused, EkChainInvalid,
     MalformedEvidence, NonceMismatch, PcrBankRefused, PcrDigestMismatch, PcrPolicyViolation,
     QuoteInvalid, SessionMismatch, SignatureInvalid, StaleEvidence, TlsKeyMismatch,
     ZoneRefused,
 )
-from statemesh.evidence import Evidence
+from statemesh.attest.evidence import Evidence
 
 AK_REQUIRED = tpmwire.RESTRICTED | tpmwire.SIGN | tpmwire.FIXED_TPM | tpmwire.FIXED_PARENT
 # The TCG EK Credential Profile's default (low range) EK templates, RSA 2048 and ECC P-256:

@@ -29,7 +29,6 @@ Storage-Dedicated: yes overrides signatures only, never a device the system uses
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import ctypes.util
 import dataclasses
@@ -39,16 +38,14 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from statemesh import blockdev
 from statemesh.config import NodeConfig
-from statemesh.guarantee import Finding
 from statemesh.run import SAFE_PATH, CommandError, run
 
 log = logging.getLogger(__name__)
 
-NAME = "storage"
 UNIT = "statemesh-storage.service"
 LUKS_LABEL = "statemesh-ephemeral"
 CIPHER = "aes-xts-plain64"
@@ -218,10 +215,8 @@ def find_mount(mountinfo: str, mount_point: Path) -> Optional[Tuple[str, List[st
 # -- setup and teardown -------------------------------------------------------------------
 
 
-class Storage:
-    """The storage guarantee, and the setup/teardown the unit and purge run."""
-
-    name = NAME
+class Volume:
+    """The setup/teardown statemesh-storage.service and purge run, and what they read back."""
 
     def __init__(self, config: NodeConfig, layout: Layout = Layout()):
         self.config = config
@@ -232,16 +227,16 @@ class Storage:
     def _run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
         return run(list(argv), env={"PATH": self.layout.search_path}, check=check)
 
-    def _output(self, *argv: str) -> str:
+    def output(self, *argv: str) -> str:
         return self._run(*argv).stdout.decode(errors="replace")
 
     def _mountinfo(self) -> str:
         return (self.layout.proc / "self" / "mountinfo").read_text()
 
-    def _mounted(self) -> Optional[Tuple[str, List[str]]]:
+    def mounted(self) -> Optional[Tuple[str, List[str]]]:
         return find_mount(self._mountinfo(), self.layout.mount_point)
 
-    def _crypt_status(self) -> Optional[Dict[str, str]]:
+    def crypt_status(self) -> Optional[Dict[str, str]]:
         result = self._run("cryptsetup", "status", self.layout.mapper, check=False)
         return parse_crypt_status(result.stdout.decode(errors="replace")) if result.returncode == 0 else None
 
@@ -257,7 +252,7 @@ class Storage:
         mistake while the volume is missing, so no plaintext lands on the root filesystem.
         """
         point = self.layout.mount_point
-        if self._mounted():
+        if self.mounted():
             return
         if point.is_symlink() or (point.exists() and not point.is_dir()):
             raise StorageError(f"{point} exists and is not a directory: move it away")
@@ -276,7 +271,7 @@ class Storage:
     def release_mount_point(self) -> None:
         """Give /var/lib/statemesh back at purge: the immutable empty directory goes away."""
         point = self.layout.mount_point
-        if point.is_dir() and not self._mounted():
+        if point.is_dir() and not self.mounted():
             self._immutable(False)
             if not any(point.iterdir()):
                 point.rmdir()
@@ -306,8 +301,8 @@ class Storage:
         size = backing_size(self.config.storage_size, available)
         if available < size:
             raise StorageError(
-                f"not enough free space for the {_human(size)} backing file {path}: "
-                f"{_human(available)} available on its filesystem; lower Storage-Size or set "
+                f"not enough free space for the {human_size(size)} backing file {path}: "
+                f"{human_size(available)} available on its filesystem; lower Storage-Size or set "
                 "Storage-Device in /etc/statemesh/node.conf")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         descriptor = os.open(path, flags, 0o600)
@@ -315,7 +310,7 @@ class Storage:
             os.ftruncate(descriptor, size)
         finally:
             os.close(descriptor)
-        return Path(self._output("losetup", "--find", "--show", str(path)).strip())
+        return Path(self.output("losetup", "--find", "--show", str(path)).strip())
 
     def _wait_for(self, device: Path) -> None:
         deadline = time.monotonic() + self.layout.device_timeout
@@ -329,7 +324,7 @@ class Storage:
         """A LUKS header of ours from an earlier boot: our label and no keyslot left."""
         if not found or any(s.type != "crypto_LUKS" or s.label != LUKS_LABEL for s in found):
             return False
-        return count_keyslots(self._output("cryptsetup", "luksDump", str(device))) == 0
+        return count_keyslots(self.output("cryptsetup", "luksDump", str(device))) == 0
 
     def check_device(self, device: Path) -> Tuple[blockdev.Signature, ...]:
         """Refuse a device the system uses or that carries data; return signatures to wipe."""
@@ -378,15 +373,15 @@ class Storage:
             feed_key(["cryptsetup", "open", "--type", "luks2", "--key-file=-",
                       str(device), self.layout.mapper], key, self.layout.search_path)
         self._run("cryptsetup", "luksErase", "--batch-mode", str(device))
-        slots = count_keyslots(self._output("cryptsetup", "luksDump", str(device)))
+        slots = count_keyslots(self.output("cryptsetup", "luksDump", str(device)))
         if slots:
             raise StorageError(f"{device}: {slots} keyslot(s) left after luksErase")
 
     def setup(self) -> str:
         """Create and mount this boot's volume; idempotent. Returns what it did, for the log."""
         point = self.layout.mount_point
-        mounted = self._mounted()
-        if mounted and self._crypt_status() is not None:
+        mounted = self.mounted()
+        if mounted and self.crypt_status() is not None:
             return f"{point} is already mounted from {mounted[0]}"
         self.teardown()
         self.protect_mount_point()
@@ -414,14 +409,14 @@ class Storage:
     def teardown(self) -> List[str]:
         """Unmount, close, wipe the header and detach: this boot's data is destroyed."""
         done = []
-        mounted = self._mounted()
+        mounted = self.mounted()
         if mounted and mounted[0] != str(self.layout.mapper_path):
             raise StorageError(f"{self.layout.mount_point} is mounted from {mounted[0]}, not "
                                f"from {self.layout.mapper_path}: unmount it first")
         if mounted:
             self._run("umount", str(self.layout.mount_point))
             done.append(f"unmounted {self.layout.mount_point}")
-        status = self._crypt_status()
+        status = self.crypt_status()
         if status is not None:
             self._run("cryptsetup", "close", self.layout.mapper)
             done.append(f"closed {self.layout.mapper_path}")
@@ -429,7 +424,7 @@ class Storage:
             if status.get("loop") != str(self.layout.backing_file) and device.is_absolute():
                 self._wipe_header(device, os.O_EXCL)
                 done.append(f"wiped the header of {device}")
-        for loop in self._output("losetup", "--list", "--noheadings", "--output", "NAME",
+        for loop in self.output("losetup", "--list", "--noheadings", "--output", "NAME",
                                  "--associated", str(self.layout.backing_file)).split():
             self._run("losetup", "--detach", loop)
             done.append(f"detached {loop}")
@@ -440,89 +435,6 @@ class Storage:
         self.protect_mount_point()
         return done
 
-    # the guarantee ----------------------------------------------------------------------
-
-    def backing_name(self) -> str:
-        if self.config.storage_device:
-            return str(self.config.storage_device)
-        return f"file {self.layout.backing_file}"
-
-    def check(self) -> Finding:
-        """Backing, cipher, mount, keyslots (must be 0) and size of the live volume."""
-        facts: Dict[str, Any] = {"backing": self.backing_name(), "mount_point": str(self.layout.mount_point)}
-        try:
-            status = self._crypt_status()
-            mounted = self._mounted()
-        except (CommandError, OSError) as error:
-            return Finding(self.name, False, f"cannot read the volume: {error}", facts)
-        facts["mounted"] = mounted is not None
-        if status is None:
-            return Finding(self.name, False, f"{self.layout.mapper_path} is not set up", facts)
-        device = status.get("device", "")
-        try:
-            slots = count_keyslots(self._output("cryptsetup", "luksDump", device))
-        except CommandError as error:
-            return Finding(self.name, False, f"cannot read the LUKS header of {device}: {error}", facts)
-        try:
-            key_bits = table_key_bits(self._output("dmsetup", "table", self.layout.mapper))
-        except (CommandError, ValueError) as error:
-            return Finding(self.name, False, f"cannot read the dm-crypt table: {error}", facts)
-        sectors = status.get("size", "0").split()[0]
-        facts.update(device=device, loop_file=status.get("loop"), type=status.get("type"),
-                     cipher=status.get("cipher"), key_bits=key_bits, active_keyslots=slots,
-                     size=int(sectors) * 512 if sectors.isdigit() else None)
-        problems = []
-        if (status.get("type"), status.get("cipher"), key_bits) != ("LUKS2", CIPHER, KEY_BYTES * 8):
-            problems.append(f"volume is {status.get('type')} {status.get('cipher')} {key_bits}-bit")
-        if slots:
-            problems.append(f"{slots} active keyslot(s): the key could be recovered from the disk")
-        if mounted is None:
-            problems.append(f"{self.layout.mount_point} is not mounted")
-        elif not {"nodev", "nosuid"} <= set(mounted[1]):
-            problems.append(f"{self.layout.mount_point} is mounted without nodev,nosuid")
-        if problems:
-            return Finding(self.name, False, "; ".join(problems), facts)
-        size = _human(facts["size"]) if facts["size"] else "unknown size"
-        return Finding(self.name, True,
-                       f"{self.layout.mount_point}: LUKS2 {CIPHER} 512-bit, 0 keyslots, "
-                       f"{size} on {device}", facts)
-
-    def apply(self, journal: Any) -> None:
-        """Start statemesh-storage.service (what every boot does) and confirm the volume.
-
-        The unit, not this process, sets the volume up: systemd then knows it is active,
-        and services that require it see it so. A failed start names the unit's journal.
-        """
-        from statemesh import systemd  # lazily, as the watchdog does: status needs no D-Bus
-
-        try:
-            asyncio.run(_unit_job("start"))
-        except systemd.SystemdError as error:
-            raise StorageError(f"{UNIT} did not start ({error}); see journalctl -u {UNIT}") from None
-        finding = self.check()
-        if not finding.holds:
-            raise StorageError(f"{UNIT} started but the volume is not right: {finding.detail}")
-        journal.record("storage-ready", detail=finding.detail)
-
-    def revert(self, record: Dict[str, Any]) -> None:
-        """Destroy the volume (stopping the unit tears it down), then free the mount point."""
-        del record  # the volume is the package's own: nothing of the operator's to restore
-        asyncio.run(_unit_job("stop"))
-        for step in self.teardown():
-            log.info("storage: %s", step)
-        self.release_mount_point()
-
-
-async def _unit_job(verb: str) -> None:
-    """Start or stop the storage unit over D-Bus and wait for the job's result."""
-    from statemesh import systemd
-
-    async with systemd.manager() as manager:
-        if verb == "start":
-            await manager.start_unit(UNIT)
-        else:
-            await manager.stop_unit(UNIT)
-
 
 def backing_size(configured: Optional[int], available: int) -> int:
     """Storage-Size if set; else 8G, or half the available space (whole MiB) if less."""
@@ -532,7 +444,8 @@ def backing_size(configured: Optional[int], available: int) -> int:
     return max(MINIMUM_SIZE, min(DEFAULT_SIZE, half))
 
 
-def _human(size: int) -> str:
+def human_size(size: int) -> str:
+    """A size as people read it: 8.0G, 512.0M."""
     for unit in ("T", "G", "M", "K"):
         scale = 1024 ** "KMGT".index(unit) * 1024
         if size >= scale:

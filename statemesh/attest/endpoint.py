@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from statemesh import atls, ekchain, journal, securityclass, tpm
-from statemesh.attester import Attester
-from statemesh.attesterrors import VerificationError
+from statemesh import journal
+from statemesh.attest import atls, ekchain, tpm
+from statemesh.guarantees import securityclass
+from statemesh.attest.attester import Attester
+from statemesh.attest.refusals import VerificationError
 from statemesh.config import NodeConfig
-from statemesh.verifier import Policy, Verifier, load_policy
+from statemesh.attest.verifier import Policy, Verifier, load_policy
 
 log = logging.getLogger(__name__)
 TPM_OPEN_ATTEMPTS = 20  # the vTPM may still be starting when the endpoint does

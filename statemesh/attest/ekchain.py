@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtensionOID
 
-from statemesh.attesterrors import EkChainInvalid, EkUntrusted
+from statemesh.attest.refusals import EkChainInvalid, EkUntrusted
 
 MAX_DEPTH = 4
 _UNDERSTOOD_CRITICAL = {

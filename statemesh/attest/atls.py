@@ -43,10 +43,10 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi
 
-from statemesh.attester import Attester
-from statemesh.attesterrors import ProtocolError, VerificationError
-from statemesh.tpm import TpmError
-from statemesh.verifier import Expected, Verdict, Verifier
+from statemesh.attest.attester import Attester
+from statemesh.attest.refusals import ProtocolError, VerificationError
+from statemesh.attest.tpm import TpmError
+from statemesh.attest.verifier import Expected, Verdict, Verifier
 
 log = logging.getLogger(__name__)
 

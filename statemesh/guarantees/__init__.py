@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import List
 
-from statemesh import firewall, logins, rescue, securityclass, ssh, storage, watchdog
+from statemesh.guarantees import firewall, logins, rescue, securityclass, ssh, storage, watchdog
 from statemesh.config import NodeConfig
-from statemesh.guarantee import Guarantee
+from statemesh.guarantees.base import Guarantee
 
 
 def ordered(config: NodeConfig) -> List[Guarantee]:

@@ -40,7 +40,7 @@ from tpm2_pytss.utils import NVReadEK, create_ek_template, make_credential  # no
 if _MOCK is not None:
     sys.modules["unittest.mock"] = _MOCK
 
-from statemesh import tpmwire  # noqa: E402
+from statemesh.attest import tpmwire  # noqa: E402
 
 DEVICE = Path("/dev/tpmrm0")
 DEVICE_TCTI = f"device:{DEVICE}"

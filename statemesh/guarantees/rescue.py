@@ -29,10 +29,10 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from statemesh.guarantee import Finding
+from statemesh.guarantees.base import Finding
 from statemesh.run import CommandError, have, run
 from statemesh.systemd import Systemd
-from statemesh.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked,
+from statemesh.guarantees.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked,
                                 unlocked_problems)
 
 UNITS = UnitSet(("rescue.service", "emergency.service", "rescue.target", "emergency.target",

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence, Tuple
 
-from statemesh import ekchain, evidence
-from statemesh.tpm import Tpm
+from statemesh.attest import ekchain, evidence
+from statemesh.attest.tpm import Tpm
 
 
 class Attester:

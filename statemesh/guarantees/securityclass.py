@@ -11,10 +11,10 @@ import dataclasses
 import socket
 from typing import Any, Dict
 
-from statemesh import ekchain, tpm
-from statemesh.attesterrors import VerificationError
+from statemesh.attest import ekchain, tpm
+from statemesh.attest.refusals import VerificationError
 from statemesh.config import NodeConfig
-from statemesh.guarantee import Finding
+from statemesh.guarantees.base import Finding
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, Callable, List, Sequence
 from statemesh import systemd
 from statemesh.events import log
 from statemesh.run import CommandError
-from statemesh.unitmask import BusGuarantee, LockdownError
+from statemesh.guarantees.unitmask import BusGuarantee, LockdownError
 
 # Seconds between checks when no signal came: the safety net, not the reaction time.
 PERIOD = 5.0

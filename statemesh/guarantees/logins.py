@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Optional
 
 from statemesh import grace
-from statemesh.guarantee import Finding
+from statemesh.guarantees.base import Finding
 from statemesh.run import CommandError, run
 from statemesh.systemd import Systemd
-from statemesh.unitmask import (BusGuarantee, LockdownError, UnitSet, give_back, lock,
+from statemesh.guarantees.unitmask import (BusGuarantee, LockdownError, UnitSet, give_back, lock,
                                 snapshot, unlocked, unlocked_problems)
 
 UNITS = UnitSet(("getty@.service", "serial-getty@.service", "autovt@.service",

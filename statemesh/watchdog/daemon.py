@@ -19,7 +19,6 @@ role passes to a successor without a gap (statemesh.handover).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import os
@@ -30,14 +29,12 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
-from statemesh import grace, handover, proc, terminals
-from statemesh.config import NodeConfig
+from statemesh import grace, proc
 from statemesh.events import log
-from statemesh.guarantee import Finding
-from statemesh.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_IGNORED, IN_MOVED_TO, IN_OPEN,
-                               IN_Q_OVERFLOW, Inotify)
+from statemesh.watchdog import handover, terminals
+from statemesh.watchdog.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_IGNORED, IN_MOVED_TO,
+                                        IN_OPEN, IN_Q_OVERFLOW, Inotify)
 
-UNIT = "statemesh-watchdog.service"
 RECONCILE_SECONDS = 10.0
 FULL_SCAN_EVERY = 6  # reconcile rounds: a full scan of every fd once a minute
 # Terminal devices a login can be given on. tty0 and /dev/tty only alias one of these.
@@ -470,91 +467,3 @@ def main(settings: Settings) -> int:
     if task.done() and task.exception() is not None:
         raise task.exception()
     return 0
-
-
-# -- the guarantee -------------------------------------------------------------------------
-
-# A runtime drop-in lifts RefuseManualStop for purge only; /run is gone at the next boot.
-PURGE_DROPIN = Path(f"/run/systemd/system/{UNIT}.d/50-statemesh-purge.conf")
-SERVICE_INTERFACE = "org.freedesktop.systemd1.Service"
-
-
-class WatchdogGuarantee:
-    """statemesh-watchdog.service is enabled (at every boot) and running now.
-
-    check() reads the kernel's and the filesystem's view (the unit's cgroup, its wants
-    symlink), so that status works even where D-Bus does not; apply() and revert() act
-    through systemd's D-Bus API.
-    """
-
-    name = "watchdog"
-
-    def __init__(self, config: NodeConfig, cgroup_root: Path = Path("/sys/fs/cgroup"),
-                 unit_dir: Path = Path("/etc/systemd/system"), devpts: str = "/dev/pts"):
-        self.config = config
-        self.cgroups = [cgroup_root / "system.slice" / UNIT, cgroup_root / "systemd/system.slice" / UNIT]
-        self.wants = unit_dir / "multi-user.target.wants" / UNIT
-        self.devpts = devpts
-
-    def _pids(self) -> List[int]:
-        for directory in self.cgroups:
-            try:
-                return [int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
-            except OSError:
-                continue
-        return []
-
-    def check(self) -> Finding:
-        pids = self._pids()
-        enabled = self.wants.is_symlink() or self.wants.exists()
-        ptys = len(terminals.ptys(self.devpts)) if os.path.isdir(self.devpts) else 0
-        facts = {"running": bool(pids), "pids": pids, "enabled": enabled, "ptys_now": ptys,
-                 "exempt_units": list(self.config.watchdog_exempt_units)}
-        holds = bool(pids) and enabled
-        if holds:
-            detail = f"{UNIT} running (pid {pids[0]}), enabled at boot, {ptys} pty(s) in use"
-        else:
-            detail = (f"{UNIT} {'running' if pids else 'not running'}, "
-                      f"{'enabled' if enabled else 'not enabled'} at boot")
-        return Finding(self.name, holds, detail, facts)
-
-    def apply(self, journal: Any) -> None:
-        asyncio.run(_start())
-        journal.record("watchdog-started", unit=UNIT)
-
-    def revert(self, record: Dict[str, Any]) -> None:
-        del record  # the unit is the package's own: there is nothing of the operator's to restore
-        PURGE_DROPIN.parent.mkdir(parents=True, exist_ok=True)
-        PURGE_DROPIN.write_text("[Unit]\nRefuseManualStop=no\n", encoding="utf-8")
-        try:
-            asyncio.run(_stop())
-        finally:
-            PURGE_DROPIN.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                PURGE_DROPIN.parent.rmdir()
-
-
-async def _start() -> None:
-    """Enable and start it; a running one hands over to a process running the code just
-    installed."""
-    from statemesh import systemd
-
-    async with systemd.manager() as manager:
-        await manager.enable_unit_files([UNIT])
-        await manager.reload()
-        if await manager.get_active_state(UNIT) == "active":
-            pid = await manager.get_unit_property(UNIT, SERVICE_INTERFACE, "MainPID")
-            os.kill(int(getattr(pid, "value", pid)), signal.SIGHUP)
-        else:
-            await manager.start_unit(UNIT)
-
-
-async def _stop() -> None:
-    from statemesh import systemd
-
-    async with systemd.manager() as manager:
-        await manager.reload()
-        await manager.stop_unit(UNIT)
-        await manager.disable_unit_files([UNIT])
-        PURGE_DROPIN.unlink(missing_ok=True)
-        await manager.reload()

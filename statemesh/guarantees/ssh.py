@@ -24,9 +24,9 @@ from typing import Any, Callable, Dict, FrozenSet, List
 import psutil
 
 from statemesh import grace
-from statemesh.guarantee import Finding
+from statemesh.guarantees.base import Finding
 from statemesh.systemd import Systemd
-from statemesh.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked,
+from statemesh.guarantees.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked,
                                 unlocked_problems)
 
 UNITS = UnitSet(("ssh.service", "ssh.socket", "sshd.service", "ssh@.service",

@@ -1,0 +1,110 @@
+"""The storage guarantee: /var/lib/statemesh is the ephemeral encrypted volume, live now.
+
+The volume itself (layout, key, setup and teardown) is statemesh.volume, which the storage
+unit runs at every boot; this guarantee starts and stops that unit and reads the live
+volume back: LUKS2, 512-bit key, no keyslot left, mounted nodev,nosuid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Dict
+
+from statemesh import systemd
+from statemesh.config import NodeConfig
+from statemesh.guarantees.base import Finding
+from statemesh.run import CommandError
+from statemesh.volume import (CIPHER, KEY_BYTES, UNIT, Layout, StorageError, Volume, count_keyslots,
+                              human_size, table_key_bits)
+
+log = logging.getLogger(__name__)
+
+
+class Storage:
+    """The storage guarantee: start the unit that sets the volume up, read it back, destroy it."""
+
+    name = "storage"
+
+    def __init__(self, config: NodeConfig, layout: Layout = Layout()):
+        self.config = config
+        self.layout = layout
+        self.volume = Volume(config, layout)
+
+    def backing_name(self) -> str:
+        if self.config.storage_device:
+            return str(self.config.storage_device)
+        return f"file {self.layout.backing_file}"
+
+    def check(self) -> Finding:
+        """Backing, cipher, mount, keyslots (must be 0) and size of the live volume."""
+        facts: Dict[str, Any] = {"backing": self.backing_name(), "mount_point": str(self.layout.mount_point)}
+        try:
+            status = self.volume.crypt_status()
+            mounted = self.volume.mounted()
+        except (CommandError, OSError) as error:
+            return Finding(self.name, False, f"cannot read the volume: {error}", facts)
+        facts["mounted"] = mounted is not None
+        if status is None:
+            return Finding(self.name, False, f"{self.layout.mapper_path} is not set up", facts)
+        device = status.get("device", "")
+        try:
+            slots = count_keyslots(self.volume.output("cryptsetup", "luksDump", device))
+        except CommandError as error:
+            return Finding(self.name, False, f"cannot read the LUKS header of {device}: {error}", facts)
+        try:
+            key_bits = table_key_bits(self.volume.output("dmsetup", "table", self.layout.mapper))
+        except (CommandError, ValueError) as error:
+            return Finding(self.name, False, f"cannot read the dm-crypt table: {error}", facts)
+        sectors = status.get("size", "0").split()[0]
+        facts.update(device=device, loop_file=status.get("loop"), type=status.get("type"),
+                     cipher=status.get("cipher"), key_bits=key_bits, active_keyslots=slots,
+                     size=int(sectors) * 512 if sectors.isdigit() else None)
+        problems = []
+        if (status.get("type"), status.get("cipher"), key_bits) != ("LUKS2", CIPHER, KEY_BYTES * 8):
+            problems.append(f"volume is {status.get('type')} {status.get('cipher')} {key_bits}-bit")
+        if slots:
+            problems.append(f"{slots} active keyslot(s): the key could be recovered from the disk")
+        if mounted is None:
+            problems.append(f"{self.layout.mount_point} is not mounted")
+        elif not {"nodev", "nosuid"} <= set(mounted[1]):
+            problems.append(f"{self.layout.mount_point} is mounted without nodev,nosuid")
+        if problems:
+            return Finding(self.name, False, "; ".join(problems), facts)
+        size = human_size(facts["size"]) if facts["size"] else "unknown size"
+        return Finding(self.name, True,
+                       f"{self.layout.mount_point}: LUKS2 {CIPHER} 512-bit, 0 keyslots, "
+                       f"{size} on {device}", facts)
+
+    def apply(self, journal: Any) -> None:
+        """Start statemesh-storage.service (what every boot does) and confirm the volume.
+
+        The unit, not this process, sets the volume up: systemd then knows it is active,
+        and services that require it see it so. A failed start names the unit's journal.
+        """
+        try:
+            asyncio.run(_unit_job("start"))
+        except systemd.SystemdError as error:
+            raise StorageError(f"{UNIT} did not start ({error}); see journalctl -u {UNIT}") from None
+        finding = self.check()
+        if not finding.holds:
+            raise StorageError(f"{UNIT} started but the volume is not right: {finding.detail}")
+        journal.record("storage-ready", detail=finding.detail)
+
+    def revert(self, record: Dict[str, Any]) -> None:
+        """Destroy the volume (stopping the unit tears it down), then free the mount point."""
+        del record  # the volume is the package's own: nothing of the operator's to restore
+        asyncio.run(_unit_job("stop"))
+        for step in self.volume.teardown():
+            log.info("storage: %s", step)
+        self.volume.release_mount_point()
+
+
+async def _unit_job(verb: str) -> None:
+    """Start or stop the storage unit over D-Bus and wait for the job's result."""
+    async with systemd.manager() as manager:
+        if verb == "start":
+            await manager.start_unit(UNIT)
+        else:
+            await manager.stop_unit(UNIT)
+
