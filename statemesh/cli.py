@@ -13,9 +13,9 @@ from statemesh import (__version__, config, grace, guarantees, install, journal,
                        selftest, volume)
 from statemesh.attest import endpoint
 from statemesh.guarantees import firewall
-from statemesh.watchdog import daemon
-from statemesh.guarantees.base import Finding
+from statemesh.guarantees.base import FIREWALL_UNIT, Finding
 from statemesh.run import CommandError
+from statemesh.watchdog import daemon
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -134,19 +134,21 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
 def cmd_firewall(args: argparse.Namespace) -> int:
     """Re-apply the firewall from node.conf on an installed node (statemesh-firewall.service)."""
+    ordered = guarantees.ordered(config.load(args.config))
     try:
-        finding = firewall.reassert(config.load(args.config), journal.Journal())
+        again = install.reapply_at_boot(journal.Journal(), ordered, FIREWALL_UNIT)
+        findings = None if again is None else [guarantee.check() for guarantee in again]
     except (journal.RebootRequiredError, firewall.FirewallError, CommandError) as error:
         print(f"statemesh-node: {error}", file=sys.stderr)
         return EXIT_FAILED
-    if finding is None:
+    if findings is None:
         print("statemesh-node: not installed; the installation applies the firewall")
         return EXIT_OK
-    if args.json:
+    for finding in findings if args.json else []:
         _print_json(finding.as_dict())
-    else:
-        _print_findings([finding])
-    return EXIT_OK if finding.holds else EXIT_FAILED
+    if not args.json:
+        _print_findings(findings)
+    return EXIT_OK if all(f.holds for f in findings) else EXIT_FAILED
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:

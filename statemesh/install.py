@@ -14,8 +14,9 @@ that and "failed" make every later attempt and every StateMesh service refuse wi
 required" until the boot id changes. The node is reported installed only after the last
 guarantee was applied and every guarantee's check() holds.
 
-At every boot the unit runs again: an installed node re-asserts the lockdown (ssh, logins,
-rescue; the other guarantees are persistent or have units of their own), and a pristine
+At every boot the unit runs again: an installed node applies again the guarantees that
+declare it as their boot unit (ssh, logins, rescue; the firewall's is
+statemesh-firewall.service, the others persist or have units of their own), and a pristine
 one (an image built in a chroot, no journal yet) runs the whole installation. A node whose
 installation was refused, failed or interrupted is left alone at boot: retrying is the
 operator's explicit `dpkg --configure -a`, never a surprise. Then the unit stays up as the
@@ -29,22 +30,19 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from statemesh import grace, guarantees, journal, preflight, sdnotify, systemd
-from statemesh.guarantees import tamper
 from statemesh.config import NodeConfig
-from statemesh.guarantees.base import Guarantee
-from statemesh.guarantees.unitmask import BusGuarantee
+from statemesh.guarantees import tamper
+from statemesh.guarantees.base import FIREWALL_UNIT, HARDEN_UNIT, Guarantee
 
-HARDEN_UNIT = "statemesh-harden.service"
 # Written by the install helper for the unit: run the whole transaction even on an
 # installed node (an upgrade, a reconfigure, a trigger), not just the boot-time re-assert.
 REQUEST = Path("/run/statemesh-node/install-request")
 RUN_SYSTEMD = Path("/run/systemd/system")
-LOCKDOWN = ("ssh", "logins", "rescue")
-# Reverted first at removal; if it cannot destroy the data, nothing is given back.
-DATA_GUARANTEE = "storage"
+# What each boot unit's re-assert records in the journal.
+REASSERTED_EVENT = {HARDEN_UNIT: "lockdown-reasserted", FIREWALL_UNIT: "firewall-reasserted"}
 
 
 class InstallError(RuntimeError):
@@ -57,10 +55,6 @@ class PreflightRefused(InstallError):
     def __init__(self, report: preflight.Report):
         self.report = report
         super().__init__("refusing to install: " + "; ".join(report.problems))
-
-
-def lockdown_of(ordered: Sequence[Guarantee]) -> List[BusGuarantee]:
-    return [g for g in ordered if g.name in LOCKDOWN and isinstance(g, BusGuarantee)]
 
 
 def transaction(book: journal.Journal, ordered: Sequence[Guarantee],
@@ -90,12 +84,19 @@ def transaction(book: journal.Journal, ordered: Sequence[Guarantee],
     book.set_state(journal.INSTALLED)
 
 
-def reassert(book: journal.Journal, lockdown: Sequence[Guarantee]) -> None:
-    """Boot time on an installed node: enforce the lockdown again (idempotent)."""
+def reapply_at_boot(book: journal.Journal, ordered: Sequence[Guarantee],
+                    unit: str) -> Optional[List[Guarantee]]:
+    """Boot time on an installed node: apply again (idempotent) every guarantee whose
+    boot_unit is `unit`, in order; returns them. None before an installation has completed:
+    the installation's transaction applies them then."""
     book.require_clean_boot()
-    for guarantee in lockdown:
+    if not book.state().installed:
+        return None
+    again = [guarantee for guarantee in ordered if guarantee.boot_unit == unit]
+    for guarantee in again:
         guarantee.apply(book)
-    book.record("lockdown-reasserted", guarantees=[g.name for g in lockdown])
+    book.record(REASSERTED_EVENT[unit], guarantees=[g.name for g in again])
+    return again
 
 
 TRANSACTION, REASSERT, IDLE = "transaction", "reassert", "idle"
@@ -123,7 +124,7 @@ def harden(config: NodeConfig, listen: bool = True) -> int:
         if action == TRANSACTION:
             transaction(book, ordered, preflight.check)
         elif action == REASSERT:
-            reassert(book, lockdown_of(ordered))
+            reapply_at_boot(book, ordered, HARDEN_UNIT)
         else:
             print(f"statemesh-node: not installed ({book.state().state}); nothing to do "
                   f"until the installation is retried (dpkg --configure -a)", flush=True)
@@ -136,7 +137,7 @@ def harden(config: NodeConfig, listen: bool = True) -> int:
     if not listen:
         sdnotify.ready()
         return 0
-    asyncio.run(tamper.listen(lockdown_of(ordered), book, ready=sdnotify.ready))
+    asyncio.run(tamper.listen(ordered, book, ready=sdnotify.ready))
     return 0
 
 
@@ -211,9 +212,10 @@ async def _stop_harden_unit() -> None:
 def revert_all(book: journal.Journal, ordered: Sequence[Guarantee]) -> List[str]:
     """Revert in reverse order from the restore record; returns what could not be given back.
 
-    The data guarantee comes first: if the workload data cannot be destroyed, nothing is
-    given back (InstallError). Otherwise every other guarantee is reverted even if one
-    fails, so that the operator gets back as much of the machine as possible.
+    The data guarantee (holds_workload_data, last in the list) comes first: if the workload
+    data cannot be destroyed, nothing is given back (InstallError). Otherwise every other
+    guarantee is reverted even if one fails, so that the operator gets back as much of the
+    machine as possible.
     """
     record = book.restore_record()
     errors = []
@@ -222,7 +224,7 @@ def revert_all(book: journal.Journal, ordered: Sequence[Guarantee]) -> List[str]
             guarantee.revert(record.get(guarantee.name, {}))
         except Exception as error:  # noqa: BLE001 - each guarantee has its own errors
             book.record("revert-failed", guarantee=guarantee.name, error=str(error))
-            if guarantee.name == DATA_GUARANTEE:
+            if guarantee.holds_workload_data:
                 raise InstallError("the workload data could not be destroyed, nothing was "
                                    f"given back: {error}") from error
             errors.append(f"{guarantee.name}: {error}")

@@ -32,8 +32,9 @@ PORT = 7443
 DRIVER = r'''
 import json, sys
 from pathlib import Path
-from statemesh import config, journal
+from statemesh import config, install, journal
 from statemesh.guarantees import firewall
+from statemesh.guarantees.base import FIREWALL_UNIT
 
 action, conf_path, state_dir = sys.argv[1:4]
 book = journal.Journal(Path(state_dir))
@@ -45,7 +46,7 @@ try:
     elif action == "revert":
         guarantee.revert(book.restore_record().get("firewall", {}))
     elif action == "reassert":
-        if firewall.reassert(node_config, book) is None:
+        if install.reapply_at_boot(book, [guarantee], FIREWALL_UNIT) is None:
             print(json.dumps({"reasserted": False}))
             sys.exit(0)
     elif action in (journal.INSTALLED, journal.FAILED):

@@ -26,6 +26,9 @@ class Step:
         self.holds_after = holds_after
         self.revert_fails = revert_fails
         self.applied = False
+        self.boot_unit = None
+        self.tamper_watched = False
+        self.holds_workload_data = name == "storage"
 
     def check(self) -> Finding:
         return Finding(self.name, self.applied and self.holds_after, "checked")

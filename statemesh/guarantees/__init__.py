@@ -1,8 +1,10 @@
 """The ordered list of the node's guarantees.
 
 The installer applies them in this order inside the journaled transaction, `status` and
-`selftest` check all of them, and purge reverts them in reverse order. Adding a guarantee
-is adding its module and one line here.
+`selftest` check all of them, and purge reverts them in reverse order. At boot each unit
+applies again those whose boot_unit it is, and the tamper listener watches those that
+declare tamper_watched (statemesh.guarantees.base). Adding a guarantee is adding its module
+and one line here.
 """
 
 from __future__ import annotations

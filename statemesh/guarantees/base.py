@@ -3,12 +3,19 @@
 Each guarantee (ssh, logins, rescue, storage, watchdog, firewall, security class)
 is a module exposing an object with this interface, so that the installer, `status`,
 `selftest` and purge can treat them uniformly and adding one is one line in a list.
+What happens to a guarantee at boot and on tampering is declared by the guarantee itself
+(boot_unit, tamper_watched), so that the boot re-assert and the tamper listener are loops
+over the same ordered list too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Protocol
+from typing import Any, Dict, Optional, Protocol
+
+# The units that apply guarantees again at every boot of an installed node (boot_unit).
+HARDEN_UNIT = "statemesh-harden.service"
+FIREWALL_UNIT = "statemesh-firewall.service"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +35,15 @@ class Guarantee(Protocol):
     """A property of the node: read it live, enforce it idempotently, undo it from a record."""
 
     name: str
+    # The unit that applies it again at every boot of an installed node; None when it
+    # holds across boots by itself or a unit of its own makes it hold (storage, watchdog).
+    boot_unit: Optional[str]
+    # Whether the tamper listener re-enforces it as soon as it no longer holds (only
+    # guarantees enforced over D-Bus: BusGuarantee's inspect/enforce run in its loop).
+    tamper_watched: bool
+    # Whether it holds the workload data: purge gives nothing back unless its revert
+    # destroyed that data.
+    holds_workload_data: bool
 
     def check(self) -> Finding:
         """Read the live state; no side effects."""

@@ -4,7 +4,8 @@ The node must expose nothing but its attested mesh endpoint, and only to the pee
 zone (node.conf: Mesh-Port, Zone, Zone-Peers), so that zones stay segmented. ufw is the
 firewall Debian and Ubuntu ship, and its rules survive reboots by themselves: ufw.service
 loads them early at every boot, then statemesh-firewall.service applies node.conf again over
-them (`reassert()`), undoing whatever was changed while the node was down.
+them (its boot_unit: `statemesh-node firewall`), undoing whatever was changed while the node
+was down.
 
 What happens to the operator's rules: the node's firewall consists of our rules only. Every
 other ufw user rule (allow, limit, deny, reject, route, application profiles) is reported by
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from statemesh.config import IpNetwork, NodeConfig
-from statemesh.guarantees.base import Finding
+from statemesh.guarantees.base import FIREWALL_UNIT, Finding
 from statemesh.run import CommandError, have, run
 
 NAME = "firewall"
@@ -299,6 +300,11 @@ class Firewall:
     """The firewall guarantee: ufw on, deny incoming, mesh port open to Zone-Peers only."""
 
     name = NAME
+    # At every boot, after ufw.service has loaded the saved rules: catches what changed while
+    # the node was down (ufw's files edited from other media, a node.conf an upgrade delivered).
+    boot_unit = FIREWALL_UNIT
+    tamper_watched = False
+    holds_workload_data = False
 
     def __init__(self, config: NodeConfig):
         self.config = config
@@ -444,20 +450,3 @@ def preflight_notes(config: NodeConfig) -> List[str]:
     notes = [f"ufw rule to be removed (put back at purge): ufw {rule}" for rule in todo.remove]
     notes += [f"rule outside ufw, the firewall guarantee fails while it exists: {r}" for r in outside]
     return notes
-
-
-def reassert(config: NodeConfig, journal: Any) -> Optional[Finding]:
-    """Boot time on an installed node: apply again from node.conf, then read back.
-
-    ufw.service has already loaded the saved rules; this catches what changed while the
-    node was down (ufw's files edited from other media, a node.conf delivered by an
-    upgrade). Before an installation has completed there is nothing to re-assert (None):
-    the installation's transaction applies the firewall.
-    """
-    journal.require_clean_boot()
-    if not journal.state().installed:
-        return None
-    guarantee = Firewall(config)
-    guarantee.apply(journal)
-    journal.record("firewall-reasserted")
-    return guarantee.check()

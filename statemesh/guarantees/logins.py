@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Optional
 
 from statemesh import grace
-from statemesh.guarantees.base import Finding
+from statemesh.guarantees.base import HARDEN_UNIT, Finding
 from statemesh.run import CommandError, run
 from statemesh.systemd import Systemd
 from statemesh.guarantees.unitmask import (BusGuarantee, LockdownError, UnitSet, give_back, lock,
@@ -57,6 +57,9 @@ class Logins(BusGuarantee):
     """No getty can run, root cannot log in with a password, no debug shell."""
 
     name = "logins"
+    boot_unit = HARDEN_UNIT
+    tamper_watched = True
+    holds_workload_data = False
 
     def __init__(self, root: Path = Path("/"),
                  grace_path: Path = grace.GRACE_PATH):

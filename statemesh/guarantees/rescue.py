@@ -29,7 +29,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from statemesh.guarantees.base import Finding
+from statemesh.guarantees.base import HARDEN_UNIT, Finding
 from statemesh.run import CommandError, have, run
 from statemesh.systemd import Systemd
 from statemesh.guarantees.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked,
@@ -59,6 +59,9 @@ class Rescue(BusGuarantee):
     """rescue/emergency cannot give a shell; GRUB has no recovery entry."""
 
     name = "rescue"
+    boot_unit = HARDEN_UNIT
+    tamper_watched = True
+    holds_workload_data = False
 
     def __init__(self, root: Path = Path("/"),
                  regenerate_grub: Callable[[], None] = update_grub):

@@ -61,6 +61,9 @@ class SecurityClass:
     """The security-class guarantee: the class is known and its TPM is there to attest."""
 
     name = "security_class"
+    boot_unit = None  # classifying changes nothing; statemesh-vtpm.service runs on weak nodes
+    tamper_watched = False
+    holds_workload_data = False
 
     def __init__(self, config: NodeConfig):
         self.config = config

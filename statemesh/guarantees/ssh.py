@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, FrozenSet, List
 import psutil
 
 from statemesh import grace
-from statemesh.guarantees.base import Finding
+from statemesh.guarantees.base import HARDEN_UNIT, Finding
 from statemesh.systemd import Systemd
 from statemesh.guarantees.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked,
                                 unlocked_problems)
@@ -75,6 +75,9 @@ class Ssh(BusGuarantee):
     """No sshd unit can run, and no sshd process runs (but the installing connection)."""
 
     name = "ssh"
+    boot_unit = HARDEN_UNIT
+    tamper_watched = True
+    holds_workload_data = False
 
     def __init__(self, root: Path = Path("/"),
                  find_sshd: Callable[[], List[int]] = sshd_processes,

@@ -25,6 +25,9 @@ class Storage:
     """The storage guarantee: start the unit that sets the volume up, read it back, destroy it."""
 
     name = "storage"
+    boot_unit = None  # statemesh-storage.service sets a new volume up at every boot
+    tamper_watched = False
+    holds_workload_data = True
 
     def __init__(self, config: NodeConfig, layout: Layout = Layout()):
         self.config = config

@@ -3,7 +3,8 @@
 `systemctl unmask ssh`, `systemctl enable`, a unit file dropped into /etc followed by a
 daemon-reload: each makes systemd emit UnitFilesChanged or Reloading on its bus. The
 listener (running inside statemesh-harden.service once the hardening is done) checks every
-lockdown guarantee on each such signal and enforces again those that no longer hold,
+guarantee that declares itself tamper_watched on each such signal and enforces again those
+that no longer hold,
 logging what had changed. A periodic check is the safety net for changes that emit no
 signal (a symlink removed by hand without a reload).
 """
@@ -12,21 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Sequence, cast
 
 from statemesh import systemd
 from statemesh.events import log
-from statemesh.run import CommandError
+from statemesh.guarantees.base import Guarantee
 from statemesh.guarantees.unitmask import BusGuarantee, LockdownError
+from statemesh.run import CommandError
 
 # Seconds between checks when no signal came: the safety net, not the reaction time.
 PERIOD = 5.0
 RECONNECT_DELAY = 1.0
 
 
-async def reassert(manager: systemd.Systemd, lockdown: Sequence[BusGuarantee],
-                   journal: Any) -> List[str]:
-    """Enforce again every lockdown guarantee that no longer holds; returns their names."""
+def watched(ordered: Sequence[Guarantee]) -> List[BusGuarantee]:
+    """The guarantees that declare tamper_watched, in order (BusGuarantees, by the protocol)."""
+    return [cast(BusGuarantee, guarantee) for guarantee in ordered if guarantee.tamper_watched]
+
+
+async def enforce_tampered(manager: systemd.Systemd, lockdown: Sequence[BusGuarantee],
+                           journal: Any) -> List[str]:
+    """Enforce again every watched guarantee that no longer holds; returns their names."""
     fixed = []
     for guarantee in lockdown:
         finding = await guarantee.inspect(manager)
@@ -47,14 +54,14 @@ async def _listen_once(lockdown: Sequence[BusGuarantee], journal: Any,
         changed = asyncio.Event()
         await manager.on_unit_files_changed(changed.set)
         await manager.on_reloading(lambda active: None if active else changed.set())
-        await reassert(manager, lockdown, journal)
+        await enforce_tampered(manager, lockdown, journal)
         ready()
         while manager.bus.connected:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), period)
             changed.clear()
             try:
-                await reassert(manager, lockdown, journal)
+                await enforce_tampered(manager, lockdown, journal)
             except systemd.NoBusError:
                 raise
             except (LockdownError, systemd.SystemdError, CommandError) as error:
@@ -62,9 +69,11 @@ async def _listen_once(lockdown: Sequence[BusGuarantee], journal: Any,
                 log("tamper-error", error=str(error))
 
 
-async def listen(lockdown: Sequence[BusGuarantee], journal: Any,
+async def listen(ordered: Sequence[Guarantee], journal: Any,
                  ready: Callable[[], None] = lambda: None, period: float = PERIOD) -> None:
-    """Run forever; a lost bus (dbus restarted) is reconnected rather than giving up."""
+    """Watch every tamper_watched guarantee of the ordered list, forever; a lost bus (dbus
+    restarted) is reconnected rather than giving up."""
+    lockdown = watched(ordered)
     while True:
         try:
             await _listen_once(lockdown, journal, ready, period)

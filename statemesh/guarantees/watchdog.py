@@ -33,6 +33,9 @@ class WatchdogGuarantee:
     """
 
     name = "watchdog"
+    boot_unit = None  # its unit is enabled: systemd starts it at every boot
+    tamper_watched = False
+    holds_workload_data = False
 
     def __init__(self, config: NodeConfig, cgroup_root: Path = Path("/sys/fs/cgroup"),
                  unit_dir: Path = Path("/etc/systemd/system"), devpts: str = "/dev/pts"):
