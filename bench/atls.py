@@ -32,11 +32,11 @@ from typing import Callable, List, Tuple
 
 from OpenSSL import SSL
 
+from harness.swtpm import SwTpm, provision_with_ca
 from statemesh.attest import atls
 from statemesh.attest.attester import Attester
 from statemesh.attest.tpm import Tpm
 from statemesh.attest.verifier import Expected, Policy, Verifier
-from tests.swtpm import SwTpm, provision_with_ca
 
 PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
 

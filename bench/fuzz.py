@@ -26,13 +26,13 @@ import warnings
 from pathlib import Path
 from typing import Callable, Counter, List
 
+from harness.swtpm import SwTpm, provision_with_ca
 from statemesh.attest import evidence
 from statemesh.attest.attester import Attester
 from statemesh.attest.refusals import VerificationError
 from statemesh.attest.evidence import Evidence
 from statemesh.attest.tpm import Tpm
 from statemesh.attest.verifier import Expected, Policy, Verifier
-from tests.swtpm import SwTpm, provision_with_ca
 
 PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
 _TPM_FIELDS = ("ak_public", "ek_public", "quote", "signature")

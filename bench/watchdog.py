@@ -2,7 +2,7 @@
 
     /usr/bin/python3 -m bench.watchdog [--n 1000] [--idle-seconds 60] [--baseline-n 20]
 
-Runs inside a private mount namespace with its own devpts instance (tests.private_devpts):
+Runs inside a private mount namespace with its own devpts instance (harness.private_devpts):
 no terminal of this host is involved. A holder process opens one pty (os.openpty) and
 keeps it; the latency is from just before openpty to the moment the bench sees the holder
 dead, N times in a row. Then the watchdog's CPU time over an idle period. Then the same
@@ -26,14 +26,14 @@ from typing import Any, Dict, List
 
 import psutil
 
-from tests import watchdog_scenarios as scenarios
-from tests.private_devpts import run_scenario
 
 UNIT_FILE = Path(__file__).resolve().parent.parent / "debian" / "statemesh-node.statemesh-watchdog.service"
 
 # The baseline: poll once a second, SIGKILL every holder of every pty that exists.
 BASELINE = """
 import os, signal, sys, time
+from harness import watchdog_scenarios as scenarios
+from harness.private_devpts import run_scenario
 from statemesh.watchdog import terminals
 devpts = sys.argv[1]
 print("ready", flush=True)

@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from harness.swtpm import SwTpm, provision_with_ca
 from statemesh.attest.attester import Attester
 from statemesh.attest.tpm import Tpm
 from statemesh.attest.verifier import Expected, Policy, Verifier
-from tests.swtpm import SwTpm, provision_with_ca
 
 PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
 

@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from harness.swtpm import SwTpm, provision_with_ca
 from statemesh.attest import ekchain, tpm, tpmwire
 from statemesh.guarantees import securityclass
 from statemesh.attest.refusals import EkChainInvalid, EkUntrusted
 from statemesh.config import NodeConfig
 from statemesh.attest.tpm import Tpm, TpmError, seal_credential
 from tests.attest_fixtures import PCRS, TpmWorld, world
-from tests.swtpm import SwTpm, provision_with_ca
 
 __all__ = ["world"]
 

@@ -1,14 +1,13 @@
 """The terminal watchdog on the host: only inside private devpts namespaces, with our own processes.
 
-The scenarios (tests/watchdog_scenarios.py) run the real `statemesh-node watchdog` in a
-private mount namespace whose /dev/pts is a new devpts instance (tests/private_devpts.py),
+The scenarios (harness/watchdog_scenarios.py) run the real `statemesh-node watchdog` in a
+private mount namespace whose /dev/pts is a new devpts instance (harness/private_devpts.py),
 with an empty terminal-device directory and no logind, so no terminal or session of this
 host can be seen or touched. The policy and parsing are tested directly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -18,12 +17,13 @@ from typing import Optional
 
 import pytest
 
+from harness.private_devpts import ROOT, run_scenario
+from harness.watchdog_scenarios import FakeSession
 from statemesh import config, grace, proc
 from statemesh.guarantees import watchdog as guarantee
 from statemesh.watchdog import daemon, inotify, terminals
-from tests.private_devpts import ROOT, run_scenario
 
-SCENARIOS = "tests.watchdog_scenarios"
+SCENARIOS = "harness.watchdog_scenarios"
 
 
 # An event's own scan, or one of the rechecks it schedules: the opener's fd appears only
@@ -49,7 +49,7 @@ def test_pty_holders_are_killed_and_logged_and_a_plain_process_lives() -> None:
     for line in logged:
         assert set(line) >= {"pid", "user", "terminal", "command", "latency_ms"}
         assert line["user"] == "root" and line["terminal"].startswith("/tmp/sm-devpts-")
-        assert "tests.watchdog_scenarios" in line["command"] and line["latency_ms"] >= 0
+        assert "harness.watchdog_scenarios" in line["command"] and line["latency_ms"] >= 0
 
 
 def test_terminals_open_before_start_are_ended_even_a_controlling_tty_without_fds() -> None:
@@ -213,17 +213,6 @@ def test_grace_spares_only_the_installing_session() -> None:
     assert daemon.spare_reason(process(sid=99), "/system.slice/agent.service", (), by_sid) \
         == "installation grace"
     assert daemon.spare_reason(process(sid=98), "/system.slice/agent.service", (), by_sid) is None
-
-
-@dataclasses.dataclass
-class FakeSession:
-    id: str
-    type: str = "unspecified"
-    tty: str = ""
-    remote: bool = False
-    scope: str = ""
-    user: str = "root"
-    leader: int = 1
 
 
 def test_sessions_spared_are_those_without_a_way_in_exempt_or_installing() -> None:

@@ -1,4 +1,4 @@
-"""Scenarios of tests/test_watchdog.py, run by tests.private_devpts inside a private devpts.
+"""Scenarios of tests/test_watchdog.py, run by harness.private_devpts inside a private devpts.
 
 Each function starts the real watchdog (`statemesh-node watchdog` pointed at the private
 devpts, an empty terminal-device directory and no logind) and processes of its own, and

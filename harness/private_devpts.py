@@ -6,7 +6,7 @@ back), where a new devpts instance is mounted on a temporary directory and bound
 /dev/pts and /dev/ptmx: every pty opened inside (os.openpty included) belongs to that
 instance only. The watchdog under test is pointed at it.
 
-Usage: run_scenario("tests.watchdog_scenarios:name", {"arg": 1}) -> the function's result
+Usage: run_scenario("harness.watchdog_scenarios:name", {"arg": 1}) -> the function's result
 (JSON), given the keyword arguments plus `devpts`, the private mount's path.
 """
 
@@ -32,7 +32,7 @@ class ScenarioError(RuntimeError):
 def run_scenario(target: str, kwargs: Optional[Dict[str, Any]] = None, timeout: float = 120) -> Any:
     """Run module:function in a private devpts namespace and return what it returned."""
     argv = ["unshare", "--mount", "--propagation", "private",
-            "/usr/bin/python3", "-m", "tests.private_devpts", target, json.dumps(kwargs or {})]
+            "/usr/bin/python3", "-m", "harness.private_devpts", target, json.dumps(kwargs or {})]
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "PYTHONPATH": str(ROOT),
            "SM_OUTER_MNT_NS": os.readlink("/proc/self/ns/mnt")}
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT,

@@ -1,0 +1,6 @@
+"""Test machinery shared by tests/ and bench/: never shipped in the package.
+
+swtpm runs a software TPM for the attestation tests and benchmarks; private_devpts runs a
+function in a private mount namespace with its own devpts instance; watchdog_scenarios
+drives the real watchdog there. bench/ imports these, never tests/.
+"""
