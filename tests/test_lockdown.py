@@ -213,7 +213,7 @@ def test_tamper_listener_reasserts_after_unmask(debian: FakeBus, machine: Machin
             await manager.unmask_unit_files(["ssh.service"])
             while await manager.get_unit_file_state("ssh.service") != "masked":
                 await asyncio.sleep(0.05)
-        listener.cancel()
+            listener.cancel()
         return [json.loads(line)["event"] for line in book.journal_path.read_text().splitlines()]
 
     events = asyncio.run(asyncio.wait_for(scenario(), 60))
