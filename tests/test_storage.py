@@ -388,29 +388,6 @@ def test_status_reports_a_volume_that_is_not_set_up(layout, fakes):
     assert finding.facts["mounted"] is False
 
 
-# -- configuration --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("line, message", [
-    ("Storage-Device: sdb", "not a block device path under /dev"),
-    ("Storage-Size: 10M", "smaller than the minimum of 64M"),
-    ("Storage-Size: 8GB", "not a size such as 512M or 8G"),
-    ("Storage-Dedicated: maybe", "not yes or no"),
-])
-def test_storage_settings_are_validated_with_file_line_and_key(line, message):
-    with pytest.raises(config.ConfigError) as error:
-        config.parse(f"Zone: eu-west\n{line}\n", Path("/etc/statemesh/node.conf"))
-    assert error.value.line == 2 and error.value.key == line.split(":")[0]
-    assert message in str(error.value)
-
-
-def test_storage_settings_are_read():
-    parsed = config.parse("Storage-Device: /dev/disk/by-id/virtio-extra0\nStorage-Size: 512M\n"
-                          "Storage-Dedicated: yes\n")
-    assert parsed.storage_device == Path("/dev/disk/by-id/virtio-extra0")
-    assert parsed.storage_size == 512 * 1024**2 and parsed.storage_dedicated
-
-
 def test_the_storage_command_stops_at_a_bad_config_before_touching_anything(tmp_path, capsys):
     conf = tmp_path / "node.conf"
     conf.write_text("Storage-Size: tiny\n")

@@ -225,20 +225,6 @@ def test_sessions_spared_are_those_without_a_way_in_exempt_or_installing() -> No
     assert daemon.session_spared(FakeSession("5", remote=True, scope="wl.scope"), ("wl.scope",), None)
 
 
-@pytest.mark.parametrize("unit", ["user.slice", "system.slice", "-.slice", "session-4.scope",
-                                  "getty@tty1.service", "serial-getty@ttyS0.service",
-                                  "ssh.service", "run-u42.service", "container-shell@1.service",
-                                  "user@0.service", "statemesh-watchdog.service"])
-def test_config_refuses_exemptions_that_would_exempt_logins(unit: str) -> None:
-    with pytest.raises(config.ConfigError, match="Watchdog-Exempt-Units: .* holds logins"):
-        config.parse(f"Watchdog-Exempt-Units: {unit}\n")
-
-
-def test_config_accepts_workload_units() -> None:
-    parsed = config.parse("Watchdog-Exempt-Units: workload.service machine.slice pod-1.scope\n")
-    assert parsed.watchdog_exempt_units == ("workload.service", "machine.slice", "pod-1.scope")
-
-
 # -- reading /proc ---------------------------------------------------------------------------
 
 
