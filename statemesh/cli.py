@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 from statemesh import (__version__, config, grace, guarantees, install, journal, preflight,
                        selftest, volume)
 from statemesh.attest import endpoint
-from statemesh.guarantees import firewall
+from statemesh.guarantees import firewall, securityclass
 from statemesh.guarantees.base import FIREWALL_UNIT, Finding
 from statemesh.run import CommandError
 from statemesh.watchdog import daemon
@@ -107,12 +107,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_atls_serve(args: argparse.Namespace) -> int:
     """Serve this node's aTLS endpoint on the mesh port (statemesh-atls.service runs it)."""
-    return endpoint.serve(config.load(args.config))
+    node_config = config.load(args.config)
+    try:
+        journal.require_clean_boot()
+    except journal.RebootRequiredError as error:
+        print(f"statemesh-node: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    return endpoint.serve(node_config)
 
 
 def cmd_security_class(args: argparse.Namespace) -> int:
     """Show the node's security class (tpm or weak) and why."""
-    return endpoint.print_class(config.load(args.config), args.json, args.is_weak)
+    return securityclass.print_class(config.load(args.config), args.json, args.is_weak)
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:

@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from harness.swtpm import SwTpm, provision_with_ca
-from statemesh.attest import ekchain, tpm, tpmwire
-from statemesh.guarantees import securityclass
+from statemesh.attest import ekchain, nodeclass, tpm, tpmwire
 from statemesh.attest.refusals import EkChainInvalid, EkUntrusted
-from statemesh.config import NodeConfig
 from statemesh.attest.tpm import Tpm, TpmError, seal_credential
+from statemesh.config import NodeConfig
+from statemesh.guarantees import securityclass
 from tests.attest_fixtures import PCRS, TpmWorld, world
 
 __all__ = ["world"]
@@ -222,7 +222,7 @@ def test_ca_directory_with_a_broken_file_is_an_error(tmp_path: Path) -> None:
 
 def test_no_tpm_device_means_weak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tpm, "DEVICE", tmp_path / "tpmrm0")
-    found = securityclass.classify(NodeConfig())
+    found = nodeclass.classify(NodeConfig())
     assert found.weak and "no TPM device" in found.reason
 
 
@@ -237,7 +237,7 @@ def test_tpm_class_needs_a_trusted_ek(tmp_path: Path, monkeypatch: pytest.Monkey
         monkeypatch.setattr(tpm, "DEVICE_TCTI", sw.tcti)
         ca_dir = tmp_path / "ca.d"
         ca_dir.mkdir()
-        untrusted = securityclass.classify(NodeConfig(tpm_ca_dir=ca_dir))
+        untrusted = nodeclass.classify(NodeConfig(tpm_ca_dir=ca_dir))
         assert untrusted.weak and "EK not trusted" in untrusted.reason
         shutil.copy(root, ca_dir)
         shutil.copy(root.parent / "issuercert.pem", ca_dir)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 from statemesh.attest import ekchain, evidence
 from statemesh.attest.tpm import Tpm
@@ -19,7 +19,10 @@ class Attester:
     """Produces evidence and answers credential-activation challenges with one TPM."""
 
     def __init__(self, tpm: Tpm, security_class: str, zone: str, pcrs: Sequence[int],
-                 ca_dir: Path, clock: Callable[[], float] = time.time):
+                 ca_dir: Path, clock: Callable[[], float] = time.time,
+                 ek_chain: Optional[Sequence[bytes]] = None):
+        """`ek_chain`: the EK chain a classification already built and verified; without it
+        a tpm-class attester builds it from its TPM's EK certificate and `ca_dir`."""
         if security_class not in evidence.CLASSES:
             raise ValueError(f"unknown security class {security_class!r}")
         self.tpm = tpm
@@ -28,7 +31,10 @@ class Attester:
         self.pcrs = tuple(pcrs)
         self.clock = clock
         self.node_id = tpm.node_id()
-        self.ek_chain = self._chain(ca_dir) if security_class == "tpm" else ()
+        if security_class != "tpm":
+            self.ek_chain: Tuple[bytes, ...] = ()
+        else:
+            self.ek_chain = tuple(ek_chain) if ek_chain is not None else self._chain(ca_dir)
 
     def _chain(self, ca_dir: Path) -> Tuple[bytes, ...]:
         """The EK certificate and the intermediate CAs from the node's CA directory."""

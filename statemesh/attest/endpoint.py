@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from statemesh import journal
-from statemesh.attest import atls, ekchain, tpm
-from statemesh.guarantees import securityclass
+from statemesh.attest import atls, ekchain, nodeclass, tpm
 from statemesh.attest.attester import Attester
 from statemesh.attest.refusals import VerificationError
-from statemesh.config import NodeConfig
 from statemesh.attest.verifier import Policy, Verifier, load_policy
+from statemesh.config import NodeConfig
 
 log = logging.getLogger(__name__)
 TPM_OPEN_ATTEMPTS = 20  # the vTPM may still be starting when the endpoint does
@@ -40,14 +38,14 @@ def default_policy(config: NodeConfig) -> Policy:
     return Policy(frozenset({"tpm", "weak"}), None, config.tpm_ca_dir)
 
 
-def _open_tpm(weak: bool) -> tpm.Tpm:
+def _open_vtpm() -> tpm.Tpm:
     for _attempt in range(TPM_OPEN_ATTEMPTS - 1):
         try:
-            return tpm.open_node_tpm(weak)
+            return tpm.Tpm(tpm.VTPM_TCTI)
         except tpm.TpmError as error:
             log.info("waiting for the TPM: %s", error)
             time.sleep(0.5)
-    return tpm.open_node_tpm(weak)
+    return tpm.Tpm(tpm.VTPM_TCTI)
 
 
 def _listen(attester: Attester, port: int, verifier: Verifier) -> atls.AtlsServer:
@@ -62,17 +60,14 @@ def _listen(attester: Attester, port: int, verifier: Verifier) -> atls.AtlsServe
 def serve(config: NodeConfig) -> int:
     """Serve this node's aTLS endpoint on the mesh port until stopped."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        journal.require_clean_boot()
-    except journal.RebootRequiredError as error:
-        print(f"statemesh-node: {error}", file=sys.stderr)
-        return 1
-    found = securityclass.classify(config)
+    # Classified once: a tpm-class node attests with the TPM and the EK chain classifying
+    # opened and verified; a weak node with the local vTPM.
+    found, hardware = nodeclass.classify_open(config)
     log.info("security class %s: %s", found.security_class, found.reason)
     try:
-        node_tpm = _open_tpm(found.weak)
+        node_tpm = hardware if hardware is not None else _open_vtpm()
         attester = Attester(node_tpm, found.security_class, config.zone,
-                            config.attestation_pcrs, config.tpm_ca_dir)
+                            config.attestation_pcrs, config.tpm_ca_dir, ek_chain=found.ek_chain)
     except (tpm.TpmError, ValueError) as error:
         print(f"statemesh-node: cannot attest: {error}", file=sys.stderr)
         return 1
@@ -132,18 +127,3 @@ def verify(target: str, policy_path: Optional[Path], config: NodeConfig, as_json
     else:
         _print_report(report)
     return 0 if report["verdict"] == "accepted" else 1
-
-
-def print_class(config: NodeConfig, as_json: bool, exit_zero_if_weak: bool) -> int:
-    """Show the security class; with --is-weak, the exit status says whether it is weak
-    (statemesh-vtpm.service runs only then)."""
-    found = securityclass.classify(config)
-    if as_json:
-        json.dump({"class": found.security_class, "reason": found.reason}, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(f"{found.security_class}: {found.reason}")
-    if exit_zero_if_weak:
-        return 0 if found.weak else 1
-    return 0
-

@@ -199,11 +199,6 @@ class Tpm:
             raise TpmError(f"malformed credential: {error}") from None
 
 
-def open_node_tpm(weak: bool) -> Tpm:
-    """The TPM this node attests with: the hardware one, or the local vTPM on weak nodes."""
-    return Tpm(VTPM_TCTI if weak or not DEVICE.exists() else DEVICE_TCTI)
-
-
 def seal_credential(ek_public: bytes, ak_name: bytes, secret: bytes) -> Tuple[bytes, bytes]:
     """The verifier's TPM2_MakeCredential, in software: `secret` sealed to the EK, usable
     only by the TPM that also holds an object named `ak_name`; returns (blob, encrypted seed)."""

@@ -1,60 +1,18 @@
-"""The node's security class: `tpm` (a TPM whose EK chains to a trusted CA) or `weak`.
+"""The security-class guarantee: the node's class is known, and a weak node's vTPM runs.
 
-A weak node attests with the local vTPM (statemesh-vtpm.service, swtpm with its state under
-/run): the protocol is the same, but a software TPM proves nothing about the host, which is
-why the class is in every piece of evidence and in `statemesh-node status`.
+The class itself (`tpm` or `weak`) is decided by statemesh.attest.nodeclass; this module
+reports it (`status`, `statemesh-node security-class`) and records it at installation.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import socket
+import json
+import sys
 from typing import Any, Dict
 
-from statemesh.attest import ekchain, tpm
-from statemesh.attest.refusals import VerificationError
+from statemesh.attest.nodeclass import classify, vtpm_listening
 from statemesh.config import NodeConfig
 from statemesh.guarantees.base import Finding
-
-
-@dataclasses.dataclass(frozen=True)
-class Classification:
-    security_class: str
-    reason: str
-
-    @property
-    def weak(self) -> bool:
-        return self.security_class == "weak"
-
-
-def classify(config: NodeConfig) -> Classification:
-    """Decide the class from the TPM device and the EK CA directory; no side effects."""
-    if not tpm.DEVICE.exists():
-        return Classification("weak", f"no TPM device ({tpm.DEVICE})")
-    try:
-        with tpm.Tpm(tpm.DEVICE_TCTI) as device:
-            certificate = device.ek_certificate()
-    except tpm.TpmError as error:
-        return Classification("weak", f"the TPM is unusable: {error}")
-    if certificate is None:
-        return Classification("weak", "the TPM has no EK certificate")
-    try:
-        anchors = ekchain.load_anchors(config.tpm_ca_dir)
-        chain = [certificate, *ekchain.intermediates_for(certificate, anchors)]
-        ekchain.verify(chain, anchors)
-    except (VerificationError, ValueError) as error:
-        return Classification("weak", f"EK not trusted ({config.tpm_ca_dir}): {error}")
-    return Classification("tpm", f"EK certificate chains to a CA in {config.tpm_ca_dir}")
-
-
-def vtpm_listening() -> bool:
-    """Whether the local vTPM accepts connections (without opening a TPM session: swtpm
-    serves one client at a time and the aTLS endpoint holds it)."""
-    try:
-        socket.create_connection(("127.0.0.1", tpm.VTPM_PORT), timeout=2).close()
-    except OSError:
-        return False
-    return True
 
 
 class SecurityClass:
@@ -87,3 +45,17 @@ class SecurityClass:
     def revert(self, record: Dict[str, Any]) -> None:
         """Nothing to give back: classifying changed nothing on the machine."""
         del record
+
+
+def print_class(config: NodeConfig, as_json: bool, exit_zero_if_weak: bool) -> int:
+    """Show the security class; with --is-weak, the exit status says whether it is weak
+    (statemesh-vtpm.service runs only then)."""
+    found = classify(config)
+    if as_json:
+        json.dump({"class": found.security_class, "reason": found.reason}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"{found.security_class}: {found.reason}")
+    if exit_zero_if_weak:
+        return 0 if found.weak else 1
+    return 0
