@@ -13,7 +13,7 @@ polled `ls /dev/pts` every second; here the kernel tells us instead:
 - a periodic full reconcile, the safety net for anything the events could miss.
 Holders are SIGKILLed at once (a shell ignores SIGTERM); the logind session they belong to
 is then terminated so that logind and systemd clean up the rest of the login. On SIGHUP the
-role passes to a successor without a gap (statemesh.handover).
+role passes to a successor without a gap (statemesh.watchdog.handover).
 """
 
 from __future__ import annotations
@@ -422,7 +422,7 @@ class Watchdog:
 
 class HandOverOnHangup:
     """SIGHUP (ExecReload, the package's postinst): pass the role to a process running the
-    code now installed, watching all along (statemesh.handover); one hand-over at a time."""
+    code now installed, watching all along (statemesh.watchdog.handover); one hand-over at a time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
