@@ -150,9 +150,10 @@ def cmd_firewall(args: argparse.Namespace) -> int:
     if findings is None:
         print("statemesh-node: not installed; the installation applies the firewall")
         return EXIT_OK
-    for finding in findings if args.json else []:
-        _print_json(finding.as_dict())
-    if not args.json:
+    if args.json:
+        for finding in findings:  # the firewall's alone: one JSON object, as before
+            _print_json(finding.as_dict())
+    else:
         _print_findings(findings)
     return EXIT_OK if all(f.holds for f in findings) else EXIT_FAILED
 
