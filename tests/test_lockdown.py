@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from statemesh import grace, journal, proc, systemd
+from statemesh import journal, proc, systemd
 from statemesh.guarantees import logins, rescue, ssh, tamper
 from statemesh.guarantees.unitmask import LockdownError
 from tests.fakebus import FakeBus, debian12_units, fakebus  # noqa: F401 - fixture
