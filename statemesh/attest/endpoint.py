@@ -61,7 +61,8 @@ def serve(config: NodeConfig) -> int:
     """Serve this node's aTLS endpoint on the mesh port until stopped."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     # Classified once: a tpm-class node attests with the TPM and the EK chain classifying
-    # opened and verified; a weak node with the local vTPM.
+    # opened and verified, a weak node with the local vTPM; the CA certificates classifying
+    # loaded serve the peers' verifier too.
     found, hardware = nodeclass.classify_open(config)
     log.info("security class %s: %s", found.security_class, found.reason)
     try:
@@ -72,7 +73,8 @@ def serve(config: NodeConfig) -> int:
         print(f"statemesh-node: cannot attest: {error}", file=sys.stderr)
         return 1
     # Peers of this node's zone may attest to it too (mutual aTLS); customers need not.
-    peers = Verifier(Policy(frozenset({"tpm", "weak"}), frozenset({config.zone}), config.tpm_ca_dir))
+    peers = Verifier(Policy(frozenset({"tpm", "weak"}), frozenset({config.zone}), config.tpm_ca_dir),
+                     anchors=found.anchors)
     server = _listen(attester, config.mesh_port, peers)
     log.info("aTLS endpoint of node %s on port %d", attester.node_id, config.mesh_port)
     server.serve_forever()

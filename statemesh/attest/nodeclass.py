@@ -16,6 +16,8 @@ import socket
 from pathlib import Path
 from typing import Optional, Tuple
 
+from cryptography import x509
+
 from statemesh.attest import ekchain, tpm
 from statemesh.attest.refusals import VerificationError
 from statemesh.config import NodeConfig
@@ -28,6 +30,8 @@ class Classification:
     # A tpm-class node's EK certificate and the intermediates that chain it to a trusted CA,
     # as verified when classifying (DER); empty on a weak node.
     ek_chain: Tuple[bytes, ...] = ()
+    # The CA directory's certificates, when classifying got as far as loading them.
+    anchors: Optional[Tuple[x509.Certificate, ...]] = None
 
     @property
     def weak(self) -> bool:
@@ -42,12 +46,15 @@ def _classify_ek(device: tpm.Tpm, ca_dir: Path) -> Classification:
     if certificate is None:
         return Classification("weak", "the TPM has no EK certificate")
     try:
-        anchors = ekchain.load_anchors(ca_dir)
+        anchors = tuple(ekchain.load_anchors(ca_dir))
+    except (VerificationError, ValueError) as error:
+        return Classification("weak", f"EK not trusted ({ca_dir}): {error}")
+    try:
         chain = (certificate, *ekchain.intermediates_for(certificate, anchors))
         ekchain.verify(chain, anchors)
     except (VerificationError, ValueError) as error:
-        return Classification("weak", f"EK not trusted ({ca_dir}): {error}")
-    return Classification("tpm", f"EK certificate chains to a CA in {ca_dir}", chain)
+        return Classification("weak", f"EK not trusted ({ca_dir}): {error}", anchors=anchors)
+    return Classification("tpm", f"EK certificate chains to a CA in {ca_dir}", chain, anchors)
 
 
 def classify_open(config: NodeConfig) -> Tuple[Classification, Optional[tpm.Tpm]]:

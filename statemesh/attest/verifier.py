@@ -22,8 +22,9 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -242,10 +243,12 @@ def _parse(data: bytes) -> Tuple[Evidence, tpmwire.Public, tpmwire.Public, tpmwi
 class Verifier:
     """Checks evidence under one policy; remembers AKs that passed credential activation."""
 
-    def __init__(self, policy: Policy, clock: Callable[[], float] = time.time):
+    def __init__(self, policy: Policy, clock: Callable[[], float] = time.time,
+                 anchors: Optional[Sequence[x509.Certificate]] = None):
+        """`anchors`: policy.ek_ca_dir's certificates when the caller has loaded them already."""
         self.policy = policy
         self.clock = clock
-        self.anchors = ekchain.load_anchors(policy.ek_ca_dir)
+        self.anchors = list(anchors) if anchors is not None else ekchain.load_anchors(policy.ek_ca_dir)
         self._bound: Set[Tuple[bytes, bytes]] = set()
         # EK chains verified before, with the window in which all their certificates are valid:
         # a peer connecting again costs no chain walk.
