@@ -142,8 +142,7 @@ def cmd_firewall(args: argparse.Namespace) -> int:
     """Re-apply the firewall from node.conf on an installed node (statemesh-firewall.service)."""
     ordered = guarantees.ordered(config.load(args.config))
     try:
-        again = install.reapply_at_boot(journal.Journal(), ordered, FIREWALL_UNIT)
-        findings = None if again is None else [guarantee.check() for guarantee in again]
+        findings = install.reapply_at_boot(journal.Journal(), ordered, FIREWALL_UNIT)
     except (journal.RebootRequiredError, firewall.FirewallError, CommandError) as error:
         print(f"statemesh-node: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -14,9 +14,10 @@ that and "failed" make every later attempt and every StateMesh service refuse wi
 required" until the boot id changes. The node is reported installed only after the last
 guarantee was applied and every guarantee's check() holds.
 
-At every boot the unit runs again: an installed node applies again the guarantees that
-declare it as their boot unit (ssh, logins, rescue; the firewall's is
-statemesh-firewall.service, the others persist or have units of their own), and a pristine
+At every boot the unit runs again: an installed node checks the guarantees that declare
+it as their boot unit (ssh, logins, rescue; the firewall's is statemesh-firewall.service,
+the others persist or have units of their own) and applies again those that do not
+hold, and a pristine
 one (an image built in a chroot, no journal yet) runs the whole installation. A node whose
 installation was refused, failed or interrupted is left alone at boot: retrying is the
 operator's explicit `dpkg --configure -a`, never a surprise. Then the unit stays up as the
@@ -35,7 +36,7 @@ from typing import Callable, List, Optional, Sequence
 from statemesh import grace, guarantees, journal, preflight, sdnotify, systemd
 from statemesh.config import NodeConfig
 from statemesh.guarantees import tamper
-from statemesh.guarantees.base import FIREWALL_UNIT, HARDEN_UNIT, Guarantee
+from statemesh.guarantees.base import FIREWALL_UNIT, HARDEN_UNIT, Finding, Guarantee
 
 # Written by the install helper for the unit: run the whole transaction even on an
 # installed node (an upgrade, a reconfigure, a trigger), not just the boot-time re-assert.
@@ -85,18 +86,30 @@ def transaction(book: journal.Journal, ordered: Sequence[Guarantee],
 
 
 def reapply_at_boot(book: journal.Journal, ordered: Sequence[Guarantee],
-                    unit: str) -> Optional[List[Guarantee]]:
-    """Boot time on an installed node: apply again (idempotent) every guarantee whose
-    boot_unit is `unit`, in order; returns them. None before an installation has completed:
-    the installation's transaction applies them then."""
+                    unit: str) -> Optional[List[Finding]]:
+    """Boot time on an installed node: check every guarantee whose boot_unit is `unit`, in
+    order, and apply again those that do not hold; returns their findings as they stand
+    after. None before an installation has completed: its transaction applies them then.
+
+    Only what does not hold is applied: apply is idempotent, but not free (the firewall's
+    reloads every rule ufw.service has just loaded: most of an installed node's boot under
+    emulation), and check() is what status trusts, so nothing it accepts needs repairing."""
     book.require_clean_boot()
     if not book.state().installed:
         return None
-    again = [guarantee for guarantee in ordered if guarantee.boot_unit == unit]
-    for guarantee in again:
-        guarantee.apply(book)
-    book.record(REASSERTED_EVENT[unit], guarantees=[g.name for g in again])
-    return again
+    findings: List[Finding] = []
+    applied: List[str] = []
+    for guarantee in ordered:
+        if guarantee.boot_unit != unit:
+            continue
+        finding = guarantee.check()
+        if not finding.holds:
+            guarantee.apply(book)
+            applied.append(guarantee.name)
+            finding = guarantee.check()
+        findings.append(finding)
+    book.record(REASSERTED_EVENT[unit], guarantees=[f.name for f in findings], applied=applied)
+    return findings
 
 
 TRANSACTION, REASSERT, IDLE = "transaction", "reassert", "idle"

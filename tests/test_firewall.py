@@ -440,7 +440,12 @@ def test_preflight_notes_and_boot_reassert_on_installed_nodes_only(ns: Namespace
     ns.run(["ufw", "allow", "8080/tcp"])  # what an edit from other media would leave
     reasserted = ns.guarantee("reassert", ZONE_CONF)
     assert reasserted["holds"], reasserted["detail"]
-    assert "firewall-reasserted" in [e["event"] for e in ns.events()]
+    assert [e["applied"] for e in ns.events() if e["event"] == "firewall-reasserted"] == [["firewall"]]
+
+    files = ns.ufw_files()  # a boot that finds the firewall holding changes nothing
+    assert ns.guarantee("reassert", ZONE_CONF)["holds"]
+    assert [e["applied"] for e in ns.events() if e["event"] == "firewall-reasserted"] == [["firewall"], []]
+    assert ns.ufw_files() == files
 
     ns.guarantee("failed", ZONE_CONF)  # an installation interrupted in this boot
     refused = ns.guarantee("reassert", ZONE_CONF, expect_error=True)
