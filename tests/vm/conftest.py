@@ -2,6 +2,12 @@
 
 Each test gets guests on fresh copy-on-write overlays; their console logs stay under
 build/vm-artifacts/<test>/ and the tail is shown in the report of a failing test.
+
+One run covers every release: each test runs on the first of --suites, and the tests
+marked every_release on the others too, so that the workers share all of the work. Every
+VM test declares what it costs (`cost` marker, seconds measured on 2 cores with two guests
+running); the run starts with the most expensive, so that no long test is left for the
+end of a worker's queue.
 """
 
 from __future__ import annotations
@@ -9,26 +15,53 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
-from tests.vm import image, vtpm
-from tests.vm.driver import Guest
+from tests.vm import image, snapshot, vtpm
+from tests.vm.driver import Guest, SavedGuest
 
 ARTIFACTS = image.ROOT / "build" / "vm-artifacts"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--deb", action="store", type=Path, help="the statemesh-node .deb to test")
-    parser.addoption("--suite", action="store", default="bookworm",
-                     help="Debian release of the guests (bookworm or trixie)")
+    parser.addoption("--suites", action="store", default="bookworm,trixie",
+                     help="Debian releases of the guests, comma-separated: every test runs on "
+                          "the first, the every_release tests on all of them")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "every_release: also run on the other supported releases (make vm-test "
         "runs the whole suite on bookworm and these tests on trixie, from the same .deb)")
+    config.addinivalue_line(
+        "markers", "cost(seconds): what the test costs, measured (2 cores, two guests at once); "
+        "the most expensive run first")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "suite" not in metafunc.fixturenames:
+        return
+    suites = metafunc.config.getoption("--suites").split(",")
+    every_release = metafunc.definition.get_closest_marker("every_release") is not None
+    metafunc.parametrize("suite", suites if every_release else suites[:1])
+
+
+def _cost(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("cost")
+    return float(marker.args[0]) if marker else 0.0
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+    """Most expensive first; a test that boots a guest must say what it costs."""
+    undeclared = [item.nodeid for item in items
+                  if "suite" in getattr(item, "fixturenames", ()) and not _cost(item)]
+    if undeclared:
+        raise pytest.UsageError("VM tests without a cost marker: " + ", ".join(undeclared))
+    items.sort(key=_cost, reverse=True)
 
 
 @pytest.fixture(scope="session")
@@ -39,13 +72,9 @@ def deb(pytestconfig: pytest.Config) -> Path:
     return path.resolve()
 
 
-@pytest.fixture(scope="session")
-def suite(pytestconfig: pytest.Config) -> str:
-    return pytestconfig.getoption("--suite")
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture
 def vm_image(suite: str) -> image.Image:
+    """The cached image of this test's release (built by the first test that asks)."""
     return image.build(suite)
 
 
@@ -69,22 +98,37 @@ def _artifact_dir(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture
+def installed_node(vm_image: image.Image, deb: Path, repo_disk: Path) -> SavedGuest:
+    """A node installed from `deb` without a TPM (weak), saved running: guest_factory(
+    saved=installed_node) restores it in seconds instead of booting and installing."""
+    return snapshot.installed_node(vm_image, deb, repo_disk, tpm=False)
+
+
+@pytest.fixture
+def installed_tpm_node(vm_image: image.Image, deb: Path, repo_disk: Path) -> SavedGuest:
+    """As installed_node, with a TPM whose CA (its tpm_ca) the node trusts: `tpm` class."""
+    return snapshot.installed_node(vm_image, deb, repo_disk, tpm=True)
+
+
+@pytest.fixture
 def guest_factory(request: pytest.FixtureRequest, vm_image: image.Image, repo_disk: Path,
                   tpm_ca: vtpm.LocalCa) -> Iterator[Callable[..., Guest]]:
     """Make booted guests: guest_factory(tpm=False, extra_disks_mib=(), kernel_args="",
-    forward_ports=(), repo=None) where repo is another repository disk (upgrade tests)."""
+    forward_ports=(), repo=None, saved=None) where repo is another repository disk (upgrade
+    tests) and saved a SavedGuest to restore instead of booting."""
     guests: List[Guest] = []
     request.node.statemesh_guests = guests
     base = _artifact_dir(request)
 
     def make(tpm: bool = False, extra_disks_mib: Sequence[int] = (), kernel_args: str = "",
-             forward_ports: Sequence[int] = (), repo: Path = None) -> Guest:
+             forward_ports: Sequence[int] = (), repo: Path = None,
+             saved: Optional[SavedGuest] = None) -> Guest:
         workdir = base / f"guest{len(guests)}"
         workdir.mkdir()
         guest = Guest(vm_image, workdir, repo or repo_disk,
                       tpm_ca=tpm_ca if tpm else None,
                       extra_disks_mib=extra_disks_mib, kernel_args=kernel_args,
-                      forward_ports=forward_ports)
+                      forward_ports=forward_ports, saved=saved)
         guests.append(guest)
         guest.boot()
         return guest
@@ -106,16 +150,37 @@ def measured(record_property: Callable[[str, object], None]) -> Callable[[str, s
     return lambda what, figure: record_property(MEASURED, f"{what}: {figure}")
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
-    """List every figure the VM tests measured, with the test that measured it."""
-    lines = [f"{report.nodeid}: {value}"
-             for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", [])
-             if report.when == "call"
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """List every figure the VM tests measured, with the test that measured it, and each
+    release's share of the workers' time (set-up, call and tear-down of its tests)."""
+    reports = [report for kind in ("passed", "failed", "error", "skipped")
+               for report in terminalreporter.stats.get(kind, []) if hasattr(report, "when")]
+    lines = [f"{report.nodeid}: {value}" for report in reports if report.when == "call"
              for name, value in report.user_properties if name == MEASURED]
     if lines:
         terminalreporter.section("measured in the guests")
         for line in lines:
             terminalreporter.write_line(line)
+    suites = config.getoption("--suites").split(",")
+    shares: Dict[str, List[float]] = {}
+    counts: Dict[str, int] = {}
+    for report in reports:
+        suite = _suite_of(report.nodeid, suites)
+        if suite:
+            shares.setdefault(suite, []).append(report.duration)
+            counts[suite] = counts.get(suite, 0) + (report.when == "call")
+    if shares:
+        terminalreporter.section("workers' time by release")
+        for suite, durations in shares.items():
+            terminalreporter.write_line(
+                f"{suite}: {counts[suite]} tests, {sum(durations) / 60:.1f} min")
+
+
+def _suite_of(nodeid: str, suites: Sequence[str]) -> Optional[str]:
+    """The release in a test id's parameters ("test_x[bookworm]", "test_y[trixie-weak]")."""
+    found = re.search(r"\[([^\]]*)\]$", nodeid)
+    words = found.group(1).split("-") if found else []
+    return next((word for word in words if word in suites), None)
 
 
 @pytest.fixture
@@ -124,9 +189,9 @@ def guest(guest_factory: Callable[..., Guest]) -> Guest:
 
 
 @pytest.fixture
-def installed_guest(guest: Guest) -> Guest:
-    guest.install()
-    return guest
+def installed_guest(guest_factory: Callable[..., Guest], installed_node: SavedGuest) -> Guest:
+    """A running installed node (weak), restored from the saved one."""
+    return guest_factory(saved=installed_node)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -145,3 +210,36 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
                         if "statemesh" in line]
                 report.sections.append((f"guest{index} journal, statemesh lines ({journal})",
                                         "\n".join(ours[-80:])))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> object:
+    """Workers take the tests one at a time in the order above (most expensive first)."""
+    from xdist.scheduler import LoadScheduling  # the VM suite always runs under xdist
+
+    class LongestFirst(LoadScheduling):
+        """xdist's load scheduling hands out chunks of consecutive tests, which puts the two
+        most expensive tests on one worker, one after the other. Here each worker holds the
+        test it runs and the next one (pytest needs to know the next test), no more."""
+
+        AHEAD = 2
+
+        def schedule(self) -> None:
+            if self.collection is None:
+                if not self._check_nodes_have_same_collection():
+                    self.log("**Different tests collected, aborting run**")
+                    return
+                self.collection = list(self.node2collection.values())[0]
+                self.pending[:] = range(len(self.collection))
+            for _ in range(self.AHEAD):
+                for node in self.nodes:
+                    self.check_schedule(node)
+
+        def check_schedule(self, node, duration: float = 0) -> None:
+            if node.shutting_down:
+                return
+            if not self.pending:
+                node.shutdown()
+            elif len(self.node2pending[node]) < self.AHEAD:
+                self._send_tests(node, 1)
+
+    return LongestFirst(config, log)

@@ -24,15 +24,32 @@ from typing import Dict, List, Optional, Sequence
 
 from tests.vm.image import CLEAN_ENV, REPO_MOUNT, Image
 from tests.vm import vtpm
+from tests.vm.qmp import Qmp
 
 BOOT_TIMEOUT = float(os.environ.get("STATEMESH_VM_BOOT_TIMEOUT", "300"))
 BASE_KERNEL_ARGS = "root=LABEL=smroot rw console=ttyS0,115200 systemd.show_status=1"
 # node.conf is the package's conffile: a provisioner's copy is kept without a prompt.
 KEEP_CONFFILES = b'Dpkg::Options { "--force-confdef"; "--force-confold"; };\n'
+KEEP_CONFFILES_CONF = "/etc/apt/apt.conf.d/90statemesh-test-confold"
+# What systemd prints on the console when it refuses to boot and stops for good.
+FROZEN = "Freezing execution."
 
 
 class GuestError(RuntimeError):
     """The guest did not do what the test needed; the message quotes the console."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedGuest:
+    """A running guest kept on disk: its root disk as it was (a qcow2 that restored guests
+    use as the read-only backing of their own overlay), its memory and device state (a QEMU
+    migration stream), and its TPM's state and CA where it had one."""
+
+    disk: Path
+    state: Path
+    kernel_args: str
+    tpm_state: Optional[Path] = None
+    tpm_ca: Optional[vtpm.LocalCa] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,18 +77,30 @@ class Guest:
         extra_disks_mib: Sequence[int] = (),
         kernel_args: str = "",
         forward_ports: Sequence[int] = (),
+        saved: Optional[SavedGuest] = None,
     ):
+        """With `saved`, the first boot() restores that running guest instead of booting:
+        same disk, memory and TPM, on a fresh overlay (nothing a test does reaches `saved`).
+        Its devices are the saved guest's: no TPM or extra disks of its own."""
+        if saved and (tpm_ca or extra_disks_mib or kernel_args):
+            raise ValueError("a restored guest has the saved guest's TPM, disks and kernel "
+                             "arguments; it takes none of its own")
         self.image = image
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.repo_disk = repo_disk
-        self.kernel_args = kernel_args
+        self.kernel_args = saved.kernel_args if saved else kernel_args
         self.overlay = workdir / "overlay.qcow2"
         self.console_path = workdir / "console.log"
         # UNIX socket paths are limited to 108 bytes: keep them in a short private directory.
         self.socket_dir = Path(tempfile.mkdtemp(prefix="smvm-"))
         self.agent_path = self.socket_dir / "agent.sock"
-        self.tpm = vtpm.GuestTpm(workdir, self.socket_dir, tpm_ca) if tpm_ca else None
+        self.qmp_path = self.socket_dir / "qmp.sock"
+        if saved and saved.tpm_state:
+            self.tpm = vtpm.GuestTpm(workdir, self.socket_dir, saved.tpm_ca, saved.tpm_state)
+        else:
+            self.tpm = vtpm.GuestTpm(workdir, self.socket_dir, tpm_ca) if tpm_ca else None
+        self._incoming = saved.state if saved else None
         self.extra_disks = [workdir / f"extra{i}.raw" for i in range(len(extra_disks_mib))]
         self.forwards: Dict[int, int] = {port: _free_port() for port in forward_ports}
         self._ids = itertools.count(1)
@@ -80,7 +109,8 @@ class Guest:
         self._buffer = b""
         self.boot_id = ""
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-                        "-b", str(image.disk), str(self.overlay)], check=True, env=CLEAN_ENV)
+                        "-b", str(saved.disk if saved else image.disk), str(self.overlay)],
+                       check=True, env=CLEAN_ENV)
         for path, size in zip(self.extra_disks, extra_disks_mib):
             with open(path, "wb") as disk:
                 disk.truncate(size * 1024 * 1024)
@@ -88,7 +118,44 @@ class Guest:
     # -- power ---------------------------------------------------------------
 
     def boot(self, kernel_args: Optional[str] = None) -> None:
-        """Start QEMU (a cold boot) and wait until the agent answers."""
+        """Start QEMU and wait until the agent answers: a cold boot, or for a guest made from
+        a SavedGuest, the first time, its restore."""
+        incoming, self._incoming = self._incoming, None
+        self._start(kernel_args, ["-incoming", "defer"] if incoming else [])
+        if incoming:
+            self._load_state(incoming)
+        self._wait_for_agent(previous_boot_id=None)
+        if incoming:
+            # The guest's clock stood still since it was saved; the repository disk is this
+            # test's, which the saved guest never saw (it was unmounted before saving).
+            self.run(f"date -u -s @{time.time():.3f} >/dev/null && mount {REPO_MOUNT}")
+
+    def boot_refused(self, kernel_args: str, grace: float = 5.0) -> str:
+        """A cold boot that PID 1 must refuse: wait until it freezes (the console says
+        "Freezing execution."; after that nothing can start), then `grace` seconds more;
+        the agent must not have answered at any point. Returns this boot's console."""
+        mark = len(self.console_log())
+        self._start(kernel_args, [])
+        deadline, frozen_at = time.monotonic() + BOOT_TIMEOUT, None
+        while frozen_at is None or time.monotonic() < frozen_at + grace:
+            if self._agent_answers():
+                raise self._error(f"the boot with {kernel_args!r} went on: the agent answered")
+            if frozen_at is None and FROZEN in self.console_log()[mark:]:
+                frozen_at = time.monotonic()
+            if time.monotonic() > deadline:
+                raise self._error(f"PID 1 did not freeze within {BOOT_TIMEOUT:.0f} s")
+            time.sleep(0.5)
+        return self.console_log()[mark:]
+
+    def _agent_answers(self) -> bool:
+        try:
+            self._request({"op": "ping"}, timeout=1)
+            return True
+        except (OSError, TimeoutError):
+            self._close_socket()
+            return False
+
+    def _start(self, kernel_args: Optional[str], extra_argv: List[str]) -> None:
         if self._qemu and self._qemu.poll() is None:
             raise GuestError("boot() while the guest is running")
         if kernel_args is not None:
@@ -97,10 +164,40 @@ class Guest:
         self.agent_path.unlink(missing_ok=True)
         with open(self.console_path, "ab") as console:
             console.write(f"\n===== harness: boot {' '.join(self.kernel_args.split())}\n".encode())
-        self._qemu = subprocess.Popen(self._qemu_argv(), stdin=subprocess.DEVNULL,
+        self._qemu = subprocess.Popen(self._qemu_argv() + extra_argv, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL,
                                       stderr=open(self.workdir / "qemu.err", "ab"), env=CLEAN_ENV)
-        self._wait_for_agent(previous_boot_id=None)
+
+    def _load_state(self, state: Path) -> None:
+        with open(self.console_path, "ab") as console:
+            console.write(f"===== harness: restore of {state}\n".encode())
+        with Qmp(self.qmp_path) as qmp:
+            qmp.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(state))}")
+            qmp.wait_migration(timeout=BOOT_TIMEOUT)
+            qmp.execute("cont")  # it was saved stopped, and loads so
+
+    def save(self, directory: Path) -> SavedGuest:
+        """Stop this running guest for good and keep it in `directory` (which must not exist
+        yet) as a SavedGuest: its overlay, its memory and device state, its TPM."""
+        self.run(f"umount {REPO_MOUNT} && sync")
+        directory.mkdir(parents=True)
+        state = directory / "state"
+        with Qmp(self.qmp_path) as qmp:
+            qmp.execute("stop")
+            qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+            qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
+            qmp.wait_migration(timeout=600)
+            qmp.execute("quit")
+        self._wait_exit(60)
+        disk = directory / "disk.qcow2"
+        shutil.move(str(self.overlay), disk)
+        tpm_state = None
+        if self.tpm:
+            self.tpm.stop()
+            tpm_state = directory / "tpm"
+            shutil.copytree(self.tpm.state, tpm_state)
+        return SavedGuest(disk, state, self.kernel_args, tpm_state,
+                          self.tpm.ca if self.tpm else None)
 
     def reboot(self, kernel_args: Optional[str] = None) -> None:
         """A clean reboot; with new kernel arguments it is a shutdown and a cold boot."""
@@ -143,6 +240,9 @@ class Guest:
         argv = [
             "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-machine", "q35",
             "-cpu", "max", "-smp", "2", "-m", "2048", "-display", "none", "-monitor", "none",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            # A restored guest learns of it from a new generation id and reseeds its RNG.
+            "-device", "vmgenid,guid=auto",
             "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
             "-append", f"{BASE_KERNEL_ARGS} {self.kernel_args}".strip(),
             "-chardev", f"file,id=console,path={self.console_path},append=on",
@@ -249,15 +349,27 @@ class Guest:
 
     def wait_until_booted(self, timeout: float = 600) -> None:
         """Wait for the end of boot: the agent answers early in sysinit, long before sshd,
-        the gettys or the node's own services have started."""
-        self.run("systemctl is-system-running --wait", check=False, timeout=timeout)
+        the gettys or the node's own services have started. `is-system-running --wait`
+        alone can return before that (PID 1 not yet reachable right after a reboot), so
+        the state is asked again until it is no longer a booting one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = max(1.0, deadline - time.monotonic())
+            state = self.run("systemctl is-system-running --wait", check=False,
+                             timeout=remaining).stdout.strip()
+            if state not in ("", "initializing", "starting"):
+                return
+            if time.monotonic() > deadline:
+                raise self._error(f"the guest was still booting ({state or 'no answer'}) "
+                                  f"after {timeout:.0f} s")
+            time.sleep(1)
 
     def provision(self, node_conf: bytes) -> None:
         """Configure the node before installing, as a provisioner would: node.conf (on the
         disk, for tests that pull the plug), and apt keeping that conffile without a prompt."""
         self.run("mkdir -p /etc/statemesh")
         self.put("/etc/statemesh/node.conf", node_conf)
-        self.put("/etc/apt/apt.conf.d/90statemesh-test-confold", KEEP_CONFFILES)
+        self.put(KEEP_CONFFILES_CONF, KEEP_CONFFILES)
         self.run("sync")
 
     def install(self, extra_env: Optional[Dict[str, str]] = None, check: bool = True,

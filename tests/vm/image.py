@@ -141,12 +141,12 @@ def _build_into(target: Path, suite: str, cache: Path) -> None:
         shutil.move(str(work_dir / "kernel"), staging / "kernel")
         shutil.move(str(work_dir / "initrd"), staging / "initrd")
         staging.rename(target)
-    _prune(cache, suite, keep=target)
+    prune(cache, suite, keep=target)
 
 
-def _prune(cache: Path, suite: str, keep: Path, spare: int = 2) -> None:
-    """Remove all but the newest images of `suite` (each is a gigabyte or more)."""
-    others = sorted((p for p in cache.glob(f"{suite}-*") if p != keep),
+def prune(cache: Path, kind: str, keep: Path, spare: int = 2) -> None:
+    """Remove all but the newest cached entries named `kind`-KEY (each is a gigabyte or more)."""
+    others = sorted((p for p in cache.glob(f"{kind}-*") if p != keep),
                     key=lambda p: p.stat().st_mtime, reverse=True)
     for old in others[spare - 1:]:
         shutil.rmtree(old, ignore_errors=True)

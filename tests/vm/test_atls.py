@@ -1,7 +1,8 @@
 """Security class and aTLS in real guests, verified from the host through a forwarded port.
 
-A guest whose TPM is a swtpm with an EK certificate from the suite's private CA (tpm_ca)
-is `tpm` once the node trusts that CA; a guest without a TPM is `weak` and runs the vTPM.
+Both run restored from saved installed nodes (tests/vm/snapshot.py). A guest whose TPM is
+a swtpm with an EK certificate from a private CA (kept with its saved node) is `tpm` once
+the node trusts that CA; a guest without a TPM is `weak` and runs the vTPM.
 The verifier runs on the host, with only the CA's root certificate: the node sends its
 EK certificate and the issuing CA inside the evidence.
 """
@@ -18,22 +19,15 @@ import pytest
 from statemesh.attest import atls
 from statemesh.attest.refusals import ClassRefused
 from statemesh.attest.verifier import Policy, Verifier
-from tests.vm import vtpm
-from tests.vm.driver import Guest
+from tests.vm import snapshot, vtpm
+from tests.vm.driver import Guest, SavedGuest
 
-MESH = 7443
-HOST_AS_SEEN_BY_GUEST = "10.0.2.2/32"
-NODE_CONF = f"Zone: test-zone\nMesh-Port: {MESH}\nZone-Peers: {HOST_AS_SEEN_BY_GUEST}\n".encode()
+MESH = snapshot.MESH_PORT
 
 
-def _install_node(guest: Guest, ca_certificates: list = ()) -> None:
-    """Configure as a provisioner would (node.conf, trusted TPM CAs), then install."""
-    guest.provision(NODE_CONF)
-    guest.run("mkdir -p /etc/statemesh/tpm-ca.d")
-    for path in ca_certificates:
-        guest.put(f"/etc/statemesh/tpm-ca.d/{path.name}", path.read_bytes())
-    guest.install()
-    guest.run("for i in $(seq 300); do ss -Hltn 'sport = :7443' | grep -q . && exit 0; "
+def _serving(guest: Guest) -> None:
+    """Wait for the mesh port (a restored node may be a moment from accepting)."""
+    guest.run(f"for i in $(seq 300); do ss -Hltn 'sport = :{MESH}' | grep -q . && exit 0; "
               "sleep 0.2; done; journalctl -u statemesh-atls --no-pager; exit 1", timeout=120)
 
 
@@ -57,12 +51,16 @@ def _root_only(tpm_ca: vtpm.LocalCa, directory: Path) -> Path:
     return directory
 
 
+@pytest.mark.cost(120)
 def test_guest_with_a_trusted_tpm_is_tpm_class(guest_factory: Callable[..., Guest],
-                                              tpm_ca: vtpm.LocalCa, tmp_path: Path) -> None:
-    guest = guest_factory(tpm=True, forward_ports=(MESH,))
-    root_only = _root_only(tpm_ca, tmp_path / "host-ca.d")
+                                              installed_tpm_node: SavedGuest,
+                                              tmp_path: Path) -> None:
+    """Also the proof that a restored guest's TPM answers: the quote in the evidence is made
+    after the restore, over the verifier's fresh nonce, and verifies."""
+    guest = guest_factory(saved=installed_tpm_node, forward_ports=(MESH,))
+    root_only = _root_only(installed_tpm_node.tpm_ca, tmp_path / "host-ca.d")
     assert guest.run("test -c /dev/tpmrm0", check=False).returncode == 0
-    _install_node(guest, tpm_ca.ca_certificates())
+    _serving(guest)
     found = _security_class(guest)
     assert found["class"] == "tpm", found["reason"]
     vtpm = guest.run("systemctl is-active statemesh-vtpm", check=False).stdout.strip()
@@ -82,12 +80,14 @@ def test_guest_with_a_trusted_tpm_is_tpm_class(guest_factory: Callable[..., Gues
 
 
 @pytest.mark.every_release
+@pytest.mark.cost(90)
 def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[..., Guest],
+                                                     installed_node: SavedGuest,
                                                      tmp_path: Path) -> None:
     """No CA is needed to accept a weak node: its vTPM's EK proves nothing anyway."""
-    guest = guest_factory(forward_ports=(MESH,))
+    guest = guest_factory(saved=installed_node, forward_ports=(MESH,))
     no_cas = tmp_path
-    _install_node(guest)
+    _serving(guest)
     found = _security_class(guest)
     assert found["class"] == "weak" and "no TPM device" in found["reason"]
     assert guest.run("systemctl is-active statemesh-vtpm").stdout.strip() == "active"

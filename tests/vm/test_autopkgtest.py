@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
+import pytest
+
 from debian.deb822 import Deb822
 
 from tests.vm.driver import Guest
@@ -32,6 +34,7 @@ def test_control_lists_every_test_script() -> None:
     assert {name for name, _ in _tests()} == scripts
 
 
+@pytest.mark.cost(90)
 def test_autopkgtests_pass_in_an_installed_guest(installed_guest: Guest) -> None:
     for name, restrictions in _tests():
         path = f"/tmp/autopkgtest-{name}"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.vm.image import CLEAN_ENV, Image
 
 
@@ -26,6 +28,7 @@ def _host_state() -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.cost(30)
 def test_dpkg_install_in_a_chroot_defers_hardening_to_first_boot(
     vm_image: Image, deb: Path, tmp_path: Path
 ) -> None:

@@ -15,6 +15,8 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict
 
+import pytest
+
 from tests.vm.driver import Guest
 
 MESH, SSH, OTHER = 7443, 22, 8080
@@ -92,6 +94,7 @@ def firewall_finding(guest: Guest) -> dict:
     return next(f for f in status["guarantees"] if f["name"] == "firewall")
 
 
+@pytest.mark.cost(450)
 def test_only_the_mesh_port_answers_and_only_inside_the_zone(
     guest_factory: Callable[..., Guest],
 ) -> None:
@@ -118,6 +121,7 @@ def test_only_the_mesh_port_answers_and_only_inside_the_zone(
     assert finding["facts"]["allowed_peers"] == ["192.0.2.0/24", "fd00:77::/64"]
 
 
+@pytest.mark.cost(340)
 def test_purge_gives_the_operator_rules_back(guest_factory: Callable[..., Guest]) -> None:
     guest = guest_factory(forward_ports=(SSH,))
     settle(guest)

@@ -17,6 +17,7 @@ SNAPSHOT = (
 )
 
 
+@pytest.mark.cost(60)
 def test_harness_reports_a_failing_guest_command(guest: Guest) -> None:
     with pytest.raises(GuestError, match=r"failed \(1\)"):
         guest.run("echo to-stderr >&2; exit 1")
@@ -25,6 +26,7 @@ def test_harness_reports_a_failing_guest_command(guest: Guest) -> None:
 
 
 @pytest.mark.every_release
+@pytest.mark.cost(300)
 @pytest.mark.parametrize("tpm", [False, True], ids=["weak", "tpm"])
 def test_install_from_local_repository_then_purge_leaves_nothing(guest_factory, tpm: bool) -> None:
     guest = guest_factory(tpm=tpm)

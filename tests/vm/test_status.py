@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.vm.driver import Guest
 
 GUARANTEES = {"ssh", "logins", "rescue", "firewall", "security_class", "watchdog", "storage"}
 
 
+@pytest.mark.cost(60)
 def test_status_selftest_and_a_broken_guarantee(installed_guest: Guest) -> None:
     guest = installed_guest
     status = guest.run("statemesh-node status --json", check=False)

@@ -132,8 +132,10 @@ def _found(guest: Guest, needles, *targets: str) -> str:
 
 
 @pytest.mark.every_release
-def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace(guest, measured):
-    _install(guest, "Storage-Size: 256M\n")
+@pytest.mark.cost(600)
+def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace(installed_guest,
+                                                                                 measured):
+    guest = installed_guest  # installed with Storage-Size: 256M (snapshot.NODE_CONF)
     assert _unit(guest, "UnitFileState")["UnitFileState"] == "enabled"
     facts = _assert_volume(guest, f"file {BACKING}")
     assert facts["loop_file"] == BACKING and facts["size"] > 200 * 1024**2
@@ -189,6 +191,7 @@ def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace
     assert guest.run(f"ls -A {MOUNT}").stdout.split() == ["lost+found"]
 
 
+@pytest.mark.cost(300)
 def test_extra_disk_is_used_and_a_disk_holding_a_filesystem_is_refused_unchanged(guest_factory):
     guest = guest_factory(extra_disks_mib=(256, 128))
     blank, used = "/dev/disk/by-id/virtio-extra0", "/dev/disk/by-id/virtio-extra1"

@@ -1,6 +1,7 @@
 """Live upgrades through unattended-upgrades on a node with workload data on it.
 
-Version N (the freshly built package) is installed; N+1 is built from the same tree. The
+Version N (the freshly built package) is installed (the saved installed node, restored
+with a repository that also holds N+1); N+1 is built from the same tree. The
 operator's unattended-upgrades, configured for the StateMesh origin, brings N+1: the data
 stays, the storage unit is not restarted, the lockdown holds, nothing prompts. A broken N+1
 whose preinst fails must leave N installed and working (dpkg's abort-upgrade path).
@@ -17,7 +18,7 @@ from typing import Dict, List
 import pytest
 
 from tests.vm import image
-from tests.vm.driver import Guest
+from tests.vm.driver import KEEP_CONFFILES_CONF, Guest
 from tests.vm.variants import build_variant
 
 UNATTENDED_CONFIG = b"""// The node's operator lets unattended-upgrades take StateMesh's own repository.
@@ -45,9 +46,13 @@ def broken_version_repo(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return image.build_repo_disk([deb, broken], work / "repo.img")
 
 
-def _install_version_n(guest: Guest, version: str) -> None:
+def _installed_version_n(guest: Guest, version: str) -> None:
+    """Version N installed and holding, the repository's index read, workload data written.
+    The saved node's provisioning told apt to keep conffiles without asking: taken away, so
+    that the upgrade meets dpkg's conffile handling as an operator's node would."""
+    guest.run(f"rm {KEEP_CONFFILES_CONF}")
     guest.run("apt-get update -q", env=NONINTERACTIVE)
-    guest.run(f"apt-get install -y statemesh-node={version}", env=NONINTERACTIVE, timeout=600)
+    assert _installed_version(guest) == f"{version} ii"
     guest.run("statemesh-node status")
     guest.run("dd if=/dev/urandom of=/var/lib/statemesh/workload.bin bs=1M count=8 status=none")
 
@@ -103,12 +108,13 @@ def _installed_version(guest: Guest) -> str:
     return guest.run("dpkg-query -W -f '${Version} ${db:Status-Abbrev}' statemesh-node").stdout.rstrip()
 
 
+@pytest.mark.cost(240)
 def test_unattended_upgrade_keeps_data_storage_and_lockdown(
-    guest_factory, deb: Path, next_version_repo: Path, measured
+    guest_factory, installed_node, deb: Path, next_version_repo: Path, measured
 ) -> None:
-    guest = guest_factory(repo=next_version_repo)
+    guest = guest_factory(saved=installed_node, repo=next_version_repo)
     version = _version(deb)
-    _install_version_n(guest, version)
+    _installed_version_n(guest, version)
     checksum, invocation = _checksum(guest), _storage_invocation(guest)
     guest.put("/etc/apt/apt.conf.d/51statemesh-unattended", UNATTENDED_CONFIG)
 
@@ -131,12 +137,13 @@ def test_unattended_upgrade_keeps_data_storage_and_lockdown(
     assert gap.unit_inactive < 1.0 and gap.unwatched < 1.0, gap
 
 
+@pytest.mark.cost(150)
 def test_failing_upgrade_leaves_version_n_working(
-    guest_factory, deb: Path, broken_version_repo: Path
+    guest_factory, installed_node, deb: Path, broken_version_repo: Path
 ) -> None:
-    guest = guest_factory(repo=broken_version_repo)
+    guest = guest_factory(saved=installed_node, repo=broken_version_repo)
     version = _version(deb)
-    _install_version_n(guest, version)
+    _installed_version_n(guest, version)
     checksum = _checksum(guest)
 
     upgrade = guest.run("apt-get install -y statemesh-node", env=NONINTERACTIVE,

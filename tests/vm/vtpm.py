@@ -6,6 +6,7 @@ the host's /var/lib/swtpm-localca), so tests can choose to trust that CA or not.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -49,19 +50,28 @@ class LocalCa:
 class GuestTpm:
     """A swtpm socket process that QEMU connects to as its TPM emulator."""
 
-    def __init__(self, workdir: Path, socket_dir: Path, ca: LocalCa):
+    def __init__(self, workdir: Path, socket_dir: Path, ca: LocalCa,
+                 saved_state: Optional[Path] = None):
+        """A new TPM with an EK certificate from `ca`, or a copy of `saved_state` (a restored
+        guest's TPM: QEMU then loads its volatile state with the guest's)."""
         self.state = workdir / "tpm"
-        self.state.mkdir(exist_ok=True)
         self.socket = socket_dir / "swtpm.sock"
         self.ca = ca
         self._process: Optional[subprocess.Popen] = None
+        if saved_state:
+            shutil.copytree(saved_state, self.state)
+        else:
+            self._manufacture()
+        self.start()
+
+    def _manufacture(self) -> None:
+        self.state.mkdir(exist_ok=True)
         subprocess.run(
             ["swtpm_setup", "--tpm2", "--tpmstate", str(self.state), "--create-ek-cert",
              "--create-platform-cert", "--lock-nvram", "--overwrite",
-             "--config", str(ca.setup_config)],
+             "--config", str(self.ca.setup_config)],
             check=True, capture_output=True, env=CLEAN_ENV,
         )
-        self.start()
 
     def start(self) -> None:
         self._process = subprocess.Popen(

@@ -1,0 +1,96 @@
+"""Installed nodes saved once and restored per test: the VM suite's main saving.
+
+Booting a TCG guest and installing the package costs minutes; restoring a saved running
+guest costs seconds. A saved installed node is built once per .deb, release and kind (with
+or without a TPM), kept in the image cache keyed by everything that went into it (the base
+image, the .deb's bytes, the node's configuration, the harness files), and restored on a
+fresh copy-on-write overlay for every test that needs an installed node but does not test
+the installation itself. Tests that prove something across a real boot still boot.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from tests.vm import image, vtpm
+from tests.vm.driver import Guest, SavedGuest
+from tests.vm.image import CACHE, HERE, Image
+
+MESH_PORT = 7443
+HOST_AS_SEEN_BY_GUEST = "10.0.2.2/32"
+# What a provisioner writes before installing: a zone whose only peer is the host (so the
+# mesh port answers the host's verifier through a forward), and a volume small enough for
+# the guest's disk.
+NODE_CONF = (f"Zone: test-zone\nMesh-Port: {MESH_PORT}\nZone-Peers: {HOST_AS_SEEN_BY_GUEST}\n"
+             "Storage-Size: 256M\n").encode()
+HARNESS = ("driver.py", "qmp.py", "vtpm.py", "snapshot.py")
+
+
+def _key(base: Image, deb: Path, tpm: bool) -> str:
+    digest = hashlib.sha256()
+    digest.update(str(base.disk).encode())
+    digest.update(hashlib.sha256(deb.read_bytes()).digest())
+    digest.update(NODE_CONF + (b"tpm" if tpm else b"weak"))
+    for name in HARNESS:
+        digest.update((HERE / name).read_bytes())
+    # A migration stream and a TPM state load only into the QEMU and swtpm that wrote them.
+    for tool in (["qemu-system-x86_64", "--version"], ["swtpm", "--version"]):
+        digest.update(subprocess.run(tool, capture_output=True, check=True).stdout)
+    return digest.hexdigest()[:16]
+
+
+def _load(directory: Path, tpm: bool) -> SavedGuest:
+    return SavedGuest(directory / "disk.qcow2", directory / "state", kernel_args="",
+                      tpm_state=directory / "tpm" if tpm else None,
+                      tpm_ca=vtpm.LocalCa(directory / "tpm-ca") if tpm else None)
+
+
+def installed_node(base: Image, deb: Path, repo_disk: Path, tpm: bool,
+                   cache: Path = CACHE) -> SavedGuest:
+    """The saved installed node for this .deb and release, built first if not cached.
+
+    With `tpm`, the guest's TPM has an EK certificate from a CA kept with the saved node
+    (SavedGuest.tpm_ca), and the node trusts that CA: it is `tpm` class."""
+    kind = "tpm" if tpm else "weak"
+    target = cache / f"installed-{base.suite}-{kind}-{_key(base, deb, tpm)}"
+    if not (target / "state").exists():
+        # Parallel test workers ask for it at once: one builds, the others wait.
+        with open(cache / f".installed-{base.suite}-{kind}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "state").exists():
+                _build(target, base, repo_disk, tpm, cache)
+                image.prune(cache, f"installed-{base.suite}-{kind}", keep=target)
+    return _load(target, tpm)
+
+
+def _build(target: Path, base: Image, repo_disk: Path, tpm: bool, cache: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=cache, prefix="build-") as work:
+        staging = Path(work) / "saved"
+        ca: Optional[vtpm.LocalCa] = vtpm.LocalCa(staging / "tpm-ca") if tpm else None
+        guest = Guest(base, Path(work) / "guest", repo_disk, tpm_ca=ca)
+        try:
+            guest.boot()
+            guest.wait_until_booted()
+            guest.provision(NODE_CONF)
+            if ca:
+                guest.run("mkdir -p /etc/statemesh/tpm-ca.d")
+                for path in ca.ca_certificates():  # made with the guest's EK certificate
+                    guest.put(f"/etc/statemesh/tpm-ca.d/{path.name}", path.read_bytes())
+            guest.install()
+            guest.wait_until_booted()
+            guest.run(f"for i in $(seq 300); do ss -Hltn 'sport = :{MESH_PORT}' | grep -q . "
+                      "&& exit 0; sleep 0.2; done; exit 1", timeout=120)
+            saved = guest.save(staging / "node")
+        finally:
+            guest.close()
+        for part in (saved.disk, saved.state, *([saved.tpm_state] if tpm else [])):
+            shutil.move(str(part), staging / part.name)
+        (staging / "node").rmdir()
+        staging.rename(target)
+
