@@ -49,20 +49,22 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Show, live, whether each guarantee holds; non-zero exit when any does not."""
     node_config = config.load(args.config)
+    installation = install.installation_finding(journal.Journal())
     findings = [g.check() for g in guarantees.ordered(node_config)]
-    holds = all(f.holds for f in findings)
+    holds = installation.holds and all(f.holds for f in findings)
     if args.json:
         _print_json(
             {
                 "version": __version__,
                 "zone": node_config.zone,
                 "holds": holds,
+                "installation": installation.as_dict(),
                 "guarantees": [f.as_dict() for f in findings],
             }
         )
     else:
         print(f"statemesh-node {__version__}  zone {node_config.zone}")
-        _print_findings(findings)
+        _print_findings([installation, *findings])
         print("all guarantees hold" if holds else "NOT all guarantees hold")
     return EXIT_OK if holds else EXIT_FAILED
 

@@ -14,14 +14,15 @@ that and "failed" make every later attempt and every StateMesh service refuse wi
 required" until the boot id changes. The node is reported installed only after the last
 guarantee was applied and every guarantee's check() holds.
 
-At every boot the unit runs again: an installed node checks the guarantees that declare
-it as their boot unit (ssh, logins, rescue; the firewall's is statemesh-firewall.service,
-the others persist or have units of their own) and applies again those that do not
-hold, and a pristine
-one (an image built in a chroot, no journal yet) runs the whole installation. A node whose
-installation was refused, failed or interrupted is left alone at boot: retrying is the
-operator's explicit `dpkg --configure -a`, never a surprise. Then the unit stays up as the
-tamper listener.
+At every boot the unit runs again (boot_action says what it does): an installed node checks
+the guarantees that declare it as their boot unit (ssh, logins, rescue; the firewall's is
+statemesh-firewall.service, the others persist or have units of their own) and applies again
+those that do not hold; a pristine one (an image built in a chroot, no journal yet) runs the
+whole installation. A half-applied installation never outlives a boot: one interrupted in
+an earlier boot is run again from the start, once, with nobody logged in; one that failed,
+or whose retry was interrupted too, is given back (every guarantee reverted from the restore
+record: SSH, gettys, root's password, rescue as they were), so that the operator can log in
+and retry. Then the unit stays up as the tamper listener.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import signal
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
+
+from debian.deb822 import Deb822
 
 from statemesh import grace, guarantees, journal, preflight, sdnotify, systemd
 from statemesh.config import NodeConfig
@@ -59,7 +62,7 @@ class PreflightRefused(InstallError):
 
 
 def transaction(book: journal.Journal, ordered: Sequence[Guarantee],
-                check_preflight: Callable[[], preflight.Report]) -> None:
+                check_preflight: Callable[[], preflight.Report], attempt: int = 1) -> None:
     """Preflight (unless installed already), apply every guarantee in order, read all back."""
     book.require_clean_boot()
     if not book.state().installed:
@@ -67,7 +70,7 @@ def transaction(book: journal.Journal, ordered: Sequence[Guarantee],
         if not report.ok:
             book.record("preflight-refused", problems=report.problems)
             raise PreflightRefused(report)
-    book.set_state(journal.INSTALLING)
+    book.set_state(journal.INSTALLING, attempt=attempt)
     current = "preflight"
     try:
         for guarantee in ordered:
@@ -80,9 +83,9 @@ def transaction(book: journal.Journal, ordered: Sequence[Guarantee],
         if failing:
             raise InstallError("; ".join(f"{f.name}: {f.detail}" for f in failing))
     except Exception as error:
-        book.set_state(journal.FAILED, reason=f"{current} failed: {error}")
+        book.set_state(journal.FAILED, reason=f"{current} failed: {error}", attempt=attempt)
         raise InstallError(f"{current} failed: {error}") from error
-    book.set_state(journal.INSTALLED)
+    book.set_state(journal.INSTALLED, attempt=attempt)
 
 
 def reapply_at_boot(book: journal.Journal, ordered: Sequence[Guarantee],
@@ -112,30 +115,73 @@ def reapply_at_boot(book: journal.Journal, ordered: Sequence[Guarantee],
     return findings
 
 
-TRANSACTION, REASSERT, IDLE = "transaction", "reassert", "idle"
+TRANSACTION, RETRY, GIVE_BACK, REASSERT, IDLE = (
+    "transaction", "retry", "give-back", "reassert", "idle")
+# The installation the operator started is attempt 1; the boot after its interruption runs
+# attempt 2; nothing is attempted a third time, so that no boot loops on a broken step.
+LAST_ATTEMPT = 2
 
 
 def boot_action(book: journal.Journal, requested: bool) -> str:
-    """What the harden unit does: the transaction when the installer asked for it or on a
-    pristine node (an image's first boot: no journal at all), the re-assert on an installed
-    node, nothing otherwise. A refused, failed, interrupted or removed installation is never
-    turned into an installation by a reboot: retrying is the operator's explicit choice."""
+    """What the harden unit does; every state the journal can hold maps to one action.
+
+    - asked by the installer (install, upgrade, reconfigure), or a pristine node (an
+      image's first boot: no journal at all): the transaction;
+    - installed: the re-assert;
+    - installing, left by an earlier boot (power lost, or killed and rebooted): the
+      transaction again, unless that was already the retry: then give back;
+    - failed in an earlier boot (a step raised): give back;
+    - anything of this boot (a transaction interrupted in this boot is "reboot required"),
+      not installed after a refusal, given back, removing, removed: nothing.
+    """
     state = book.state()
-    if requested or (state.state == journal.NOT_INSTALLED and not book.journal_path.exists()):
+    pristine = state.state == journal.NOT_INSTALLED and not book.journal_path.exists()
+    if requested or pristine:
         return TRANSACTION
-    return REASSERT if state.installed else IDLE
+    if state.installed:
+        return REASSERT
+    if state.boot_id == journal.boot_id():
+        return IDLE
+    if state.state == journal.INSTALLING:
+        return RETRY if state.attempt < LAST_ATTEMPT else GIVE_BACK
+    return GIVE_BACK if state.state == journal.FAILED else IDLE
+
+
+def give_back(book: journal.Journal, ordered: Sequence[Guarantee], why: str) -> List[str]:
+    """Revert every guarantee from the restore record, so that the operator can log in
+    again and decide; the node is then "given-back" with `why`. Returns what could not
+    be given back (the state is then left as it was, and the next boot tries again)."""
+    book.record("giving-back", reason=why)
+    return revert_all(book, ordered, final=journal.GIVEN_BACK, reason=why)
+
+
+def interrupted_reason(state: journal.InstallState) -> str:
+    """Why an installation left by an earlier boot is given back."""
+    if state.state == journal.FAILED:
+        return state.reason or "the installation failed"
+    if state.attempt >= LAST_ATTEMPT:
+        return "the installation was interrupted, and again at its retry at boot"
+    return "the installation was interrupted"
 
 
 def harden(config: NodeConfig, listen: bool = True) -> int:
-    """What statemesh-harden.service runs: the transaction or the re-assert, then listen."""
-    book = journal.Journal()
-    ordered = guarantees.ordered(config)
+    """What statemesh-harden.service runs: boot_action's action, then listen."""
     requested = REQUEST.exists()
     REQUEST.unlink(missing_ok=True)
+    return act(journal.Journal(), guarantees.ordered(config), requested, listen, preflight.check)
+
+
+def act(book: journal.Journal, ordered: Sequence[Guarantee], requested: bool, listen: bool,
+        check_preflight: Callable[[], preflight.Report]) -> int:
+    """Do what boot_action says; the unit's exit status."""
     try:
         action = boot_action(book, requested)
         if action == TRANSACTION:
-            transaction(book, ordered, preflight.check)
+            transaction(book, ordered, check_preflight)
+        elif action == RETRY:
+            return _retry_at_boot(book, ordered, listen, check_preflight)
+        elif action == GIVE_BACK:
+            return _give_back_at_boot(book, ordered, interrupted_reason(book.state()))
         elif action == REASSERT:
             reapply_at_boot(book, ordered, HARDEN_UNIT)
         else:
@@ -146,12 +192,45 @@ def harden(config: NodeConfig, listen: bool = True) -> int:
     except (InstallError, journal.RebootRequiredError, journal.JournalError) as error:
         print(f"statemesh-node: {error}", file=sys.stderr)
         return 1
+    return _hardened(book, ordered, listen)
+
+
+def _hardened(book: journal.Journal, ordered: Sequence[Guarantee], listen: bool) -> int:
     print("statemesh-node: hardened, every guarantee holds", flush=True)
     if not listen:
         sdnotify.ready()
         return 0
     asyncio.run(tamper.listen(ordered, book, ready=sdnotify.ready))
     return 0
+
+
+def _retry_at_boot(book: journal.Journal, ordered: Sequence[Guarantee], listen: bool,
+                   check_preflight: Callable[[], preflight.Report]) -> int:
+    """The installation interrupted in an earlier boot, run again from the start; nobody is
+    logged in at boot, so preflight holds unless the machine itself has changed."""
+    attempt = book.state().attempt + 1
+    print("statemesh-node: the installation was interrupted in an earlier boot; running it "
+          f"again (attempt {attempt})", flush=True)
+    try:
+        transaction(book, ordered, check_preflight, attempt=attempt)
+    except InstallError as error:
+        return _give_back_at_boot(book, ordered, f"its retry at boot failed: {error}")
+    return _hardened(book, ordered, listen)
+
+
+def _give_back_at_boot(book: journal.Journal, ordered: Sequence[Guarantee], why: str) -> int:
+    """Give the machine back from the harden unit. Ready first: what is given back (sshd,
+    the gettys) is ordered after this unit, and its start jobs would wait for it forever."""
+    print(f"statemesh-node: giving the machine back: {why}", flush=True)
+    sdnotify.ready()
+    try:
+        errors = give_back(book, ordered, why)
+    except InstallError as error:
+        print(f"statemesh-node: {error}", file=sys.stderr)
+        return 1
+    for error in errors:
+        print(f"statemesh-node: not given back: {error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 async def _run_harden_unit() -> None:
@@ -222,8 +301,10 @@ async def _stop_harden_unit() -> None:
         await manager.stop_unit(HARDEN_UNIT)
 
 
-def revert_all(book: journal.Journal, ordered: Sequence[Guarantee]) -> List[str]:
+def revert_all(book: journal.Journal, ordered: Sequence[Guarantee],
+               final: str = journal.REMOVED, reason: str = "") -> List[str]:
     """Revert in reverse order from the restore record; returns what could not be given back.
+    When everything was given back, the record is spent and the state becomes `final`.
 
     The data guarantee (holds_workload_data, last in the list) comes first: if the workload
     data cannot be destroyed, nothing is given back (InstallError). Otherwise every other
@@ -245,7 +326,7 @@ def revert_all(book: journal.Journal, ordered: Sequence[Guarantee]) -> List[str]
         book.record("reverted", guarantee=guarantee.name)
     if not errors:
         book.forget_restore_record()
-        book.set_state(journal.REMOVED)
+        book.set_state(final, reason=reason)
     return errors
 
 
@@ -262,3 +343,55 @@ def uninstall(config: NodeConfig) -> int:
     for error in errors:
         _complain(f"not restored: {error}")
     return 1 if errors else 0
+
+
+DPKG_STATUS = Path("/var/lib/dpkg/status")
+PACKAGE = "statemesh-node"
+
+
+def dpkg_state(status_file: Path = DPKG_STATUS) -> str:
+    """dpkg's state of the package ("installed", "half-configured", "unpacked", ...), or
+    "not-installed"; read from dpkg's own database, which apt and dpkg keep consistent."""
+    try:
+        with open(status_file, encoding="utf-8") as database:
+            for paragraph in Deb822.iter_paragraphs(database):
+                if paragraph.get("Package") == PACKAGE:
+                    return paragraph.get("Status", "").split()[-1]
+    except OSError:
+        return "unknown"
+    return "not-installed"
+
+
+def installation_finding(book: journal.Journal, status_file: Path = DPKG_STATUS) -> Finding:
+    """Where the installation stands, for status: it holds only on an installed node; when
+    the node was installed at boot after an interruption, dpkg's state lags until the next
+    apt run, and the detail says so."""
+    try:
+        state = book.state()
+    except journal.JournalError as error:
+        return Finding("installation", False, str(error))
+    facts = {"state": state.state, "attempt": state.attempt, "reason": state.reason,
+             "dpkg": dpkg_state(status_file)}
+    if state.installed:
+        detail = f"installed (version {state.version})"
+        if facts["dpkg"] != "installed":
+            detail += (f"; dpkg still has the package {facts['dpkg']} (the installation was "
+                       "completed at boot): the next apt run, or dpkg --configure -a, "
+                       "completes it")
+        return Finding("installation", True, detail, facts)
+    return Finding("installation", False, _not_installed(book, state), facts)
+
+
+def _not_installed(book: journal.Journal, state: journal.InstallState) -> str:
+    if state.state == journal.INSTALLING and state.in_progress():
+        return f"not installed: installing now (pid {state.pid}, attempt {state.attempt})"
+    try:
+        book.require_clean_boot()
+    except journal.RebootRequiredError as error:
+        return f"not installed: {error}"
+    if state.state == journal.GIVEN_BACK:
+        return f"not installed: given back at boot: {state.reason}"
+    if state.state in (journal.INSTALLING, journal.FAILED):
+        return (f"not installed: {interrupted_reason(state)} in an earlier boot "
+                f"(journalctl -u {HARDEN_UNIT} says what this boot did about it)")
+    return f"not installed ({state.state})"

@@ -5,8 +5,8 @@ ephemeral volume, so that purge can still read them):
 
 - journal.jsonl: one JSON line per step (time, boot id, pid, event, details), appended and
   fsynced, so that what happened before a power loss is still there afterwards;
-- state.json: the installation state (installing, installed, failed, removing, removed) with
-  the boot id and the pid of the transaction, replaced atomically;
+- state.json: the installation state (installing, installed, failed, given-back, removing,
+  removed) with the boot id, the pid and the attempt of the transaction, replaced atomically;
 - restore.json: what each guarantee found before it changed anything. The FIRST value
   remembered for a guarantee is kept, so re-applying never overwrites the operator's
   original state with our own.
@@ -15,7 +15,8 @@ ephemeral volume, so that purge can still read them):
 state still says installing, or a step failed) in the current boot leaves the lockdown
 half-applied. Nothing may then run or retry until the boot id changes: a reboot resets
 every runtime state (units stopped half-way, the ephemeral volume, /run), after which the
-installation starts clean. No half-done installation is ever reported as installed.
+installation starts clean. No half-done installation is ever reported as installed. What
+the harden unit does at the boot after one is statemesh.install.boot_action's rule.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 INSTALLING = "installing"
 INSTALLED = "installed"
 FAILED = "failed"
+GIVEN_BACK = "given-back"
 REMOVING = "removing"
 REMOVED = "removed"
 NOT_INSTALLED = "not-installed"
@@ -59,6 +61,8 @@ class InstallState:
     version: str = ""
     reason: str = ""
     time: float = 0.0
+    # 1 for the installation the operator started, 2 for its retry at the next boot.
+    attempt: int = 1
 
     @property
     def installed(self) -> bool:
@@ -167,14 +171,15 @@ class Journal:
         except TypeError as error:
             raise JournalError(f"{self.state_path} is malformed: {error}") from None
 
-    def set_state(self, state: str, reason: str = "") -> None:
+    def set_state(self, state: str, reason: str = "", attempt: int = 1) -> None:
         self._ensure_dir()
         pid = os.getpid()
         current = InstallState(state=state, boot_id=boot_id(), pid=pid,
                                start_ticks=proc.start_ticks(pid) or 0,
-                               version=__version__, reason=reason, time=round(time.time(), 3))
+                               version=__version__, reason=reason, time=round(time.time(), 3),
+                               attempt=attempt)
         _write_atomically(self.state_path, dataclasses.asdict(current))
-        self.record(f"state-{state}", reason=reason)
+        self.record(f"state-{state}", reason=reason, attempt=attempt)
 
     def require_clean_boot(self) -> None:
         """Refuse while an installation interrupted in this boot has left the node half-done."""

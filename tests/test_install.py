@@ -236,3 +236,123 @@ def test_what_the_harden_unit_does_at_boot(book: journal.Journal) -> None:
     install.transaction(book, [Step("ssh", [])], passed)
     assert install.boot_action(book, requested=False) == install.REASSERT
     assert install.boot_action(book, requested=True) == install.TRANSACTION  # upgrade
+
+
+def _state_of_an_earlier_boot(book: journal.Journal, boot: Boot, state: str,
+                              attempt: int = 1) -> None:
+    book.set_state(state, reason="firewall failed: ufw is broken" if state == journal.FAILED
+                   else "", attempt=attempt)
+    boot.reboot()
+
+
+@pytest.mark.parametrize("state, attempt, action", [
+    (journal.INSTALLING, 1, install.RETRY),  # power lost, or killed then rebooted
+    (journal.INSTALLING, 2, install.GIVE_BACK),  # ... and again during the retry at boot
+    (journal.FAILED, 1, install.GIVE_BACK),
+    (journal.FAILED, 2, install.GIVE_BACK),
+    (journal.INSTALLED, 1, install.REASSERT),
+    (journal.GIVEN_BACK, 1, install.IDLE),
+    (journal.REMOVING, 1, install.IDLE),
+    (journal.REMOVED, 1, install.IDLE),
+])
+def test_every_state_left_by_an_earlier_boot_maps_to_one_action(
+        book: journal.Journal, boot: Boot, state: str, attempt: int, action: str) -> None:
+    _state_of_an_earlier_boot(book, boot, state, attempt)
+    assert install.boot_action(book, requested=False) == action
+    assert install.boot_action(book, requested=True) == install.TRANSACTION
+
+
+@pytest.mark.parametrize("state", [journal.INSTALLING, journal.FAILED])
+def test_what_this_boot_left_half_done_waits_for_the_reboot(book: journal.Journal,
+                                                            state: str) -> None:
+    book.set_state(state)  # this process: "installing" is in progress, not interrupted
+    assert install.boot_action(book, requested=False) == install.IDLE
+
+
+def test_an_interrupted_installation_is_run_again_at_boot(book: journal.Journal,
+                                                          boot: Boot) -> None:
+    log: List[Any] = []
+    steps = [Step("ssh", log), Step("firewall", log), Step("storage", log)]
+    _state_of_an_earlier_boot(book, boot, journal.INSTALLING)
+    assert install.act(book, steps, requested=False, listen=False, check_preflight=passed) == 0
+    assert log == [("apply", "ssh"), ("apply", "firewall"), ("apply", "storage")]
+    assert book.state().installed and book.state().attempt == 2
+    assert install.installation_finding(book).holds
+
+
+def test_a_retry_at_boot_that_fails_gives_the_machine_back_at_once(book: journal.Journal,
+                                                                   boot: Boot) -> None:
+    log: List[Any] = []
+    steps = [Step("ssh", log), Step("firewall", log, fail=RuntimeError("ufw is broken")),
+             Step("storage", log)]
+    _state_of_an_earlier_boot(book, boot, journal.INSTALLING)
+    assert install.act(book, steps, requested=False, listen=False, check_preflight=passed) == 0
+    assert [entry[:2] for entry in log] == [("apply", "ssh"), ("apply", "firewall"),
+                                            ("revert", "storage"), ("revert", "firewall"),
+                                            ("revert", "ssh")]
+    state = book.state()
+    assert state.state == journal.GIVEN_BACK
+    assert state.reason == "its retry at boot failed: firewall failed: ufw is broken"
+    assert book.restore_record() == {}
+    finding = install.installation_finding(book)
+    assert not finding.holds
+    assert finding.detail == f"not installed: given back at boot: {state.reason}"
+    book.require_clean_boot()  # the operator may log in and retry at once
+    assert install.boot_action(book, requested=False) == install.IDLE
+
+
+@pytest.mark.parametrize("state, attempt, why", [
+    (journal.FAILED, 1, "firewall failed: ufw is broken"),
+    (journal.INSTALLING, 2, "the installation was interrupted, and again at its retry at boot"),
+])
+def test_a_failed_or_twice_interrupted_installation_is_given_back_at_boot(
+        book: journal.Journal, boot: Boot, state: str, attempt: int, why: str) -> None:
+    log: List[Any] = []
+    steps = [Step("ssh", log), Step("logins", log)]
+    for step in steps:
+        step.apply(book)
+    log.clear()
+    _state_of_an_earlier_boot(book, boot, state, attempt)
+    assert install.act(book, steps, requested=False, listen=False, check_preflight=passed) == 0
+    assert log == [("revert", "logins", {"before": "logins-original"}),
+                   ("revert", "ssh", {"before": "ssh-original"})]
+    assert (book.state().state, book.state().reason) == (journal.GIVEN_BACK, why)
+
+
+def test_a_give_back_that_leaves_something_is_tried_again_at_the_next_boot(
+        book: journal.Journal, boot: Boot) -> None:
+    steps = [Step("ssh", []), Step("firewall", [], revert_fails=True)]
+    _state_of_an_earlier_boot(book, boot, journal.FAILED)
+    assert install.act(book, steps, requested=False, listen=False, check_preflight=passed) == 1
+    assert book.state().state == journal.FAILED
+    boot.reboot()
+    assert install.boot_action(book, requested=False) == install.GIVE_BACK
+
+
+DPKG_STATUS = """Package: other
+Status: install ok installed
+
+Package: statemesh-node
+Status: install ok {}
+Version: 0.1.0
+"""
+
+
+def test_status_says_when_dpkg_lags_behind_an_installation_completed_at_boot(
+        book: journal.Journal, tmp_path: Path) -> None:
+    status_file = tmp_path / "status"
+    install.transaction(book, [Step("ssh", [])], passed)
+    status_file.write_text(DPKG_STATUS.format("installed"))
+    finding = install.installation_finding(book, status_file)
+    assert finding.holds and finding.detail.startswith("installed (version ")
+    status_file.write_text(DPKG_STATUS.format("half-configured"))
+    finding = install.installation_finding(book, status_file)
+    assert finding.holds and "dpkg still has the package half-configured" in finding.detail
+
+
+def test_status_names_an_interrupted_installation_of_this_boot(book: journal.Journal) -> None:
+    child = subprocess.run([sys.executable, "-c", KILLED_MIDWAY, str(book.directory),
+                            str(journal.BOOT_ID_PATH)], cwd=ROOT, capture_output=True, check=False)
+    assert child.returncode == -9, child.stderr
+    finding = install.installation_finding(book)
+    assert not finding.holds and finding.detail.startswith("not installed: reboot required")
