@@ -98,6 +98,13 @@ def _artifact_dir(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture
+def provisioned_node(vm_image: image.Image, deb: Path, repo_disk: Path) -> SavedGuest:
+    """A booted guest ready to install (node.conf written, apt's index read), saved running:
+    guest_factory(saved=provisioned_node) restores it instead of a cold boot."""
+    return snapshot.provisioned_node(vm_image, deb, repo_disk)
+
+
+@pytest.fixture
 def installed_node(vm_image: image.Image, deb: Path, repo_disk: Path) -> SavedGuest:
     """A node installed from `deb` without a TPM (weak), saved running: guest_factory(
     saved=installed_node) restores it in seconds instead of booting and installing."""

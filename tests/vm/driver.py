@@ -372,16 +372,20 @@ class Guest:
         self.put(KEEP_CONFFILES_CONF, KEEP_CONFFILES)
         self.run("sync")
 
-    def install(self, extra_env: Optional[Dict[str, str]] = None, check: bool = True,
-                timeout: float = 600) -> Result:
-        """Install the package exactly as an operator would, from the local repository.
+    def install_prepared(self, timeout: float = 600) -> None:
+        """The repository disk mounted and apt's index of it read: what installing needs.
 
-        Waits for the repository disk first: its nofail mount is not ordered before
-        local-fs.target, so the agent can answer before it is there."""
+        Waits for the disk first: its nofail mount is not ordered before local-fs.target,
+        so the agent can answer before it is there."""
         self.run(f"for i in $(seq 120); do mountpoint -q {REPO_MOUNT} && exit 0; "
                  f"mount {REPO_MOUNT} 2>/dev/null; sleep 1; done; exit 1", timeout=180)
+        self.run("apt-get update -q", env={"DEBIAN_FRONTEND": "noninteractive"}, timeout=timeout)
+
+    def install(self, extra_env: Optional[Dict[str, str]] = None, check: bool = True,
+                timeout: float = 600) -> Result:
+        """Install the package exactly as an operator would, from the local repository."""
+        self.install_prepared(timeout)
         env = {"DEBIAN_FRONTEND": "noninteractive", **(extra_env or {})}
-        self.run("apt-get update -q", env=env, timeout=timeout)
         return self.run("apt-get install -y statemesh-node", env=env, check=check, timeout=timeout)
 
     def host_port(self, guest_port: int) -> int:

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from tests.vm import image, vtpm
 from tests.vm.driver import Guest, SavedGuest
@@ -32,13 +32,13 @@ NODE_CONF = (f"Zone: test-zone\nMesh-Port: {MESH_PORT}\nZone-Peers: {HOST_AS_SEE
 HARNESS = ("driver.py", "qmp.py", "vtpm.py", "snapshot.py")
 
 
-def _key(base: Image, deb: Path, tpm: bool) -> str:
+def _key(base: Image, deb: Path, name: str) -> str:
     digest = hashlib.sha256()
     digest.update(str(base.disk).encode())
     digest.update(hashlib.sha256(deb.read_bytes()).digest())
-    digest.update(NODE_CONF + (b"tpm" if tpm else b"weak"))
-    for name in HARNESS:
-        digest.update((HERE / name).read_bytes())
+    digest.update(NODE_CONF + name.encode())
+    for harness_file in HARNESS:
+        digest.update((HERE / harness_file).read_bytes())
     # A migration stream and a TPM state load only into the QEMU and swtpm that wrote them.
     for tool in (["qemu-system-x86_64", "--version"], ["swtpm", "--version"]):
         digest.update(subprocess.run(tool, capture_output=True, check=True).stdout)
@@ -51,41 +51,29 @@ def _load(directory: Path, tpm: bool) -> SavedGuest:
                       tpm_ca=vtpm.LocalCa(directory / "tpm-ca") if tpm else None)
 
 
-def installed_node(base: Image, deb: Path, repo_disk: Path, tpm: bool,
-                   cache: Path = CACHE) -> SavedGuest:
-    """The saved installed node for this .deb and release, built first if not cached.
+Prepare = Callable[[Path, Optional[vtpm.LocalCa]], Guest]
 
-    With `tpm`, the guest's TPM has an EK certificate from a CA kept with the saved node
-    (SavedGuest.tpm_ca), and the node trusts that CA: it is `tpm` class."""
-    kind = "tpm" if tpm else "weak"
-    target = cache / f"installed-{base.suite}-{kind}-{_key(base, deb, tpm)}"
+
+def _cached(name: str, base: Image, deb: Path, tpm: bool, prepare: Prepare,
+            cache: Path) -> SavedGuest:
+    """The saved guest `name` for this .deb and release, made by `prepare` if not cached."""
+    target = cache / f"{name}-{base.suite}-{_key(base, deb, name)}"
     if not (target / "state").exists():
         # Parallel test workers ask for it at once: one builds, the others wait.
-        with open(cache / f".installed-{base.suite}-{kind}.lock", "w") as lock:
+        with open(cache / f".{name}-{base.suite}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (target / "state").exists():
-                _build(target, base, repo_disk, tpm, cache)
-                image.prune(cache, f"installed-{base.suite}-{kind}", keep=target)
+                _save(target, prepare, tpm, cache)
+                image.prune(cache, f"{name}-{base.suite}", keep=target)
     return _load(target, tpm)
 
 
-def _build(target: Path, base: Image, repo_disk: Path, tpm: bool, cache: Path) -> None:
+def _save(target: Path, prepare: Prepare, tpm: bool, cache: Path) -> None:
     with tempfile.TemporaryDirectory(dir=cache, prefix="build-") as work:
         staging = Path(work) / "saved"
         ca: Optional[vtpm.LocalCa] = vtpm.LocalCa(staging / "tpm-ca") if tpm else None
-        guest = Guest(base, Path(work) / "guest", repo_disk, tpm_ca=ca)
+        guest = prepare(Path(work) / "guest", ca)
         try:
-            guest.boot()
-            guest.wait_until_booted()
-            guest.provision(NODE_CONF)
-            if ca:
-                guest.run("mkdir -p /etc/statemesh/tpm-ca.d")
-                for path in ca.ca_certificates():  # made with the guest's EK certificate
-                    guest.put(f"/etc/statemesh/tpm-ca.d/{path.name}", path.read_bytes())
-            guest.install()
-            guest.wait_until_booted()
-            guest.run(f"for i in $(seq 300); do ss -Hltn 'sport = :{MESH_PORT}' | grep -q . "
-                      "&& exit 0; sleep 0.2; done; exit 1", timeout=120)
             saved = guest.save(staging / "node")
         finally:
             guest.close()
@@ -94,3 +82,50 @@ def _build(target: Path, base: Image, repo_disk: Path, tpm: bool, cache: Path) -
         (staging / "node").rmdir()
         staging.rename(target)
 
+
+def provisioned_node(base: Image, deb: Path, repo_disk: Path, cache: Path = CACHE) -> SavedGuest:
+    """A booted guest as a provisioner leaves it before installing (no TPM): node.conf
+    written, apt's index of the repository read, sshd and a serial getty running. Tests of
+    the installation itself start here instead of a cold boot."""
+
+    def prepare(workdir: Path, ca: Optional[vtpm.LocalCa]) -> Guest:
+        del ca
+        guest = Guest(base, workdir, repo_disk)
+        guest.boot()
+        guest.wait_until_booted()
+        guest.provision(NODE_CONF)
+        guest.install_prepared()
+        return guest
+
+    return _cached("provisioned", base, deb, False, prepare, cache)
+
+
+def installed_node(base: Image, deb: Path, repo_disk: Path, tpm: bool,
+                   cache: Path = CACHE) -> SavedGuest:
+    """The saved installed node for this .deb and release, built first if not cached.
+
+    Without `tpm`, it is the provisioned node, installed. With `tpm`, the guest's TPM has an
+    EK certificate from a CA kept with the saved node (SavedGuest.tpm_ca), and the node
+    trusts that CA: it is `tpm` class (a TPM is there from the first boot on, so this one
+    boots and provisions itself)."""
+
+    def prepare(workdir: Path, ca: Optional[vtpm.LocalCa]) -> Guest:
+        if ca is None:
+            guest = Guest(base, workdir, repo_disk,
+                          saved=provisioned_node(base, deb, repo_disk, cache))
+            guest.boot()
+        else:
+            guest = Guest(base, workdir, repo_disk, tpm_ca=ca)
+            guest.boot()
+            guest.wait_until_booted()
+            guest.provision(NODE_CONF)
+            guest.run("mkdir -p /etc/statemesh/tpm-ca.d")
+            for path in ca.ca_certificates():  # made with the guest's EK certificate
+                guest.put(f"/etc/statemesh/tpm-ca.d/{path.name}", path.read_bytes())
+        guest.install()
+        guest.wait_until_booted()
+        guest.run(f"for i in $(seq 300); do ss -Hltn 'sport = :{MESH_PORT}' | grep -q . "
+                  "&& exit 0; sleep 0.2; done; exit 1", timeout=120)
+        return guest
+
+    return _cached("installed-tpm" if tpm else "installed-weak", base, deb, tpm, prepare, cache)

@@ -17,7 +17,7 @@ from typing import Callable, Dict
 
 import pytest
 
-from tests.vm.driver import Guest
+from tests.vm.driver import Guest, SavedGuest
 
 MESH, SSH, OTHER = 7443, 22, 8080
 PORTS = (MESH, SSH, OTHER)
@@ -96,9 +96,9 @@ def firewall_finding(guest: Guest) -> dict:
 
 @pytest.mark.cost(450)
 def test_only_the_mesh_port_answers_and_only_inside_the_zone(
-    guest_factory: Callable[..., Guest],
+    guest_factory: Callable[..., Guest], provisioned_node: SavedGuest,
 ) -> None:
-    guest = guest_factory(forward_ports=PORTS)
+    guest = guest_factory(forward_ports=PORTS, saved=provisioned_node)
     serve_all_ports(guest)
     assert probe(guest) == {MESH: True, SSH: True, OTHER: True}  # the forwards work
 
@@ -122,8 +122,9 @@ def test_only_the_mesh_port_answers_and_only_inside_the_zone(
 
 
 @pytest.mark.cost(340)
-def test_purge_gives_the_operator_rules_back(guest_factory: Callable[..., Guest]) -> None:
-    guest = guest_factory(forward_ports=(SSH,))
+def test_purge_gives_the_operator_rules_back(guest_factory: Callable[..., Guest],
+                                             provisioned_node: SavedGuest) -> None:
+    guest = guest_factory(forward_ports=(SSH,), saved=provisioned_node)
     settle(guest)
     guest.run("ufw allow 22/tcp && ufw limit 8080/tcp && ufw --force enable", timeout=600)
     before = guest.run("ufw show added && cat /etc/default/ufw /etc/ufw/ufw.conf").stdout
