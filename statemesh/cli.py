@@ -1,4 +1,10 @@
-"""The `statemesh-node` command: one argparse subcommand per operator-facing action."""
+"""The `statemesh-node` command: one argparse subcommand per operator-facing action.
+
+Each command imports the modules it needs when it runs, not when this module loads: the
+boot units run commands (storage setup in sysinit, the firewall, the vTPM's class check)
+that need neither D-Bus nor the TPM stack, and importing everything cost each of them
+seconds on a slow machine (half a second here, tens of seconds under emulation).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from statemesh import (__version__, config, grace, guarantees, install, journal, preflight,
-                       selftest, volume)
-from statemesh.attest import endpoint
-from statemesh.guarantees import firewall, securityclass
+from statemesh import __version__, config, grace
 from statemesh.guarantees.base import FIREWALL_UNIT, Finding
-from statemesh.run import CommandError
-from statemesh.watchdog import daemon
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -48,6 +49,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show, live, whether each guarantee holds; non-zero exit when any does not."""
+    from statemesh import guarantees, install, journal
     node_config = config.load(args.config)
     installation = install.installation_finding(journal.Journal())
     findings = [g.check() for g in guarantees.ordered(node_config)]
@@ -71,6 +73,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_watchdog(args: argparse.Namespace) -> int:
     """Run the terminal watchdog (what statemesh-watchdog.service runs)."""
+    from statemesh.watchdog import daemon
     node_config = config.load(args.config)
     settings = daemon.Settings(
         devpts=args.devpts,
@@ -88,6 +91,7 @@ def cmd_watchdog(args: argparse.Namespace) -> int:
 
 def cmd_storage(args: argparse.Namespace) -> int:
     """Set up or destroy the encrypted /var/lib/statemesh (statemesh-storage.service runs it)."""
+    from statemesh import journal, volume
     store = volume.Volume(config.load(args.config))
     try:
         if args.action == "setup":
@@ -104,11 +108,14 @@ def cmd_storage(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify a node's aTLS evidence: print its class, zone, PCRs and the verdict."""
+    from statemesh.attest import endpoint
     return endpoint.verify(args.target, args.policy, config.load(args.config), args.json)
 
 
 def cmd_atls_serve(args: argparse.Namespace) -> int:
     """Serve this node's aTLS endpoint on the mesh port (statemesh-atls.service runs it)."""
+    from statemesh import journal
+    from statemesh.attest import endpoint
     node_config = config.load(args.config)
     try:
         journal.require_clean_boot()
@@ -120,11 +127,14 @@ def cmd_atls_serve(args: argparse.Namespace) -> int:
 
 def cmd_security_class(args: argparse.Namespace) -> int:
     """Show the node's security class (tpm or weak) and why."""
+    from statemesh.guarantees import securityclass
     return securityclass.print_class(config.load(args.config), args.json, args.is_weak)
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
     """Check whether this machine may become a node; list every reason to refuse."""
+    from statemesh import preflight
+    from statemesh.guarantees import firewall
     report = preflight.check()
     report.facts["firewall_notes"] = firewall.preflight_notes(config.load(args.config))
     if args.json:
@@ -142,6 +152,9 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
 def cmd_firewall(args: argparse.Namespace) -> int:
     """Re-apply the firewall from node.conf on an installed node (statemesh-firewall.service)."""
+    from statemesh import guarantees, install, journal
+    from statemesh.guarantees import firewall
+    from statemesh.run import CommandError
     ordered = guarantees.ordered(config.load(args.config))
     try:
         findings = install.reapply_at_boot(journal.Journal(), ordered, FIREWALL_UNIT)
@@ -161,6 +174,7 @@ def cmd_firewall(args: argparse.Namespace) -> int:
 
 def cmd_selftest(args: argparse.Namespace) -> int:
     """Try every way in that is safe on a live node; non-zero exit if any is open."""
+    from statemesh import selftest
     probes = selftest.run_all(config.load(args.config))
     blocked = all(p.blocked for p in probes)
     if args.json:
@@ -175,17 +189,20 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 def cmd_install(args: argparse.Namespace) -> int:
     """Harden this machine through statemesh-harden.service (the postinst runs this)."""
+    from statemesh import install
     config.load(args.config)
     return install.request_install(quiet=os.environ.get("DEBIAN_FRONTEND") == "noninteractive")
 
 
 def cmd_harden(args: argparse.Namespace) -> int:
     """Run the installation transaction or boot-time lockdown (statemesh-harden.service)."""
+    from statemesh import install
     return install.harden(config.load(args.config), listen=not args.no_listen)
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
     """Destroy the data, then give the machine back (the prerm runs this at removal)."""
+    from statemesh import install
     return install.uninstall(config.load(args.config))
 
 

@@ -2,6 +2,8 @@
 
 The class itself (`tpm` or `weak`) is decided by statemesh.attest.nodeclass; this module
 reports it (`status`, `statemesh-node security-class`) and records it at installation.
+The TPM stack (tpm2-pytss, cryptography) is imported when a class is asked for, not when
+the guarantees are listed: the boot units that list them never ask.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import json
 import sys
 from typing import Any, Dict
 
-from statemesh.attest.nodeclass import classify, vtpm_listening
 from statemesh.config import NodeConfig
 from statemesh.guarantees.base import Finding
 
@@ -27,6 +28,7 @@ class SecurityClass:
         self.config = config
 
     def check(self) -> Finding:
+        from statemesh.attest.nodeclass import classify, vtpm_listening
         found = classify(self.config)
         facts: Dict[str, Any] = {"class": found.security_class, "reason": found.reason}
         if not found.weak:
@@ -39,6 +41,7 @@ class SecurityClass:
 
     def apply(self, journal: Any) -> None:
         """Record the class; the vTPM unit itself is installed and started by the package."""
+        from statemesh.attest.nodeclass import classify
         found = classify(self.config)
         journal.record("security-class", security_class=found.security_class, reason=found.reason)
 
@@ -50,6 +53,7 @@ class SecurityClass:
 def print_class(config: NodeConfig, as_json: bool, exit_zero_if_weak: bool) -> int:
     """Show the security class; with --is-weak, the exit status says whether it is weak
     (statemesh-vtpm.service runs only then)."""
+    from statemesh.attest.nodeclass import classify
     found = classify(config)
     if as_json:
         json.dump({"class": found.security_class, "reason": found.reason}, sys.stdout)
