@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 from statemesh import (__version__, config, grace, guarantees, install, journal, preflight,
                        selftest, volume)
 from statemesh.attest import endpoint
-from statemesh.guarantees import firewall, securityclass
+from statemesh.guarantees import firewall, securityclass, tamper
 from statemesh.guarantees.base import FIREWALL_UNIT, Finding
 from statemesh.run import CommandError
 from statemesh.watchdog import daemon
@@ -50,8 +50,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Show, live, whether each guarantee holds; non-zero exit when any does not."""
     node_config = config.load(args.config)
     installation = install.installation_finding(journal.Journal())
-    findings = [g.check() for g in guarantees.ordered(node_config)]
-    holds = installation.holds and all(f.holds for f in findings)
+    ordered = guarantees.ordered(node_config)
+    listener = tamper.listener_finding(ordered, installation.holds)
+    findings = [g.check() for g in ordered]
+    holds = installation.holds and listener.holds and all(f.holds for f in findings)
     if args.json:
         _print_json(
             {
@@ -59,12 +61,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "zone": node_config.zone,
                 "holds": holds,
                 "installation": installation.as_dict(),
+                "tamper_listener": listener.as_dict(),
                 "guarantees": [f.as_dict() for f in findings],
             }
         )
     else:
         print(f"statemesh-node {__version__}  zone {node_config.zone}")
-        _print_findings([installation, *findings])
+        _print_findings([installation, listener, *findings])
         print("all guarantees hold" if holds else "NOT all guarantees hold")
     return EXIT_OK if holds else EXIT_FAILED
 
