@@ -51,7 +51,7 @@ class Storage:
             mounts = self.volume.mounts()
         except (CommandError, OSError) as error:
             return Finding(self.name, False, f"cannot read the volume: {error}", facts)
-        facts["mounted"] = bool(mounts)
+        facts["mounted"] = any(mount.point == str(self.layout.mount_point) for mount in mounts)
         if status is None:
             return Finding(self.name, False, f"{self.layout.mapper_path} is not set up", facts)
         device = status.get("device", "")
