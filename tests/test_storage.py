@@ -24,6 +24,8 @@ from statemesh import blockdev, cli, config, volume
 from statemesh.guarantees import storage
 from statemesh.run import SAFE_PATH, CommandError
 
+ROOT = Path(__file__).resolve().parent.parent
+
 FAKE = r'''#!/usr/bin/python3
 """Stand-in for cryptsetup, losetup, mkfs.ext4, mount, umount and chattr: logs and obeys."""
 import json, os, sys
@@ -460,6 +462,61 @@ def test_the_storage_check_fails_naming_what_else_is_at_the_mount_point(
     assert not finding.holds
     assert finding.detail == named.format(point=layout.mount_point, volume=volume_number,
                                           seen=f"{os.major(seen)}:{os.minor(seen)}")
+
+
+IN_NAMESPACE = r'''
+"""Inside `unshare --mount --propagation private`: a tmpfs stands in for the volume, the
+attack mounts over it for real, and check() reads the kernel's mountinfo and st_dev."""
+import json, os, subprocess, sys
+from pathlib import Path
+from statemesh import config, volume
+from statemesh.guarantees import storage
+from tests.test_storage import LIVE_STATUS, LIVE_TABLE
+assert os.readlink("/proc/self/ns/mnt") != sys.argv[3], "not in a private mount namespace"
+point, attack = Path(sys.argv[1]), sys.argv[2]
+point.mkdir()
+subprocess.run(["mount", "-t", "tmpfs", "-o", "nodev,nosuid", "volume", str(point)], check=True)
+dev = os.stat(point).st_dev
+dm = point.parent.parent / "sys" / "block" / "dm-0"  # beside the parent that gets covered
+(dm / "dm").mkdir(parents=True)
+(dm / "dm" / "name").write_text("statemesh-test\n")
+(dm / "dev").write_text(f"{os.major(dev)}:{os.minor(dev)}\n")
+if attack == "tmpfs-over":
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "nodev,nosuid", "/dev/mapper/statemesh-test",
+                    str(point)], check=True)
+elif attack == "parent-over":
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(point.parent)], check=True)
+    point.mkdir()
+guarantee = storage.Storage(config.NodeConfig(), volume.Layout(
+    mount_point=point, mapper="statemesh-test", sysfs=dm.parent.parent))
+guarantee.volume.crypt_status = lambda: volume.parse_crypt_status(LIVE_STATUS)
+answers = {"luksDump": "LUKS header information\nKeyslots:\n", "table": LIVE_TABLE}
+guarantee.volume.output = lambda *argv: answers[argv[1]]
+seen = os.stat(point).st_dev  # what the attack put at the path
+print(json.dumps({"finding": guarantee.check().as_dict(), "seen": f"{os.major(seen)}:{os.minor(seen)}"}))
+'''
+
+
+@pytest.mark.parametrize("attack, named", [
+    ("none", ""),
+    ("tmpfs-over", "tmpfs /dev/mapper/statemesh-test ({over}) is mounted at {point}; "
+                   "{point} leads to device {over}, not to the volume"),
+    ("parent-over", "{point} leads to device {over}, not to the volume"),
+], ids=["volume-alone", "tmpfs-over", "parent-over"])
+def test_mounts_over_the_volume_are_found_in_the_kernels_own_view(tmp_path, attack, named):
+    """Real mounts in a private mount namespace (nothing propagates to this host)."""
+    point = tmp_path / "node" / "statemesh"
+    point.parent.mkdir()
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "/usr/bin/python3",
+                           "-c", IN_NAMESPACE, str(point), attack, os.readlink("/proc/self/ns/mnt")],
+                          capture_output=True, text=True, cwd=ROOT, check=False,
+                          env={"PATH": SAFE_PATH, "LC_ALL": "C.UTF-8", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    finding = result["finding"]
+    assert finding["holds"] == (not named), finding["detail"]
+    if named:
+        assert finding["detail"] == named.format(point=point, over=result["seen"])
 
 
 def test_the_storage_check_fails_without_the_kernels_mapper_device(tmp_path, layout):
