@@ -247,7 +247,7 @@ def test_status_fails_when_the_tamper_listener_is_gone_or_stopped(
         f"{HARDEN_UNIT} is not running: nothing re-asserts ssh, logins, rescue when they are undone")
     stopped = tamper.listener_finding(ordered, True, _harden_cgroup(tmp_path, [stopped_process]))
     assert not stopped.holds and stopped.facts["stopped"] == [stopped_process]
-    assert stopped.detail.startswith(f"{HARDEN_UNIT} is stopped (pid {stopped_process} in state T")
+    assert stopped.detail.startswith(f"{HARDEN_UNIT} is stopped (pid {stopped_process}: SIGSTOP or a tracer)")
     # A node that is not installed has no listener, whatever runs in the unit (the transaction).
     installing = tamper.listener_finding(ordered, False, _harden_cgroup(tmp_path / "i", [os.getpid()]))
     assert not installing.holds and installing.detail == "none: the node is not installed"

@@ -388,7 +388,7 @@ def test_guarantee_fails_when_its_process_is_stopped(tmp_path: Path, stopped_pro
     """SIGSTOP leaves the daemon alive (systemd restarts nothing) and watching nothing."""
     finding = _guarantee(tmp_path, f"{stopped_process}\n", enabled=True).check()
     assert not finding.holds and finding.facts["stopped"] == [stopped_process]
-    assert finding.detail == (f"{guarantee.UNIT} stopped (pid {stopped_process} in state T: "
+    assert finding.detail == (f"{guarantee.UNIT} stopped (pid {stopped_process}: "
                               "SIGSTOP or a tracer), ending no terminal, enabled at boot")
 
 

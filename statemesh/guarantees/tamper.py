@@ -49,7 +49,7 @@ def listener_finding(ordered: Sequence[Guarantee], installed: bool,
                        f"re-asserts {names} when they are undone", facts)
     if halted:
         return Finding("tamper_listener", False, f"{HARDEN_UNIT} is stopped (pid "
-                       f"{', '.join(map(str, halted))} in state T: SIGSTOP or a tracer): nothing "
+                       f"{', '.join(map(str, halted))}: SIGSTOP or a tracer): nothing "
                        f"re-asserts {names} when they are undone", facts)
     return Finding("tamper_listener", True, f"{HARDEN_UNIT} running (pid {pids[0]}), "
                    f"re-asserts {names} when they are undone", facts)

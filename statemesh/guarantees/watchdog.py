@@ -38,7 +38,7 @@ class WatchdogGuarantee:
     tamper_watched = False
     holds_workload_data = False
 
-    def __init__(self, config: NodeConfig, cgroup_root: Path = Path("/sys/fs/cgroup"),
+    def __init__(self, config: NodeConfig, cgroup_root: Path = unitprocs.CGROUP_ROOT,
                  unit_dir: Path = Path("/etc/systemd/system"), devpts: str = "/dev/pts"):
         self.config = config
         self.cgroup_root = cgroup_root
@@ -81,7 +81,7 @@ class WatchdogGuarantee:
 
 def _state(pids: List[int], halted: List[int]) -> str:
     if halted:
-        return (f"stopped (pid {', '.join(map(str, halted))} in state T: SIGSTOP or a tracer), "
+        return (f"stopped (pid {', '.join(map(str, halted))}: SIGSTOP or a tracer), "
                 "ending no terminal")
     return "running" if pids else "not running"
 

@@ -61,7 +61,7 @@ def test_status_names_a_mount_over_the_volume_a_stopped_watchdog_and_a_killed_li
     listener = report["tamper_listener"]
     assert not listener["holds"] and "statemesh-harden.service is not running" in listener["detail"]
     assert not found["watchdog"]["holds"]
-    assert f"stopped (pid {watchdog} in state T" in found["watchdog"]["detail"]
+    assert f"stopped (pid {watchdog}: SIGSTOP or a tracer)" in found["watchdog"]["detail"]
     assert not found["storage"]["holds"]
     assert "tmpfs /dev/mapper/statemesh" in found["storage"]["detail"]
     assert "is mounted at /var/lib/statemesh" in found["storage"]["detail"]
