@@ -101,6 +101,20 @@ class Sysfs:
         major, _, minor = (node / "dev").read_text().strip().partition(":")
         return int(major), int(minor)
 
+    def mapped(self, name: str) -> Optional[Tuple[int, int]]:
+        """major:minor of the device-mapper device called `name`, None if there is none.
+
+        The kernel's own record (/sys/block/dm-N/dm/name), not a /dev/mapper node that
+        root can replace with one of another device.
+        """
+        for node in sorted((self.root / "block").glob("dm-*")):
+            try:
+                if (node / "dm" / "name").read_text().strip() == name:
+                    return self._number(node)
+            except OSError:
+                continue  # removed while we looked
+        return None
+
     def disk_of(self, number: Tuple[int, int]) -> Tuple[int, int]:
         """The whole disk a partition belongs to (a disk is its own)."""
         node = self._node(number).resolve()

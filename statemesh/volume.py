@@ -201,15 +201,45 @@ def count_keyslots(luks_dump: str) -> int:
     return count
 
 
-def find_mount(mountinfo: str, mount_point: Path) -> Optional[Tuple[str, List[str]]]:
-    """(source, mount and superblock options) of the top mount at mount_point, or None."""
-    found = None
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo: which file system (device number) is mounted where."""
+
+    number: Tuple[int, int]
+    point: str
+    options: Tuple[str, ...]  # the mount's and the superblock's
+    fstype: str
+    source: str
+
+    def describe(self) -> str:
+        return f"{self.fstype} {self.source} ({self.number[0]}:{self.number[1]})"
+
+
+def parse_mountinfo(mountinfo: str) -> List[Mount]:
+    """Every mount of a mountinfo text, in the kernel's order (oldest first)."""
+    mounts = []
     for line in mountinfo.splitlines():
         before, sep, after = line.partition(" - ")
         fields, tail = before.split(), after.split()
-        if sep and len(fields) >= 6 and len(tail) >= 3 and fields[4] == str(mount_point):
-            found = (tail[1], fields[5].split(",") + tail[2].split(","))
-    return found
+        if not sep or len(fields) < 6 or len(tail) < 3 or ":" not in fields[2]:
+            continue
+        major, _, minor = fields[2].partition(":")
+        mounts.append(Mount((int(major), int(minor)), fields[4],
+                            tuple(fields[5].split(",") + tail[2].split(",")), tail[0], tail[1]))
+    return mounts
+
+
+def mounts_at_or_under(mountinfo: str, mount_point: Path) -> List[Mount]:
+    """The mounts at mount_point or anywhere below it, oldest first."""
+    point = str(mount_point)
+    return [mount for mount in parse_mountinfo(mountinfo)
+            if mount.point == point or mount.point.startswith(point + "/")]
+
+
+def find_mount(mountinfo: str, mount_point: Path) -> Optional[Tuple[str, List[str]]]:
+    """(source, mount and superblock options) of the top mount at mount_point, or None."""
+    found = [mount for mount in parse_mountinfo(mountinfo) if mount.point == str(mount_point)]
+    return (found[-1].source, list(found[-1].options)) if found else None
 
 
 # -- setup and teardown -------------------------------------------------------------------
@@ -235,6 +265,13 @@ class Volume:
 
     def mounted(self) -> Optional[Tuple[str, List[str]]]:
         return find_mount(self._mountinfo(), self.layout.mount_point)
+
+    def mounts(self) -> List[Mount]:
+        """Everything mounted at the mount point or inside it."""
+        return mounts_at_or_under(self._mountinfo(), self.layout.mount_point)
+
+    def mapper_number(self) -> Optional[Tuple[int, int]]:
+        return blockdev.Sysfs(self.layout.sysfs).mapped(self.layout.mapper)
 
     def crypt_status(self) -> Optional[Dict[str, str]]:
         result = self._run("cryptsetup", "status", self.layout.mapper, check=False)

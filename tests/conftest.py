@@ -1,8 +1,32 @@
 """Shared pytest set-up: the tests import the product from this checkout."""
 
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def stopped_process() -> Iterator[int]:
+    """A child of the test stopped by SIGSTOP (state T): a stand-in for a stopped daemon."""
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_STOPPED:
+            assert time.monotonic() < deadline, "the child did not stop"
+            time.sleep(0.01)
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()

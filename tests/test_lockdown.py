@@ -15,8 +15,10 @@ from typing import Any, Dict, List
 
 import pytest
 
-from statemesh import journal, proc, systemd
-from statemesh.guarantees import logins, rescue, ssh, tamper
+from statemesh import cli, guarantees, install, journal, proc, systemd
+from statemesh.config import NodeConfig
+from statemesh.guarantees import logins, rescue, ssh, tamper, unitprocs
+from statemesh.guarantees.base import HARDEN_UNIT, Finding
 from statemesh.guarantees.unitmask import LockdownError
 from tests.fakebus import FakeBus, debian12_units, fakebus  # noqa: F401 - fixture
 
@@ -219,3 +221,45 @@ def test_tamper_listener_reasserts_after_unmask(debian: FakeBus, machine: Machin
     events = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert "tamper-detected" in events and events[-1] == "tamper-reasserted"
     assert machine.ssh.check().holds
+
+
+def _harden_cgroup(tmp_path: Path, pids: List[int]) -> Path:
+    """A stand-in cgroup tree holding statemesh-harden.service's processes."""
+    unit = tmp_path / "cgroup" / "system.slice" / HARDEN_UNIT
+    unit.mkdir(parents=True)
+    (unit / "cgroup.procs").write_text("".join(f"{pid}\n" for pid in pids))
+    return tmp_path / "cgroup"
+
+
+def test_status_says_the_tamper_listener_runs_on_an_installed_node(tmp_path: Path) -> None:
+    ordered = guarantees.ordered(NodeConfig())
+    finding = tamper.listener_finding(ordered, True, _harden_cgroup(tmp_path, [os.getpid()]))
+    assert finding.holds and finding.name == "tamper_listener"
+    assert finding.detail == (f"{HARDEN_UNIT} running (pid {os.getpid()}), re-asserts ssh, "
+                              "logins, rescue when they are undone")
+
+
+def test_status_fails_when_the_tamper_listener_is_gone_or_stopped(
+        tmp_path: Path, stopped_process: int) -> None:
+    ordered = guarantees.ordered(NodeConfig())
+    gone = tamper.listener_finding(ordered, True, tmp_path / "no-cgroup")
+    assert not gone.holds and gone.detail == (
+        f"{HARDEN_UNIT} is not running: nothing re-asserts ssh, logins, rescue when they are undone")
+    stopped = tamper.listener_finding(ordered, True, _harden_cgroup(tmp_path, [stopped_process]))
+    assert not stopped.holds and stopped.facts["stopped"] == [stopped_process]
+    assert stopped.detail.startswith(f"{HARDEN_UNIT} is stopped (pid {stopped_process}: SIGSTOP or a tracer)")
+    # A node that is not installed has no listener, whatever runs in the unit (the transaction).
+    installing = tamper.listener_finding(ordered, False, _harden_cgroup(tmp_path / "i", [os.getpid()]))
+    assert not installing.holds and installing.detail == "none: the node is not installed"
+
+
+def test_status_fails_naming_the_tamper_listener_when_only_it_is_missing(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    installed = Finding("installation", True, "installed (version 0.1.0)")
+    monkeypatch.setattr(install, "installation_finding", lambda book: installed)
+    monkeypatch.setattr(guarantees, "ordered", lambda node_config: [])
+    monkeypatch.setattr(unitprocs, "unit_pids", lambda unit, cgroup_root: [])
+    assert cli.main(["--config", "/nonexistent/node.conf", "status"]) == cli.EXIT_FAILED
+    out = capsys.readouterr().out
+    assert f"FAIL tamper_listener  {HARDEN_UNIT} is not running" in out
+    assert out.rstrip().endswith("NOT all guarantees hold")

@@ -9,6 +9,7 @@ where the key went. The real flow runs in the VM (tests/vm/test_storage.py).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +23,8 @@ import pytest
 from statemesh import blockdev, cli, config, volume
 from statemesh.guarantees import storage
 from statemesh.run import SAFE_PATH, CommandError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FAKE = r'''#!/usr/bin/python3
 """Stand-in for cryptsetup, losetup, mkfs.ext4, mount, umount and chattr: logs and obeys."""
@@ -386,6 +389,142 @@ def test_status_reports_a_volume_that_is_not_set_up(layout, fakes):
     assert not finding.holds and "/dev/mapper/statemesh-test is not set up" in finding.detail
     assert finding.facts["backing"] == f"file {layout.backing_file}"
     assert finding.facts["mounted"] is False
+
+
+LIVE_STATUS = ("/dev/mapper/statemesh-test is active and is in use.\n  type:    LUKS2\n"
+               "  cipher:  aes-xts-plain64\n  keysize: 0 bits\n  device:  /dev/loop0\n"
+               "  loop:    /var/lib/statemesh-node/storage.img\n  size:    16744448 sectors\n")
+LIVE_TABLE = "0 16744448 crypt aes-xts-plain64 :64:logon:cryptsetup:3f2a-d0 0 7:0 32768"
+
+
+def _live(tmp_path: Path, layout: volume.Layout, mounts: str,
+          mapper_number: str = "") -> storage.Storage:
+    """A set-up volume as check() reads it: cryptsetup and dmsetup answers, the kernel's
+    device-mapper record in a stand-in sysfs and a stand-in mountinfo. The volume's number
+    is the mount point's own st_dev unless mapper_number says otherwise; `mounts` are
+    mountinfo lines with {point} and {volume} (that number) to fill in."""
+    layout.mount_point.mkdir()
+    seen = os.stat(layout.mount_point).st_dev
+    number = mapper_number or f"{os.major(seen)}:{os.minor(seen)}"
+    dm = tmp_path / "sys" / "block" / "dm-0"
+    (dm / "dm").mkdir(parents=True)
+    (dm / "dm" / "name").write_text("statemesh-test\n")
+    (dm / "dev").write_text(number + "\n")
+    (tmp_path / "proc" / "self").mkdir(parents=True)
+    (tmp_path / "proc" / "self" / "mountinfo").write_text(
+        "22 1 254:1 / / rw,relatime - ext4 /dev/vda1 rw\n"
+        + mounts.format(point=layout.mount_point, volume=number))
+    live = dataclasses.replace(layout, sysfs=tmp_path / "sys", proc=tmp_path / "proc")
+    guarantee = storage.Storage(config.NodeConfig(), live)
+    guarantee.volume.crypt_status = lambda: volume.parse_crypt_status(LIVE_STATUS)
+    answers = {"luksDump": "LUKS header information\nVersion: 2\n\nKeyslots:\nTokens:\n",
+               "table": LIVE_TABLE}
+    guarantee.volume.output = lambda *argv: answers[argv[1]]
+    return guarantee
+
+
+VOLUME = "40 22 {volume} / {point} rw,nosuid,nodev,noatime - ext4 /dev/mapper/statemesh-test rw\n"
+
+
+def test_the_storage_check_holds_for_the_volume_alone_at_its_mount_point(tmp_path, layout):
+    finding = _live(tmp_path, layout, VOLUME).check()
+    assert finding.holds, finding.detail
+    assert finding.detail.startswith(f"{layout.mount_point}: LUKS2 aes-xts-plain64 512-bit")
+    assert finding.facts["other_mounts"] == []
+
+
+@pytest.mark.parametrize("mounts, mapper_number, named", [
+    # a tmpfs over the volume, given the mapper's name and the volume's options
+    (VOLUME + "41 40 0:99 / {point} rw,nosuid,nodev - tmpfs /dev/mapper/statemesh-test rw\n",
+     "", "tmpfs /dev/mapper/statemesh-test (0:99) is mounted at {point}"),
+    # a plaintext disk where the volume should be, the volume not mounted at all
+    ("41 22 8:17 / {point} rw,nosuid,nodev - ext4 /dev/mapper/statemesh-test rw\n",
+     "", "{point} is not mounted from /dev/mapper/statemesh-test ({volume}); "
+         "ext4 /dev/mapper/statemesh-test (8:17) is mounted at {point}"),
+    # a plaintext disk beneath the volume (mounted first, the volume over it)
+    ("39 22 8:17 / {point} rw - ext4 /dev/sdb1 rw\n" + VOLUME,
+     "", "ext4 /dev/sdb1 (8:17) is mounted at {point}"),
+    # a tmpfs inside the volume
+    (VOLUME + "41 40 0:99 / {point}/work rw,nosuid,nodev - tmpfs tmpfs rw\n",
+     "", "tmpfs tmpfs (0:99) is mounted inside it at {point}/work"),
+    # the volume in place, but the path leads elsewhere (a mount over a parent directory)
+    (VOLUME, "253:7", "{point} leads to device {seen}, not to the volume"),
+    # nodev,nosuid missing
+    ("40 22 {volume} / {point} rw - ext4 /dev/mapper/statemesh-test rw\n",
+     "", "{point} is mounted without nodev,nosuid"),
+], ids=["tmpfs-over", "plaintext-instead", "plaintext-beneath", "tmpfs-inside", "parent-over",
+        "no-nodev"])
+def test_the_storage_check_fails_naming_what_else_is_at_the_mount_point(
+        tmp_path, layout, mounts, mapper_number, named):
+    finding = _live(tmp_path, layout, mounts, mapper_number).check()
+    seen = os.stat(layout.mount_point).st_dev
+    volume_number = mapper_number or f"{os.major(seen)}:{os.minor(seen)}"
+    assert not finding.holds
+    assert finding.detail == named.format(point=layout.mount_point, volume=volume_number,
+                                          seen=f"{os.major(seen)}:{os.minor(seen)}")
+
+
+IN_NAMESPACE = r'''
+"""Inside `unshare --mount --propagation private`: a tmpfs stands in for the volume, the
+attack mounts over it for real, and check() reads the kernel's mountinfo and st_dev."""
+import json, os, subprocess, sys
+from pathlib import Path
+from statemesh import config, volume
+from statemesh.guarantees import storage
+from tests.test_storage import LIVE_STATUS, LIVE_TABLE
+assert os.readlink("/proc/self/ns/mnt") != sys.argv[3], "not in a private mount namespace"
+point, attack = Path(sys.argv[1]), sys.argv[2]
+point.mkdir()
+subprocess.run(["mount", "-t", "tmpfs", "-o", "nodev,nosuid", "volume", str(point)], check=True)
+dev = os.stat(point).st_dev
+dm = point.parent.parent / "sys" / "block" / "dm-0"  # beside the parent that gets covered
+(dm / "dm").mkdir(parents=True)
+(dm / "dm" / "name").write_text("statemesh-test\n")
+(dm / "dev").write_text(f"{os.major(dev)}:{os.minor(dev)}\n")
+if attack == "tmpfs-over":
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "nodev,nosuid", "/dev/mapper/statemesh-test",
+                    str(point)], check=True)
+elif attack == "parent-over":
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(point.parent)], check=True)
+    point.mkdir()
+guarantee = storage.Storage(config.NodeConfig(), volume.Layout(
+    mount_point=point, mapper="statemesh-test", sysfs=dm.parent.parent))
+guarantee.volume.crypt_status = lambda: volume.parse_crypt_status(LIVE_STATUS)
+answers = {"luksDump": "LUKS header information\nKeyslots:\n", "table": LIVE_TABLE}
+guarantee.volume.output = lambda *argv: answers[argv[1]]
+seen = os.stat(point).st_dev  # what the attack put at the path
+print(json.dumps({"finding": guarantee.check().as_dict(), "seen": f"{os.major(seen)}:{os.minor(seen)}"}))
+'''
+
+
+@pytest.mark.parametrize("attack, named", [
+    ("none", ""),
+    ("tmpfs-over", "tmpfs /dev/mapper/statemesh-test ({over}) is mounted at {point}; "
+                   "{point} leads to device {over}, not to the volume"),
+    ("parent-over", "{point} leads to device {over}, not to the volume"),
+], ids=["volume-alone", "tmpfs-over", "parent-over"])
+def test_mounts_over_the_volume_are_found_in_the_kernels_own_view(tmp_path, attack, named):
+    """Real mounts in a private mount namespace (nothing propagates to this host)."""
+    point = tmp_path / "node" / "statemesh"
+    point.parent.mkdir()
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "/usr/bin/python3",
+                           "-c", IN_NAMESPACE, str(point), attack, os.readlink("/proc/self/ns/mnt")],
+                          capture_output=True, text=True, cwd=ROOT, check=False,
+                          env={"PATH": SAFE_PATH, "LC_ALL": "C.UTF-8", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    finding = result["finding"]
+    assert finding["holds"] == (not named), finding["detail"]
+    if named:
+        assert finding["detail"] == named.format(point=point, over=result["seen"])
+
+
+def test_the_storage_check_fails_without_the_kernels_mapper_device(tmp_path, layout):
+    guarantee = _live(tmp_path, layout, VOLUME)
+    (tmp_path / "sys" / "block" / "dm-0" / "dm" / "name").write_text("other\n")
+    finding = guarantee.check()
+    assert not finding.holds
+    assert finding.detail == "the kernel has no device-mapper device named statemesh-test"
 
 
 def test_the_storage_command_stops_at_a_bad_config_before_touching_anything(tmp_path, capsys):

@@ -368,19 +368,28 @@ def _guarantee(tmp_path: Path, pids: str, enabled: bool) -> guarantee.WatchdogGu
 
 
 def test_guarantee_holds_when_the_unit_runs_and_is_enabled(tmp_path: Path) -> None:
-    finding = _guarantee(tmp_path, "1234\n", enabled=True).check()
+    pid = os.getpid()  # a running process stands in for the daemon
+    finding = _guarantee(tmp_path, f"{pid}\n", enabled=True).check()
     assert finding.holds and finding.name == "watchdog"
-    assert finding.facts["pids"] == [1234] and "running (pid 1234)" in finding.detail
+    assert finding.facts["pids"] == [pid] and f"running (pid {pid})" in finding.detail
 
 
-@pytest.mark.parametrize("pids, enabled, detail", [
-    ("", True, "not running, enabled at boot"),
-    ("77\n", False, "running, not enabled at boot"),
+@pytest.mark.parametrize("running, enabled, detail", [
+    (False, True, "not running, enabled at boot"),
+    (True, False, "running, not enabled at boot"),
 ])
-def test_guarantee_fails_when_stopped_or_not_enabled(tmp_path: Path, pids: str, enabled: bool,
+def test_guarantee_fails_when_stopped_or_not_enabled(tmp_path: Path, running: bool, enabled: bool,
                                                      detail: str) -> None:
-    finding = _guarantee(tmp_path, pids, enabled).check()
+    finding = _guarantee(tmp_path, f"{os.getpid()}\n" if running else "", enabled).check()
     assert not finding.holds and finding.detail.endswith(detail)
+
+
+def test_guarantee_fails_when_its_process_is_stopped(tmp_path: Path, stopped_process: int) -> None:
+    """SIGSTOP leaves the daemon alive (systemd restarts nothing) and watching nothing."""
+    finding = _guarantee(tmp_path, f"{stopped_process}\n", enabled=True).check()
+    assert not finding.holds and finding.facts["stopped"] == [stopped_process]
+    assert finding.detail == (f"{guarantee.UNIT} stopped (pid {stopped_process}: "
+                              "SIGSTOP or a tracer), ending no terminal, enabled at boot")
 
 
 def test_periodic_check_ends_what_the_events_missed() -> None:

@@ -2,21 +2,24 @@
 
 The volume itself (layout, key, setup and teardown) is statemesh.volume, which the storage
 unit runs at every boot; this guarantee starts and stops that unit and reads the live
-volume back: LUKS2, 512-bit key, no keyslot left, mounted nodev,nosuid.
+volume back: LUKS2, 512-bit key, no keyslot left, mounted nodev,nosuid, and the one file
+system at /var/lib/statemesh: anything mounted over it or inside it would take the writes
+meant for the volume (a plaintext disk or a tmpfs over it), so it makes the check fail.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Dict
+import os
+from typing import Any, Dict, List
 
 from statemesh import systemd
 from statemesh.config import NodeConfig
 from statemesh.guarantees.base import Finding
 from statemesh.run import CommandError
-from statemesh.volume import (CIPHER, KEY_BYTES, UNIT, Layout, StorageError, Volume, count_keyslots,
-                              human_size, table_key_bits)
+from statemesh.volume import (CIPHER, KEY_BYTES, UNIT, Layout, Mount, StorageError, Volume,
+                              count_keyslots, human_size, table_key_bits)
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +43,15 @@ class Storage:
         return f"file {self.layout.backing_file}"
 
     def check(self) -> Finding:
-        """Backing, cipher, mount, keyslots (must be 0) and size of the live volume."""
+        """Backing, cipher, keyslots (must be 0) and size of the live volume, and that
+        /var/lib/statemesh is that volume and nothing else (see placement_problems)."""
         facts: Dict[str, Any] = {"backing": self.backing_name(), "mount_point": str(self.layout.mount_point)}
         try:
             status = self.volume.crypt_status()
-            mounted = self.volume.mounted()
+            mounts = self.volume.mounts()
         except (CommandError, OSError) as error:
             return Finding(self.name, False, f"cannot read the volume: {error}", facts)
-        facts["mounted"] = mounted is not None
+        facts["mounted"] = any(mount.point == str(self.layout.mount_point) for mount in mounts)
         if status is None:
             return Finding(self.name, False, f"{self.layout.mapper_path} is not set up", facts)
         device = status.get("device", "")
@@ -68,16 +72,45 @@ class Storage:
             problems.append(f"volume is {status.get('type')} {status.get('cipher')} {key_bits}-bit")
         if slots:
             problems.append(f"{slots} active keyslot(s): the key could be recovered from the disk")
-        if mounted is None:
-            problems.append(f"{self.layout.mount_point} is not mounted")
-        elif not {"nodev", "nosuid"} <= set(mounted[1]):
-            problems.append(f"{self.layout.mount_point} is mounted without nodev,nosuid")
+        problems += self.placement_problems(mounts, facts)
         if problems:
             return Finding(self.name, False, "; ".join(problems), facts)
         size = human_size(facts["size"]) if facts["size"] else "unknown size"
         return Finding(self.name, True,
                        f"{self.layout.mount_point}: LUKS2 {CIPHER} 512-bit, 0 keyslots, "
                        f"{size} on {device}", facts)
+
+    def placement_problems(self, mounts: List[Mount], facts: Dict[str, Any]) -> List[str]:
+        """Why /var/lib/statemesh is not the volume alone, mounted nodev,nosuid.
+
+        By device numbers, never by names a mount can be given: the mapper device's number
+        is the kernel's (sysfs), the mounts' are mountinfo's, and the path's is what a
+        program writing there gets (st_dev), which also catches a mount over a parent
+        directory that hides the volume without appearing at its path. Anything else
+        mounted at the path or inside it (a tmpfs, a plaintext disk) is named.
+        """
+        point = self.layout.mount_point
+        number = self.volume.mapper_number()
+        if number is None:
+            return [f"the kernel has no device-mapper device named {self.layout.mapper}"]
+        ours = next((m for m in mounts if m.point == str(point) and m.number == number), None)
+        others = [m for m in mounts if m is not ours]
+        facts["other_mounts"] = [f"{m.describe()} at {m.point}" for m in others]
+        problems = [f"{m.describe()} is mounted {'at' if m.point == str(point) else 'inside it at'} "
+                    f"{m.point}" for m in others]
+        if ours is None:
+            problems.insert(0, f"{point} is not mounted from {self.layout.mapper_path} "
+                               f"({number[0]}:{number[1]})")
+        elif not {"nodev", "nosuid"} <= set(ours.options):
+            problems.append(f"{point} is mounted without nodev,nosuid")
+        try:
+            seen = os.stat(point).st_dev
+        except OSError as error:
+            return problems + [f"cannot read {point}: {error}"]
+        if ours is not None and (os.major(seen), os.minor(seen)) != number:
+            problems.append(f"{point} leads to device {os.major(seen)}:{os.minor(seen)}, "
+                            "not to the volume")
+        return problems
 
     def apply(self, journal: Any) -> None:
         """Start statemesh-storage.service (what every boot does) and confirm the volume.

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 from typing import Any, Callable, List, Sequence, cast
 
 from statemesh import systemd
 from statemesh.events import log
-from statemesh.guarantees.base import Guarantee
+from statemesh.guarantees import unitprocs
+from statemesh.guarantees.base import HARDEN_UNIT, Finding, Guarantee
 from statemesh.guarantees.unitmask import BusGuarantee, LockdownError
 from statemesh.run import CommandError
 
@@ -29,6 +31,28 @@ RECONNECT_DELAY = 1.0
 def watched(ordered: Sequence[Guarantee]) -> List[BusGuarantee]:
     """The guarantees that declare tamper_watched, in order (BusGuarantees, by the protocol)."""
     return [cast(BusGuarantee, guarantee) for guarantee in ordered if guarantee.tamper_watched]
+
+
+def listener_finding(ordered: Sequence[Guarantee], installed: bool,
+                     cgroup_root: Path = unitprocs.CGROUP_ROOT) -> Finding:
+    """Whether the listener runs, for status: on an installed node statemesh-harden.service
+    stays up as the listener, and nothing else re-asserts the lockdown when it is undone.
+    It is not restarted (Restart=no), so a stopped or killed listener stays gone."""
+    pids = unitprocs.unit_pids(HARDEN_UNIT, cgroup_root)
+    halted = unitprocs.stopped(pids)
+    names = ", ".join(guarantee.name for guarantee in watched(ordered))
+    facts = {"unit": HARDEN_UNIT, "pids": pids, "stopped": halted, "watches": names}
+    if not installed:
+        return Finding("tamper_listener", False, "none: the node is not installed", facts)
+    if not pids:
+        return Finding("tamper_listener", False, f"{HARDEN_UNIT} is not running: nothing "
+                       f"re-asserts {names} when they are undone", facts)
+    if halted:
+        return Finding("tamper_listener", False, f"{HARDEN_UNIT} is stopped (pid "
+                       f"{', '.join(map(str, halted))}: SIGSTOP or a tracer): nothing "
+                       f"re-asserts {names} when they are undone", facts)
+    return Finding("tamper_listener", True, f"{HARDEN_UNIT} running (pid {pids[0]}), "
+                   f"re-asserts {names} when they are undone", facts)
 
 
 async def enforce_tampered(manager: systemd.Systemd, lockdown: Sequence[BusGuarantee],

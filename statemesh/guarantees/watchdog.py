@@ -15,6 +15,7 @@ from typing import Any, Dict, List
 
 from statemesh import systemd
 from statemesh.config import NodeConfig
+from statemesh.guarantees import unitprocs
 from statemesh.guarantees.base import Finding
 from statemesh.watchdog import terminals
 
@@ -37,32 +38,28 @@ class WatchdogGuarantee:
     tamper_watched = False
     holds_workload_data = False
 
-    def __init__(self, config: NodeConfig, cgroup_root: Path = Path("/sys/fs/cgroup"),
+    def __init__(self, config: NodeConfig, cgroup_root: Path = unitprocs.CGROUP_ROOT,
                  unit_dir: Path = Path("/etc/systemd/system"), devpts: str = "/dev/pts"):
         self.config = config
-        self.cgroups = [cgroup_root / "system.slice" / UNIT, cgroup_root / "systemd/system.slice" / UNIT]
+        self.cgroup_root = cgroup_root
         self.wants = unit_dir / "multi-user.target.wants" / UNIT
         self.devpts = devpts
 
-    def _pids(self) -> List[int]:
-        for directory in self.cgroups:
-            try:
-                return [int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
-            except OSError:
-                continue
-        return []
-
     def check(self) -> Finding:
-        pids = self._pids()
+        """Running (and not stopped: a SIGSTOPped watchdog ends no terminal, and systemd,
+        seeing it alive, does not restart it) and enabled at boot."""
+        pids = unitprocs.unit_pids(UNIT, self.cgroup_root)
+        halted = unitprocs.stopped(pids)
         enabled = self.wants.is_symlink() or self.wants.exists()
         ptys = len(terminals.ptys(self.devpts)) if os.path.isdir(self.devpts) else 0
-        facts = {"running": bool(pids), "pids": pids, "enabled": enabled, "ptys_now": ptys,
+        facts = {"running": bool(pids) and not halted, "pids": pids, "stopped": halted,
+                 "enabled": enabled, "ptys_now": ptys,
                  "exempt_units": list(self.config.watchdog_exempt_units)}
-        holds = bool(pids) and enabled
+        holds = facts["running"] and enabled
         if holds:
             detail = f"{UNIT} running (pid {pids[0]}), enabled at boot, {ptys} pty(s) in use"
         else:
-            detail = (f"{UNIT} {'running' if pids else 'not running'}, "
+            detail = (f"{UNIT} {_state(pids, halted)}, "
                       f"{'enabled' if enabled else 'not enabled'} at boot")
         return Finding(self.name, holds, detail, facts)
 
@@ -80,6 +77,13 @@ class WatchdogGuarantee:
             PURGE_DROPIN.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 PURGE_DROPIN.parent.rmdir()
+
+
+def _state(pids: List[int], halted: List[int]) -> str:
+    if halted:
+        return (f"stopped (pid {', '.join(map(str, halted))}: SIGSTOP or a tracer), "
+                "ending no terminal")
+    return "running" if pids else "not running"
 
 
 async def _start() -> None:

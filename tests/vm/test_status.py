@@ -35,3 +35,34 @@ def test_status_selftest_and_a_broken_guarantee(installed_guest: Guest) -> None:
     assert broken.returncode == 1
     firewall = next(g for g in json.loads(broken.stdout)["guarantees"] if g["name"] == "firewall")
     assert not firewall["holds"]
+
+
+@pytest.mark.cost(60)
+def test_status_names_a_mount_over_the_volume_a_stopped_watchdog_and_a_killed_listener(
+        installed_guest: Guest) -> None:
+    """What a prepared operator does to a node before lying to its customers with it: each
+    must make status fail, named. The tamper listener is killed (systemd restarts it not,
+    Restart=no: an interrupted transaction must never rerun half-way); the watchdog is
+    stopped rather than killed (systemd would restart a dead one at once); a tmpfs goes over
+    the volume with the volume's options and the mapper's name as its source."""
+    guest = installed_guest
+    assert guest.run("statemesh-node status", check=False).returncode == 0
+    guest.run("kill -KILL $(systemctl show -P MainPID statemesh-harden.service)")
+    watchdog = int(guest.run("systemctl show -P MainPID statemesh-watchdog.service").stdout)
+    guest.run(f"kill -STOP {watchdog}")
+    guest.run("mount -t tmpfs -o nodev,nosuid /dev/mapper/statemesh /var/lib/statemesh")
+    assert guest.run("systemctl is-active statemesh-watchdog.service").stdout.strip() == "active"
+
+    status = guest.run("statemesh-node status --json", check=False)
+    print(guest.run("statemesh-node status", check=False).stdout)
+    assert status.returncode == 1, status.stdout + status.stderr
+    report = json.loads(status.stdout)
+    found = {g["name"]: g for g in report["guarantees"]}
+    listener = report["tamper_listener"]
+    assert not listener["holds"] and "statemesh-harden.service is not running" in listener["detail"]
+    assert not found["watchdog"]["holds"]
+    assert f"stopped (pid {watchdog}: SIGSTOP or a tracer)" in found["watchdog"]["detail"]
+    assert not found["storage"]["holds"]
+    assert "tmpfs /dev/mapper/statemesh" in found["storage"]["detail"]
+    assert "is mounted at /var/lib/statemesh" in found["storage"]["detail"]
+    assert [name for name, g in found.items() if not g["holds"]] == ["watchdog", "storage"]
