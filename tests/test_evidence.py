@@ -41,7 +41,8 @@ def test_arbitrary_bytes_are_refused_cleanly(data: bytes) -> None:
     assert evidence.encode(evidence.decode(data)) == data
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow])
+# No deadline: a test asserts behaviour, never speed (a loaded machine made examples slow).
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(evidences, st.data())
 def test_mutations_are_refused_or_canonical(ev: Evidence, data: st.DataObject) -> None:
     """Flip, insert or delete bytes anywhere: only a clean refusal or another canonical form."""
