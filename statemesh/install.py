@@ -130,7 +130,8 @@ def boot_action(book: journal.Journal, requested: bool) -> str:
     - installed: the re-assert;
     - installing, left by an earlier boot (power lost, or killed and rebooted): the
       transaction again, unless that was already the retry: then give back;
-    - failed in an earlier boot (a step raised): give back;
+    - failed in an earlier boot (a step raised), or a give-back that an earlier boot did not
+      finish: give back;
     - anything of this boot (a transaction interrupted in this boot is "reboot required"),
       not installed after a refusal, given back, removing, removed: nothing.
     """
@@ -144,20 +145,21 @@ def boot_action(book: journal.Journal, requested: bool) -> str:
         return IDLE
     if state.state == journal.INSTALLING:
         return RETRY if state.attempt < LAST_ATTEMPT else GIVE_BACK
-    return GIVE_BACK if state.state == journal.FAILED else IDLE
+    return GIVE_BACK if state.state in (journal.FAILED, journal.GIVING_BACK) else IDLE
 
 
 def give_back(book: journal.Journal, ordered: Sequence[Guarantee], why: str) -> List[str]:
     """Revert every guarantee from the restore record, so that the operator can log in
     again and decide; the node is then "given-back" with `why`. Returns what could not
-    be given back (the state is then left as it was, and the next boot tries again)."""
-    book.record("giving-back", reason=why)
+    be given back (the state stays "giving-back", and the next boot tries again). Until it
+    ends, status says that the machine is being given back, not what failed before."""
+    book.set_state(journal.GIVING_BACK, reason=why, attempt=book.state().attempt)
     return revert_all(book, ordered, final=journal.GIVEN_BACK, reason=why)
 
 
 def interrupted_reason(state: journal.InstallState) -> str:
     """Why an installation left by an earlier boot is given back."""
-    if state.state == journal.FAILED:
+    if state.state in (journal.FAILED, journal.GIVING_BACK):
         return state.reason or "the installation failed"
     if state.attempt >= LAST_ATTEMPT:
         return "the installation was interrupted, and again at its retry at boot"
@@ -385,12 +387,17 @@ def installation_finding(book: journal.Journal, status_file: Path = DPKG_STATUS)
 def _not_installed(book: journal.Journal, state: journal.InstallState) -> str:
     if state.state == journal.INSTALLING and state.in_progress():
         return f"not installed: installing now (pid {state.pid}, attempt {state.attempt})"
+    if state.state == journal.GIVING_BACK and state.in_progress():
+        return f"not installed: giving the machine back now (pid {state.pid}): {state.reason}"
     try:
         book.require_clean_boot()
     except journal.RebootRequiredError as error:
         return f"not installed: {error}"
     if state.state == journal.GIVEN_BACK:
         return f"not installed: given back at boot: {state.reason}"
+    if state.state == journal.GIVING_BACK:
+        return (f"not installed: giving the machine back did not finish ({state.reason}); "
+                "the next boot tries again")
     if state.state in (journal.INSTALLING, journal.FAILED):
         return (f"not installed: {interrupted_reason(state)} in an earlier boot "
                 f"(journalctl -u {HARDEN_UNIT} says what this boot did about it)")

@@ -36,6 +36,7 @@ BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 INSTALLING = "installing"
 INSTALLED = "installed"
 FAILED = "failed"
+GIVING_BACK = "giving-back"
 GIVEN_BACK = "given-back"
 REMOVING = "removing"
 REMOVED = "removed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -251,6 +252,7 @@ def _state_of_an_earlier_boot(book: journal.Journal, boot: Boot, state: str,
     (journal.FAILED, 1, install.GIVE_BACK),
     (journal.FAILED, 2, install.GIVE_BACK),
     (journal.INSTALLED, 1, install.REASSERT),
+    (journal.GIVING_BACK, 1, install.GIVE_BACK),  # the boot ended before the give-back did
     (journal.GIVEN_BACK, 1, install.IDLE),
     (journal.REMOVING, 1, install.IDLE),
     (journal.REMOVED, 1, install.IDLE),
@@ -324,9 +326,18 @@ def test_a_give_back_that_leaves_something_is_tried_again_at_the_next_boot(
     steps = [Step("ssh", []), Step("firewall", [], revert_fails=True)]
     _state_of_an_earlier_boot(book, boot, journal.FAILED)
     assert install.act(book, steps, requested=False, listen=False, check_preflight=passed) == 1
-    assert book.state().state == journal.FAILED
+    state = book.state()
+    assert (state.state, state.reason) == (journal.GIVING_BACK, "firewall failed: ufw is broken")
+    assert install.installation_finding(book).detail == (
+        "not installed: giving the machine back now (pid "
+        f"{os.getpid()}): firewall failed: ufw is broken")
     boot.reboot()
+    assert install.installation_finding(book).detail == (
+        "not installed: giving the machine back did not finish (firewall failed: ufw is "
+        "broken); the next boot tries again")
     assert install.boot_action(book, requested=False) == install.GIVE_BACK
+    assert install.act(book, steps, requested=False, listen=False, check_preflight=passed) == 1
+    assert book.state().reason == "firewall failed: ufw is broken"  # not nested
 
 
 DPKG_STATUS = """Package: other
