@@ -76,7 +76,7 @@ check:
 	      END { printf "  %-11s %5d s %6.1f min\n", "total", sum, sum / 60 }' $(TIMES)
 
 demo: deps deb
-	$(CLEAN_ENV) $(PYTHON) -m tests.vm.demo --deb $(DEB)
+	$(CLEAN_ENV) $(PYTHON) -m harness.vm.demo --deb $(DEB)
 
 clean:
 	rm -rf $(BUILD) .pytest_cache .hypothesis

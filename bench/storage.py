@@ -2,7 +2,7 @@
 
     /usr/bin/python3 -m bench.storage --deb build/statemesh-node_<ver>_all.deb [--size-gib 8]
 
-dm-crypt exists only in the VM, so this boots a guest of the VM harness (tests/vm) with an
+dm-crypt exists only in the VM, so this boots a guest of the VM harness (harness/vm) with an
 extra disk big enough for the backing files, installs the package there, formats the extra
 disk as the bench's work area and runs bench/storage_guest.py in the guest (see there for
 what is measured). The guest's output is printed as it is; its last line is
@@ -16,8 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tests.vm import image
-from tests.vm.driver import Guest
+from harness.vm import image
+from harness.vm.driver import Guest
 
 HERE = Path(__file__).resolve().parent
 WORK_AREA = "/srv/bench"

@@ -19,8 +19,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
-from tests.vm import image, snapshot, vtpm
-from tests.vm.driver import Guest, SavedGuest
+from harness.vm import image, snapshot, vtpm
+from harness.vm.driver import Guest, SavedGuest
 
 ARTIFACTS = image.ROOT / "build" / "vm-artifacts"
 

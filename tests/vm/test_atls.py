@@ -1,6 +1,6 @@
 """Security class and aTLS in real guests, verified from the host through a forwarded port.
 
-Both run restored from saved installed nodes (tests/vm/snapshot.py). A guest whose TPM is
+Both run restored from saved installed nodes (harness/vm/snapshot.py). A guest whose TPM is
 a swtpm with an EK certificate from a private CA (kept with its saved node) is `tpm` once
 the node trusts that CA; a guest without a TPM is `weak` and runs the vTPM.
 The verifier runs on the host, with only the CA's root certificate: the node sends its
@@ -19,8 +19,8 @@ import pytest
 from statemesh.attest import atls
 from statemesh.attest.refusals import ClassRefused
 from statemesh.attest.verifier import Policy, Verifier
-from tests.vm import snapshot, vtpm
-from tests.vm.driver import Guest, SavedGuest
+from harness.vm import snapshot, vtpm
+from harness.vm.driver import Guest, SavedGuest
 
 MESH = snapshot.MESH_PORT
 

@@ -14,8 +14,8 @@ import pytest
 
 from debian.deb822 import Deb822
 
-from tests.vm.driver import Guest
-from tests.vm.image import ROOT
+from harness.vm.driver import Guest
+from harness.vm.image import ROOT
 
 TESTS_DIR = ROOT / "debian" / "tests"
 

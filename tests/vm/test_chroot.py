@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.image import CLEAN_ENV, Image
+from harness.vm.image import CLEAN_ENV, Image
 
 
 def _host_state() -> str:

@@ -17,7 +17,7 @@ from typing import Callable, Dict
 
 import pytest
 
-from tests.vm.driver import Guest, SavedGuest
+from harness.vm.driver import Guest, SavedGuest
 
 MESH, SSH, OTHER = 7443, 22, 8080
 PORTS = (MESH, SSH, OTHER)

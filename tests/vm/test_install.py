@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.vm.driver import Guest, GuestError
+from harness.vm.driver import Guest, GuestError
 
 # What purge may leave changed: apt's and dpkg's own bookkeeping, logs and caches.
 SNAPSHOT = (

@@ -11,8 +11,8 @@ from typing import Callable, Dict, List
 
 import pytest
 
-from tests.vm import driver
-from tests.vm.driver import Guest, SavedGuest
+from harness.vm import driver
+from harness.vm.driver import Guest, SavedGuest
 
 ENV = {"DEBIAN_FRONTEND": "noninteractive"}
 SSH_UNITS = ("ssh.service", "ssh.socket", "sshd.service", "ssh@.service")

@@ -1,6 +1,6 @@
 """Restored guests are fresh: the saved installed node is a starting point, never shared.
 
-Most tests that need an installed node restore a saved one (tests/vm/snapshot.py) instead of
+Most tests that need an installed node restore a saved one (harness/vm/snapshot.py) instead of
 booting and installing. That is only sound if nothing one restored guest does reaches the
 next: each restore runs on its own copy-on-write overlay, its own QEMU and its own TPM
 state. (That a restored guest's TPM still answers is shown by the aTLS test of the tpm
@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from tests.vm.driver import Guest, SavedGuest
+from harness.vm.driver import Guest, SavedGuest
 
 MARKS = ("/root/restored-marker", "/var/lib/statemesh/restored-marker")
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.vm.driver import Guest
+from harness.vm.driver import Guest
 
 GUARANTEES = {"ssh", "logins", "rescue", "firewall", "security_class", "watchdog", "storage"}
 

@@ -14,7 +14,7 @@ from typing import Dict
 
 import pytest
 
-from tests.vm.driver import Guest
+from harness.vm.driver import Guest
 
 MOUNT = "/var/lib/statemesh"
 BACKING = "/var/lib/statemesh-node/storage.img"

@@ -17,9 +17,9 @@ from typing import Dict, List
 
 import pytest
 
-from tests.vm import image
-from tests.vm.driver import KEEP_CONFFILES_CONF, Guest
-from tests.vm.variants import build_variant
+from harness.vm import image
+from harness.vm.driver import KEEP_CONFFILES_CONF, Guest
+from harness.vm.variants import build_variant
 
 UNATTENDED_CONFIG = b"""// The node's operator lets unattended-upgrades take StateMesh's own repository.
 Unattended-Upgrade::Origins-Pattern { "origin=StateMesh,label=StateMesh"; };

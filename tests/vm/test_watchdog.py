@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import pytest
 
-from tests.vm.driver import Guest, quote
+from harness.vm.driver import Guest, quote
 
 UNIT = "statemesh-watchdog.service"
 HOLDER = "import os, time; os.openpty(); time.sleep({})"

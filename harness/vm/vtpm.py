@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from tests.vm.image import CLEAN_ENV
+from harness.vm.image import CLEAN_ENV
 
 
 class LocalCa:

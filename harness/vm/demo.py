@@ -13,12 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.vm import image, vtpm
-from tests.vm.driver import Guest
+from harness.vm import image, vtpm
+from harness.vm.driver import Guest
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m tests.vm.demo")
+    parser = argparse.ArgumentParser(prog="python3 -m harness.vm.demo")
     parser.add_argument("--deb", type=Path, required=True)
     parser.add_argument("--suite", default="bookworm")
     args = parser.parse_args()

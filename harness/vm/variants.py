@@ -12,7 +12,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from tests.vm.image import CLEAN_ENV, ROOT
+from harness.vm.image import CLEAN_ENV, ROOT
 
 BROKEN_PREINST = """#!/bin/sh
 # Test-only: a release whose upgrade fails before anything of it is configured.

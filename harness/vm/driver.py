@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from tests.vm.image import CLEAN_ENV, REPO_MOUNT, Image
-from tests.vm import vtpm
-from tests.vm.qmp import Qmp
+from harness.vm.image import CLEAN_ENV, REPO_MOUNT, Image
+from harness.vm import vtpm
+from harness.vm.qmp import Qmp
 
 BOOT_TIMEOUT = float(os.environ.get("STATEMESH_VM_BOOT_TIMEOUT", "300"))
 BASE_KERNEL_ARGS = "root=LABEL=smroot rw console=ttyS0,115200 systemd.show_status=1"

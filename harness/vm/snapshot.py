@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from tests.vm import image, vtpm
-from tests.vm.driver import Guest, SavedGuest
-from tests.vm.image import CACHE, HERE, Image
+from harness.vm import image, vtpm
+from harness.vm.driver import Guest, SavedGuest
+from harness.vm.image import CACHE, HERE, Image
 
 MESH_PORT = 7443
 HOST_AS_SEEN_BY_GUEST = "10.0.2.2/32"
