@@ -31,6 +31,18 @@ class Finding:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """One way in that selftest tried, and whether the node blocked it."""
+
+    name: str
+    blocked: bool
+    detail: str
+
+    def as_dict(self) -> Dict[str, object]:
+        return dataclasses.asdict(self)
+
+
 class Guarantee(Protocol):
     """A property of the node: read it live, enforce it idempotently, undo it from a record."""
 
