@@ -7,7 +7,10 @@ import signal
 
 import pytest
 
+from statemesh import guarantees, selftest
+from statemesh.config import NodeConfig
 from statemesh.guarantees import storage, watchdog
+from statemesh.guarantees.base import Probe, Step, Way
 
 
 def test_pty_probe_reports_open_when_nothing_kills_the_holder() -> None:
@@ -49,3 +52,27 @@ def test_table_key_reads_a_hex_key_and_refuses_to_guess() -> None:
     for table in (b"0 2048 linear 7:0 0\n", b"0 2048 crypt aes-xts-plain64 - 0 7:0 32768\n"):
         with pytest.raises(ValueError):
             storage.table_key(table)
+
+
+def test_run_all_tries_every_declared_way_by_step_then_in_the_guarantees_order(monkeypatch) -> None:
+    tried = []
+
+    def way(name: str, step: Step) -> Way:
+        return Way(name, step, lambda: tried.append(name) or Probe(name, name != "open", "-"))
+
+    class Declares:
+        def __init__(self, *ways_in: Way) -> None:
+            self._ways = ways_in
+
+        def ways_in(self):
+            return self._ways
+
+    listed = [Declares(way("shell a", Step.SHELL)), Declares(),
+              Declares(way("data", Step.DATA_AT_REST), way("open", Step.SHELL)),
+              Declares(way("terminal", Step.TERMINAL))]
+    monkeypatch.setattr(guarantees, "ordered", lambda config: listed)
+    assert [w.name for w in selftest.ways(NodeConfig())] == ["terminal", "shell a", "open", "data"]
+    assert tried == []  # declaring and ordering tries nothing
+    probes = selftest.run_all(NodeConfig())
+    assert tried == ["terminal", "shell a", "open", "data"]
+    assert [p.blocked for p in probes] == [True, True, False, True]

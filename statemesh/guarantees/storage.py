@@ -14,11 +14,11 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from statemesh import systemd
 from statemesh.config import NodeConfig
-from statemesh.guarantees.base import Finding, Probe
+from statemesh.guarantees.base import Finding, Probe, Step, Way
 from statemesh.run import CommandError, run
 from statemesh.volume import (CIPHER, HEADER_BYTES, KEY_BYTES, UNIT, Layout, Mount, StorageError,
                               Volume, count_keyslots, human_size, table_key_bits)
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # header area and the package's state.
 KEY_FREE_DIRECTORIES = (Path("/var/lib/statemesh-node"), Path("/etc/statemesh"),
                         Path("/run/statemesh-node"))
+KEYSLOTS_PROBE = "storage keyslots"
+KEY_ON_DISK_PROBE = "volume key on disk"
 
 
 class Storage:
@@ -141,19 +143,23 @@ class Storage:
             log.info("storage: %s", step)
         self.volume.release_mount_point()
 
+    def ways_in(self) -> Sequence[Way]:
+        return (Way(KEYSLOTS_PROBE, Step.DATA_AT_REST, self.probe_keyslots),
+                Way(KEY_ON_DISK_PROBE, Step.DATA_AT_REST, self.probe_key_on_disk))
+
     def probe_keyslots(self) -> Probe:
         """selftest: the LUKS header of the volume must hold no keyslot: nothing on disk
         opens it."""
         finding = self.check()
         slots = finding.facts.get("active_keyslots")
         if slots == 0:
-            return Probe("storage keyslots", True, f"0 keyslots on {finding.facts.get('device')}")
-        return Probe("storage keyslots", False, finding.detail)
+            return Probe(KEYSLOTS_PROBE, True, f"0 keyslots on {finding.facts.get('device')}")
+        return Probe(KEYSLOTS_PROBE, False, finding.detail)
 
     def probe_key_on_disk(self) -> Probe:
         """selftest: search the LUKS header area and the package's state for the live
         volume key."""
-        name = "volume key on disk"
+        name = KEY_ON_DISK_PROBE
         finding = self.check()
         device = finding.facts.get("device")
         if not device:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import functools
 from typing import Any, Awaitable, Callable, Dict, FrozenSet, Iterable, List, Sequence, TypeVar
 
-from statemesh.guarantees.base import Finding, Probe
+from statemesh.guarantees.base import Finding, Probe, Step, Way
 from statemesh.systemd import Systemd, SystemdError, UnknownUnitError, manager
 
 T = TypeVar("T")
@@ -183,6 +184,11 @@ class BusGuarantee(abc.ABC):
 async def _with_manager(action: Callable[[Systemd], Awaitable[T]]) -> T:
     async with manager() as systemd_manager:
         return await action(systemd_manager)
+
+
+def start_refused(unit: str) -> Way:
+    """The way in of a unit that would give a shell: selftest asks systemd to start it."""
+    return Way(f"start {unit}", Step.SHELL, functools.partial(refused_start, unit))
 
 
 def refused_start(unit: str) -> Probe:

@@ -12,12 +12,12 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from statemesh import systemd
 from statemesh.config import NodeConfig
 from statemesh.guarantees import unitprocs
-from statemesh.guarantees.base import Finding, Probe
+from statemesh.guarantees.base import Finding, Probe, Step, Way
 from statemesh.watchdog import terminals
 
 UNIT = "statemesh-watchdog.service"
@@ -26,6 +26,7 @@ PURGE_DROPIN = Path(f"/run/systemd/system/{UNIT}.d/50-statemesh-purge.conf")
 SERVICE_INTERFACE = "org.freedesktop.systemd1.Service"
 # How long selftest's pty holder may live before the probe says the watchdog let it be.
 PTY_DEADLINE_SECONDS = 5.0
+PTY_PROBE = "pty"
 
 
 class WatchdogGuarantee:
@@ -47,6 +48,9 @@ class WatchdogGuarantee:
         self.cgroup_root = cgroup_root
         self.wants = unit_dir / "multi-user.target.wants" / UNIT
         self.devpts = devpts
+
+    def ways_in(self) -> Sequence[Way]:
+        return (Way(PTY_PROBE, Step.TERMINAL, probe_pty),)
 
     def check(self) -> Finding:
         """Running (and not stopped: a SIGSTOPped watchdog ends no terminal, and systemd,
@@ -113,7 +117,7 @@ async def _stop() -> None:
 
 def probe_pty(deadline: float = PTY_DEADLINE_SECONDS) -> Probe:
     """Open a pty in a child process and wait for the watchdog to kill the holder."""
-    name = "pty"
+    name = PTY_PROBE
     ready_read, ready_write = os.pipe()
     child = os.fork()
     if child == 0:  # the holder: open a terminal, say so, and wait to be killed
