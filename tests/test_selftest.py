@@ -7,26 +7,29 @@ import signal
 
 import pytest
 
-from statemesh import selftest
+from statemesh import guarantees, selftest
+from statemesh.config import NodeConfig
+from statemesh.guarantees import storage, watchdog
+from statemesh.guarantees.base import Probe, Step, Way
 
 
 def test_pty_probe_reports_open_when_nothing_kills_the_holder() -> None:
     # No watchdog runs in the test: the holder survives, and the probe must say so.
-    probe = selftest.probe_pty(deadline=0.3)
+    probe = watchdog.probe_pty(deadline=0.3)
     assert probe.name == "pty"
     assert not probe.blocked
     assert "stayed open" in probe.detail
 
 
 def test_pty_probe_reports_blocked_when_the_holder_is_killed(monkeypatch) -> None:
-    real_wait = selftest._wait_child
+    real_wait = watchdog._wait_child
 
     def kill_then_wait(pid: int, timeout: float) -> tuple:
         os.kill(pid, signal.SIGKILL)  # stands in for the watchdog
         return real_wait(pid, timeout)
 
-    monkeypatch.setattr(selftest, "_wait_child", kill_then_wait)
-    probe = selftest.probe_pty(deadline=5)
+    monkeypatch.setattr(watchdog, "_wait_child", kill_then_wait)
+    probe = watchdog.probe_pty(deadline=5)
     assert probe.blocked
     assert "killed after" in probe.detail
 
@@ -35,17 +38,41 @@ def test_key_search_finds_a_key_across_chunk_boundaries(tmp_path) -> None:
     key = bytes(range(64))
     path = tmp_path / "state"
     path.write_bytes(b"\0" * ((8 << 20) - 10) + key + b"\0" * 100)
-    assert selftest._contains(path, key, path.stat().st_size)
-    assert not selftest._contains(path, key, 8 << 20)
-    assert not selftest._contains(path, bytes(reversed(key)), path.stat().st_size)
+    assert storage._contains(path, key, path.stat().st_size)
+    assert not storage._contains(path, key, 8 << 20)
+    assert not storage._contains(path, bytes(reversed(key)), path.stat().st_size)
 
 
 def test_table_key_reads_a_hex_key_and_refuses_to_guess() -> None:
     hex_key = "ab" * 64
-    assert selftest.table_key(
+    assert storage.table_key(
         f"0 2048 crypt aes-xts-plain64 {hex_key} 0 7:0 32768\n".encode()) == bytes.fromhex(hex_key)
     keyring = b"0 2048 crypt aes-xts-plain64 :64:logon:cryptsetup:3f1c-d0 0 7:0 32768 1 sector_size:4096\n"
-    assert selftest.table_key(keyring) is None
+    assert storage.table_key(keyring) is None
     for table in (b"0 2048 linear 7:0 0\n", b"0 2048 crypt aes-xts-plain64 - 0 7:0 32768\n"):
         with pytest.raises(ValueError):
-            selftest.table_key(table)
+            storage.table_key(table)
+
+
+def test_run_all_tries_every_declared_way_by_step_then_in_the_guarantees_order(monkeypatch) -> None:
+    tried = []
+
+    def way(name: str, step: Step) -> Way:
+        return Way(name, step, lambda: tried.append(name) or Probe(name, name != "open", "-"))
+
+    class Declares:
+        def __init__(self, *ways_in: Way) -> None:
+            self._ways = ways_in
+
+        def ways_in(self):
+            return self._ways
+
+    listed = [Declares(way("shell a", Step.SHELL)), Declares(),
+              Declares(way("data", Step.DATA_AT_REST), way("open", Step.SHELL)),
+              Declares(way("terminal", Step.TERMINAL))]
+    monkeypatch.setattr(guarantees, "ordered", lambda config: listed)
+    assert [w.name for w in selftest.ways(NodeConfig())] == ["terminal", "shell a", "open", "data"]
+    assert tried == []  # declaring and ordering tries nothing
+    probes = selftest.run_all(NodeConfig())
+    assert tried == ["terminal", "shell a", "open", "data"]
+    assert [p.blocked for p in probes] == [True, True, False, True]

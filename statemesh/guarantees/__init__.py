@@ -1,7 +1,8 @@
 """The ordered list of the node's guarantees.
 
-The installer applies them in this order inside the journaled transaction, `status` and
-`selftest` check all of them, and purge reverts them in reverse order. At boot each unit
+The installer applies them in this order inside the journaled transaction, `status`
+checks all of them, `selftest` tries the ways in each declares (ways_in, put in an
+intruder's order by their step), and purge reverts them in reverse order. At boot each unit
 applies again those whose boot_unit it is, and the tamper listener watches those that
 declare tamper_watched (statemesh.guarantees.base). Adding a guarantee is adding its module
 and one line here.

@@ -3,15 +3,16 @@
 Each guarantee (ssh, logins, rescue, storage, watchdog, firewall, security class)
 is a module exposing an object with this interface, so that the installer, `status`,
 `selftest` and purge can treat them uniformly and adding one is one line in a list.
-What happens to a guarantee at boot and on tampering is declared by the guarantee itself
-(boot_unit, tamper_watched), so that the boot re-assert and the tamper listener are loops
-over the same ordered list too.
+What happens to a guarantee at boot, on tampering and in selftest is declared by the
+guarantee itself (boot_unit, tamper_watched, ways_in), so that the boot re-assert, the
+tamper listener and selftest are loops over the same ordered list too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Protocol
+import enum
+from typing import Any, Callable, Dict, Optional, Protocol, Sequence
 
 # The units that apply guarantees again at every boot of an installed node (boot_unit).
 HARDEN_UNIT = "statemesh-harden.service"
@@ -29,6 +30,38 @@ class Finding:
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """One way in that selftest tried, and whether the node blocked it."""
+
+    name: str
+    blocked: bool
+    detail: str
+
+    def as_dict(self) -> Dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+class Step(enum.IntEnum):
+    """Where a way in stands in an intruder's order, which selftest keeps whatever order the
+    guarantees are applied in: a terminal on the node first, then the services that would
+    give a shell, then the data at rest."""
+
+    TERMINAL = 1
+    SHELL = 2
+    DATA_AT_REST = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Way:
+    """A way in that selftest tries against a guarantee: the name its Probe reports, its
+    step in an intruder's order, and the attempt, which acts on the live node."""
+
+    name: str
+    step: Step
+    attempt: Callable[[], Probe]
 
 
 class Guarantee(Protocol):
@@ -53,3 +86,7 @@ class Guarantee(Protocol):
 
     def revert(self, record: Dict[str, Any]) -> None:
         """Give the operator back what the restore record says was there before."""
+
+    def ways_in(self) -> Sequence[Way]:
+        """The ways in that selftest tries against it, declared, not tried (() for none):
+        selftest orders them before it tries any, and a test reads their names."""

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from statemesh.config import IpNetwork, NodeConfig
-from statemesh.guarantees.base import FIREWALL_UNIT, Finding
+from statemesh.guarantees.base import FIREWALL_UNIT, Finding, Way
 from statemesh.run import CommandError, have, run
 
 NAME = "firewall"
@@ -308,6 +308,9 @@ class Firewall:
 
     def __init__(self, config: NodeConfig):
         self.config = config
+
+    def ways_in(self) -> Sequence[Way]:
+        return ()
 
     def _families(self) -> Tuple[int, ...]:
         return (4, 6) if kernel_has_ipv6() else (4,)

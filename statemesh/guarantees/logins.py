@@ -15,14 +15,14 @@ running until the package manager exits; the watchdog then ends that session.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 
 from statemesh import grace
-from statemesh.guarantees.base import HARDEN_UNIT, Finding
+from statemesh.guarantees.base import HARDEN_UNIT, Finding, Way
 from statemesh.run import CommandError, run
 from statemesh.systemd import Systemd
 from statemesh.guarantees.unitmask import (BusGuarantee, LockdownError, UnitSet, give_back, lock,
-                                snapshot, unlocked, unlocked_problems)
+                                snapshot, start_refused, unlocked, unlocked_problems)
 
 UNITS = UnitSet(("getty@.service", "serial-getty@.service", "autovt@.service",
                  "console-getty.service", "container-getty@.service", "debug-shell.service"),
@@ -65,6 +65,9 @@ class Logins(BusGuarantee):
                  grace_path: Path = grace.GRACE_PATH):
         self.root = root
         self.grace_path = grace_path
+
+    def ways_in(self) -> Sequence[Way]:
+        return (start_refused("getty@tty2.service"), start_refused("serial-getty@ttyS1.service"))
 
     def _spare(self) -> FrozenSet[str]:
         current = grace.current(self.grace_path)

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
-from statemesh.guarantees.base import HARDEN_UNIT, Finding
+from statemesh.guarantees.base import HARDEN_UNIT, Finding, Way
 from statemesh.run import CommandError, have, run
 from statemesh.systemd import Systemd
 from statemesh.guarantees.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked,
@@ -68,6 +68,9 @@ class Rescue(BusGuarantee):
         self.grub_defaults = root / GRUB_DEFAULTS
         self.dropin = root / GRUB_DROPIN
         self.regenerate_grub = regenerate_grub
+
+    def ways_in(self) -> Sequence[Way]:
+        return ()
 
     def _grub_installed(self) -> bool:
         return self.grub_defaults.exists()

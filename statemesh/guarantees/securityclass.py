@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 from statemesh.config import NodeConfig
-from statemesh.guarantees.base import Finding
+from statemesh.guarantees.base import Finding, Way
 
 
 class SecurityClass:
@@ -26,6 +26,9 @@ class SecurityClass:
 
     def __init__(self, config: NodeConfig):
         self.config = config
+
+    def ways_in(self) -> Sequence[Way]:
+        return ()
 
     def check(self) -> Finding:
         from statemesh.attest.nodeclass import classify, vtpm_listening

@@ -19,15 +19,15 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, List
+from typing import Any, Callable, Dict, FrozenSet, List, Sequence
 
 import psutil
 
 from statemesh import grace
-from statemesh.guarantees.base import HARDEN_UNIT, Finding
+from statemesh.guarantees.base import HARDEN_UNIT, Finding, Way
 from statemesh.systemd import Systemd
-from statemesh.guarantees.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot, unlocked,
-                                unlocked_problems)
+from statemesh.guarantees.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot,
+                                start_refused, unlocked, unlocked_problems)
 
 UNITS = UnitSet(("ssh.service", "ssh.socket", "sshd.service", "ssh@.service",
                  "sshd.socket", "sshd@.service"))
@@ -85,6 +85,9 @@ class Ssh(BusGuarantee):
         self.generator = root / GENERATOR
         self.find_sshd = find_sshd
         self.grace_path = grace_path
+
+    def ways_in(self) -> Sequence[Way]:
+        return (start_refused("ssh.service"),)
 
     def _generator_masked(self) -> bool:
         return self.generator.is_symlink() and os.readlink(self.generator) == "/dev/null"

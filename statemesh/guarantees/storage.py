@@ -12,16 +12,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Dict, List
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from statemesh import systemd
 from statemesh.config import NodeConfig
-from statemesh.guarantees.base import Finding
-from statemesh.run import CommandError
-from statemesh.volume import (CIPHER, KEY_BYTES, UNIT, Layout, Mount, StorageError, Volume,
-                              count_keyslots, human_size, table_key_bits)
+from statemesh.guarantees.base import Finding, Probe, Step, Way
+from statemesh.run import CommandError, run
+from statemesh.volume import (CIPHER, HEADER_BYTES, KEY_BYTES, UNIT, Layout, Mount, StorageError,
+                              Volume, count_keyslots, human_size, table_key_bits)
 
 log = logging.getLogger(__name__)
+# Where selftest looks for the volume key, which must never be written there: the LUKS
+# header area and the package's state.
+KEY_FREE_DIRECTORIES = (Path("/var/lib/statemesh-node"), Path("/etc/statemesh"),
+                        Path("/run/statemesh-node"))
+KEYSLOTS_PROBE = "storage keyslots"
+KEY_ON_DISK_PROBE = "volume key on disk"
 
 
 class Storage:
@@ -135,6 +143,42 @@ class Storage:
             log.info("storage: %s", step)
         self.volume.release_mount_point()
 
+    def ways_in(self) -> Sequence[Way]:
+        return (Way(KEYSLOTS_PROBE, Step.DATA_AT_REST, self.probe_keyslots),
+                Way(KEY_ON_DISK_PROBE, Step.DATA_AT_REST, self.probe_key_on_disk))
+
+    def probe_keyslots(self) -> Probe:
+        """selftest: the LUKS header of the volume must hold no keyslot: nothing on disk
+        opens it."""
+        finding = self.check()
+        slots = finding.facts.get("active_keyslots")
+        if slots == 0:
+            return Probe(KEYSLOTS_PROBE, True, f"0 keyslots on {finding.facts.get('device')}")
+        return Probe(KEYSLOTS_PROBE, False, finding.detail)
+
+    def probe_key_on_disk(self) -> Probe:
+        """selftest: search the LUKS header area and the package's state for the live
+        volume key."""
+        name = KEY_ON_DISK_PROBE
+        finding = self.check()
+        device = finding.facts.get("device")
+        if not device:
+            return Probe(name, False, f"no volume to check: {finding.detail}")
+        try:
+            key = _volume_key(self.layout.mapper)
+        except (CommandError, ValueError) as error:
+            return Probe(name, False, f"cannot read the volume key: {error}")
+        if key is None:
+            return Probe(name, True, "the volume key is a logon key in the kernel keyring, "
+                         "which no process can read back")
+        places = [(Path(device), HEADER_BYTES)]
+        places += [(path, path.stat().st_size) for path in _files(KEY_FREE_DIRECTORIES)
+                   if path != self.layout.backing_file]
+        found = [str(path) for path, limit in places if _contains(path, key, limit)]
+        if found:
+            return Probe(name, False, "volume key found in " + ", ".join(found))
+        return Probe(name, True, f"not in the header of {device} nor in {len(places) - 1} state files")
+
 
 async def _unit_job(verb: str) -> None:
     """Start or stop the storage unit over D-Bus and wait for the job's result."""
@@ -144,3 +188,48 @@ async def _unit_job(verb: str) -> None:
         else:
             await manager.stop_unit(UNIT)
 
+
+
+def _volume_key(mapper: str) -> Optional[bytes]:
+    """The volume key as the kernel holds it, None when user space cannot read it back.
+
+    Root can read a hex key from the live table (an honest limit the README states); the
+    selftest holds this copy only for the search and exits right after.
+    """
+    return table_key(run(["dmsetup", "table", "--showkeys", mapper]).stdout)
+
+
+def table_key(table: bytes) -> Optional[bytes]:
+    """The key field of a dm-crypt table line: the key itself when given in hex, None when
+    it is a reference to a logon key in the kernel keyring (cryptsetup >= 2.6 with LUKS2),
+    which by design no process can read back."""
+    match = re.search(rb" crypt \S+ (\S+) ", table)
+    if not match:
+        raise ValueError("no dm-crypt target in the device-mapper table")
+    field = match.group(1)
+    if re.fullmatch(rb":\d+:logon:\S+", field):
+        return None
+    if re.fullmatch(rb"(?:[0-9a-f]{2}){16,}", field):
+        return bytes.fromhex(field.decode())
+    raise ValueError("the dm-crypt key field is neither a hex key nor a logon key reference")
+
+
+def _files(directories: Iterable[Path]) -> Iterable[Path]:
+    for directory in directories:
+        if directory.is_dir():
+            yield from (p for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _contains(path: Path, needle: bytes, limit: int) -> bool:
+    overlap = b""
+    with open(path, "rb") as handle:
+        remaining = limit
+        while remaining > 0:
+            chunk = handle.read(min(8 << 20, remaining))
+            if not chunk:
+                return False
+            if needle in overlap + chunk:
+                return True
+            overlap = chunk[-len(needle):]
+            remaining -= len(chunk)
+    return False

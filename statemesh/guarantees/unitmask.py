@@ -13,9 +13,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import functools
 from typing import Any, Awaitable, Callable, Dict, FrozenSet, Iterable, List, Sequence, TypeVar
 
-from statemesh.guarantees.base import Finding
+from statemesh.guarantees.base import Finding, Probe, Step, Way
 from statemesh.systemd import Systemd, SystemdError, UnknownUnitError, manager
 
 T = TypeVar("T")
@@ -183,3 +184,30 @@ class BusGuarantee(abc.ABC):
 async def _with_manager(action: Callable[[Systemd], Awaitable[T]]) -> T:
     async with manager() as systemd_manager:
         return await action(systemd_manager)
+
+
+def start_refused(unit: str) -> Way:
+    """The way in of a unit that would give a shell: selftest asks systemd to start it."""
+    return Way(f"start {unit}", Step.SHELL, functools.partial(refused_start, unit))
+
+
+def refused_start(unit: str) -> Probe:
+    """selftest's probe of a unit that must not start: ask systemd to start it; blocked
+    only when systemd refuses and the unit is not running (started anyway, it is stopped
+    again)."""
+    try:
+        return asyncio.run(_with_manager(lambda systemd_manager: _try_start(systemd_manager, unit)))
+    except SystemdError as error:
+        return Probe(f"start {unit}", False, f"could not ask systemd: {error}")
+
+
+async def _try_start(systemd_manager: Systemd, unit: str) -> Probe:
+    name = f"start {unit}"
+    try:
+        await systemd_manager.start_unit(unit, timeout=30)
+    except SystemdError as error:
+        if await systemd_manager.get_active_state(unit) in ("active", "activating"):
+            return Probe(name, False, f"refused ({error}) but the unit is running")
+        return Probe(name, True, f"refused: {error}")
+    await systemd_manager.stop_unit(unit)
+    return Probe(name, False, "systemd started it (stopped again by selftest)")

@@ -10,19 +10,23 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from statemesh import systemd
 from statemesh.config import NodeConfig
 from statemesh.guarantees import unitprocs
-from statemesh.guarantees.base import Finding
+from statemesh.guarantees.base import Finding, Probe, Step, Way
 from statemesh.watchdog import terminals
 
 UNIT = "statemesh-watchdog.service"
 # A runtime drop-in lifts RefuseManualStop for purge only; /run is gone at the next boot.
 PURGE_DROPIN = Path(f"/run/systemd/system/{UNIT}.d/50-statemesh-purge.conf")
 SERVICE_INTERFACE = "org.freedesktop.systemd1.Service"
+# How long selftest's pty holder may live before the probe says the watchdog let it be.
+PTY_DEADLINE_SECONDS = 5.0
+PTY_PROBE = "pty"
 
 
 class WatchdogGuarantee:
@@ -44,6 +48,9 @@ class WatchdogGuarantee:
         self.cgroup_root = cgroup_root
         self.wants = unit_dir / "multi-user.target.wants" / UNIT
         self.devpts = devpts
+
+    def ways_in(self) -> Sequence[Way]:
+        return (Way(PTY_PROBE, Step.TERMINAL, probe_pty),)
 
     def check(self) -> Finding:
         """Running (and not stopped: a SIGSTOPped watchdog ends no terminal, and systemd,
@@ -106,3 +113,41 @@ async def _stop() -> None:
         await manager.disable_unit_files([UNIT])
         PURGE_DROPIN.unlink(missing_ok=True)
         await manager.reload()
+
+
+def probe_pty(deadline: float = PTY_DEADLINE_SECONDS) -> Probe:
+    """Open a pty in a child process and wait for the watchdog to kill the holder."""
+    name = PTY_PROBE
+    ready_read, ready_write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the holder: open a terminal, say so, and wait to be killed
+        os.close(ready_read)
+        _master, slave = os.openpty()
+        os.write(ready_write, os.ttyname(slave).encode())
+        time.sleep(deadline * 4)
+        os._exit(0)
+    os.close(ready_write)
+    started = time.monotonic()
+    # The watchdog may kill the holder before it has written the pty's name.
+    terminal = os.read(ready_read, 64).decode() or "a new pty"
+    os.close(ready_read)
+    try:
+        _pid, status = _wait_child(child, deadline)
+    except TimeoutError:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        return Probe(name, False, f"{terminal} stayed open {deadline:.1f} s")
+    elapsed_ms = (time.monotonic() - started) * 1000
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        return Probe(name, True, f"holder of {terminal} killed after {elapsed_ms:.0f} ms")
+    return Probe(name, False, f"holder of {terminal} ended on its own (status {status})")
+
+
+def _wait_child(pid: int, timeout: float) -> tuple:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        finished, status = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            return finished, status
+        time.sleep(0.005)
+    raise TimeoutError
