@@ -166,6 +166,16 @@ def interrupted_reason(state: journal.InstallState) -> str:
     return "the installation was interrupted"
 
 
+def giving_back(state: journal.InstallState) -> str:
+    """Where a give-back stands: under way, or left unfinished (the next boot's harden unit
+    tries again; the journal says what could not be given back)."""
+    if state.in_progress():
+        return f"giving the machine back now (pid {state.pid}): {state.reason}"
+    when = "in this boot" if state.boot_id == journal.boot_id() else "in an earlier boot"
+    return (f"giving the machine back did not finish {when} ({state.reason}); the next boot "
+            f"tries again (journalctl -u {HARDEN_UNIT} says what was left)")
+
+
 def harden(config: NodeConfig, listen: bool = True) -> int:
     """What statemesh-harden.service runs: boot_action's action, then listen."""
     requested = REQUEST.exists()
@@ -187,14 +197,21 @@ def act(book: journal.Journal, ordered: Sequence[Guarantee], requested: bool, li
         elif action == REASSERT:
             reapply_at_boot(book, ordered, HARDEN_UNIT)
         else:
-            print(f"statemesh-node: not installed ({book.state().state}); nothing to do "
-                  f"until the installation is retried (dpkg --configure -a)", flush=True)
+            print(f"statemesh-node: {_idle(book.state())}", flush=True)
             sdnotify.ready()
             return 0
     except (InstallError, journal.RebootRequiredError, journal.JournalError) as error:
         print(f"statemesh-node: {error}", file=sys.stderr)
         return 1
     return _hardened(book, ordered, listen)
+
+
+def _idle(state: journal.InstallState) -> str:
+    """Why the harden unit does nothing now."""
+    if state.state == journal.GIVING_BACK:
+        return f"not installed: {giving_back(state)}"
+    return (f"not installed ({state.state}); nothing to do until the installation is retried "
+            "(dpkg --configure -a)")
 
 
 def _hardened(book: journal.Journal, ordered: Sequence[Guarantee], listen: bool) -> int:
@@ -258,17 +275,20 @@ def _complain(message: str) -> None:
         pass
 
 
-def request_install(quiet: bool) -> int:
+def request_install(quiet: bool, book: Optional[journal.Journal] = None) -> int:
     """What the postinst runs: have the unit do the transaction, wait, report its outcome."""
     if not RUN_SYSTEMD.is_dir():
         _say("statemesh-node: systemd is not running here; the hardening runs at first boot",
              quiet)
         return 0
-    book = journal.Journal()
+    book = book or journal.Journal()
     try:
         book.require_clean_boot()
     except journal.RebootRequiredError as error:
         _complain(str(error))
+        return 1
+    if book.state().state == journal.GIVING_BACK:  # restarting the unit would cut it short
+        _complain(f"refusing to install: {giving_back(book.state())}")
         return 1
     grace.record_installer(os.getpid())
     if not book.state().installed:
@@ -387,17 +407,14 @@ def installation_finding(book: journal.Journal, status_file: Path = DPKG_STATUS)
 def _not_installed(book: journal.Journal, state: journal.InstallState) -> str:
     if state.state == journal.INSTALLING and state.in_progress():
         return f"not installed: installing now (pid {state.pid}, attempt {state.attempt})"
-    if state.state == journal.GIVING_BACK and state.in_progress():
-        return f"not installed: giving the machine back now (pid {state.pid}): {state.reason}"
+    if state.state == journal.GIVING_BACK:
+        return f"not installed: {giving_back(state)}"
     try:
         book.require_clean_boot()
     except journal.RebootRequiredError as error:
         return f"not installed: {error}"
     if state.state == journal.GIVEN_BACK:
         return f"not installed: given back at boot: {state.reason}"
-    if state.state == journal.GIVING_BACK:
-        return (f"not installed: giving the machine back did not finish ({state.reason}); "
-                "the next boot tries again")
     if state.state in (journal.INSTALLING, journal.FAILED):
         return (f"not installed: {interrupted_reason(state)} in an earlier boot "
                 f"(journalctl -u {HARDEN_UNIT} says what this boot did about it)")

@@ -5,8 +5,9 @@ ephemeral volume, so that purge can still read them):
 
 - journal.jsonl: one JSON line per step (time, boot id, pid, event, details), appended and
   fsynced, so that what happened before a power loss is still there afterwards;
-- state.json: the installation state (installing, installed, failed, given-back, removing,
-  removed) with the boot id, the pid and the attempt of the transaction, replaced atomically;
+- state.json: the installation state (installing, installed, failed, giving-back, given-back,
+  removing, removed) with the boot id, the pid and the attempt of the transaction, replaced
+  atomically;
 - restore.json: what each guarantee found before it changed anything. The FIRST value
   remembered for a guarantee is kept, so re-applying never overwrites the operator's
   original state with our own.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -333,8 +334,9 @@ def test_a_give_back_that_leaves_something_is_tried_again_at_the_next_boot(
         f"{os.getpid()}): firewall failed: ufw is broken")
     boot.reboot()
     assert install.installation_finding(book).detail == (
-        "not installed: giving the machine back did not finish (firewall failed: ufw is "
-        "broken); the next boot tries again")
+        "not installed: giving the machine back did not finish in an earlier boot (firewall "
+        "failed: ufw is broken); the next boot tries again (journalctl -u "
+        "statemesh-harden.service says what was left)")
     assert install.boot_action(book, requested=False) == install.GIVE_BACK
     assert install.act(book, steps, requested=False, listen=False, check_preflight=passed) == 1
     assert book.state().reason == "firewall failed: ufw is broken"  # not nested
@@ -367,3 +369,29 @@ def test_status_names_an_interrupted_installation_of_this_boot(book: journal.Jou
     assert child.returncode == -9, child.stderr
     finding = install.installation_finding(book)
     assert not finding.holds and finding.detail.startswith("not installed: reboot required")
+
+
+def _left_by_a_gone_process(book: journal.Journal) -> None:
+    """The state as its process left it, that process being gone (pid 0 is nobody's)."""
+    journal._write_atomically(book.state_path, dataclasses.asdict(
+        dataclasses.replace(book.state(), pid=0)))
+
+
+def test_no_installation_cuts_a_give_back_short(book: journal.Journal, boot: Boot,
+                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """The postinst restarts the harden unit: during a give-back (or after one that did not
+    finish in this boot) that would start a transaction over a half-reverted machine."""
+    monkeypatch.setattr(install, "RUN_SYSTEMD", tmp_path)  # "systemd runs here"
+    book.set_state(journal.GIVING_BACK, reason="its retry at boot failed: firewall failed")
+    assert install.request_install(quiet=True, book=book) == 1
+    assert ("refusing to install: giving the machine back now (pid "
+            f"{os.getpid()}): its retry at boot failed") in capsys.readouterr().err
+    _left_by_a_gone_process(book)
+    assert install.request_install(quiet=True, book=book) == 1
+    assert ("refusing to install: giving the machine back did not finish in this boot "
+            "(its retry at boot failed: firewall failed); the next boot tries again"
+            ) in capsys.readouterr().err
+    assert install.boot_action(book, requested=False) == install.IDLE  # not this boot again
+    boot.reboot()
+    assert install.boot_action(book, requested=False) == install.GIVE_BACK
