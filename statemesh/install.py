@@ -287,11 +287,12 @@ def request_install(quiet: bool, book: Optional[journal.Journal] = None) -> int:
     except journal.RebootRequiredError as error:
         _complain(str(error))
         return 1
-    if book.state().state == journal.GIVING_BACK:  # restarting the unit would cut it short
-        _complain(f"refusing to install: {giving_back(book.state())}")
+    state = book.state()
+    if state.state == journal.GIVING_BACK:  # restarting the unit would cut it short
+        _complain(f"refusing to install: {giving_back(state)}")
         return 1
     grace.record_installer(os.getpid())
-    if not book.state().installed:
+    if not state.installed:
         report = preflight.check()
         if not report.ok:
             _complain("refusing to install; nothing was hardened:")

@@ -189,7 +189,6 @@ async def _unit_job(verb: str) -> None:
             await manager.stop_unit(UNIT)
 
 
-
 def _volume_key(mapper: str) -> Optional[bytes]:
     """The volume key as the kernel holds it, None when user space cannot read it back.
 

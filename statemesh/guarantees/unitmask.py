@@ -188,21 +188,21 @@ async def _with_manager(action: Callable[[Systemd], Awaitable[T]]) -> T:
 
 def start_refused(unit: str) -> Way:
     """The way in of a unit that would give a shell: selftest asks systemd to start it."""
-    return Way(f"start {unit}", Step.SHELL, functools.partial(refused_start, unit))
-
-
-def refused_start(unit: str) -> Probe:
-    """selftest's probe of a unit that must not start: ask systemd to start it; blocked
-    only when systemd refuses and the unit is not running (started anyway, it is stopped
-    again)."""
-    try:
-        return asyncio.run(_with_manager(lambda systemd_manager: _try_start(systemd_manager, unit)))
-    except SystemdError as error:
-        return Probe(f"start {unit}", False, f"could not ask systemd: {error}")
-
-
-async def _try_start(systemd_manager: Systemd, unit: str) -> Probe:
     name = f"start {unit}"
+    return Way(name, Step.SHELL, functools.partial(_probe_start, name, unit))
+
+
+def _probe_start(name: str, unit: str) -> Probe:
+    """Ask systemd to start a unit that must not start: blocked only when systemd refuses
+    and the unit is not running (started anyway, it is stopped again)."""
+    try:
+        return asyncio.run(_with_manager(lambda systemd_manager: _try_start(systemd_manager,
+                                                                            name, unit)))
+    except SystemdError as error:
+        return Probe(name, False, f"could not ask systemd: {error}")
+
+
+async def _try_start(systemd_manager: Systemd, name: str, unit: str) -> Probe:
     try:
         await systemd_manager.start_unit(unit, timeout=30)
     except SystemdError as error:
