@@ -1,6 +1,6 @@
 """The lockdown end to end on a real Debian guest: apt-get install takes SSH, every login
 and every single-user shell away, in one transaction that is never half-done, and purge
-gives them back. An installation cut short (killed, power lost) is finished by the next
+gives them back and leaves nothing behind. An installation cut short (killed, power lost) is finished by the next
 boot with nobody logged in; one that fails is given back at the next boot."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 
 from harness.vm import driver
 from harness.vm.driver import Guest, SavedGuest
+from tests.vm import package
 
 ENV = {"DEBIAN_FRONTEND": "noninteractive"}
 SSH_UNITS = ("ssh.service", "ssh.socket", "sshd.service", "ssh@.service")
@@ -109,11 +110,13 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert enabled(guest, "ssh.service")["ssh.service"] == "enabled"
     assert active(guest, "ssh.service") == "active"
     root_before = root_password_status(guest)
+    paths_before = package.system_paths(guest)
     started = time.monotonic()
     installed = guest.run("apt-get install -y statemesh-node", env=ENV, timeout=900)
     install_seconds = time.monotonic() - started
     said = installed.stdout + installed.stderr
     assert "statemesh-node:" not in said, said  # silent under DEBIAN_FRONTEND=noninteractive
+    package.assert_installed_from_the_local_repository(guest, installed.stdout)
     assert_locked_down(guest)
     steps = {e["event"]: e["time"] for e in events(guest)}
     measured("apt-get install", f"{install_seconds:.1f} s wall, transaction in the guest "
@@ -152,6 +155,7 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert_untouched(guest, root_before)
     assert guest.run("pgrep -x sshd", check=False).returncode == 0
     assert guest.run("test -e /var/lib/statemesh-node", check=False).returncode == 1
+    assert sorted(set(package.system_paths(guest)) - set(paths_before)) == []
 
 
 @pytest.mark.cost(200)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Dict
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
 
 import pytest
 
@@ -20,10 +23,11 @@ MOUNT = "/var/lib/statemesh"
 BACKING = "/var/lib/statemesh-node/storage.img"
 UNIT = "statemesh-storage.service"
 
-# Run in the guest: count occurrences of each needle (hex in $NEEDLES, never in a file or
-# argv) in the given files or block devices, and in every file below the given directories.
+# Run in the guest, or on the host over a copy of its disk: where each needle (hex in
+# $NEEDLES, never in a file or argv) occurs in the given files or block devices, and in
+# every file below the given directories, as JSON {needle: [path, ...]}.
 SCAN = r'''
-import os, sys
+import json, os, sys
 needles = [bytes.fromhex(h) for h in os.environ["NEEDLES"].split()]
 longest = max(map(len, needles))
 hits = {}
@@ -55,7 +59,7 @@ for target in sys.argv[1:]:
                     scan(path)
     else:
         scan(target)
-print(" ".join(sorted({p for paths in hits.values() for p in paths})))
+print(json.dumps(hits))
 '''
 
 
@@ -125,16 +129,39 @@ def _volume_key_reference(guest: Guest) -> str:
     return guest.run("dmsetup table --showkeys statemesh").stdout.split()[4]
 
 
-def _found(guest: Guest, needles, *targets: str) -> str:
+def _needles_env(needles: Sequence[bytes]) -> Dict[str, str]:
+    return {"NEEDLES": " ".join(needle.hex() for needle in needles)}
+
+
+def _found(guest: Guest, needles: Sequence[bytes], *targets: str) -> Dict[str, List[str]]:
+    """Where the needles are in the guest's files, devices or directories."""
     guest.put("/root/scan.py", SCAN.encode())
-    return guest.run("python3 /root/scan.py " + " ".join(targets), timeout=900,
-                     env={"NEEDLES": " ".join(n.hex() for n in needles)}).stdout.strip()
+    return json.loads(guest.run("python3 /root/scan.py " + " ".join(targets), timeout=900,
+                                env=_needles_env(needles)).stdout)
+
+
+def _found_on_the_disk(guest: Guest, needles: Sequence[bytes],
+                       scratch: Path) -> Dict[str, List[str]]:
+    """Where the needles are on the guest's root disk, every file and every freed block of
+    it, read by the host from a copy, as whoever takes the disk out would read it. A canary
+    written to a plain file first must be found: the scan sees what is on the disk."""
+    canary = b"statemesh-canary-" + secrets.token_hex(16).encode()
+    guest.put("/root/canary", canary)
+    raw = guest.copy_root_disk(scratch / "root.raw")
+    try:
+        scan = subprocess.run([sys.executable, "-c", SCAN, str(raw)], capture_output=True,
+                              text=True, check=True, env=_needles_env([canary, *needles]))
+    finally:
+        raw.unlink()
+    hits = json.loads(scan.stdout)
+    assert hits.pop(canary.hex(), None) == [str(raw)], "the scan did not see the disk"
+    return hits
 
 
 @pytest.mark.every_release
 @pytest.mark.cost(600)
-def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace(installed_guest,
-                                                                                 measured):
+def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace(
+        installed_guest: Guest, measured, tmp_path: Path) -> None:
     guest = installed_guest  # installed with Storage-Size: 256M (snapshot.NODE_CONF)
     assert _unit(guest, "UnitFileState")["UnitFileState"] == "enabled"
     facts = _assert_volume(guest, f"file {BACKING}")
@@ -148,7 +175,7 @@ def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace
     needles = [marker] + ([bytes.fromhex(key_field)] if not key_field.startswith(":") else [])
     if key_field.startswith(":"):
         assert ":logon:" in key_field  # the volume key is in the kernel keyring, unreadable
-    assert _found(guest, needles, BACKING) == ""
+    assert _found(guest, needles, BACKING) == {}
 
     # An upgrade (here: a reinstall, which runs prerm upgrade and postinst) never touches it.
     before = _unit(guest, "InvocationID", "ActiveEnterTimestampMonotonic")
@@ -164,7 +191,8 @@ def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace
     assert _volume_key_reference(guest) != key_field or key_field.startswith(":")
     # Neither the marker nor the old volume key anywhere: the raw root disk (every file
     # and every freed block of the root filesystem) and the tmpfs /run.
-    assert _found(guest, needles, _root_disk(guest), "/run") == ""
+    assert _found_on_the_disk(guest, needles, tmp_path) == {}
+    assert _found(guest, needles, "/run") == {}
     timing = _unit(guest, "ExecMainStartTimestampMonotonic", "ExecMainExitTimestampMonotonic")
     setup_s = (int(timing["ExecMainExitTimestampMonotonic"])
                - int(timing["ExecMainStartTimestampMonotonic"])) / 1e6
