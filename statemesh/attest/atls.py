@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from OpenSSL._util import ffi
+from OpenSSL._util import ffi, lib as openssl_lib
 
 from statemesh.attest.attester import Attester
 from statemesh.attest.refusals import ProtocolError, VerificationError
@@ -97,15 +97,37 @@ def _accept_any(_conn: SSL.Connection, _cert: crypto.X509, _errno: int, _depth: 
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def _pyopenssl_libssl() -> ctypes.CDLL:
+    """The system's libssl, once shown to be the one pyOpenSSL's contexts live in: both hand
+    out the same TLS_method table. A cryptography carrying its own static OpenSSL (PyPI's
+    wheels do) would otherwise be given a context of another library, and crash."""
+    libssl = ctypes.CDLL("libssl.so.3")
+    libssl.TLS_method.restype = ctypes.c_void_p
+    if libssl.TLS_method() != int(ffi.cast("uintptr_t", openssl_lib.TLS_method())):
+        raise RuntimeError("pyOpenSSL does not use the system's libssl.so.3 (a cryptography "
+                           "with its own OpenSSL?): cannot turn TLS 1.3 session tickets off")
+    libssl.SSL_CTX_set_num_tickets.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libssl
+
+
 def _no_tickets(context: SSL.Context) -> None:
     """SSL_CTX_set_num_tickets(ctx, 0). In TLS 1.3, OP_NO_TICKET only makes OpenSSL send
-    stateful tickets instead; pyOpenSSL 23 does not bind set_num_tickets, so it is called in
-    the very libssl that pyOpenSSL's context lives in (tests/test_atls.py checks the effect)."""
-    libssl = ctypes.CDLL("libssl.so.3")
-    libssl.SSL_CTX_set_num_tickets.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    stateful tickets instead; pyOpenSSL (21 to 23 at least) does not bind set_num_tickets, so
+    it is called in the libssl pyOpenSSL's context lives in (tests/test_atls.py checks the
+    effect)."""
+    libssl = _pyopenssl_libssl()
     pointer = int(ffi.cast("uintptr_t", context._context))  # noqa: SLF001
     if libssl.SSL_CTX_set_num_tickets(pointer, 0) != 1:
         raise RuntimeError("OpenSSL refused to disable TLS 1.3 session tickets")
+
+
+def _openssl_key(key: ec.EllipticCurvePrivateKey) -> crypto.PKey:
+    """The connection key as pyOpenSSL takes it. PKey.from_cryptography_key converts EC keys
+    only from pyOpenSSL 22 on (Ubuntu 22.04 has 21.0); loading its PKCS#8 form works in all."""
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    return crypto.load_privatekey(crypto.FILETYPE_ASN1, der)
 
 
 @functools.lru_cache(maxsize=32)
@@ -118,7 +140,7 @@ def tls_context(identity: TlsIdentity, server: bool, client_certificate: str = "
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     _no_tickets(context)
     context.use_certificate(crypto.X509.from_cryptography(identity.certificate))
-    context.use_privatekey(crypto.PKey.from_cryptography_key(identity.key))
+    context.use_privatekey(_openssl_key(identity.key))
     mode = SSL.VERIFY_PEER  # clients always want the server's certificate
     if server:  # client_certificate: "none", "optional" or "required"
         mode = {"none": SSL.VERIFY_NONE, "optional": SSL.VERIFY_PEER,
