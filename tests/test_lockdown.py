@@ -206,6 +206,9 @@ def test_tamper_listener_reasserts_after_unmask(debian: FakeBus, machine: Machin
     for guarantee in machine.all:
         guarantee.apply(book)
 
+    def journaled() -> List[str]:
+        return [json.loads(line)["event"] for line in book.journal_path.read_text().splitlines()]
+
     async def scenario() -> List[str]:
         ready = asyncio.Event()
         listener = asyncio.ensure_future(
@@ -213,10 +216,12 @@ def test_tamper_listener_reasserts_after_unmask(debian: FakeBus, machine: Machin
         await asyncio.wait_for(ready.wait(), 30)
         async with systemd.manager() as manager:
             await manager.unmask_unit_files(["ssh.service"])
-            while await manager.get_unit_file_state("ssh.service") != "masked":
-                await asyncio.sleep(0.05)
-            listener.cancel()
-        return [json.loads(line)["event"] for line in book.journal_path.read_text().splitlines()]
+        # The listener journals the re-assert once its read-back has confirmed it: the mask
+        # alone can be seen first, and cancelling then would cut the listener short.
+        while "tamper-reasserted" not in journaled():
+            await asyncio.sleep(0.05)
+        listener.cancel()
+        return journaled()
 
     events = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert "tamper-detected" in events and events[-1] == "tamper-reasserted"
