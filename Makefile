@@ -13,9 +13,10 @@ DEPS := debhelper dh-python python3-all python3-setuptools lintian \
         python3-debian python3-cryptography python3-tpm2-pytss python3-dbus-next \
         python3-psutil python3-openssl python3-pytest python3-pytest-xdist python3-hypothesis \
         cryptsetup-bin ufw swtpm swtpm-tools tpm2-tools dbus util-linux e2fsprogs fdisk \
-        mmdebstrap apt-utils qemu-system-x86 qemu-utils git
+        mmdebstrap apt-utils qemu-system-x86 qemu-utils git \
+        libtss2-dev pkg-config
 
-.PHONY: deps deb lint test vm-test bench check demo clean
+.PHONY: deps deb lint test test-jammy vm-test bench check demo clean
 
 deps:
 	@missing=""; for p in $(DEPS); do \
@@ -44,6 +45,24 @@ NO_TESTS := || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests: fail
 test:
 	$(PYTEST) tests --ignore=tests/vm $(NO_TESTS)
 
+# The host tests again on Ubuntu 22.04's Python (3.10) and library versions, in a test-only
+# virtual environment (tests/jammy-requirements.txt says where each version comes from):
+# code that needs more than jammy offers fails here first. tpm2-pytss is built against
+# libtss2-dev; PyPI's cryptography carries its own OpenSSL, so the tests that open a TLS
+# connection (marked system_libssl) are left to `make test`. Python 3.10 is pyenv's on this
+# project's machines.
+JAMMY_VENV   := $(BUILD)/jammy-venv
+JAMMY_PYTHON := $(firstword $(wildcard /usr/bin/python3.10 $(HOME)/.pyenv/versions/3.10*/bin/python3.10))
+
+test-jammy:
+	@[ -n "$(JAMMY_PYTHON)" ] || { echo "test-jammy: no Python 3.10 here (pyenv install 3.10 gives one)"; exit 1; }
+	rm -rf $(JAMMY_VENV)
+	$(CLEAN_ENV) $(JAMMY_PYTHON) -m venv $(JAMMY_VENV)
+	$(CLEAN_ENV) PIP_DISABLE_PIP_VERSION_CHECK=1 \
+	    $(JAMMY_VENV)/bin/pip install -q -r tests/jammy-requirements.txt
+	$(CLEAN_ENV) $(JAMMY_VENV)/bin/python -m pytest -p no:cacheprovider -m "not system_libssl" \
+	    tests --ignore=tests/vm $(NO_TESTS)
+
 # The VM suite, one run for every release: the whole suite on Debian 12, the tests marked
 # every_release on Debian 13 too, from the same .deb built on Debian 12 (--suites).
 # Guests spend much of their time waiting (boots, reboots, timeouts): two run at once, the
@@ -70,6 +89,7 @@ check:
 	$(call timed,deb,build)
 	$(call timed,lint,lintian)
 	$(call timed,test,host-tests)
+	$(call timed,test-jammy,host-jammy)
 	$(call timed,vm-test,vm-suite)
 	@echo "make check, wall time by part:"; \
 	 awk '{ printf "  %-11s %5d s %6.1f min\n", $$1, $$2, $$2 / 60; sum += $$2 } \

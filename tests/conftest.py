@@ -1,5 +1,7 @@
 """Shared pytest set-up: the tests import the product from this checkout."""
 
+from __future__ import annotations
+
 import os
 import signal
 import subprocess
@@ -14,6 +16,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "system_libssl: opens a TLS connection, which needs pyOpenSSL on the "
+        "system's libssl.so.3 (make test-jammy deselects these; see tests/test_atls.py)")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 import pytest
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from statemesh import cli, journal
 from statemesh.attest import atls
@@ -20,6 +20,11 @@ from statemesh.attest.verifier import Verifier
 from tests.attest_fixtures import PCRS, TpmWorld, policy, world
 
 __all__ = ["world"]
+
+# Tests that open a TLS connection: they need pyOpenSSL on the system's libssl.so.3, where the
+# session-ticket switch is called (make test-jammy deselects them: PyPI's cryptography 3.4.8
+# carries its own OpenSSL, and its source predates OpenSSL 3, which Ubuntu patches it for).
+SYSTEM_LIBSSL = pytest.mark.system_libssl
 
 
 class Running:
@@ -56,6 +61,16 @@ def _client() -> atls.TlsIdentity:
     return atls.TlsIdentity.generate("customer")
 
 
+def test_the_connection_key_reaches_pyopenssl_whole() -> None:
+    """pyOpenSSL takes the EC connection key, in every version the node runs with (21.0, on
+    Ubuntu 22.04, converts no EC key from cryptography directly)."""
+    key = _client().key
+    converted = atls._openssl_key(key)  # noqa: SLF001
+    assert converted.type() == crypto.TYPE_EC
+    assert converted.to_cryptography_key().private_numbers() == key.private_numbers()
+
+
+@SYSTEM_LIBSSL
 def test_client_verifies_a_tpm_node(world: TpmWorld, endpoint: Running) -> None:
     connection = atls.connect(endpoint.address, Verifier(policy(world.ca_dir)), _client())
     assert connection.peer is not None
@@ -63,6 +78,7 @@ def test_client_verifies_a_tpm_node(world: TpmWorld, endpoint: Running) -> None:
     connection.close()
 
 
+@SYSTEM_LIBSSL
 def test_optional_mutual_endpoint_serves_customers_and_verifies_peers(world: TpmWorld,
                                                                      node: Attester) -> None:
     seen = []
@@ -80,12 +96,14 @@ def test_optional_mutual_endpoint_serves_customers_and_verifies_peers(world: Tpm
     assert len(seen) == 2 and peers == ["us-east"]  # the customer did not attest
 
 
+@SYSTEM_LIBSSL
 def test_policy_refusal_reaches_the_client_with_its_own_error(world: TpmWorld, endpoint: Running) -> None:
     with pytest.raises(ClassRefused):
         atls.connect(endpoint.address, Verifier(policy(world.ca_dir, allowed_classes=frozenset({"weak"}))),
                      _client())
 
 
+@SYSTEM_LIBSSL
 def test_mutual_atls_between_a_tpm_node_and_a_weak_node(world: TpmWorld, node: Attester) -> None:
     seen = []
     server = atls.AtlsServer(("127.0.0.1", 0), node, atls.TlsIdentity.generate("server"),
@@ -133,6 +151,7 @@ class Relay:
             node_sock.close()
 
 
+@SYSTEM_LIBSSL
 @pytest.mark.parametrize("attacker_key, error", [("own", TlsKeyMismatch), ("stolen", SessionMismatch)])
 def test_relayed_evidence_is_rejected(world: TpmWorld, node: Attester, attacker_key: str,
                                       error: type) -> None:
@@ -147,6 +166,7 @@ def test_relayed_evidence_is_rejected(world: TpmWorld, node: Attester, attacker_
         running.stop()
 
 
+@SYSTEM_LIBSSL
 def test_quote_rate_limit_refuses_cleanly(world: TpmWorld, node: Attester) -> None:
     limiter = atls.QuoteLimiter(rate=1000, per_source_rate=2)  # burst of one per source
     running = Running(atls.AtlsServer(("127.0.0.1", 0), node, _client(), limiter=limiter))
@@ -178,11 +198,13 @@ def _plain_tls(address: Tuple[str, int], method_max: Optional[int] = None) -> SS
     return connection
 
 
+@SYSTEM_LIBSSL
 def test_tls_1_2_is_refused(endpoint: Running) -> None:
     with pytest.raises(SSL.Error):
         _plain_tls(endpoint.address, method_max=SSL.TLS1_2_VERSION)
 
 
+@SYSTEM_LIBSSL
 def test_no_session_is_resumed(endpoint: Running) -> None:
     """No ticket is issued and an offered session is not resumed (stdlib ssl reports both)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -209,6 +231,7 @@ def _cli(*argv: str) -> int:
     return cli.main(["--config", "/nonexistent/node.conf", *argv])
 
 
+@SYSTEM_LIBSSL
 def test_verify_command_prints_class_zone_pcrs_and_verdict(
         world: TpmWorld, endpoint: Running, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     target = f"{endpoint.address[0]}:{endpoint.address[1]}"
@@ -228,6 +251,7 @@ def test_verify_command_prints_class_zone_pcrs_and_verdict(
     assert json.loads(capsys.readouterr().out)["code"] == "zone-refused"
 
 
+@SYSTEM_LIBSSL
 def test_verify_command_without_policy_uses_node_conf_cas(endpoint: Running,
                                                           capsys: pytest.CaptureFixture) -> None:
     """The built-in policy trusts node.conf's TPM-CA-Dir: absent here, so the EK is untrusted."""
