@@ -6,6 +6,7 @@ import json
 import socket
 import ssl
 import threading
+import types
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
@@ -68,6 +69,21 @@ def test_the_connection_key_reaches_pyopenssl_whole() -> None:
     converted = atls._openssl_key(key)  # noqa: SLF001
     assert converted.type() == crypto.TYPE_EC
     assert converted.to_cryptography_key().private_numbers() == key.private_numbers()
+
+
+def test_a_libssl_that_is_not_pyopenssls_is_refused_not_called(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ticket switch is never called in a library the context does not live in (PyPI's
+    cryptography carries its own OpenSSL): a clear error instead of a crash."""
+    def tls_method_elsewhere() -> int:
+        return 1  # not the address of pyOpenSSL's TLS_method table
+
+    other_libssl = types.SimpleNamespace(TLS_method=tls_method_elsewhere)
+    atls._pyopenssl_libssl.cache_clear()  # noqa: SLF001
+    monkeypatch.setattr(atls.ctypes, "CDLL", lambda name: other_libssl)
+    with pytest.raises(RuntimeError, match="does not use the system's libssl.so.3"):
+        atls.tls_context(_client(), server=True)
+    atls._pyopenssl_libssl.cache_clear()  # noqa: SLF001
 
 
 @SYSTEM_LIBSSL

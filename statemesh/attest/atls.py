@@ -102,7 +102,11 @@ def _pyopenssl_libssl() -> ctypes.CDLL:
     """The system's libssl, once shown to be the one pyOpenSSL's contexts live in: both hand
     out the same TLS_method table. A cryptography carrying its own static OpenSSL (PyPI's
     wheels do) would otherwise be given a context of another library, and crash."""
-    libssl = ctypes.CDLL("libssl.so.3")
+    try:
+        libssl = ctypes.CDLL("libssl.so.3")
+    except OSError as error:
+        raise RuntimeError(f"no libssl.so.3 ({error}): cannot turn TLS 1.3 session tickets "
+                           "off") from None
     libssl.TLS_method.restype = ctypes.c_void_p
     if libssl.TLS_method() != int(ffi.cast("uintptr_t", openssl_lib.TLS_method())):
         raise RuntimeError("pyOpenSSL does not use the system's libssl.so.3 (a cryptography "
@@ -124,10 +128,14 @@ def _no_tickets(context: SSL.Context) -> None:
 
 def _openssl_key(key: ec.EllipticCurvePrivateKey) -> crypto.PKey:
     """The connection key as pyOpenSSL takes it. PKey.from_cryptography_key converts EC keys
-    only from pyOpenSSL 22 on (Ubuntu 22.04 has 21.0); loading its PKCS#8 form works in all."""
-    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    return crypto.load_privatekey(crypto.FILETYPE_ASN1, der)
+    only from pyOpenSSL 22 on; on 21.0 (Ubuntu 22.04) the key goes through its PKCS#8 form,
+    a copy in Python memory that only that version needs."""
+    try:
+        return crypto.PKey.from_cryptography_key(key)
+    except TypeError:
+        der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        return crypto.load_privatekey(crypto.FILETYPE_ASN1, der)
 
 
 @functools.lru_cache(maxsize=32)
