@@ -219,6 +219,8 @@ def test_tamper_listener_reasserts_after_unmask(debian: FakeBus, machine: Machin
         # The listener journals the re-assert once its read-back has confirmed it: the mask
         # alone can be seen first, and cancelling then would cut the listener short.
         while "tamper-reasserted" not in journaled():
+            if listener.done():
+                listener.result()  # the listener's own error, not a timeout
             await asyncio.sleep(0.05)
         listener.cancel()
         return journaled()
