@@ -65,9 +65,11 @@ test-jammy:
 
 # The VM suite, one run for every release: the whole suite on Debian 12, the tests marked
 # every_release on Debian 13 too, from the same .deb built on Debian 12 (--suites).
-# Guests spend much of their time waiting (boots, reboots, timeouts): two run at once, the
-# most expensive tests first (each declares its cost). Each guest test's duration is
-# printed, and each release's share of the workers' time: where the suite's time goes.
+# Two guests run at once, the most expensive tests first (each declares its cost). Under TCG
+# a guest computes most of the time, and two at once do little better than two in a row
+# (README, "make check"); the second worker wins where a guest waits (frozen boots, grace
+# periods, polls). Each guest test's duration is printed, and each release's share of the
+# workers' time: where the suite's time goes.
 SUITES      := bookworm,trixie
 VM_WORKERS  := 2
 VM_PYTEST   := $(PYTEST) -n $(VM_WORKERS) --durations=0 tests/vm --deb $(DEB) --suites $(SUITES)
