@@ -406,11 +406,21 @@ class Guest:
 
     def copy_root_disk(self, target: Path) -> Path:
         """The root disk as someone who takes it out of the machine reads it: every block,
-        as a raw file at `target` (sparse), copied by the host after the guest's `sync`.
-        Scanning it natively costs seconds; the same scan inside a TCG guest, minutes."""
+        through the overlay's backing chain, as a raw file at `target` (sparse), copied by
+        the host after the guest's `sync`, with the guest paused so that the copy is one
+        moment of it. Scanning it natively costs seconds; inside a TCG guest, minutes."""
         self.run("sync")
-        subprocess.run(["qemu-img", "convert", "-U", "-q", "-O", "raw", str(self.overlay),
-                        str(target)], check=True, env=CLEAN_ENV)
+        with Qmp(self.qmp_path) as qmp:
+            qmp.execute("stop")
+            try:
+                subprocess.run(["qemu-img", "convert", "-U", "-q", "-O", "raw",
+                                str(self.overlay), str(target)],
+                               check=True, env=CLEAN_ENV, timeout=600)
+            except BaseException:
+                target.unlink(missing_ok=True)
+                raise
+            finally:
+                qmp.execute("cont")
         return target
 
     def console_log(self) -> str:

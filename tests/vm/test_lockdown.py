@@ -109,6 +109,8 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     guest = node
     assert enabled(guest, "ssh.service")["ssh.service"] == "enabled"
     assert active(guest, "ssh.service") == "active"
+    assert guest.run("systemctl is-active multi-user.target").stdout.strip() == "active"
+    assert "/dev/tpm0" not in guest.run("ls /dev/tpm* || true").stdout  # a weak node
     root_before = root_password_status(guest)
     paths_before = package.system_paths(guest)
     started = time.monotonic()

@@ -46,7 +46,9 @@ def scan(path):
             window = tail + chunk
             for needle in needles:
                 if needle in window:
-                    hits.setdefault(needle.hex(), []).append(path)
+                    paths = hits.setdefault(needle.hex(), [])
+                    if path not in paths:
+                        paths.append(path)
             tail = window[-longest:]
 
 for target in sys.argv[1:]:
@@ -150,7 +152,8 @@ def _found_on_the_disk(guest: Guest, needles: Sequence[bytes],
     raw = guest.copy_root_disk(scratch / "root.raw")
     try:
         scan = subprocess.run([sys.executable, "-c", SCAN, str(raw)], capture_output=True,
-                              text=True, check=True, env=_needles_env([canary, *needles]))
+                              text=True, check=True, env=_needles_env([canary, *needles]),
+                              timeout=600)
     finally:
         raw.unlink()
     hits = json.loads(scan.stdout)
