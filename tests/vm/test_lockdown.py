@@ -1,7 +1,8 @@
 """The lockdown end to end on a real Debian guest: apt-get install takes SSH, every login
 and every single-user shell away, in one transaction that is never half-done, and purge
-gives them back and leaves nothing behind. An installation cut short (killed, power lost) is finished by the next
-boot with nobody logged in; one that fails is given back at the next boot."""
+gives them back and leaves nothing behind. An installation cut short (killed, power lost)
+is finished by the next boot with nobody logged in; one that fails is given back at the
+next boot."""
 
 from __future__ import annotations
 
