@@ -95,7 +95,14 @@ echo 'deb [trusted=yes] file:{REPO_MOUNT} ./' > "$root/etc/apt/sources.list.d/st
 chroot "$root" sh -c 'echo root:statemesh | chpasswd'
 chroot "$root" systemctl enable systemd-networkd.service ssh.service
 # The guest has no network: apt's daily timers would only hold the dpkg lock during tests.
-chroot "$root" systemctl mask apt-daily.timer apt-daily-upgrade.timer
+# e2scrub_reap removes e2scrub's LVM snapshots, of which the guest has none; it took 8-12 s
+# of TCG CPU at every boot, beside the boot the tests wait for.
+chroot "$root" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_reap.service
+# The initrd needs only to find the root disk (virtio, ext4): MODULES=list makes it 6 MB
+# instead of 36 MB (every storage driver), unpacked at every boot: 3-5 s less under TCG.
+echo MODULES=list > "$root/etc/initramfs-tools/conf.d/statemesh-test.conf"
+printf 'virtio_pci\nvirtio_blk\next4\ncrc32c_generic\n' >> "$root/etc/initramfs-tools/modules"
+chroot "$root" update-initramfs -u -k all
 cp -L "$root/vmlinuz" "$root/../kernel"
 cp -L "$root/initrd.img" "$root/../initrd"
 """

@@ -10,13 +10,14 @@ the installation itself. Tests that prove something across a real boot still boo
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from harness.vm import image, vtpm
 from harness.vm.driver import Guest, SavedGuest
@@ -83,6 +84,16 @@ def _save(target: Path, prepare: Prepare, tpm: bool, cache: Path) -> None:
         staging.rename(target)
 
 
+@contextlib.contextmanager
+def _closed_on_failure(guest: Guest) -> Iterator[Guest]:
+    """A guest whose preparation fails is powered off: no QEMU outlives a failed build."""
+    try:
+        yield guest
+    except BaseException:
+        guest.close()
+        raise
+
+
 def provisioned_node(base: Image, deb: Path, repo_disk: Path, cache: Path = CACHE) -> SavedGuest:
     """A booted guest as a provisioner leaves it before installing (no TPM): node.conf
     written, apt's index of the repository read, sshd and a serial getty running. Tests of
@@ -90,11 +101,11 @@ def provisioned_node(base: Image, deb: Path, repo_disk: Path, cache: Path = CACH
 
     def prepare(workdir: Path, ca: Optional[vtpm.LocalCa]) -> Guest:
         del ca
-        guest = Guest(base, workdir, repo_disk)
-        guest.boot()
-        guest.wait_until_booted()
-        guest.provision(NODE_CONF)
-        guest.install_prepared()
+        with _closed_on_failure(Guest(base, workdir, repo_disk)) as guest:
+            guest.boot()
+            guest.wait_until_booted()
+            guest.provision(NODE_CONF)
+            guest.install_prepared()
         return guest
 
     return _cached("provisioned", base, deb, False, prepare, cache)
@@ -113,19 +124,20 @@ def installed_node(base: Image, deb: Path, repo_disk: Path, tpm: bool,
         if ca is None:
             guest = Guest(base, workdir, repo_disk,
                           saved=provisioned_node(base, deb, repo_disk, cache))
-            guest.boot()
         else:
             guest = Guest(base, workdir, repo_disk, tpm_ca=ca)
+        with _closed_on_failure(guest):
             guest.boot()
+            if ca is not None:
+                guest.wait_until_booted()
+                guest.provision(NODE_CONF)
+                guest.run("mkdir -p /etc/statemesh/tpm-ca.d")
+                for path in ca.ca_certificates():  # made with the guest's EK certificate
+                    guest.put(f"/etc/statemesh/tpm-ca.d/{path.name}", path.read_bytes())
+            guest.install()
             guest.wait_until_booted()
-            guest.provision(NODE_CONF)
-            guest.run("mkdir -p /etc/statemesh/tpm-ca.d")
-            for path in ca.ca_certificates():  # made with the guest's EK certificate
-                guest.put(f"/etc/statemesh/tpm-ca.d/{path.name}", path.read_bytes())
-        guest.install()
-        guest.wait_until_booted()
-        guest.run(f"for i in $(seq 300); do ss -Hltn 'sport = :{MESH_PORT}' | grep -q . "
-                  "&& exit 0; sleep 0.2; done; exit 1", timeout=120)
+            guest.run(f"for i in $(seq 300); do ss -Hltn 'sport = :{MESH_PORT}' | grep -q . "
+                      "&& exit 0; sleep 0.2; done; exit 1", timeout=120)
         return guest
 
     return _cached("installed-tpm" if tpm else "installed-weak", base, deb, tpm, prepare, cache)
