@@ -49,14 +49,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show, live, whether each guarantee holds; non-zero exit when any does not."""
-    from statemesh import guarantees, install, journal
+    from statemesh import guarantees, install, journal, ownunits
     from statemesh.guarantees import tamper
     node_config = config.load(args.config)
     installation = install.installation_finding(journal.Journal())
     ordered = guarantees.ordered(node_config)
     listener = tamper.listener_finding(ordered, installation.holds)
+    units = ownunits.finding()
     findings = [g.check() for g in ordered]
-    holds = installation.holds and listener.holds and all(f.holds for f in findings)
+    holds = all(f.holds for f in (installation, listener, units, *findings))
     if args.json:
         _print_json(
             {
@@ -65,12 +66,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "holds": holds,
                 "installation": installation.as_dict(),
                 "tamper_listener": listener.as_dict(),
+                "package_units": units.as_dict(),
                 "guarantees": [f.as_dict() for f in findings],
             }
         )
     else:
         print(f"statemesh-node {__version__}  zone {node_config.zone}")
-        _print_findings([installation, listener, *findings])
+        _print_findings([installation, listener, units, *findings])
         print("all guarantees hold" if holds else "NOT all guarantees hold")
     return EXIT_OK if holds else EXIT_FAILED
 

@@ -7,8 +7,11 @@ exists (a desktop someone sits at); an interactive session other than the instal
 open: what `w` shows, from logind's sessions and utmp. The installing session is the one of
 the package manager recorded by the installer (statemesh.grace), or, when preflight is run
 by hand, the caller's own; the watchdog ends it once the package manager has exited.
+Refused too when one of the package's own units is not what the package shipped (a drop-in
+or an overriding unit planted before installing: statemesh.ownunits), and when a swap other
+than zram is active (workload memory would reach a disk: statemesh.guarantees.memory).
 
-Only reads: /etc/os-release, /proc/1/comm, utmp, and systemd/logind over D-Bus.
+Only reads: /etc/os-release, /proc/1/comm, /proc/swaps, utmp, and systemd/logind over D-Bus.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import psutil
 
-from statemesh import grace, proc, systemd
+from statemesh import grace, ownunits, proc, systemd
+from statemesh.guarantees import memory
 
 UTMP = Path("/run/utmp")
+SWAPS = Path("/proc/swaps")
 OS_RELEASE = Path("/etc/os-release")
 PID1_COMM = Path("/proc/1/comm")
 DISPLAY_MANAGER = "display-manager.service"
@@ -180,18 +185,19 @@ def utmp_problems(logins: List[Login], own: Own, seen_ttys: List[str]) -> List[s
     return problems
 
 
-async def _bus_facts() -> Tuple[str, List[systemd.Session]]:
+async def _bus_facts() -> Tuple[str, List[systemd.Session], List[ownunits.LoadedUnit]]:
     async with systemd.manager() as manager:
         try:
             display_manager = await manager.get_active_state(DISPLAY_MANAGER)
         except systemd.UnknownUnitError:
             display_manager = "inactive"
         sessions = await systemd.Logind(manager.bus).list_sessions()
-    return display_manager, sessions
+        units = await ownunits.read_units(manager)
+    return display_manager, sessions, units
 
 
 def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path = UTMP,
-          grace_path: Path = grace.GRACE_PATH) -> Report:
+          grace_path: Path = grace.GRACE_PATH, swaps: Path = SWAPS) -> Report:
     """Every reason to refuse the installation (read-only)."""
     problems: List[str] = []
     release_problem, release = os_problem(os_release)
@@ -202,10 +208,10 @@ def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path
     own = own_session(grace_path)
     facts["installing_session"] = dataclasses.asdict(own)
     try:
-        display_manager, sessions = asyncio.run(_bus_facts())
+        display_manager, sessions, units = asyncio.run(_bus_facts())
     except systemd.SystemdError as error:
         problems.append(f"cannot ask systemd and logind: {error}")
-        display_manager, sessions = "unknown", []
+        display_manager, sessions, units = "unknown", [], []
     facts["display_manager"] = display_manager
     facts["sessions"] = [dataclasses.asdict(s) for s in sessions]
     if display_manager in ("active", "activating", "reloading"):
@@ -215,4 +221,10 @@ def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path
     facts["logins"] = [dataclasses.asdict(login) for login in logins]
     seen = [s.tty for s in sessions if s.tty]
     problems += utmp_problems(logins, own, seen)
+    problems += [f"swap on {area} is not compressed RAM: workload memory would reach a disk "
+                 "(swapoff it and remove it from /etc/fstab, or use zram)"
+                 for area in memory.plain_swaps(swaps)]
+    # Prepared before the installation: what would run instead of the package's own code.
+    problems += [f"{problem} (remove what was planted, `systemctl daemon-reload`, restart it)"
+                 for problem in ownunits.problems(units)]
     return Report(problems, facts)

@@ -358,6 +358,11 @@ class Systemd:
         path = await self._unit_path(name)
         return await self._client.get_property(path, interface, prop, what=f"{prop} of {name}")
 
+    async def get_unit_properties(self, name: str, interface: str) -> Dict[str, Any]:
+        """All properties of one of a unit's interfaces (loaded on demand), in one call."""
+        path = await self._unit_path(name)
+        return await self._client.get_all(path, interface, what=f"properties of {name}")
+
     async def get_active_state(self, name: str) -> str:
         """active, inactive, failed, activating, deactivating."""
         return await self.get_unit_property(name, UNIT, "ActiveState")

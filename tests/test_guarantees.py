@@ -15,6 +15,7 @@ DECLARED = [
     ("ssh", HARDEN, True, False, ("start ssh.service",)),
     ("logins", HARDEN, True, False, ("start getty@tty2.service", "start serial-getty@ttyS1.service")),
     ("rescue", HARDEN, True, False, ()),
+    ("memory", HARDEN, True, False, ()),
     ("firewall", FIREWALL, False, False, ()),
     ("security_class", None, False, False, ()),
     ("watchdog", None, False, False, ("pty",)),

@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from statemesh import cli, guarantees, install, journal, proc, systemd
+from statemesh import cli, guarantees, install, journal, ownunits, proc, systemd
 from statemesh.config import NodeConfig
 from statemesh.guarantees import logins, rescue, ssh, tamper, unitprocs
 from statemesh.guarantees.base import HARDEN_UNIT, Finding
@@ -243,7 +243,7 @@ def test_status_says_the_tamper_listener_runs_on_an_installed_node(tmp_path: Pat
     finding = tamper.listener_finding(ordered, True, _harden_cgroup(tmp_path, [os.getpid()]))
     assert finding.holds and finding.name == "tamper_listener"
     assert finding.detail == (f"{HARDEN_UNIT} running (pid {os.getpid()}), re-asserts ssh, "
-                              "logins, rescue when they are undone")
+                              "logins, rescue, memory when they are undone")
 
 
 def test_status_fails_when_the_tamper_listener_is_gone_or_stopped(
@@ -251,7 +251,8 @@ def test_status_fails_when_the_tamper_listener_is_gone_or_stopped(
     ordered = guarantees.ordered(NodeConfig())
     gone = tamper.listener_finding(ordered, True, tmp_path / "no-cgroup")
     assert not gone.holds and gone.detail == (
-        f"{HARDEN_UNIT} is not running: nothing re-asserts ssh, logins, rescue when they are undone")
+        f"{HARDEN_UNIT} is not running: nothing re-asserts ssh, logins, rescue, memory when "
+        "they are undone")
     stopped = tamper.listener_finding(ordered, True, _harden_cgroup(tmp_path, [stopped_process]))
     assert not stopped.holds and stopped.facts["stopped"] == [stopped_process]
     assert stopped.detail.startswith(f"{HARDEN_UNIT} is stopped (pid {stopped_process}: SIGSTOP or a tracer)")
@@ -266,6 +267,7 @@ def test_status_fails_naming_the_tamper_listener_when_only_it_is_missing(
     monkeypatch.setattr(install, "installation_finding", lambda book: installed)
     monkeypatch.setattr(guarantees, "ordered", lambda node_config: [])
     monkeypatch.setattr(unitprocs, "unit_pids", lambda unit, cgroup_root: [])
+    monkeypatch.setattr(ownunits, "finding", lambda: Finding("package_units", True, "shipped"))
     assert cli.main(["--config", "/nonexistent/node.conf", "status"]) == cli.EXIT_FAILED
     out = capsys.readouterr().out
     assert f"FAIL tamper_listener  {HARDEN_UNIT} is not running" in out

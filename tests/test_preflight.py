@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from statemesh import preflight, proc
-from tests.fakebus import FakeBus, FakeSession, fakebus  # noqa: F401 - fixture
+from tests.fakebus import FakeBus, FakeSession, fakebus, package_units  # noqa: F401 - fixture
 
 DEBIAN12 = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
 
@@ -47,6 +47,7 @@ class Host:
 @pytest.fixture
 def host(tmp_path: Path, fakebus: FakeBus) -> Host:
     fakebus.systemd.add("display-manager.service", exists=False)
+    package_units(fakebus.systemd)
     return Host(tmp_path)
 
 
@@ -115,6 +116,19 @@ def test_the_installing_session_is_allowed(host: Host, fakebus: FakeBus) -> None
     assert host.check().ok
     fakebus.do(fakebus.logind.add, FakeSession("8", tty="tty1"))
     assert host.check().problems == ["interactive session 8 of root on tty1"]
+
+
+def test_a_unit_of_the_package_prepared_before_installing_is_a_reason(
+        host: Host, fakebus: FakeBus) -> None:
+    dropin = "/etc/systemd/system/statemesh-watchdog.service.d/override.conf"
+    fakebus.systemd.units["statemesh-watchdog.service"].dropins = [dropin]
+    shadow = "/etc/systemd/system/statemesh-atls.service"
+    fakebus.systemd.units["statemesh-atls.service"].fragment = shadow
+    undo = " (remove what was planted, `systemctl daemon-reload`, restart it)"
+    assert host.check().problems == [
+        f"statemesh-watchdog.service has drop-ins: {dropin}{undo}",
+        f"statemesh-atls.service is loaded from {shadow}, not the package's file{undo}",
+    ]
 
 
 def test_no_bus_is_a_reason(host: Host, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -340,6 +340,17 @@ class Guest:
                              f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
         return result
 
+    def wait_for(self, command: str, what: str, timeout: float = 600) -> str:
+        """Run `command` until it succeeds and return its output; a hang guard, not a timing
+        assertion (AssertionError names `what` when it never does)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = self.run(command, check=False)
+            if result.returncode == 0:
+                return result.stdout
+            time.sleep(0.5)
+        raise AssertionError(f"gave up waiting for {what}")
+
     def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
         self._request({"op": "put", "path": path, "mode": mode,
                        "data": base64.b64encode(data).decode()}, timeout=60)

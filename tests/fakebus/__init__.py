@@ -58,6 +58,8 @@ class FakeUnit:
     masked: bool = False
     active_state: str = "inactive"
     exists: bool = True
+    fragment: str = ""  # FragmentPath: the unit's file in /lib/systemd/system unless set
+    dropins: List[str] = dataclasses.field(default_factory=list)
 
     def unit_file_state(self) -> str:
         if self.masked:
@@ -83,6 +85,18 @@ class UnitObject(ServiceInterface):
         if self.unit.masked:
             return "masked"
         return "loaded" if self.unit.exists else "not-found"
+
+    @dbus_property(access=PropertyAccess.READ)
+    def FragmentPath(self) -> "s":  # noqa: N802,F821
+        return self.unit.fragment or f"/lib/systemd/system/{self.unit.name}"
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DropInPaths(self) -> "as":  # noqa: N802,F821
+        return self.unit.dropins
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NeedDaemonReload(self) -> "b":  # noqa: N802,F821
+        return False
 
 
 class FakeSystemd(ServiceInterface):
@@ -486,6 +500,13 @@ def debian12_units(fake: FakeSystemd) -> None:
     fake.add("rescue.target", file_state="static")
     fake.add("emergency.target", file_state="static")
     fake.add("kbrequest.target", file_state="static", exists=False)
+    package_units(fake)
+
+
+def package_units(fake: FakeSystemd) -> None:
+    """The package's own units, as dpkg unpacked them before the postinst's preflight."""
+    for name in ("storage", "harden", "firewall", "watchdog", "vtpm", "atls"):
+        fake.add(f"statemesh-{name}.service")
 
 
 

@@ -23,6 +23,7 @@ GETTYS = ("getty@.service", "serial-getty@.service", "autovt@.service", "console
 RESCUE = ("rescue.service", "emergency.service", "rescue.target", "emergency.target")
 STATE = "/var/lib/statemesh-node/state.json"
 JOURNAL = "/var/lib/statemesh-node/journal.jsonl"
+CORE_PATTERN = "/proc/sys/kernel/core_pattern"
 
 
 @pytest.fixture
@@ -84,23 +85,12 @@ def start_in_background(guest: Guest, unit: str, command: str) -> None:
               f"sh -c {driver.quote(command)}")
 
 
-def wait_for(guest: Guest, command: str, what: str, timeout: float = 600) -> str:
-    """Poll a guest command until it succeeds; a hang guard, not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = guest.run(command, check=False)
-        if result.returncode == 0:
-            return result.stdout
-        time.sleep(0.5)
-    raise AssertionError(f"gave up waiting for {what}")
-
-
 def begin_install_and_wait_midway(guest: Guest) -> None:
     """Start apt-get install in the background and return once the transaction is under way."""
     start_in_background(guest, "bg-install",
                         "apt-get install -y statemesh-node > /root/install.log 2>&1; "
                         "echo $? > /root/install.rc")
-    wait_for(guest, f"grep -q '\"event\": \"applied\"' {JOURNAL}", "the first applied guarantee")
+    guest.wait_for(f"grep -q '\"event\": \"applied\"' {JOURNAL}", "the first applied guarantee")
 
 
 @pytest.mark.every_release
@@ -114,6 +104,7 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert "/dev/tpm0" not in guest.run("ls /dev/tpm* || true").stdout  # a weak node
     root_before = root_password_status(guest)
     paths_before = package.system_paths(guest)
+    core_pattern_before = guest.run(f"cat {CORE_PATTERN}").stdout
     started = time.monotonic()
     installed = guest.run("apt-get install -y statemesh-node", env=ENV, timeout=900)
     install_seconds = time.monotonic() - started
@@ -128,18 +119,11 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     # Tamper: unmasking ssh is undone by the listener, and logged.
     guest.run("systemctl unmask ssh.service")
     unmasked_at = time.monotonic()
-    wait_for(guest, "test \"$(systemctl is-enabled ssh.service)\" = masked", "the re-mask", 60)
+    guest.wait_for("test \"$(systemctl is-enabled ssh.service)\" = masked", "the re-mask", 60)
     measured("tamper re-mask seen by the host after", f"{time.monotonic() - unmasked_at:.2f} s")
     # The listener journals the re-assert once its read-back has confirmed it.
-    wait_for(guest, f"grep -q '\"event\": \"tamper-reasserted\", \"guarantee\": \"ssh\"' "
+    guest.wait_for(f"grep -q '\"event\": \"tamper-reasserted\", \"guarantee\": \"ssh\"' "
              f"{JOURNAL}", "the tamper-reasserted journal entry", 60)
-
-    guest.reboot()
-    guest.wait_until_booted()
-    assert_locked_down(guest)
-    assert active(guest, "statemesh-harden.service") == "active"
-    assert any(e["event"] == "lockdown-reasserted" and e["boot_id"] == guest.boot_id
-               for e in events(guest))
 
     # Single-user boots give no shell: PID 1 refuses the masked target and freezes.
     guest.shutdown()
@@ -150,32 +134,49 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
                              "maintenance mode", "login:"):
             assert shell_prompt not in console, console[-3000:]
         guest.power_off_hard()
+    # The lockdown holds after a reboot, re-asserted by the boot (one boot proves both this
+    # and the single-user refusals above: they did not reach the harden unit).
     guest.boot(kernel_args="")
     guest.wait_until_booted()
     assert_locked_down(guest)
+    assert active(guest, "statemesh-harden.service") == "active"
+    assert any(e["event"] == "lockdown-reasserted" and e["boot_id"] == guest.boot_id
+               for e in events(guest))
 
     guest.run("apt-get purge -y statemesh-node", env=ENV, timeout=900)
     assert_untouched(guest, root_before)
     assert guest.run("pgrep -x sshd", check=False).returncode == 0
     assert guest.run("test -e /var/lib/statemesh-node", check=False).returncode == 1
     assert sorted(set(package.system_paths(guest)) - set(paths_before)) == []
+    assert guest.run(f"cat {CORE_PATTERN}").stdout == core_pattern_before
+
+
+# Prepared before installing: every unit whose name starts with statemesh- runs this instead.
+PREFIX_DROPIN = "/etc/systemd/system/statemesh-.service.d/50-planted.conf"
 
 
 @pytest.mark.cost(200)
-def test_a_second_interactive_session_makes_preflight_refuse_and_nothing_changes(
+def test_a_second_session_and_a_planted_dropin_make_preflight_refuse_and_nothing_changes(
         node: Guest) -> None:
     guest = node
     root_before = root_password_status(guest)
+    guest.run(f"mkdir -p {PREFIX_DROPIN.rsplit('/', 1)[0]}")
+    guest.put(PREFIX_DROPIN, b"[Service]\nExecStart=\nExecStart=/bin/sleep infinity\n")
+    guest.run("fallocate -l 32M /root/swapfile && chmod 600 /root/swapfile && "
+              "mkswap -q /root/swapfile && swapon /root/swapfile")
     # A real login on a pseudo-terminal (what `w` shows), kept open by a detached service.
     start_in_background(guest, "second-login", "exec /usr/bin/python3 -c 'import os, pty, time\n"
                         "pid, fd = pty.fork()\n"
                         "if pid == 0: os.execv(\"/bin/login\", [\"login\", \"-f\", \"root\"])\n"
                         "time.sleep(3600)'")
-    wait_for(guest, "loginctl list-sessions --no-legend | grep -q pts", "the second session", 60)
+    guest.wait_for("loginctl list-sessions --no-legend | grep -q pts", "the second session", 60)
     refused = guest.run("apt-get install -y statemesh-node", env=ENV, check=False, timeout=900)
     said = refused.stdout + refused.stderr  # dpkg runs maintainer scripts on a pty
     assert refused.returncode != 0
     assert "refusing to install" in said and "interactive session" in said, said
+    for unit in ("statemesh-watchdog.service", "statemesh-harden.service"):
+        assert f"{unit} has drop-ins: {PREFIX_DROPIN}" in said, said
+    assert "swap on /root/swapfile is not compressed RAM" in said, said
     assert_untouched(guest, root_before)
     assert guest.run("test -e /var/lib/statemesh-node/restore.json", check=False).returncode == 1
     assert package_status(guest) != "ii"
@@ -212,7 +213,7 @@ def test_sigkill_of_the_hardening_means_reboot_required_then_the_boot_finishes_i
     guest = node
     begin_install_and_wait_midway(guest)
     guest.run("kill -KILL $(systemctl show -p MainPID --value statemesh-harden.service)")
-    rc = wait_for(guest, "cat /root/install.rc", "apt-get to finish")
+    rc = guest.wait_for("cat /root/install.rc", "apt-get to finish")
     assert int(rc) != 0
     assert install_state(guest) == "installing"
     assert package_status(guest) != "ii"
@@ -239,7 +240,7 @@ def test_power_loss_midway_ends_installed_at_the_next_boot_with_nobody_logged_in
         node: Guest, step: str) -> None:
     guest = node
     start_in_background(guest, "bg-install", "apt-get install -y statemesh-node")
-    wait_for(guest, f"grep -q '\"event\": \"apply\", \"guarantee\": \"{step}\"' {JOURNAL}",
+    guest.wait_for(f"grep -q '\"event\": \"apply\", \"guarantee\": \"{step}\"' {JOURNAL}",
              f"the {step} step")
     guest.power_off_hard()
     guest.boot()
@@ -273,10 +274,10 @@ def test_a_step_that_always_fails_gives_the_machine_back_at_the_next_boot(
     guest.wait_until_booted()
     # The give-back runs after the harden unit reported ready (what it starts again is
     # ordered after that unit), so the boot can finish first.
-    wait_for(guest, f"grep -q '\"state\": \"given-back\"' {STATE}", "the give-back at boot")
+    guest.wait_for(f"grep -q '\"state\": \"given-back\"' {STATE}", "the give-back at boot")
     assert install_state(guest) == "given-back"
     assert_untouched(guest, root_before)
-    wait_for(guest, f"systemctl is-active --quiet {getty}", "the console getty, given back")
+    guest.wait_for(f"systemctl is-active --quiet {getty}", "the console getty, given back")
     installation = status(guest)["installation"]
     assert not installation["holds"]
     assert installation["detail"].startswith("not installed: given back at boot: firewall failed")

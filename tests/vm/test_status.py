@@ -19,6 +19,7 @@ def test_status_selftest_and_a_broken_guarantee(installed_guest: Guest) -> None:
     failing = [g for g in report["guarantees"] if not g["holds"]]
     assert status.returncode == 0 and not failing, status.stdout + status.stderr
     assert {g["name"] for g in report["guarantees"]} >= GUARANTEES
+    assert report["package_units"]["holds"], report["package_units"]
     print(guest.run("statemesh-node status").stdout)
 
     selftest = guest.run("statemesh-node selftest --json", check=False, timeout=180)
@@ -66,3 +67,37 @@ def test_status_names_a_mount_over_the_volume_a_stopped_watchdog_and_a_killed_li
     assert "tmpfs /dev/mapper/statemesh" in found["storage"]["detail"]
     assert "is mounted at /var/lib/statemesh" in found["storage"]["detail"]
     assert [name for name, g in found.items() if not g["holds"]] == ["watchdog", "storage"]
+
+
+WATCHDOG_DROPIN = "/etc/systemd/system/statemesh-watchdog.service.d/50-planted.conf"
+
+
+def package_units(guest: Guest) -> dict:
+    status = guest.run("statemesh-node status --json", check=False)
+    assert status.returncode == 1, status.stdout + status.stderr
+    return json.loads(status.stdout)["package_units"]
+
+
+@pytest.mark.cost(90)
+def test_status_names_a_planted_dropin_and_the_process_it_left_running(
+        installed_guest: Guest) -> None:
+    """A drop-in that makes the watchdog `sleep infinity`, then that process left running
+    after the drop-in is gone again: systemd says "active" throughout, status must not."""
+    guest = installed_guest
+    guest.run(f"mkdir -p {WATCHDOG_DROPIN.rsplit('/', 1)[0]}")
+    guest.put(WATCHDOG_DROPIN,
+              b"[Service]\nType=simple\nExecStart=\nExecStart=/bin/sleep infinity\n")
+    guest.run("systemctl daemon-reload")
+    units = package_units(guest)
+    assert f"statemesh-watchdog.service has drop-ins: {WATCHDOG_DROPIN}" in units["detail"]
+
+    guest.run("kill -KILL $(systemctl show -P MainPID statemesh-watchdog.service)")
+    guest.wait_for("test \"$(ps -o comm= -p $(systemctl show -P MainPID "
+             "statemesh-watchdog.service))\" = sleep", "systemd to restart it as planted", 60)
+    sleeper = guest.run("systemctl show -P MainPID statemesh-watchdog.service").stdout.strip()
+    guest.run(f"rm {WATCHDOG_DROPIN} && systemctl daemon-reload")
+    assert guest.run("systemctl is-active statemesh-watchdog.service").stdout.strip() == "active"
+    units = package_units(guest)
+    print(guest.run("statemesh-node status", check=False).stdout)
+    assert units["detail"] == (f"statemesh-watchdog.service main process {sleeper} runs "
+                               "'/bin/sleep infinity', not '/usr/bin/statemesh-node watchdog'")

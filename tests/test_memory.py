@@ -1,0 +1,96 @@
+"""Nothing of RAM reaches a disk (statemesh.guarantees.memory) on a stand-in machine: files
+under a temporary root, systemd on a private bus. The VM suite swaps on, hibernates and
+crashes a process on a real node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from statemesh import journal, preflight
+from statemesh.guarantees import memory
+from statemesh.guarantees.unitmask import LockdownError
+from tests.fakebus import FakeBus, debian12_units, fakebus  # noqa: F401 - fixture
+
+SWAP_HEADER = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A machine's /proc and /sys files as the guarantee reads and writes them."""
+    machine = tmp_path / "root"
+    (machine / "proc/sys/kernel").mkdir(parents=True)
+    (machine / "proc/sys/kernel/core_pattern").write_text("core\n")
+    (machine / "proc/swaps").write_text(SWAP_HEADER)
+    (machine / "sys/kernel").mkdir(parents=True)
+    (machine / "sys/kernel/kexec_crash_loaded").write_text("0\n")
+    (machine / "etc/systemd").mkdir(parents=True)
+    return machine
+
+
+@pytest.fixture
+def debian(fakebus: FakeBus) -> FakeBus:
+    debian12_units(fakebus.systemd)
+    fakebus.systemd.add("hibernate.target", file_state="static")
+    fakebus.systemd.add("systemd-hibernate.service", file_state="static")
+    return fakebus
+
+
+def test_applied_it_holds_and_purge_gives_everything_back(debian: FakeBus, root: Path,
+                                                          tmp_path: Path) -> None:
+    book = journal.Journal(tmp_path / "state")
+    unloaded: List[str] = []
+    guarantee = memory.Memory(root, unload_crash_kernel=lambda: unloaded.append("kexec -p -u"))
+    (root / memory.CRASH_KERNEL_LOADED).write_text("1\n")
+    before = guarantee.check()
+    assert not before.holds
+    assert "core dumps are written (core_pattern 'core')" in before.detail
+    assert "a crash kernel is loaded" in before.detail
+
+    # The stand-in kexec cannot unload: verify() must name what is still there.
+    with pytest.raises(LockdownError, match="a crash kernel is loaded"):
+        guarantee.apply(book)
+    assert unloaded == ["kexec -p -u"]
+    (root / memory.CRASH_KERNEL_LOADED).write_text("0\n")
+    guarantee.apply(book)
+    finding = guarantee.check()
+    assert finding.holds, finding.detail
+    assert (root / memory.CORE_PATTERN_FILE).read_text() == "|/bin/false\n"
+    assert "AllowHibernation=no" in (root / memory.SLEEP_DROPIN).read_text()
+    assert "kernel.core_pattern = |/bin/false" in (root / memory.SYSCTL_DROPIN).read_text()
+    units = debian.systemd.units
+    assert all(units[name].masked for name in memory.UNITS.names)
+
+    record = book.restore_record()["memory"]
+    assert record["core_pattern"] == "core"
+    guarantee.revert(record)
+    assert (root / memory.CORE_PATTERN_FILE).read_text() == "core\n"
+    assert not (root / memory.SLEEP_DROPIN).exists()
+    assert not (root / "etc/systemd/sleep.conf.d").exists()  # made by us, removed by us
+    assert not (root / "etc/sysctl.d").exists()
+    assert not any(units[name].masked for name in memory.UNITS.names if name in units)
+
+
+def test_a_plain_swap_fails_it_and_zram_does_not(debian: FakeBus, root: Path,
+                                                 tmp_path: Path) -> None:
+    guarantee = memory.Memory(root)
+    guarantee.apply(journal.Journal(tmp_path / "state"))
+    (root / "proc/swaps").write_text(
+        SWAP_HEADER + "/dev/zram0  partition\t1048572\t0\t100\n"
+        "/swapfile  file\t\t65532\t\t0\t\t-2\n")
+    finding = guarantee.check()
+    assert not finding.holds
+    assert finding.detail == ("swap on /swapfile (not compressed RAM): workload pages reach "
+                              "a disk")
+    assert memory.plain_swaps(root / "proc/swaps") == ["/swapfile"]
+
+
+def test_preflight_refuses_a_plain_swap(tmp_path: Path, fakebus: FakeBus) -> None:
+    swaps = tmp_path / "swaps"
+    swaps.write_text(SWAP_HEADER + "/dev/vda3  partition\t1048572\t0\t-2\n")
+    report = preflight.check(tmp_path / "none", tmp_path / "none", tmp_path / "none",
+                             tmp_path / "none", swaps)
+    assert ("swap on /dev/vda3 is not compressed RAM: workload memory would reach a disk "
+            "(swapoff it and remove it from /etc/fstab, or use zram)") in report.problems

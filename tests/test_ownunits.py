@@ -1,0 +1,96 @@
+"""The package's own units judged as systemd has them loaded (statemesh.ownunits): stand-in
+units and processes here; the VM suite plants a drop-in and a stale main process on a node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from statemesh import ownunits
+from statemesh.ownunits import LoadedUnit
+
+SCRIPT = "/usr/bin/statemesh-node"
+HEADS: Dict[str, bytes] = {SCRIPT: b"#!/usr/bin/python3\n# EASY-INSTALL-ENTRY-SCRIPT\n",
+                           "/usr/bin/swtpm": b"\x7fELF\x02\x01\x01"}
+RUNNING: Dict[int, Optional[List[str]]] = {
+    10: ["/usr/bin/python3", SCRIPT, "watchdog"],
+    11: ["sleep", "infinity"],
+    12: ["/usr/bin/swtpm", "socket", "--tpm2"],
+    13: None,  # gone, or not readable
+}
+
+
+def problems(unit: LoadedUnit, shipped: Path = Path("/lib/systemd/system")) -> List[str]:
+    return ownunits.unit_problems(unit, shipped, RUNNING.get, lambda path: HEADS.get(path, b""))
+
+
+def watchdog(**fields) -> LoadedUnit:
+    values = dict(name="statemesh-watchdog.service", load_state="loaded",
+                  fragment="/lib/systemd/system/statemesh-watchdog.service",
+                  main_pid=10, exec_start=(SCRIPT, "watchdog"))
+    values.update(fields)
+    return LoadedUnit(**values)
+
+
+def test_a_unit_as_shipped_running_its_own_command_has_no_problem() -> None:
+    assert problems(watchdog()) == []
+    swtpm = LoadedUnit("statemesh-vtpm.service", "loaded",
+                       "/lib/systemd/system/statemesh-vtpm.service", main_pid=12,
+                       exec_start=("/usr/bin/swtpm", "socket", "--tpm2"))
+    assert problems(swtpm) == []
+    # A oneshot that has finished has no main process to compare.
+    assert problems(watchdog(main_pid=0)) == []
+
+
+def test_the_fragment_is_compared_after_resolving_links(tmp_path: Path) -> None:
+    (tmp_path / "usr/lib/systemd/system").mkdir(parents=True)
+    (tmp_path / "lib").symlink_to("usr/lib")  # merged /usr, as on Debian 13
+    fragment = str(tmp_path / "usr/lib/systemd/system/statemesh-watchdog.service")
+    assert problems(watchdog(fragment=fragment), tmp_path / "lib/systemd/system") == []
+
+
+@pytest.mark.parametrize("fields, problem", [
+    (dict(fragment="/etc/systemd/system/statemesh-watchdog.service"),
+     "statemesh-watchdog.service is loaded from /etc/systemd/system/statemesh-watchdog.service, "
+     "not the package's file"),
+    (dict(dropins=("/etc/systemd/system/service.d/zz.conf",)),
+     "statemesh-watchdog.service has drop-ins: /etc/systemd/system/service.d/zz.conf"),
+    (dict(needs_reload=True),
+     "statemesh-watchdog.service changed on disk since systemd loaded it "
+     "(a daemon-reload would load the change)"),
+    (dict(main_pid=11),
+     "statemesh-watchdog.service main process 11 runs 'sleep infinity', "
+     "not '/usr/bin/statemesh-node watchdog'"),
+    (dict(main_pid=13),
+     "statemesh-watchdog.service main process 13 cannot be read "
+     "(is it '/usr/bin/statemesh-node watchdog'?)"),
+    (dict(load_state="masked"),
+     "statemesh-watchdog.service is masked, not loaded from the package's file"),
+])
+def test_what_was_planted_is_named(fields: dict, problem: str) -> None:
+    assert problems(watchdog(**fields)) == [problem]
+
+
+def test_only_the_purge_dropin_of_the_watchdog_is_ours() -> None:
+    assert problems(watchdog(dropins=(ownunits.PURGE_DROPIN,))) == []
+    from statemesh.guarantees import watchdog as watchdog_guarantee
+    assert ownunits.PURGE_DROPIN == str(watchdog_guarantee.PURGE_DROPIN)
+
+
+def test_a_process_that_only_ends_with_the_command_is_not_it() -> None:
+    """`bash -c 'sleep infinity' /usr/bin/statemesh-node watchdog` ends with the right words."""
+    RUNNING[14] = ["/bin/bash", "-c", "sleep infinity", SCRIPT, "watchdog"]
+    try:
+        assert problems(watchdog(main_pid=14))[0].startswith(
+            "statemesh-watchdog.service main process 14 runs '/bin/bash -c")
+    finally:
+        del RUNNING[14]
+
+
+def test_exec_start_property_shape() -> None:
+    """ExecStart over D-Bus is a(sasbttttuii): path, argv (argv[0] as written), flags, times."""
+    raw = [[SCRIPT, ["statemesh-node", "watchdog"], False, 0, 0, 0, 0, 0, 0, 0]]
+    assert ownunits.exec_start_argv(raw) == (SCRIPT, "watchdog")
+    assert ownunits.exec_start_argv([]) == ()
