@@ -1,10 +1,12 @@
-"""Run a Python function inside a private mount namespace with its own devpts instance.
+"""Run a Python function inside a private mount and PID namespace with its own devpts instance.
 
 Host tests of the watchdog must never see, let alone touch, a terminal of this host. The
-function runs in `unshare --mount --propagation private` (nothing mounted there propagates
-back), where a new devpts instance is mounted on a temporary directory and bound over
-/dev/pts and /dev/ptmx: every pty opened inside (os.openpty included) belongs to that
-instance only. The watchdog under test is pointed at it.
+function runs in `unshare --mount --propagation private --pid --fork --mount-proc`:
+nothing mounted there propagates back, and its /proc shows the scenario's processes only,
+so a watchdog that ends every pty of every devpts instance it can find ends none of the
+host's. A new devpts instance is mounted on a temporary directory and bound over /dev/pts
+and /dev/ptmx: every pty opened inside (os.openpty included) belongs to that instance only.
+The watchdog under test is pointed at it.
 
 Usage: run_scenario("harness.watchdog_scenarios:name", {"arg": 1}) -> the function's result
 (JSON), given the keyword arguments plus `devpts`, the private mount's path.
@@ -31,7 +33,7 @@ class ScenarioError(RuntimeError):
 
 def run_scenario(target: str, kwargs: Optional[Dict[str, Any]] = None, timeout: float = 120) -> Any:
     """Run module:function in a private devpts namespace and return what it returned."""
-    argv = ["unshare", "--mount", "--propagation", "private",
+    argv = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc",
             "/usr/bin/python3", "-m", "harness.private_devpts", target, json.dumps(kwargs or {})]
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "PYTHONPATH": str(ROOT),
            "SM_OUTER_MNT_NS": os.readlink("/proc/self/ns/mnt")}

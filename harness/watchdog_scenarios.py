@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import tempfile
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from statemesh import grace
+from statemesh import grace, proc
 from statemesh.watchdog import daemon as watchdog_module
 from statemesh.watchdog import inotify
 from statemesh.watchdog.daemon import Settings, Watchdog
@@ -32,10 +33,17 @@ WAIT_SECONDS = 30.0
 
 
 @contextlib.contextmanager
-def watchdog(devpts: str, exempt_units: str = "") -> Iterator[Dict[str, Any]]:
-    """The watchdog CLI as systemd would run it (Type=notify): yields once it reports ready."""
+def watchdog(devpts: str, exempt_units: str = "", ptmx: bool = False) -> Iterator[Dict[str, Any]]:
+    """The watchdog CLI as systemd would run it (Type=notify): yields once it reports ready.
+    With `ptmx`, its terminal-device directory (a tmpfs of this namespace) has a ptmx node
+    and an empty pts directory beside it, as /dev has."""
     work = Path(tempfile.mkdtemp(prefix="sm-watchdog-"))
     (work / "dev").mkdir()
+    if ptmx:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "sm-dev", str(work / "dev")],
+                       check=True)
+        os.mknod(work / "dev" / "ptmx", 0o666 | stat.S_IFCHR, os.makedev(5, 2))
+        (work / "dev" / "pts").mkdir()
     (work / "run").mkdir()
     conf = work / "node.conf"
     conf.write_text(f"Watchdog-Exempt-Units: {exempt_units}\n" if exempt_units else "")
@@ -54,6 +62,7 @@ def watchdog(devpts: str, exempt_units: str = "") -> Iterator[Dict[str, Any]]:
         process.kill()
         raise RuntimeError(f"watchdog not ready: {(work / 'log').read_text()}")
     state: Dict[str, Any] = {"process": process, "grace": work / "run" / "install-grace.json",
+                             "dev": work / "dev",
                              "log_path": work / "log", "conf": conf, "notify": notify,
                              "successors": []}
     try:
@@ -237,44 +246,79 @@ def _exists(pid: int) -> bool:
     return True
 
 
-def other_devpts_instance_is_invisible(devpts: str, host_devpts_dev: int) -> Dict[str, Any]:
-    """Another devpts (as the host's is) with the same pty index: its holder is never touched."""
+def _hold_other_instance(other: str, ready_w: int) -> None:
+    """Hold pty of the devpts instance mounted at `other`, opened through its own ptmx."""
+    os.setsid()
+    master = os.open(f"{other}/ptmx", os.O_RDWR | os.O_NOCTTY)
+    fcntl.ioctl(master, 0x40045431, struct.pack("i", 0))  # TIOCSPTLCK: unlock
+    index = struct.unpack("i", fcntl.ioctl(master, 0x80045430, b"\0" * 4))[0]  # TIOCGPTN
+    slave = os.open(f"{other}/{index}", os.O_RDWR)  # no O_NOCTTY: its controlling tty
+    os.write(ready_w, json.dumps([index, os.stat(f"{other}/{index}").st_rdev]).encode())
+    del slave
+    sleep_forever()
+
+
+# A process of `unshare -m` that mounts a devpts instance of its own over /dev/pts and holds
+# a pty of it, opened through that instance's ptmx: the container or sandbox way.
+UNSHARED_HOLDER = """
+import fcntl, os, struct, subprocess, sys, time
+subprocess.run(["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0666", "devpts",
+                "/dev/pts"], check=True)
+master = os.open("/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY)
+fcntl.ioctl(master, 0x40045431, struct.pack("i", 0))
+index = struct.unpack("i", fcntl.ioctl(master, 0x80045430, b"\\0" * 4))[0]
+slave = os.open(f"/dev/pts/{index}", os.O_RDWR | os.O_NOCTTY)
+print(os.stat("/dev/pts").st_dev, flush=True)
+time.sleep(600)
+"""
+
+
+def every_devpts_instance_is_watched(devpts: str, host_devpts_dev: int) -> Dict[str, Any]:
+    """Ptys of devpts instances other than the watched one: one mounted beside it before the
+    watchdog started, with the same index as a pty of ours (so its device number too); one
+    that `unshare -m` mounts after the watchdog started; one opened through a ptmx device
+    node (as /dev/ptmx reaches the "pts" beside it) in an instance mounted after that: no
+    event tells of either, the watchdog finds them. Each holder is ended."""
     other = tempfile.mkdtemp(prefix="sm-other-devpts-")
     subprocess.run(["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0666", "devpts", other],
                    check=True)
     ready_r, ready_w = os.pipe()
-
-    def hold_other() -> None:
-        os.setsid()
-        master = os.open(f"{other}/ptmx", os.O_RDWR | os.O_NOCTTY)
-        fcntl.ioctl(master, 0x40045431, struct.pack("i", 0))  # TIOCSPTLCK: unlock
-        index = struct.unpack("i", fcntl.ioctl(master, 0x80045430, b"\0" * 4))[0]  # TIOCGPTN
-        slave = os.open(f"{other}/{index}", os.O_RDWR)  # no O_NOCTTY: its controlling tty
-        os.write(ready_w, json.dumps([index, os.stat(f"{other}/{index}").st_rdev]).encode())
-        del slave
-        sleep_forever()
-
-    other_holder = fork_child(hold_other)
+    other_holder = fork_child(lambda: _hold_other_instance(other, ready_w))
     other_index, other_rdev = json.loads(os.read(ready_r, 64))
-    with watchdog(devpts) as state:
+    with watchdog(devpts, ptmx=True) as state:
         ours = fork_child(hold_pty)
         ours_signal = wait_death(ours)
-        logged_kills(state, [ours])
-        other_alive = alive(other_holder)
-    os.kill(other_holder, signal.SIGKILL)
-    os.waitpid(other_holder, 0)
+        other_signal = wait_death(other_holder)
+        unshared = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                                     "/usr/bin/python3", "-c", UNSHARED_HOLDER],
+                                    stdout=subprocess.PIPE, text=True)
+        unshared_instance = int(unshared.stdout.readline() or 0)
+        unshared_signal = -unshared.wait(WAIT_SECONDS)
+        late = state["dev"] / "pts"
+        subprocess.run(["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0666", "devpts",
+                        str(late)], check=True)
+        through_ptmx = fork_child(lambda: (os.open(state["dev"] / "ptmx", os.O_RDWR), sleep_forever()))
+        ptmx_signal = wait_death(through_ptmx)
+        logged_kills(state, [ours, other_holder, unshared.pid, through_ptmx])
+    sources = {line["pid"]: line["source"] for line in state["log"] if line["event"] == "kill"}
     return {
         "namespace_devpts_dev": os.stat("/dev/pts").st_dev,
         "watched_devpts_dev": os.stat(devpts).st_dev,
         "host_devpts_dev": host_devpts_dev,
         "other_index": other_index, "other_rdev": other_rdev,
-        "ours_signal": ours_signal, "other_alive": other_alive, "log": state["log"],
+        "ours_signal": ours_signal, "other_signal": other_signal,
+        "unshared_signal": unshared_signal, "unshared_instance": unshared_instance,
+        "ptmx_signal": ptmx_signal, "ptmx_source": sources.get(through_ptmx),
+        "devpts_logged": [line["instance"] for line in state["log"] if line["event"] == "devpts"],
+        "log": state["log"],
     }
 
 
-def installation_grace(devpts: str) -> Dict[str, Any]:
-    """The installing session keeps its terminal while the package manager lives, not after;
-    a process of another session that opens that spared terminal is ended at once."""
+def installation_grace(devpts: str, ending: str = "exit") -> Dict[str, Any]:
+    """The installing session keeps its terminal while the grace runs, not after; a process
+    of another session that opens that spared terminal is ended at once. The grace ends as
+    `ending` says: the package manager exits, is stopped (Ctrl-Z), or outlives the deadline
+    the harden unit stamps once its transaction has ended."""
     to_scenario_r, to_scenario_w = os.pipe()
     go_r, go_w = os.pipe()
 
@@ -291,7 +335,7 @@ def installation_grace(devpts: str) -> Dict[str, Any]:
         session_leader = fork_child(installing_session)
         manager_pid = int(os.read(to_scenario_r, 32))
         grace.record_installer(manager_pid, state["grace"])
-        time.sleep(0.2)  # the watchdog reads the record on inotify
+        wait_logged(state, lambda lines: any(line["event"] == "grace" for line in lines), "grace")
         os.write(go_w, b"g")
         spared_pty = os.read(to_scenario_r, 64).decode()
         outsider = fork_child(hold_pty)
@@ -300,15 +344,30 @@ def installation_grace(devpts: str) -> Dict[str, Any]:
         intruder_signal = wait_death(intruder)
         logged_kills(state, [intruder])
         spared_while_installing = alive(session_leader)
-        os.kill(manager_pid, signal.SIGKILL)
+        ended_at = time.monotonic()
+        if ending == "exit":
+            os.kill(manager_pid, signal.SIGKILL)
+        elif ending == "stop":
+            os.kill(manager_pid, signal.SIGSTOP)
+        else:
+            grace.end_after(0.5, state["grace"])
         leader_signal = wait_death(session_leader)
+        leader_seconds = time.monotonic() - ended_at
         logged_kills(state, [outsider, session_leader])
+        manager_alive = proc.start_ticks(manager_pid) is not None  # not our child
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(manager_pid, signal.SIGCONT)  # continued: the grace it ended stays ended
+        still_ended = grace.current(state["grace"]) is None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(manager_pid, signal.SIGKILL)
     intruder_kill = next(line for line in state["log"]
                          if line["event"] == "kill" and line["pid"] == intruder)
     return {"outsider": outsider_signal, "intruder": intruder_signal,
             "intruder_source": intruder_kill["source"],
             "spared_while_installing": spared_while_installing,
-            "leader_after_install": leader_signal, "log": state["log"]}
+            "leader_after_install": leader_signal, "leader_seconds": leader_seconds,
+            "manager_alive_after": manager_alive, "still_ended_after_continue": still_ended,
+            "log": state["log"]}
 
 
 @dataclasses.dataclass
@@ -472,9 +531,9 @@ def creation_seen_before_its_opener(devpts: str) -> Dict[str, Any]:
     scans: List[int] = []
     real_holders = watchdog_module.terminals.holders
 
-    def late_holders(wanted, tty_rdevs=frozenset()):
+    def late_holders(wanted, tty_rdevs=frozenset(), every_pty=False):
         scans.append(len(wanted))
-        return iter(()) if len(scans) == 1 else real_holders(wanted, tty_rdevs)
+        return iter(()) if len(scans) == 1 else real_holders(wanted, tty_rdevs, every_pty)
 
     def capture(event: str, **fields: Any) -> None:
         if event == "kill":

@@ -1,9 +1,16 @@
-"""Installation grace: the installing session survives exactly as long as the package manager.
+"""Installation grace: the installing session survives the installation, and a bounded time more.
 
-Installing over SSH must not cut the session that runs apt before dpkg has finished, yet
-no interactive session may outlive the installation. The installer records which package
-manager process runs it; the watchdog spares that process's session while that very
-process (same pid AND same start time, so a reused pid does not count) is alive.
+Installing over SSH must not cut the session that runs apt before dpkg has finished, yet no
+interactive session may outlive the installation, whatever its operator prepared. The
+installer records the package manager process running it, found by the executable the
+kernel runs (/proc/PID/exe): `exec -a apt bash` renames a shell, not its executable. The
+watchdog spares that process's session while that very process (same pid and start time,
+so a reused pid does not count) is alive and not stopped (a Ctrl-Z'd or traced apt keeps
+nothing going but the operator's shell), and never past a deadline: once the transaction
+has ended, installed or not, the harden unit stamps the record with AFTER_TRANSACTION, so
+a Post-Invoke hook that sleeps, or anything else the operator arranged, ends the grace
+then. A deadline is never moved later within a boot: installing again from the spared
+session does not extend it. Giving the machine back forgets it.
 """
 
 from __future__ import annotations
@@ -12,19 +19,25 @@ import dataclasses
 import json
 import os
 import re
+import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, FrozenSet, Optional
 
 import psutil
 
 from statemesh import proc
 
 GRACE_PATH = Path("/run/statemesh-node/install-grace.json")
-
-# psutil names, and comm truncated to 15 characters (python scripts such as unattended-upgrade).
-PACKAGE_MANAGERS = frozenset(
-    {"apt", "apt-get", "aptitude", "unattended-upgrade", "unattended-upgr", "dpkg"}
-)
+# Seconds the installing session is spared after the transaction has ended. What is left of
+# apt's run then: the postinst's last lines, dpkg's triggers (man-db), the other packages of
+# the same run, apt's Post-Invoke hooks (needrestart's, on Ubuntu). About 10 s on hardware,
+# up to 40 s under emulation here; a bound an operator cannot stretch is what matters, and
+# twice the emulated figure with margin leaves a human time to read a prompt.
+AFTER_TRANSACTION = 120.0
+# The package managers, by executable. unattended-upgrade is a Python script: its
+# interpreter runs, with the script's path as the first argument.
+PACKAGE_MANAGERS = ("/usr/bin/apt", "/usr/bin/apt-get", "/usr/bin/aptitude", "/usr/bin/dpkg")
+PYTHON_PACKAGE_MANAGERS = ("/usr/bin/unattended-upgrade",)
 _SESSION_SCOPE = re.compile(r"/session-([^/]+)\.scope(?:/|$)")
 
 
@@ -37,6 +50,8 @@ class Grace:
     session: Optional[str]  # logind session id, None outside any logind session
     sid: int  # the Unix session id, which identifies the session when logind has none
     tty: Optional[str]
+    command: str = ""
+    ends_at: Optional[float] = None  # CLOCK_BOOTTIME seconds; None while the transaction runs
 
     def spares(self, pid: int, sid: int, cgroup: str) -> bool:
         """Whether a process belongs to the installation: a descendant of the package manager
@@ -47,6 +62,18 @@ class Grace:
             return logind_session(cgroup) == self.session
         return sid == self.sid
 
+    def describe(self) -> str:
+        """The spared session in one line, for status and selftest."""
+        where = f"logind session {self.session}" if self.session else f"session id {self.sid}"
+        ends = ("until the transaction ends" if self.ends_at is None
+                else f"for {max(0.0, self.ends_at - boottime()):.0f} s more at most")
+        return f"{where} ({self.tty or 'no terminal'}) of pid {self.pid} {self.command!r}, {ends}"
+
+
+def boottime() -> float:
+    """Seconds since boot, suspend included: a deadline in it cannot be slept past."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
 
 def logind_session(cgroup: str) -> Optional[str]:
     """The logind session id in a cgroup path (…/session-3.scope), None if none."""
@@ -54,32 +81,47 @@ def logind_session(cgroup: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def _is_package_manager(process: psutil.Process) -> bool:
+def _real(paths: tuple) -> FrozenSet[str]:
+    return frozenset(os.path.realpath(path) for path in paths)
+
+
+def is_package_manager(process: psutil.Process, executables: FrozenSet[str],
+                       scripts: FrozenSet[str]) -> bool:
+    """Whether the process runs a package manager's executable (or its script), by what the
+    kernel says it runs, never by its argv[0]."""
     try:
-        if process.name() in PACKAGE_MANAGERS:
+        exe = os.path.realpath(process.exe())
+        if exe in executables:
             return True
         argv = process.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
         return False
-    return any(os.path.basename(arg) in PACKAGE_MANAGERS for arg in argv[:2])
+    is_python = os.path.basename(exe).startswith("python")
+    return is_python and len(argv) > 1 and os.path.realpath(argv[1]) in scripts
 
 
-def installer_of(pid: int) -> psutil.Process:
+def installer_of(pid: int, executables: Optional[FrozenSet[str]] = None,
+                 scripts: Optional[FrozenSet[str]] = None) -> psutil.Process:
     """The topmost package manager among `pid` and its ancestors; `pid` itself if there is none."""
+    executables = _real(PACKAGE_MANAGERS) if executables is None else executables
+    scripts = _real(PYTHON_PACKAGE_MANAGERS) if scripts is None else scripts
     process = psutil.Process(pid)
     found = process
     for candidate in [process, *process.parents()]:
-        if _is_package_manager(candidate):
+        if is_package_manager(candidate, executables, scripts):
             found = candidate
     return found
 
 
-def record_installer(pid: int, path: Path = GRACE_PATH) -> None:
-    """Record the package manager running the installation that `pid` is part of."""
-    process = installer_of(pid)
+def record_installer(pid: int, path: Path = GRACE_PATH,
+                     executables: Optional[FrozenSet[str]] = None) -> None:
+    """Record the package manager running the installation that `pid` is part of, keeping
+    the deadline of an earlier record of this boot: a grace is never lengthened."""
+    process = installer_of(pid, executables)
     ticks = proc.start_ticks(process.pid)
     if ticks is None:
         raise psutil.NoSuchProcess(process.pid)
+    earlier = _load(path) or {}
     record = {
         "pid": process.pid,
         "start_ticks": ticks,
@@ -87,7 +129,31 @@ def record_installer(pid: int, path: Path = GRACE_PATH) -> None:
         "sid": os.getsid(process.pid),
         "tty": process.terminal(),
         "command": " ".join(process.cmdline()),
+        "ends_at": earlier.get("ends_at"),
     }
+    _save(record, path)
+
+
+def end_after(seconds: float, path: Path = GRACE_PATH) -> Optional[float]:
+    """Give the recorded grace a deadline `seconds` from now (an earlier one stays); returns
+    the deadline, None when nothing is recorded."""
+    record = _load(path)
+    if record is None:
+        return None
+    deadline = boottime() + seconds
+    if isinstance(record.get("ends_at"), (int, float)):
+        deadline = min(deadline, float(record["ends_at"]))
+    record["ends_at"] = deadline
+    _save(record, path)
+    return deadline
+
+
+def forget(path: Path = GRACE_PATH) -> None:
+    """The machine was given back: the next installation starts a grace of its own."""
+    path.unlink(missing_ok=True)
+
+
+def _save(record: Dict[str, Any], path: Path) -> None:
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(record) + "\n", encoding="utf-8")
@@ -102,19 +168,34 @@ def _load(path: Path) -> Optional[Dict[str, Any]]:
     return record if isinstance(record, dict) else None
 
 
-def current(path: Path = GRACE_PATH) -> Optional[Grace]:
-    """The recorded grace while its package manager process is still alive, else None."""
+def recorded(path: Path = GRACE_PATH) -> Optional[Grace]:
+    """The grace as recorded, whether or not it still runs; None without a valid record."""
     record = _load(path)
     if record is None:
         return None
     try:
-        grace = Grace(
+        ends_at = record.get("ends_at")
+        return Grace(
             pid=int(record["pid"]),
             start_ticks=int(record["start_ticks"]),
             session=None if record["session"] is None else str(record["session"]),
             sid=int(record["sid"]),
             tty=record["tty"],
+            command=str(record.get("command", "")),
+            ends_at=None if ends_at is None else float(ends_at),
         )
     except (KeyError, TypeError, ValueError):
         return None
-    return grace if proc.start_ticks(grace.pid) == grace.start_ticks else None
+
+
+def current(path: Path = GRACE_PATH) -> Optional[Grace]:
+    """The recorded grace while it runs: its package manager alive and not stopped, its
+    deadline (if set) not passed. None otherwise."""
+    grace = recorded(path)
+    if grace is None or proc.start_ticks(grace.pid) != grace.start_ticks:
+        return None
+    if proc.is_stopped(grace.pid):
+        return None
+    if grace.ends_at is not None and boottime() >= grace.ends_at:
+        return None
+    return grace

@@ -184,12 +184,17 @@ def harden(config: NodeConfig, listen: bool = True) -> int:
 
 
 def act(book: journal.Journal, ordered: Sequence[Guarantee], requested: bool, listen: bool,
-        check_preflight: Callable[[], preflight.Report]) -> int:
-    """Do what boot_action says; the unit's exit status."""
+        check_preflight: Callable[[], preflight.Report],
+        grace_path: Path = grace.GRACE_PATH) -> int:
+    """Do what boot_action says; the unit's exit status. The installing session's grace
+    gets its deadline when the transaction ends, whatever its outcome."""
     try:
         action = boot_action(book, requested)
         if action == TRANSACTION:
-            transaction(book, ordered, check_preflight)
+            try:
+                transaction(book, ordered, check_preflight)
+            finally:
+                grace.end_after(grace.AFTER_TRANSACTION, grace_path)
         elif action == RETRY:
             return _retry_at_boot(book, ordered, listen, check_preflight)
         elif action == GIVE_BACK:
@@ -350,6 +355,7 @@ def revert_all(book: journal.Journal, ordered: Sequence[Guarantee],
     if not errors:
         book.forget_restore_record()
         book.set_state(final, reason=reason)
+        grace.forget()
     return errors
 
 
@@ -385,24 +391,31 @@ def dpkg_state(status_file: Path = DPKG_STATUS) -> str:
     return "not-installed"
 
 
-def installation_finding(book: journal.Journal, status_file: Path = DPKG_STATUS) -> Finding:
-    """Where the installation stands, for status: it holds only on an installed node; when
-    the node was installed at boot after an interruption, dpkg's state lags until the next
-    apt run, and the detail says so."""
+def installation_finding(book: journal.Journal, status_file: Path = DPKG_STATUS,
+                         grace_path: Path = grace.GRACE_PATH) -> Finding:
+    """Where the installation stands, for status: it holds only on an installed node that
+    spares no installing session any more; when the node was installed at boot after an
+    interruption, dpkg's state lags until the next apt run, and the detail says so."""
     try:
         state = book.state()
     except journal.JournalError as error:
         return Finding("installation", False, str(error))
+    spared = grace.current(grace_path)
     facts = {"state": state.state, "attempt": state.attempt, "reason": state.reason,
-             "dpkg": dpkg_state(status_file)}
-    if state.installed:
-        detail = f"installed (version {state.version})"
-        if facts["dpkg"] != "installed":
-            detail += (f"; dpkg still has the package {facts['dpkg']} (the installation was "
-                       "completed at boot): the next apt run, or dpkg --configure -a, "
-                       "completes it")
-        return Finding("installation", True, detail, facts)
-    return Finding("installation", False, _not_installed(book, state), facts)
+             "dpkg": dpkg_state(status_file),
+             "spared_session": None if spared is None else spared.describe()}
+    if not state.installed:
+        return Finding("installation", False, _not_installed(book, state), facts)
+    detail = f"installed (version {state.version})"
+    if facts["dpkg"] != "installed":
+        detail += (f"; dpkg still has the package {facts['dpkg']} (the installation was "
+                   "completed at boot or cut short): the next apt run, or "
+                   "dpkg --configure -a, completes it")
+    if spared is not None:
+        return Finding("installation", False,
+                       f"{detail}, but the installing session is still spared: "
+                       f"{spared.describe()}", facts)
+    return Finding("installation", True, detail, facts)
 
 
 def _not_installed(book: journal.Journal, state: journal.InstallState) -> str:

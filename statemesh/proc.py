@@ -30,6 +30,33 @@ def start_ticks(pid: int) -> Optional[int]:
     return None if fields is None else fields[4]
 
 
+# /proc/PID/loginuid of a process that no login started: systemd's services, the kernel's.
+LOGINUID_UNSET = 4294967295
+
+
+def born_of_a_login(pid: int) -> bool:
+    """Whether the process descends from a login: pam_loginuid gave its session a loginuid,
+    which every child inherits and which, once the node has made loginuids immutable
+    (statemesh.guarantees.logins), nobody can take off again, whatever cgroup it is moved
+    into. A loginuid that cannot be read counts as a login's."""
+    try:
+        with open(f"/proc/{pid}/loginuid", "rb") as handle:
+            return int(handle.read()) != LOGINUID_UNSET
+    except (OSError, ValueError):
+        return True
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether the process is stopped: by a signal (SIGSTOP, Ctrl-Z's SIGTSTP) or by a tracer.
+    A stopped process is alive, and does nothing."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return False
+    return data[data.rindex(b")") + 2 :][:1] in (b"T", b"t")
+
+
 def is_descendant(pid: int, ancestor: int) -> bool:
     """Whether `ancestor` is `pid` or one of its ancestors (by the live parent chain)."""
     seen = 0

@@ -38,3 +38,15 @@ def stopped_process() -> Iterator[int]:
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.fixture(autouse=True)
+def this_host_is_never_hardened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Locking loginuids cannot be undone before a reboot: no host test may reach the kernel's
+    switch, whatever a guarantee under test is given (tests pass a stand-in instead)."""
+    from statemesh import audit
+
+    def refuse() -> None:
+        raise AssertionError("a host test tried to make this host's loginuids immutable")
+    monkeypatch.setattr(audit, "make_loginuid_immutable", refuse)
+

@@ -18,7 +18,9 @@ DECLARED = [
     ("memory", HARDEN, True, False, ()),
     ("firewall", FIREWALL, False, False, ()),
     ("security_class", None, False, False, ()),
-    ("watchdog", None, False, False, ("pty",)),
+    ("watchdog", None, False, False, ("spared installing session", "pty",
+                                      "pty of a devpts of its own",
+                                      "login moved into an exempt unit")),
     ("storage", None, False, True, ("storage keyslots", "volume key on disk")),
 ]
 
@@ -34,5 +36,6 @@ def test_selftest_tries_the_ways_in_in_an_intruders_order() -> None:
     # Not the guarantees' order (ssh first): a terminal, then the services that would give
     # a shell, then the data at rest. The CLI prints and reports the probes in this order.
     assert [way.name for way in selftest.ways(NodeConfig())] == [
-        "pty", "start ssh.service", "start getty@tty2.service",
+        "spared installing session", "pty", "pty of a devpts of its own",
+        "login moved into an exempt unit", "start ssh.service", "start getty@tty2.service",
         "start serial-getty@ttyS1.service", "storage keyslots", "volume key on disk"]

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from statemesh import install, journal
+from statemesh import grace, install, journal
 from statemesh.guarantees.base import Finding
 from tests.conftest import ROOT
 
@@ -140,7 +140,7 @@ def test_a_guarantee_that_does_not_hold_afterwards_fails_the_installation(
 KILLED_MIDWAY = """
 import os, signal, sys
 from pathlib import Path
-from statemesh import install, journal
+from statemesh import grace, install, journal
 from statemesh.preflight import Report
 journal.BOOT_ID_PATH = Path(sys.argv[2])
 
@@ -361,6 +361,34 @@ def test_status_says_when_dpkg_lags_behind_an_installation_completed_at_boot(
     status_file.write_text(DPKG_STATUS.format("half-configured"))
     finding = install.installation_finding(book, status_file)
     assert finding.holds and "dpkg still has the package half-configured" in finding.detail
+
+
+def test_an_installed_node_that_still_spares_the_installing_session_does_not_hold(
+        book: journal.Journal, tmp_path: Path) -> None:
+    status_file = tmp_path / "status"
+    status_file.write_text(DPKG_STATUS.format("installed"))
+    record = tmp_path / "install-grace.json"
+    install.transaction(book, [Step("ssh", [])], passed)
+    grace.record_installer(os.getpid(), record)
+    finding = install.installation_finding(book, status_file, record)
+    assert not finding.holds
+    assert "the installing session is still spared" in finding.detail
+    assert f"of pid {os.getpid()} " in finding.detail and "until the transaction ends" in finding.detail
+    grace.end_after(0, record)
+    finding = install.installation_finding(book, status_file, record)
+    assert finding.holds and finding.facts["spared_session"] is None
+
+
+def test_the_transaction_stamps_the_grace_deadline_installed_or_not(
+        book: journal.Journal, tmp_path: Path) -> None:
+    record = tmp_path / "install-grace.json"
+    grace.record_installer(os.getpid(), record)
+    failing = [Step("ssh", [], fail=RuntimeError("no"))]
+    assert install.act(book, failing, requested=True, listen=False, check_preflight=passed,
+                       grace_path=record) == 1
+    stamped = grace.recorded(record)
+    assert stamped is not None and stamped.ends_at is not None
+    assert stamped.ends_at - grace.boottime() <= grace.AFTER_TRANSACTION
 
 
 def test_status_names_an_interrupted_installation_of_this_boot(book: journal.Journal) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from statemesh import cli, guarantees, install, journal, ownunits, proc, systemd
+from statemesh import audit, cli, guarantees, install, journal, ownunits, proc, systemd
 from statemesh.config import NodeConfig
 from statemesh.guarantees import logins, rescue, ssh, tamper, unitprocs
 from statemesh.guarantees.base import HARDEN_UNIT, Finding
@@ -59,10 +59,29 @@ class Machine:
         self.grace_path = tmp_path / "grace.json"
         self.ssh = ssh.Ssh(root=root, find_sshd=lambda: list(self.sshd),
                            grace_path=self.grace_path)
-        self.logins = logins.Logins(root=root, grace_path=self.grace_path)
+        self.audit = FakeAudit()
+        self.logins = logins.Logins(root=root, grace_path=self.grace_path,
+                                    kernel_audit=self.audit)
         self.rescue = rescue.Rescue(root=root,
                                     regenerate_grub=lambda: self.grub_runs.append("update-grub"))
         self.all = [self.ssh, self.logins, self.rescue]
+
+
+class FakeAudit:
+    """The kernel's loginuid_immutable switch: set and locked by the one call, never undone."""
+
+    def __init__(self, error: str = "") -> None:
+        self.state = audit.LoginuidImmutable(set=False, locked=False)
+        self.error = error
+
+    def loginuid_immutable(self) -> audit.LoginuidImmutable:
+        if self.error:
+            raise audit.AuditError(93, self.error)
+        return self.state
+
+    def make_loginuid_immutable(self) -> None:
+        self.loginuid_immutable()
+        self.state = audit.LoginuidImmutable(set=True, locked=True)
 
 
 @pytest.fixture
@@ -129,6 +148,31 @@ def test_revert_gives_back_exactly_what_was_there(debian: FakeBus, machine: Mach
     assert not (root / "etc/default/grub.d").exists()
     assert not (root / ssh.GENERATOR).exists() and not (root / ssh.GENERATOR).parent.exists()
     assert machine.grub_runs == ["update-grub", "update-grub"]
+
+
+def test_loginuids_are_made_immutable_and_stay_so_after_purge(
+        debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
+    finding = machine.logins.check()
+    assert not finding.holds and "loginuids can be changed (audit loginuid_immutable not set)" \
+        in finding.detail
+    machine.logins.apply(book)
+    finding = machine.logins.check()
+    assert finding.holds and finding.facts["loginuid_immutable"], finding.detail
+    assert any(event["event"] == "loginuid-immutable" for event in _events(book))
+    machine.logins.revert(book.restore_record()["logins"])  # the kernel keeps it locked
+    assert machine.audit.state.holds
+
+
+def test_no_kernel_audit_interface_fails_the_check_and_the_apply(
+        debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
+    machine.audit.error = "Protocol not supported"
+    assert "cannot ask the kernel whether loginuids are immutable" in machine.logins.check().detail
+    with pytest.raises(LockdownError, match="making loginuids immutable"):
+        machine.logins.apply(book)
+
+
+def _events(book: journal.Journal) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in book.journal_path.read_text().splitlines()]
 
 
 def test_a_root_locked_before_stays_locked(debian: FakeBus, machine: Machine, root: Path,
@@ -263,7 +307,7 @@ def test_status_fails_when_the_tamper_listener_is_gone_or_stopped(
 
 def test_status_fails_naming_the_tamper_listener_when_only_it_is_missing(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    installed = Finding("installation", True, "installed (version 0.1.0)")
+    installed = Finding("installation", True, "installed (version 0.1.0)", {"state": "installed"})
     monkeypatch.setattr(install, "installation_finding", lambda book: installed)
     monkeypatch.setattr(guarantees, "ordered", lambda node_config: [])
     monkeypatch.setattr(unitprocs, "unit_pids", lambda unit, cgroup_root: [])

@@ -4,13 +4,48 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import pytest
 
-from statemesh import guarantees, selftest
+from statemesh import grace, guarantees, selftest
 from statemesh.config import NodeConfig
 from statemesh.guarantees import storage, watchdog
 from statemesh.guarantees.base import Probe, Step, Way
+
+
+def test_a_spared_installing_session_is_an_open_way_in(tmp_path) -> None:
+    record = tmp_path / "install-grace.json"
+    guarantee = watchdog.WatchdogGuarantee(NodeConfig(), grace_path=record)
+    assert guarantee.probe_grace().blocked
+    grace.record_installer(os.getpid(), record)
+    probe = guarantee.probe_grace()
+    assert not probe.blocked and f"of pid {os.getpid()} " in probe.detail
+    grace.end_after(0, record)
+    assert guarantee.probe_grace().blocked
+
+
+def test_the_unshared_and_the_moved_login_probes_say_open_when_nothing_kills(tmp_path) -> None:
+    # No watchdog runs here: both holders live, and the probes say so. The devpts is mounted
+    # in a mount namespace of the probe's own; the cgroup is a plain file of the test's.
+    unshared = watchdog.probe_unshared_pty(deadline=3)
+    assert not unshared.blocked and "stayed open" in unshared.detail, unshared.detail
+    cgroup = tmp_path / "system.slice" / watchdog.ALWAYS_EXEMPT
+    guarantee = watchdog.WatchdogGuarantee(NodeConfig(), cgroup_root=tmp_path)
+    assert "cannot try" in guarantee.probe_moved_login(deadline=3).detail
+    cgroup.mkdir(parents=True)
+    (cgroup / "cgroup.procs").write_text("")
+    moved = guarantee.probe_moved_login(deadline=3)
+    assert not moved.blocked and "stayed open" in moved.detail, moved.detail
+    assert int((cgroup / "cgroup.procs").read_text()) > 0  # it did write itself in
+
+
+def test_a_child_probe_is_blocked_only_by_sigkill() -> None:
+    def child(code: str) -> list:
+        return [sys.executable, "-c", f"import os, signal, sys; print('a pty', flush=True); {code}"]
+    assert watchdog._probe_child("p", child("os.kill(os.getpid(), signal.SIGKILL)"), 5).blocked
+    failed = watchdog._probe_child("p", child("sys.exit(3)"), 5)
+    assert not failed.blocked and failed.detail.startswith("could not try (exit 3)")
 
 
 def test_pty_probe_reports_open_when_nothing_kills_the_holder() -> None:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import FrozenSet, Optional, Tuple
 
+import psutil
 import pytest
 
 from harness.private_devpts import ROOT, run_scenario
@@ -65,22 +68,35 @@ def test_terminals_open_before_start_are_ended_even_a_controlling_tty_without_fd
     assert {line["source"] for line in kills(result["log"])} == {"start"}
 
 
-def test_watchdog_cannot_see_the_hosts_devpts_nor_another_instance() -> None:
+def test_every_devpts_instance_is_watched_and_the_hosts_is_out_of_reach() -> None:
     host_devpts = os.stat("/dev/pts").st_dev
-    result = run_scenario(f"{SCENARIOS}:other_devpts_instance_is_invisible",
+    result = run_scenario(f"{SCENARIOS}:every_devpts_instance_is_watched",
                           {"host_devpts_dev": host_devpts})
-    # inside the namespace /dev/pts is the private instance, not the host's
+    # inside the namespace /dev/pts is the private instance, not the host's; its /proc shows
+    # the scenario's processes only, and the host's instance is never found
     assert result["namespace_devpts_dev"] == result["watched_devpts_dev"] != host_devpts
-    # a pty with the very same index and device number in another instance (as the host's
-    # /dev/pts/0 would be) is held, as controlling tty and fd, by a process that survives
+    assert f"{os.major(host_devpts)}:{os.minor(host_devpts)}" not in result["devpts_logged"]
+    assert len(result["devpts_logged"]) >= 2  # the one beside ours, the unshared one
+    # a pty with the very same index and device number in another instance, held as
+    # controlling tty and fd: a terminal of its own, ended
     assert result["other_index"] == 0 and result["other_rdev"] == terminals.pty_rdev(0)
-    assert result["ours_signal"] == 9
-    assert result["other_alive"]
-    assert all(line["terminal"].startswith("/tmp/sm-devpts-") for line in kills(result["log"]))
+    assert result["ours_signal"] == 9 and result["other_signal"] == 9
+    # `unshare -m` with a devpts of its own, mounted after the watchdog started
+    assert result["unshared_instance"] not in (0, host_devpts, result["watched_devpts_dev"])
+    assert result["unshared_signal"] == 9
+    # through a ptmx node into an instance mounted late: found by the next look, not the
+    # minute's full scan, and named by the instance the kernel gave it
+    assert result["ptmx_signal"] == 9
+    assert result["ptmx_source"] in ("devpts-found", "devpts-recheck", "inotify")
 
 
-def test_installing_session_is_spared_until_the_package_manager_exits() -> None:
-    result = run_scenario(f"{SCENARIOS}:installation_grace")
+@pytest.mark.parametrize("ending", ["exit", "stop", "deadline"])
+def test_installing_session_is_spared_until_the_grace_ends(ending: str) -> None:
+    """The package manager exits; or it is stopped (Ctrl-Z), which ends the grace for good;
+    or it runs on past the deadline stamped after the transaction."""
+    result = run_scenario(f"{SCENARIOS}:installation_grace", {"ending": ending})
+    assert result["manager_alive_after"] == (ending != "exit")
+    assert result["still_ended_after_continue"]
     assert result["outsider"] == 9
     # opening the spared pty's slave is an event of its own, not left to the reconcile
     assert result["intruder"] == 9 and result["intruder_source"] in EVENT_SOURCES
@@ -185,19 +201,40 @@ def test_never_kills_itself_init_or_kernel_threads(proc, reason) -> None:
     assert daemon.spare_reason(proc, "/", (), None) == reason
 
 
+def not_a_login(pid: int) -> bool:
+    del pid
+    return False
+
+
 def test_logind_holding_its_reserved_vt_is_never_killed() -> None:
-    assert daemon.spare_reason(process(), "/system.slice/systemd-logind.service", (), None) \
-        == "exempt unit systemd-logind.service"
+    assert daemon.spare_reason(process(), "/system.slice/systemd-logind.service", (), None,
+                               not_a_login) == "exempt unit systemd-logind.service"
 
 
 def test_exempt_units_match_any_component_of_the_cgroup() -> None:
     exempt = ("workload.service", "machine.slice")
-    assert daemon.spare_reason(process(), "/system.slice/workload.service", exempt, None) \
-        == "exempt unit workload.service"
-    assert daemon.spare_reason(process(), "/machine.slice/c1.scope/payload", exempt, None) \
-        == "exempt unit machine.slice"
-    assert daemon.spare_reason(process(), "/system.slice/workload2.service", exempt, None) is None
-    assert daemon.spare_reason(process(), "/user.slice/user-0.slice/session-3.scope", exempt, None) is None
+    def spare(cgroup: str):
+        return daemon.spare_reason(process(), cgroup, exempt, None, not_a_login)
+    assert spare("/system.slice/workload.service") == "exempt unit workload.service"
+    assert spare("/machine.slice/c1.scope/payload") == "exempt unit machine.slice"
+    assert spare("/system.slice/workload2.service") is None
+    assert spare("/user.slice/user-0.slice/session-3.scope") is None
+
+
+def test_a_logins_process_moved_into_an_exempt_unit_is_not_exempt() -> None:
+    """echo PID > /sys/fs/cgroup/system.slice/workload.service/cgroup.procs"""
+    def a_login(pid: int) -> bool:
+        return pid == 4242
+    exempt = ("workload.service", "systemd-logind.service")
+    for cgroup in ("/system.slice/workload.service", "/system.slice/systemd-logind.service"):
+        assert daemon.spare_reason(process(), cgroup, exempt, None, a_login) is None
+        assert daemon.spare_reason(process(pid=4343), cgroup, exempt, None, a_login)
+
+
+def test_a_loginuid_tells_a_login_from_a_service(tmp_path: Path) -> None:
+    assert proc.born_of_a_login(os.getpid()) == (Path("/proc/self/loginuid").read_text()
+                                                 != str(proc.LOGINUID_UNSET))
+    assert proc.born_of_a_login(2 ** 22 + 1)  # no such process: counted as a login
 
 
 def test_grace_spares_only_the_installing_session() -> None:
@@ -299,12 +336,13 @@ def test_inotify_reports_creations_and_opens(tmp_path: Path) -> None:
 # -- installation grace record ----------------------------------------------------------------
 
 
-def _sleeper(tmp_path: Path, name: str) -> subprocess.Popen:
-    """A process named `name` (a script, as apt-get's stand-in) whose child sleeps."""
-    script = tmp_path / name
-    script.write_text("#!/bin/sh\nsleep 60 &\nwait\n")
-    script.chmod(0o755)
-    return subprocess.Popen([str(script)], start_new_session=True)
+def _package_manager(tmp_path: Path, name: str) -> Tuple[subprocess.Popen, FrozenSet[str]]:
+    """A stand-in package manager: a copy of dash named `name` whose child sleeps, and the
+    executables to pass for it to count as one (a file of ours, not /usr/bin/apt-get)."""
+    executable = tmp_path / name
+    shutil.copy("/bin/dash", executable)
+    manager = subprocess.Popen([str(executable), "-c", "sleep 60 & wait"], start_new_session=True)
+    return manager, frozenset({os.path.realpath(executable)})
 
 
 def _child_of(pid: int) -> int:
@@ -317,30 +355,89 @@ def _child_of(pid: int) -> int:
     raise AssertionError("no child")
 
 
-def test_grace_records_the_topmost_package_manager_and_ends_with_it(tmp_path: Path) -> None:
-    manager = _sleeper(tmp_path, "apt-get")
+def _end(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, 9)
+    process.wait()
+
+
+def test_grace_records_the_package_manager_by_its_executable_and_ends_with_it(
+        tmp_path: Path) -> None:
+    manager, executables = _package_manager(tmp_path, "apt-get")
+    record = tmp_path / "run" / "install-grace.json"
     try:
-        record = tmp_path / "run" / "install-grace.json"
-        grace.record_installer(_child_of(manager.pid), record)
+        grace.record_installer(_child_of(manager.pid), record, executables)
         saved = json.loads(record.read_text())
         assert saved["pid"] == manager.pid and saved["sid"] == manager.pid
+        assert saved["ends_at"] is None
         current: Optional[grace.Grace] = grace.current(record)
         assert current is not None and current.pid == manager.pid and current.session is None
+        assert "until the transaction ends" in current.describe()
     finally:
-        os.killpg(manager.pid, 9)
-        manager.wait()
+        _end(manager)
     assert grace.current(record) is None
 
 
+def test_a_shell_renamed_apt_is_not_the_installer(tmp_path: Path) -> None:
+    """`exec -a apt bash`: the name is the package manager's, the executable is not."""
+    renamed = subprocess.Popen(["bash", "-c", "exec -a apt-get dash -c 'sleep 60 & wait'"],
+                               start_new_session=True)
+    try:
+        child = _child_of(renamed.pid)
+        assert psutil.Process(renamed.pid).cmdline()[0] == "apt-get"
+        grace.record_installer(child, tmp_path / "g.json")
+        assert json.loads((tmp_path / "g.json").read_text())["pid"] == child
+    finally:
+        _end(renamed)
+
+
+def test_a_stopped_installer_spares_nothing(tmp_path: Path) -> None:
+    manager, executables = _package_manager(tmp_path, "apt")
+    record = tmp_path / "g.json"
+    try:
+        grace.record_installer(manager.pid, record, executables)
+        os.kill(manager.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while not proc.is_stopped(manager.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert grace.current(record) is None
+        os.kill(manager.pid, signal.SIGCONT)
+        assert grace.current(record) is not None
+    finally:
+        _end(manager)
+
+
+def test_the_deadline_ends_the_grace_and_is_never_moved_later(tmp_path: Path) -> None:
+    manager, executables = _package_manager(tmp_path, "dpkg")
+    record = tmp_path / "g.json"
+    try:
+        grace.record_installer(manager.pid, record, executables)
+        assert grace.end_after(3600, record) is not None
+        first = grace.recorded(record)
+        assert first is not None and first.ends_at is not None
+        assert grace.current(record) is not None
+        assert "s more at most" in first.describe()
+        # installing again from the spared session, and the harden unit stamping again
+        grace.record_installer(manager.pid, record, executables)
+        grace.end_after(7200, record)
+        again = grace.recorded(record)
+        assert again is not None and again.ends_at == first.ends_at
+        grace.end_after(0, record)
+        assert grace.current(record) is None
+        assert grace.recorded(record) is not None  # kept: the next record keeps its deadline
+        grace.forget(record)
+        assert grace.recorded(record) is None and grace.end_after(1, record) is None
+    finally:
+        _end(manager)
+
+
 def test_grace_without_a_package_manager_records_the_caller(tmp_path: Path) -> None:
-    other = _sleeper(tmp_path, "not-a-package-manager")
+    other = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
     try:
         child = _child_of(other.pid)
         grace.record_installer(child, tmp_path / "g.json")
         assert json.loads((tmp_path / "g.json").read_text())["pid"] == child
     finally:
-        os.killpg(other.pid, 9)
-        other.wait()
+        _end(other)
 
 
 @pytest.mark.parametrize("text", ["", "not json", "[]", '{"pid": "x"}',

@@ -10,6 +10,11 @@ hash behind a "!" so that purge can unlock the very same password.
 
 The getty the installation runs on (an operator installing from the console) is left
 running until the package manager exits; the watchdog then ends that session.
+
+A login's loginuid is made immutable (statemesh.audit) until the next boot, and set again at
+every boot: a process born of a login stays one wherever root moves it, which is what the
+watchdog's exemptions rely on. That one cannot be given back before a reboot: the kernel
+locks it, and an immutable loginuid takes nothing from anyone.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 
-from statemesh import grace
+from statemesh import audit, grace
 from statemesh.guarantees.base import HARDEN_UNIT, Finding, Way
 from statemesh.run import CommandError, run
 from statemesh.systemd import Systemd
@@ -62,9 +67,11 @@ class Logins(BusGuarantee):
     holds_workload_data = False
 
     def __init__(self, root: Path = Path("/"),
-                 grace_path: Path = grace.GRACE_PATH):
+                 grace_path: Path = grace.GRACE_PATH,
+                 kernel_audit: Any = audit):
         self.root = root
         self.grace_path = grace_path
+        self.kernel_audit = kernel_audit  # the kernel's, or a test's stand-in with its calls
 
     def ways_in(self) -> Sequence[Way]:
         return (start_refused("getty@tty2.service"), start_refused("serial-getty@ttyS1.service"))
@@ -88,8 +95,23 @@ class Logins(BusGuarantee):
         problems = unlocked_problems(left)
         if not facts["root_locked"]:
             problems.append("root's password is not locked")
-        detail = "; ".join(problems) or "gettys and debug shell masked, root's password locked"
+        loginuid = self._loginuid_problem()
+        facts["loginuid_immutable"] = loginuid is None
+        if loginuid:
+            problems.append(loginuid)
+        detail = "; ".join(problems) or ("gettys and debug shell masked, root's password "
+                                         "locked, loginuids immutable")
         return Finding(self.name, not problems, detail, facts)
+
+    def _loginuid_problem(self) -> Optional[str]:
+        try:
+            state = self.kernel_audit.loginuid_immutable()
+        except audit.AuditError as error:
+            return f"cannot ask the kernel whether loginuids are immutable: {error}"
+        if state.holds:
+            return None
+        return ("loginuids can be changed (audit loginuid_immutable "
+                f"{'set, not locked' if state.set else 'not set'})")
 
     async def enforce(self, manager: Systemd, journal: Any) -> None:
         journal.remember(self.name, {**await snapshot(manager, UNITS),
@@ -100,6 +122,12 @@ class Logins(BusGuarantee):
         if not self._root_locked():
             self._usermod("--lock")
             journal.record("root-password-locked")
+        if self._loginuid_problem():
+            try:
+                self.kernel_audit.make_loginuid_immutable()
+            except audit.AuditError as error:
+                raise LockdownError(f"making loginuids immutable: {error}") from None
+            journal.record("loginuid-immutable")
         await self.verify(manager)
 
     async def restore(self, manager: Systemd, record: Dict[str, Any]) -> List[str]:

@@ -9,32 +9,31 @@ status must not call such a service running. The processes come from the unit's 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
-import psutil
+from statemesh import proc
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# What psutil calls the states T (stopped by a signal) and t (stopped by a tracer).
-STOPPED_STATES = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+
+
+def unit_cgroup(unit: str, cgroup_root: Path = CGROUP_ROOT) -> Optional[Path]:
+    """A system service's cgroup directory (unified or legacy name=systemd hierarchy)."""
+    for directory in (cgroup_root / "system.slice" / unit, cgroup_root / "systemd/system.slice" / unit):
+        if (directory / "cgroup.procs").is_file():
+            return directory
+    return None
 
 
 def unit_pids(unit: str, cgroup_root: Path = CGROUP_ROOT) -> List[int]:
-    """The pids in a system service's cgroup (unified or legacy name=systemd hierarchy)."""
-    for directory in (cgroup_root / "system.slice" / unit, cgroup_root / "systemd/system.slice" / unit):
-        try:
-            return [int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
-        except OSError:
-            continue
-    return []
+    """The pids in a system service's cgroup."""
+    directory = unit_cgroup(unit, cgroup_root)
+    try:
+        return [] if directory is None else [
+            int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
 
 
 def stopped(pids: Sequence[int]) -> List[int]:
     """Those of the pids whose process is stopped; one that is gone is not."""
-    found = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() in STOPPED_STATES:
-                found.append(pid)
-        except psutil.Error:
-            continue
-    return found
+    return [pid for pid in pids if proc.is_stopped(pid)]

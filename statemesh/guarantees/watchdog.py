@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from statemesh import systemd
+from statemesh import grace, systemd
 from statemesh.config import NodeConfig
 from statemesh.guarantees import unitprocs
 from statemesh.guarantees.base import Finding, Probe, Step, Way
@@ -27,6 +29,37 @@ SERVICE_INTERFACE = "org.freedesktop.systemd1.Service"
 # How long selftest's pty holder may live before the probe says the watchdog let it be.
 PTY_DEADLINE_SECONDS = 5.0
 PTY_PROBE = "pty"
+GRACE_PROBE = "spared installing session"
+UNSHARED_PROBE = "pty of a devpts of its own"
+MOVED_PROBE = "login moved into an exempt unit"
+# The probes below run long enough to start Python and mount, then be found (about a second).
+CHILD_DEADLINE_SECONDS = 15.0
+# A unit every node runs and the watchdog always exempts (it holds VTs): where an intruder
+# would move a shell to.
+ALWAYS_EXEMPT = "systemd-logind.service"
+# Each runs in a child (python3 -I: nothing of the environment's Python), prints what it
+# holds, then waits to be killed; argv[1] is how long it waits at most.
+UNSHARED_PTY = """
+import os, subprocess, sys, time
+subprocess.run(["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0600", "devpts",
+                "/dev/pts"], check=True)
+master = os.open("/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY)
+print("a pty of the devpts that `unshare -m` mounted on its /dev/pts", flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+MOVED_LOGIN_PTY = """
+import os, sys, time
+try:
+    with open("/proc/self/loginuid", "w") as loginuid:  # a login's; kept if it was one
+        loginuid.write("0")
+except OSError:
+    pass
+with open(sys.argv[2], "w") as procs:
+    procs.write(str(os.getpid()))
+master, slave = os.openpty()
+print(f"{os.ttyname(slave)} held by a login's process written into {sys.argv[2]}", flush=True)
+time.sleep(float(sys.argv[1]))
+"""
 
 
 class WatchdogGuarantee:
@@ -43,14 +76,35 @@ class WatchdogGuarantee:
     holds_workload_data = False
 
     def __init__(self, config: NodeConfig, cgroup_root: Path = unitprocs.CGROUP_ROOT,
-                 unit_dir: Path = Path("/etc/systemd/system"), devpts: str = "/dev/pts"):
+                 unit_dir: Path = Path("/etc/systemd/system"), devpts: str = "/dev/pts",
+                 grace_path: Path = grace.GRACE_PATH):
         self.config = config
+        self.grace_path = grace_path
         self.cgroup_root = cgroup_root
         self.wants = unit_dir / "multi-user.target.wants" / UNIT
         self.devpts = devpts
 
     def ways_in(self) -> Sequence[Way]:
-        return (Way(PTY_PROBE, Step.TERMINAL, probe_pty),)
+        return (Way(GRACE_PROBE, Step.TERMINAL, self.probe_grace),
+                Way(PTY_PROBE, Step.TERMINAL, probe_pty),
+                Way(UNSHARED_PROBE, Step.TERMINAL, probe_unshared_pty),
+                Way(MOVED_PROBE, Step.TERMINAL, self.probe_moved_login))
+
+    def probe_grace(self) -> Probe:
+        """A session the watchdog spares is a terminal it lets be: open while one runs."""
+        spared = grace.current(self.grace_path)
+        if spared is None:
+            return Probe(GRACE_PROBE, True, "no installing session is spared")
+        return Probe(GRACE_PROBE, False, f"spared: {spared.describe()}")
+
+    def probe_moved_login(self, deadline: float = CHILD_DEADLINE_SECONDS) -> Probe:
+        """A login's process written into an exempt unit's cgroup.procs opens a pty."""
+        directory = unitprocs.unit_cgroup(ALWAYS_EXEMPT, self.cgroup_root)
+        if directory is None:
+            return Probe(MOVED_PROBE, False, f"cannot try: no cgroup of {ALWAYS_EXEMPT}")
+        argv = [sys.executable, "-I", "-c", MOVED_LOGIN_PTY, str(deadline * 4),
+                str(directory / "cgroup.procs")]
+        return _probe_child(MOVED_PROBE, argv, deadline)
 
     def check(self) -> Finding:
         """Running (and not stopped: a SIGSTOPped watchdog ends no terminal, and systemd,
@@ -141,6 +195,33 @@ def probe_pty(deadline: float = PTY_DEADLINE_SECONDS) -> Probe:
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
         return Probe(name, True, f"holder of {terminal} killed after {elapsed_ms:.0f} ms")
     return Probe(name, False, f"holder of {terminal} ended on its own (status {status})")
+
+
+def probe_unshared_pty(deadline: float = CHILD_DEADLINE_SECONDS) -> Probe:
+    """`unshare -m`, a devpts instance of its own on /dev/pts, a pty of it: never watched
+    by /dev/pts, found all the same."""
+    argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-I", "-c",
+            UNSHARED_PTY, str(deadline * 4)]
+    return _probe_child(UNSHARED_PROBE, argv, deadline)
+
+
+def _probe_child(name: str, argv: List[str], deadline: float) -> Probe:
+    """Run a holder and wait for the watchdog to kill it: blocked only if SIGKILL ended it."""
+    started = time.monotonic()
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = child.communicate(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        out, err = child.communicate()
+        return Probe(name, False, f"{out.strip() or 'its holder'} stayed open {deadline:.0f} s")
+    elapsed_ms = (time.monotonic() - started) * 1000
+    if child.returncode == -signal.SIGKILL:
+        return Probe(name, True, f"holder of {out.strip() or 'it'} killed "
+                                 f"{elapsed_ms:.0f} ms after it was started")
+    return Probe(name, False, f"could not try (exit {child.returncode}): "
+                              f"{err.strip()[-200:] or out.strip()}")
 
 
 def _wait_child(pid: int, timeout: float) -> tuple:

@@ -49,6 +49,10 @@ SYSTEM_UNITS = ("systemd-logind.service",)
 LOGIND_TIMEOUT = 10.0
 # A pty created or opened is looked at again after these delays (seconds): see _recheck_later.
 RECHECK_DELAYS = (0.005, 0.02, 0.1, 0.5, 2.0)
+# How often every mount namespace is looked at for a devpts instance not watched yet.
+DISCOVER_SECONDS = 1.0
+# How often a running grace is looked at for a stopped package manager or a passed deadline.
+GRACE_POLL_SECONDS = 0.5
 # A successor gets this long to arm its watches; the running watchdog guards meanwhile.
 HANDOVER_TIMEOUT = 60.0
 
@@ -92,8 +96,13 @@ def exempt_unit(cgroup: str, exempt: Tuple[str, ...]) -> Optional[str]:
 
 
 def spare_reason(process: terminals.Process, cgroup: str, exempt: Tuple[str, ...],
-                 current_grace: Optional[grace.Grace]) -> Optional[str]:
-    """Why a holder must not be killed, or None: the watchdog's whole no-false-kill policy."""
+                 current_grace: Optional[grace.Grace],
+                 from_a_login: Callable[[int], bool] = proc.born_of_a_login) -> Optional[str]:
+    """Why a holder must not be killed, or None: the watchdog's whole no-false-kill policy.
+
+    An exempt unit's cgroup is not enough: root can write any pid into cgroup.procs. Its
+    processes are systemd's children, which no login started; a login's processes carry
+    their loginuid wherever they are moved (from_a_login), so they are never exempt."""
     if process.pid == os.getpid():
         return "self"
     if process.pid == 1:
@@ -101,7 +110,7 @@ def spare_reason(process: terminals.Process, cgroup: str, exempt: Tuple[str, ...
     if process.kernel_thread or process.pid == 2 or process.ppid == 2:
         return "kernel thread"
     unit = exempt_unit(cgroup, SYSTEM_UNITS + exempt)
-    if unit:
+    if unit and not from_a_login(process.pid):
         return f"exempt unit {unit}"
     if current_grace is not None and current_grace.spares(process.pid, process.sid, cgroup):
         return "installation grace"
@@ -134,7 +143,10 @@ class Watchdog:
         if not os.path.isdir(settings.dev):
             raise WatchdogError(f"{settings.dev} is not a directory of terminal devices")
         self.inotify = Inotify()
-        self.devpts_wd = self.inotify.add_watch(settings.devpts, IN_CREATE)
+        # IN_CREATE watches on every devpts instance -> (its path from here, its st_dev)
+        self.devpts_wds: Dict[int, Tuple[str, int]] = {}
+        self.instances: Dict[int, str] = {}  # st_dev -> path, of every instance watched
+        self._watch_devpts(settings.devpts)
         self.dev_wd = self.inotify.add_watch(settings.dev, IN_CREATE)
         self.tty_wds: Dict[int, str] = {}
         # IN_OPEN watch on each pty node -> the pty, kept: an open may be reported after the
@@ -143,10 +155,12 @@ class Watchdog:
         self.grace_wd = self._watch_grace_directory()
         self.grace: Optional[grace.Grace] = None
         self.grace_fd: Optional[int] = None
+        self.grace_poll: Optional[asyncio.TimerHandle] = None
         self.tty_rdevs: Set[int] = set()
         self.tty_paths: Set[str] = set()  # every terminal device, watched or not
         self.killed: Set[Tuple[int, int]] = set()  # SIGKILLed, perhaps not dead yet
         self._watch_existing_terminals()
+        self.watch_devpts_instances()
 
     # -- event sources -------------------------------------------------------
 
@@ -156,8 +170,51 @@ class Watchdog:
         Watching a node twice is harmless: the kernel returns the watch it has."""
         for name in sorted(os.listdir(self.settings.dev)):
             self._watch_tty(name)
-        for name in os.listdir(self.settings.devpts):
-            self._watch_pty(name)
+        for devpts in list(self.instances.values()):
+            self._watch_ptys_of(devpts)
+
+    def _watch_devpts(self, devpts: str) -> bool:
+        """An IN_CREATE watch on a devpts instance; whether it is one not watched before. The
+        kernel gives an inode it watches already the same watch, and a new instance a new
+        one even where it reuses a gone instance's device number."""
+        try:
+            dev = os.stat(devpts).st_dev
+            wd = self.inotify.add_watch(devpts, IN_CREATE)
+        except OSError:
+            return False  # its namespace went, or its mount
+        if wd in self.devpts_wds:
+            return False
+        self.devpts_wds[wd] = (devpts, dev)
+        self.instances[dev] = devpts
+        return True
+
+    def _watch_ptys_of(self, devpts: str) -> None:
+        try:
+            names = os.listdir(devpts)
+        except OSError:
+            return
+        for name in names:
+            self._watch_pty(devpts, name)
+
+    def watch_devpts_instances(self) -> bool:
+        """Watch every devpts instance of every mount namespace (`unshare -m` and a
+        newinstance mount make one that /dev/pts never shows), and the ptys already in it;
+        whether a new one was found. No event tells of a new namespace or mount, and the
+        kernel sends none for opens of ptmx (FMODE_NONOTIFY): they are looked for every
+        DISCOVER_SECONDS."""
+        found = False
+        for dev, devpts in terminals.devpts_instances().items():
+            if self._watch_devpts(devpts):
+                log("devpts", path=devpts, instance=f"{os.major(dev)}:{os.minor(dev)}")
+                self._watch_ptys_of(devpts)
+                found = True
+        return found
+
+    def discover(self) -> None:
+        """A new devpts instance: end every pty in it now, and look again shortly after."""
+        if self.watch_devpts_instances():
+            self.reconcile("devpts-found")
+            self._recheck_later(None, 0)
 
     def _watch_grace_directory(self) -> Optional[int]:
         try:
@@ -181,9 +238,9 @@ class Watchdog:
         self.tty_wds[wd] = terminal.path
         return terminal
 
-    def _watch_pty(self, name: str) -> Optional[terminals.Terminal]:
+    def _watch_pty(self, devpts: str, name: str) -> Optional[terminals.Terminal]:
         """The pty `name`, watched for opens of its slave until the node goes away."""
-        terminal = terminals.pty(self.settings.devpts, name)
+        terminal = terminals.pty(devpts, name)
         if terminal is None:
             return None
         try:
@@ -200,8 +257,8 @@ class Watchdog:
             terminal: Optional[terminals.Terminal] = None
             if event.mask & IN_Q_OVERFLOW:
                 reconcile = True
-            elif event.wd == self.devpts_wd:
-                terminal = self._watch_pty(event.name)
+            elif event.wd in self.devpts_wds:
+                terminal = self._on_devpts_event(event)
             elif event.wd in self.pty_wds:
                 if event.mask & IN_IGNORED:
                     del self.pty_wds[event.wd]
@@ -224,7 +281,16 @@ class Watchdog:
             if ptys:
                 self._recheck_later(ptys, 0)
 
-    def _recheck_later(self, ptys: List[terminals.Terminal], attempt: int) -> None:
+    def _on_devpts_event(self, event: Any) -> Optional[terminals.Terminal]:
+        devpts, dev = self.devpts_wds[event.wd]
+        if event.mask & IN_IGNORED:  # the instance was unmounted: its namespace is gone
+            del self.devpts_wds[event.wd]
+            if self.instances.get(dev) == devpts:
+                del self.instances[dev]
+            return None
+        return self._watch_pty(devpts, event.name)
+
+    def _recheck_later(self, ptys: Optional[List[terminals.Terminal]], attempt: int) -> None:
         """Look again, a few times shortly after, for holders of ptys just created or opened.
 
         The kernel reports both from inside the open, before the opener's fd exists, and no
@@ -232,20 +298,28 @@ class Watchdog:
         (often, in a busy guest), and so can a second opener of the same pty (the service of
         `systemd-run --pty`, while its client is being killed). Terminal devices are not
         looked at again: systemd opens /dev/console write-only for every service it starts,
-        and the periodic check finds a getty within seconds."""
+        and the periodic check finds a getty within seconds. None: every pty, of every
+        instance (one just found)."""
         if attempt < len(RECHECK_DELAYS):
             asyncio.get_running_loop().call_later(RECHECK_DELAYS[attempt], self._recheck, ptys, attempt)
 
-    def _recheck(self, ptys: List[terminals.Terminal], attempt: int) -> None:
-        self.end_terminals(ptys, "inotify-recheck")
+    def _recheck(self, ptys: Optional[List[terminals.Terminal]], attempt: int) -> None:
+        if ptys is None:
+            self.reconcile("devpts-recheck")
+        else:
+            self.end_terminals(ptys, "inotify-recheck")
         self._recheck_later(ptys, attempt + 1)
 
     def load_grace(self) -> None:
-        """(Re)read the installation grace and wake up when its package manager exits."""
+        """(Re)read the installation grace; wake up when its package manager exits, and look
+        every GRACE_POLL_SECONDS for what gives no event: a stop, the deadline."""
         if self.grace_fd is not None:
             asyncio.get_running_loop().remove_reader(self.grace_fd)
             os.close(self.grace_fd)
             self.grace_fd = None
+        if self.grace_poll is not None:
+            self.grace_poll.cancel()
+            self.grace_poll = None
         self.grace = grace.current(self.settings.grace_path)
         if self.grace is None:
             return
@@ -257,11 +331,27 @@ class Watchdog:
         if proc.start_ticks(self.grace.pid) != self.grace.start_ticks:
             self.load_grace()  # the pid was reused between reading and opening it
             return
-        log("grace", pid=self.grace.pid, session=self.grace.session, sid=self.grace.sid, tty=self.grace.tty)
-        asyncio.get_running_loop().add_reader(self.grace_fd, self._grace_ended)
+        log("grace", pid=self.grace.pid, session=self.grace.session, sid=self.grace.sid,
+            tty=self.grace.tty, command=self.grace.command, ends_at=self.grace.ends_at)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.grace_fd, self._grace_ended)
+        self.grace_poll = loop.call_later(GRACE_POLL_SECONDS, self._poll_grace)
+
+    def _poll_grace(self) -> None:
+        self.grace_poll = None
+        if self.grace is None:
+            return
+        if grace.current(self.settings.grace_path) is not None:
+            self.grace_poll = asyncio.get_running_loop().call_later(GRACE_POLL_SECONDS,
+                                                                    self._poll_grace)
+            return
+        if proc.is_stopped(self.grace.pid):
+            grace.end_after(0.0, self.settings.grace_path)  # continuing it gives nothing back
+        self._grace_ended()
 
     def _grace_ended(self) -> None:
-        log("grace-ended", pid=self.grace.pid if self.grace else None)
+        log("grace-ended", pid=self.grace.pid if self.grace else None,
+            stopped=bool(self.grace and proc.is_stopped(self.grace.pid)))
         self.load_grace()
         self.reconcile("grace-ended")
         asyncio.get_running_loop().create_task(self.end_sessions())
@@ -269,16 +359,25 @@ class Watchdog:
     # -- ending terminals ----------------------------------------------------
 
     def _all_terminals(self) -> List[terminals.Terminal]:
-        found = terminals.ptys(self.settings.devpts)
+        found = [terminal for devpts in list(self.instances.values())
+                 for terminal in self._ptys_of(devpts)]
         for path in sorted(self.tty_paths):
             terminal = terminals.tty_device(path)
             if terminal is not None:
                 found.append(terminal)
         return found
 
+    @staticmethod
+    def _ptys_of(devpts: str) -> List[terminals.Terminal]:
+        try:
+            return terminals.ptys(devpts)
+        except OSError:
+            return []  # the namespace it was reached through is gone; the next round looks again
+
     def reconcile(self, source: str = "reconcile") -> None:
-        """The safety net: end every terminal in use now, whatever the events said."""
-        self.end_terminals(self._all_terminals(), source)
+        """The safety net: end every terminal in use now, and every pty of any devpts
+        instance, watched or not, whatever the events said."""
+        self.end_terminals(self._all_terminals(), source, every_pty=True)
 
     def periodic(self, rounds: int) -> Optional[str]:
         """A cheap check every round (a pty exists, a process has a controlling tty), the
@@ -286,21 +385,25 @@ class Watchdog:
         check finds something: that keeps the idle watchdog near zero CPU. Returns the kind
         of reconcile done, if any."""
         full = rounds % FULL_SCAN_EVERY == 0
-        if not full and not terminals.ptys(self.settings.devpts) and not terminals.controlling_ttys():
+        ptys_exist = any(self._ptys_of(devpts) for devpts in list(self.instances.values()))
+        if not full and not ptys_exist and not terminals.controlling_ttys():
             return None
         source = "reconcile" if full else "reconcile-check"
         self.reconcile(source)
         return source
 
-    def end_terminals(self, wanted: List[terminals.Terminal], source: str) -> None:
-        """SIGKILL every holder that is not spared, pass after pass until none is left."""
+    def end_terminals(self, wanted: List[terminals.Terminal], source: str,
+                      every_pty: bool = False) -> None:
+        """SIGKILL every holder (of `wanted`; with every_pty, of any pty too) that is not
+        spared, pass after pass until none is left."""
         self.killed = {identity for identity in self.killed
                        if proc.start_ticks(identity[0]) == identity[1]}
         decided = set(self.killed)  # (pid, start) of holders killed or spared
         sessions: Set[str] = set()
         for _ in range(MAX_ROUNDS):
             killed = 0
-            for terminal, process in terminals.holders(wanted, frozenset(self.tty_rdevs)):
+            for terminal, process in terminals.holders(wanted, frozenset(self.tty_rdevs),
+                                                       every_pty):
                 identity = (process.pid, process.start_ticks)
                 if identity in decided:
                     continue
@@ -404,9 +507,17 @@ class Watchdog:
         handover.report_ready()
         if self.connect is not None:
             asyncio.get_running_loop().create_task(self._logind_loop())
+        asyncio.get_running_loop().create_task(self._discover_loop())
         for rounds in itertools.count(1):
             await asyncio.sleep(self.settings.reconcile_seconds)
             self.periodic(rounds)
+
+    async def _discover_loop(self) -> None:
+        """New devpts instances, looked for every DISCOVER_SECONDS (about a millisecond for
+        two hundred processes: a readlink each, one mountinfo a namespace)."""
+        while True:
+            await asyncio.sleep(DISCOVER_SECONDS)
+            self.discover()
 
     async def _logind_loop(self) -> None:
         """logind apart from the terminal sources: a slow or restarting logind delays nothing."""

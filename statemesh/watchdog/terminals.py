@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pwd
+import re
 import stat
 import time
 from typing import Dict, FrozenSet, Iterator, List, Optional, Set, Tuple
@@ -160,17 +161,23 @@ def _held_terminals(pid: int, tty_rdevs: FrozenSet[int]) -> FrozenSet[Key]:
         elif info.st_rdev == PTMX:
             index = _master_index(pid, fd)
             if index is not None:
-                held.add((_master_instance(pid, info), pty_rdev(index)))
+                held.add((_master_instance(pid, fd, info), pty_rdev(index)))
         elif info.st_rdev in tty_rdevs and _reads(pid, fd, info):
             held.add((0, info.st_rdev))
     return frozenset(held)
 
 
-def _master_instance(pid: int, info: os.stat_result) -> int:
-    """A ptmx opened inside a devpts mount belongs to it; /dev/ptmx to the opener's /dev/pts."""
+def _master_instance(pid: int, fd: str, info: os.stat_result) -> int:
+    """A ptmx opened inside a devpts mount belongs to it; a ptmx device node elsewhere
+    (/dev/ptmx, or one made with mknod) to the devpts mounted at "pts" beside it, as the
+    kernel finds it, in the opener's mount namespace; else to the opener's /dev/pts."""
     if stat.S_ISCHR(info.st_mode) and _is_devpts(info.st_dev):
         return info.st_dev
-    return _pts_instance_of(pid)
+    try:
+        opened = os.readlink(f"/proc/{pid}/fd/{fd}")
+        return os.stat(f"/proc/{pid}/root{os.path.dirname(opened)}/pts").st_dev
+    except OSError:
+        return _pts_instance_of(pid)
 
 
 _DEVPTS_DEVS: Dict[int, bool] = {}
@@ -188,6 +195,49 @@ def _is_devpts(dev: int) -> bool:
                 _DEVPTS_DEVS[os.makedev(int(major), int(minor))] = fstype == "devpts"
         _DEVPTS_DEVS.setdefault(dev, False)
     return _DEVPTS_DEVS[dev]
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash come octal-escaped (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+def _devpts_mountpoints(pid: int) -> List[str]:
+    """Where devpts is mounted in the mount namespace of `pid`, as that namespace sees it."""
+    try:
+        with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split()
+        if "-" in fields and fields[fields.index("-") + 1] == "devpts":
+            found.append(_unescape(fields[4]))
+    return found
+
+
+def devpts_instances() -> Dict[int, str]:
+    """Every devpts instance mounted in any mount namespace (a container's, one that
+    `unshare -m` made): its st_dev -> a path that reaches its root from here, through
+    /proc/PID/root (the namespace's own view). One process a namespace is read."""
+    found: Dict[int, str] = {}
+    namespaces: Set[str] = set()
+    for pid in _pids():
+        try:
+            namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            continue
+        if namespace in namespaces:
+            continue
+        namespaces.add(namespace)
+        for mountpoint in _devpts_mountpoints(pid):
+            path = f"/proc/{pid}/root{mountpoint}"
+            try:
+                found.setdefault(os.stat(path).st_dev, path)
+            except OSError:
+                continue
+    return found
 
 
 def is_devpts_mount(path: str) -> bool:
@@ -248,15 +298,33 @@ def is_holder(terminal: Terminal, process: Process) -> bool:
     return not terminal.is_pty or _ctty_instance(process) == terminal.instance
 
 
-def holders(wanted: List[Terminal], tty_rdevs: FrozenSet[int] = frozenset()
-            ) -> Iterator[Tuple[Terminal, Process]]:
-    """Each process holding one of `wanted`, in one pass over /proc, yielded as soon as it is
-    read so that the caller can act at once."""
+def any_pty(process: Process) -> Optional[Terminal]:
+    """A pty the process holds, of any devpts instance: by an fd, or as controlling tty."""
+    for instance, rdev in sorted(process.holds):
+        if instance:
+            return _unlisted_pty(instance, rdev)
+    if os.major(process.tty_nr) in PTY_SLAVE_MAJORS:
+        return _unlisted_pty(_ctty_instance(process), process.tty_nr)
+    return None
+
+
+def _unlisted_pty(instance: int, rdev: int) -> Terminal:
+    """A pty known by its numbers only (no node was listed for it): named for the log."""
+    index = (os.major(rdev) - PTY_SLAVE_MAJOR) * 256 + os.minor(rdev)
+    return Terminal(f"pts/{index} of devpts {os.major(instance)}:{os.minor(instance)}", rdev,
+                    instance, None)
+
+
+def holders(wanted: List[Terminal], tty_rdevs: FrozenSet[int] = frozenset(),
+            every_pty: bool = False) -> Iterator[Tuple[Terminal, Process]]:
+    """Each process holding one of `wanted` (or, with every_pty, any pty at all), in one
+    pass over /proc, yielded as soon as it is read so that the caller can act at once."""
     for process in processes(tty_rdevs):
-        for terminal in wanted:
-            if is_holder(terminal, process):
-                yield terminal, process
-                break
+        held = next((terminal for terminal in wanted if is_holder(terminal, process)), None)
+        if held is None and every_pty:
+            held = any_pty(process)
+        if held is not None:
+            yield held, process
 
 
 def describe(pid: int) -> Tuple[int, str]:

@@ -82,6 +82,10 @@ def test_every_kind_of_terminal_is_ended_and_a_plain_process_lives(installed_gue
     agetty = background(guest, "agetty --noclear tty3 linux")
     has_machinectl = guest.run("command -v machinectl", check=False).returncode == 0
     shell = background(guest, "machinectl shell .host /bin/sleep 1604") if has_machinectl else None
+    # a devpts of its own that /dev/pts never shows: /dev/ptmx opens its ptys from then on
+    inner = ("mount -t devpts -o newinstance devpts /dev/pts && "
+             f"exec python3 -c {quote(HOLDER.format(1608))}")
+    unshared = background(guest, f"unshare -m sh -c {quote(inner)}")
 
     assert ended(guest, python), "python openpty holder"
     assert ended(guest, script), "script"
@@ -89,6 +93,7 @@ def test_every_kind_of_terminal_is_ended_and_a_plain_process_lives(installed_gue
     assert ended(guest, agetty), "agetty on tty3"
     if shell is not None:
         assert ended(guest, shell), "machinectl shell"
+    assert ended(guest, unshared), "a pty of a devpts instance that unshare -m mounted"
     for duration in (1601, 1602, 1603, 1604):
         assert running(guest, f"sleep {duration}") == [], f"the shell side of sleep {duration}"
     assert guest.run("systemctl is-active sm-pty", check=False).stdout.strip() != "active"
@@ -104,6 +109,7 @@ def test_every_kind_of_terminal_is_ended_and_a_plain_process_lives(installed_gue
     assert logged[python]["user"] == "root" and "os.openpty" in logged[python]["command"]
     assert logged[python]["latency_ms"] >= 0
     assert agetty in logged and logged[agetty]["terminal"] == "/dev/tty3"
+    assert unshared in logged and "/dev/pts/" in logged[unshared]["terminal"], logged.get(unshared)
     assert "/dev/console" not in {line["terminal"] for line in logged.values()}
 
 
@@ -160,3 +166,15 @@ def test_exempt_unit_keeps_its_pty_after_a_reload(installed_guest: Guest) -> Non
     assert ended(guest, outsider)
     assert guest.run("systemctl is-active sm-runtime").stdout.strip() == "active"
     assert len(running(guest, "sleep.1621")) == 1
+
+    # A login's process written into the exempt unit's cgroup is still a login's: ended. Its
+    # loginuid cannot be taken off again (the installation made loginuids immutable).
+    procs = "/sys/fs/cgroup/system.slice/sm-runtime.service/cgroup.procs"
+    login = (f"echo 0 > /proc/self/loginuid && echo $$ > {procs} && "
+             f"exec python3 -c {quote(HOLDER.format(1623))}")
+    moved = background(guest, f"sh -c {quote(login)}")
+    assert ended(guest, moved), "a login's process moved into the exempt unit"
+    assert len(running(guest, "sleep.1621")) == 1  # the unit's own pty holder lives on
+    unset = guest.run("sh -c 'echo 0 > /proc/self/loginuid && echo 4294967295 > "
+                      "/proc/self/loginuid'", check=False)
+    assert unset.returncode != 0, "a loginuid was taken off again"

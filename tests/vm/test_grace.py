@@ -1,0 +1,98 @@
+"""The installation grace ends, whatever the operator prepared before installing.
+
+The operator installs over SSH, as README says, but from a shell renamed `apt`
+(`exec -a apt bash`: the name of a package manager on a process that is none), and with an
+apt hook that never returns, so that apt itself never exits. Before the grace was bounded,
+the renamed shell was taken for the installer and its session was spared for as long as it
+lived: a root shell on an installed node that status called locked down. Now the installer is
+apt-get by its executable, status and selftest name the spared session while it lasts, and
+the session ends AFTER_TRANSACTION seconds after the transaction, apt with it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+import pytest
+
+from harness.vm import driver
+from harness.vm.driver import Guest, SavedGuest
+from statemesh import grace
+
+GRACE_RECORD = "/run/statemesh-node/install-grace.json"
+JOURNAL = "/var/lib/statemesh-node/journal.jsonl"
+HOOK = "/etc/apt/apt.conf.d/99operator-keeps-apt-running"
+SSH = ("ssh -tt -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+       "root@localhost")
+
+
+@pytest.fixture
+def node(guest_factory: Callable[..., Guest], provisioned_node: SavedGuest) -> Guest:
+    return guest_factory(saved=provisioned_node)
+
+
+# The operator's SSH login is the guest's only logind session (its TTY column stays empty).
+SESSIONS = "loginctl list-sessions --no-legend | grep -q ."
+
+
+def ssh_sessions(guest: Guest) -> str:
+    return guest.run("loginctl list-sessions --no-legend").stdout.strip()
+
+
+def prepare_the_operators_way_in(guest: Guest) -> None:
+    """A key for root's SSH login, and a Post-Invoke hook that keeps apt from ever exiting."""
+    guest.run("install -d -m 700 /root/.ssh && ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/id "
+              "&& cat /root/.ssh/id.pub >> /root/.ssh/authorized_keys")
+    guest.put(HOOK, b'DPkg::Post-Invoke { "sleep 100000"; };\n')
+
+
+def install_over_ssh_from_a_renamed_shell(guest: Guest) -> None:
+    """The operator's terminal: ssh -tt, its input held open, outside the test agent's tree."""
+    inner = ("apt-get install -y statemesh-node > /root/operator.log 2>&1; "
+             "echo $? > /root/operator.rc; exec sleep 100000")
+    remote = f"exec -a apt bash -c {driver.quote(inner)}"
+    ssh = f"sleep 100000 | {SSH} -i /root/.ssh/id {driver.quote(remote)}"
+    guest.run(f"systemd-run --unit=operator sh -c {driver.quote(ssh)}")
+
+
+@pytest.mark.cost(420)
+def test_a_renamed_shell_and_an_endless_apt_hook_end_with_the_grace(node: Guest, measured) -> None:
+    guest = node
+    prepare_the_operators_way_in(guest)
+    install_over_ssh_from_a_renamed_shell(guest)
+    guest.wait_for(f"{SESSIONS} && pgrep -x apt-get", "the operator's apt-get", 120)
+    guest.wait_for(f"grep -q '\"event\": \"state-installed\"' {JOURNAL}", "installed", 900)
+
+    # The installer recorded is apt-get, by its executable; the renamed shell is not.
+    record = json.loads(guest.run(f"cat {GRACE_RECORD}").stdout)
+    assert guest.run(f"readlink /proc/{record['pid']}/exe").stdout.strip() == "/usr/bin/apt-get"
+    assert record["command"].startswith("apt-get install"), record
+    assert record["ends_at"] is not None
+    # While the session is spared, status and selftest say so, and name it.
+    status = guest.run("statemesh-node status --json", check=False)
+    installation = json.loads(status.stdout)["installation"]
+    assert status.returncode == 1 and not installation["holds"], status.stdout
+    assert f"of pid {record['pid']} 'apt-get install" in installation["detail"], installation
+    selftest = guest.run("statemesh-node selftest --json", check=False, timeout=180)
+    probe = next(p for p in json.loads(selftest.stdout)["probes"]
+                 if p["name"] == "spared installing session")
+    assert selftest.returncode == 1 and not probe["blocked"], probe
+    assert ssh_sessions(guest), "the session ended before the bound"
+    left = record["ends_at"] - float(guest.run("cut -d' ' -f1 /proc/uptime").stdout)
+    measured("grace left after status and selftest", f"{left:.0f} s")
+
+    # The bound: apt is still waiting on the hook, and the session ends all the same.
+    waited_from = time.monotonic()
+    guest.wait_for(f"! {SESSIONS}", "the session's end",
+                   grace.AFTER_TRANSACTION + 120)
+    measured("installing session ended after status", f"{time.monotonic() - waited_from:.0f} s")
+    ended = guest.run("journalctl -o cat -u statemesh-watchdog.service | grep grace-ended").stdout
+    assert ended, "the watchdog did not log the grace's end"
+    assert guest.run("test -e /root/operator.rc", check=False).returncode == 1  # apt never returned
+    assert guest.run("pgrep -x apt-get", check=False).returncode == 1
+    assert guest.run("pgrep -x ssh", check=False).returncode == 1  # the operator's client too
+    final = guest.run("statemesh-node status --json", check=False)
+    assert final.returncode == 0, final.stdout
+    assert json.loads(final.stdout)["installation"]["facts"]["spared_session"] is None
