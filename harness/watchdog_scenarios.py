@@ -314,6 +314,21 @@ def every_devpts_instance_is_watched(devpts: str, host_devpts_dev: int) -> Dict[
     }
 
 
+def _rewrite_grace(path: Path, installer: int) -> None:
+    """What the spared root may write once the grace has ended: the same installer without
+    a deadline, then pid 1 (every process descends from it)."""
+    record = json.loads(path.read_text())
+    for pid in (installer, 1):
+        ticks = proc.start_ticks(pid)
+        if ticks is None:
+            continue
+        record.update(pid=pid, start_ticks=ticks, ends_at=None)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(record))
+        os.replace(temporary, path)
+        time.sleep(0.2)
+
+
 def installation_grace(devpts: str, ending: str = "exit") -> Dict[str, Any]:
     """The installing session keeps its terminal while the grace runs, not after; a process
     of another session that opens that spared terminal is ended at once. The grace ends as
@@ -357,7 +372,11 @@ def installation_grace(devpts: str, ending: str = "exit") -> Dict[str, Any]:
         manager_alive = proc.start_ticks(manager_pid) is not None  # not our child
         with contextlib.suppress(ProcessLookupError):
             os.kill(manager_pid, signal.SIGCONT)  # continued: the grace it ended stays ended
-        still_ended = grace.current(state["grace"]) is None
+        ended_lines = len(log_lines(state))
+        _rewrite_grace(state["grace"], manager_pid)
+        time.sleep(0.5)
+        believed_again = [line for line in log_lines(state)[ended_lines:]
+                          if line["event"] == "grace"]
         with contextlib.suppress(ProcessLookupError):
             os.kill(manager_pid, signal.SIGKILL)
     intruder_kill = next(line for line in state["log"]
@@ -366,7 +385,7 @@ def installation_grace(devpts: str, ending: str = "exit") -> Dict[str, Any]:
             "intruder_source": intruder_kill["source"],
             "spared_while_installing": spared_while_installing,
             "leader_after_install": leader_signal, "leader_seconds": leader_seconds,
-            "manager_alive_after": manager_alive, "still_ended_after_continue": still_ended,
+            "manager_alive_after": manager_alive, "believed_again": believed_again,
             "log": state["log"]}
 
 

@@ -39,12 +39,12 @@ class AuditError(OSError):
 class LoginuidImmutable:
     """Whether loginuids are immutable now, and whether that is locked until the next boot."""
 
-    set: bool
+    enabled: bool
     locked: bool
 
     @property
     def holds(self) -> bool:
-        return self.set and self.locked
+        return self.enabled and self.locked
 
 
 def _request(kind: int, payload: bytes, sequence: int) -> bytes:
@@ -59,21 +59,34 @@ def _exchange(kind: int, payload: bytes) -> Tuple[int, bytes]:
     except OSError as error:
         raise AuditError(error.errno, f"no kernel audit interface: {error.strerror}") from None
     with channel:
-        channel.settimeout(TIMEOUT_SECONDS)
-        channel.bind((0, 0))
-        sequence = os.getpid() & 0xFFFF
-        channel.sendto(_request(kind, payload, sequence), (0, 0))
-        while True:
-            data = channel.recv(65536)
-            length, answer, _flags, _sequence, _port = _HEADER.unpack_from(data)
-            body = data[_HEADER.size:length]
-            if answer != NLMSG_ERROR:
-                return answer, body
-            code = struct.unpack_from("=i", body)[0]
-            if code < 0:
-                raise AuditError(-code, f"audit request {kind}: {os.strerror(-code)}")
-            if kind == AUDIT_SET_FEATURE:
-                return answer, b""
+        try:
+            return _answer(channel, kind, payload)
+        except socket.timeout:
+            raise AuditError(errno.ETIMEDOUT,
+                             "the kernel's audit interface did not answer") from None
+        except AuditError:
+            raise
+        except OSError as error:
+            raise AuditError(error.errno, f"kernel audit interface: {error.strerror}") from None
+
+
+def _answer(channel: socket.socket, kind: int, payload: bytes) -> Tuple[int, bytes]:
+    """The kernel acknowledges a request (NLMSG_ERROR with 0) before a GET's answer."""
+    channel.settimeout(TIMEOUT_SECONDS)
+    channel.bind((0, 0))
+    sequence = os.getpid() & 0xFFFF
+    channel.sendto(_request(kind, payload, sequence), (0, 0))
+    while True:
+        data = channel.recv(65536)
+        length, answer, _flags, _sequence, _port = _HEADER.unpack_from(data)
+        body = data[_HEADER.size:length]
+        if answer != NLMSG_ERROR:
+            return answer, body
+        code = struct.unpack_from("=i", body)[0]
+        if code < 0:
+            raise AuditError(-code, f"audit request {kind}: {os.strerror(-code)}")
+        if kind == AUDIT_SET_FEATURE:
+            return answer, b""
 
 
 def loginuid_immutable() -> LoginuidImmutable:

@@ -9,8 +9,9 @@ so a reused pid does not count) is alive and not stopped (a Ctrl-Z'd or traced a
 nothing going but the operator's shell), and never past a deadline: once the transaction
 has ended, installed or not, the harden unit stamps the record with AFTER_TRANSACTION, so
 a Post-Invoke hook that sleeps, or anything else the operator arranged, ends the grace
-then. A deadline is never moved later within a boot: installing again from the spared
-session does not extend it. Giving the machine back forgets it.
+then. A deadline is never moved later: installing again from the spared session keeps it,
+and the watchdog believes no later one than the earliest it has read (statemesh.watchdog.
+daemon). Giving the machine back forgets it.
 """
 
 from __future__ import annotations
@@ -114,10 +115,11 @@ def installer_of(pid: int, executables: Optional[FrozenSet[str]] = None,
 
 
 def record_installer(pid: int, path: Path = GRACE_PATH,
-                     executables: Optional[FrozenSet[str]] = None) -> None:
+                     executables: Optional[FrozenSet[str]] = None,
+                     scripts: Optional[FrozenSet[str]] = None) -> None:
     """Record the package manager running the installation that `pid` is part of, keeping
     the deadline of an earlier record of this boot: a grace is never lengthened."""
-    process = installer_of(pid, executables)
+    process = installer_of(pid, executables, scripts)
     ticks = proc.start_ticks(process.pid)
     if ticks is None:
         raise psutil.NoSuchProcess(process.pid)
@@ -134,12 +136,15 @@ def record_installer(pid: int, path: Path = GRACE_PATH,
     _save(record, path)
 
 
-def end_after(seconds: float, path: Path = GRACE_PATH) -> Optional[float]:
+# What end_after writes when the record is gone: no installer (pid 0 is nobody), a deadline.
+_NOBODY = {"pid": 0, "start_ticks": 0, "session": None, "sid": 0, "tty": None, "command": ""}
+
+
+def end_after(seconds: float, path: Path = GRACE_PATH) -> float:
     """Give the recorded grace a deadline `seconds` from now (an earlier one stays); returns
-    the deadline, None when nothing is recorded."""
-    record = _load(path)
-    if record is None:
-        return None
+    the deadline. A record removed meanwhile is written anew without an installer: the
+    watchdog learns the deadline all the same."""
+    record = _load(path) or dict(_NOBODY)
     deadline = boottime() + seconds
     if isinstance(record.get("ends_at"), (int, float)):
         deadline = min(deadline, float(record["ends_at"]))

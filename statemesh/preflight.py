@@ -22,12 +22,13 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import psutil
 
 from statemesh import grace, ownunits, proc, systemd
 from statemesh.guarantees import memory
+from statemesh.watchdog import terminals
 
 UTMP = Path("/run/utmp")
 SWAPS = Path("/proc/swaps")
@@ -185,6 +186,40 @@ def utmp_problems(logins: List[Login], own: Own, seen_ttys: List[str]) -> List[s
     return problems
 
 
+def pty_holders() -> List[Tuple[int, int, str]]:
+    """(pid, session id, cgroup) of every process holding a pty of any devpts instance."""
+    return [(process.pid, process.sid, proc.cgroup_path(process.pid))
+            for _terminal, process in terminals.holders([], every_pty=True)]
+
+
+def terminal_problems(holders: List[Tuple[int, int, str]], own: Own,
+                      installer: Optional[grace.Grace]) -> List[str]:
+    """A pty held outside the installing session: a shell kept aside (its loginuid taken
+    off, moved into another cgroup) that the watchdog might not count as a login's."""
+    problems = []
+    carriers = _ancestors(installer.pid) if installer is not None else frozenset()
+    for pid, sid, cgroup in holders:
+        if installer is not None and installer.spares(pid, sid, cgroup):
+            continue
+        if pid in carriers:  # what carries the installing terminal: sshd, a tmux server
+            continue
+        if sid == own.sid or (own.session and grace.logind_session(cgroup) == own.session):
+            continue
+        if pid == os.getpid():
+            continue
+        _uid, command = terminals.describe(pid)
+        problems.append(f"pid {pid} ({command[:80]}) holds a pty outside the installing "
+                        f"session, in {cgroup or 'no cgroup'} (end it first)")
+    return problems
+
+
+def _ancestors(pid: int) -> FrozenSet[int]:
+    try:
+        return frozenset(parent.pid for parent in psutil.Process(pid).parents()) - {1}
+    except psutil.NoSuchProcess:
+        return frozenset()
+
+
 async def _bus_facts() -> Tuple[str, List[systemd.Session], List[ownunits.LoadedUnit]]:
     async with systemd.manager() as manager:
         try:
@@ -197,7 +232,8 @@ async def _bus_facts() -> Tuple[str, List[systemd.Session], List[ownunits.Loaded
 
 
 def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path = UTMP,
-          grace_path: Path = grace.GRACE_PATH, swaps: Path = SWAPS) -> Report:
+          grace_path: Path = grace.GRACE_PATH, swaps: Path = SWAPS,
+          holders: Callable[[], List[Tuple[int, int, str]]] = pty_holders) -> Report:
     """Every reason to refuse the installation (read-only)."""
     problems: List[str] = []
     release_problem, release = os_problem(os_release)
@@ -221,6 +257,7 @@ def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path
     facts["logins"] = [dataclasses.asdict(login) for login in logins]
     seen = [s.tty for s in sessions if s.tty]
     problems += utmp_problems(logins, own, seen)
+    problems += terminal_problems(holders(), own, grace.current(grace_path))
     problems += [f"swap on {area} is not compressed RAM: workload memory would reach a disk "
                  "(swapoff it and remove it from /etc/fstab, or use zram)"
                  for area in memory.plain_swaps(swaps)]

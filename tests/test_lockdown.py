@@ -71,7 +71,7 @@ class FakeAudit:
     """The kernel's loginuid_immutable switch: set and locked by the one call, never undone."""
 
     def __init__(self, error: str = "") -> None:
-        self.state = audit.LoginuidImmutable(set=False, locked=False)
+        self.state = audit.LoginuidImmutable(enabled=False, locked=False)
         self.error = error
 
     def loginuid_immutable(self) -> audit.LoginuidImmutable:
@@ -81,7 +81,7 @@ class FakeAudit:
 
     def make_loginuid_immutable(self) -> None:
         self.loginuid_immutable()
-        self.state = audit.LoginuidImmutable(set=True, locked=True)
+        self.state = audit.LoginuidImmutable(enabled=True, locked=True)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import os
 import struct
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -39,9 +39,11 @@ class Host:
         self.comm.write_text("systemd\n")
         self.utmp = tmp_path / "utmp"
         self.grace = tmp_path / "grace.json"
+        self.holders: List[Tuple[int, int, str]] = []  # pty holders: this host's are not ours
 
     def check(self) -> preflight.Report:
-        return preflight.check(self.os_release, self.comm, self.utmp, self.grace)
+        return preflight.check(self.os_release, self.comm, self.utmp, self.grace,
+                               holders=lambda: list(self.holders))
 
 
 @pytest.fixture
@@ -135,3 +137,16 @@ def test_no_bus_is_a_reason(host: Host, monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("STATEMESH_DBUS_ADDRESS", f"unix:path={tmp_path}/none")
     problems = host.check().problems
     assert len(problems) == 1 and problems[0].startswith("cannot ask systemd and logind")
+
+
+def test_a_pty_held_outside_the_installing_session_is_a_reason(host: Host) -> None:
+    """A shell kept aside before installing: its loginuid taken off, written into
+    systemd-logind.service's cgroup, where the watchdog would take it for logind's."""
+    logind = "/system.slice/systemd-logind.service"
+    host.holders = [(os.getpid(), os.getsid(0), "/user.slice/user-0.slice/session-1.scope")]
+    assert host.check().ok  # the caller's own session
+    host.holders.append((1, 1, logind))
+    problems = host.check().problems
+    assert len(problems) == 1 and problems[0].startswith("pid 1 (")
+    assert f"holds a pty outside the installing session, in {logind}" in problems[0]
+

@@ -111,7 +111,7 @@ class Logins(BusGuarantee):
         if state.holds:
             return None
         return ("loginuids can be changed (audit loginuid_immutable "
-                f"{'set, not locked' if state.set else 'not set'})")
+                f"{'set, not locked' if state.enabled else 'not set'})")
 
     async def enforce(self, manager: Systemd, journal: Any) -> None:
         journal.remember(self.name, {**await snapshot(manager, UNITS),

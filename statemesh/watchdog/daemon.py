@@ -95,6 +95,14 @@ def exempt_unit(cgroup: str, exempt: Tuple[str, ...]) -> Optional[str]:
     return None
 
 
+def _reachable(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError:
+        return False
+    return True
+
+
 def spare_reason(process: terminals.Process, cgroup: str, exempt: Tuple[str, ...],
                  current_grace: Optional[grace.Grace],
                  from_a_login: Callable[[int], bool] = proc.born_of_a_login) -> Optional[str]:
@@ -156,6 +164,8 @@ class Watchdog:
         self.grace: Optional[grace.Grace] = None
         self.grace_fd: Optional[int] = None
         self.grace_poll: Optional[asyncio.TimerHandle] = None
+        self.grace_deadline: Optional[float] = None  # the earliest read in this run
+        self.graces_ended: Set[Tuple[int, int]] = set()  # installers (pid, start) seen end
         self.tty_rdevs: Set[int] = set()
         self.tty_paths: Set[str] = set()  # every terminal device, watched or not
         self.killed: Set[Tuple[int, int]] = set()  # SIGKILLed, perhaps not dead yet
@@ -182,11 +192,11 @@ class Watchdog:
             wd = self.inotify.add_watch(devpts, IN_CREATE)
         except OSError:
             return False  # its namespace went, or its mount
-        if wd in self.devpts_wds:
-            return False
-        self.devpts_wds[wd] = (devpts, dev)
-        self.instances[dev] = devpts
-        return True
+        known = self.devpts_wds.get(wd)
+        if known is None or not _reachable(known[0]):
+            self.devpts_wds[wd] = (devpts, dev)  # new, or reached through a process now gone
+            self.instances[dev] = devpts
+        return known is None
 
     def _watch_ptys_of(self, devpts: str) -> None:
         try:
@@ -311,8 +321,42 @@ class Watchdog:
         self._recheck_later(ptys, attempt + 1)
 
     def load_grace(self) -> None:
-        """(Re)read the installation grace; wake up when its package manager exits, and look
-        every GRACE_POLL_SECONDS for what gives no event: a stop, the deadline."""
+        """(Re)read the installation grace record, believing it only so far: never for
+        pid 1 (whose descendants are every process), never again for an installer this
+        watchdog has seen end, and never past the earliest deadline it has read, whatever
+        the file says later (the spared root can rewrite it, or remove it and install
+        again). Wakes up when the package manager exits; looks every GRACE_POLL_SECONDS
+        for what gives no event: a stop, the deadline. It never writes the record."""
+        before = self.grace
+        self._forget_grace_watch()
+        record = grace.recorded(self.settings.grace_path)
+        if record is not None and record.ends_at is not None:
+            self.grace_deadline = min(self.grace_deadline or record.ends_at, record.ends_at)
+        found = grace.current(self.settings.grace_path)
+        self.grace = found if found is not None and self._believable(found) else None
+        if self.grace is not None and not self._watch_installer(self.grace):
+            self.grace = None
+        if self.grace is None and before is not None:
+            self._after_grace(before, "grace record")
+
+    def _believable(self, found: grace.Grace) -> bool:
+        return found.pid > 1 and (found.pid, found.start_ticks) not in self.graces_ended
+
+    def _watch_installer(self, installer: grace.Grace) -> bool:
+        try:
+            self.grace_fd = os.pidfd_open(installer.pid)
+        except ProcessLookupError:
+            return False
+        if proc.start_ticks(installer.pid) != installer.start_ticks:
+            return False  # the pid was reused between reading and opening it
+        log("grace", pid=installer.pid, session=installer.session, sid=installer.sid,
+            tty=installer.tty, command=installer.command, ends_at=self.grace_deadline)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.grace_fd, self._end_grace, "exited")
+        self.grace_poll = loop.call_later(GRACE_POLL_SECONDS, self._poll_grace)
+        return True
+
+    def _forget_grace_watch(self) -> None:
         if self.grace_fd is not None:
             asyncio.get_running_loop().remove_reader(self.grace_fd)
             os.close(self.grace_fd)
@@ -320,39 +364,31 @@ class Watchdog:
         if self.grace_poll is not None:
             self.grace_poll.cancel()
             self.grace_poll = None
-        self.grace = grace.current(self.settings.grace_path)
-        if self.grace is None:
-            return
-        try:
-            self.grace_fd = os.pidfd_open(self.grace.pid)
-        except ProcessLookupError:
-            self.grace = None
-            return
-        if proc.start_ticks(self.grace.pid) != self.grace.start_ticks:
-            self.load_grace()  # the pid was reused between reading and opening it
-            return
-        log("grace", pid=self.grace.pid, session=self.grace.session, sid=self.grace.sid,
-            tty=self.grace.tty, command=self.grace.command, ends_at=self.grace.ends_at)
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.grace_fd, self._grace_ended)
-        self.grace_poll = loop.call_later(GRACE_POLL_SECONDS, self._poll_grace)
 
     def _poll_grace(self) -> None:
         self.grace_poll = None
-        if self.grace is None:
+        installer = self.grace
+        if installer is None:
             return
-        if grace.current(self.settings.grace_path) is not None:
+        if proc.is_stopped(installer.pid):
+            self._end_grace("stopped")
+        elif self.grace_deadline is not None and grace.boottime() >= self.grace_deadline:
+            self._end_grace("deadline")
+        else:
             self.grace_poll = asyncio.get_running_loop().call_later(GRACE_POLL_SECONDS,
                                                                     self._poll_grace)
-            return
-        if proc.is_stopped(self.grace.pid):
-            grace.end_after(0.0, self.settings.grace_path)  # continuing it gives nothing back
-        self._grace_ended()
 
-    def _grace_ended(self) -> None:
-        log("grace-ended", pid=self.grace.pid if self.grace else None,
-            stopped=bool(self.grace and proc.is_stopped(self.grace.pid)))
-        self.load_grace()
+    def _end_grace(self, why: str) -> None:
+        """The grace is over for good: continuing a stopped installer gives nothing back."""
+        installer = self.grace
+        self._forget_grace_watch()
+        self.grace = None
+        if installer is not None:
+            self.graces_ended.add((installer.pid, installer.start_ticks))
+            self._after_grace(installer, why)
+
+    def _after_grace(self, installer: grace.Grace, why: str) -> None:
+        log("grace-ended", pid=installer.pid, why=why)
         self.reconcile("grace-ended")
         asyncio.get_running_loop().create_task(self.end_sessions())
 
@@ -517,7 +553,10 @@ class Watchdog:
         two hundred processes: a readlink each, one mountinfo a namespace)."""
         while True:
             await asyncio.sleep(DISCOVER_SECONDS)
-            self.discover()
+            try:
+                self.discover()
+            except Exception as error:  # noqa: BLE001 - the next second looks again
+                log("error", what="looking for devpts instances", error=repr(error))
 
     async def _logind_loop(self) -> None:
         """logind apart from the terminal sources: a slow or restarting logind delays nothing."""
