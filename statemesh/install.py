@@ -380,15 +380,26 @@ PACKAGE = "statemesh-node"
 
 def dpkg_state(status_file: Path = DPKG_STATUS) -> str:
     """dpkg's state of the package ("installed", "half-configured", "unpacked", ...), or
-    "not-installed"; read from dpkg's own database, which apt and dpkg keep consistent."""
+    "not-installed"; read from dpkg's own database as dpkg-query reads it: the status file,
+    then the journal of updates not folded into it yet (updates/NNNN, in order), which is
+    where an interrupted dpkg leaves its last word."""
+    updates = status_file.parent / "updates"
     try:
-        with open(status_file, encoding="utf-8") as database:
-            for paragraph in Deb822.iter_paragraphs(database):
-                if paragraph.get("Package") == PACKAGE:
-                    return paragraph.get("Status", "").split()[-1]
+        journal_files = sorted((f for f in updates.iterdir() if f.name.isdigit()),
+                               key=lambda f: int(f.name))
     except OSError:
-        return "unknown"
-    return "not-installed"
+        journal_files = []
+    state = "not-installed"
+    for path in [status_file, *journal_files]:
+        try:
+            with open(path, encoding="utf-8") as database:
+                for paragraph in Deb822.iter_paragraphs(database):
+                    if paragraph.get("Package") == PACKAGE:
+                        state = paragraph.get("Status", "").split()[-1]
+        except OSError:
+            if path == status_file:
+                return "unknown"
+    return state
 
 
 def installation_finding(book: journal.Journal, status_file: Path = DPKG_STATUS,

@@ -363,6 +363,18 @@ def test_status_says_when_dpkg_lags_behind_an_installation_completed_at_boot(
     assert finding.holds and "dpkg still has the package half-configured" in finding.detail
 
 
+def test_dpkg_state_reads_the_updates_dpkg_has_not_folded_in_yet(tmp_path: Path) -> None:
+    status_file = tmp_path / "status"
+    status_file.write_text(DPKG_STATUS.format("installed"))
+    assert install.dpkg_state(status_file) == "installed"
+    (tmp_path / "updates").mkdir()
+    (tmp_path / "updates" / "0001").write_text(DPKG_STATUS.format("half-configured"))
+    (tmp_path / "updates" / "tmp.i").write_text(DPKG_STATUS.format("unpacked"))
+    assert install.dpkg_state(status_file) == "half-configured"
+    (tmp_path / "updates" / "0002").write_text(DPKG_STATUS.format("installed"))
+    assert install.dpkg_state(status_file) == "installed"
+
+
 def test_an_installed_node_that_still_spares_the_installing_session_does_not_hold(
         book: journal.Journal, tmp_path: Path) -> None:
     status_file = tmp_path / "status"

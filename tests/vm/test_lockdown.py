@@ -172,8 +172,8 @@ def test_a_second_session_and_a_planted_dropin_make_preflight_refuse_and_nothing
                         "if pid == 0: os.execv(\"/bin/login\", [\"login\", \"-f\", \"root\"])\n"
                         "time.sleep(3600)'")
     guest.wait_for("loginctl list-sessions --no-legend | grep -q pts", "the second session", 60)
-    # A shell kept aside: no loginuid, written into logind's cgroup (which the watchdog
-    # exempts), holding a pty: it must not pass for logind's own after the installation.
+    # A shell kept aside: no loginuid, writing itself into logind's cgroup (which the
+    # watchdog exempts), holding a pty: preflight names it, wherever it ended up.
     start_in_background(guest, "kept-aside", "echo 4294967295 > /proc/self/loginuid; "
                         f"echo $$ > {LOGIND_PROCS}; exec python3 -c {driver.quote(PTY_HOLDER)}")
     guest.wait_for("pgrep -f '[s]leep.1641'", "the kept-aside shell", 60)
@@ -184,8 +184,7 @@ def test_a_second_session_and_a_planted_dropin_make_preflight_refuse_and_nothing
     for unit in ("statemesh-watchdog.service", "statemesh-harden.service"):
         assert f"{unit} has drop-ins: {PREFIX_DROPIN}" in said, said
     assert "swap on /root/swapfile is not compressed RAM" in said, said
-    assert ("holds a pty outside the installing session, in "
-            "/system.slice/systemd-logind.service") in said, said
+    assert "time.sleep(1641)) holds a pty outside the installing session" in said, said
     assert_untouched(guest, root_before)
     assert guest.run("test -e /var/lib/statemesh-node/restore.json", check=False).returncode == 1
     assert package_status(guest) != "ii"
@@ -255,50 +254,6 @@ def test_power_loss_midway_ends_installed_at_the_next_boot_with_nobody_logged_in
     guest.boot()
     guest.wait_until_booted()
     assert_installed_at_boot_without_anyone(guest, interrupted_in=step)
-
-
-def count(guest: Guest, event: str) -> int:
-    return int(guest.run(f"grep -c {driver.quote(event)} {JOURNAL} || true").stdout.strip() or 0)
-
-
-def interrupt_in_step(guest: Guest, command: str, step: str, signal: str) -> None:
-    """Run `command` in a process group of its own, outside the agent's tree, and send
-    `signal` to the whole group (as a terminal does on Ctrl-C) during the transaction's
-    `step`; then wait for the transaction, which runs in its unit, to end installed."""
-    applied = f'"event": "apply", "guarantee": "{step}"'
-    installed = '"event": "state-installed"'
-    before = (count(guest, applied), count(guest, installed))
-    # the unit's main process leads a session and a process group of its own
-    start_in_background(guest, f"interrupted-{step}", f"{command} > /root/run.log 2>&1")
-    guest.wait_for(f"test $(grep -c {driver.quote(applied)} {JOURNAL}) -gt {before[0]}",
-                   f"the {step} step")
-    guest.run(f"kill -{signal} -- -$(systemctl show -P MainPID interrupted-{step}.service)")
-    guest.wait_for(f"test $(grep -c {driver.quote(installed)} {JOURNAL}) -gt {before[1]}",
-                   "the transaction's end", 600)
-
-
-@pytest.mark.cost(480)
-def test_apt_interrupted_by_ctrl_c_kill_or_sigkill_ends_hardened_and_a_retry_converges(
-        node: Guest) -> None:
-    """Signals to apt's (or dpkg's) whole process group during three of the transaction's
-    steps: the first installation, then the retries an operator makes. Each time the
-    transaction finishes in its unit, dpkg is left behind, status says so and holds, and a
-    plain `dpkg --configure -a` converges."""
-    guest = node
-    rounds = (("apt-get install -y statemesh-node", "ssh", "INT"),
-              ("dpkg --configure -a", "firewall", "TERM"),
-              ("dpkg --configure -a", "storage", "KILL"))
-    for command, step, signal in rounds:
-        interrupt_in_step(guest, command, step, signal)
-        assert install_state(guest) == "installed", (step, signal)
-        assert package_status(guest) != "ii", (step, signal)
-        report = status(guest)
-        assert report["holds"], (step, signal, report)
-        assert "dpkg still has the package" in report["installation"]["detail"]
-        assert_locked_down(guest)
-    guest.run("dpkg --configure -a", env=ENV, timeout=900)
-    assert package_status(guest) == "ii"
-    assert status(guest)["holds"]
 
 
 # ufw as broken as it can be for the transaction: `ufw enable` fails, every time.
