@@ -63,6 +63,15 @@ class Grace:
             return logind_session(cgroup) == self.session
         return sid == self.sid
 
+    def lineage(self) -> FrozenSet[int]:
+        """The package manager and what it descends from but PID 1: what carries the
+        installing terminal (sshd's session processes, a tmux server). Empty once gone."""
+        try:
+            process = psutil.Process(self.pid)
+            return frozenset([process.pid, *(parent.pid for parent in process.parents())]) - {1}
+        except psutil.NoSuchProcess:
+            return frozenset()
+
     def describe(self) -> str:
         """The spared session in one line, for status and selftest."""
         where = f"logind session {self.session}" if self.session else f"session id {self.sid}"
@@ -197,10 +206,12 @@ def current(path: Path = GRACE_PATH) -> Optional[Grace]:
     """The recorded grace while it runs: its package manager alive and not stopped, its
     deadline (if set) not passed. None otherwise."""
     grace = recorded(path)
-    if grace is None or proc.start_ticks(grace.pid) != grace.start_ticks:
-        return None
-    if proc.is_stopped(grace.pid):
-        return None
-    if grace.ends_at is not None and boottime() >= grace.ends_at:
-        return None
-    return grace
+    return grace if grace is not None and is_running(grace) else None
+
+
+def is_running(grace: Grace) -> bool:
+    """Its package manager alive (the very process) and not stopped, its deadline (if
+    set) not passed."""
+    if proc.start_ticks(grace.pid) != grace.start_ticks or proc.is_stopped(grace.pid):
+        return False
+    return grace.ends_at is None or boottime() < grace.ends_at

@@ -22,7 +22,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
@@ -197,7 +197,7 @@ def terminal_problems(holders: List[Tuple[int, int, str]], own: Own,
     """A pty held outside the installing session: a shell kept aside (its loginuid taken
     off, moved into another cgroup) that the watchdog might not count as a login's."""
     problems = []
-    carriers = _ancestors(installer.pid) if installer is not None else frozenset()
+    carriers = installer.lineage() if installer is not None else frozenset()
     for pid, sid, cgroup in holders:
         if installer is not None and installer.spares(pid, sid, cgroup):
             continue
@@ -211,13 +211,6 @@ def terminal_problems(holders: List[Tuple[int, int, str]], own: Own,
         problems.append(f"pid {pid} ({command[:80]}) holds a pty outside the installing "
                         f"session, in {cgroup or 'no cgroup'} (end it first)")
     return problems
-
-
-def _ancestors(pid: int) -> FrozenSet[int]:
-    try:
-        return frozenset(parent.pid for parent in psutil.Process(pid).parents()) - {1}
-    except psutil.NoSuchProcess:
-        return frozenset()
 
 
 async def _bus_facts() -> Tuple[str, List[systemd.Session], List[ownunits.LoadedUnit]]:

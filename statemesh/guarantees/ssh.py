@@ -62,13 +62,7 @@ def terminate(pids: List[int]) -> None:
 def installer_ancestors(grace_path: Path = grace.GRACE_PATH) -> FrozenSet[int]:
     """The processes the running installation descends from (its ssh connection among them)."""
     current = grace.current(grace_path)
-    if current is None:
-        return frozenset()
-    try:
-        process = psutil.Process(current.pid)
-        return frozenset([process.pid, *(parent.pid for parent in process.parents())])
-    except psutil.NoSuchProcess:
-        return frozenset()
+    return frozenset() if current is None else current.lineage()
 
 
 class Ssh(BusGuarantee):

@@ -95,14 +95,6 @@ def exempt_unit(cgroup: str, exempt: Tuple[str, ...]) -> Optional[str]:
     return None
 
 
-def _reachable(path: str) -> bool:
-    try:
-        os.stat(path)
-    except OSError:
-        return False
-    return True
-
-
 def spare_reason(process: terminals.Process, cgroup: str, exempt: Tuple[str, ...],
                  current_grace: Optional[grace.Grace],
                  from_a_login: Callable[[int], bool] = proc.born_of_a_login) -> Optional[str]:
@@ -193,7 +185,7 @@ class Watchdog:
         except OSError:
             return False  # its namespace went, or its mount
         known = self.devpts_wds.get(wd)
-        if known is None or not _reachable(known[0]):
+        if known is None or not os.path.exists(known[0]):
             self.devpts_wds[wd] = (devpts, dev)  # new, or reached through a process now gone
             self.instances[dev] = devpts
         return known is None
@@ -332,8 +324,8 @@ class Watchdog:
         record = grace.recorded(self.settings.grace_path)
         if record is not None and record.ends_at is not None:
             self.grace_deadline = min(self.grace_deadline or record.ends_at, record.ends_at)
-        found = grace.current(self.settings.grace_path)
-        self.grace = found if found is not None and self._believable(found) else None
+        running = record is not None and grace.is_running(record) and self._believable(record)
+        self.grace = record if running else None
         if self.grace is not None and not self._watch_installer(self.grace):
             self.grace = None
         if self.grace is None and before is not None:
