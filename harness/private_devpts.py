@@ -50,9 +50,12 @@ def _mount(*argv: str) -> None:
 
 
 def _enter_private_devpts() -> str:
-    """Mount a new devpts instance and make it this namespace's /dev/pts and /dev/ptmx."""
+    """Mount a new devpts instance and make it this namespace's /dev/pts and /dev/ptmx, on
+    a /tmp of the namespace's own."""
     if os.readlink("/proc/self/ns/mnt") == os.environ.get("SM_OUTER_MNT_NS", os.readlink("/proc/self/ns/mnt")):
         raise ScenarioError("refusing to mount: not inside a private mount namespace")
+    # The namespace's own /tmp: what the scenario leaves there goes with the namespace.
+    _mount("-t", "tmpfs", "-o", "mode=1777", "sm-scratch", "/tmp")
     devpts = tempfile.mkdtemp(prefix="sm-devpts-")
     _mount("-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=0620", "devpts", devpts)
     _mount("--bind", f"{devpts}/ptmx", "/dev/ptmx")
