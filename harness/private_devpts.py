@@ -25,6 +25,8 @@ from typing import Any, Dict, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_MARK = "scenario-result: "
+# A directory the caller made and removes; inside, the scenario's tmpfs is mounted on it.
+SCRATCH_ENV = "SM_SCENARIO_SCRATCH"
 
 
 class ScenarioError(RuntimeError):
@@ -35,10 +37,12 @@ def run_scenario(target: str, kwargs: Optional[Dict[str, Any]] = None, timeout: 
     """Run module:function in a private devpts namespace and return what it returned."""
     argv = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc",
             "/usr/bin/python3", "-m", "harness.private_devpts", target, json.dumps(kwargs or {})]
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "PYTHONPATH": str(ROOT),
-           "SM_OUTER_MNT_NS": os.readlink("/proc/self/ns/mnt")}
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=env, stdin=subprocess.DEVNULL, check=False)
+    with tempfile.TemporaryDirectory(prefix="sm-scenario-") as scratch:
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
+               "PYTHONPATH": str(ROOT), "SM_OUTER_MNT_NS": os.readlink("/proc/self/ns/mnt"),
+               SCRATCH_ENV: scratch}
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              env=env, stdin=subprocess.DEVNULL, check=False)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_MARK) and done.returncode == 0:
             return json.loads(line[len(RESULT_MARK):])
@@ -50,12 +54,12 @@ def _mount(*argv: str) -> None:
 
 
 def _enter_private_devpts() -> str:
-    """Mount a new devpts instance and make it this namespace's /dev/pts and /dev/ptmx, on
-    a /tmp of the namespace's own."""
+    """Mount a new devpts instance and make it this namespace's /dev/pts and /dev/ptmx."""
     if os.readlink("/proc/self/ns/mnt") == os.environ.get("SM_OUTER_MNT_NS", os.readlink("/proc/self/ns/mnt")):
         raise ScenarioError("refusing to mount: not inside a private mount namespace")
-    # The namespace's own /tmp: what the scenario leaves there goes with the namespace.
-    _mount("-t", "tmpfs", "-o", "mode=1777", "sm-scratch", "/tmp")
+    # The scenario's temporary files on a tmpfs of the namespace's own: they go with it.
+    _mount("-t", "tmpfs", "-o", "mode=0700", "sm-scratch", os.environ[SCRATCH_ENV])
+    tempfile.tempdir = os.environ[SCRATCH_ENV]
     devpts = tempfile.mkdtemp(prefix="sm-devpts-")
     _mount("-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=0620", "devpts", devpts)
     _mount("--bind", f"{devpts}/ptmx", "/dev/ptmx")

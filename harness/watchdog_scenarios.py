@@ -191,7 +191,8 @@ def terminals_are_ended(devpts: str) -> Dict[str, Any]:
         plain_alive = alive(plain)
     os.kill(plain, signal.SIGKILL)
     return {"signals": signals, "orphans_left": orphans_left, "plain_alive": plain_alive,
-            "watchdog_alive": state["alive_at_end"], "log": state["log"], "holders": holders}
+            "watchdog_alive": state["alive_at_end"], "log": state["log"], "holders": holders,
+            "devpts": devpts}
 
 
 def _orphans_with_ptys(devpts: str) -> List[str]:

@@ -52,7 +52,7 @@ def test_pty_holders_are_killed_and_logged_and_a_plain_process_lives() -> None:
     assert {line["source"] for line in logged} <= EVENT_SOURCES
     for line in logged:
         assert set(line) >= {"pid", "user", "terminal", "command", "latency_ms"}
-        assert line["user"] == "root" and line["terminal"].startswith("/tmp/sm-devpts-")
+        assert line["user"] == "root" and line["terminal"].startswith(result["devpts"] + "/")
         assert "harness.watchdog_scenarios" in line["command"] and line["latency_ms"] >= 0
 
 
