@@ -1,4 +1,6 @@
-"""Build description for pybuild: the statemesh package and the statemesh-node command."""
+"""Build description for pybuild: the statemesh package. The statemesh-node command is
+bin/statemesh-node, installed as it is (debian/statemesh-node.install): its interpreter
+flags are part of what it guarantees."""
 
 import re
 from pathlib import Path
@@ -16,5 +18,4 @@ setup(
     license="GPL-3+",
     packages=find_packages(include=["statemesh", "statemesh.*"]),
     python_requires=">=3.10",
-    entry_points={"console_scripts": ["statemesh-node = statemesh.cli:main"]},
 )

@@ -8,10 +8,12 @@ open: what `w` shows, from logind's sessions and utmp. The installing session is
 the package manager recorded by the installer (statemesh.grace), or, when preflight is run
 by hand, the caller's own; the watchdog ends it once the package manager has exited.
 Refused too when one of the package's own units is not what the package shipped (a drop-in
-or an overriding unit planted before installing: statemesh.ownunits), and when a swap other
-than zram is active (workload memory would reach a disk: statemesh.guarantees.memory).
+or an overriding unit planted before installing: statemesh.ownunits), when a swap other
+than zram is active (workload memory would reach a disk: statemesh.guarantees.memory), and
+when code is planted for root's programs to load later (statemesh.planted).
 
-Only reads: /etc/os-release, /proc/1/comm, /proc/swaps, utmp, and systemd/logind over D-Bus.
+Only reads: /etc/os-release, /proc/1/comm, /proc/swaps, utmp, what statemesh.planted reads,
+and systemd/logind over D-Bus.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
-from statemesh import grace, ownunits, proc, systemd
+from statemesh import grace, ownunits, planted, proc, systemd
 from statemesh.guarantees import memory
 from statemesh.watchdog import terminals
 
@@ -213,7 +215,17 @@ def terminal_problems(holders: List[Tuple[int, int, str]], own: Own,
     return problems
 
 
-async def _bus_facts() -> Tuple[str, List[systemd.Session], List[ownunits.LoadedUnit]]:
+@dataclasses.dataclass
+class BusFacts:
+    """What systemd and logind say, for preflight."""
+
+    display_manager: str
+    sessions: List[systemd.Session]
+    units: List[ownunits.LoadedUnit]
+    environment: List[str]
+
+
+async def _bus_facts() -> BusFacts:
     async with systemd.manager() as manager:
         try:
             display_manager = await manager.get_active_state(DISPLAY_MANAGER)
@@ -221,12 +233,14 @@ async def _bus_facts() -> Tuple[str, List[systemd.Session], List[ownunits.Loaded
             display_manager = "inactive"
         sessions = await systemd.Logind(manager.bus).list_sessions()
         units = await ownunits.read_units(manager)
-    return display_manager, sessions, units
+        environment = await manager.get_environment()
+    return BusFacts(display_manager, sessions, units, environment)
 
 
 def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path = UTMP,
           grace_path: Path = grace.GRACE_PATH, swaps: Path = SWAPS,
-          holders: Callable[[], List[Tuple[int, int, str]]] = pty_holders) -> Report:
+          holders: Callable[[], List[Tuple[int, int, str]]] = pty_holders,
+          planted_problems: Callable[[List[str]], List[str]] = planted.problems) -> Report:
     """Every reason to refuse the installation (read-only)."""
     problems: List[str] = []
     release_problem, release = os_problem(os_release)
@@ -237,18 +251,18 @@ def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path
     own = own_session(grace_path)
     facts["installing_session"] = dataclasses.asdict(own)
     try:
-        display_manager, sessions, units = asyncio.run(_bus_facts())
+        bus = asyncio.run(_bus_facts())
     except systemd.SystemdError as error:
         problems.append(f"cannot ask systemd and logind: {error}")
-        display_manager, sessions, units = "unknown", [], []
-    facts["display_manager"] = display_manager
-    facts["sessions"] = [dataclasses.asdict(s) for s in sessions]
-    if display_manager in ("active", "activating", "reloading"):
-        problems.append(f"a display manager runs ({DISPLAY_MANAGER} is {display_manager})")
-    problems += session_problems(sessions, own)
+        bus = BusFacts("unknown", [], [], [])
+    facts["display_manager"] = bus.display_manager
+    facts["sessions"] = [dataclasses.asdict(s) for s in bus.sessions]
+    if bus.display_manager in ("active", "activating", "reloading"):
+        problems.append(f"a display manager runs ({DISPLAY_MANAGER} is {bus.display_manager})")
+    problems += session_problems(bus.sessions, own)
     logins = read_utmp(utmp)
     facts["logins"] = [dataclasses.asdict(login) for login in logins]
-    seen = [s.tty for s in sessions if s.tty]
+    seen = [s.tty for s in bus.sessions if s.tty]
     problems += utmp_problems(logins, own, seen)
     problems += terminal_problems(holders(), own, grace.current(grace_path))
     problems += [f"swap on {area} is not compressed RAM: workload memory would reach a disk "
@@ -256,5 +270,7 @@ def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path
                  for area in memory.plain_swaps(swaps)]
     # Prepared before the installation: what would run instead of the package's own code.
     problems += [f"{problem} (remove what was planted, `systemctl daemon-reload`, restart it)"
-                 for problem in ownunits.problems(units)]
+                 for problem in ownunits.problems(bus.units)]
+    # Planted to be loaded later by root's programs, with no terminal: statemesh.planted.
+    problems += planted_problems(bus.environment)
     return Report(problems, facts)

@@ -363,6 +363,10 @@ class Systemd:
         path = await self._unit_path(name)
         return await self._client.get_all(path, interface, what=f"properties of {name}")
 
+    async def get_environment(self) -> List[str]:
+        """The manager's environment ("NAME=value"), which every service it starts inherits."""
+        return list(await self._client.get_property(SYSTEMD_PATH, MANAGER, "Environment"))
+
     async def get_active_state(self, name: str) -> str:
         """active, inactive, failed, activating, deactivating."""
         return await self.get_unit_property(name, UNIT, "ActiveState")

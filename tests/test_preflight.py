@@ -11,7 +11,7 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from statemesh import preflight, proc
+from statemesh import planted, preflight, proc
 from tests.fakebus import FakeBus, FakeSession, fakebus, package_units  # noqa: F401 - fixture
 
 DEBIAN12 = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
@@ -43,7 +43,8 @@ class Host:
 
     def check(self) -> preflight.Report:
         return preflight.check(self.os_release, self.comm, self.utmp, self.grace,
-                               holders=lambda: list(self.holders))
+                               holders=lambda: list(self.holders),
+                               planted_problems=planted.environment_problems)
 
 
 @pytest.fixture

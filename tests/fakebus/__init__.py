@@ -110,10 +110,15 @@ class FakeSystemd(ServiceInterface):
         self.denied: Set[str] = set()        # method names answered with AccessDenied
         self.failing: Dict[str, str] = {}    # unit name -> job result other than done
         self.early_job_signal = False       # send JobRemoved before the method's reply
+        self.environment: List[str] = []    # the manager's Environment property
         self._jobs = 0
         self._exported: Set[str] = set()
         self._subscribers: Set[str] = set()
         bus.add_message_handler(self._refuse_second_subscribe)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Environment(self) -> "as":  # noqa: N802,F821
+        return list(self.environment)
 
     # -- model -----------------------------------------------------------------------------
 
