@@ -76,7 +76,8 @@ def as_packaged(path: str, packaged: Dict[str, str]) -> bool:
         return False
 
 
-def _named(paths: Sequence[str]) -> str:
+def named(paths: Sequence[str]) -> str:
+    """The first few of `paths` and how many more: a finding stays one readable line."""
     shown = ", ".join(paths[:SHOWN])
     return shown if len(paths) <= SHOWN else f"{shown} and {len(paths) - SHOWN} more"
 
@@ -92,7 +93,7 @@ def preload_problems(path: Path = LD_SO_PRELOAD) -> List[str]:
     libraries = [word for line in text.splitlines() for word in line.split("#", 1)[0].split()]
     if not libraries:
         return []
-    return [f"{path} loads {_named(libraries)} into every program, root's included "
+    return [f"{path} loads {named(libraries)} into every program, root's included "
             f"(remove {path})"]
 
 
@@ -117,11 +118,11 @@ def library_problems(packaged: Dict[str, str],
         libraries = sorted(glob.glob(f"{directory}/*.so*"))
         if libraries:
             problems.append(f"shared libraries in {directory}, searched before the system's: "
-                            f"{_named(libraries)} (remove them, then run ldconfig)")
+                            f"{named(libraries)} (remove them, then run ldconfig)")
     added = sorted(str(conf) for conf in conf_d.glob("*.conf")
                    if not as_packaged(str(conf), packaged))
     if added:
-        problems.append(f"library search paths not from a package: {_named(added)} "
+        problems.append(f"library search paths not from a package: {named(added)} "
                         "(remove them, then run ldconfig)")
     return problems
 
@@ -136,18 +137,18 @@ def python_problems(packaged: Dict[str, str],
             modules = sorted(str(entry) for entry in Path(directory).iterdir())
             if modules:
                 problems.append(f"Python modules in {directory} come before Debian's for "
-                                f"root's Python programs: {_named(modules)} (remove them)")
+                                f"root's Python programs: {named(modules)} (remove them)")
     hooks = sorted({path for pattern in hook_globs for path in glob.glob(pattern)
                     if not as_packaged(path, packaged)})
     if hooks:
         problems.append(f"Python startup hooks not as a package installed them, run by every "
-                        f"Python program: {_named(hooks)} (remove them, or reinstall "
+                        f"Python program: {named(hooks)} (remove them, or reinstall "
                         "their package)")
     return problems
 
 
-def problems(environment: Iterable[str]) -> List[str]:
-    """Every planted thing preflight refuses, given the service manager's environment."""
-    packaged = packaged_files()
+def problems(environment: Iterable[str], packaged: Dict[str, str]) -> List[str]:
+    """Every planted thing preflight refuses, given the service manager's environment and
+    what dpkg installed."""
     return (preload_problems() + environment_problems(environment)
             + library_problems(packaged) + python_problems(packaged))

@@ -10,7 +10,8 @@ by hand, the caller's own; the watchdog ends it once the package manager has exi
 Refused too when one of the package's own units is not what the package shipped (a drop-in
 or an overriding unit planted before installing: statemesh.ownunits), when a swap other
 than zram is active (workload memory would reach a disk: statemesh.guarantees.memory), and
-when code is planted for root's programs to load later (statemesh.planted).
+when code or jobs are planted for root's programs to load or run later (statemesh.planted,
+statemesh.jobs).
 
 Only reads: /etc/os-release, /proc/1/comm, /proc/swaps, utmp, what statemesh.planted reads,
 and systemd/logind over D-Bus.
@@ -28,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
-from statemesh import grace, ownunits, planted, proc, systemd
+from statemesh import grace, jobs, ownunits, planted, proc, systemd
 from statemesh.guarantees import memory
 from statemesh.watchdog import terminals
 
@@ -237,10 +238,17 @@ async def _bus_facts() -> BusFacts:
     return BusFacts(display_manager, sessions, units, environment)
 
 
+def planted_for_later(environment: List[str]) -> List[str]:
+    """What root's programs would load, or run, later with no terminal: code for the loader
+    and Python (statemesh.planted), jobs for cron, at and systemd (statemesh.jobs)."""
+    packaged = planted.packaged_files()
+    return planted.problems(environment, packaged) + jobs.problems(packaged)
+
+
 def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path = UTMP,
           grace_path: Path = grace.GRACE_PATH, swaps: Path = SWAPS,
           holders: Callable[[], List[Tuple[int, int, str]]] = pty_holders,
-          planted_problems: Callable[[List[str]], List[str]] = planted.problems) -> Report:
+          planted_problems: Callable[[List[str]], List[str]] = planted_for_later) -> Report:
     """Every reason to refuse the installation (read-only)."""
     problems: List[str] = []
     release_problem, release = os_problem(os_release)
@@ -271,6 +279,5 @@ def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path
     # Prepared before the installation: what would run instead of the package's own code.
     problems += [f"{problem} (remove what was planted, `systemctl daemon-reload`, restart it)"
                  for problem in ownunits.problems(bus.units)]
-    # Planted to be loaded later by root's programs, with no terminal: statemesh.planted.
     problems += planted_problems(bus.environment)
     return Report(problems, facts)

@@ -157,11 +157,44 @@ PTY_HOLDER = "import os, time; os.openpty(); time.sleep(1641)"
 PREFIX_DROPIN = "/etc/systemd/system/statemesh-.service.d/50-planted.conf"
 
 
+# Planted for root's programs to load or run later: preflight names each; and the .pth, which
+# every Python started without -S runs, records who ran it: never one of the package's
+# processes.
+PRELOADED = "/usr/lib/x86_64-linux-gnu/libm.so.6"  # harmless: every Python loads it anyway
+LOCAL_PTH = "/usr/local/lib/python3.{minor}/dist-packages/zz-planted.pth"
+SYSTEM_PTH = "/usr/lib/python3/dist-packages/zz-planted.pth"
+RAN = "/root/planted-pth-ran"
+PTH = (f"import os; open({RAN!r}, 'a').write(open('/proc/self/cmdline').read()"
+       ".replace(chr(0), ' ') + chr(10))\n")
+
+
+def plant_code_for_roots_programs(guest: Guest) -> None:
+    minor = guest.run("python3 -c 'import sys; print(sys.version_info[1])'").stdout.strip()
+    local_pth = LOCAL_PTH.format(minor=minor)
+    guest.run(f"mkdir -p {local_pth.rsplit('/', 1)[0]}")
+    for path in (local_pth, SYSTEM_PTH):
+        guest.put(path, PTH.encode())
+    guest.put("/etc/ld.so.preload", f"{PRELOADED}\n".encode())
+    guest.run("systemctl set-environment PYTHONSTARTUP=/root/startup.py")
+    guest.run(f"rm -f {RAN} && python3 -c pass && grep -q 'python3 -c pass' {RAN}")  # it runs
+
+
+def plant_jobs_for_later(guest: Guest) -> None:
+    """Root's jobs for after the lockdown: cron (a crontab and a system table), at, a timer."""
+    guest.run("mkdir -p /var/spool/cron/crontabs /var/spool/cron/atjobs /etc/cron.d")
+    guest.put("/var/spool/cron/crontabs/root", b"@reboot /root/way-in\n", mode=0o600)
+    guest.put("/var/spool/cron/atjobs/a00001019a2b3c", b"#!/bin/sh\n/root/way-in\n", mode=0o700)
+    guest.put("/etc/cron.d/way-in", b"* * * * * root /root/way-in\n")
+    guest.run("systemd-run --unit=way-in --on-calendar=hourly /bin/true")
+
+
 @pytest.mark.cost(200)
-def test_a_second_session_and_a_planted_dropin_make_preflight_refuse_and_nothing_changes(
+def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_changes(
         node: Guest) -> None:
     guest = node
     root_before = root_password_status(guest)
+    plant_code_for_roots_programs(guest)
+    plant_jobs_for_later(guest)
     guest.run(f"mkdir -p {PREFIX_DROPIN.rsplit('/', 1)[0]}")
     guest.put(PREFIX_DROPIN, b"[Service]\nExecStart=\nExecStart=/bin/sleep infinity\n")
     guest.run("fallocate -l 32M /root/swapfile && chmod 600 /root/swapfile && "
@@ -185,6 +218,18 @@ def test_a_second_session_and_a_planted_dropin_make_preflight_refuse_and_nothing
         assert f"{unit} has drop-ins: {PREFIX_DROPIN}" in said, said
     assert "swap on /root/swapfile is not compressed RAM" in said, said
     assert "time.sleep(1641)) holds a pty outside the installing session" in said, said
+    for planted in (f"/etc/ld.so.preload loads {PRELOADED} into every program",
+                    "the service manager's environment sets PYTHONSTARTUP",
+                    "/dist-packages/zz-planted.pth (remove them)",  # /usr/local's
+                    "Python startup hooks not as a package installed them", SYSTEM_PTH,
+                    "crontabs of root in /var/spool/cron/crontabs",
+                    "at jobs pending in /var/spool/cron/atjobs: "
+                    "/var/spool/cron/atjobs/a00001019a2b3c",
+                    "cron jobs not as a package installed them: /etc/cron.d/way-in",
+                    "systemd timers no package installed: /run/systemd/transient/way-in.timer"):
+        assert planted in said, said
+    ran = guest.run(f"cat {RAN}").stdout
+    assert "statemesh" not in ran, ran  # the installer's processes ran none of it
     assert_untouched(guest, root_before)
     assert guest.run("test -e /var/lib/statemesh-node/restore.json", check=False).returncode == 1
     assert package_status(guest) != "ii"
