@@ -34,9 +34,7 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from debian.deb822 import Deb822
-
-from statemesh import grace, guarantees, journal, preflight, sdnotify, systemd
+from statemesh import dpkgdb, grace, guarantees, journal, preflight, sdnotify, systemd
 from statemesh.config import NodeConfig
 from statemesh.guarantees import tamper
 from statemesh.guarantees.base import FIREWALL_UNIT, HARDEN_UNIT, Finding, Guarantee
@@ -374,35 +372,20 @@ def uninstall(config: NodeConfig) -> int:
     return 1 if errors else 0
 
 
-DPKG_STATUS = Path("/var/lib/dpkg/status")
 PACKAGE = "statemesh-node"
 
 
-def dpkg_state(status_file: Path = DPKG_STATUS) -> str:
-    """dpkg's state of the package ("installed", "half-configured", "unpacked", ...), or
-    "not-installed"; read from dpkg's own database as dpkg-query reads it: the status file,
-    then the journal of updates not folded into it yet (updates/NNNN, in order), which is
-    where an interrupted dpkg leaves its last word."""
-    updates = status_file.parent / "updates"
+def dpkg_state(dpkg_dir: Path = dpkgdb.DPKG_DIR) -> str:
+    """dpkg's state of the package ("installed", "half-configured", "unpacked", ...),
+    "not-installed", or "unknown" when dpkg's database cannot be read."""
     try:
-        journal_files = sorted((f for f in updates.iterdir() if f.name.isdigit()),
-                               key=lambda f: int(f.name))
+        known = dpkgdb.packages(dpkg_dir)
     except OSError:
-        journal_files = []
-    state = "not-installed"
-    for path in [status_file, *journal_files]:
-        try:
-            with open(path, encoding="utf-8") as database:
-                for paragraph in Deb822.iter_paragraphs(database):
-                    if paragraph.get("Package") == PACKAGE:
-                        state = paragraph.get("Status", "").split()[-1]
-        except OSError:
-            if path == status_file:
-                return "unknown"
-    return state
+        return "unknown"
+    return dpkgdb.state(known[PACKAGE]) if PACKAGE in known else "not-installed"
 
 
-def installation_finding(book: journal.Journal, status_file: Path = DPKG_STATUS,
+def installation_finding(book: journal.Journal, dpkg_dir: Path = dpkgdb.DPKG_DIR,
                          grace_path: Path = grace.GRACE_PATH) -> Finding:
     """Where the installation stands, for status: it holds only on an installed node that
     spares no installing session any more; when the node was installed at boot after an
@@ -413,7 +396,7 @@ def installation_finding(book: journal.Journal, status_file: Path = DPKG_STATUS,
         return Finding("installation", False, str(error))
     spared = grace.current(grace_path)
     facts = {"state": state.state, "attempt": state.attempt, "reason": state.reason,
-             "dpkg": dpkg_state(status_file),
+             "dpkg": dpkg_state(dpkg_dir),
              "spared_session": None if spared is None else spared.describe()}
     if not state.installed:
         return Finding("installation", False, _not_installed(book, state), facts)

@@ -1,78 +1,118 @@
-"""Jobs planted to run later, found before installing: cron, at and systemd timers.
+"""Jobs planted to run later, found before installing: cron, at, systemd timers and
+generators.
 
 A job the operator schedules before installing runs as root on the locked-down node, with
 no terminal and no login: a way back in that the lockdown never sees. Preflight refuses a
 machine with any crontab or at job (a node runs no user's jobs), with cron's system tables
-not as their packages installed them, or with a systemd timer no package installed
-(transient ones included, `systemd-run --on-calendar`), naming each and how to remove it.
+not as their packages installed them, or with a systemd timer or generator no package
+installed (transient timers included, `systemd-run --on-calendar`), naming each and how to
+remove it.
 
-Only reads files and dpkg's database (statemesh.planted.packaged_files).
+Only reads files and dpkg's database (statemesh.dpkgdb).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from statemesh.planted import as_packaged, named
+from statemesh.dpkgdb import as_installed
+from statemesh.planted import named
 
 CRONTABS = Path("/var/spool/cron/crontabs")
 AT_JOBS = Path("/var/spool/cron/atjobs")
-CRON_TABLE_GLOBS = ("/etc/crontab", "/etc/anacrontab", "/etc/cron.d/*",
-                    "/etc/cron.hourly/*", "/etc/cron.daily/*", "/etc/cron.weekly/*",
-                    "/etc/cron.monthly/*", "/etc/cron.yearly/*")
-# Where a timer unit can be that is not a package's: the admin's, runtime and transient.
-TIMER_GLOBS = ("/etc/systemd/system/*.timer", "/usr/local/lib/systemd/system/*.timer",
+CRON_TABLES = ("/etc/crontab", "/etc/anacrontab")
+# run-parts and cron.d skip names with other characters (foo.dpkg-old, foo.ucf-dist).
+CRON_DIR_GLOBS = ("/etc/cron.d/*", "/etc/cron.hourly/*", "/etc/cron.daily/*",
+                  "/etc/cron.weekly/*", "/etc/cron.monthly/*", "/etc/cron.yearly/*")
+RUN_PARTS_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+# Where a timer unit can be: the packages', the admin's, runtime and transient ones.
+TIMER_GLOBS = ("/usr/lib/systemd/system/*.timer", "/lib/systemd/system/*.timer",
+               "/etc/systemd/system/*.timer", "/usr/local/lib/systemd/system/*.timer",
                "/run/systemd/system/*.timer", "/run/systemd/transient/*.timer")
+# Run by systemd as root at every boot and every daemon-reload.
+GENERATOR_GLOBS = ("/etc/systemd/system-generators/*", "/run/systemd/system-generators/*",
+                   "/usr/local/lib/systemd/system-generators/*",
+                   "/usr/lib/systemd/system-generators/*", "/lib/systemd/system-generators/*",
+                   "/etc/systemd/system-environment-generators/*",
+                   "/usr/local/lib/systemd/system-environment-generators/*",
+                   "/usr/lib/systemd/system-environment-generators/*")
 AT_SEQUENCE = ".SEQ"  # at's job counter, not a job
 MASKED = "/dev/null"  # what a masked unit's file links to: it cannot run
 
 
 def spool_problems(crontabs: Path = CRONTABS, at_jobs: Path = AT_JOBS) -> List[str]:
-    """Any user's crontab, any pending at job."""
+    """Any user's crontab, any pending at job; a spool this process cannot read (run
+    without root) is a finding too, not an empty spool."""
     problems = []
-    tables = _entries(crontabs)
+    tables, unreadable = _entries(crontabs)
     if tables:
         users = [Path(path).name for path in tables]
         problems.append(f"crontabs of {named(users)} in {crontabs} (crontab -r -u USER)")
-    jobs = [path for path in _entries(at_jobs) if Path(path).name != AT_SEQUENCE]
+    jobs, unreadable_at = _entries(at_jobs)
+    jobs = [path for path in jobs if Path(path).name != AT_SEQUENCE]
     if jobs:
         problems.append(f"at jobs pending in {at_jobs}: {named(jobs)} (atrm them)")
+    problems += [f"cannot read {spool} to look for jobs (run as root)"
+                 for spool in (unreadable, unreadable_at) if spool]
     return problems
 
 
-def _entries(directory: Path) -> List[str]:
+def _entries(directory: Path) -> tuple:
+    """(the files in `directory`, sorted; `directory` itself if it exists but cannot be
+    read, else "")."""
     try:
-        return sorted(str(entry) for entry in directory.iterdir() if entry.is_file())
+        return sorted(str(entry) for entry in directory.iterdir() if entry.is_file()), ""
+    except FileNotFoundError:
+        return [], ""
     except OSError:
-        return []
+        return [], str(directory)
 
 
-def table_problems(packaged: Dict[str, str],
-                   table_globs: Sequence[str] = CRON_TABLE_GLOBS) -> List[str]:
+def table_problems(files: Dict[str, str], tables: Sequence[str] = CRON_TABLES,
+                   dir_globs: Sequence[str] = CRON_DIR_GLOBS) -> List[str]:
     """cron's system tables and run-parts scripts that are not as a package installed them."""
-    changed = sorted({path for pattern in table_globs for path in glob.glob(pattern)
-                      if Path(path).is_file() and not as_packaged(path, packaged)})
+    candidates = [path for path in tables if os.path.isfile(path)]
+    candidates += [path for pattern in dir_globs for path in glob.glob(pattern)
+                   if os.path.isfile(path) and RUN_PARTS_NAME.match(os.path.basename(path))]
+    changed = sorted({path for path in candidates if not as_installed(path, files)})
     if not changed:
         return []
     return [f"cron jobs not as a package installed them: {named(changed)} (remove them, or "
             "reinstall their package)"]
 
 
-def timer_problems(packaged: Dict[str, str],
-                   timer_globs: Sequence[str] = TIMER_GLOBS) -> List[str]:
-    """systemd timers no package installed; an enabled packaged timer is a symlink to the
-    package's file, and is judged by it; a masked one cannot run."""
-    foreign = sorted({path for pattern in timer_globs for path in glob.glob(pattern)
-                      if os.path.realpath(path) != MASKED and not as_packaged(path, packaged)})
-    if not foreign:
-        return []
-    return [f"systemd timers no package installed: {named(foreign)} (systemctl stop and "
-            "disable them, remove their files, systemctl daemon-reload)"]
+def _foreign(patterns: Sequence[str], files: Dict[str, str]) -> List[str]:
+    """What the patterns match that no package installed as it is (masked units aside),
+    each file once however many ways /usr-merged paths reach it."""
+    found: Dict[str, str] = {}
+    for pattern in patterns:
+        for path in glob.glob(pattern):
+            real = os.path.realpath(path)
+            if real != MASKED and real not in found and not as_installed(path, files):
+                found[real] = path
+    return sorted(found.values())
 
 
-def problems(packaged: Dict[str, str]) -> List[str]:
-    """Every planted job preflight refuses."""
-    return spool_problems() + table_problems(packaged) + timer_problems(packaged)
+def timer_problems(files: Dict[str, str], timer_globs: Sequence[str] = TIMER_GLOBS,
+                   generator_globs: Sequence[str] = GENERATOR_GLOBS) -> List[str]:
+    """systemd timers and generators no package installed; an enabled packaged timer is a
+    symlink to the package's file, and is judged by it."""
+    problems = []
+    timers = _foreign(timer_globs, files)
+    if timers:
+        problems.append(f"systemd timers no package installed: {named(timers)} (systemctl "
+                        "stop and disable them, remove their files, systemctl daemon-reload)")
+    generators = _foreign(generator_globs, files)
+    if generators:
+        problems.append(f"systemd generators no package installed, run as root at every "
+                        f"boot: {named(generators)} (remove them)")
+    return problems
+
+
+def problems(files: Dict[str, str]) -> List[str]:
+    """Every planted job preflight refuses, given what dpkg installed."""
+    return spool_problems() + table_problems(files) + timer_problems(files)

@@ -2,78 +2,58 @@
 
 The operator is root before installing and can leave code that programs load by themselves
 once the node is locked down, with no terminal and no login: the dynamic linker's preload
-list and search path, the service manager's environment (every service inherits it), and
-Python's startup hooks and module directories outside Debian's packages. The node's own
-processes run isolated from Python's environment and site (statemesh-node is
-`python3 -IS`), but the system's other root programs (unattended-upgrades, apt's hooks, any
-timer) are not, so preflight refuses such a machine, naming each thing and how to remove
-it. What dpkg installed, as it installed it (md5sums and conffiles), is never a finding.
+list and search path, variables that every service or cron job inherits, commands and
+Python or Perl modules found before Debian's own, and Python's startup hooks. The node's
+own processes run isolated from Python's environment and site (statemesh-node is
+`python3 -IS`), but the system's other root programs (unattended-upgrades, cron's jobs,
+maintainer scripts) are not, so preflight refuses such a machine, naming each thing and how
+to remove it. What dpkg installed, as it installed it, is never a finding (statemesh.dpkgdb).
 
-Only reads files and dpkg's database.
+Only reads files.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence
 
-from debian.deb822 import Deb822
+from statemesh.dpkgdb import as_installed
 
 LD_SO_PRELOAD = Path("/etc/ld.so.preload")
-LD_SO_CONF_D = Path("/etc/ld.so.conf.d")
-# What the dynamic linker and Python take from a variable of a program's environment.
-LOADER_VARIABLES = ("LD_PRELOAD", "LD_AUDIT", "LD_LIBRARY_PATH")
+LD_SO_CONFS = ("/etc/ld.so.conf", "/etc/ld.so.conf.d/*.conf")
+# What the dynamic linker, Python, Perl, bash and iconv take from a variable.
+LOADER_VARIABLES = ("LD_PRELOAD", "LD_AUDIT", "LD_LIBRARY_PATH", "BASH_ENV", "ENV",
+                    "PERL5OPT", "PERL5LIB", "PERLLIB", "GCONV_PATH")
 PYTHON_VARIABLE_PREFIX = "PYTHON"
-DPKG_INFO = Path("/var/lib/dpkg/info")
-DPKG_STATUS = Path("/var/lib/dpkg/status")
-# Searched before Debian's own: a module or library here shadows the packaged one.
-LOCAL_LIBRARY_DIRS = ("/usr/local/lib", "/usr/local/lib/x86_64-linux-gnu",
-                      "/usr/local/lib/aarch64-linux-gnu")
-LOCAL_PYTHON_GLOBS = ("/usr/local/lib/python3*/dist-packages",
+# Where such a variable is set for services (systemd) and for cron's jobs (pam_env) at the
+# next boot; the running manager's environment is asked over D-Bus.
+ENVIRONMENT_FILES = ("/etc/environment", "/etc/security/pam_env.conf",
+                     "/etc/systemd/system.conf", "/etc/systemd/system.conf.d/*.conf",
+                     "/run/systemd/system.conf.d/*.conf",
+                     "/usr/local/lib/systemd/system.conf.d/*.conf")
+KERNEL_COMMAND_LINE = Path("/proc/cmdline")
+# A variable's name where it is set: "NAME=" (environment, DefaultEnvironment=) or
+# "NAME DEFAULT=" (pam_env.conf).
+ASSIGNED = r"(?<![A-Za-z0-9_])([A-Z][A-Z0-9_]*)[=\s]"
+# Searched before Debian's own: a library, module or command here shadows the packaged one.
+LOCAL_LIBRARIES = "/usr/local/lib"
+LOCAL_COMMAND_DIRS = ("/usr/local/sbin", "/usr/local/bin")
+SYSTEM_COMMAND_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+LOCAL_MODULE_GLOBS = ("/usr/local/lib/python3*/dist-packages",
                       "/usr/local/lib/python3*/site-packages",
-                      "/root/.local/lib/python3*/site-packages")
-# Run at every start of Python, unless -S: .pth files and these modules.
-PYTHON_HOOK_GLOBS = ("/usr/lib/python3*/dist-packages/*.pth",
-                     "/usr/lib/python3*/sitecustomize.py", "/usr/lib/python3*/usercustomize.py",
-                     "/usr/lib/python3*/dist-packages/sitecustomize.py",
-                     "/usr/lib/python3*/dist-packages/usercustomize.py")
+                      "/root/.local/lib/python3*/site-packages",
+                      "/usr/local/lib/*/perl", "/usr/local/share/perl", "/usr/local/lib/site_perl")
+# Run at every start of Python (unless -S) or Perl, or moving where Python finds its own.
+STARTUP_HOOK_GLOBS = ("/usr/lib/python3*/dist-packages/*.pth",
+                      "/usr/lib/python3*/sitecustomize.py", "/usr/lib/python3*/usercustomize.py",
+                      "/usr/lib/python3*/dist-packages/sitecustomize.py",
+                      "/usr/lib/python3*/dist-packages/usercustomize.py",
+                      "/etc/perl/sitecustomize.pl", "/usr/bin/pyvenv.cfg", "/usr/pyvenv.cfg",
+                      "/usr/lib/python3*.zip")
 SHOWN = 3  # paths named per finding; the rest are counted
-
-
-def packaged_files(info: Path = DPKG_INFO, status: Path = DPKG_STATUS) -> Dict[str, str]:
-    """Every file dpkg installed, with the md5 it installed it with: its packages' md5sums
-    and its conffiles (a conffile's is the package's version, not the admin's)."""
-    files: Dict[str, str] = {}
-    for md5sums in info.glob("*.md5sums"):
-        for line in md5sums.read_text(encoding="utf-8", errors="replace").splitlines():
-            digest, _, path = line.partition("  ")
-            if path:
-                files["/" + path] = digest
-    try:
-        with open(status, encoding="utf-8") as database:
-            for paragraph in Deb822.iter_paragraphs(database):
-                for line in paragraph.get("Conffiles", "").splitlines():
-                    words = line.split()
-                    if len(words) >= 2:
-                        files[words[0]] = words[1]
-    except OSError:
-        pass
-    return files
-
-
-def as_packaged(path: str, packaged: Dict[str, str]) -> bool:
-    """The file is dpkg's and unchanged (a symlink is judged by the file it names)."""
-    real = os.path.realpath(path)
-    digest = packaged.get(path) or packaged.get(real)
-    if digest is None:
-        return False
-    try:
-        return hashlib.md5(Path(real).read_bytes()).hexdigest() == digest
-    except OSError:
-        return False
 
 
 def named(paths: Sequence[str]) -> str:
@@ -82,73 +62,135 @@ def named(paths: Sequence[str]) -> str:
     return shown if len(paths) <= SHOWN else f"{shown} and {len(paths) - SHOWN} more"
 
 
+def _not_installed(patterns: Iterable[str], files: Dict[str, str]) -> List[str]:
+    """The files the patterns match that are not as dpkg installed them."""
+    return sorted({path for pattern in patterns for path in glob.glob(pattern)
+                   if not os.path.isdir(path) and not as_installed(path, files)})
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 def preload_problems(path: Path = LD_SO_PRELOAD) -> List[str]:
     """A preload list loads its libraries into every program started, as root too."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    except OSError as error:
-        return [f"cannot read {path}: {error.strerror}"]
-    libraries = [word for line in text.splitlines() for word in line.split("#", 1)[0].split()]
+    libraries = [word for line in _read(path).splitlines()
+                 for word in line.split("#", 1)[0].split()]
     if not libraries:
         return []
     return [f"{path} loads {named(libraries)} into every program, root's included "
             f"(remove {path})"]
 
 
+def _loading(name: str) -> bool:
+    return name in LOADER_VARIABLES or name.startswith(PYTHON_VARIABLE_PREFIX)
+
+
 def environment_problems(environment: Iterable[str]) -> List[str]:
-    """What the service manager passes to every service that makes it load other code."""
+    """What the running service manager passes to every service that makes it load other
+    code."""
+    return [f"the service manager's environment sets {name}, which every service inherits "
+            f"(systemctl unset-environment {name}, and remove it where it is set)"
+            for name in (assignment.partition("=")[0] for assignment in environment)
+            if _loading(name)]
+
+
+def environment_file_problems(patterns: Sequence[str] = ENVIRONMENT_FILES,
+                              cmdline: Path = KERNEL_COMMAND_LINE) -> List[str]:
+    """The same variables set for the next boot's services, or for cron's jobs."""
     problems = []
-    for assignment in environment:
-        name = assignment.partition("=")[0]
-        if name in LOADER_VARIABLES or name.startswith(PYTHON_VARIABLE_PREFIX):
-            problems.append(f"the service manager's environment sets {name}, which every "
-                            f"service inherits (systemctl unset-environment {name}, and "
-                            "remove it from DefaultEnvironment= where it is set)")
+    for path in sorted({path for pattern in patterns for path in glob.glob(pattern)}):
+        names = sorted({name for line in _read(Path(path)).splitlines()
+                        if not line.lstrip().startswith(("#", ";"))
+                        for name in re.findall(ASSIGNED, line) if _loading(name)})
+        if names:
+            problems.append(f"{path} sets {', '.join(names)} for the programs started after "
+                            f"it (remove it there)")
+    setenv = [word.partition("=")[2] for word in _read(cmdline).split()
+              if word.startswith("systemd.setenv=")]
+    names = sorted({name for name in (value.partition("=")[0] for value in setenv)
+                    if _loading(name)})
+    if names:
+        problems.append(f"the kernel command line sets {', '.join(names)} for every service "
+                        "(systemd.setenv=; remove it from the boot loader's configuration)")
     return problems
 
 
-def library_problems(packaged: Dict[str, str],
-                     local_dirs: Sequence[str] = LOCAL_LIBRARY_DIRS,
-                     conf_d: Path = LD_SO_CONF_D) -> List[str]:
+def library_problems(files: Dict[str, str], local: str = LOCAL_LIBRARIES,
+                     confs: Sequence[str] = LD_SO_CONFS) -> List[str]:
     """Shared libraries the dynamic linker finds before Debian's, and search paths added."""
     problems = []
-    for directory in local_dirs:
-        libraries = sorted(glob.glob(f"{directory}/*.so*"))
-        if libraries:
-            problems.append(f"shared libraries in {directory}, searched before the system's: "
-                            f"{named(libraries)} (remove them, then run ldconfig)")
-    added = sorted(str(conf) for conf in conf_d.glob("*.conf")
-                   if not as_packaged(str(conf), packaged))
+    libraries = sorted(_shared_objects(local))
+    if libraries:
+        problems.append(f"shared libraries in {local}, searched before the system's: "
+                        f"{named(libraries)} (remove them, then run ldconfig)")
+    added = _not_installed(confs, files)
     if added:
-        problems.append(f"library search paths not from a package: {named(added)} "
-                        "(remove them, then run ldconfig)")
+        problems.append(f"library search paths not as a package installed them: "
+                        f"{named(added)} (remove them, then run ldconfig)")
     return problems
 
 
-def python_problems(packaged: Dict[str, str],
-                    local_globs: Sequence[str] = LOCAL_PYTHON_GLOBS,
-                    hook_globs: Sequence[str] = PYTHON_HOOK_GLOBS) -> List[str]:
-    """Python code outside Debian's packages that root's Python programs would run."""
+def _shared_objects(top: str) -> Iterable[str]:
+    """Every *.so and *.so.N under `top`, but in Python's and Perl's module trees (their
+    own finding)."""
+    for directory, subdirectories, names in os.walk(top):
+        subdirectories[:] = [d for d in subdirectories
+                             if not d.startswith("python3") and d not in ("perl", "site_perl")]
+        yield from (os.path.join(directory, name) for name in names
+                    if re.search(r"\.so(\.[0-9]+)*$", name))
+
+
+def command_problems(local_dirs: Sequence[str] = LOCAL_COMMAND_DIRS,
+                     system_dirs: Sequence[str] = SYSTEM_COMMAND_DIRS) -> List[str]:
+    """Commands found first on root's PATH under a system command's name: cron's, systemd's
+    and maintainer scripts' PATH lists /usr/local first."""
+    system = {name for directory in system_dirs for name in _names(directory)}
+    shadowing = sorted(os.path.join(directory, name) for directory in local_dirs
+                       for name in _names(directory) if name in system)
+    if not shadowing:
+        return []
+    return [f"commands shadowing the system's on root's PATH: {named(shadowing)} "
+            "(remove them)"]
+
+
+def _files_under(top: str) -> Iterable[str]:
+    for directory, _subdirectories, names in os.walk(top):
+        yield from (os.path.join(directory, name) for name in names)
+
+
+def _names(directory: str) -> List[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
+def module_problems(files: Dict[str, str],
+                    local_globs: Sequence[str] = LOCAL_MODULE_GLOBS,
+                    hook_globs: Sequence[str] = STARTUP_HOOK_GLOBS) -> List[str]:
+    """Python and Perl code outside Debian's packages that root's programs would run."""
     problems = []
     for pattern in local_globs:
         for directory in sorted(glob.glob(pattern)):
-            modules = sorted(str(entry) for entry in Path(directory).iterdir())
+            modules = sorted(_files_under(directory))
             if modules:
-                problems.append(f"Python modules in {directory} come before Debian's for "
-                                f"root's Python programs: {named(modules)} (remove them)")
-    hooks = sorted({path for pattern in hook_globs for path in glob.glob(pattern)
-                    if not as_packaged(path, packaged)})
+                problems.append(f"modules in {directory} come before Debian's for root's "
+                                f"programs: {named(modules)} (remove them)")
+    hooks = _not_installed(hook_globs, files)
     if hooks:
-        problems.append(f"Python startup hooks not as a package installed them, run by every "
-                        f"Python program: {named(hooks)} (remove them, or reinstall "
-                        "their package)")
+        problems.append("interpreter startup hooks not as a package installed them, run by "
+                        f"every Python or Perl program: {named(hooks)} (remove them, or "
+                        "reinstall their package)")
     return problems
 
 
-def problems(environment: Iterable[str], packaged: Dict[str, str]) -> List[str]:
-    """Every planted thing preflight refuses, given the service manager's environment and
-    what dpkg installed."""
+def problems(environment: Iterable[str], files: Dict[str, str]) -> List[str]:
+    """Every planted thing preflight refuses, given the running service manager's
+    environment and what dpkg installed."""
     return (preload_problems() + environment_problems(environment)
-            + library_problems(packaged) + python_problems(packaged))
+            + environment_file_problems() + library_problems(files) + command_problems()
+            + module_problems(files))

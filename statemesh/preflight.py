@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
-from statemesh import grace, jobs, ownunits, planted, proc, systemd
+from statemesh import dpkgdb, grace, jobs, ownunits, planted, proc, systemd
 from statemesh.guarantees import memory
 from statemesh.watchdog import terminals
 
@@ -241,8 +241,8 @@ async def _bus_facts() -> BusFacts:
 def planted_for_later(environment: List[str]) -> List[str]:
     """What root's programs would load, or run, later with no terminal: code for the loader
     and Python (statemesh.planted), jobs for cron, at and systemd (statemesh.jobs)."""
-    packaged = planted.packaged_files()
-    return planted.problems(environment, packaged) + jobs.problems(packaged)
+    files = dpkgdb.installed_files()
+    return planted.problems(environment, files) + jobs.problems(files)
 
 
 def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path = UTMP,

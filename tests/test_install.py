@@ -356,23 +356,23 @@ def test_status_says_when_dpkg_lags_behind_an_installation_completed_at_boot(
     status_file = tmp_path / "status"
     install.transaction(book, [Step("ssh", [])], passed)
     status_file.write_text(DPKG_STATUS.format("installed"))
-    finding = install.installation_finding(book, status_file)
+    finding = install.installation_finding(book, tmp_path)
     assert finding.holds and finding.detail.startswith("installed (version ")
     status_file.write_text(DPKG_STATUS.format("half-configured"))
-    finding = install.installation_finding(book, status_file)
+    finding = install.installation_finding(book, tmp_path)
     assert finding.holds and "dpkg still has the package half-configured" in finding.detail
 
 
 def test_dpkg_state_reads_the_updates_dpkg_has_not_folded_in_yet(tmp_path: Path) -> None:
     status_file = tmp_path / "status"
     status_file.write_text(DPKG_STATUS.format("installed"))
-    assert install.dpkg_state(status_file) == "installed"
+    assert install.dpkg_state(tmp_path) == "installed"
     (tmp_path / "updates").mkdir()
     (tmp_path / "updates" / "0001").write_text(DPKG_STATUS.format("half-configured"))
     (tmp_path / "updates" / "tmp.i").write_text(DPKG_STATUS.format("unpacked"))
-    assert install.dpkg_state(status_file) == "half-configured"
+    assert install.dpkg_state(tmp_path) == "half-configured"
     (tmp_path / "updates" / "0002").write_text(DPKG_STATUS.format("installed"))
-    assert install.dpkg_state(status_file) == "installed"
+    assert install.dpkg_state(tmp_path) == "installed"
 
 
 def test_an_installed_node_that_still_spares_the_installing_session_does_not_hold(
@@ -382,12 +382,12 @@ def test_an_installed_node_that_still_spares_the_installing_session_does_not_hol
     record = tmp_path / "install-grace.json"
     install.transaction(book, [Step("ssh", [])], passed)
     grace.record_installer(os.getpid(), record)
-    finding = install.installation_finding(book, status_file, record)
+    finding = install.installation_finding(book, tmp_path, record)
     assert not finding.holds
     assert "the installing session is still spared" in finding.detail
     assert f"of pid {os.getpid()} " in finding.detail and "until the transaction ends" in finding.detail
     grace.end_after(0, record)
-    finding = install.installation_finding(book, status_file, record)
+    finding = install.installation_finding(book, tmp_path, record)
     assert finding.holds and finding.facts["spared_session"] is None
 
 

@@ -28,28 +28,43 @@ def test_cron_tables_not_as_packaged(tmp_path: Path) -> None:
     cron_d.mkdir()
     shipped = b"30 3 * * 0 root test -e /run/systemd/system || e2scrub_all\n"
     (cron_d / "e2scrub_all").write_bytes(shipped)
-    packaged = {str(cron_d / "e2scrub_all"): hashlib.md5(shipped).hexdigest()}
-    globs = (f"{cron_d}/*",)
-    assert jobs.table_problems(packaged, globs) == []
+    (cron_d / "e2scrub_all.dpkg-old").write_text("* * * * * root true\n")  # cron skips it
+    files = {str(cron_d / "e2scrub_all"): hashlib.md5(shipped).hexdigest()}
+    crontab = tmp_path / "crontab"
+    dirs = (f"{cron_d}/*",)
+    assert jobs.table_problems(files, [str(crontab)], dirs) == []
     (cron_d / "planted").write_text("* * * * * root /root/way-in\n")
     (cron_d / "e2scrub_all").write_bytes(shipped + b"* * * * * root /root/way-in\n")
-    assert jobs.table_problems(packaged, globs) == [
-        f"cron jobs not as a package installed them: {cron_d}/e2scrub_all, {cron_d}/planted "
-        "(remove them, or reinstall their package)"]
+    crontab.write_text("* * * * * root /root/way-in\n")
+    assert jobs.table_problems(files, [str(crontab)], dirs) == [
+        f"cron jobs not as a package installed them: {cron_d}/e2scrub_all, {cron_d}/planted, "
+        f"{crontab} (remove them, or reinstall their package)"]
 
 
-def test_timers_no_package_installed(tmp_path: Path) -> None:
-    system, lib = tmp_path / "etc-system", tmp_path / "lib-system"
-    system.mkdir()
-    lib.mkdir()
+def test_timers_and_generators_no_package_installed(tmp_path: Path) -> None:
+    system, lib, generators = (tmp_path / "etc-system", tmp_path / "lib-system",
+                               tmp_path / "generators")
+    for directory in (system, lib, generators):
+        directory.mkdir()
     unit = b"[Timer]\nOnCalendar=daily\n"
     (lib / "fstrim.timer").write_bytes(unit)
     (system / "fstrim.timer").symlink_to(lib / "fstrim.timer")  # a packaged one, linked
     (system / "apt-daily.timer").symlink_to("/dev/null")  # masked
-    packaged = {str(lib / "fstrim.timer"): hashlib.md5(unit).hexdigest()}
-    globs = (f"{system}/*.timer",)
-    assert jobs.timer_problems(packaged, globs) == []
-    (system / "way-in.timer").write_bytes(unit)
-    assert jobs.timer_problems(packaged, globs) == [
+    files = {str(lib / "fstrim.timer"): hashlib.md5(unit).hexdigest()}
+    timers, gens = (f"{system}/*.timer", f"{lib}/*.timer"), (f"{generators}/*",)
+    assert jobs.timer_problems(files, timers, gens) == []
+    (lib / "way-in.timer").write_bytes(unit)
+    (system / "way-in.timer").symlink_to(lib / "way-in.timer")  # one file, named once
+    (generators / "way-in-generator").write_text("#!/bin/sh\n/root/way-in\n")
+    assert jobs.timer_problems(files, timers, gens) == [
         f"systemd timers no package installed: {system}/way-in.timer (systemctl stop and "
-        "disable them, remove their files, systemctl daemon-reload)"]
+        "disable them, remove their files, systemctl daemon-reload)",
+        f"systemd generators no package installed, run as root at every boot: "
+        f"{generators}/way-in-generator (remove them)"]
+
+
+def test_a_spool_that_cannot_be_read_is_not_taken_for_an_empty_one(tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "crontabs"
+    not_a_directory.write_text("")
+    assert jobs.spool_problems(not_a_directory, tmp_path / "none") == [
+        f"cannot read {not_a_directory} to look for jobs (run as root)"]

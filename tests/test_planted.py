@@ -14,21 +14,6 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def test_packaged_files_are_md5sums_and_conffiles(tmp_path: Path) -> None:
-    info = tmp_path / "info"
-    info.mkdir()
-    (info / "python3-setuptools.md5sums").write_text(
-        "0123456789abcdef0123456789abcdef  usr/lib/python3/dist-packages/distutils-precedence.pth\n")
-    status = tmp_path / "status"
-    status.write_text("Package: libc-bin\nStatus: install ok installed\nConffiles:\n"
-                      " /etc/ld.so.conf.d/libc.conf d4d833fd095fb7b90e1bb4a547f16de6\n\n"
-                      "Package: adduser\nStatus: install ok installed\n\n")
-    assert planted.packaged_files(info, status) == {
-        "/usr/lib/python3/dist-packages/distutils-precedence.pth":
-            "0123456789abcdef0123456789abcdef",
-        "/etc/ld.so.conf.d/libc.conf": "d4d833fd095fb7b90e1bb4a547f16de6"}
-
-
 def test_a_preload_list_is_named_and_an_empty_one_is_not(tmp_path: Path) -> None:
     preload = tmp_path / "ld.so.preload"
     assert planted.preload_problems(preload) == []
@@ -49,29 +34,63 @@ def test_the_managers_environment_may_not_make_services_load_other_code() -> Non
     assert "systemctl unset-environment PYTHONPATH" in found[1]
 
 
-def library_setup(tmp_path: Path) -> Dict[str, str]:
-    conf_d = tmp_path / "ld.so.conf.d"
-    conf_d.mkdir()
-    (conf_d / "libc.conf").write_text("/usr/local/lib\n")
-    return {str(conf_d / "libc.conf"): md5(b"/usr/local/lib\n")}
+def test_variables_set_for_the_next_boot_or_for_crons_jobs(tmp_path: Path) -> None:
+    environment = tmp_path / "environment"
+    environment.write_text('PATH="/usr/local/sbin:/usr/bin"\n# LD_PRELOAD=/commented\n')
+    system_conf = tmp_path / "system.conf"
+    system_conf.write_text("[Manager]\n#DefaultEnvironment=\nLogLevel=info\n")
+    pam_env = tmp_path / "pam_env.conf"
+    pam_env.write_text("#PYTHONSTARTUP DEFAULT=/commented\nREMOTEHOST DEFAULT=localhost\n")
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("root=LABEL=x systemd.setenv=LANG=C\n")
+    files = (str(environment), str(system_conf), str(pam_env))
+    assert planted.environment_file_problems(files, cmdline) == []
+
+    system_conf.write_text("[Manager]\nDefaultEnvironment=LD_PRELOAD=/x.so PYTHONPATH=/y\n")
+    pam_env.write_text("BASH_ENV DEFAULT=/root/.way-in\n")
+    cmdline.write_text("root=LABEL=x systemd.setenv=PERL5OPT=-M/root/x\n")
+    assert planted.environment_file_problems(files, cmdline) == [
+        f"{pam_env} sets BASH_ENV for the programs started after it (remove it there)",
+        f"{system_conf} sets LD_PRELOAD, PYTHONPATH for the programs started after it "
+        "(remove it there)",
+        "the kernel command line sets PERL5OPT for every service (systemd.setenv=; remove it "
+        "from the boot loader's configuration)"]
 
 
 def test_libraries_searched_before_the_systems_and_added_paths(tmp_path: Path) -> None:
-    packaged = library_setup(tmp_path)
     conf_d, local = tmp_path / "ld.so.conf.d", tmp_path / "local-lib"
-    local.mkdir()
-    assert planted.library_problems(packaged, [str(local)], conf_d) == []
-    (local / "libcrypto.so.3").write_bytes(b"\x7fELF")
+    conf_d.mkdir()
+    (local / "python3.11/dist-packages").mkdir(parents=True)
+    (local / "python3.11/dist-packages/_speedups.cpython-311.so").write_bytes(b"\x7fELF")
+    (conf_d / "libc.conf").write_text("/usr/local/lib\n")
+    files = {str(conf_d / "libc.conf"): md5(b"/usr/local/lib\n")}
+    confs = (f"{conf_d}/*.conf",)
+    assert planted.library_problems(files, str(local), confs) == []  # Python's: its own line
+
+    (local / "glibc-hwcaps/x86-64-v3").mkdir(parents=True)
+    (local / "glibc-hwcaps/x86-64-v3/libcrypto.so.3").write_bytes(b"\x7fELF")
     (conf_d / "zz-planted.conf").write_text("/opt/hook\n")
     (conf_d / "libc.conf").write_text("/opt/hook\n")  # a package's conffile, changed
-    assert planted.library_problems(packaged, [str(local)], conf_d) == [
-        f"shared libraries in {local}, searched before the system's: {local}/libcrypto.so.3 "
-        "(remove them, then run ldconfig)",
-        f"library search paths not from a package: {conf_d}/libc.conf, "
+    assert planted.library_problems(files, str(local), confs) == [
+        f"shared libraries in {local}, searched before the system's: "
+        f"{local}/glibc-hwcaps/x86-64-v3/libcrypto.so.3 (remove them, then run ldconfig)",
+        f"library search paths not as a package installed them: {conf_d}/libc.conf, "
         f"{conf_d}/zz-planted.conf (remove them, then run ldconfig)"]
 
 
-def test_python_hooks_and_local_modules(tmp_path: Path) -> None:
+def test_commands_that_shadow_the_systems_on_roots_path(tmp_path: Path) -> None:
+    local, system = tmp_path / "local-sbin", tmp_path / "sbin"
+    local.mkdir()
+    system.mkdir()
+    (system / "ldconfig").write_text("")
+    (local / "statemesh-helper").write_text("")  # a name of its own shadows nothing
+    assert planted.command_problems([str(local)], [str(system)]) == []
+    (local / "ldconfig").write_text("#!/bin/sh\n/root/way-in\n")
+    assert planted.command_problems([str(local)], [str(system)]) == [
+        f"commands shadowing the system's on root's PATH: {local}/ldconfig (remove them)"]
+
+
+def test_python_and_perl_hooks_and_local_modules(tmp_path: Path) -> None:
     dist = tmp_path / "usr/lib/python3/dist-packages"
     dist.mkdir(parents=True)
     (dist / "distutils-precedence.pth").write_text("import os\n")
@@ -82,23 +101,26 @@ def test_python_hooks_and_local_modules(tmp_path: Path) -> None:
     stdlib.mkdir(parents=True)
     (stdlib / "sitecustomize.py").symlink_to(conffile)
     local = tmp_path / "usr/local/lib/python3.11/dist-packages"
-    local.mkdir(parents=True)
-    packaged = {str(dist / "distutils-precedence.pth"): md5(b"import os\n"),
-                str(conffile): md5(b"# Debian's\n")}
+    (local / "empty-namespace").mkdir(parents=True)
+    files = {str(dist / "distutils-precedence.pth"): md5(b"import os\n"),
+             str(conffile): md5(b"# Debian's\n")}
     hooks = (f"{tmp_path}/usr/lib/python3*/dist-packages/*.pth",
-             f"{tmp_path}/usr/lib/python3*/sitecustomize.py")
+             f"{tmp_path}/usr/lib/python3*/sitecustomize.py", f"{tmp_path}/usr/bin/pyvenv.cfg")
     locals_ = (f"{tmp_path}/usr/local/lib/python3*/dist-packages",)
-    assert planted.python_problems(packaged, locals_, hooks) == []  # as Debian installed them
+    assert planted.module_problems(files, locals_, hooks) == []  # as Debian installed them
 
     (local / "apt").mkdir()
+    (local / "apt/__init__.py").write_text("import os; os.system('/root/way-in')\n")
     (dist / "zz-hook.pth").write_text("import os; os.system('/root/way-in')\n")
     conffile.write_text("import os; os.system('/root/way-in')\n")
-    assert planted.python_problems(packaged, locals_, hooks) == [
-        f"Python modules in {local} come before Debian's for root's Python programs: "
-        f"{local}/apt (remove them)",
-        "Python startup hooks not as a package installed them, run by every Python program: "
-        f"{stdlib}/sitecustomize.py, {dist}/zz-hook.pth (remove them, or reinstall their "
-        "package)"]
+    (tmp_path / "usr/bin").mkdir()
+    (tmp_path / "usr/bin/pyvenv.cfg").write_text("home = /root/python\n")
+    assert planted.module_problems(files, locals_, hooks) == [
+        f"modules in {local} come before Debian's for root's programs: "
+        f"{local}/apt/__init__.py (remove them)",
+        "interpreter startup hooks not as a package installed them, run by every Python or "
+        f"Perl program: {tmp_path}/usr/bin/pyvenv.cfg, {stdlib}/sitecustomize.py, "
+        f"{dist}/zz-hook.pth (remove them, or reinstall their package)"]
 
 
 def test_preflight_refuses_a_loader_variable_in_the_managers_environment(

@@ -102,7 +102,7 @@ class WatchdogGuarantee:
         directory = unitprocs.unit_cgroup(ALWAYS_EXEMPT, self.cgroup_root)
         if directory is None:
             return Probe(MOVED_PROBE, False, f"cannot try: no cgroup of {ALWAYS_EXEMPT}")
-        argv = [sys.executable, "-I", "-c", MOVED_LOGIN_PTY, str(deadline * 4),
+        argv = [sys.executable, "-IS", "-c", MOVED_LOGIN_PTY, str(deadline * 4),
                 str(directory / "cgroup.procs")]
         return _probe_child(MOVED_PROBE, argv, deadline)
 
@@ -200,7 +200,7 @@ def probe_pty(deadline: float = PTY_DEADLINE_SECONDS) -> Probe:
 def probe_unshared_pty(deadline: float = CHILD_DEADLINE_SECONDS) -> Probe:
     """`unshare -m`, a devpts instance of its own on /dev/pts, a pty of it: never watched
     by /dev/pts, found all the same."""
-    argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-I", "-c",
+    argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-IS", "-c",
             UNSHARED_PTY, str(deadline * 4)]
     return _probe_child(UNSHARED_PROBE, argv, deadline)
 

@@ -221,7 +221,7 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
     for planted in (f"/etc/ld.so.preload loads {PRELOADED} into every program",
                     "the service manager's environment sets PYTHONSTARTUP",
                     "/dist-packages/zz-planted.pth (remove them)",  # /usr/local's
-                    "Python startup hooks not as a package installed them", SYSTEM_PTH,
+                    "interpreter startup hooks not as a package installed them", SYSTEM_PTH,
                     "crontabs of root in /var/spool/cron/crontabs",
                     "at jobs pending in /var/spool/cron/atjobs: "
                     "/var/spool/cron/atjobs/a00001019a2b3c",

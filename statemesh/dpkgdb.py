@@ -1,0 +1,141 @@
+"""dpkg's database, read as dpkg-query reads it: what is installed, and each installed file
+with the md5 dpkg installed it with.
+
+The status file is only dpkg's last checkpoint: an interrupted or running dpkg keeps its
+newer word in updates/NNNN until it folds them in, so every reader here takes both, the
+later paragraph of a package winning. Only installed packages' md5sums count: a md5sums
+file in info/ that no installed package names vouches for nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+from debian.deb822 import Deb822
+
+DPKG_DIR = Path("/var/lib/dpkg")
+# Conffile flags dpkg writes after the md5 in a Conffiles line.
+CONFFILE_FLAGS = ("obsolete", "remove-on-upgrade", "newconffile")
+# States in which a package's files are on disk as dpkg unpacked them.
+ON_DISK = ("installed", "unpacked", "half-configured", "triggers-awaited",
+           "triggers-pending")
+CHUNK = 1 << 20
+
+
+def _database_files(dpkg_dir: Path) -> List[Path]:
+    updates = dpkg_dir / "updates"
+    try:
+        journal = sorted((f for f in updates.iterdir() if f.name.isdigit()),
+                         key=lambda f: int(f.name))
+    except OSError:
+        journal = []
+    return [dpkg_dir / "status", *journal]
+
+
+def packages(dpkg_dir: Path = DPKG_DIR) -> Dict[str, Deb822]:
+    """Every package dpkg knows, by name (and ":arch" for Multi-Arch: same), its newest
+    paragraph; raises OSError when the status file itself cannot be read."""
+    found: Dict[str, Deb822] = {}
+    for path in _database_files(dpkg_dir):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as database:
+                for paragraph in Deb822.iter_paragraphs(database, use_apt_pkg=False):
+                    if "Package" in paragraph:
+                        found[_qualified(paragraph)] = paragraph
+        except OSError:
+            if path == dpkg_dir / "status":
+                raise
+    return found
+
+
+def _qualified(paragraph: Deb822) -> str:
+    if paragraph.get("Multi-Arch") == "same":
+        return f"{paragraph['Package']}:{paragraph.get('Architecture', '')}"
+    return paragraph["Package"]
+
+
+def state(paragraph: Deb822) -> str:
+    """The last word of Status: "installed", "half-configured", "not-installed", ..."""
+    words = paragraph.get("Status", "").split()
+    return words[-1] if words else "not-installed"
+
+
+def installed_files(dpkg_dir: Path = DPKG_DIR) -> Dict[str, str]:
+    """Every file of a package whose files are on disk, with the md5 dpkg installed it
+    with: its md5sums, and its conffiles (a conffile's md5 is the package's version, not
+    the admin's). Unreadable parts count as nothing vouched for."""
+    files: Dict[str, str] = {}
+    try:
+        known = packages(dpkg_dir)
+    except OSError:
+        return files
+    for name, paragraph in known.items():
+        if state(paragraph) not in ON_DISK:
+            continue
+        files.update(_md5sums(dpkg_dir / "info" / f"{name}.md5sums"))
+        files.update(_conffiles(paragraph.get("Conffiles", "")))
+    return files
+
+
+def _md5sums(path: Path) -> Iterator[tuple]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError:
+        return
+    for line in text.splitlines():
+        digest, _, relative = line.partition("  ")
+        if relative:
+            yield "/" + relative, digest
+
+
+def _conffiles(field: str) -> Iterator[tuple]:
+    for line in field.splitlines():
+        words = line.split()
+        while words and words[-1] in CONFFILE_FLAGS:
+            words.pop()
+        if len(words) >= 2:
+            yield " ".join(words[:-1]), words[-1]
+
+
+def as_installed(path: str, files: Dict[str, str]) -> bool:
+    """The file at `path` is one dpkg installed, unchanged: a regular file (a symlink is
+    judged by the file it names) whose md5 is the one dpkg recorded. /usr-merged systems
+    list a file under /lib or /usr/lib, whichever its package shipped."""
+    real = os.path.realpath(path)
+    digest = next((files[name] for name in _spellings(path, real) if name in files), None)
+    if digest is None:
+        return False
+    return md5_of(real) == digest
+
+
+def _spellings(path: str, real: str) -> List[str]:
+    names = [path, real]
+    for name in (path, real):
+        if name.startswith("/usr/"):
+            names.append(name[len("/usr"):])
+        else:
+            names.append("/usr" + name)
+    return names
+
+
+def md5_of(path: str) -> str:
+    """The md5 of a regular file, read in chunks; "" for anything else (a FIFO, a device)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with open(path, "rb", opener=_nonblocking) as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                return ""
+            for chunk in iter(lambda: stream.read(CHUNK), b""):
+                digest.update(chunk)
+    except OSError:
+        return ""
+    return digest.hexdigest()
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    """Open without waiting on a FIFO's writer: its type is checked before any read."""
+    return os.open(path, flags | os.O_NONBLOCK)

@@ -1,0 +1,86 @@
+"""dpkg's database as dpkg-query reads it: installed packages' files only, its updates
+journal, conffile flags, /usr-merged spellings, and files that are not regular."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from statemesh import dpkgdb
+
+STATUS = """Package: libc-bin
+Status: install ok installed
+Conffiles:
+ /etc/ld.so.conf.d/libc.conf d4d833fd095fb7b90e1bb4a547f16de6
+ /etc/old name.conf 0123456789abcdef0123456789abcdef obsolete
+
+Package: gone
+Status: deinstall ok config-files
+
+Package: libfoo1
+Status: install ok installed
+Multi-Arch: same
+Architecture: amd64
+"""
+
+
+def database(tmp_path: Path) -> Path:
+    info = tmp_path / "info"
+    info.mkdir()
+    (tmp_path / "status").write_text(STATUS)
+    (info / "libc-bin.md5sums").write_text("aa" * 16 + "  sbin/ldconfig\n")
+    (info / "gone.md5sums").write_text("bb" * 16 + "  etc/cron.d/gone\n")
+    (info / "planted.md5sums").write_text("cc" * 16 + "  etc/cron.d/way-in\n")
+    (info / "libfoo1:amd64.md5sums").write_text("dd" * 16 + "  usr/lib/libfoo.so.1\n")
+    return tmp_path
+
+
+def test_only_packages_on_disk_vouch_for_files(tmp_path: Path) -> None:
+    files = dpkgdb.installed_files(database(tmp_path))
+    assert files == {"/sbin/ldconfig": "aa" * 16, "/usr/lib/libfoo.so.1": "dd" * 16,
+                     "/etc/ld.so.conf.d/libc.conf": "d4d833fd095fb7b90e1bb4a547f16de6",
+                     "/etc/old name.conf": "0123456789abcdef0123456789abcdef"}
+
+
+def test_the_updates_journal_is_read_after_the_status_file(tmp_path: Path) -> None:
+    root = database(tmp_path)
+    (root / "updates").mkdir()
+    (root / "updates" / "0003").write_text("Package: gone\nStatus: install ok unpacked\n")
+    (root / "updates" / "tmp.i").write_text("Package: gone\nStatus: purge ok not-installed\n")
+    assert dpkgdb.state(dpkgdb.packages(root)["gone"]) == "unpacked"
+    assert "/etc/cron.d/gone" in dpkgdb.installed_files(root)
+
+
+def test_a_status_file_with_a_byte_that_is_not_utf8_is_read(tmp_path: Path) -> None:
+    root = database(tmp_path)
+    (root / "status").write_bytes(STATUS.encode() + b"Description: caf\xe9\n")
+    assert dpkgdb.state(dpkgdb.packages(root)["libfoo1:amd64"]) == "installed"
+
+
+def test_as_installed_follows_links(tmp_path: Path) -> None:
+    shipped = tmp_path / "fstrim.timer"
+    shipped.write_bytes(b"[Timer]\n")
+    alias = tmp_path / "alias.timer"
+    alias.symlink_to(shipped)
+    files = {str(shipped): hashlib.md5(b"[Timer]\n").hexdigest()}
+    assert dpkgdb.as_installed(str(alias), files)
+    shipped.write_bytes(b"[Timer]\nchanged\n")
+    assert not dpkgdb.as_installed(str(alias), files)
+
+
+def test_a_usr_merged_path_is_looked_up_as_the_package_spelled_it() -> None:
+    # Debian 12's packages list lib/systemd/...; on disk it is reached as /usr/lib/...
+    spellings = dpkgdb._spellings("/etc/systemd/system/x.timer",
+                                  "/usr/lib/systemd/system/fstrim.timer")
+    assert "/lib/systemd/system/fstrim.timer" in spellings
+    assert "/usr/lib/systemd/system/fstrim.timer" in dpkgdb._spellings(
+        "/lib/systemd/system/fstrim.timer", "/lib/systemd/system/fstrim.timer")
+
+
+def test_a_fifo_or_a_device_is_never_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert dpkgdb.md5_of(str(fifo)) == ""  # returns at once: no writer is waited for
+    assert dpkgdb.md5_of("/dev/zero") == ""
+    assert not dpkgdb.as_installed(str(fifo), {str(fifo): "d41d8cd98f00b204e9800998ecf8427e"})
