@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Dict
 
 from statemesh import planted, preflight
 from tests.fakebus import FakeBus, fakebus, package_units  # noqa: F401 - fixture
