@@ -13,7 +13,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
 from debian.deb822 import Deb822
 
@@ -81,7 +81,7 @@ def installed_files(dpkg_dir: Path = DPKG_DIR) -> Dict[str, str]:
     return files
 
 
-def _md5sums(path: Path) -> Iterator[tuple]:
+def _md5sums(path: Path) -> Iterator[Tuple[str, str]]:
     try:
         text = path.read_text(encoding="utf-8", errors="surrogateescape")
     except OSError:
@@ -92,7 +92,7 @@ def _md5sums(path: Path) -> Iterator[tuple]:
             yield "/" + relative, digest
 
 
-def _conffiles(field: str) -> Iterator[tuple]:
+def _conffiles(field: str) -> Iterator[Tuple[str, str]]:
     for line in field.splitlines():
         words = line.split()
         while words and words[-1] in CONFFILE_FLAGS:

@@ -17,7 +17,7 @@ import glob
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from statemesh.dpkgdb import as_installed
 from statemesh.planted import named
@@ -61,7 +61,7 @@ def spool_problems(crontabs: Path = CRONTABS, at_jobs: Path = AT_JOBS) -> List[s
     return problems
 
 
-def _entries(directory: Path) -> tuple:
+def _entries(directory: Path) -> Tuple[List[str], str]:
     """(the files in `directory`, sorted; `directory` itself if it exists but cannot be
     read, else "")."""
     try:
