@@ -302,9 +302,7 @@ def request_install(quiet: bool, book: Optional[journal.Journal] = None) -> int:
             for problem in report.problems:
                 _complain(f"  - {problem}")
             return 1
-    # From here on the operator's terminal going away must not end this helper early.
-    for number in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(number, signal.SIG_IGN)
+    outlive_the_operators_signals()
     REQUEST.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     REQUEST.write_text(f"{os.getpid()}\n", encoding="ascii")
     _say("statemesh-node: hardening this machine (statemesh-harden.service)...", quiet)
@@ -320,6 +318,19 @@ def request_install(quiet: bool, book: Optional[journal.Journal] = None) -> int:
         return 1
     _say("statemesh-node: installed; every guarantee holds", quiet)
     return 0
+
+
+# What an operator's terminal sends apt's process group: Ctrl-C, a closed connection, `kill`,
+# a broken pipe to a closed terminal. SIGKILL cannot be ignored; the transaction runs in its
+# unit and finishes all the same, and dpkg is then left behind (status says so).
+OPERATORS_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE)
+
+
+def outlive_the_operators_signals() -> None:
+    """The helper waits for the harden unit to report the outcome to dpkg and the
+    operator; ending it early would only leave dpkg behind a finished transaction."""
+    for number in OPERATORS_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 async def _stop_harden_unit() -> None:

@@ -435,3 +435,23 @@ def test_no_installation_cuts_a_give_back_short(book: journal.Journal, boot: Boo
     assert install.boot_action(book, requested=False) == install.IDLE  # not this boot again
     boot.reboot()
     assert install.boot_action(book, requested=False) == install.GIVE_BACK
+
+
+OUTLIVES_SIGNALS = """
+import os, signal
+from statemesh import install
+install.outlive_the_operators_signals()
+for name in ("SIGINT", "SIGHUP", "SIGTERM", "SIGPIPE"):
+    os.kill(os.getpid(), getattr(signal, name))
+    print(name, "outlived", flush=True)
+"""
+
+
+def test_the_postinst_helper_outlives_ctrl_c_a_closed_terminal_and_kill() -> None:
+    """What a terminal sends apt's process group must not end the helper that waits for the
+    harden unit: dpkg would be left behind a transaction that finishes anyway."""
+    child = subprocess.run([sys.executable, "-c", OUTLIVES_SIGNALS], cwd=ROOT,
+                           capture_output=True, text=True, check=False, timeout=60)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split("\n")[:4] == [f"{name} outlived" for name in
+                                            ("SIGINT", "SIGHUP", "SIGTERM", "SIGPIPE")]

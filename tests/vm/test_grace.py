@@ -85,15 +85,18 @@ def test_a_renamed_shell_and_an_endless_apt_hook_end_with_the_grace(node: Guest,
     measured("grace left after status and selftest", f"{left:.0f} s")
 
     # The bound: apt is still waiting on the hook, and the session ends all the same.
+    assert guest.run("pgrep -x apt-get", check=False).returncode == 0, "apt returned by itself"
     waited_from = time.monotonic()
     guest.wait_for(f"! {SESSIONS}", "the session's end",
                    grace.AFTER_TRANSACTION + 120)
     measured("installing session ended after status", f"{time.monotonic() - waited_from:.0f} s")
     ended = guest.run("journalctl -o cat -u statemesh-watchdog.service | grep grace-ended").stdout
     assert ended, "the watchdog did not log the grace's end"
-    assert guest.run("test -e /root/operator.rc", check=False).returncode == 1  # apt never returned
-    assert guest.run("pgrep -x apt-get", check=False).returncode == 1
-    assert guest.run("pgrep -x ssh", check=False).returncode == 1  # the operator's client too
+    # The watchdog kills the session's processes one by one: the shell may outlive apt (or
+    # its hook) by enough to write apt's status, which is then a failure, never a success.
+    assert guest.run("cat /root/operator.rc 2>/dev/null", check=False).stdout.strip() != "0"
+    # The operator's ssh client (outside the session) exits once its sshd is gone.
+    guest.wait_for("! pgrep -x apt-get && ! pgrep -x ssh", "apt and the ssh client's end", 60)
     final = guest.run("statemesh-node status --json", check=False)
     assert final.returncode == 0, final.stdout
     assert json.loads(final.stdout)["installation"]["facts"]["spared_session"] is None
