@@ -284,6 +284,84 @@ def test_sigkill_of_the_hardening_means_reboot_required_then_the_boot_finishes_i
     assert_installed_at_boot_without_anyone(guest, interrupted_in="ssh")
 
 
+def count(guest: Guest, pattern: str) -> int:
+    """How many lines of the installation's journal contain `pattern`."""
+    found = guest.run(f"grep -cF {driver.quote(pattern)} {JOURNAL} || true").stdout.strip()
+    return int(found or 0)  # no journal yet: nothing was ever installed
+
+
+HELPER = "[s]tatemesh-node install"  # the postinst's waiting helper (bracketed: not pgrep's sh)
+INSTALLED = '"event": "state-installed"'
+
+
+def interrupt_in_step(guest: Guest, command: str, step: str, signal: str) -> str:
+    """Run `command` as a terminal runs a job, in a process group of its own (`setsid -w`,
+    the waiting shell outside it) and with apt's default frontend (the postinst's helper
+    then reports the outcome); send `signal` to that whole group, as Ctrl-C, `kill` or
+    `kill -9` of the job does, once the transaction's `step` has begun; wait until the
+    transaction has ended and the helper is gone. Returns what the job printed."""
+    applying = f'"event": "apply", "guarantee": "{step}"'
+    before = (count(guest, applying), count(guest, INSTALLED))
+    job = (f"setsid -w {command} > /root/job.log 2>&1; echo $? > /root/job.rc; "
+           "exec sleep infinity")
+    guest.run("rm -f /root/job.rc /root/job.log && "
+              f"systemd-run --unit=job-{signal.lower()} sh -c {driver.quote(job)}")
+    guest.wait_for(f"test $(grep -cF {driver.quote(applying)} {JOURNAL}) -gt {before[0]}",
+                   f"the {step} step")
+    guest.run(f"python3 -c 'import os, signal, sys; os.killpg(int(sys.argv[1]), "
+              f"signal.SIG{signal})' $(pgrep -o -x {command.split()[0]})")
+    guest.wait_for(f"test $(grep -cF {driver.quote(INSTALLED)} {JOURNAL}) -gt {before[1]} "
+                   f"&& test -e /root/job.rc && ! pgrep -f '{HELPER}'", "the transaction's end", 600)
+    return guest.run("cat /root/job.log").stdout
+
+
+def retry_command(guest: Guest) -> str:
+    """What an operator types next: dpkg's own catch-up when it is behind, else a reinstall
+    (apt refuses to install anything while dpkg is behind)."""
+    if package_status(guest) == "ii":
+        return "apt-get install -y --reinstall statemesh-node"
+    return "dpkg --configure -a"
+
+
+def assert_hardened_and_status_tells_dpkgs_story(guest: Guest) -> str:
+    """Locked down, status holds, and says dpkg is behind exactly when dpkg is; dpkg's state."""
+    assert_locked_down(guest)
+    dpkg = package_status(guest)
+    report = status(guest)
+    assert report["holds"], report
+    behind = "dpkg still has the package" in report["installation"]["detail"]
+    assert behind == (dpkg != "ii"), (dpkg, report["installation"])
+    return dpkg
+
+
+OUTCOME = "statemesh-node: installed; every guarantee holds"
+
+
+@pytest.mark.cost(560)
+def test_ctrl_c_kill_and_kill_9_of_apt_end_hardened_and_a_plain_retry_converges(
+        node: Guest, measured) -> None:
+    """The operator interrupts apt's job three ways, each during another of the
+    transaction's steps: the first installation, then each retry an operator would type.
+    The transaction runs in its unit and always ends installed; the helper outlives Ctrl-C
+    and `kill`; dpkg's state and status tell one story; a plain retry converges."""
+    guest = node
+    said = interrupt_in_step(guest, "apt-get install -y statemesh-node", "ssh", "INT")
+    assert OUTCOME in said, said
+    measured("dpkg after Ctrl-C of apt-get install",
+             assert_hardened_and_status_tells_dpkgs_story(guest))
+
+    said = interrupt_in_step(guest, retry_command(guest), "firewall", "TERM")
+    assert OUTCOME in said, said  # dpkg dies of SIGTERM; the helper outlives it
+    assert assert_hardened_and_status_tells_dpkgs_story(guest) != "ii"
+
+    said = interrupt_in_step(guest, retry_command(guest), "storage", "KILL")
+    assert OUTCOME not in said, said  # nothing outlives SIGKILL
+    assert assert_hardened_and_status_tells_dpkgs_story(guest) != "ii"
+
+    guest.run(retry_command(guest), env=ENV, timeout=900)  # the plain retry, once more
+    assert assert_hardened_and_status_tells_dpkgs_story(guest) == "ii"
+
+
 # Where the power goes: during the lockdown's steps, the firewall's and the watchdog's, and
 # the storage's (the guarantees' order: ssh, logins, rescue, firewall, class, watchdog, storage).
 CUT_POINTS = ("logins", "watchdog", "storage")
