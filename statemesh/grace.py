@@ -4,9 +4,10 @@ Installing over SSH must not cut the session that runs apt before dpkg has finis
 interactive session may outlive the installation, whatever its operator prepared. The
 installer records the package manager process running it, found by the executable the
 kernel runs (/proc/PID/exe): `exec -a apt bash` renames a shell, not its executable. The
-watchdog spares that process's session while that very process (same pid and start time,
-so a reused pid does not count) is alive and not stopped (a Ctrl-Z'd or traced apt keeps
-nothing going but the operator's shell), and never past a deadline: once the transaction
+watchdog spares that process's session, its descendants and its ancestors while that very
+process (same pid and start time, so a reused pid does not count) is alive and not stopped
+(a Ctrl-Z'd or traced apt keeps nothing going but the operator's shell), and never past a
+deadline: once the transaction
 has ended, installed or not, the harden unit stamps the record with AFTER_TRANSACTION, so
 a Post-Invoke hook that sleeps, or anything else the operator arranged, ends the grace
 then. A deadline is never moved later: installing again from the spared session keeps it,
@@ -56,8 +57,11 @@ class Grace:
 
     def spares(self, pid: int, sid: int, cgroup: str) -> bool:
         """Whether a process belongs to the installation: a descendant of the package manager
-        (apt runs dpkg on a pty of its own, in a new session), or in the installing session."""
-        if proc.is_descendant(pid, self.pid):
+        (apt runs dpkg on a pty of its own, in a new session), one of its ancestors (what
+        carries the installing terminal: sshd's session process, which holds the pty's
+        master, in a Unix session of its own when no logind session ties it to the shell; a
+        tmux or screen server), or in the installing session."""
+        if proc.is_descendant(pid, self.pid) or proc.is_descendant(self.pid, pid):
             return True
         if self.session is not None:
             return logind_session(cgroup) == self.session

@@ -200,11 +200,9 @@ def terminal_problems(holders: List[Tuple[int, int, str]], own: Own,
     """A pty held outside the installing session: a shell kept aside (its loginuid taken
     off, moved into another cgroup) that the watchdog might not count as a login's."""
     problems = []
-    carriers = installer.lineage() if installer is not None else frozenset()
     for pid, sid, cgroup in holders:
+        # the installation's own: its descendants, session, and what carries its terminal
         if installer is not None and installer.spares(pid, sid, cgroup):
-            continue
-        if pid in carriers:  # what carries the installing terminal: sshd, a tmux server
             continue
         if sid == own.sid or (own.session and grace.logind_session(cgroup) == own.session):
             continue

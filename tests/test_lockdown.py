@@ -118,6 +118,18 @@ def test_lockdown_masks_stops_locks_and_holds(debian: FakeBus, machine: Machine,
                                                   "serial-getty@ttyS0.service"]
 
 
+def test_running_units_are_stopped_before_their_mask_is_loaded(
+        debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
+    """A unit reloaded from its mask has lost KillMode=process: stopping ssh.service then
+    kills every process in its cgroup, which without libpam-systemd holds every SSH
+    connection's shell and the installing apt itself (seen in the VM: apt died on SIGTERM)."""
+    machine.all[0].apply(book)  # ssh
+    calls = [(member, args[0]) for member, args in debian.systemd.calls
+             if member in ("StopUnit", "MaskUnitFiles")]
+    first_mask = next(i for i, (member, _args) in enumerate(calls) if member == "MaskUnitFiles")
+    assert ("StopUnit", "ssh.service") in calls[:first_mask], calls
+
+
 def test_apply_is_idempotent_and_keeps_the_first_record(debian: FakeBus, machine: Machine,
                                                         book: journal.Journal) -> None:
     for _ in range(2):

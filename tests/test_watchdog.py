@@ -247,6 +247,11 @@ def test_grace_spares_only_the_installing_session() -> None:
     own_child = grace.Grace(pid=os.getppid(), start_ticks=1, session="7", sid=99, tty=None)
     assert daemon.spare_reason(process(pid=os.getpid() + 10**6), "/", (), own_child) is None
     assert own_child.spares(os.getpid(), 5, "/")  # apt's dpkg, on apt's pty in a new session
+    # What carries the installing terminal: sshd's session process (the pty's master, a
+    # Unix session of its own, no logind session without libpam-systemd), a tmux server.
+    ours = grace.Grace(pid=os.getpid(), start_ticks=1, session=None, sid=99, tty=None)
+    assert ours.spares(os.getppid(), 5, "/system.slice/ssh.service")
+    assert not ours.spares(os.getpid() + 10**6, 5, "/system.slice/ssh.service")
     by_sid = grace.Grace(pid=10, start_ticks=1, session=None, sid=99, tty=None)
     assert daemon.spare_reason(process(sid=99), "/system.slice/agent.service", (), by_sid) \
         == "installation grace"

@@ -3,8 +3,9 @@
 The ssh, logins and rescue guarantees all take units away from the operator the same way,
 over systemd's D-Bus API: disable what is enabled (so that no .wants/ or alias symlink is
 left to bring it back), mask every name (templates and aliases included, present or not,
-so that a package installed later finds its units masked already), reload, then stop
-what runs, sockets first so that they cannot start a service again. The record of the
+so that a package installed later finds its units masked already), reload. What runs is
+stopped first, sockets first so that they cannot start a service again, while the units
+still have their own settings (KillMode=process), and once more after the reload. The record of the
 previous unit-file states and of what ran lets purge give back exactly that.
 """
 
@@ -76,19 +77,33 @@ async def snapshot(manager: Systemd, units: UnitSet) -> Dict[str, Any]:
 async def lock(manager: Systemd, units: UnitSet,
                spare: FrozenSet[str] = frozenset()) -> Dict[str, List[str]]:
     """Disable, mask and stop every unit of the set; units in `spare` keep running."""
+    stopped = await _stop_running(manager, units, spare)
     states = await file_states(manager, units.names)
     enabled = [name for name, state in states.items() if state in ENABLED_STATES]
     if enabled:
         await manager.disable_unit_files(enabled)
     await manager.mask_unit_files(list(units.names))
     await manager.reload()
+    # Anything started between the first stop and the mask (a getty logind spawned).
+    stopped += [name for name in await _stop_running(manager, units, spare)
+                if name not in stopped]
+    return {"disabled": enabled, "masked": list(units.names), "stopped": stopped}
+
+
+async def _stop_running(manager: Systemd, units: UnitSet, spare: FrozenSet[str]) -> List[str]:
+    """Stop what runs, sockets first so that they cannot start a service again.
+
+    Before the mask and reload: a unit reloaded from its mask (/dev/null) has lost its
+    settings, KillMode=process among them, and stopping it would kill every process in its
+    cgroup. For ssh.service without libpam-systemd that cgroup holds every connection's
+    sshd and shell, and the installing apt itself."""
     stopped = []
     for name in sorted(await running(manager, units), key=lambda n: not n.endswith(".socket")):
         if name in spare:
             continue
         await manager.stop_unit(name)
         stopped.append(name)
-    return {"disabled": enabled, "masked": list(units.names), "stopped": stopped}
+    return stopped
 
 
 async def unlocked(manager: Systemd, units: UnitSet,

@@ -41,18 +41,19 @@ def ssh_sessions(guest: Guest) -> str:
     return guest.run("loginctl list-sessions --no-legend").stdout.strip()
 
 
-def prepare_the_operators_way_in(guest: Guest) -> None:
+def prepare_the_operators_way_in(guest: Guest, keep_apt_running: bool = True) -> None:
     """A key for root's SSH login, and a Post-Invoke hook that keeps apt from ever exiting."""
     guest.run("install -d -m 700 /root/.ssh && ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/id "
               "&& cat /root/.ssh/id.pub >> /root/.ssh/authorized_keys")
-    guest.put(HOOK, b'DPkg::Post-Invoke { "sleep 100000"; };\n')
+    if keep_apt_running:
+        guest.put(HOOK, b'DPkg::Post-Invoke { "sleep 100000"; };\n')
 
 
-def install_over_ssh_from_a_renamed_shell(guest: Guest) -> None:
-    """The operator's terminal: ssh -tt, its input held open, outside the test agent's tree."""
-    inner = ("apt-get install -y statemesh-node > /root/operator.log 2>&1; "
-             "echo $? > /root/operator.rc; exec sleep 100000")
-    remote = f"exec -a apt bash -c {driver.quote(inner)}"
+def install_over_ssh(guest: Guest, command: str, shell: str = "bash") -> None:
+    """The operator's terminal: `ssh -tt root@localhost` running `command` from `shell`, its
+    input held open, outside the test agent's tree; apt's output and status go to files."""
+    inner = f"{command} > /root/operator.log 2>&1; echo $? > /root/operator.rc; exec sleep 100000"
+    remote = f"exec -a {shell} bash -c {driver.quote(inner)}"
     ssh = f"sleep 100000 | {SSH} -i /root/.ssh/id {driver.quote(remote)}"
     guest.run(f"systemd-run --unit=operator sh -c {driver.quote(ssh)}")
 
@@ -61,7 +62,7 @@ def install_over_ssh_from_a_renamed_shell(guest: Guest) -> None:
 def test_a_renamed_shell_and_an_endless_apt_hook_end_with_the_grace(node: Guest, measured) -> None:
     guest = node
     prepare_the_operators_way_in(guest)
-    install_over_ssh_from_a_renamed_shell(guest)
+    install_over_ssh(guest, "apt-get install -y statemesh-node", shell="apt")  # renamed
     guest.wait_for(f"{SESSIONS} && pgrep -x apt-get", "the operator's apt-get", 120)
     guest.wait_for(f"grep -q '\"event\": \"state-installed\"' {JOURNAL}", "installed", 900)
     # The harden unit stamps the deadline just after it journals the outcome.
@@ -100,3 +101,34 @@ def test_a_renamed_shell_and_an_endless_apt_hook_end_with_the_grace(node: Guest,
     final = guest.run("statemesh-node status --json", check=False)
     assert final.returncode == 0, final.stdout
     assert json.loads(final.stdout)["installation"]["facts"]["spared_session"] is None
+
+
+@pytest.mark.cost(300)
+def test_install_over_ssh_without_a_logind_session_returns_then_the_session_ends(
+        node: Guest, measured) -> None:
+    """A minimal image has no libpam-systemd: sshd then opens no logind session, and only the
+    Unix session and the process tree tie the operator's shell to their connection. The
+    watchdog killed sshd's session process (what holds the pty's master) 20 s into the
+    hardening: the connection closed, apt died with it, dpkg was left behind and the
+    operator saw no outcome. What carries the installing terminal is spared now."""
+    guest = node
+    guest.run("apt-get purge -y -q libpam-systemd", env={"DEBIAN_FRONTEND": "noninteractive"},
+              timeout=300)
+    prepare_the_operators_way_in(guest, keep_apt_running=False)
+    started = time.monotonic()
+    install_over_ssh(guest, "apt-get install -y statemesh-node")
+    guest.wait_for("pgrep -x apt-get", "the operator's apt-get", 120)
+    assert not ssh_sessions(guest)  # no logind session: the case this test is for
+    guest.wait_for("! pgrep -x apt-get", "apt-get's end", 900)
+    measured("apt-get install over ssh without logind", f"{time.monotonic() - started:.0f} s")
+    # apt has returned: the grace is over, and the session with it (the connection closes).
+    guest.wait_for("! pgrep -x ssh", "the session's end", 60)
+    said = guest.run("cat /root/operator.log").stdout
+    assert "statemesh-node: installed; every guarantee holds" in said, said
+    assert "\nE: " not in said, said
+    # The shell may be ended before it writes apt's status; if it wrote one, it is success.
+    assert guest.run("cat /root/operator.rc 2>/dev/null", check=False).stdout.strip() in ("", "0")
+    assert guest.run("dpkg-query -W -f '${db:Status-Abbrev}' statemesh-node").stdout.strip() \
+        == "ii"
+    final = guest.run("statemesh-node status --json", check=False)
+    assert final.returncode == 0, final.stdout
