@@ -61,7 +61,7 @@ class Grace:
         carries the installing terminal: sshd's session process, which holds the pty's
         master, in a Unix session of its own when no logind session ties it to the shell; a
         tmux or screen server), or in the installing session."""
-        if proc.is_descendant(pid, self.pid) or proc.is_descendant(self.pid, pid):
+        if proc.is_descendant(pid, self.pid) or (pid > 1 and proc.is_descendant(self.pid, pid)):
             return True
         if self.session is not None:
             return logind_session(cgroup) == self.session

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from statemesh.dpkgdb import as_installed
-from statemesh.ownunits import PURGE_DROPIN
 from statemesh.planted import named
 
 CRONTABS = Path("/var/spool/cron/crontabs")
@@ -39,15 +38,26 @@ TIMER_GLOBS = ("/usr/lib/systemd/system/*.timer", "/lib/systemd/system/*.timer",
 # Where systemd reads unit files and their drop-ins from: the admin's, the runtime's, the
 # packages'. An enabled unit's symlinks (in *.wants/, *.requires/) are judged by the file
 # they name, so a unit linked in from elsewhere (`systemctl link`) is found too.
-UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+UNIT_DIRS = ("/etc/systemd/system.control", "/run/systemd/system.control",
+             "/etc/systemd/system", "/etc/systemd/system.attached", "/run/systemd/system",
+             "/run/systemd/system.attached", "/usr/local/lib/systemd/system",
              "/usr/lib/systemd/system", "/lib/systemd/system")
-STARTING_TYPES = ("service", "socket", "path")  # units that start a program (timers above)
+# Units that start a program, or mount something over what programs run (timers above).
+STARTING_TYPES = ("service", "socket", "path", "mount", "automount")
 UNIT_GLOBS = tuple(f"{directory}/{links}*.{kind}" for directory in UNIT_DIRS
-                   for links in ("", "*.wants/", "*.requires/") for kind in STARTING_TYPES)
+                   for links in ("", "*.wants/", "*.requires/", "*.upholds/")
+                   for kind in STARTING_TYPES)
 # A drop-in for one unit (foo.service.d/), for every unit whose name starts with a prefix
-# (foo-.service.d/), or for every unit of a type (service.d/) can change what it runs.
+# (foo-.service.d/), or for every unit of a type (service.d/) can change what it runs; one
+# for a target can make it want another unit.
 DROPIN_GLOBS = tuple(f"{directory}/*{kind}.d/*.conf" for directory in UNIT_DIRS
-                     for kind in (*STARTING_TYPES, "timer"))
+                     for kind in (*STARTING_TYPES, "timer", "target"))
+# What systemd's generators turn into units at every boot: SysV init scripts
+# (systemd-sysv-generator) and an executable /etc/rc.local (rc-local.service); and users
+# whose service manager starts at boot with no login (loginctl enable-linger).
+INIT_SCRIPT_GLOBS = ("/etc/init.d/*",)
+RC_LOCAL = Path("/etc/rc.local")
+LINGER = Path("/var/lib/systemd/linger")
 # Run by systemd as root at every boot and every daemon-reload.
 GENERATOR_GLOBS = ("/etc/systemd/system-generators/*", "/run/systemd/system-generators/*",
                    "/usr/local/lib/systemd/system-generators/*",
@@ -101,51 +111,70 @@ def table_problems(files: Dict[str, str], tables: Sequence[str] = CRON_TABLES,
 
 
 def _foreign(patterns: Sequence[str], files: Dict[str, str]) -> List[str]:
-    """What the patterns match that no package installed as it is (masked units aside),
-    each file once however many ways /usr-merged paths reach it."""
+    """What the patterns match that no package installed as it is, each file once however
+    many ways /usr-merged paths reach it. Masked units and dangling links (a removed
+    package's enable link: systemd loads nothing from it) are not files to judge."""
     found: Dict[str, str] = {}
     for pattern in patterns:
         for path in glob.glob(pattern):
             real = os.path.realpath(path)
-            if real != MASKED and real not in found and not as_installed(path, files):
+            if real == MASKED or real in found or not os.path.exists(path):
+                continue
+            if not as_installed(path, files):
                 found[real] = path
     return sorted(found.values())
+
+
+def _finding(paths: List[str], what: str, remedy: str) -> List[str]:
+    """One line naming `paths` and how to remove them; none when there are none."""
+    return [f"{what}: {named(paths)} ({remedy})"] if paths else []
 
 
 def timer_problems(files: Dict[str, str], timer_globs: Sequence[str] = TIMER_GLOBS,
                    generator_globs: Sequence[str] = GENERATOR_GLOBS) -> List[str]:
     """systemd timers and generators no package installed; an enabled packaged timer is a
     symlink to the package's file, and is judged by it."""
-    problems = []
-    timers = _foreign(timer_globs, files)
-    if timers:
-        problems.append(f"systemd timers no package installed: {named(timers)} (systemctl "
-                        "stop and disable them, remove their files, systemctl daemon-reload)")
-    generators = _foreign(generator_globs, files)
-    if generators:
-        problems.append(f"systemd generators no package installed, run as root at every "
-                        f"boot: {named(generators)} (remove them)")
-    return problems
+    return (_finding(_foreign(timer_globs, files), "systemd timers no package installed",
+                     "systemctl stop and disable them, remove their files, systemctl "
+                     "daemon-reload")
+            + _finding(_foreign(generator_globs, files),
+                       "systemd generators no package installed, run as root at every boot",
+                       "remove them"))
 
 
 def unit_problems(files: Dict[str, str], unit_globs: Sequence[str] = UNIT_GLOBS,
                   dropin_globs: Sequence[str] = DROPIN_GLOBS) -> List[str]:
-    """Services, sockets and path units, and drop-ins for them, that no package installed
-    (this package's own purge drop-in aside: it lives only until the purge ends)."""
-    problems = []
-    units = _foreign(unit_globs, files)
-    if units:
-        problems.append(f"systemd units no package installed, which would run as root: "
-                        f"{named(units)} (systemctl disable --now them, remove their files, "
-                        "systemctl daemon-reload)")
-    dropins = [path for path in _foreign(dropin_globs, files) if path != PURGE_DROPIN]
-    if dropins:
-        problems.append(f"systemd drop-ins no package installed, which change what a unit "
-                        f"runs: {named(dropins)} (remove them, systemctl daemon-reload)")
+    """Units that start programs, and drop-ins for them, that no package installed. None is
+    excepted: this package's own purge drop-in lives only while a purge runs."""
+    return (_finding(_foreign(unit_globs, files),
+                     "systemd units no package installed, which would run as root",
+                     "systemctl disable --now them, remove their files, systemctl "
+                     "daemon-reload")
+            + _finding(_foreign(dropin_globs, files),
+                       "systemd drop-ins no package installed, which change what a unit runs",
+                       "remove them, systemctl daemon-reload"))
+
+
+def boot_script_problems(files: Dict[str, str], init_globs: Sequence[str] = INIT_SCRIPT_GLOBS,
+                         rc_local: Path = RC_LOCAL, linger: Path = LINGER) -> List[str]:
+    """What generators and logind start as root at boot without any unit file of its own."""
+    problems = _finding(_foreign(init_globs, files),
+                        "init scripts no package installed, which systemd runs as services",
+                        "remove them, or purge their package")
+    if rc_local.is_file() and os.access(rc_local, os.X_OK):
+        problems.append(f"{rc_local} is executable: rc-local.service runs it at every boot "
+                        f"(chmod -x {rc_local}, or remove it)")
+    lingering, unreadable = _entries(linger)
+    if lingering:
+        users = [Path(path).name for path in lingering]
+        problems.append(f"users whose service manager starts at boot without a login: "
+                        f"{named(users)} (loginctl disable-linger USER)")
+    if unreadable:
+        problems.append(f"cannot read {unreadable} to look for lingering users (run as root)")
     return problems
 
 
 def problems(files: Dict[str, str]) -> List[str]:
     """Every planted job preflight refuses, given what dpkg installed."""
     return (spool_problems() + table_problems(files) + timer_problems(files)
-            + unit_problems(files))
+            + unit_problems(files) + boot_script_problems(files))

@@ -42,6 +42,8 @@ PACKAGE_UNITS = (
 # statemesh.guarantees.watchdog.PURGE_DROPIN, named here so that reading units does not load
 # the watchdog guarantee.
 PURGE_DROPIN = "/run/systemd/system/statemesh-watchdog.service.d/50-statemesh-purge.conf"
+# All it may say: a file of that name saying more is root's, planted.
+PURGE_DROPIN_TEXT = b"[Unit]\nRefuseManualStop=no\n"
 SERVICE = "org.freedesktop.systemd1.Service"
 RUNNING = ("active", "activating", "reloading", "deactivating")
 
@@ -101,7 +103,8 @@ def unit_problems(unit: LoadedUnit, shipped_dir: Path = SHIPPED_DIR,
     problems = []
     if os.path.realpath(unit.fragment) != os.path.realpath(shipped_dir / unit.name):
         problems.append(f"{unit.name} is loaded from {unit.fragment}, not the package's file")
-    planted = [path for path in unit.dropins if path != PURGE_DROPIN]
+    planted = [path for path in unit.dropins
+               if path != PURGE_DROPIN or read_head(path) != PURGE_DROPIN_TEXT]
     if planted:
         problems.append(f"{unit.name} has drop-ins: {', '.join(planted)}")
     if unit.needs_reload:

@@ -81,6 +81,8 @@ def test_services_and_dropins_no_package_installed(tmp_path: Path) -> None:
     (etc / "multi-user.target.wants" / "cron.service").symlink_to(lib / "cron.service")
     (etc / "crond.service").symlink_to(lib / "cron.service")  # an alias
     (etc / "ssh.service").symlink_to("/dev/null")  # masked
+    # a removed package's enable link: nothing to load from it
+    (etc / "multi-user.target.wants" / "gone.service").symlink_to(lib / "gone.service")
     files = {str(lib / "cron.service"): hashlib.md5(unit).hexdigest()}
     units = tuple(f"{d}/{links}*.{kind}" for d in (etc, lib)
                   for links in ("", "*.wants/") for kind in ("service", "socket"))
@@ -104,3 +106,26 @@ def test_services_and_dropins_no_package_installed(tmp_path: Path) -> None:
         f"systemd drop-ins no package installed, which change what a unit runs: "
         f"{etc}/cron.service.d/50-way-in.conf, {etc}/service.d/50-way-in.conf "
         "(remove them, systemctl daemon-reload)"]
+
+
+def test_init_scripts_rc_local_and_lingering_users(tmp_path: Path) -> None:
+    """What generators and logind start at boot with no unit file of its own."""
+    init_d, rc_local, linger = tmp_path / "init.d", tmp_path / "rc.local", tmp_path / "linger"
+    init_d.mkdir()
+    script = b"#!/bin/sh\n### BEGIN INIT INFO\n"
+    (init_d / "kmod").write_bytes(script)
+    files = {str(init_d / "kmod"): hashlib.md5(script).hexdigest()}
+    rc_local.write_text("#!/bin/sh\nexit 0\n")  # not executable: rc-local.service skips it
+    args = (files, (f"{init_d}/*",), rc_local, linger)
+    assert jobs.boot_script_problems(*args) == []
+    (init_d / "way-back").write_text("#!/bin/sh\n/root/way-in &\n")
+    rc_local.chmod(0o755)
+    linger.mkdir()
+    (linger / "root").touch()
+    assert jobs.boot_script_problems(*args) == [
+        f"init scripts no package installed, which systemd runs as services: {init_d}/way-back "
+        "(remove them, or purge their package)",
+        f"{rc_local} is executable: rc-local.service runs it at every boot (chmod -x "
+        f"{rc_local}, or remove it)",
+        "users whose service manager starts at boot without a login: root "
+        "(loginctl disable-linger USER)"]

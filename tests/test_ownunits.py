@@ -74,7 +74,15 @@ def test_what_was_planted_is_named(fields: dict, problem: str) -> None:
 
 
 def test_only_the_purge_dropin_of_the_watchdog_is_ours() -> None:
-    assert problems(watchdog(dropins=(ownunits.PURGE_DROPIN,))) == []
+    """By its name and its bytes: a file of that name that says more was planted."""
+    HEADS[ownunits.PURGE_DROPIN] = ownunits.PURGE_DROPIN_TEXT
+    try:
+        assert problems(watchdog(dropins=(ownunits.PURGE_DROPIN,))) == []
+        HEADS[ownunits.PURGE_DROPIN] += b"[Service]\nEnvironment=LD_PRELOAD=/root/x.so\n"
+        assert problems(watchdog(dropins=(ownunits.PURGE_DROPIN,))) == [
+            f"statemesh-watchdog.service has drop-ins: {ownunits.PURGE_DROPIN}"]
+    finally:
+        del HEADS[ownunits.PURGE_DROPIN]
     from statemesh.guarantees import watchdog as watchdog_guarantee
     assert ownunits.PURGE_DROPIN == str(watchdog_guarantee.PURGE_DROPIN)
 

@@ -20,6 +20,7 @@ from statemesh import grace, systemd
 from statemesh.config import NodeConfig
 from statemesh.guarantees import unitprocs
 from statemesh.guarantees.base import Finding, Probe, Step, Way
+from statemesh.ownunits import PURGE_DROPIN_TEXT
 from statemesh.watchdog import terminals
 
 UNIT = "statemesh-watchdog.service"
@@ -131,7 +132,7 @@ class WatchdogGuarantee:
     def revert(self, record: Dict[str, Any]) -> None:
         del record  # the unit is the package's own: there is nothing of the operator's to restore
         PURGE_DROPIN.parent.mkdir(parents=True, exist_ok=True)
-        PURGE_DROPIN.write_text("[Unit]\nRefuseManualStop=no\n", encoding="utf-8")
+        PURGE_DROPIN.write_bytes(PURGE_DROPIN_TEXT)
         try:
             asyncio.run(_stop())
         finally:

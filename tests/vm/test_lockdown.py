@@ -180,6 +180,7 @@ def plant_code_for_roots_programs(guest: Guest) -> None:
 
 
 WAY_BACK_DROPIN = "/etc/systemd/system/unattended-upgrades.service.d/50-way-back.conf"
+FORGED_PURGE_DROPIN = "/run/systemd/system/statemesh-watchdog.service.d/50-statemesh-purge.conf"
 
 
 def plant_jobs_for_later(guest: Guest) -> None:
@@ -195,8 +196,16 @@ def plant_jobs_for_later(guest: Guest) -> None:
     guest.put("/root/way-back.service", b"[Service]\nExecStart=/bin/sleep infinity\n"
               b"[Install]\nWantedBy=multi-user.target\n")
     guest.run("systemctl enable /root/way-back.service")
-    guest.run(f"mkdir -p {WAY_BACK_DROPIN.rsplit('/', 1)[0]}")
+    for dropin in (WAY_BACK_DROPIN, FORGED_PURGE_DROPIN):
+        guest.run(f"mkdir -p {dropin.rsplit('/', 1)[0]}")
     guest.put(WAY_BACK_DROPIN, b"[Service]\nExecStartPost=/bin/sleep 1\n")
+    # The package's own purge drop-in, by name, saying more than it ever does.
+    guest.put(FORGED_PURGE_DROPIN, b"[Unit]\nRefuseManualStop=no\n[Service]\n"
+              b"ExecStartPre=/bin/true\n")
+    # What runs at boot with no unit file: an init script, rc.local, a lingering user.
+    guest.put("/etc/init.d/way-back", b"#!/bin/sh\n/bin/true\n", mode=0o755)
+    guest.put("/etc/rc.local", b"#!/bin/sh\n/bin/true\n", mode=0o755)
+    guest.run("loginctl enable-linger root")
 
 
 @pytest.mark.cost(200)
@@ -225,8 +234,10 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
     said = refused.stdout + refused.stderr  # dpkg runs maintainer scripts on a pty
     assert refused.returncode != 0
     assert "refusing to install" in said and "interactive session" in said, said
-    for unit in ("statemesh-watchdog.service", "statemesh-harden.service"):
-        assert f"{unit} has drop-ins: {PREFIX_DROPIN}" in said, said
+    assert f"statemesh-harden.service has drop-ins: {PREFIX_DROPIN}" in said, said
+    watchdog_line = next(line for line in said.splitlines()
+                         if "statemesh-watchdog.service has drop-ins: " in line)
+    assert PREFIX_DROPIN in watchdog_line and FORGED_PURGE_DROPIN in watchdog_line, said
     assert "swap on /root/swapfile is not compressed RAM" in said, said
     assert "time.sleep(1641)) holds a pty outside the installing session" in said, said
     for planted in (f"/etc/ld.so.preload loads {PRELOADED} into every program",
@@ -241,7 +252,11 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     "systemd units no package installed, which would run as root: "
                     "/etc/systemd/system/way-back.service (",
                     "systemd drop-ins no package installed, which change what a unit runs: "
-                    f"{PREFIX_DROPIN}, {WAY_BACK_DROPIN} ("):
+                    f"{PREFIX_DROPIN}, {WAY_BACK_DROPIN}, {FORGED_PURGE_DROPIN} (",
+                    "init scripts no package installed, which systemd runs as services: "
+                    "/etc/init.d/way-back (",
+                    "/etc/rc.local is executable: rc-local.service runs it at every boot",
+                    "users whose service manager starts at boot without a login: root ("):
         assert planted in said, said
     # Root's other Python programs ran it (dpkg's py3compile among them); the package's
     # own processes, /usr/bin/statemesh-node, did not.
@@ -310,11 +325,12 @@ INSTALLED = '"event": "state-installed"'
 
 
 def interrupt_in_step(guest: Guest, command: str, step: str, signal: str) -> str:
-    """Run `command` as a terminal runs a job, in a process group of its own (`setsid -w`,
-    the waiting shell outside it) and with apt's default frontend (the postinst's helper
-    then reports the outcome); send `signal` to that whole group, as Ctrl-C, `kill` or
-    `kill -9` of the job does, once the transaction's `step` has begun; wait until the
-    transaction has ended and the helper is gone. Returns what the job printed."""
+    """Run `command` as a shell runs a job, in a process group of its own (`setsid -w`,
+    the waiting shell outside it; no terminal, so apt gives dpkg none either) and with
+    apt's default frontend (the postinst's helper then reports the outcome); once the
+    transaction's `step` has begun, the helper still waiting, send `signal` to that whole
+    group, as Ctrl-C, `kill` or `kill -9` of the job does; wait until the transaction has
+    ended and the helper is gone. Returns what the job printed."""
     applying = f'"event": "apply", "guarantee": "{step}"'
     before = (count(guest, applying), count(guest, INSTALLED))
     job = (f"setsid -w {command} > /root/job.log 2>&1; echo $? > /root/job.rc; "
@@ -323,10 +339,12 @@ def interrupt_in_step(guest: Guest, command: str, step: str, signal: str) -> str
               f"systemd-run --unit=job-{signal.lower()} sh -c {driver.quote(job)}")
     guest.wait_for(f"test $(grep -cF {driver.quote(applying)} {JOURNAL}) -gt {before[0]}",
                    f"the {step} step")
+    guest.run(f"pgrep -f '{HELPER}'")  # the outcome is not out yet
     guest.run(f"python3 -c 'import os, signal, sys; os.killpg(int(sys.argv[1]), "
               f"signal.SIG{signal})' $(pgrep -o -x {command.split()[0]})")
     guest.wait_for(f"test $(grep -cF {driver.quote(INSTALLED)} {JOURNAL}) -gt {before[1]} "
-                   f"&& test -e /root/job.rc && ! pgrep -f '{HELPER}'", "the transaction's end", 600)
+                   f"&& test -e /root/job.rc && ! pgrep -f '{HELPER}'", "the transaction's end",
+                   600)
     return guest.run("cat /root/job.log").stdout
 
 
