@@ -7,12 +7,11 @@ kernel runs (/proc/PID/exe): `exec -a apt bash` renames a shell, not its executa
 watchdog spares that process's session, its descendants and its ancestors while that very
 process (same pid and start time, so a reused pid does not count) is alive and not stopped
 (a Ctrl-Z'd or traced apt keeps nothing going but the operator's shell), and never past a
-deadline: once the transaction
-has ended, installed or not, the harden unit stamps the record with AFTER_TRANSACTION, so
-a Post-Invoke hook that sleeps, or anything else the operator arranged, ends the grace
-then. A deadline is never moved later: installing again from the spared session keeps it,
-and the watchdog believes no later one than the earliest it has read (statemesh.watchdog.
-daemon). Giving the machine back forgets it.
+deadline: once the transaction has ended, installed or not, the harden unit stamps the
+record with AFTER_TRANSACTION, so a Post-Invoke hook that sleeps, or anything else the
+operator arranged, ends the grace then. A deadline is never moved later: installing again
+from the spared session keeps it, and the watchdog believes no later one than the earliest
+it has read (statemesh.watchdog.daemon). Giving the machine back forgets it.
 """
 
 from __future__ import annotations

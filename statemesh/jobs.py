@@ -5,10 +5,12 @@ A job the operator schedules before installing runs as root on the locked-down n
 no terminal and no login: a way back in that the lockdown never sees (a service that dials
 out and hands over a shell needs neither, and the firewall lets it out). Preflight refuses
 a machine with any crontab or at job (a node runs no user's jobs), with cron's system
-tables not as their packages installed them, with a systemd service, socket, path unit,
-timer or generator no package installed (transient timers included, `systemd-run
---on-calendar`), or with a drop-in no package installed for any such unit, naming each and
-how to remove it.
+tables not as their packages installed them, with a systemd service, socket, path, mount,
+automount unit, timer or generator no package installed (transient timers included,
+`systemd-run --on-calendar`), with a drop-in no package installed for any such unit or a
+target, or with what systemd runs at boot without a unit file (an init script no package
+installed, an executable /etc/rc.local, a lingering user), naming each and how to remove
+it.
 
 Only reads files and dpkg's database (statemesh.dpkgdb).
 """
@@ -36,8 +38,8 @@ TIMER_GLOBS = ("/usr/lib/systemd/system/*.timer", "/lib/systemd/system/*.timer",
                "/etc/systemd/system/*.timer", "/usr/local/lib/systemd/system/*.timer",
                "/run/systemd/system/*.timer", "/run/systemd/transient/*.timer")
 # Where systemd reads unit files and their drop-ins from: the admin's, the runtime's, the
-# packages'. An enabled unit's symlinks (in *.wants/, *.requires/) are judged by the file
-# they name, so a unit linked in from elsewhere (`systemctl link`) is found too.
+# packages'. An enabled unit's symlinks (*.wants/, *.requires/, *.upholds/) are judged by
+# the file they name, so a unit linked in from elsewhere (`systemctl link`) is found too.
 UNIT_DIRS = ("/etc/systemd/system.control", "/run/systemd/system.control",
              "/etc/systemd/system", "/etc/systemd/system.attached", "/run/systemd/system",
              "/run/systemd/system.attached", "/usr/local/lib/systemd/system",
@@ -125,42 +127,50 @@ def _foreign(patterns: Sequence[str], files: Dict[str, str]) -> List[str]:
     return sorted(found.values())
 
 
-def _finding(paths: List[str], what: str, remedy: str) -> List[str]:
-    """One line naming `paths` and how to remove them; none when there are none."""
-    return [f"{what}: {named(paths)} ({remedy})"] if paths else []
+# (where to look, what is found there, how to remove it): one finding each.
+Foreign = Tuple[Sequence[str], str, str]
+
+
+def _foreign_findings(files: Dict[str, str], *kinds: Foreign) -> List[str]:
+    """One line per kind naming what its patterns match that no package installed."""
+    problems = []
+    for patterns, what, remedy in kinds:
+        paths = _foreign(patterns, files)
+        if paths:
+            problems.append(f"{what}: {named(paths)} ({remedy})")
+    return problems
 
 
 def timer_problems(files: Dict[str, str], timer_globs: Sequence[str] = TIMER_GLOBS,
                    generator_globs: Sequence[str] = GENERATOR_GLOBS) -> List[str]:
     """systemd timers and generators no package installed; an enabled packaged timer is a
     symlink to the package's file, and is judged by it."""
-    return (_finding(_foreign(timer_globs, files), "systemd timers no package installed",
-                     "systemctl stop and disable them, remove their files, systemctl "
-                     "daemon-reload")
-            + _finding(_foreign(generator_globs, files),
-                       "systemd generators no package installed, run as root at every boot",
-                       "remove them"))
+    return _foreign_findings(
+        files,
+        (timer_globs, "systemd timers no package installed",
+         "systemctl stop and disable them, remove their files, systemctl daemon-reload"),
+        (generator_globs, "systemd generators no package installed, run as root at every boot",
+         "remove them"))
 
 
 def unit_problems(files: Dict[str, str], unit_globs: Sequence[str] = UNIT_GLOBS,
                   dropin_globs: Sequence[str] = DROPIN_GLOBS) -> List[str]:
     """Units that start programs, and drop-ins for them, that no package installed. None is
     excepted: this package's own purge drop-in lives only while a purge runs."""
-    return (_finding(_foreign(unit_globs, files),
-                     "systemd units no package installed, which would run as root",
-                     "systemctl disable --now them, remove their files, systemctl "
-                     "daemon-reload")
-            + _finding(_foreign(dropin_globs, files),
-                       "systemd drop-ins no package installed, which change what a unit runs",
-                       "remove them, systemctl daemon-reload"))
+    return _foreign_findings(
+        files,
+        (unit_globs, "systemd units no package installed, which would run as root",
+         "systemctl disable --now them, remove their files, systemctl daemon-reload"),
+        (dropin_globs, "systemd drop-ins no package installed, which change what a unit runs",
+         "remove them, systemctl daemon-reload"))
 
 
 def boot_script_problems(files: Dict[str, str], init_globs: Sequence[str] = INIT_SCRIPT_GLOBS,
                          rc_local: Path = RC_LOCAL, linger: Path = LINGER) -> List[str]:
     """What generators and logind start as root at boot without any unit file of its own."""
-    problems = _finding(_foreign(init_globs, files),
-                        "init scripts no package installed, which systemd runs as services",
-                        "remove them, or purge their package")
+    problems = _foreign_findings(
+        files, (init_globs, "init scripts no package installed, which systemd runs as services",
+                "remove them, or purge their package"))
     if rc_local.is_file() and os.access(rc_local, os.X_OK):
         problems.append(f"{rc_local} is executable: rc-local.service runs it at every boot "
                         f"(chmod -x {rc_local}, or remove it)")

@@ -5,8 +5,8 @@ over systemd's D-Bus API: disable what is enabled (so that no .wants/ or alias s
 left to bring it back), mask every name (templates and aliases included, present or not,
 so that a package installed later finds its units masked already), reload. What runs is
 stopped first, sockets first so that they cannot start a service again, while the units
-still have their own settings (KillMode=process), and once more after the reload. The record of the
-previous unit-file states and of what ran lets purge give back exactly that.
+still have their own settings (KillMode=process), and once more after the reload. The
+record of the previous unit-file states and of what ran lets purge give back exactly that.
 """
 
 from __future__ import annotations

@@ -106,11 +106,12 @@ def test_a_renamed_shell_and_an_endless_apt_hook_end_with_the_grace(node: Guest,
 @pytest.mark.cost(300)
 def test_install_over_ssh_without_a_logind_session_returns_then_the_session_ends(
         node: Guest, measured) -> None:
-    """A minimal image has no libpam-systemd: sshd then opens no logind session, and only the
-    Unix session and the process tree tie the operator's shell to their connection. The
-    watchdog killed sshd's session process (what holds the pty's master) 20 s into the
-    hardening: the connection closed, apt died with it, dpkg was left behind and the
-    operator saw no outcome. What carries the installing terminal is spared now."""
+    """A minimal image has no libpam-systemd: sshd then opens no logind session, and every
+    connection's sshd, shell and apt stay in ssh.service's cgroup. Stopping ssh.service after
+    its mask was loaded (which drops KillMode=process) killed that whole cgroup 20 s into
+    the hardening: the connection closed, apt died with it, dpkg was left behind and the
+    operator saw no outcome. Units are now stopped before their mask, and the grace spares
+    what carries the installing terminal (sshd's session process holds the pty's master)."""
     guest = node
     guest.run("apt-get purge -y -q libpam-systemd", env={"DEBIAN_FRONTEND": "noninteractive"},
               timeout=300)
