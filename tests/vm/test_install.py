@@ -8,12 +8,14 @@ import re
 
 import pytest
 
-from harness.vm.driver import Guest, GuestError
+from harness.vm.driver import GuestError, SavedGuest
 from tests.vm import package
 
 
-@pytest.mark.cost(60)
-def test_harness_reports_a_failing_guest_command(guest: Guest) -> None:
+@pytest.mark.cost(30)
+def test_harness_reports_a_failing_guest_command(guest_factory,
+                                                 provisioned_node: SavedGuest) -> None:
+    guest = guest_factory(saved=provisioned_node)  # restored: no boot needed to prove this
     with pytest.raises(GuestError, match=r"failed \(1\)"):
         guest.run("echo to-stderr >&2; exit 1")
     result = guest.run("exit 3", check=False)

@@ -14,7 +14,7 @@ import pytest
 
 from harness.vm import driver
 from harness.vm.driver import Guest, SavedGuest
-from tests.vm import package
+from tests.vm import package, ports
 
 ENV = {"DEBIAN_FRONTEND": "noninteractive"}
 SSH_UNITS = ("ssh.service", "ssh.socket", "sshd.service", "ssh@.service")
@@ -96,12 +96,21 @@ def begin_install_and_wait_midway(guest: Guest) -> None:
 @pytest.mark.every_release
 @pytest.mark.cost(900)
 def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
-        node: Guest, measured) -> None:
-    guest = node
+        guest_factory: Callable[..., Guest], provisioned_node: SavedGuest, measured) -> None:
+    """The whole life of a node: the operator's machine (sshd, gettys, a ufw of its own, every
+    port answering), installed (locked down; only the mesh port answers, and only its zone's
+    peer, the host), tampered with, booted into single-user targets, rebooted into a zone
+    without the host (nothing answers it), purged (everything given back, nothing left)."""
+    guest = guest_factory(forward_ports=ports.PORTS, saved=provisioned_node)
     assert enabled(guest, "ssh.service")["ssh.service"] == "enabled"
     assert active(guest, "ssh.service") == "active"
     assert guest.run("systemctl is-active multi-user.target").stdout.strip() == "active"
     assert "/dev/tpm0" not in guest.run("ls /dev/tpm* || true").stdout  # a weak node
+    ports.serve_all_ports(guest)
+    assert ports.probe(guest) == {ports.MESH: True, ports.SSH: True, ports.OTHER: True}
+    guest.run("ufw allow 22/tcp && ufw limit 8080/tcp && ufw --force enable", timeout=600)
+    ufw_before = ports.ufw_state(guest)
+    guest.provision(ports.node_conf(f"{ports.HOST_AS_SEEN_BY_GUEST} 192.0.2.0/24"))
     root_before = root_password_status(guest)
     paths_before = package.system_paths(guest)
     core_pattern_before = guest.run(f"cat {CORE_PATTERN}").stdout
@@ -115,6 +124,13 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     steps = {e["event"]: e["time"] for e in events(guest)}
     measured("apt-get install", f"{install_seconds:.1f} s wall, transaction in the guest "
              f"{steps['state-installed'] - steps['state-installing']:.1f} s")
+    ports.serve_all_ports(guest)  # sshd is gone: a listener takes port 22
+    assert ports.probe(guest) == {ports.MESH: True, ports.SSH: False, ports.OTHER: False}
+    finding = ports.firewall_finding(guest)
+    assert finding["holds"], finding["detail"]
+    assert finding["facts"]["allowed_peers"] == [ports.HOST_AS_SEEN_BY_GUEST, "192.0.2.0/24"]
+    assert "Status: active" in guest.run("ufw status").stdout
+    assert "ufw allow 22/tcp" not in guest.run("ufw show added").stdout
 
     # Tamper: unmasking ssh is undone by the listener, and logged.
     guest.run("systemctl unmask ssh.service")
@@ -125,6 +141,9 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     guest.wait_for(f"grep -q '\"event\": \"tamper-reasserted\", \"guarantee\": \"ssh\"' "
              f"{JOURNAL}", "the tamper-reasserted journal entry", 60)
 
+    # A zone without the host, re-asserted at the boot below from node.conf: the mesh port
+    # goes dark too.
+    guest.put("/etc/statemesh/node.conf", ports.node_conf("192.0.2.0/24 fd00:77::/64"))
     # Single-user boots give no shell: PID 1 refuses the masked target and freezes.
     guest.shutdown()
     for target in ("rescue.target", "emergency.target"):
@@ -142,10 +161,20 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert active(guest, "statemesh-harden.service") == "active"
     assert any(e["event"] == "lockdown-reasserted" and e["boot_id"] == guest.boot_id
                for e in events(guest))
+    ports.serve_all_ports(guest)
+    assert ports.probe(guest) == {ports.MESH: False, ports.SSH: False, ports.OTHER: False}
+    finding = ports.firewall_finding(guest)
+    assert finding["holds"], finding["detail"]
+    assert finding["facts"]["allowed_peers"] == ["192.0.2.0/24", "fd00:77::/64"]
 
+    ports.stop_serving(guest)
     guest.run("apt-get purge -y statemesh-node", env=ENV, timeout=900)
     assert_untouched(guest, root_before)
     assert guest.run("pgrep -x sshd", check=False).returncode == 0
+    assert ports.ufw_state(guest) == ufw_before
+    assert "ALLOW" in guest.run("ufw status").stdout
+    # sshd and the operator's rule are both back: sshd's banner answers the host.
+    assert ports.first_bytes(guest.host_port(ports.SSH)).startswith(b"SSH-")
     assert guest.run("test -e /var/lib/statemesh-node", check=False).returncode == 1
     assert sorted(set(package.system_paths(guest)) - set(paths_before)) == []
     assert guest.run(f"cat {CORE_PATTERN}").stdout == core_pattern_before

@@ -1,5 +1,5 @@
-"""Node isolation in a real guest: from the host, only the mesh port answers, and only
-while the host is in Zone-Peers.
+"""The guest's ports as the host reaches them, for the firewall's assertions: from the
+host, only the mesh port answers, and only while the host is in Zone-Peers.
 
 QEMU's user networking (restrict=on) forwards 127.0.0.1 ports of the host to the guest;
 inside the guest those connections come from 10.0.2.2, the host as the guest sees it. A
@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict
+from typing import Dict
 
-import pytest
-
-from harness.vm.driver import Guest, SavedGuest
+from harness.vm.driver import Guest
 
 MESH, SSH, OTHER = 7443, 22, 8080
 PORTS = (MESH, SSH, OTHER)
@@ -43,7 +41,9 @@ for port in sys.argv[1:]:
 '''
 
 def node_conf(peers: str) -> bytes:
-    return f"Zone: test-zone\nMesh-Port: {MESH}\nZone-Peers: {peers}\n".encode()
+    """The provisioned node's configuration (a small volume) with these Zone-Peers."""
+    return (f"Zone: test-zone\nMesh-Port: {MESH}\nZone-Peers: {peers}\n"
+            "Storage-Size: 256M\n").encode()
 
 
 def listening(guest: Guest) -> set:
@@ -72,13 +72,28 @@ def serve_all_ports(guest: Guest) -> None:
     assert set(PORTS) <= listening(guest)
 
 
-def answers(host_port: int) -> bool:
-    """Whether the guest's service behind a 127.0.0.1 forward says anything."""
+def stop_serving(guest: Guest) -> None:
+    """Stop the test's listeners (sshd, given back, must get port 22 again)."""
+    guest.run("systemctl stop 'statemesh-test-listener-*'")
+
+
+def ufw_state(guest: Guest) -> str:
+    """The operator's firewall as purge must give it back: rules and settings."""
+    return guest.run("ufw show added && cat /etc/default/ufw /etc/ufw/ufw.conf").stdout
+
+
+def first_bytes(host_port: int) -> bytes:
+    """What the guest's service behind a 127.0.0.1 forward says first (b"" if nothing)."""
     try:
         with socket.create_connection(("127.0.0.1", host_port), timeout=15) as connection:
-            return bool(connection.recv(64))
+            return connection.recv(64)
     except OSError:  # refused, reset or timed out: the guest never answered
-        return False
+        return b""
+
+
+def answers(host_port: int) -> bool:
+    """Whether the guest's service behind a 127.0.0.1 forward says anything."""
+    return bool(first_bytes(host_port))
 
 
 def probe(guest: Guest) -> Dict[int, bool]:
@@ -92,51 +107,3 @@ def firewall_finding(guest: Guest) -> dict:
     assert result.stdout.startswith("{"), f"status failed: {result.stderr}"
     status = json.loads(result.stdout)
     return next(f for f in status["guarantees"] if f["name"] == "firewall")
-
-
-@pytest.mark.cost(450)
-def test_only_the_mesh_port_answers_and_only_inside_the_zone(
-    guest_factory: Callable[..., Guest], provisioned_node: SavedGuest,
-) -> None:
-    guest = guest_factory(forward_ports=PORTS, saved=provisioned_node)
-    serve_all_ports(guest)
-    assert probe(guest) == {MESH: True, SSH: True, OTHER: True}  # the forwards work
-
-    guest.provision(node_conf(f"{HOST_AS_SEEN_BY_GUEST} 192.0.2.0/24"))
-    guest.install()
-    serve_all_ports(guest)
-    assert probe(guest) == {MESH: True, SSH: False, OTHER: False}
-    finding = firewall_finding(guest)
-    assert finding["holds"], finding["detail"]
-    assert finding["facts"]["allowed_peers"] == [HOST_AS_SEEN_BY_GUEST, "192.0.2.0/24"]
-    assert "Status: active" in guest.run("ufw status").stdout
-
-    # A zone without the host: re-asserted at boot from node.conf, the mesh port goes dark too.
-    guest.put("/etc/statemesh/node.conf", node_conf("192.0.2.0/24 fd00:77::/64"))
-    guest.reboot()
-    serve_all_ports(guest)
-    assert probe(guest) == {MESH: False, SSH: False, OTHER: False}
-    finding = firewall_finding(guest)
-    assert finding["holds"], finding["detail"]
-    assert finding["facts"]["allowed_peers"] == ["192.0.2.0/24", "fd00:77::/64"]
-
-
-@pytest.mark.cost(340)
-def test_purge_gives_the_operator_rules_back(guest_factory: Callable[..., Guest],
-                                             provisioned_node: SavedGuest) -> None:
-    guest = guest_factory(forward_ports=(SSH,), saved=provisioned_node)
-    settle(guest)
-    guest.run("ufw allow 22/tcp && ufw limit 8080/tcp && ufw --force enable", timeout=600)
-    before = guest.run("ufw show added && cat /etc/default/ufw /etc/ufw/ufw.conf").stdout
-    assert answers(guest.host_port(SSH))
-
-    guest.install()
-    finding = firewall_finding(guest)
-    assert finding["holds"], finding["detail"]
-    assert "ufw allow 22/tcp" not in guest.run("ufw show added").stdout
-
-    guest.run("apt-get purge -y statemesh-node", env={"DEBIAN_FRONTEND": "noninteractive"},
-              timeout=600)
-    assert guest.run("ufw show added && cat /etc/default/ufw /etc/ufw/ufw.conf").stdout == before
-    assert "ALLOW" in guest.run("ufw status").stdout
-    assert answers(guest.host_port(SSH))  # sshd and the operator's rule are both back
