@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from statemesh import dpkgdb, grace, guarantees, journal, preflight, sdnotify, systemd
+from statemesh import (dpkgdb, grace, guarantees, journal, ownunits, preflight, sdnotify,
+                       systemd)
 from statemesh.config import NodeConfig
 from statemesh.guarantees import tamper
 from statemesh.guarantees.base import FIREWALL_UNIT, HARDEN_UNIT, Finding, Guarantee
@@ -257,8 +258,21 @@ def _give_back_at_boot(book: journal.Journal, ordered: Sequence[Guarantee], why:
 
 async def _run_harden_unit() -> None:
     async with systemd.manager() as manager:
-        await manager.reload()
+        if await _package_units_stale(manager):
+            await manager.reload()
         await manager.restart_unit(HARDEN_UNIT)
+
+
+async def _package_units_stale(manager: systemd.Systemd) -> bool:
+    """Whether systemd must reload before the harden unit runs: one of the package's units
+    changed on disk since it was loaded, or is not loaded. The postinst's debhelper part has
+    reloaded already on every normal path, and a reload costs seconds on a small machine."""
+    for name in ownunits.PACKAGE_UNITS:
+        props = await manager.get_unit_properties(name, systemd.UNIT,
+                                                  ("LoadState", "NeedDaemonReload"))
+        if props["LoadState"] != "loaded" or props["NeedDaemonReload"]:
+            return True
+    return False
 
 
 def _say(message: str, quiet: bool) -> None:

@@ -23,7 +23,7 @@ import asyncio
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import psutil
 
@@ -46,6 +46,9 @@ PURGE_DROPIN = "/run/systemd/system/statemesh-watchdog.service.d/50-statemesh-pu
 PURGE_DROPIN_TEXT = b"[Unit]\nRefuseManualStop=no\n"
 SERVICE = "org.freedesktop.systemd1.Service"
 RUNNING = ("active", "activating", "reloading", "deactivating")
+# What is read of each unit, and of a running one's service.
+UNIT_PROPERTIES = ("LoadState", "FragmentPath", "DropInPaths", "NeedDaemonReload", "ActiveState")
+SERVICE_PROPERTIES = ("MainPID", "ExecStart")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,12 +127,12 @@ def unit_problems(unit: LoadedUnit, shipped_dir: Path = SHIPPED_DIR,
 
 async def loaded_unit(manager: systemd.Systemd, name: str) -> LoadedUnit:
     """One unit as systemd has it loaded (loading it if it is not)."""
-    props = await manager.get_unit_properties(name, systemd.UNIT)
+    props = await manager.get_unit_properties(name, systemd.UNIT, UNIT_PROPERTIES)
     unit = LoadedUnit(name, str(props.get("LoadState", "")), str(props.get("FragmentPath", "")),
                       tuple(props.get("DropInPaths", ())), bool(props.get("NeedDaemonReload")))
     if unit.load_state != "loaded" or props.get("ActiveState") not in RUNNING:
         return unit
-    service: Dict[str, Any] = await manager.get_unit_properties(name, SERVICE)
+    service = await manager.get_unit_properties(name, SERVICE, SERVICE_PROPERTIES)
     return dataclasses.replace(unit, main_pid=int(service.get("MainPID", 0)),
                                exec_start=exec_start_argv(service.get("ExecStart", ())))
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from harness.swtpm import SwTpm, provision_with_ca
-from statemesh.attest import ekchain, nodeclass, tpm, tpmwire
+from statemesh.attest import ekchain, nodeclass, tpm, tpmdevices, tpmwire
 from statemesh.attest.refusals import EkChainInvalid, EkUntrusted
 from statemesh.attest.tpm import Tpm, TpmError, seal_credential
 from statemesh.config import NodeConfig
@@ -221,7 +221,7 @@ def test_ca_directory_with_a_broken_file_is_an_error(tmp_path: Path) -> None:
 
 
 def test_no_tpm_device_means_weak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tpm, "DEVICE", tmp_path / "tpmrm0")
+    monkeypatch.setattr(tpmdevices, "DEVICE", tmp_path / "tpmrm0")
     found = nodeclass.classify(NodeConfig())
     assert found.weak and "no TPM device" in found.reason
 
@@ -233,8 +233,8 @@ def test_tpm_class_needs_a_trusted_ek(tmp_path: Path, monkeypatch: pytest.Monkey
     try:
         device = tmp_path / "tpmrm0"
         device.touch()
-        monkeypatch.setattr(tpm, "DEVICE", device)
-        monkeypatch.setattr(tpm, "DEVICE_TCTI", sw.tcti)
+        monkeypatch.setattr(tpmdevices, "DEVICE", device)
+        monkeypatch.setattr(tpmdevices, "DEVICE_TCTI", sw.tcti)
         ca_dir = tmp_path / "ca.d"
         ca_dir.mkdir()
         untrusted = nodeclass.classify(NodeConfig(tpm_ca_dir=ca_dir))
@@ -249,11 +249,11 @@ def test_tpm_class_needs_a_trusted_ek(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_weak_class_holds_only_while_the_vtpm_listens(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tpm, "DEVICE", tmp_path / "tpmrm0")
+    monkeypatch.setattr(tpmdevices, "DEVICE", tmp_path / "tpmrm0")
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
-        monkeypatch.setattr(tpm, "VTPM_PORT", listener.getsockname()[1])
+        monkeypatch.setattr(tpmdevices, "VTPM_PORT", listener.getsockname()[1])
         running = securityclass.SecurityClass(NodeConfig()).check()
     stopped = securityclass.SecurityClass(NodeConfig()).check()
     assert running.holds and running.facts == {"class": "weak", "reason": running.facts["reason"],
@@ -263,7 +263,7 @@ def test_weak_class_holds_only_while_the_vtpm_listens(tmp_path: Path,
 
 
 def test_apply_records_the_class(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(tpm, "DEVICE", tmp_path / "tpmrm0")
+    monkeypatch.setattr(tpmdevices, "DEVICE", tmp_path / "tpmrm0")
     recorded = []
 
     class Journal:

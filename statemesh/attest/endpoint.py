@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from statemesh.attest import atls, ekchain, nodeclass, tpm
+from statemesh.attest import atls, ekchain, nodeclass, tpm, tpmdevices
 from statemesh.attest.attester import Attester
 from statemesh.attest.refusals import VerificationError
 from statemesh.attest.verifier import Policy, Verifier, load_policy
@@ -41,11 +41,11 @@ def default_policy(config: NodeConfig) -> Policy:
 def _open_vtpm() -> tpm.Tpm:
     for _attempt in range(TPM_OPEN_ATTEMPTS - 1):
         try:
-            return tpm.Tpm(tpm.VTPM_TCTI)
+            return tpm.Tpm(tpmdevices.VTPM_TCTI)
         except tpm.TpmError as error:
             log.info("waiting for the TPM: %s", error)
             time.sleep(0.5)
-    return tpm.Tpm(tpm.VTPM_TCTI)
+    return tpm.Tpm(tpmdevices.VTPM_TCTI)
 
 
 def _listen(attester: Attester, port: int, verifier: Verifier) -> atls.AtlsServer:

@@ -13,7 +13,6 @@ import hashlib
 import os
 import sys
 import threading
-from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 # Before tpm2_pytss loads libtss2-esys: its expected "no such NV index" probes log to stderr.
@@ -41,11 +40,6 @@ if _MOCK is not None:
     sys.modules["unittest.mock"] = _MOCK
 
 from statemesh.attest import tpmwire  # noqa: E402
-
-DEVICE = Path("/dev/tpmrm0")
-DEVICE_TCTI = f"device:{DEVICE}"
-VTPM_PORT = 2321  # statemesh-vtpm.service: swtpm's TPM port on 127.0.0.1 (control: +1)
-VTPM_TCTI = f"swtpm:host=127.0.0.1,port={VTPM_PORT}"
 
 # The restricted signing template; tpm2-pytss 1.2 needs the explicit ":null" symmetric part.
 AK_TEMPLATE = "ecc256:ecdsa-sha256:null"
