@@ -15,9 +15,9 @@ required" until the boot id changes. The node is reported installed only after t
 guarantee was applied and every guarantee's check() holds.
 
 At every boot the unit runs again (boot_action says what it does): an installed node checks
-the guarantees that declare it as their boot unit (ssh, logins, rescue; the firewall's is
-statemesh-firewall.service, the others persist or have units of their own) and applies again
-those that do not hold; a pristine one (an image built in a chroot, no journal yet) runs the
+the guarantees that declare it as their boot unit (ssh, agents, logins, rescue, memory; the
+firewall's is statemesh-firewall.service, the others persist or have units of their own) and
+applies again those that do not hold; a pristine one (an image built in a chroot, no journal yet) runs the
 whole installation. A half-applied installation never outlives a boot: one interrupted in
 an earlier boot is run again from the start, once, with nobody logged in; one that failed,
 or whose retry was interrupted too, is given back (every guarantee reverted from the restore

@@ -13,6 +13,7 @@ FIREWALL = "statemesh-firewall.service"
 # name, boot_unit, tamper_watched, holds_workload_data, the ways in selftest tries (in order)
 DECLARED = [
     ("ssh", HARDEN, True, False, ("start ssh.service",)),
+    ("agents", HARDEN, True, False, ("start qemu-guest-agent.service",)),
     ("logins", HARDEN, True, False, ("start getty@tty2.service", "start serial-getty@ttyS1.service")),
     ("rescue", HARDEN, True, False, ()),
     ("memory", HARDEN, True, False, ()),
@@ -37,5 +38,6 @@ def test_selftest_tries_the_ways_in_in_an_intruders_order() -> None:
     # a shell, then the data at rest. The CLI prints and reports the probes in this order.
     assert [way.name for way in selftest.ways(NodeConfig())] == [
         "spared installing session", "pty", "pty of a devpts of its own",
-        "login moved into an exempt unit", "start ssh.service", "start getty@tty2.service",
-        "start serial-getty@ttyS1.service", "storage keyslots", "volume key on disk"]
+        "login moved into an exempt unit", "start ssh.service", "start qemu-guest-agent.service",
+        "start getty@tty2.service", "start serial-getty@ttyS1.service", "storage keyslots",
+        "volume key on disk"]

@@ -299,7 +299,7 @@ def test_status_says_the_tamper_listener_runs_on_an_installed_node(tmp_path: Pat
     finding = tamper.listener_finding(ordered, True, _harden_cgroup(tmp_path, [os.getpid()]))
     assert finding.holds and finding.name == "tamper_listener"
     assert finding.detail == (f"{HARDEN_UNIT} running (pid {os.getpid()}), re-asserts ssh, "
-                              "logins, rescue, memory when they are undone")
+                              "agents, logins, rescue, memory when they are undone")
 
 
 def test_status_fails_when_the_tamper_listener_is_gone_or_stopped(
@@ -307,7 +307,7 @@ def test_status_fails_when_the_tamper_listener_is_gone_or_stopped(
     ordered = guarantees.ordered(NodeConfig())
     gone = tamper.listener_finding(ordered, True, tmp_path / "no-cgroup")
     assert not gone.holds and gone.detail == (
-        f"{HARDEN_UNIT} is not running: nothing re-asserts ssh, logins, rescue, memory when "
+        f"{HARDEN_UNIT} is not running: nothing re-asserts ssh, agents, logins, rescue, memory when "
         "they are undone")
     stopped = tamper.listener_finding(ordered, True, _harden_cgroup(tmp_path, [stopped_process]))
     assert not stopped.holds and stopped.facts["stopped"] == [stopped_process]

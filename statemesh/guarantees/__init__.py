@@ -22,10 +22,11 @@ def ordered(config: NodeConfig) -> List[Guarantee]:
     The modules are imported here, not when the package is: importing one guarantee's
     module (or base) must not load every other's libraries (D-Bus, the TPM stack), so that
     a boot unit that needs one of them starts in a fraction of the time on a slow machine."""
-    from statemesh.guarantees import (firewall, logins, memory, rescue, securityclass, ssh,
-                                      storage, watchdog)
+    from statemesh.guarantees import (agents, firewall, logins, memory, rescue, securityclass,
+                                      ssh, storage, watchdog)
     return [
         ssh.Ssh(),
+        agents.RemoteAgents(),
         logins.Logins(),
         rescue.Rescue(),
         memory.Memory(),

@@ -1,7 +1,7 @@
 """The one shape every guarantee of the node shares.
 
-Each guarantee (ssh, logins, rescue, storage, watchdog, firewall, security class)
-is a module exposing an object with this interface, so that the installer, `status`,
+Each guarantee (ssh, agents, logins, rescue, memory, storage, watchdog, firewall, security
+class) is a module exposing an object with this interface, so that the installer, `status`,
 `selftest` and purge can treat them uniformly and adding one is one line in a list.
 What happens to a guarantee at boot, on tampering and in selftest is declared by the
 guarantee itself (boot_unit, tamper_watched, ways_in), so that the boot re-assert, the

@@ -1,7 +1,7 @@
 """Locking a set of units away (disable, mask, stop) and giving them back from a record.
 
-The ssh, logins and rescue guarantees all take units away from the operator the same way,
-over systemd's D-Bus API: disable what is enabled (so that no .wants/ or alias symlink is
+The ssh, agents, logins and rescue guarantees all take units away from the operator the same
+way, over systemd's D-Bus API: disable what is enabled (so that no .wants/ or alias symlink is
 left to bring it back), mask every name (templates and aliases included, present or not,
 so that a package installed later finds its units masked already), reload. What runs is
 stopped first, sockets first so that they cannot start a service again, while the units

@@ -8,7 +8,8 @@ import pytest
 
 from harness.vm.driver import Guest
 
-GUARANTEES = {"ssh", "logins", "rescue", "firewall", "security_class", "watchdog", "storage"}
+GUARANTEES = {"ssh", "agents", "logins", "rescue", "memory", "firewall", "security_class",
+              "watchdog", "storage"}
 
 
 @pytest.mark.cost(60)
@@ -26,8 +27,8 @@ def test_status_selftest_and_a_broken_guarantee(installed_guest: Guest) -> None:
     probes = json.loads(selftest.stdout)["probes"]
     assert selftest.returncode == 0, selftest.stdout + selftest.stderr
     assert {p["name"] for p in probes} >= {"spared installing session", "pty",
-                                           "start ssh.service", "storage keyslots",
-                                           "volume key on disk"}
+                                           "start ssh.service", "start qemu-guest-agent.service",
+                                           "storage keyslots", "volume key on disk"}
     assert all(p["blocked"] for p in probes)
     print(guest.run("statemesh-node selftest").stdout)
 

@@ -1,0 +1,56 @@
+"""The remote-execution agents guarantee against stand-in systemd on a private bus: a running
+qemu-guest-agent and an enabled cloud-init are locked away with every other agent's name, and
+purge gives back exactly what was there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from statemesh import journal
+from statemesh.guarantees import agents
+from tests.fakebus import FakeBus, fakebus  # noqa: F401 - fixture
+
+
+@pytest.fixture
+def cloud_vm(fakebus: FakeBus) -> FakeBus:
+    """A VM with qemu-guest-agent running (started by udev for its virtio port: a static
+    unit) and cloud-init enabled; no other agent installed."""
+    fakebus.systemd.add("qemu-guest-agent.service", file_state="static", active_state="active")
+    for name in ("cloud-init-local.service", "cloud-init.service", "cloud-config.service",
+                 "cloud-final.service"):
+        fakebus.systemd.add(name, enabled=True)
+    return fakebus
+
+
+def test_agents_are_masked_stopped_and_given_back(cloud_vm: FakeBus, tmp_path: Path) -> None:
+    book = journal.Journal(tmp_path / "state")
+    guarantee = agents.RemoteAgents()
+    before = guarantee.check()
+    assert not before.holds
+    assert "running: qemu-guest-agent.service" in before.detail
+
+    guarantee.apply(book)
+    after = guarantee.check()
+    assert after.holds, after.detail
+    units = cloud_vm.systemd.units
+    assert all(units[name].masked for name in agents.UNITS.names)  # installed or not
+    assert units["qemu-guest-agent.service"].active_state == "inactive"
+    assert not units["cloud-init.service"].enabled
+
+    guarantee.revert(book.restore_record()["agents"])
+    assert not any(units[name].masked for name in agents.UNITS.names)
+    assert units["qemu-guest-agent.service"].active_state == "active"
+    assert units["cloud-init.service"].enabled
+    assert not units["amazon-ssm-agent.service"].exists  # no file was left for it
+
+
+def test_a_start_of_the_guest_agent_is_a_way_in_selftest_tries(cloud_vm: FakeBus,
+                                                               tmp_path: Path) -> None:
+    guarantee = agents.RemoteAgents()
+    (way,) = guarantee.ways_in()
+    assert not way.attempt().blocked  # the agent can be started: a way in
+    guarantee.apply(journal.Journal(tmp_path / "state"))
+    probe = way.attempt()
+    assert probe.blocked and "masked" in probe.detail
