@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
-from statemesh import dpkgdb, grace, jobs, ownunits, planted, proc, systemd
+from statemesh import apthooks, dpkgdb, grace, jobs, ownunits, planted, proc, systemd
 from statemesh.guarantees import memory
 from statemesh.watchdog import terminals
 
@@ -238,9 +238,10 @@ async def _bus_facts() -> BusFacts:
 
 def planted_for_later(environment: List[str]) -> List[str]:
     """What root's programs would load, or run, later with no terminal: code for the loader
-    and Python (statemesh.planted), jobs for cron, at and systemd (statemesh.jobs)."""
+    and Python (statemesh.planted), jobs for cron, at and systemd (statemesh.jobs),
+    commands in apt's and dpkg's configuration (statemesh.apthooks)."""
     files = dpkgdb.installed_files()
-    return planted.problems(environment, files) + jobs.problems(files)
+    return planted.problems(environment, files) + jobs.problems(files) + apthooks.problems(files)
 
 
 def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path = UTMP,
