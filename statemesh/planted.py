@@ -26,7 +26,9 @@ LD_SO_PRELOAD = Path("/etc/ld.so.preload")
 LD_SO_CONFS = ("/etc/ld.so.conf", "/etc/ld.so.conf.d/*.conf")
 # What the dynamic linker, Python, Perl, bash and iconv take from a variable.
 LOADER_VARIABLES = ("LD_PRELOAD", "LD_AUDIT", "LD_LIBRARY_PATH", "BASH_ENV", "ENV",
-                    "PERL5OPT", "PERL5LIB", "PERLLIB", "GCONV_PATH")
+                    "PERL5OPT", "PERL5LIB", "PERLLIB", "GCONV_PATH",
+                    # apt's and dpkg's: another configuration, another database or root.
+                    "APT_CONFIG", "DPKG_ADMINDIR", "DPKG_ROOT")
 PYTHON_VARIABLE_PREFIX = "PYTHON"
 # Where such a variable is set for services (systemd) and for cron's jobs (pam_env) at the
 # next boot; the running manager's environment is asked over D-Bus.

@@ -2,20 +2,26 @@
 operator run commands as root without SSH or a terminal is masked and stopped like sshd.
 
 - qemu-guest-agent: guest-exec and guest-file-write for whoever drives the VM's virtio port
-  (the hypervisor's operator: libvirt, Proxmox, a cloud's control plane);
+  (the hypervisor's operator: libvirt, Proxmox, a cloud's control plane); lxd-agent and
+  incus-agent (`lxc exec`); open-vm-tools and VGAuth (vSphere's guest operations);
+  Hyper-V's file copy daemon (writes any file);
 - amazon-ssm-agent (the .deb's unit and the snap's): Run Command and Session Manager;
-- walinuxagent (waagent): Azure's Run Command and VM extensions;
-- google-guest-agent and Google's startup and shutdown scripts: metadata scripts run as root;
+  walinuxagent (waagent) and Azure Arc's agents: Run Command and extensions;
+  google-guest-agent (old and new), OS Config and Google's startup and shutdown scripts;
+  Oracle's cloud agent; Landscape's client: each runs what its cloud's operator sends;
 - cloud-init: a new instance id or user-data from the datasource runs anything as root at
-  the next boot (bootcmd, runcmd, per-boot scripts);
+  the next boot (bootcmd, runcmd, per-boot scripts), and its hotplug daemon on a new NIC;
 - cockpit: a web console whose bridge runs commands without a terminal.
 Every name is masked whether the agent is installed or not, so that one installed later finds
 its units masked already; purge gives back what was enabled and what ran.
 
-Honest limits: an agent is known here by its units' names; one of another name is refused by
-preflight only when no package installed it. On a cloud image, masking cloud-init also ends
-its per-boot work (growing the root partition, regenerating network configuration after a
-change of instance type); the configuration it wrote at the first boot stays.
+Honest limits: an agent is known here by its units' names; one of another name (a packaged
+one: tailscaled's SSH, salt-minion, puppet) passes, and one no package installed is refused
+by preflight. Hyper-V's KVP daemon is left running (the host sets network configuration
+through it). What the masked agents also did stops: on a cloud image cloud-init's per-boot
+work (growing the root partition, network configuration after a change of instance type);
+on GCE the guest agent's routes for forwarded and alias IPs and secondary NICs; on Azure
+waagent's WireServer firewall rules; on VMware time sync and quiesced snapshots.
 """
 
 from __future__ import annotations
@@ -28,13 +34,23 @@ from statemesh.guarantees.unitmask import (BusGuarantee, UnitSet, give_back, loc
                                            start_refused, unlocked, unlocked_problems)
 
 UNITS = UnitSet((
-    "qemu-guest-agent.service",
+    # Hypervisors' channels into the guest.
+    "qemu-guest-agent.service", "lxd-agent.service", "incus-agent.service",
+    "open-vm-tools.service", "vmtoolsd.service", "vgauth.service", "hv-fcopy-daemon.service",
+    # Clouds' agents, which dial out (the firewall lets them).
     "amazon-ssm-agent.service", "snap.amazon-ssm-agent.amazon-ssm-agent.service",
     "walinuxagent.service", "waagent.service",
-    "google-guest-agent.service", "google-startup-scripts.service",
-    "google-shutdown-scripts.service",
+    "google-guest-agent.service", "google-guest-agent-manager.service",
+    "google-guest-compat-manager.service", "google-osconfig-agent.service",
+    "google-startup-scripts.service", "google-shutdown-scripts.service",
+    "oracle-cloud-agent.service", "snap.oracle-cloud-agent.oracle-cloud-agent.service",
+    "snap.oracle-cloud-agent.oracle-cloud-agent-updater.service",
+    "himdsd.service", "extd.service", "gcad.service", "landscape-client.service",
+    # cloud-init: the datasource's user-data and scripts run as root at boot and on hotplug.
     "cloud-init-local.service", "cloud-init-main.service", "cloud-init-network.service",
     "cloud-init.service", "cloud-config.service", "cloud-final.service",
+    "cloud-init-hotplugd.socket", "cloud-init-hotplugd.service",
+    # A web console.
     "cockpit.socket", "cockpit.service", "cockpit-wsinstance-http.socket",
     "cockpit-wsinstance-https@.socket",
 ))
