@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from harness.vm.image import CLEAN_ENV, REPO_MOUNT, Image
-from harness.vm import vtpm
+from harness.vm import qga, vtpm
 from harness.vm.qmp import Qmp
 
 BOOT_TIMEOUT = float(os.environ.get("STATEMESH_VM_BOOT_TIMEOUT", "300"))
@@ -102,6 +102,7 @@ class Guest:
         self.socket_dir = Path(tempfile.mkdtemp(prefix="smvm-"))
         self.agent_path = self.socket_dir / "agent.sock"
         self.qmp_path = self.socket_dir / "qmp.sock"
+        self.qga_path = self.socket_dir / "qga.sock"
         if saved and saved.tpm_state:
             self.tpm = vtpm.GuestTpm(workdir, self.socket_dir, saved.tpm_ca, saved.tpm_state)
         else:
@@ -259,6 +260,9 @@ class Guest:
             "-device", "virtio-serial-pci,id=vser",
             "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
             "-device", "virtserialport,bus=vser.0,chardev=agent,name=org.statemesh.agent",
+            # qemu-guest-agent's port, as a hypervisor gives it (hypervisor_exec drives it).
+            "-chardev", f"socket,id=qga,path={self.qga_path},server=on,wait=off",
+            "-device", "virtserialport,bus=vser.0,chardev=qga,name=org.qemu.guest_agent.0",
             "-netdev", "user,id=net0,restrict=on" + "".join(
                 f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in self.forwards.items()),
             "-device", "virtio-net-pci,netdev=net0",
@@ -345,6 +349,11 @@ class Guest:
             raise GuestError(f"guest command failed ({result.returncode}): {cmd}\n"
                              f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
         return result
+
+    def hypervisor_exec(self, command: str, timeout: float = 30) -> Optional[int]:
+        """Run a shell command as the VM's operator would without SSH: through
+        qemu-guest-agent's guest-exec. The exit code, or None when no agent answers."""
+        return qga.guest_exec(self.qga_path, ["/bin/sh", "-c", command], timeout)
 
     def wait_for(self, command: str, what: str, timeout: float = 600) -> str:
         """Run `command` until it succeeds and return its output; a hang guard, not a timing

@@ -32,6 +32,9 @@ SERVER_PACKAGES = [
     "systemd", "systemd-sysv", "udev", "dbus", "libpam-systemd", "linux-image-amd64",
     "openssh-server", "unattended-upgrades", "python3", "iproute2", "procps", "kmod",
     "util-linux", "systemd-container", "tpm2-tools", "ca-certificates", "less",
+    # A hypervisor's agent, as most VMs run one (its virtio port is given to every guest):
+    # the agents guarantee must lock it away.
+    "qemu-guest-agent",
 ]
 
 # Device names the harness hands to QEMU; fstab in the guest refers to the labels.

@@ -30,7 +30,7 @@ HOST_AS_SEEN_BY_GUEST = "10.0.2.2/32"
 # the guest's disk.
 NODE_CONF = (f"Zone: test-zone\nMesh-Port: {MESH_PORT}\nZone-Peers: {HOST_AS_SEEN_BY_GUEST}\n"
              "Storage-Size: 256M\n").encode()
-HARNESS = ("driver.py", "qmp.py", "vtpm.py", "snapshot.py")
+HARNESS = ("driver.py", "qmp.py", "qga.py", "vtpm.py", "snapshot.py")
 
 
 def _key(base: Image, deb: Path, name: str) -> str:

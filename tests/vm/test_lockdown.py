@@ -24,6 +24,7 @@ RESCUE = ("rescue.service", "emergency.service", "rescue.target", "emergency.tar
 STATE = "/var/lib/statemesh-node/state.json"
 JOURNAL = "/var/lib/statemesh-node/journal.jsonl"
 CORE_PATTERN = "/proc/sys/kernel/core_pattern"
+GUEST_AGENT = "qemu-guest-agent.service"
 
 
 @pytest.fixture
@@ -98,9 +99,11 @@ def begin_install_and_wait_midway(guest: Guest) -> None:
 def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
         guest_factory: Callable[..., Guest], provisioned_node: SavedGuest, measured) -> None:
     """The whole life of a node: the operator's machine (sshd, gettys, a ufw of its own, every
-    port answering), installed (locked down; only the mesh port answers, and only its zone's
-    peer, the host), tampered with, booted into single-user targets, rebooted into a zone
-    without the host (nothing answers it), purged (everything given back, nothing left)."""
+    port answering, qemu-guest-agent running commands for the hypervisor's operator),
+    installed (locked down; the agent silent; only the mesh port answers, and only its
+    zone's peer, the host), tampered with, booted into single-user targets, rebooted into a
+    zone without the host (nothing answers it), purged (everything given back, nothing
+    left)."""
     guest = guest_factory(forward_ports=ports.PORTS, saved=provisioned_node)
     assert enabled(guest, "ssh.service")["ssh.service"] == "enabled"
     assert active(guest, "ssh.service") == "active"
@@ -109,6 +112,8 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     ports.serve_all_ports(guest)
     assert ports.probe(guest) == {ports.MESH: True, ports.SSH: True, ports.OTHER: True}
     guest.run("ufw allow 22/tcp && ufw limit 8080/tcp && ufw --force enable", timeout=600)
+    assert guest.hypervisor_exec("touch /root/guest-exec-before") == 0  # root, no SSH
+    guest.run("test -e /root/guest-exec-before && rm /root/guest-exec-before")
     ufw_before = ports.ufw_state(guest)
     guest.provision(ports.node_conf(f"{ports.HOST_AS_SEEN_BY_GUEST} 192.0.2.0/24"))
     root_before = root_password_status(guest)
@@ -124,6 +129,11 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     steps = {e["event"]: e["time"] for e in events(guest)}
     measured("apt-get install", f"{install_seconds:.1f} s wall, transaction in the guest "
              f"{steps['state-installed'] - steps['state-installing']:.1f} s")
+    # The hypervisor's operator's way in is gone with sshd: the agent is masked and stopped.
+    assert enabled(guest, GUEST_AGENT)[GUEST_AGENT] == "masked"
+    assert active(guest, GUEST_AGENT) != "active"
+    assert guest.hypervisor_exec("touch /root/guest-exec-after", timeout=20) is None
+    assert guest.run("test -e /root/guest-exec-after", check=False).returncode == 1
     ports.serve_all_ports(guest)  # sshd is gone: a listener takes port 22
     assert ports.probe(guest) == {ports.MESH: True, ports.SSH: False, ports.OTHER: False}
     finding = ports.firewall_finding(guest)
@@ -175,6 +185,8 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert "ALLOW" in guest.run("ufw status").stdout
     # sshd and the operator's rule are both back: sshd's banner answers the host.
     assert ports.first_bytes(guest.host_port(ports.SSH)).startswith(b"SSH-")
+    assert active(guest, GUEST_AGENT) == "active"  # and the hypervisor's agent
+    assert guest.hypervisor_exec("true") == 0
     assert guest.run("test -e /var/lib/statemesh-node", check=False).returncode == 1
     assert sorted(set(package.system_paths(guest)) - set(paths_before)) == []
     assert guest.run(f"cat {CORE_PATTERN}").stdout == core_pattern_before
@@ -210,11 +222,13 @@ def plant_code_for_roots_programs(guest: Guest) -> None:
 
 WAY_BACK_DROPIN = "/etc/systemd/system/unattended-upgrades.service.d/50-way-back.conf"
 FORGED_PURGE_DROPIN = "/run/systemd/system/statemesh-watchdog.service.d/50-statemesh-purge.conf"
+APT_HOOK = "/etc/apt/apt.conf.d/99way-back"
+DPKG_HOOK = "/etc/dpkg/dpkg.cfg.d/way-back"
 
 
 def plant_jobs_for_later(guest: Guest) -> None:
     """Root's jobs for after the lockdown: cron (a crontab and a system table), at, a timer,
-    a service and a drop-in."""
+    a service and a drop-in, boot scripts, apt's and dpkg's hooks."""
     guest.run("mkdir -p /var/spool/cron/crontabs /var/spool/cron/atjobs /etc/cron.d")
     guest.put("/var/spool/cron/crontabs/root", b"@reboot /root/way-in\n", mode=0o600)
     guest.put("/var/spool/cron/atjobs/a00001019a2b3c", b"#!/bin/sh\n/root/way-in\n", mode=0o700)
@@ -235,6 +249,10 @@ def plant_jobs_for_later(guest: Guest) -> None:
     guest.put("/etc/init.d/way-back", b"#!/bin/sh\n/bin/true\n", mode=0o755)
     guest.put("/etc/rc.local", b"#!/bin/sh\n/bin/true\n", mode=0o755)
     guest.run("loginctl enable-linger root")
+    # Commands apt and dpkg run as root at every run (unattended upgrades): harmless here,
+    # since they run during this test's own apt-get.
+    guest.put(APT_HOOK, b'DPkg::Post-Invoke {"/bin/true";};\n')
+    guest.put(DPKG_HOOK, b"post-invoke=/bin/true\n")
 
 
 @pytest.mark.cost(200)
@@ -285,7 +303,11 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     "init scripts no package installed, which systemd runs as services: "
                     "/etc/init.d/way-back (",
                     "/etc/rc.local is executable: rc-local.service runs it at every boot",
-                    "users whose service manager starts at boot without a login: root ("):
+                    "users whose service manager starts at boot without a login: root (",
+                    f"apt configuration {APT_HOOK} runs commands as root at every apt run and "
+                    "no package installed it so: DPkg::Post-Invoke (",
+                    f"dpkg configuration {DPKG_HOOK} runs commands as root at every dpkg run "
+                    "and no package installed it so: post-invoke ("):
         assert planted in said, said
     # Root's other Python programs ran it (dpkg's py3compile among them); the package's
     # own processes, /usr/bin/statemesh-node, did not.
@@ -425,7 +447,8 @@ def test_ctrl_c_kill_and_kill_9_of_apt_end_hardened_and_a_plain_retry_converges(
 
 
 # Where the power goes: during the lockdown's steps, the firewall's and the watchdog's, and
-# the storage's (the guarantees' order: ssh, logins, rescue, firewall, class, watchdog, storage).
+# the storage's (the guarantees' order: ssh, agents, logins, rescue, memory, firewall, class,
+# watchdog, storage).
 CUT_POINTS = ("logins", "watchdog", "storage")
 
 
