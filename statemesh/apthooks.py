@@ -27,7 +27,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Pattern, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from statemesh.dpkgdb import as_installed
 
@@ -99,9 +99,13 @@ def apt_commands(settings: Sequence[Tuple[str, List[str]]]) -> List[str]:
     return sorted(set(found))
 
 
+def _dpkg_option_name(option: str) -> str:
+    """The option a dpkg.cfg line or a DPkg::Options value names ("--post-invoke=x")."""
+    return DPKG_OPTION_NAME.match(option.strip().lstrip("-")).group(0)
+
+
 def _dpkg_command_option(option: str) -> bool:
-    name = DPKG_OPTION_NAME.match(option.strip().lstrip("-")).group(0).lower()
-    return name in DPKG_COMMAND_OPTIONS
+    return _dpkg_option_name(option).lower() in DPKG_COMMAND_OPTIONS
 
 
 def dpkg_commands(data: bytes) -> List[str]:
@@ -111,29 +115,32 @@ def dpkg_commands(data: bytes) -> List[str]:
         for start in range(0, max(len(physical), 1), DPKG_LINE_BYTES):
             line = physical[start:start + DPKG_LINE_BYTES].decode("utf-8", "replace").strip()
             if line and not line.startswith("#") and _dpkg_command_option(line):
-                found.add(DPKG_OPTION_NAME.match(line.lstrip("-")).group(0))
+                found.add(_dpkg_option_name(line))
     return sorted(found)
 
 
-def _parts(patterns: Sequence[str], name: Pattern[str],
-           ignored: Optional[Pattern[str]] = None) -> List[str]:
-    """The files apt (or dpkg) reads: the main file, and the parts whose names it takes;
-    dangling links included (they are read once their target appears)."""
+def _parts(patterns: Sequence[str], reads: Callable[[str], bool]) -> List[str]:
+    """The files apt (or dpkg) reads: the main file, and the parts whose names `reads`
+    takes; dangling links included (they are read once their target appears)."""
     paths = []
     for pattern in patterns:
         for path in sorted(glob.glob(pattern)):
-            base = os.path.basename(path)
-            if "*" in pattern and not _read_by_name(base, name, ignored):
+            if "*" in pattern and not reads(os.path.basename(path)):
                 continue
             if os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path)):
                 paths.append(path)
     return paths
 
 
-def _read_by_name(base: str, name: Pattern[str], ignored: Optional[Pattern[str]]) -> bool:
-    if not name.match(base) or (ignored is not None and ignored.search(base)):
-        return False
-    return ignored is None or "." not in base or base.endswith(".conf")
+def apt_reads(name: str) -> bool:
+    """Whether apt reads a part of this name: its characters, no extension or .conf, not a
+    name it skips."""
+    return (bool(APT_PART_NAME.match(name)) and not APT_IGNORED.search(name)
+            and ("." not in name or name.endswith(".conf")))
+
+
+def dpkg_reads(name: str) -> bool:
+    return bool(DPKG_PART_NAME.match(name))
 
 
 def writable_by_others(path: str) -> Optional[str]:
@@ -180,15 +187,15 @@ def problems(files: Dict[str, str]) -> List[str]:
     commands, and anything of it others than root could change; one finding each."""
     found = [f"apt or dpkg configuration: {why} (make it root's, not group- or world-writable)"
              for why in (writable_by_others(d) for d in CONFIG_DIRS if os.path.isdir(d)) if why]
-    apt_files = _parts(APT_FILES, APT_PART_NAME, APT_IGNORED)
-    dpkg_files = _parts(DPKG_FILES, DPKG_PART_NAME)
-    for path in apt_files + dpkg_files:
+    readers = [(path, _apt_finding) for path in _parts(APT_FILES, apt_reads)]
+    readers += [(path, _dpkg_finding) for path in _parts(DPKG_FILES, dpkg_reads)]
+    for path, finding_of in readers:
         why = writable_by_others(path)
         if why:
             found.append(f"apt or dpkg configuration: {why} (make it root's, not group- or "
                          "world-writable, or remove it)")
         elif not as_installed(path, files):
-            finding = _apt_finding(path) if path in apt_files else _dpkg_finding(path)
+            finding = finding_of(path)
             if finding:
                 found.append(finding)
     return found

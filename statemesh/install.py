@@ -17,12 +17,12 @@ guarantee was applied and every guarantee's check() holds.
 At every boot the unit runs again (boot_action says what it does): an installed node checks
 the guarantees that declare it as their boot unit (ssh, agents, logins, rescue, memory; the
 firewall's is statemesh-firewall.service, the others persist or have units of their own) and
-applies again those that do not hold; a pristine one (an image built in a chroot, no journal yet) runs the
-whole installation. A half-applied installation never outlives a boot: one interrupted in
-an earlier boot is run again from the start, once, with nobody logged in; one that failed,
-or whose retry was interrupted too, is given back (every guarantee reverted from the restore
-record: SSH, gettys, root's password, rescue as they were), so that the operator can log in
-and retry. Then the unit stays up as the tamper listener.
+applies again those that do not hold; a pristine one (an image built in a chroot, no journal
+yet) runs the whole installation. A half-applied installation never outlives a boot: one
+interrupted in an earlier boot is run again from the start, once, with nobody logged in; one
+that failed, or whose retry was interrupted too, is given back (every guarantee reverted
+from the restore record: SSH, gettys, root's password, rescue as they were), so that the
+operator can log in and retry. Then the unit stays up as the tamper listener.
 """
 
 from __future__ import annotations
@@ -267,12 +267,8 @@ async def _package_units_stale(manager: systemd.Systemd) -> bool:
     """Whether systemd must reload before the harden unit runs: one of the package's units
     changed on disk since it was loaded, or is not loaded. The postinst's debhelper part has
     reloaded already on every normal path, and a reload costs seconds on a small machine."""
-    for name in ownunits.PACKAGE_UNITS:
-        props = await manager.get_unit_properties(name, systemd.UNIT,
-                                                  ("LoadState", "NeedDaemonReload"))
-        if props["LoadState"] != "loaded" or props["NeedDaemonReload"]:
-            return True
-    return False
+    return any(unit.load_state != "loaded" or unit.needs_reload
+               for unit in await ownunits.read_units(manager))
 
 
 def _say(message: str, quiet: bool) -> None:

@@ -24,17 +24,20 @@ class _Channel:
         self.sock.connect(str(path))
         self.buffer = b""
 
-    def call(self, command: str, **arguments: Any) -> Any:
-        """Send a command and return its "return" value (None when the agent is silent)."""
+    def _send(self, command: str, arguments: Dict[str, Any]) -> None:
         self.sock.sendall(json.dumps({"execute": command, "arguments": arguments}).encode()
                           + b"\n")
+
+    def call(self, command: str, **arguments: Any) -> Any:
+        """Send a command and return its "return" value (None when the agent is silent)."""
+        self._send(command, arguments)
         reply = self._reply()
         return None if reply is None else reply.get("return")
 
     def sync(self) -> bool:
+        """Whether the agent answers; skips late answers to earlier calls."""
         token = secrets.randbelow(1 << 31)
-        self.sock.sendall(json.dumps({"execute": "guest-sync",
-                                      "arguments": {"id": token}}).encode() + b"\n")
+        self._send("guest-sync", {"id": token})
         while True:
             reply = self._reply()
             if reply is None:
