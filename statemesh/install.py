@@ -37,7 +37,7 @@ from typing import Callable, List, Optional, Sequence
 from statemesh import (dpkgdb, grace, guarantees, journal, ownunits, preflight, sdnotify,
                        systemd)
 from statemesh.config import NodeConfig
-from statemesh.guarantees import tamper
+from statemesh.guarantees import tamper, unitmask
 from statemesh.guarantees.base import FIREWALL_UNIT, HARDEN_UNIT, Finding, Guarantee
 
 # Written by the install helper for the unit: run the whole transaction even on an
@@ -62,7 +62,8 @@ class PreflightRefused(InstallError):
 
 def transaction(book: journal.Journal, ordered: Sequence[Guarantee],
                 check_preflight: Callable[[], preflight.Report], attempt: int = 1) -> None:
-    """Preflight (unless installed already), apply every guarantee in order, read all back."""
+    """Preflight (unless installed already), apply every guarantee in order (systemd loads
+    their masks in one reload at the end), read all back."""
     book.require_clean_boot()
     if not book.state().installed:
         report = check_preflight()
@@ -72,11 +73,13 @@ def transaction(book: journal.Journal, ordered: Sequence[Guarantee],
     book.set_state(journal.INSTALLING, attempt=attempt)
     current = "preflight"
     try:
-        for guarantee in ordered:
-            current = guarantee.name
-            book.record("apply", guarantee=current)
-            guarantee.apply(book)
-            book.record("applied", guarantee=current)
+        with unitmask.one_reload(book):
+            for guarantee in ordered:
+                current = guarantee.name
+                book.record("apply", guarantee=current)
+                guarantee.apply(book)
+                book.record("applied", guarantee=current)
+            current = "reloading systemd"
         current = "verification"
         failing = [f for f in (g.check() for g in ordered) if not f.holds]
         if failing:

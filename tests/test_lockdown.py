@@ -130,6 +130,79 @@ def test_running_units_are_stopped_before_their_mask_is_loaded(
     assert ("StopUnit", "ssh.service") in calls[:first_mask], calls
 
 
+class StartsAGetty:
+    """A step of the transaction during which logind spawns a getty (its unit is masked on
+    disk, not yet loaded: systemd starts it)."""
+
+    name = "spawn"
+    holds_workload_data = False
+
+    def __init__(self, fake: FakeBus, fail: bool = False):
+        self.fake = fake
+        self.fail = fail
+
+    def apply(self, book: journal.Journal) -> None:
+        async def start() -> None:
+            async with systemd.manager() as manager:
+                await manager.start_unit("getty@tty1.service")
+        asyncio.run(start())
+        if self.fail:
+            raise RuntimeError("the step after the masks failed")
+
+    def check(self) -> Finding:
+        return Finding(self.name, True, "")
+
+    def revert(self, record: Dict[str, Any]) -> None:
+        del record
+
+
+def events_named(book: journal.Journal, name: str) -> List[Dict[str, Any]]:
+    return [e for e in map(json.loads, book.journal_path.read_text().splitlines())
+            if e["event"] == name]
+
+
+def no_preflight_problem() -> Any:
+    from statemesh.preflight import Report
+    return Report([], {})
+
+
+def test_the_transaction_loads_every_mask_in_one_reload_and_stops_what_started_before_it(
+        debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
+    """Each reload costs seconds on a small machine: the installation masks every set, then
+    reloads once; a getty logind started before that reload is stopped after it."""
+    units = debian.systemd.units
+    install.transaction(book, [*machine.all, StartsAGetty(debian)], no_preflight_problem)
+    members = [member for member, _args in debian.systemd.calls]
+    assert members.count("Reload") == 1
+    assert members.index("Reload") > max(i for i, m in enumerate(members) if m == "MaskUnitFiles")
+    for name in ssh.UNITS.names + logins.UNITS.names + rescue.UNITS.names:
+        assert units[name].mask_loaded, name
+    assert units["getty@tty1.service"].active_state == "inactive"
+    assert events_named(book, "masks-loaded")[0]["stopped"] == ["getty@tty1.service"]
+    assert book.state().state == journal.INSTALLED
+
+
+def test_a_transaction_that_fails_after_the_masks_still_loads_them_and_names_its_error(
+        debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
+    with pytest.raises(install.InstallError, match="spawn failed: the step after the masks"):
+        install.transaction(book, [*machine.all, StartsAGetty(debian, fail=True)],
+                            no_preflight_problem)
+    assert debian.systemd.units["ssh.service"].mask_loaded
+    assert debian.systemd.units["getty@tty1.service"].active_state == "inactive"
+    assert book.state().state == journal.FAILED
+
+
+def test_giving_a_set_back_reloads_once_before_starting_what_ran(
+        debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
+    machine.ssh.apply(book)
+    debian.systemd.calls.clear()
+    machine.ssh.revert(book.restore_record()["ssh"])
+    members = [member for member, _args in debian.systemd.calls
+               if member in ("UnmaskUnitFiles", "EnableUnitFiles", "Reload", "StartUnit")]
+    assert members == ["UnmaskUnitFiles", "EnableUnitFiles", "Reload", "StartUnit"]
+    assert debian.systemd.units["ssh.service"].active_state == "active"
+
+
 def test_apply_is_idempotent_and_keeps_the_first_record(debian: FakeBus, machine: Machine,
                                                         book: journal.Journal) -> None:
     for _ in range(2):

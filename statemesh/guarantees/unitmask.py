@@ -7,15 +7,23 @@ so that a package installed later finds its units masked already), reload. What 
 stopped first, sockets first so that they cannot start a service again, while the units
 still have their own settings (KillMode=process), and once more after the reload. The
 record of the previous unit-file states and of what ran lets purge give back exactly that.
+
+A mask takes effect only when systemd reloads (until then a loaded unit starts as before,
+and an unloaded one is looked up in the name map of the last reload), and each reload
+costs seconds on a small machine: inside `one_reload()` (the installation's transaction)
+lock() leaves the reload, and the second stop, to one reload at its end.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import contextvars
 import dataclasses
 import functools
-from typing import Any, Awaitable, Callable, Dict, FrozenSet, Iterable, List, Sequence, TypeVar
+from typing import (Any, Awaitable, Callable, Dict, FrozenSet, Iterable, Iterator, List,
+                    Optional, Sequence, Tuple, TypeVar)
 
 from statemesh.guarantees.base import Finding, Probe, Step, Way
 from statemesh.systemd import Systemd, SystemdError, UnknownUnitError, manager
@@ -74,6 +82,11 @@ async def snapshot(manager: Systemd, units: UnitSet) -> Dict[str, Any]:
     return {"unit_files": await file_states(manager, units.names), "active": active}
 
 
+# The sets lock() masked inside one_reload(), with their spared units, for its one reload.
+_UNRELOADED: contextvars.ContextVar[Optional[List[Tuple[UnitSet, FrozenSet[str]]]]] = (
+    contextvars.ContextVar("unreloaded_unit_sets", default=None))
+
+
 async def lock(manager: Systemd, units: UnitSet,
                spare: FrozenSet[str] = frozenset()) -> Dict[str, List[str]]:
     """Disable, mask and stop every unit of the set; units in `spare` keep running."""
@@ -83,11 +96,48 @@ async def lock(manager: Systemd, units: UnitSet,
     if enabled:
         await manager.disable_unit_files(enabled)
     await manager.mask_unit_files(list(units.names))
-    await manager.reload()
-    # Anything started between the first stop and the mask (a getty logind spawned).
-    stopped += [name for name in await _stop_running(manager, units, spare)
-                if name not in stopped]
+    unreloaded = _UNRELOADED.get()
+    if unreloaded is not None:
+        unreloaded.append((units, spare))
+    else:
+        await manager.reload()
+        stopped += [name for name in await _stop_running(manager, units, spare)
+                    if name not in stopped]
     return {"disabled": enabled, "masked": list(units.names), "stopped": stopped}
+
+
+@contextlib.contextmanager
+def one_reload(journal: Any) -> Iterator[None]:
+    """Inside it, lock() masks without reloading; at its end (however it ends) one reload
+    makes every mask take effect, and what started since the first stop (a getty logind
+    spawned, a unit the operator started) is stopped and journaled."""
+    unreloaded: List[Tuple[UnitSet, FrozenSet[str]]] = []
+    token = _UNRELOADED.set(unreloaded)
+    try:
+        yield
+    except Exception:
+        _UNRELOADED.reset(token)
+        with contextlib.suppress(SystemdError):  # what failed first is the error to report
+            _load_masks(unreloaded, journal)
+        raise
+    _UNRELOADED.reset(token)
+    _load_masks(unreloaded, journal)
+
+
+def _load_masks(unreloaded: Sequence[Tuple[UnitSet, FrozenSet[str]]], journal: Any) -> None:
+    if unreloaded:
+        stopped = asyncio.run(_with_manager(
+            lambda systemd_manager: _reload_and_stop(systemd_manager, unreloaded)))
+        journal.record("masks-loaded", stopped=stopped)
+
+
+async def _reload_and_stop(manager: Systemd,
+                           unreloaded: Sequence[Tuple[UnitSet, FrozenSet[str]]]) -> List[str]:
+    await manager.reload()
+    stopped: List[str] = []
+    for units, spare in unreloaded:
+        stopped += await _stop_running(manager, units, spare)
+    return stopped
 
 
 async def _stop_running(manager: Systemd, units: UnitSet, spare: FrozenSet[str]) -> List[str]:
@@ -127,16 +177,18 @@ def unlocked_problems(left: Dict[str, Any]) -> List[str]:
 
 
 async def give_back(manager: Systemd, record: Dict[str, Any]) -> List[str]:
-    """Unmask what we masked, re-enable what was enabled, start what ran; returns errors."""
+    """Unmask what we masked, re-enable what was enabled, start what ran; returns errors.
+    Unmasking and enabling change files, read by systemd at the one reload before the
+    starts."""
     states: Dict[str, str] = dict(record.get("unit_files", {}))
     ours = [name for name, state in states.items() if state != MASKED]
     errors: List[str] = []
     if ours:
         await manager.unmask_unit_files(ours)
-        await manager.reload()
     enable = [name for name, state in states.items() if state in RE_ENABLED_STATES]
     if enable:
         await manager.enable_unit_files(enable)
+    if ours or enable:
         await manager.reload()
     for name in sorted(record.get("active", []), key=lambda n: not n.endswith(".socket")):
         try:

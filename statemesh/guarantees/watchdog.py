@@ -150,10 +150,10 @@ def _state(pids: List[int], halted: List[int]) -> str:
 
 async def _start() -> None:
     """Enable and start it; a running one hands over to a process running the code just
-    installed."""
+    installed. Starting needs no reload: the enabling link is read at the next one (the
+    transaction's, or the next boot's)."""
     async with systemd.manager() as manager:
         await manager.enable_unit_files([UNIT])
-        await manager.reload()
         if await manager.get_active_state(UNIT) == "active":
             pid = await manager.get_unit_property(UNIT, SERVICE_INTERFACE, "MainPID")
             os.kill(int(getattr(pid, "value", pid)), signal.SIGHUP)

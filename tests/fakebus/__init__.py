@@ -60,6 +60,13 @@ class FakeUnit:
     exists: bool = True
     fragment: str = ""  # FragmentPath: the unit's file in /lib/systemd/system unless set
     dropins: List[str] = dataclasses.field(default_factory=list)
+    # As systemd, a mask refuses starts only once a reload has loaded it (and an unmask
+    # lets them again only then).
+    mask_loaded: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if self.mask_loaded is None:
+            self.mask_loaded = self.masked
 
     def unit_file_state(self) -> str:
         if self.masked:
@@ -82,7 +89,7 @@ class UnitObject(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def LoadState(self) -> "s":  # noqa: N802,F821
-        if self.unit.masked:
+        if self.unit.mask_loaded:
             return "masked"
         return "loaded" if self.unit.exists else "not-found"
 
@@ -163,7 +170,7 @@ class FakeSystemd(ServiceInterface):
     def _start(self, verb: str, name: str, mode: str) -> str:
         self._guard(verb, (name, mode))
         unit = self._unit(name)
-        if unit.masked and verb != "StopUnit":
+        if unit.mask_loaded and verb != "StopUnit":
             raise DBusError("org.freedesktop.systemd1.UnitMasked", f"Unit {name} is masked.")
         return self._finish_job(unit, verb)
 
@@ -245,6 +252,8 @@ class FakeSystemd(ServiceInterface):
     @method()
     def Reload(self):  # noqa: N802
         self._guard("Reload", ())
+        for unit in self.units.values():
+            unit.mask_loaded = unit.masked
         self.Reloading(True)
         self.Reloading(False)
 
