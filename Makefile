@@ -51,8 +51,9 @@ test:
 # libtss2-dev; PyPI's cryptography carries its own OpenSSL, so the tests that open a TLS
 # connection (marked system_libssl) are left to `make test`, and so are those that read apt's
 # configuration with python3-apt (marked system_apt: PyPI has no build of it; jammy's
-# python3-apt 2.4 has the same read_config_file). Python 3.10 is pyenv's on this
-# project's machines.
+# python3-apt 2.4 has the same read_config_file; without it, python-debian reads dpkg's
+# database with its own parser and warns, as it should on a node, which has python3-apt).
+# Python 3.10 is pyenv's on this project's machines.
 JAMMY_VENV   := $(BUILD)/jammy-venv
 JAMMY_PYTHON := $(firstword $(wildcard /usr/bin/python3.10 $(HOME)/.pyenv/versions/3.10*/bin/python3.10))
 
@@ -63,7 +64,7 @@ test-jammy:
 	$(CLEAN_ENV) PIP_DISABLE_PIP_VERSION_CHECK=1 \
 	    $(JAMMY_VENV)/bin/pip install -q -r tests/jammy-requirements.txt
 	$(CLEAN_ENV) $(JAMMY_VENV)/bin/python -m pytest -p no:cacheprovider -m "not system_libssl and not system_apt" \
-	    tests --ignore=tests/vm $(NO_TESTS)
+	    -W "ignore:Parsing of Deb822 data with python3-apt:UserWarning" tests --ignore=tests/vm $(NO_TESTS)
 
 # The VM suite, one run for every release: the whole suite on Debian 12, the tests marked
 # every_release on Debian 13 too, from the same .deb built on Debian 12 (--suites).
