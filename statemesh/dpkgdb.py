@@ -48,9 +48,9 @@ def packages(dpkg_dir: Path = DPKG_DIR) -> Dict[str, Deb822]:
                 for paragraph in Deb822.iter_paragraphs(database, use_apt_pkg=True):
                     if "Package" in paragraph:
                         found[_qualified(paragraph)] = paragraph
-        except OSError:
+        except (OSError, SystemError) as error:  # apt_pkg.Error: a file dpkg would refuse
             if path == dpkg_dir / "status":
-                raise
+                raise OSError(f"{path}: {error}") from error
     return found
 
 

@@ -23,7 +23,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "system_libssl: opens a TLS connection, which needs pyOpenSSL on the "
         "system's libssl.so.3 (make test-jammy deselects these; see tests/test_atls.py)")
     config.addinivalue_line(
-        "markers", "system_apt: reads apt's configuration with python3-apt, a C extension "
+        "markers", "system_apt: reads apt's configuration (or dpkg's database as apt's parser "
+        "does) with python3-apt, a C extension "
         "built against the system's libapt-pkg that PyPI does not carry (make test-jammy "
         "deselects these)")
 

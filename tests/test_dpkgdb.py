@@ -7,6 +7,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import pytest
+
 from statemesh import dpkgdb
 
 STATUS = """Package: libc-bin
@@ -84,3 +86,21 @@ def test_a_fifo_or_a_device_is_never_read(tmp_path: Path) -> None:
     assert dpkgdb.md5_of(str(fifo)) == ""  # returns at once: no writer is waited for
     assert dpkgdb.md5_of("/dev/zero") == ""
     assert not dpkgdb.as_installed(str(fifo), {str(fifo): "d41d8cd98f00b204e9800998ecf8427e"})
+
+
+def test_a_garbled_updates_file_hides_nothing_of_the_status_file(tmp_path: Path) -> None:
+    root = database(tmp_path)
+    (root / "updates").mkdir()
+    (root / "updates" / "0001").write_text("Package: gone\nStatus install\n")
+    assert dpkgdb.state(dpkgdb.packages(root)["libc-bin"]) == "installed"
+
+
+@pytest.mark.system_apt
+def test_a_status_file_dpkg_would_refuse_is_an_unreadable_database(tmp_path: Path) -> None:
+    """apt's parser (as dpkg) refuses a line without a field name: the database is then
+    unreadable, which vouches for no file and says dpkg's state is unknown."""
+    root = database(tmp_path)
+    (root / "status").write_text("Package: libc-bin\nStatus install\n")
+    with pytest.raises(OSError, match="status"):
+        dpkgdb.packages(root)
+    assert dpkgdb.installed_files(root) == {}

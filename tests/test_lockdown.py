@@ -182,6 +182,23 @@ def test_the_transaction_loads_every_mask_in_one_reload_and_stops_what_started_b
     assert book.state().state == journal.INSTALLED
 
 
+def test_a_getty_logind_spawns_right_after_its_mask_is_stopped_not_a_failed_install(
+        debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
+    """Until the one reload a masked getty can still start; the sweep after it stops it,
+    and no guarantee's own read-back fails the transaction over it before then."""
+    units = debian.systemd.units
+
+    def spawn(args: Any) -> None:
+        if "getty@.service" in args[0]:
+            units["getty@tty1.service"].active_state = "active"
+
+    debian.systemd.after["MaskUnitFiles"] = spawn
+    install.transaction(book, machine.all, no_preflight_problem)
+    assert units["getty@tty1.service"].active_state == "inactive"
+    assert "getty@tty1.service" in events_named(book, "masks-loaded")[0]["stopped"]
+    assert book.state().state == journal.INSTALLED
+
+
 def test_a_transaction_that_fails_after_the_masks_still_loads_them_and_names_its_error(
         debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
     with pytest.raises(install.InstallError, match="spawn failed: the step after the masks"):

@@ -150,8 +150,8 @@ def _state(pids: List[int], halted: List[int]) -> str:
 
 async def _start() -> None:
     """Enable and start it; a running one hands over to a process running the code just
-    installed. Starting needs no reload: the enabling link is read at the next one (the
-    transaction's, or the next boot's)."""
+    installed. Starting needs no reload; the transaction's reload (one_reload) loads the
+    enabling link: until then systemd reports its units as needing a reload."""
     async with systemd.manager() as manager:
         await manager.enable_unit_files([UNIT])
         if await manager.get_active_state(UNIT) == "active":

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 from dbus_next import DBusError, Message
@@ -118,6 +118,7 @@ class FakeSystemd(ServiceInterface):
         self.failing: Dict[str, str] = {}    # unit name -> job result other than done
         self.early_job_signal = False       # send JobRemoved before the method's reply
         self.environment: List[str] = []    # the manager's Environment property
+        self.after: Dict[str, Callable[[Any], None]] = {}  # method -> what follows a call
         self._jobs = 0
         self._exported: Set[str] = set()
         self._subscribers: Set[str] = set()
@@ -138,6 +139,8 @@ class FakeSystemd(ServiceInterface):
         self.calls.append((member, args))
         if member in self.denied:
             raise DBusError(ACCESS_DENIED, f"Access denied to {member}")
+        if member in self.after:
+            self.after[member](args)
 
     def _unit(self, name: str) -> FakeUnit:
         unit = self.units.get(name)
@@ -381,6 +384,8 @@ class FakeLogind(ServiceInterface):
         self.calls.append((member, args))
         if member in self.denied:
             raise DBusError(ACCESS_DENIED, f"Access denied to {member}")
+        if member in self.after:
+            self.after[member](args)
 
     def _path(self, session_id: str) -> str:
         return SESSION_PREFIX + escape(session_id)
