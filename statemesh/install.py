@@ -1,12 +1,14 @@
 """The all-or-nothing installation transaction, and its undoing at package removal.
 
 Where the work runs: the postinst calls `statemesh-node install` (request_install), which
-only records the installing package manager (grace), runs preflight for a readable
-refusal, and restarts statemesh-harden.service over D-Bus, waiting for the job. The
-hardening itself (harden) runs inside that unit, outside the operator's terminal and
-process tree: Ctrl-C, SIGHUP, a closed SSH connection or a killed apt end the waiting
-helper at most, never the transaction. The unit is Type=notify: the job is "done" only once
-every guarantee was applied and read back, and "failed" otherwise.
+only records the installing package manager (grace) and restarts statemesh-harden.service
+over D-Bus, waiting for the job; it prints the outcome, or the preflight refusal the unit
+journaled. Preflight and the hardening itself (harden) run inside that unit, outside the
+operator's terminal and process tree: Ctrl-C, SIGHUP, a closed SSH connection or a killed
+apt end the waiting helper at most, never the transaction. The unit is Type=notify: the
+job is "done" only once every guarantee was applied and read back, and "failed" otherwise.
+A refusal journaled means a refused node stays as it was at the next boot too (IDLE), until
+the operator retries.
 
 States (statemesh.journal): installing (journaled with the boot id) -> installed, or ->
 failed. A transaction that dies (SIGKILL, power loss) leaves "installing" with a dead pid:
@@ -188,15 +190,11 @@ def harden(config: NodeConfig, listen: bool = True) -> int:
 def act(book: journal.Journal, ordered: Sequence[Guarantee], requested: bool, listen: bool,
         check_preflight: Callable[[], preflight.Report],
         grace_path: Path = grace.GRACE_PATH) -> int:
-    """Do what boot_action says; the unit's exit status. The installing session's grace
-    gets its deadline when the transaction ends, whatever its outcome."""
+    """Do what boot_action says; the unit's exit status."""
     try:
         action = boot_action(book, requested)
         if action == TRANSACTION:
-            try:
-                transaction(book, ordered, check_preflight)
-            finally:
-                grace.end_after(grace.AFTER_TRANSACTION, grace_path)
+            _transaction_then_grace_deadline(book, ordered, check_preflight, grace_path)
         elif action == RETRY:
             return _retry_at_boot(book, ordered, listen, check_preflight)
         elif action == GIVE_BACK:
@@ -211,6 +209,23 @@ def act(book: journal.Journal, ordered: Sequence[Guarantee], requested: bool, li
         print(f"statemesh-node: {error}", file=sys.stderr)
         return 1
     return _hardened(book, ordered, listen)
+
+
+def _transaction_then_grace_deadline(book: journal.Journal, ordered: Sequence[Guarantee],
+                                     check_preflight: Callable[[], preflight.Report],
+                                     grace_path: Path) -> None:
+    """The transaction; the installing session's grace gets its deadline when it ends,
+    whatever its outcome, but for a preflight refusal: that changed nothing and started no
+    watchdog, and a deadline (a grace is never lengthened) would cut the operator's retry
+    short, or leave it without its session."""
+    try:
+        transaction(book, ordered, check_preflight)
+    except PreflightRefused:
+        raise
+    except BaseException:
+        grace.end_after(grace.AFTER_TRANSACTION, grace_path)
+        raise
+    grace.end_after(grace.AFTER_TRANSACTION, grace_path)
 
 
 def _idle(state: journal.InstallState) -> str:
@@ -259,19 +274,26 @@ def _give_back_at_boot(book: journal.Journal, ordered: Sequence[Guarantee], why:
     return 1 if errors else 0
 
 
-async def _run_harden_unit() -> None:
+async def _run_harden_unit(check_units: bool) -> List[str]:
+    """Restart the harden unit and wait for its job. With `check_units` (not installed yet),
+    the package's units must first be as shipped: a drop-in planted on the harden unit
+    would run instead of preflight. Returns what is planted on them (nothing started)."""
     async with systemd.manager() as manager:
-        if await _package_units_stale(manager):
+        units = await ownunits.read_units(manager)
+        if _stale(units):
             await manager.reload()
-        await manager.restart_unit(HARDEN_UNIT)
+            units = await ownunits.read_units(manager)
+        planted = ownunits.problems(units) if check_units else []
+        if not planted:
+            await manager.restart_unit(HARDEN_UNIT)
+        return planted
 
 
-async def _package_units_stale(manager: systemd.Systemd) -> bool:
+def _stale(units: Sequence[ownunits.LoadedUnit]) -> bool:
     """Whether systemd must reload before the harden unit runs: one of the package's units
     changed on disk since it was loaded, or is not loaded. The postinst's debhelper part has
     reloaded already on every normal path, and a reload costs seconds on a small machine."""
-    return any(unit.load_state != "loaded" or unit.needs_reload
-               for unit in await ownunits.read_units(manager))
+    return any(unit.load_state != "loaded" or unit.needs_reload for unit in units)
 
 
 def _say(message: str, quiet: bool) -> None:
@@ -291,8 +313,26 @@ def _complain(message: str) -> None:
         pass
 
 
+def _refusal_since(book: journal.Journal, since: int) -> Optional[List[str]]:
+    """The problems of the unit's preflight refusal journaled after `since`, if it refused."""
+    refusals = [event for event in book.events(since)
+                if event.get("event") == "preflight-refused"
+                and isinstance(event.get("problems"), list)]
+    return [str(problem) for problem in refusals[-1]["problems"]] if refusals else None
+
+
+def _refuse(problems: Sequence[str]) -> int:
+    _complain("refusing to install; nothing was hardened:")
+    for problem in problems:
+        _complain(f"  - {problem}")
+    return 1
+
+
 def request_install(quiet: bool, book: Optional[journal.Journal] = None) -> int:
-    """What the postinst runs: have the unit do the transaction, wait, report its outcome."""
+    """What the postinst runs: have the unit do the transaction, wait, report its outcome.
+    Preflight runs in the unit, once, and journals its refusal, which the helper prints;
+    only when the package's own units are not as shipped is the unit not started, and the
+    helper runs preflight itself."""
     if not RUN_SYSTEMD.is_dir():
         _say("statemesh-node: systemd is not running here; the hardening runs at first boot",
              quiet)
@@ -308,24 +348,26 @@ def request_install(quiet: bool, book: Optional[journal.Journal] = None) -> int:
         _complain(f"refusing to install: {giving_back(state)}")
         return 1
     grace.record_installer(os.getpid())
-    if not state.installed:
-        report = preflight.check()
-        if not report.ok:
-            _complain("refusing to install; nothing was hardened:")
-            for problem in report.problems:
-                _complain(f"  - {problem}")
-            return 1
     outlive_the_operators_signals()
     REQUEST.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     REQUEST.write_text(f"{os.getpid()}\n", encoding="ascii")
-    _say("statemesh-node: hardening this machine (statemesh-harden.service)...", quiet)
+    _say("statemesh-node: checking and hardening this machine (statemesh-harden.service)...",
+         quiet)
+    since = book.end()
     try:
-        asyncio.run(_run_harden_unit())
+        planted = asyncio.run(_run_harden_unit(check_units=not state.installed))
     except systemd.SystemdError as error:
+        refusal = _refusal_since(book, since)
+        if refusal is not None:
+            return _refuse(refusal)
         state = book.state()
         why = state.reason if state.state == journal.FAILED else str(error)
         _complain(f"installation failed, the node is NOT installed: {why}")
         return 1
+    if planted:  # every reason, as the unit's preflight would have given them
+        problems = preflight.check().problems or planted
+        book.record("preflight-refused", problems=problems)
+        return _refuse(problems)
     if not book.state().installed:
         _complain("installation did not complete, the node is NOT installed")
         return 1

@@ -27,7 +27,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from statemesh import __version__, proc
 
@@ -136,6 +136,32 @@ class Journal:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def end(self) -> int:
+        """Where the journal ends now: events(since=end()) are those recorded after."""
+        try:
+            return self.journal_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def events(self, since: int = 0) -> List[Dict[str, Any]]:
+        """The events recorded from byte offset `since` on; a line cut short (power lost
+        during its write) ends the list."""
+        try:
+            with open(self.journal_path, "rb") as stream:
+                stream.seek(since)
+                lines = stream.read().decode("utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+        found = []
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                break  # only a read starting after a torn line can go on past one
+            if isinstance(event, dict):
+                found.append(event)
+        return found
 
     def remember(self, guarantee_name: str, data: Dict[str, Any]) -> None:
         """Keep what a guarantee found before changing it; the first value stays."""

@@ -15,6 +15,7 @@ import pytest
 from statemesh import grace, install, journal
 from statemesh.guarantees.base import Finding
 from tests.conftest import ROOT
+from tests.fakebus import FakeBus, fakebus, package_units  # noqa: F401 - fixture
 
 
 class Step:
@@ -403,6 +404,18 @@ def test_the_transaction_stamps_the_grace_deadline_installed_or_not(
     assert stamped.ends_at - grace.boottime() <= grace.AFTER_TRANSACTION
 
 
+def test_a_preflight_refusal_leaves_the_installing_session_its_grace_for_the_retry(
+        book: journal.Journal, tmp_path: Path) -> None:
+    """A deadline is never moved later: stamped at a refusal, it would cut the retry's
+    transaction short, or (once passed) leave the retry's preflight without its session."""
+    record = tmp_path / "install-grace.json"
+    grace.record_installer(os.getpid(), record)
+    assert install.act(book, [Step("ssh", [])], requested=True, listen=False,
+                       check_preflight=refused, grace_path=record) == 1
+    stamped = grace.recorded(record)
+    assert stamped is not None and stamped.ends_at is None
+
+
 def test_status_names_an_interrupted_installation_of_this_boot(book: journal.Journal) -> None:
     child = subprocess.run([sys.executable, "-c", KILLED_MIDWAY, str(book.directory),
                             str(journal.BOOT_ID_PATH)], cwd=ROOT, capture_output=True, check=False)
@@ -435,6 +448,58 @@ def test_no_installation_cuts_a_give_back_short(book: journal.Journal, boot: Boo
     assert install.boot_action(book, requested=False) == install.IDLE  # not this boot again
     boot.reboot()
     assert install.boot_action(book, requested=False) == install.GIVE_BACK
+
+
+def test_the_helper_prints_the_refusal_the_unit_journaled_and_the_next_boot_leaves_it(
+        fakebus: FakeBus, book: journal.Journal, boot: Boot, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Preflight runs once, in the harden unit; the waiting helper prints its refusal. A
+    refusal of an earlier run is not this one's; and a refused machine is not installed by
+    the next boot behind the operator's back (the journal is not pristine any more)."""
+    monkeypatch.setattr(install, "RUN_SYSTEMD", tmp_path)
+    monkeypatch.setattr(install, "REQUEST", tmp_path / "statemesh-node/install-request")
+    monkeypatch.setattr(install, "outlive_the_operators_signals", lambda: None)
+    monkeypatch.setattr(grace, "record_installer", lambda pid: None)
+    package_units(fakebus.systemd)
+    fakebus.systemd.failing["statemesh-harden.service"] = "failed"
+    book.record("preflight-refused", problems=["an earlier run's reason"])
+    assert install.request_install(quiet=True, book=book) == 1
+    err = capsys.readouterr().err
+    assert "installation failed, the node is NOT installed" in err
+    assert "an earlier run's reason" not in err
+
+    fakebus.systemd.after["RestartUnit"] = lambda args: book.record(
+        "preflight-refused", problems=["interactive session 5 of bob on pts/3"])
+    assert install.request_install(quiet=True, book=book) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["statemesh-node: refusing to install; nothing was hardened:",
+                                "statemesh-node:   - interactive session 5 of bob on pts/3"]
+    boot.reboot()
+    assert install.boot_action(book, requested=False) == install.IDLE
+
+
+def test_a_drop_in_on_the_harden_unit_is_refused_by_the_helper_without_starting_it(
+        fakebus: FakeBus, book: journal.Journal, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A drop-in planted on statemesh-harden.service would run instead of the unit's
+    preflight: the helper finds it on the units it reads anyway, starts nothing, and gives
+    every reason preflight finds."""
+    monkeypatch.setattr(install, "RUN_SYSTEMD", tmp_path)
+    monkeypatch.setattr(install, "REQUEST", tmp_path / "statemesh-node/install-request")
+    monkeypatch.setattr(install, "outlive_the_operators_signals", lambda: None)
+    monkeypatch.setattr(grace, "record_installer", lambda pid: None)
+    package_units(fakebus.systemd)
+    dropin = "/etc/systemd/system/statemesh-harden.service.d/50-planted.conf"
+    fakebus.systemd.units["statemesh-harden.service"].dropins = [dropin]
+    from statemesh.preflight import Report
+    monkeypatch.setattr(install.preflight, "check", lambda: Report(
+        [f"statemesh-harden.service has drop-ins: {dropin}", "another reason"], {}))
+    assert install.request_install(quiet=True, book=book) == 1
+    err = capsys.readouterr().err
+    assert f"  - statemesh-harden.service has drop-ins: {dropin}" in err
+    assert "  - another reason" in err
+    assert "RestartUnit" not in [member for member, _args in fakebus.systemd.calls]
+    assert [e["event"] for e in events(book)] == ["preflight-refused"]
 
 
 OUTLIVES_SIGNALS = """
