@@ -379,6 +379,7 @@ class FakeLogind(ServiceInterface):
         self.sessions: Dict[str, FakeSession] = {}
         self.calls: List[Tuple[str, Any]] = []
         self.denied: Set[str] = set()
+        self.after: Dict[str, Callable[[Any], None]] = {}  # method -> what follows a call
 
     def _guard(self, member: str, args: Any) -> None:
         self.calls.append((member, args))
