@@ -117,7 +117,8 @@ def cmd_storage(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify a node's aTLS evidence: print its class, zone, PCRs and the verdict."""
     from statemesh.attest import endpoint
-    return endpoint.verify(args.target, args.policy, config.load(args.config), args.json)
+    return endpoint.verify(args.target, args.policy, config.load(args.config), args.json,
+                           args.allow_weak)
 
 
 def cmd_atls_serve(args: argparse.Namespace) -> int:
@@ -252,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["storage"].add_argument("action", choices=("setup", "teardown"))
     sub.choices["verify"].add_argument("target", metavar="HOST:PORT", help="the node's aTLS endpoint")
     sub.choices["verify"].add_argument("--policy", type=Path, help="JSON verification policy")
+    sub.choices["verify"].add_argument(
+        "--allow-weak", action="store_true",
+        help="built-in policy: accept weak nodes (software vTPM) too; they stay flagged")
     sub.choices["security-class"].add_argument(
         "--is-weak", action="store_true", help="exit 0 only if the node is weak")
     sub.choices["harden"].add_argument(

@@ -286,10 +286,33 @@ def test_verify_command_without_policy_uses_node_conf_cas(endpoint: Running,
     assert "REFUSED (ek-untrusted)" in capsys.readouterr().out
 
 
+@SYSTEM_LIBSSL
+def test_verify_command_refuses_a_weak_node_unless_allowed_and_flags_it(
+        world: TpmWorld, capsys: pytest.CaptureFixture) -> None:
+    """A weak node's vTPM proves nothing about the host: the built-in policy refuses it;
+    --allow-weak accepts it and the report still says what it is."""
+    weak = Attester(world.bare, "weak", "us-east", PCRS, world.ca_dir)
+    running = Running(atls.AtlsServer(("127.0.0.1", 0), weak, atls.TlsIdentity.generate("weak")))
+    target = f"{running.address[0]}:{running.address[1]}"
+    try:
+        assert _cli("verify", target) == 1
+        out = capsys.readouterr().out
+        assert "REFUSED (class-refused)" in out and "'weak'" in out, out
+        assert _cli("verify", target, "--allow-weak") == 0
+        out = capsys.readouterr().out
+        assert "class     weak  (software vTPM: proves nothing about the host)" in out
+        assert "class tpm or weak (--allow-weak)" in out and "verdict   ACCEPTED" in out
+        assert _cli("verify", target, "--json") == 1
+        assert json.loads(capsys.readouterr().out)["code"] == "class-refused"
+    finally:
+        running.stop()
+
+
 @pytest.mark.parametrize("argv, complaint", [
     (["verify", "no-port"], "not HOST:PORT"),
     (["verify", "host:99999"], "not HOST:PORT"),
     (["verify", "127.0.0.1:7443", "--policy", "/nonexistent.json"], "cannot be read"),
+    (["verify", "127.0.0.1:7443", "--policy", "/p.json", "--allow-weak"], "built-in policy"),
 ])
 def test_verify_command_bad_input(argv: list, complaint: str, capsys: pytest.CaptureFixture) -> None:
     assert _cli(*argv) == 2

@@ -33,9 +33,21 @@ def parse_target(target: str) -> Tuple[str, int]:
     return host, int(port)
 
 
-def default_policy(config: NodeConfig) -> Policy:
-    """Without --policy: any zone, either class (shown), EK CAs of this machine's node.conf."""
-    return Policy(frozenset({"tpm", "weak"}), None, config.tpm_ca_dir)
+def default_policy(config: NodeConfig, allow_weak: bool = False) -> Policy:
+    """Without --policy: any zone, EK CAs of this machine's node.conf, and class tpm only
+    unless the customer allows weak nodes (a software vTPM proves nothing about the host:
+    no sensitive data on them)."""
+    return Policy(frozenset({"tpm", "weak"} if allow_weak else {"tpm"}), None,
+                  config.tpm_ca_dir)
+
+
+def _policy_source(policy_path: Optional[Path], allow_weak: bool) -> str:
+    """What the report names as the policy it verified under."""
+    if policy_path:
+        return str(policy_path)
+    if allow_weak:
+        return "built-in: any zone, class tpm or weak (--allow-weak)"
+    return "built-in: any zone, class tpm (--allow-weak also accepts weak nodes)"
 
 
 def _open_vtpm() -> tpm.Tpm:
@@ -89,6 +101,7 @@ def _report(verdict: Any, policy_source: str) -> Dict[str, Any]:
 
 def _print_report(report: Dict[str, Any]) -> None:
     if report["verdict"] != "accepted":
+        print(f"policy    {report['policy']}")
         print(f"verdict   REFUSED ({report['code']}): {report['reason']}")
         return
     weak = "  (software vTPM: proves nothing about the host)" if report["class"] == "weak" else ""
@@ -104,16 +117,20 @@ def _print_report(report: Dict[str, Any]) -> None:
     print("verdict   ACCEPTED")
 
 
-def verify(target: str, policy_path: Optional[Path], config: NodeConfig, as_json: bool) -> int:
+def verify(target: str, policy_path: Optional[Path], config: NodeConfig, as_json: bool,
+           allow_weak: bool = False) -> int:
     """Connect to HOST:PORT, verify its evidence under a policy, print what was proven."""
     try:
+        if policy_path and allow_weak:
+            raise ValueError("--allow-weak is for the built-in policy; a policy file says "
+                             "which classes it allows (allowed_classes)")
         address = parse_target(target)
-        policy = load_policy(policy_path) if policy_path else default_policy(config)
+        policy = load_policy(policy_path) if policy_path else default_policy(config, allow_weak)
         verifier = Verifier(policy)
     except (ValueError, VerificationError) as error:  # PolicyError is a ValueError
         print(f"statemesh-node: {error}", file=sys.stderr)
         return 2
-    source = str(policy_path) if policy_path else "built-in: any zone, class tpm or weak"
+    source = _policy_source(policy_path, allow_weak)
     try:
         connection = atls.connect(address, verifier, atls.TlsIdentity.generate("verifier"))
     except VerificationError as error:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import pytest
 
+from statemesh import cli
 from statemesh.attest import atls
 from statemesh.attest.refusals import ClassRefused
 from statemesh.attest.verifier import Policy, Verifier
@@ -83,8 +84,10 @@ def test_guest_with_a_trusted_tpm_is_tpm_class(guest_factory: Callable[..., Gues
 @pytest.mark.cost(90)
 def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[..., Guest],
                                                      installed_node: SavedGuest,
-                                                     tmp_path: Path) -> None:
-    """No CA is needed to accept a weak node: its vTPM's EK proves nothing anyway."""
+                                                     tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """No CA is needed to accept a weak node: its vTPM's EK proves nothing anyway; a
+    customer's `statemesh-node verify` refuses it unless told --allow-weak."""
     guest = guest_factory(saved=installed_node, forward_ports=(MESH,))
     no_cas = tmp_path
     _serving(guest)
@@ -100,3 +103,13 @@ def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[...
     connection.close()
     with pytest.raises(ClassRefused):
         _verify(guest, Verifier(Policy(frozenset({"tpm"}), None, no_cas)))
+
+    # The customer's command: refused by the built-in policy, accepted and flagged when
+    # weak nodes are allowed.
+    target = f"127.0.0.1:{guest.host_port(MESH)}"
+    assert cli.main(["--config", str(tmp_path / "none.conf"), "verify", target]) == 1
+    assert "REFUSED (class-refused)" in capsys.readouterr().out
+    assert cli.main(["--config", str(tmp_path / "none.conf"), "verify", target,
+                     "--allow-weak"]) == 0
+    out = capsys.readouterr().out
+    assert "class     weak  (software vTPM" in out and "verdict   ACCEPTED" in out, out
