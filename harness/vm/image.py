@@ -35,6 +35,8 @@ SERVER_PACKAGES = [
     # A hypervisor's agent, as most VMs run one (its virtio port is given to every guest):
     # the agents guarantee must lock it away.
     "qemu-guest-agent",
+    # What operators install in, so that a dropped connection does not end apt.
+    "tmux",
 ]
 
 # Device names the harness hands to QEMU; fstab in the guest refers to the labels.

@@ -17,15 +17,13 @@ from typing import Callable
 
 import pytest
 
-from harness.vm import driver
 from harness.vm.driver import Guest, SavedGuest
 from statemesh import grace
+from tests.vm import terminal
 
 GRACE_RECORD = "/run/statemesh-node/install-grace.json"
 JOURNAL = "/var/lib/statemesh-node/journal.jsonl"
 HOOK = "/etc/apt/apt.conf.d/99operator-keeps-apt-running"
-SSH = ("ssh -tt -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
-       "root@localhost")
 
 
 @pytest.fixture
@@ -53,8 +51,7 @@ HOOK_CONTROL = (b"Package: operator-keeps-apt-running\nVersion: 1\nArchitecture:
 def prepare_the_operators_way_in(guest: Guest, keep_apt_running: bool = True) -> None:
     """A key for root's SSH login, and a packaged Post-Invoke hook that keeps apt from ever
     exiting."""
-    guest.run("install -d -m 700 /root/.ssh && ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/id "
-              "&& cat /root/.ssh/id.pub >> /root/.ssh/authorized_keys")
+    terminal.authorize_a_key(guest)
     if keep_apt_running:
         guest.run(f"mkdir -p {HOOK_PACKAGE}/DEBIAN {HOOK_PACKAGE}/etc/apt/apt.conf.d")
         guest.put(f"{HOOK_PACKAGE}{HOOK}", b'DPkg::Post-Invoke { "sleep 100000"; };\n')
@@ -63,20 +60,11 @@ def prepare_the_operators_way_in(guest: Guest, keep_apt_running: bool = True) ->
         guest.run(f"dpkg-deb -b {HOOK_PACKAGE} /root/hook.deb && dpkg -i /root/hook.deb")
 
 
-def install_over_ssh(guest: Guest, command: str, shell: str = "bash") -> None:
-    """The operator's terminal: `ssh -tt root@localhost` running `command` from `shell`, its
-    input held open, outside the test agent's tree; apt's output and status go to files."""
-    inner = f"{command} > /root/operator.log 2>&1; echo $? > /root/operator.rc; exec sleep 100000"
-    remote = f"exec -a {shell} bash -c {driver.quote(inner)}"
-    ssh = f"sleep 100000 | {SSH} -i /root/.ssh/id {driver.quote(remote)}"
-    guest.run(f"systemd-run --unit=operator sh -c {driver.quote(ssh)}")
-
-
 @pytest.mark.cost(420)
 def test_a_renamed_shell_and_an_endless_apt_hook_end_with_the_grace(node: Guest, measured) -> None:
     guest = node
     prepare_the_operators_way_in(guest)
-    install_over_ssh(guest, "apt-get install -y statemesh-node", shell="apt")  # renamed
+    terminal.run_over_ssh(guest, "apt-get install -y statemesh-node", shell="apt")  # renamed
     guest.wait_for(f"{SESSIONS} && pgrep -x apt-get", "the operator's apt-get", 120)
     guest.wait_for(f"grep -q '\"event\": \"state-installed\"' {JOURNAL}", "installed", 900)
     # The harden unit stamps the deadline just after it journals the outcome.
@@ -109,7 +97,7 @@ def test_a_renamed_shell_and_an_endless_apt_hook_end_with_the_grace(node: Guest,
     assert ended, "the watchdog did not log the grace's end"
     # The watchdog kills the session's processes one by one: the shell may outlive apt (or
     # its hook) by enough to write apt's status, which is then a failure, never a success.
-    assert guest.run("cat /root/operator.rc 2>/dev/null", check=False).stdout.strip() != "0"
+    assert guest.run(f"cat {terminal.STATUS} 2>/dev/null", check=False).stdout.strip() != "0"
     # The operator's ssh client (outside the session) exits once its sshd is gone.
     guest.wait_for("! pgrep -x apt-get && ! pgrep -x ssh", "apt and the ssh client's end", 60)
     final = guest.run("statemesh-node status --json", check=False)
@@ -131,18 +119,18 @@ def test_install_over_ssh_without_a_logind_session_returns_then_the_session_ends
               timeout=300)
     prepare_the_operators_way_in(guest, keep_apt_running=False)
     started = time.monotonic()
-    install_over_ssh(guest, "apt-get install -y statemesh-node")
+    terminal.run_over_ssh(guest, "apt-get install -y statemesh-node")
     guest.wait_for("pgrep -x apt-get", "the operator's apt-get", 120)
     assert not ssh_sessions(guest)  # no logind session: the case this test is for
     guest.wait_for("! pgrep -x apt-get", "apt-get's end", 900)
     measured("apt-get install over ssh without logind", f"{time.monotonic() - started:.0f} s")
     # apt has returned: the grace is over, and the session with it (the connection closes).
     guest.wait_for("! pgrep -x ssh", "the session's end", 60)
-    said = guest.run("cat /root/operator.log").stdout
+    said = guest.run(f"cat {terminal.OUTPUT}").stdout
     assert "statemesh-node: installed; every guarantee holds" in said, said
     assert "\nE: " not in said, said
     # The shell may be ended before it writes apt's status; if it wrote one, it is success.
-    assert guest.run("cat /root/operator.rc 2>/dev/null", check=False).stdout.strip() in ("", "0")
+    assert guest.run(f"cat {terminal.STATUS} 2>/dev/null", check=False).stdout.strip() in ("", "0")
     assert guest.run("dpkg-query -W -f '${db:Status-Abbrev}' statemesh-node").stdout.strip() \
         == "ii"
     final = guest.run("statemesh-node status --json", check=False)

@@ -33,6 +33,8 @@ def test_install_with_a_tpm_from_local_repository_then_purge_leaves_nothing(gues
 
     installed = guest.install()
     package.assert_installed_from_the_local_repository(guest, installed.stdout)
+    said = installed.stdout + installed.stderr
+    assert "statemesh-node:" not in said, said  # silent under DEBIAN_FRONTEND=noninteractive
 
     guest.run("apt-get purge -y statemesh-node", env={"DEBIAN_FRONTEND": "noninteractive"},
               timeout=600)

@@ -14,7 +14,7 @@ import pytest
 
 from harness.vm import driver
 from harness.vm.driver import Guest, SavedGuest
-from tests.vm import package, ports
+from tests.vm import package, ports, terminal
 
 ENV = {"DEBIAN_FRONTEND": "noninteractive"}
 SSH_UNITS = ("ssh.service", "ssh.socket", "sshd.service", "ssh@.service")
@@ -100,10 +100,11 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
         guest_factory: Callable[..., Guest], provisioned_node: SavedGuest, measured) -> None:
     """The whole life of a node: the operator's machine (sshd, gettys, a ufw of its own, every
     port answering, qemu-guest-agent running commands for the hypervisor's operator),
-    installed (locked down; the agent silent; only the mesh port answers, and only its
-    zone's peer, the host), tampered with, booted into single-user targets, rebooted into a
-    zone without the host (nothing answers it), purged (everything given back, nothing
-    left)."""
+    installed as operators do (over SSH, inside tmux, the connection dropped mid-install:
+    the pane finishes apt and prints the outcome), locked down (the agent silent; only the
+    mesh port answers, and only its zone's peer, the host), tampered with, booted into
+    single-user targets, rebooted into a zone without the host (nothing answers it), purged
+    (everything given back, nothing left)."""
     guest = guest_factory(forward_ports=ports.PORTS, saved=provisioned_node)
     assert enabled(guest, "ssh.service")["ssh.service"] == "enabled"
     assert active(guest, "ssh.service") == "active"
@@ -117,17 +118,30 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     ufw_before = ports.ufw_state(guest)
     guest.provision(ports.node_conf(f"{ports.HOST_AS_SEEN_BY_GUEST} 192.0.2.0/24"))
     root_before = root_password_status(guest)
+    terminal.authorize_a_key(guest)
     paths_before = package.system_paths(guest)
     core_pattern_before = guest.run(f"cat {CORE_PATTERN}").stdout
     started = time.monotonic()
-    installed = guest.run("apt-get install -y statemesh-node", env=ENV, timeout=900)
+    terminal.run_in_tmux_over_ssh(guest, "apt-get install -y statemesh-node")
+    guest.wait_for("pgrep -x apt-get && loginctl list-sessions --no-legend | grep -q .",
+                   "apt-get in tmux, in the operator's logind session", 120)
+    terminal.drop_the_connection(guest)
+    guest.wait_for("! pgrep -x apt-get", "apt-get's end in the tmux pane", 900)
     install_seconds = time.monotonic() - started
-    said = installed.stdout + installed.stderr
-    assert "statemesh-node:" not in said, said  # silent under DEBIAN_FRONTEND=noninteractive
-    package.assert_installed_from_the_local_repository(guest, installed.stdout)
+    said = guest.run(f"cat {terminal.OUTPUT}").stdout
+    assert "statemesh-node: installed; every guarantee holds" in said, said
+    assert "\nE: " not in said, said
+    # The pane's shell may be ended before it writes apt's status; if it wrote one, success.
+    assert guest.run(f"cat {terminal.STATUS} 2>/dev/null", check=False).stdout.strip() in ("", "0")
+    package.assert_installed_from_the_local_repository(guest, said)
+    assert package_status(guest) == "ii"
+    # apt has returned: the grace is over, the session with it, tmux and its pane too.
+    guest.wait_for("! pgrep -f '^tmux' && ! loginctl list-sessions --no-legend | grep -q .",
+                   "the installing session's end", 60)
     assert_locked_down(guest)
     steps = {e["event"]: e["time"] for e in events(guest)}
-    measured("apt-get install", f"{install_seconds:.1f} s wall, transaction in the guest "
+    measured("apt-get install (tmux over ssh, connection dropped)",
+             f"{install_seconds:.1f} s wall, transaction in the guest "
              f"{steps['state-installed'] - steps['state-installing']:.1f} s")
     # The hypervisor's operator's way in is gone with sshd: the agent is masked and stopped.
     assert enabled(guest, GUEST_AGENT)[GUEST_AGENT] == "masked"
