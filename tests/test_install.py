@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -84,20 +83,16 @@ def refused() -> Any:
     return Report(["interactive session 5 of bob on pts/3"], {})
 
 
-def events(book: journal.Journal) -> List[Dict[str, Any]]:
-    return [json.loads(line) for line in book.journal_path.read_text().splitlines()]
-
-
 def test_success_applies_in_order_and_reports_installed(book: journal.Journal) -> None:
     log: List[Any] = []
     steps = [Step(name, log) for name in ("ssh", "logins", "rescue", "storage")]
     install.transaction(book, steps, passed)
     assert log == [("apply", n) for n in ("ssh", "logins", "rescue", "storage")]
     assert book.state().state == journal.INSTALLED
-    names = [e["event"] for e in events(book)]
+    names = [e["event"] for e in book.events()]
     assert names[0] == "state-installing" and names[-1] == "state-installed"
     assert names.count("applied") == 4
-    assert {e["boot_id"] for e in events(book)} == {journal.boot_id()}
+    assert {e["boot_id"] for e in book.events()} == {journal.boot_id()}
 
 
 def test_preflight_refusal_changes_nothing(book: journal.Journal) -> None:
@@ -450,25 +445,32 @@ def test_no_installation_cuts_a_give_back_short(book: journal.Journal, boot: Boo
     assert install.boot_action(book, requested=False) == install.GIVE_BACK
 
 
-def test_the_helper_prints_the_refusal_the_unit_journaled_and_the_next_boot_leaves_it(
-        fakebus: FakeBus, book: journal.Journal, boot: Boot, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    """Preflight runs once, in the harden unit; the waiting helper prints its refusal. A
-    refusal of an earlier run is not this one's; and a refused machine is not installed by
-    the next boot behind the operator's back (the journal is not pristine any more)."""
+@pytest.fixture
+def helper(fakebus: FakeBus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeBus:
+    """The postinst's helper against the stand-in systemd, with the package's units: its
+    request file in a temp dir, this test process's signals and the host's /run untouched."""
     monkeypatch.setattr(install, "RUN_SYSTEMD", tmp_path)
     monkeypatch.setattr(install, "REQUEST", tmp_path / "statemesh-node/install-request")
     monkeypatch.setattr(install, "outlive_the_operators_signals", lambda: None)
     monkeypatch.setattr(grace, "record_installer", lambda pid: None)
     package_units(fakebus.systemd)
-    fakebus.systemd.failing["statemesh-harden.service"] = "failed"
+    return fakebus
+
+
+def test_the_helper_prints_the_refusal_the_unit_journaled_and_the_next_boot_leaves_it(
+        helper: FakeBus, book: journal.Journal, boot: Boot,
+        capsys: pytest.CaptureFixture) -> None:
+    """Preflight runs once, in the harden unit; the waiting helper prints its refusal. A
+    refusal of an earlier run is not this one's; and a refused machine is not installed by
+    the next boot behind the operator's back (the journal is not pristine any more)."""
+    helper.systemd.failing["statemesh-harden.service"] = "failed"
     book.record("preflight-refused", problems=["an earlier run's reason"])
     assert install.request_install(quiet=True, book=book) == 1
     err = capsys.readouterr().err
     assert "installation failed, the node is NOT installed" in err
     assert "an earlier run's reason" not in err
 
-    fakebus.systemd.after["RestartUnit"] = lambda args: book.record(
+    helper.systemd.after["RestartUnit"] = lambda args: book.record(
         "preflight-refused", problems=["interactive session 5 of bob on pts/3"])
     assert install.request_install(quiet=True, book=book) == 1
     err = capsys.readouterr().err
@@ -479,18 +481,13 @@ def test_the_helper_prints_the_refusal_the_unit_journaled_and_the_next_boot_leav
 
 
 def test_a_drop_in_on_the_harden_unit_is_refused_by_the_helper_without_starting_it(
-        fakebus: FakeBus, book: journal.Journal, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+        helper: FakeBus, book: journal.Journal, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
     """A drop-in planted on statemesh-harden.service would run instead of the unit's
     preflight: the helper finds it on the units it reads anyway, starts nothing, and gives
     every reason preflight finds."""
-    monkeypatch.setattr(install, "RUN_SYSTEMD", tmp_path)
-    monkeypatch.setattr(install, "REQUEST", tmp_path / "statemesh-node/install-request")
-    monkeypatch.setattr(install, "outlive_the_operators_signals", lambda: None)
-    monkeypatch.setattr(grace, "record_installer", lambda pid: None)
-    package_units(fakebus.systemd)
     dropin = "/etc/systemd/system/statemesh-harden.service.d/50-planted.conf"
-    fakebus.systemd.units["statemesh-harden.service"].dropins = [dropin]
+    helper.systemd.units["statemesh-harden.service"].dropins = [dropin]
     from statemesh.preflight import Report
     monkeypatch.setattr(install.preflight, "check", lambda: Report(
         [f"statemesh-harden.service has drop-ins: {dropin}", "another reason"], {}))
@@ -498,8 +495,8 @@ def test_a_drop_in_on_the_harden_unit_is_refused_by_the_helper_without_starting_
     err = capsys.readouterr().err
     assert f"  - statemesh-harden.service has drop-ins: {dropin}" in err
     assert "  - another reason" in err
-    assert "RestartUnit" not in [member for member, _args in fakebus.systemd.calls]
-    assert [e["event"] for e in events(book)] == ["preflight-refused"]
+    assert "RestartUnit" not in [member for member, _args in helper.systemd.calls]
+    assert [e["event"] for e in book.events()] == ["preflight-refused"]
 
 
 OUTLIVES_SIGNALS = """
