@@ -91,7 +91,8 @@ def begin_install_and_wait_midway(guest: Guest) -> None:
     start_in_background(guest, "bg-install",
                         "apt-get install -y statemesh-node > /root/install.log 2>&1; "
                         "echo $? > /root/install.rc")
-    guest.wait_for(f"grep -q '\"event\": \"applied\"' {JOURNAL}", "the first applied guarantee")
+    guest.wait_for(f"grep -q '\"event\": \"applied\"' {JOURNAL}", "the first applied guarantee",
+                   promptly=True)
 
 
 @pytest.mark.every_release
@@ -159,7 +160,8 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     # Tamper: unmasking ssh is undone by the listener, and logged.
     guest.run("systemctl unmask ssh.service")
     unmasked_at = time.monotonic()
-    guest.wait_for("test \"$(systemctl is-enabled ssh.service)\" = masked", "the re-mask", 60)
+    guest.wait_for("test \"$(systemctl is-enabled ssh.service)\" = masked", "the re-mask", 60,
+                   promptly=True)
     measured("tamper re-mask seen by the host after", f"{time.monotonic() - unmasked_at:.2f} s")
     # The listener journals the re-assert once its read-back has confirmed it.
     guest.wait_for(f"grep -q '\"event\": \"tamper-reasserted\", \"guarantee\": \"ssh\"' "
@@ -403,7 +405,7 @@ def interrupt_in_step(guest: Guest, command: str, step: str, signal: str) -> str
     guest.run("rm -f /root/job.rc /root/job.log && "
               f"systemd-run --unit=job-{signal.lower()} sh -c {driver.quote(job)}")
     guest.wait_for(f"test $(grep -cF {driver.quote(applying)} {JOURNAL}) -gt {before[0]}",
-                   f"the {step} step")
+                   f"the {step} step", promptly=True)
     guest.run(f"pgrep -f '{HELPER}'")  # the outcome is not out yet
     guest.run(f"python3 -c 'import os, signal, sys; os.killpg(int(sys.argv[1]), "
               f"signal.SIG{signal})' $(pgrep -o -x {command.split()[0]})")
@@ -473,7 +475,7 @@ def test_power_loss_midway_ends_installed_at_the_next_boot_with_nobody_logged_in
     guest = node
     start_in_background(guest, "bg-install", "apt-get install -y statemesh-node")
     guest.wait_for(f"grep -q '\"event\": \"apply\", \"guarantee\": \"{step}\"' {JOURNAL}",
-             f"the {step} step")
+                   f"the {step} step", promptly=True)
     guest.power_off_hard()
     guest.boot()
     guest.wait_until_booted()
