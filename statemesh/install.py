@@ -36,8 +36,8 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from statemesh import (dpkgdb, grace, guarantees, journal, ownunits, preflight, sdnotify,
-                       systemd)
+from statemesh import (dpkgdb, grace, guarantees, journal, leftrunning, ownunits, planted,
+                       preflight, sdnotify, systemd)
 from statemesh.config import NodeConfig
 from statemesh.guarantees import tamper, unitmask
 from statemesh.guarantees.base import FIREWALL_UNIT, HARDEN_UNIT, Finding, Guarantee
@@ -452,9 +452,12 @@ def dpkg_state(dpkg_dir: Path = dpkgdb.DPKG_DIR) -> str:
 
 
 def installation_finding(book: journal.Journal, dpkg_dir: Path = dpkgdb.DPKG_DIR,
-                         grace_path: Path = grace.GRACE_PATH) -> Finding:
+                         grace_path: Path = grace.GRACE_PATH,
+                         transient_units: Path = leftrunning.TRANSIENT_UNITS,
+                         sessions: Path = leftrunning.LOGIND_SESSIONS) -> Finding:
     """Where the installation stands, for status: it holds only on an installed node that
-    spares no installing session any more; when the node was installed at boot after an
+    spares no installing session any more and runs no unit started by hand (one the spared
+    session started lives on after it); when the node was installed at boot after an
     interruption, dpkg's state lags until the next apt run, and the detail says so."""
     try:
         state = book.state()
@@ -475,6 +478,13 @@ def installation_finding(book: journal.Journal, dpkg_dir: Path = dpkgdb.DPKG_DIR
         return Finding("installation", False,
                        f"{detail}, but the installing session is still spared: "
                        f"{spared.describe()}", facts)
+    facts["started_by_hand"] = leftrunning.left_running(leftrunning.logind_sessions(
+        sessions), [], transient_units)
+    if facts["started_by_hand"]:
+        return Finding("installation", False,
+                       f"{detail}, but units started by hand keep running as root: "
+                       f"{planted.named(facts['started_by_hand'])} (the next boot ends them)",
+                       facts)
     return Finding("installation", True, detail, facts)
 
 

@@ -9,12 +9,12 @@ the package manager recorded by the installer (statemesh.grace), or, when prefli
 by hand, the caller's own; the watchdog ends it once the package manager has exited.
 Refused too when one of the package's own units is not what the package shipped (a drop-in
 or an overriding unit planted before installing: statemesh.ownunits), when a swap other
-than zram is active (workload memory would reach a disk: statemesh.guarantees.memory), and
-when code or jobs are planted for root's programs to load or run later (statemesh.planted,
-statemesh.jobs).
+than zram is active (workload memory would reach a disk: statemesh.guarantees.memory), when
+code or jobs are planted for root's programs to load or run later (statemesh.planted,
+statemesh.jobs), and when a unit started by hand runs (statemesh.leftrunning).
 
 Only reads: /etc/os-release, /proc/1/comm, /proc/swaps, utmp, what statemesh.planted reads,
-and systemd/logind over D-Bus.
+/run/systemd/transient, and systemd/logind over D-Bus.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import psutil
 
-from statemesh import apthooks, dpkgdb, grace, jobs, ownunits, planted, proc, systemd
+from statemesh import apthooks, dpkgdb, grace, jobs, leftrunning, ownunits, planted, proc, systemd
 from statemesh.guarantees import memory
 from statemesh.watchdog import terminals
 
@@ -244,10 +244,19 @@ def planted_for_later(environment: List[str]) -> List[str]:
     return planted.problems(environment, files) + jobs.problems(files) + apthooks.problems(files)
 
 
+def installation_lineage(installer: Optional[grace.Grace]) -> FrozenSet[int]:
+    """The package manager and what it descends from; run by hand, this process's own."""
+    if installer is not None:
+        return installer.lineage()
+    this = psutil.Process()
+    return frozenset([this.pid, *(parent.pid for parent in this.parents())])
+
+
 def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path = UTMP,
           grace_path: Path = grace.GRACE_PATH, swaps: Path = SWAPS,
           holders: Callable[[], List[Tuple[int, int, str]]] = pty_holders,
-          planted_problems: Callable[[List[str]], List[str]] = planted_for_later) -> Report:
+          planted_problems: Callable[[List[str]], List[str]] = planted_for_later,
+          transient_units: Path = leftrunning.TRANSIENT_UNITS) -> Report:
     """Every reason to refuse the installation (read-only)."""
     problems: List[str] = []
     release_problem, release = os_problem(os_release)
@@ -271,7 +280,10 @@ def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path
     facts["logins"] = [dataclasses.asdict(login) for login in logins]
     seen = [s.tty for s in bus.sessions if s.tty]
     problems += utmp_problems(logins, own, seen)
-    problems += terminal_problems(holders(), own, grace.current(grace_path))
+    installer = grace.current(grace_path)
+    problems += terminal_problems(holders(), own, installer)
+    problems += leftrunning.problems([s.id for s in bus.sessions],
+                                     installation_lineage(installer), transient_units)
     problems += [f"swap on {area} is not compressed RAM: workload memory would reach a disk "
                  "(swapoff it and remove it from /etc/fstab, or use zram)"
                  for area in memory.plain_swaps(swaps)]

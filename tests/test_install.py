@@ -276,7 +276,7 @@ def test_an_interrupted_installation_is_run_again_at_boot(book: journal.Journal,
     assert install.act(book, steps, requested=False, listen=False, check_preflight=passed) == 0
     assert log == [("apply", "ssh"), ("apply", "firewall"), ("apply", "storage")]
     assert book.state().installed and book.state().attempt == 2
-    assert install.installation_finding(book).holds
+    assert install.installation_finding(book, transient_units=boot.path.parent / "none").holds
 
 
 def test_a_retry_at_boot_that_fails_gives_the_machine_back_at_once(book: journal.Journal,
@@ -352,10 +352,11 @@ def test_status_says_when_dpkg_lags_behind_an_installation_completed_at_boot(
     status_file = tmp_path / "status"
     install.transaction(book, [Step("ssh", [])], passed)
     status_file.write_text(DPKG_STATUS.format("installed"))
-    finding = install.installation_finding(book, tmp_path)
+    no_units = tmp_path / "no-units"
+    finding = install.installation_finding(book, tmp_path, transient_units=no_units)
     assert finding.holds and finding.detail.startswith("installed (version ")
     status_file.write_text(DPKG_STATUS.format("half-configured"))
-    finding = install.installation_finding(book, tmp_path)
+    finding = install.installation_finding(book, tmp_path, transient_units=no_units)
     assert finding.holds and "dpkg still has the package half-configured" in finding.detail
 
 
@@ -383,8 +384,31 @@ def test_an_installed_node_that_still_spares_the_installing_session_does_not_hol
     assert "the installing session is still spared" in finding.detail
     assert f"of pid {os.getpid()} " in finding.detail and "until the transaction ends" in finding.detail
     grace.end_after(0, record)
-    finding = install.installation_finding(book, tmp_path, record)
+    finding = install.installation_finding(book, tmp_path, record, tmp_path / "no-units")
     assert finding.holds and finding.facts["spared_session"] is None
+
+
+def test_a_unit_the_spared_session_started_by_hand_fails_the_installation(
+        book: journal.Journal, tmp_path: Path) -> None:
+    """The installing session may run anything while it is spared (another tmux window);
+    a unit it started with systemd-run outlives it: status says so until the next boot."""
+    (tmp_path / "status").write_text(DPKG_STATUS.format("installed"))
+    record = tmp_path / "install-grace.json"
+    install.transaction(book, [Step("ssh", [])], passed)
+    transient, sessions = tmp_path / "transient", tmp_path / "sessions"
+    transient.mkdir()
+    sessions.mkdir()
+    (sessions / "4").write_text("")
+    for unit in ("session-4.scope", "user-0.slice", "left-behind.service"):
+        (transient / unit).write_text("")
+    finding = install.installation_finding(book, tmp_path, record, transient, sessions)
+    assert not finding.holds
+    assert finding.detail == (
+        "installed (version 0.1.0), but units started by hand keep running as root: "
+        "left-behind.service (nothing runs in it now; it may start again) (the next boot "
+        "ends them)")
+    (transient / "left-behind.service").unlink()
+    assert install.installation_finding(book, tmp_path, record, transient, sessions).holds
 
 
 def test_the_transaction_stamps_the_grace_deadline_installed_or_not(

@@ -22,7 +22,7 @@ PORTS = (MESH, SSH, OTHER)
 HOST_AS_SEEN_BY_GUEST = "10.0.2.2/32"
 
 LISTENER_PATH = "/usr/local/sbin/statemesh-test-listener"
-# Test-only service in the guest: greet every connection with a line naming the port.
+# Test-only listener in the guest: greet every connection with a line naming the port.
 LISTENER = b'''#!/usr/bin/python3
 import socket, sys, threading
 
@@ -65,7 +65,9 @@ def serve_all_ports(guest: Guest) -> None:
     if missing:
         guest.put(LISTENER_PATH, LISTENER, mode=0o755)
         words = " ".join(map(str, missing))
-        guest.run(f"systemd-run --unit=statemesh-test-listener-$$ {LISTENER_PATH} {words}")
+        # Detached, in the test agent's cgroup: a unit started by hand would be refused by
+        # preflight as left running.
+        guest.run(f"setsid -f {LISTENER_PATH} {words} < /dev/null > /dev/null 2>&1")
         guest.run("for i in $(seq 100); do "
                   + " && ".join(f"ss -Hltn 'sport = :{p}' | grep -q ." for p in missing)
                   + " && exit 0; sleep 0.1; done; exit 1")
@@ -74,7 +76,9 @@ def serve_all_ports(guest: Guest) -> None:
 
 def stop_serving(guest: Guest) -> None:
     """Stop the test's listeners (sshd, given back, must get port 22 again)."""
-    guest.run("systemctl stop 'statemesh-test-listener-*'")
+    running = f"pgrep -f '^/usr/bin/python3 {LISTENER_PATH}' > /dev/null"
+    guest.run(f"pkill -f '^/usr/bin/python3 {LISTENER_PATH}'; "
+              f"for i in $(seq 100); do {running} || exit 0; sleep 0.1; done; exit 1")
 
 
 def ufw_state(guest: Guest) -> str:

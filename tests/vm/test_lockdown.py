@@ -7,6 +7,7 @@ next boot."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Callable, Dict, List
 
@@ -102,7 +103,8 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     """The whole life of a node: the operator's machine (sshd, gettys, a ufw of its own, every
     port answering, qemu-guest-agent running commands for the hypervisor's operator),
     installed as operators do (over SSH, inside tmux, the connection dropped mid-install:
-    the pane finishes apt and prints the outcome), locked down (the agent silent; only the
+    the pane finishes apt and prints the outcome; a unit the spared session started by
+    hand is named by status), locked down (the agent silent; only the
     mesh port answers, and only its zone's peer, the host), tampered with, booted into
     single-user targets, rebooted into a zone without the host (nothing answers it), purged
     (everything given back, nothing left)."""
@@ -127,6 +129,9 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     guest.wait_for("pgrep -x apt-get && loginctl list-sessions --no-legend | grep -q .",
                    "apt-get in tmux, in the operator's logind session", 120)
     terminal.drop_the_connection(guest)
+    # While spared, the session starts a unit by hand from another tmux window: it outlives
+    # the session, so status must say so.
+    guest.run("tmux new-window -d -t install 'systemd-run --unit=left-behind sleep 1644'")
     guest.wait_for("! pgrep -x apt-get", "apt-get's end in the tmux pane", 900)
     install_seconds = time.monotonic() - started
     said = guest.run(f"cat {terminal.OUTPUT}").stdout
@@ -139,6 +144,11 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     # apt has returned: the grace is over, the session with it, tmux and its pane too.
     guest.wait_for("! pgrep -f '^tmux' && ! loginctl list-sessions --no-legend | grep -q .",
                    "the installing session's end", 60)
+    installation = status(guest)["installation"]
+    assert not installation["holds"], installation
+    assert re.search(r"but units started by hand keep running as root: left-behind\.service: "
+                     r"pid [0-9]+ \(/usr/bin/sleep 1644\)", installation["detail"]), installation
+    guest.run("systemctl stop left-behind.service")  # on a node, the next boot ends it
     assert_locked_down(guest)
     steps = {e["event"]: e["time"] for e in events(guest)}
     measured("apt-get install (tmux over ssh, connection dropped)",
@@ -250,6 +260,9 @@ def plant_jobs_for_later(guest: Guest) -> None:
     guest.put("/var/spool/cron/atjobs/a00001019a2b3c", b"#!/bin/sh\n/root/way-in\n", mode=0o700)
     guest.put("/etc/cron.d/way-in", b"* * * * * root /root/way-in\n")
     guest.run("systemd-run --unit=way-in --on-calendar=hourly /bin/true")
+    # Started by hand and left running: it would dial out and hand over a shell (here it
+    # only sleeps); gone at the next boot, but nothing of the lockdown ends it before.
+    guest.run("systemd-run --unit=dial-out sleep 1642")
     # A service that would dial out and hand over a shell (here it only sleeps), linked in
     # from root's home and enabled; and a drop-in adding a command to a packaged service.
     guest.put("/root/way-back.service", b"[Service]\nExecStart=/bin/sleep infinity\n"
@@ -312,6 +325,8 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     "/var/spool/cron/atjobs/a00001019a2b3c",
                     "cron jobs not as a package installed them: /etc/cron.d/way-in",
                     "systemd timers no package installed: /run/systemd/transient/way-in.timer",
+                    "units started by hand (systemd-run), which would keep running as root "
+                    "after the lockdown: dial-out.service: pid ",
                     "systemd units no package installed, which would run as root: "
                     "/etc/systemd/system/way-back.service (",
                     "systemd drop-ins no package installed, which change what a unit runs: "
@@ -325,6 +340,7 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     f"dpkg configuration {DPKG_HOOK} runs commands as root at every dpkg run "
                     "and no package installed it so: post-invoke ("):
         assert planted in said, said
+    assert re.search(r"dial-out\.service: pid [0-9]+ \(/usr/bin/sleep 1642\)", said), said
     # Root's other Python programs ran it (dpkg's py3compile among them); the package's
     # own processes, /usr/bin/statemesh-node, did not.
     ran = guest.run(f"cat {RAN}").stdout
@@ -412,6 +428,7 @@ def interrupt_in_step(guest: Guest, command: str, step: str, signal: str) -> str
     guest.wait_for(f"test $(grep -cF {driver.quote(INSTALLED)} {JOURNAL}) -gt {before[1]} "
                    f"&& test -e /root/job.rc && ! pgrep -f '{HELPER}'", "the transaction's end",
                    600)
+    guest.run(f"systemctl stop job-{signal.lower()}")  # the terminal the job ran in, closed
     return guest.run("cat /root/job.log").stdout
 
 
