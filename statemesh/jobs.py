@@ -8,9 +8,10 @@ a machine with any crontab or at job (a node runs no user's jobs), with cron's s
 tables not as their packages installed them, with a systemd service, socket, path, mount,
 automount unit, timer or generator no package installed (transient timers included,
 `systemd-run --on-calendar`), with a drop-in no package installed for any such unit or a
-target, or with what systemd runs at boot without a unit file (an init script no package
-installed, an executable /etc/rc.local, a lingering user), naming each and how to remove
-it.
+target, with what systemd runs at boot without a unit file (an init script no package
+installed, an executable /etc/rc.local, a lingering user), or with a hook of a packaged
+program (kernel and initramfs updates, needrestart, logrotate, udev, modprobe, network
+events) no package installed as it is, naming each and how to remove it.
 
 Only reads files and dpkg's database (statemesh.dpkgdb).
 """
@@ -67,6 +68,29 @@ GENERATOR_GLOBS = ("/etc/systemd/system-generators/*", "/run/systemd/system-gene
                    "/etc/systemd/system-environment-generators/*",
                    "/usr/local/lib/systemd/system-environment-generators/*",
                    "/usr/lib/systemd/system-environment-generators/*")
+# Packaged programs' hooks and configuration that run commands as root later, with no
+# terminal: kernel packages' hooks and initramfs-tools' (hooks, scripts, and conf.d, which is
+# sourced as shell) at every kernel or initramfs update, which unattended-upgrades installs,
+# and the initramfs's scripts at every boot; needrestart's after every upgrade (its
+# configuration is Perl); logrotate's every day (postrotate); udev's rules at device events
+# (RUN+=); modprobe's install commands at module loads; ifupdown's, dhclient's,
+# NetworkManager's and networkd-dispatcher's at network events.
+HOOK_GLOBS = ("/etc/kernel/*.d/*",
+              "/etc/initramfs-tools/initramfs.conf", "/etc/initramfs-tools/update-initramfs.conf",
+              "/etc/initramfs-tools/conf.d/*", "/etc/initramfs-tools/hooks/*",
+              "/etc/initramfs-tools/scripts/*", "/etc/initramfs-tools/scripts/*/*",
+              "/usr/share/initramfs-tools/conf.d/*", "/usr/share/initramfs-tools/conf-hooks.d/*",
+              "/usr/share/initramfs-tools/hooks/*", "/usr/share/initramfs-tools/scripts/*",
+              "/usr/share/initramfs-tools/scripts/*/*",
+              "/etc/needrestart/needrestart.conf", "/etc/needrestart/*.d/*",
+              "/etc/logrotate.conf", "/etc/logrotate.d/*",
+              "/etc/udev/rules.d/*", "/run/udev/rules.d/*", "/usr/local/lib/udev/rules.d/*",
+              "/usr/lib/udev/rules.d/*", "/lib/udev/rules.d/*",
+              "/etc/modprobe.d/*", "/run/modprobe.d/*", "/usr/local/lib/modprobe.d/*",
+              "/usr/lib/modprobe.d/*", "/lib/modprobe.d/*",
+              "/etc/network/if-*.d/*", "/etc/dhcp/dhclient-enter-hooks.d/*",
+              "/etc/dhcp/dhclient-exit-hooks.d/*", "/etc/NetworkManager/dispatcher.d/*",
+              "/etc/NetworkManager/dispatcher.d/*/*", "/etc/networkd-dispatcher/*/*")
 AT_SEQUENCE = ".SEQ"  # at's job counter, not a job
 MASKED = "/dev/null"  # what a masked unit's file links to: it cannot run
 
@@ -120,7 +144,7 @@ def _foreign(patterns: Sequence[str], files: Dict[str, str]) -> List[str]:
     for pattern in patterns:
         for path in glob.glob(pattern):
             real = os.path.realpath(path)
-            if real == MASKED or real in found or not os.path.exists(path):
+            if real == MASKED or real in found or not os.path.exists(path) or os.path.isdir(real):
                 continue
             if not as_installed(path, files):
                 found[real] = path
@@ -184,7 +208,17 @@ def boot_script_problems(files: Dict[str, str], init_globs: Sequence[str] = INIT
     return problems
 
 
+def hook_problems(files: Dict[str, str], hook_globs: Sequence[str] = HOOK_GLOBS) -> List[str]:
+    """Packaged programs' hooks and command-running configuration not as a package installed
+    them (a changed conffile included)."""
+    return _foreign_findings(
+        files, (hook_globs, "hooks of packaged programs not as a package installed them, run "
+                "as root later (kernel and initramfs updates, the initramfs at boot, "
+                "needrestart, logrotate, udev, modprobe, network events)",
+                "remove them, or reinstall their package"))
+
+
 def problems(files: Dict[str, str]) -> List[str]:
     """Every planted job preflight refuses, given what dpkg installed."""
     return (spool_problems() + table_problems(files) + timer_problems(files)
-            + unit_problems(files) + boot_script_problems(files))
+            + unit_problems(files) + boot_script_problems(files) + hook_problems(files))

@@ -129,3 +129,27 @@ def test_init_scripts_rc_local_and_lingering_users(tmp_path: Path) -> None:
         f"{rc_local}, or remove it)",
         "users whose service manager starts at boot without a login: root "
         "(loginctl disable-linger USER)"]
+
+
+def test_hooks_of_packaged_programs_not_as_installed(tmp_path: Path) -> None:
+    """A kernel hook, an initramfs conf.d file (sourced as shell), a udev rule with RUN+=,
+    a changed logrotate conffile; directories and what dpkg installed unchanged are not."""
+    kernel, conf_d, rules, logrotate = (tmp_path / "postinst.d", tmp_path / "conf.d",
+                                        tmp_path / "rules.d", tmp_path / "logrotate.d")
+    for directory in (kernel, conf_d, rules, logrotate):
+        directory.mkdir()
+    shipped = b"/var/log/apt/term.log {\n  rotate 12\n}\n"
+    (logrotate / "apt").write_bytes(shipped)
+    (conf_d / "subdirectory").mkdir()  # a directory is not a hook to judge
+    files = {str(logrotate / "apt"): hashlib.md5(shipped).hexdigest()}
+    globs = tuple(f"{directory}/*" for directory in (kernel, conf_d, rules, logrotate))
+    assert jobs.hook_problems(files, globs) == []
+    (kernel / "zz-way-in").write_text("#!/bin/sh\n/root/way-in\n")
+    (conf_d / "way-in.conf").write_text("/root/way-in\n")
+    (rules / "99-way-in.rules").write_text('ACTION=="add", RUN+="/root/way-in"\n')
+    (logrotate / "apt").write_bytes(shipped + b"postrotate\n/root/way-in\nendscript\n")
+    assert jobs.hook_problems(files, globs) == [
+        "hooks of packaged programs not as a package installed them, run as root later "
+        "(kernel and initramfs updates, the initramfs at boot, needrestart, logrotate, udev, "
+        f"modprobe, network events): {conf_d}/way-in.conf, {logrotate}/apt, "
+        f"{kernel}/zz-way-in and 1 more (remove them, or reinstall their package)"]

@@ -250,11 +250,14 @@ WAY_BACK_DROPIN = "/etc/systemd/system/unattended-upgrades.service.d/50-way-back
 FORGED_PURGE_DROPIN = "/run/systemd/system/statemesh-watchdog.service.d/50-statemesh-purge.conf"
 APT_HOOK = "/etc/apt/apt.conf.d/99way-back"
 DPKG_HOOK = "/etc/dpkg/dpkg.cfg.d/way-back"
+KERNEL_HOOK = "/etc/kernel/postinst.d/zz-way-in"
+UDEV_RULE = "/etc/udev/rules.d/99-way-in.rules"
 
 
 def plant_jobs_for_later(guest: Guest) -> None:
     """Root's jobs for after the lockdown: cron (a crontab and a system table), at, a timer,
-    a service and a drop-in, boot scripts, apt's and dpkg's hooks."""
+    a service and a drop-in, boot scripts, apt's and dpkg's hooks, a kernel hook and a udev
+    rule."""
     guest.run("mkdir -p /var/spool/cron/crontabs /var/spool/cron/atjobs /etc/cron.d")
     guest.put("/var/spool/cron/crontabs/root", b"@reboot /root/way-in\n", mode=0o600)
     guest.put("/var/spool/cron/atjobs/a00001019a2b3c", b"#!/bin/sh\n/root/way-in\n", mode=0o700)
@@ -282,6 +285,10 @@ def plant_jobs_for_later(guest: Guest) -> None:
     # since they run during this test's own apt-get.
     guest.put(APT_HOOK, b'DPkg::Post-Invoke {"/bin/true";};\n')
     guest.put(DPKG_HOOK, b"post-invoke=/bin/true\n")
+    # Hooks of packaged programs: a kernel update's, and udev's at every device event.
+    guest.run(f"mkdir -p {KERNEL_HOOK.rsplit('/', 1)[0]} {UDEV_RULE.rsplit('/', 1)[0]}")
+    guest.put(KERNEL_HOOK, b"#!/bin/sh\n/root/way-in\n", mode=0o755)
+    guest.put(UDEV_RULE, b'ACTION=="add", RUN+="/root/way-in"\n')
 
 
 @pytest.mark.cost(200)
@@ -338,7 +345,10 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     f"apt configuration {APT_HOOK} runs commands as root at every apt run and "
                     "no package installed it so: DPkg::Post-Invoke (",
                     f"dpkg configuration {DPKG_HOOK} runs commands as root at every dpkg run "
-                    "and no package installed it so: post-invoke ("):
+                    "and no package installed it so: post-invoke (",
+                    "hooks of packaged programs not as a package installed them, run as root "
+                    "later (kernel and initramfs updates, the initramfs at boot, needrestart, "
+                    f"logrotate, udev, modprobe, network events): {KERNEL_HOOK}, {UDEV_RULE} ("):
         assert planted in said, said
     assert re.search(r"dial-out\.service: pid [0-9]+ \(/usr/bin/sleep 1642\)", said), said
     # Root's other Python programs ran it (dpkg's py3compile among them); the package's
