@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import io
 import json
 import os
 import select
@@ -22,7 +23,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from statemesh import grace, proc
 from statemesh.watchdog import daemon as watchdog_module
@@ -406,8 +407,9 @@ class FakeSession:
 class FakeLogind:
     """Records what the watchdog asks of logind, instead of asking this host's."""
 
-    def __init__(self, sessions: List[FakeSession]):
+    def __init__(self, sessions: List[FakeSession], vanished: Tuple[str, ...] = ()):
         self.sessions = sessions
+        self.vanished = vanished  # listed, but gone by the time they are ended
         self.calls: List[List[Any]] = []
         self.callback: Optional[Callable[[str], Any]] = None
 
@@ -419,6 +421,8 @@ class FakeLogind:
 
     async def kill_session(self, session_id: str, signal_number: int) -> None:
         self.calls.append(["kill", session_id, signal_number])
+        if session_id in self.vanished:
+            raise LookupError(f"No session '{session_id}' known")
 
     def on_session_new(self, callback: Callable[[str], Any]) -> None:
         self.callback = callback
@@ -446,23 +450,27 @@ def logind_sessions(devpts: str) -> Dict[str, Any]:
         FakeSession("3", remote=True),
         FakeSession("4", type="x11"),
         FakeSession("5", remote=True, scope="workload.scope"),
-    ])
+        FakeSession("7", type="tty", tty="tty2"),  # gone with its last process meanwhile
+    ], vanished=("7",))
 
     async def connect() -> FakeLogind:
         return fake
 
     async def scenario() -> None:
         task = asyncio.get_running_loop().create_task(Watchdog(settings, connect).run())
-        await _until(lambda: fake.callback is not None and len(fake.calls) == 7)
+        await _until(lambda: fake.callback is not None and len(fake.calls) == 8)
         fake.sessions.append(FakeSession("6", type="tty", tty="pts/4"))
         assert fake.callback is not None
         fake.callback("6")
-        await _until(lambda: len(fake.calls) == 9)
+        await _until(lambda: len(fake.calls) == 10)
         task.cancel()
 
-    asyncio.run(scenario())
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):  # the watchdog's JSON lines
+        asyncio.run(scenario())
     ended = [call[1] for call in fake.calls if call[0] == "terminate"]
-    return {"ended": ended, "calls": fake.calls}
+    return {"ended": ended, "calls": fake.calls,
+            "log": [json.loads(line) for line in said.getvalue().splitlines()]}
 
 
 def _notified(state: Dict[str, Any], timeout: float) -> Optional[bytes]:

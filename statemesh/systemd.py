@@ -71,8 +71,9 @@ class AccessDeniedError(SystemdError):
     """The bus policy or polkit refused the call (not root, most likely)."""
 
 
-class UnknownUnitError(SystemdError):
-    """No unit (or session) of that name."""
+class UnknownUnitError(SystemdError, LookupError):
+    """No unit (or session) of that name. A LookupError too: callers that must not import
+    the D-Bus client (the watchdog's session manager protocol) can still tell it apart."""
 
 
 class JobFailedError(SystemdError):

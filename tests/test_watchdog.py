@@ -152,6 +152,10 @@ def test_logind_sessions_are_terminated_unless_spared() -> None:
     result = run_scenario(f"{SCENARIOS}:logind_sessions")
     assert result["ended"] == ["2", "3", "4", "6"]
     assert result["calls"][:3] == [["subscribed"], ["kill", "2", 9], ["terminate", "2"]]
+    # A session logind no longer knows ended by itself: the goal, not an error.
+    assert ["kill", "7", 9] in result["calls"]
+    assert [line["session"] for line in result["log"] if line["event"] == "session-gone"] == ["7"]
+    assert not [line for line in result["log"] if line["event"] == "error"], result["log"]
 
 
 # -- the command line ----------------------------------------------------------------------

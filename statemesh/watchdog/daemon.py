@@ -479,7 +479,10 @@ class Watchdog:
         try:
             await asyncio.wait_for(sessions.kill_session(session_id, signal.SIGKILL), LOGIND_TIMEOUT)
             await asyncio.wait_for(sessions.terminate_session(session_id), LOGIND_TIMEOUT)
-        except Exception as error:  # noqa: BLE001 - a vanished session or bus must not stop us
+        except LookupError:  # logind knows it no more: it ended with its last process
+            log("session-gone", session=session_id, why=why)
+            return
+        except Exception as error:  # noqa: BLE001 - a failing bus must not stop us
             log("error", what=f"terminating logind session {session_id}", error=str(error))
             return
         log("terminate-session", session=session_id, why=why)
