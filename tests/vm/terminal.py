@@ -47,4 +47,5 @@ def run_in_tmux_over_ssh(guest: Guest, command: str) -> None:
 
 def drop_the_connection(guest: Guest) -> None:
     """The operator's connection is gone (a laptop closed, a network lost): the client dies."""
-    guest.run("kill -KILL -- -$(ps -o sid= -p $(pgrep -o -x ssh) | tr -d ' ')")  # its group
+    # Everything of the session setsid made for it: the client and its input's sleep.
+    guest.run("pkill -KILL -s $(ps -o sid= -p $(pgrep -o -x ssh))")
