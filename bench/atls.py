@@ -32,6 +32,7 @@ from typing import Callable, List, Tuple
 
 from OpenSSL import SSL
 
+from harness.nodestates import installed_node_state
 from harness.swtpm import SwTpm, provision_with_ca
 from statemesh.attest import atls
 from statemesh.attest.attester import Attester
@@ -56,7 +57,7 @@ def _plain_server(listener: socket.socket, identity: atls.TlsIdentity) -> None:
 
 def _serve(tcti: str, node_ca: Path, ports: "multiprocessing.Queue[Tuple[int, int]]") -> None:
     """The node: an aTLS endpoint and a plain TLS 1.3 endpoint."""
-    attester = Attester(Tpm(tcti), "tpm", "bench", PCRS, node_ca)
+    attester = Attester(Tpm(tcti), "tpm", "bench", PCRS, node_ca, node_state=installed_node_state)
     identity = atls.TlsIdentity.generate(attester.node_id)
     limiter = atls.QuoteLimiter(rate=1e6, per_source_rate=1e6, max_waiting=64)
     server = atls.AtlsServer(("127.0.0.1", 0), attester, identity, limiter=limiter)
@@ -131,7 +132,7 @@ def main() -> int:
                 atls_ms += _timed(attested, 1)
                 plain_ms += _timed(lambda: _plain_client(plain_port, plain_context), 1)
                 quote_ms += _timed(lambda: tpm.quote(PCRS, secrets.token_bytes(32)), 1)
-            attester = Attester(tpm, "tpm", "bench", PCRS, node_ca)
+            attester = Attester(tpm, "tpm", "bench", PCRS, node_ca, node_state=installed_node_state)
             want = Expected(*(secrets.token_bytes(32) for _ in range(3)))
             data = attester.evidence(want.nonce, want.tls_spki_sha256, want.session_binding)
         start = time.process_time()

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Counter, List
 
+from harness.nodestates import installed_node_state
 from harness.swtpm import SwTpm, provision_with_ca
 from statemesh.attest import evidence
 from statemesh.attest.attester import Attester
@@ -154,7 +155,7 @@ def main() -> int:
         sw = SwTpm(work / "state")
         want = Expected(*(secrets.token_bytes(32) for _ in range(3)))
         with Tpm(sw.tcti) as tpm:
-            attester = Attester(tpm, "tpm", "fuzz", PCRS, ca_dir)
+            attester = Attester(tpm, "tpm", "fuzz", PCRS, ca_dir, node_state=installed_node_state)
             genuine = attester.evidence(want.nonce, want.tls_spki_sha256, want.session_binding)
         verifier = Verifier(Policy(frozenset({"tpm", "weak"}), None, ca_dir))
         verifier.check(genuine, want)  # the starting point is accepted

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from harness.nodestates import installed_node_state as ready_state
 from harness.swtpm import SwTpm, provision_with_ca
 from statemesh.attest.attester import Attester
 from statemesh.attest.tpm import Tpm

@@ -19,7 +19,7 @@ from statemesh.attest import atls
 from statemesh.attest.attester import Attester
 from statemesh.attest.refusals import ClassRefused, ProtocolError, SessionMismatch, TlsKeyMismatch
 from statemesh.attest.verifier import Verifier
-from tests.attest_fixtures import PCRS, TpmWorld, policy, world
+from tests.attest_fixtures import PCRS, TpmWorld, policy, ready_state, world
 
 __all__ = ["world"]
 
@@ -48,7 +48,8 @@ class Running:
 
 @pytest.fixture
 def node(world: TpmWorld) -> Attester:
-    return Attester(world.trusted, "tpm", "eu-west", PCRS, world.node_ca_dir)
+    return Attester(world.trusted, "tpm", "eu-west", PCRS, world.node_ca_dir,
+                    node_state=ready_state)
 
 
 @pytest.fixture
@@ -113,7 +114,7 @@ def test_optional_mutual_endpoint_serves_customers_and_verifies_peers(world: Tpm
     running = Running(server)
     try:
         atls.connect(running.address, Verifier(policy(world.ca_dir)), _client()).close()
-        weak = Attester(world.bare, "weak", "us-east", PCRS, world.ca_dir)
+        weak = Attester(world.bare, "weak", "us-east", PCRS, world.ca_dir, node_state=ready_state)
         atls.connect(running.address, Verifier(policy(world.ca_dir)), _client(), attester=weak).close()
         _wait_handled(seen, 2)
     finally:
@@ -137,7 +138,7 @@ def test_mutual_atls_between_a_tpm_node_and_a_weak_node(world: TpmWorld, node: A
                              handler=lambda c: seen.append(c.peer))
     running = Running(server)
     try:
-        weak = Attester(world.bare, "weak", "us-east", PCRS, world.ca_dir)
+        weak = Attester(world.bare, "weak", "us-east", PCRS, world.ca_dir, node_state=ready_state)
         connection = atls.connect(running.address, Verifier(policy(world.ca_dir)),
                                   atls.TlsIdentity.generate("peer"), attester=weak)
         assert connection.peer is not None and connection.peer.evidence.security_class == "tpm"
@@ -291,7 +292,7 @@ def test_verify_command_refuses_a_weak_node_unless_allowed_and_flags_it(
         world: TpmWorld, capsys: pytest.CaptureFixture) -> None:
     """A weak node's vTPM proves nothing about the host: the built-in policy refuses it;
     --allow-weak accepts it and the report still says what it is."""
-    weak = Attester(world.bare, "weak", "us-east", PCRS, world.ca_dir)
+    weak = Attester(world.bare, "weak", "us-east", PCRS, world.ca_dir, node_state=ready_state)
     running = Running(atls.AtlsServer(("127.0.0.1", 0), weak, atls.TlsIdentity.generate("weak")))
     target = f"{running.address[0]}:{running.address[1]}"
     try:

@@ -4,30 +4,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from statemesh.attest import evidence
 from statemesh.attest.attester import Attester
+from statemesh.attest.evidence import NodeState, StateCheck
 from statemesh.attest.refusals import (
-    AkNotBound, ClaimsNotSigned, ClassRefused, EkChainInvalid, EkUntrusted, NonceMismatch,
-    PcrDigestMismatch,
-    PcrPolicyViolation, SessionMismatch, SignatureInvalid, StaleEvidence, TlsKeyMismatch,
-    ZoneRefused,
+    AkNotBound, ClaimsNotSigned, ClassRefused, EkChainInvalid, EkUntrusted, NodeNotReady,
+    NonceMismatch, PcrDigestMismatch, PcrPolicyViolation, SessionMismatch, SignatureInvalid,
+    StaleEvidence, StaleNodeState, TlsKeyMismatch, ZoneRefused,
 )
 from statemesh.attest.tpm import TpmError
 from statemesh.attest.verifier import (
     Expected, PcrExpectation, PolicyError, Verifier, load_policy, parse_policy,
 )
-from tests.attest_fixtures import PCRS, TpmWorld, attest, expected, full_check, policy, world
+from tests.attest_fixtures import (PCRS, TpmWorld, attest, expected, full_check, policy,
+                                   ready_state, world)
 
 __all__ = ["world"]
 
 
 @pytest.fixture
 def node(world: TpmWorld) -> Attester:
-    return Attester(world.trusted, "tpm", "eu-west", PCRS, world.node_ca_dir)
+    return Attester(world.trusted, "tpm", "eu-west", PCRS, world.node_ca_dir,
+                    node_state=ready_state)
 
 
 def test_good_evidence_is_accepted_with_its_claims(world: TpmWorld, node: Attester) -> None:
@@ -61,10 +64,68 @@ def test_claims_changed_after_quoting_are_rejected(world: TpmWorld, node: Attest
         Verifier(policy(world.ca_dir)).check(relabelled, want)
 
 
+def test_a_state_changed_after_quoting_is_rejected(world: TpmWorld, node: Attester) -> None:
+    """A relay cannot turn a node's "not ready" into "ready": the state is a signed claim."""
+    want = expected()
+    ev = evidence.decode(attest(node, want))
+    refused = dataclasses.replace(ev.node_state, installed=False)
+    with pytest.raises(ClaimsNotSigned):
+        Verifier(policy(world.ca_dir)).check(
+            evidence.encode(dataclasses.replace(ev, node_state=refused)), want)
+
+
+def _node_in_state(world: TpmWorld, state: NodeState) -> Attester:
+    return Attester(world.trusted, "tpm", "eu-west", PCRS, world.node_ca_dir,
+                    node_state=lambda: state)
+
+
+def test_a_node_that_is_not_ready_is_refused_naming_why(world: TpmWorld) -> None:
+    """A refused or failed installation, or a guarantee that fails: the node answers, signed,
+    and the default policy refuses it with each failing check; an inspecting policy
+    (require_ready false) accepts it with the same reasons as a warning."""
+    now = int(time.time())
+    state = NodeState(now, False, "0.1.0",
+                      (StateCheck("installation", False, "not installed (preflight-refused)"),
+                       StateCheck("ssh", False, "ssh.service is not masked")), ())
+    node = _node_in_state(world, state)
+    want = expected()
+    data = attest(node, want)
+    with pytest.raises(NodeNotReady) as refused:
+        Verifier(policy(world.ca_dir)).check(data, want)
+    assert str(refused.value) == ("not ready: not installed; installation: not installed "
+                                  "(preflight-refused); ssh: ssh.service is not masked")
+    assert refused.value.code == "not-ready"
+    verdict = Verifier(policy(world.ca_dir, require_ready=False)).check(data, want)
+    assert verdict.warnings[0].startswith("node not ready: not installed; installation:")
+    assert verdict.as_dict()["state"]["ready"] is False
+    holding = dataclasses.replace(state, installed=True,
+                                  checks=(StateCheck("ssh", True, "masked"),
+                                          StateCheck("firewall", False, "ufw is inactive")))
+    with pytest.raises(NodeNotReady, match="^not ready: firewall: ufw is inactive$"):
+        Verifier(policy(world.ca_dir)).check(attest(_node_in_state(world, holding), want), want)
+
+
+@pytest.mark.parametrize("checked_before_issue", [121, -5])
+def test_a_state_checked_too_long_before_signing_or_after_is_refused(
+        world: TpmWorld, checked_before_issue: int) -> None:
+    now = int(time.time())
+    state = dataclasses.replace(ready_state(), checked=now - checked_before_issue)
+    node = Attester(world.trusted, "tpm", "eu-west", PCRS, world.node_ca_dir,
+                    node_state=lambda: state, clock=lambda: float(now))
+    want = expected()
+    with pytest.raises(StaleNodeState, match="checked -?[0-9]+ s before its evidence"):
+        Verifier(policy(world.ca_dir), clock=lambda: float(now)).check(attest(node, want), want)
+    relaxed = Verifier(policy(world.ca_dir, max_state_age=600), clock=lambda: float(now))
+    if checked_before_issue > 0:
+        relaxed.check(attest(node, want), want)  # within the policy's own bound
+
+
 def test_ak_of_another_tpm_beside_a_trusted_ek_fails_activation(world: TpmWorld) -> None:
     """A bare TPM's AK presented with the trusted TPM's EK certificate and EK."""
-    impostor = Attester(world.bare, "weak", "eu-west", PCRS, world.node_ca_dir)
-    honest = Attester(world.trusted, "tpm", "eu-west", PCRS, world.node_ca_dir)
+    impostor = Attester(world.bare, "weak", "eu-west", PCRS, world.node_ca_dir,
+                        node_state=ready_state)
+    honest = Attester(world.trusted, "tpm", "eu-west", PCRS, world.node_ca_dir,
+                      node_state=ready_state)
     impostor.security_class = "tpm"
     impostor.ek_chain = honest.ek_chain
     impostor.tpm = _WithEk(world.bare, world.trusted.ek_public())
@@ -147,7 +208,8 @@ def test_ek_outside_trusted_cas_is_rejected(world: TpmWorld, node: Attester) -> 
 
 
 def test_weak_node_under_a_policy_refusing_weak(world: TpmWorld) -> None:
-    weak = Attester(world.bare, "weak", "eu-west", PCRS, world.node_ca_dir)
+    weak = Attester(world.bare, "weak", "eu-west", PCRS, world.node_ca_dir,
+                    node_state=ready_state)
     want = expected()
     data = attest(weak, want)
     full_check(Verifier(policy(world.ca_dir)), weak, data, want)  # accepted when allowed
@@ -167,9 +229,9 @@ def test_zone_and_age_policies(world: TpmWorld, node: Attester) -> None:
 
 
 def test_each_rejection_has_its_own_code() -> None:
-    classes = [AkNotBound, ClaimsNotSigned, ClassRefused, EkUntrusted, NonceMismatch,
-               PcrDigestMismatch, PcrPolicyViolation, SessionMismatch, SignatureInvalid,
-               StaleEvidence, TlsKeyMismatch, ZoneRefused]
+    classes = [AkNotBound, ClaimsNotSigned, ClassRefused, EkUntrusted, NodeNotReady,
+               NonceMismatch, PcrDigestMismatch, PcrPolicyViolation, SessionMismatch,
+               SignatureInvalid, StaleEvidence, StaleNodeState, TlsKeyMismatch, ZoneRefused]
     assert len({c.code for c in classes}) == len(classes)
 
 
@@ -183,6 +245,9 @@ def test_each_rejection_has_its_own_code() -> None:
                                                                  "mode": "maybe"}}}, "mode"),
     ({"allowed_classes": ["gold"], "zones": "*"}, "allowed_classes"),
     ({"allowed_classes": ["tpm"], "zones": "*", "max_age_seconds": 0}, "max_age_seconds"),
+    ({"allowed_classes": ["tpm"], "zones": "*", "require_ready": "no"}, "require_ready"),
+    ({"allowed_classes": ["tpm"], "zones": "*", "max_state_age_seconds": True},
+     "max_state_age_seconds"),
 ])
 def test_bad_policies_are_refused(document: object, complaint: str) -> None:
     with pytest.raises(PolicyError, match=complaint):
@@ -197,6 +262,11 @@ def test_policy_file_round_trip(tmp_path: Path) -> None:
     }))
     loaded = load_policy(path)
     assert loaded.zones == frozenset({"eu-west"}) and loaded.max_age == 30
+    assert loaded.require_ready and loaded.max_state_age == 120  # the defaults
+    path.write_text(json.dumps({"allowed_classes": ["weak"], "zones": "*",
+                                "require_ready": False, "max_state_age_seconds": 45}))
+    inspecting = load_policy(path)
+    assert not inspecting.require_ready and inspecting.max_state_age == 45
     assert loaded.pcrs[7] == PcrExpectation(bytes.fromhex("ab" * 32), enforce=False)
     path.write_text("")
     with pytest.raises(PolicyError, match="not JSON"):
@@ -217,7 +287,7 @@ def test_ek_certificate_of_another_tpm_is_rejected_even_after_caching(world: Tpm
     verifier = Verifier(policy(world.ca_dir))
     want = expected()
     verifier.check(attest(node, want), want)
-    impostor = Attester(world.bare, "weak", "eu-west", PCRS, world.ca_dir)
+    impostor = Attester(world.bare, "weak", "eu-west", PCRS, world.ca_dir, node_state=ready_state)
     impostor.security_class, impostor.ek_chain = "tpm", node.ek_chain
     with pytest.raises(EkChainInvalid, match="another key"):
         verifier.check(attest(impostor, want), want)

@@ -1,7 +1,7 @@
 """The node's side of attestation: evidence bound to a verifier's nonce and a TLS session.
 
-It owns no policy: it states the node's class, zone and PCRs, and lets the TPM sign them
-together with the binding values the verifier will check.
+It owns no policy: it states the node's class, zone, state and PCRs, and lets the TPM sign
+them together with the binding values the verifier will check.
 """
 
 from __future__ import annotations
@@ -19,16 +19,20 @@ class Attester:
     """Produces evidence and answers credential-activation challenges with one TPM."""
 
     def __init__(self, tpm: Tpm, security_class: str, zone: str, pcrs: Sequence[int],
-                 ca_dir: Path, clock: Callable[[], float] = time.time,
+                 ca_dir: Path, *, node_state: Callable[[], evidence.NodeState],
+                 clock: Callable[[], float] = time.time,
                  ek_chain: Optional[Sequence[bytes]] = None):
-        """`ek_chain`: the EK chain a classification already built and verified; without it
-        a tpm-class attester builds it from its TPM's EK certificate and `ca_dir`."""
+        """`node_state`: the node's state now (statemesh.attest.nodestate), signed into every
+        evidence. `ek_chain`: the EK chain a classification already built and verified;
+        without it a tpm-class attester builds it from its TPM's EK certificate and
+        `ca_dir`."""
         if security_class not in evidence.CLASSES:
             raise ValueError(f"unknown security class {security_class!r}")
         self.tpm = tpm
         self.security_class = security_class
         self.zone = zone
         self.pcrs = tuple(pcrs)
+        self.node_state = node_state
         self.clock = clock
         self.node_id = tpm.node_id()
         if security_class != "tpm":
@@ -46,10 +50,11 @@ class Attester:
 
     def evidence(self, nonce: bytes, tls_spki_sha256: bytes, session_binding: bytes) -> bytes:
         """Fresh evidence: one TPM quote whose qualifying data covers every claim."""
+        state = self.node_state()
         claims = evidence.Evidence(
             node_id=self.node_id, zone=self.zone, security_class=self.security_class,
             issued=int(self.clock()), nonce=nonce, tls_spki_sha256=tls_spki_sha256,
-            session_binding=session_binding, ak_public=self.tpm.ak_public(),
+            session_binding=session_binding, node_state=state, ak_public=self.tpm.ak_public(),
             ek_public=self.tpm.ek_public(), quote=b"-", signature=b"-",
             pcr_values=((0, bytes(32)),), ek_chain=self.ek_chain,
         )

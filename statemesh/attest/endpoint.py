@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from statemesh.attest import atls, ekchain, nodeclass, tpm, tpmdevices
+from statemesh.attest import atls, ekchain, nodeclass, nodestate, tpm, tpmdevices
 from statemesh.attest.attester import Attester
 from statemesh.attest.refusals import VerificationError
 from statemesh.attest.verifier import Policy, Verifier, load_policy
@@ -21,6 +21,9 @@ from statemesh.config import NodeConfig
 
 log = logging.getLogger(__name__)
 TPM_OPEN_ATTEMPTS = 20  # the vTPM may still be starting when the endpoint does
+# A node idle for a while measures its state before it answers (statemesh.attest.nodestate):
+# a customer waits up to this long for each step of the exchange.
+VERIFY_TIMEOUT = 30.0
 
 
 def parse_target(target: str) -> Tuple[str, int]:
@@ -77,10 +80,15 @@ def serve(config: NodeConfig) -> int:
     # loaded serve the peers' verifier too.
     found, hardware = nodeclass.classify_open(config)
     log.info("security class %s: %s", found.security_class, found.reason)
+    # Every evidence carries the node's state as status sees it, measured again once older
+    # than nodestate.REFRESH_SECONDS: a node not locked down answers "not ready", signed.
+    state = nodestate.Fresh(lambda: nodestate.measure(config.watchdog_exempt_units))
+    state.in_background()
     try:
         node_tpm = hardware if hardware is not None else _open_vtpm()
         attester = Attester(node_tpm, found.security_class, config.zone,
-                            config.attestation_pcrs, config.tpm_ca_dir, ek_chain=found.ek_chain)
+                            config.attestation_pcrs, config.tpm_ca_dir, node_state=state,
+                            ek_chain=found.ek_chain)
     except (tpm.TpmError, ValueError) as error:
         print(f"statemesh-node: cannot attest: {error}", file=sys.stderr)
         return 1
@@ -99,6 +107,20 @@ def _report(verdict: Any, policy_source: str) -> Dict[str, Any]:
     return report
 
 
+def _print_state(state: Dict[str, Any]) -> None:
+    checked = ekchain.utc_now(state["checked"]).isoformat() + "Z"
+    if state["ready"]:
+        print(f"state     ready: installed {state['package_version']}, all "
+              f"{len(state['checks'])} checks of status hold (checked {checked})")
+    else:
+        print(f"state     NOT READY (checked {checked})")
+        for check in state["checks"]:
+            if not check["holds"]:
+                print(f"failing   {check['name']}: {check['detail']}")
+    if state["exempt_units"]:
+        print(f"exempt    {' '.join(state['exempt_units'])}  (the watchdog spares their terminals)")
+
+
 def _print_report(report: Dict[str, Any]) -> None:
     if report["verdict"] != "accepted":
         print(f"policy    {report['policy']}")
@@ -109,6 +131,7 @@ def _print_report(report: Dict[str, Any]) -> None:
     print(f"class     {report['class']}{weak}")
     print(f"zone      {report['zone']}")
     print(f"issued    {report['issued']}")
+    _print_state(report["state"])
     for index, value in report["pcrs"].items():
         print(f"PCR {index:<5} {value}")
     for warning in report["warnings"]:
@@ -132,7 +155,8 @@ def verify(target: str, policy_path: Optional[Path], config: NodeConfig, as_json
         return 2
     source = _policy_source(policy_path, allow_weak)
     try:
-        connection = atls.connect(address, verifier, atls.TlsIdentity.generate("verifier"))
+        connection = atls.connect(address, verifier, atls.TlsIdentity.generate("verifier"),
+                                  timeout=VERIFY_TIMEOUT)
     except VerificationError as error:
         report: Dict[str, Any] = {"verdict": "refused", "code": error.code, "reason": str(error),
                                   "policy": source}

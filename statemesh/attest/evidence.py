@@ -1,6 +1,6 @@
 """The node's attestation evidence and its one canonical byte encoding.
 
-Encoding (version 1), all integers big-endian:
+Encoding (version 2), all integers big-endian:
 
     "SMEV" | version:u8 | field* ,  field = tag:u8 | length:u16 | value[length]
 
@@ -13,8 +13,15 @@ several encodings of one value (map order, integer widths, indefinite lengths) t
 strict parser has to hunt down, and because Debian 12 ships no strict CBOR decoder: about
 a hundred lines here are easy to audit and to fuzz.
 
-The claims (fields 1-7) are what the TPM signs: the quote's qualifying data is
+The claims (fields 1-8) are what the TPM signs: the quote's qualifying data is
 `claims_digest()`, SHA-256 over a domain tag and the claims' own canonical encoding.
+Version 2 added the node's state (field 8): installed or not, the package version, each
+check `status` runs with its verdict and detail, the watchdog's exempt units, and when the
+checks ran. So a node that is not locked down still answers, but says so under its TPM's
+signature, and a verifier refuses it as not ready (statemesh.attest.verifier).
+
+    state = checked:u64 | installed:u8 | version:str8 | count:u8 | check* | count:u8 | unit:str8*
+    check = name:str8 | holds:u8 | detail:str16        (strN: an N-bit length, then ASCII)
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ import struct
 from typing import Callable, Dict, List, Tuple
 
 MAGIC = b"SMEV"
-VERSION = 1
+VERSION = 2
 MAX_SIZE = 60 * 1024
-DOMAIN_TAG = b"statemesh-atls-quote-v1\x00"
+DOMAIN_TAG = b"statemesh-atls-quote-v2\x00"
 
 CLASSES: Dict[str, int] = {"tpm": 1, "weak": 2}
 _CLASS_NAMES = {code: name for name, code in CLASSES.items()}
@@ -36,10 +43,48 @@ _NAME_RE = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
 MAX_CHAIN = 4
 MAX_CERT = 8 * 1024
 MAX_TPM_BLOB = 1024
+# The node's state: what status checks, in a bounded, printable form.
+_CHECK_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_VERSION_RE = re.compile(r"[A-Za-z0-9.+~:-]{0,64}")
+_UNIT_RE = re.compile(r"[A-Za-z0-9:_.@\\-]{1,255}")
+_DETAIL_RE = re.compile(r"[ -~]{0,400}")
+MAX_CHECKS = 32
+MAX_EXEMPT_UNITS = 16
 
 
 class EvidenceFormatError(ValueError):
-    """Bytes that are not the canonical encoding of a version-1 evidence."""
+    """Bytes that are not the canonical encoding of a version-2 evidence."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StateCheck:
+    """One line of `status`: what was checked, whether it holds, and why (printable ASCII)."""
+
+    name: str
+    holds: bool
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeState:
+    """The node's state as `status` saw it at `checked`, signed with the other claims."""
+
+    checked: int  # UNIX time, seconds: when the checks began
+    installed: bool
+    package_version: str
+    checks: Tuple[StateCheck, ...]
+    exempt_units: Tuple[str, ...]  # the watchdog spares their terminals
+
+    @property
+    def ready(self) -> bool:
+        """Installed, and every check (at least one) holds: the only state that serves."""
+        return self.installed and bool(self.checks) and all(c.holds for c in self.checks)
+
+    def failing(self) -> List[str]:
+        """Why it is not ready, one "name: detail" each."""
+        reasons = [] if self.installed else ["not installed"]
+        reasons += [f"{c.name}: {c.detail}" for c in self.checks if not c.holds]
+        return reasons or ([] if self.checks else ["nothing was checked"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +98,7 @@ class Evidence:
     nonce: bytes  # the verifier's fresh 32-byte nonce
     tls_spki_sha256: bytes  # SHA-256 of the attester's TLS certificate SubjectPublicKeyInfo
     session_binding: bytes  # the TLS exporter value of this connection
+    node_state: NodeState
     ak_public: bytes  # TPMT_PUBLIC of the attestation key
     ek_public: bytes  # TPMT_PUBLIC of the endorsement key
     quote: bytes  # TPMS_ATTEST, exactly as signed
@@ -175,8 +221,82 @@ def _parse_chain(data: bytes) -> Tuple[bytes, ...]:
     return tuple(chain)
 
 
+def _str(value: str, pattern: "re.Pattern[str]", width: int, what: str) -> bytes:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise EvidenceFormatError(f"{what} is not {pattern.pattern}: {value!r}")
+    return struct.pack(">B" if width == 8 else ">H", len(value)) + value.encode("ascii")
+
+
+def _flag(value: bool) -> bytes:
+    if not isinstance(value, bool):
+        raise EvidenceFormatError(f"not a flag: {value!r}")
+    return bytes([value])
+
+
+def _encode_state(state: NodeState) -> bytes:
+    if not isinstance(state, NodeState):
+        raise EvidenceFormatError("the node state is missing")
+    if len(state.checks) > MAX_CHECKS or len(state.exempt_units) > MAX_EXEMPT_UNITS:
+        raise EvidenceFormatError(f"more than {MAX_CHECKS} checks or {MAX_EXEMPT_UNITS} "
+                                  "exempt units in the node state")
+    out = _encode_time(state.checked) + _flag(state.installed)
+    out += _str(state.package_version, _VERSION_RE, 8, "package version")
+    out += bytes([len(state.checks)])
+    for check in state.checks:
+        if not isinstance(check, StateCheck):
+            raise EvidenceFormatError("a node state check is not a StateCheck")
+        out += (_str(check.name, _CHECK_NAME_RE, 8, "check name") + _flag(check.holds)
+                + _str(check.detail, _DETAIL_RE, 16, "check detail"))
+    out += bytes([len(state.exempt_units)])
+    for unit in state.exempt_units:
+        out += _str(unit, _UNIT_RE, 8, "exempt unit")
+    return out
+
+
+class _Reader:
+    """Reads the node state's parts in order; every shortfall is a format error."""
+
+    def __init__(self, data: bytes):
+        self.data, self.offset = data, 0
+
+    def take(self, size: int) -> bytes:
+        if size > len(self.data) - self.offset:
+            raise EvidenceFormatError("truncated node state")
+        self.offset += size
+        return self.data[self.offset - size:self.offset]
+
+    def number(self, width: int) -> int:
+        return int.from_bytes(self.take(width // 8), "big")
+
+    def text(self, width: int) -> str:
+        try:
+            return self.take(self.number(width)).decode("ascii")
+        except UnicodeDecodeError:
+            raise EvidenceFormatError("node state text is not ASCII") from None
+
+    def flag(self) -> bool:
+        value = self.number(8)
+        if value > 1:
+            raise EvidenceFormatError("node state flag is neither 0 nor 1")
+        return value == 1
+
+
+def _parse_state(data: bytes) -> NodeState:
+    reader = _Reader(data)
+    checked, installed = _parse_time(reader.take(8)), reader.flag()
+    version = reader.text(8)
+    checks = tuple(StateCheck(reader.text(8), reader.flag(), reader.text(16))
+                   for _ in range(reader.number(8)))
+    units = tuple(reader.text(8) for _ in range(reader.number(8)))
+    if reader.offset != len(data):
+        raise EvidenceFormatError("bytes after the node state")
+    state = NodeState(checked, installed, version, checks, units)
+    _encode_state(state)  # every value within the format
+    return state
+
+
 Codec = Tuple[Callable, Callable]
-# tag -> (field, (encode, parse)); tags 1-7 are the claims signed through the quote.
+# tag -> (field, (encode, parse)); tags 1-8 are the claims signed through the quote.
 _FIELDS: Dict[int, Tuple[str, Codec]] = {
     1: ("node_id", (_text, _parse_text)),
     2: ("zone", (_text, _parse_text)),
@@ -185,14 +305,15 @@ _FIELDS: Dict[int, Tuple[str, Codec]] = {
     5: ("nonce", _fixed(32)),
     6: ("tls_spki_sha256", _fixed(32)),
     7: ("session_binding", _fixed(32)),
-    8: ("ak_public", _bounded(MAX_TPM_BLOB)),
-    9: ("ek_public", _bounded(MAX_TPM_BLOB)),
-    10: ("quote", _bounded(MAX_TPM_BLOB)),
-    11: ("signature", _bounded(MAX_TPM_BLOB)),
-    12: ("pcr_values", (_encode_pcrs, _parse_pcrs)),
-    13: ("ek_chain", (_encode_chain, _parse_chain)),
+    8: ("node_state", (_encode_state, _parse_state)),
+    9: ("ak_public", _bounded(MAX_TPM_BLOB)),
+    10: ("ek_public", _bounded(MAX_TPM_BLOB)),
+    11: ("quote", _bounded(MAX_TPM_BLOB)),
+    12: ("signature", _bounded(MAX_TPM_BLOB)),
+    13: ("pcr_values", (_encode_pcrs, _parse_pcrs)),
+    14: ("ek_chain", (_encode_chain, _parse_chain)),
 }
-_CLAIMS = tuple(range(1, 8))
+_CLAIMS = tuple(range(1, 9))
 
 
 def _encode_fields(evidence: Evidence, tags: Tuple[int, ...]) -> bytes:

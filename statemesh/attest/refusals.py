@@ -96,3 +96,16 @@ class AkNotBound(VerificationError):
     """The AK could not prove, by credential activation, that it lives beside the EK."""
 
     code = "ak-not-bound"
+
+
+class NodeNotReady(VerificationError):
+    """The node says, under its TPM's signature, that it is not installed or that a check of
+    its status fails: it is not a node to send work to."""
+
+    code = "not-ready"
+
+
+class StaleNodeState(VerificationError):
+    """The node's state was checked longer ago than the policy allows (or after signing)."""
+
+    code = "state-stale"

@@ -34,9 +34,9 @@ from statemesh.attest import ekchain, evidence, tpmwire
 from statemesh.attest.tpm import seal_credential
 from statemesh.attest.refusals import (
     AkAttributesRefused, AkNotBound, ClaimsNotSigned, ClassRefused, EkChainInvalid,
-    MalformedEvidence, NonceMismatch, PcrBankRefused, PcrDigestMismatch, PcrPolicyViolation,
-    QuoteInvalid, SessionMismatch, SignatureInvalid, StaleEvidence, TlsKeyMismatch,
-    ZoneRefused,
+    MalformedEvidence, NodeNotReady, NonceMismatch, PcrBankRefused, PcrDigestMismatch,
+    PcrPolicyViolation, QuoteInvalid, SessionMismatch, SignatureInvalid, StaleEvidence,
+    StaleNodeState, TlsKeyMismatch, ZoneRefused,
 )
 from statemesh.attest.evidence import Evidence
 
@@ -53,6 +53,9 @@ _SIGNATURE_HASHES = {
 }
 _CURVES = {tpmwire.ECC_NIST_P256: ec.SECP256R1, tpmwire.ECC_NIST_P384: ec.SECP384R1}
 DEFAULT_MAX_AGE = 300
+# How long before signing the node's state may have been checked (the node re-checks every
+# 30 s: statemesh.attest.nodestate).
+DEFAULT_MAX_STATE_AGE = 120
 
 
 class PolicyError(ValueError):
@@ -67,16 +70,28 @@ class PcrExpectation:
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """What a verifier accepts. zones=None accepts every zone (written "*" in the file)."""
+    """What a verifier accepts. zones=None accepts every zone (written "*" in the file).
+    require_ready=False accepts a node that says it is not installed or that a check fails,
+    with a warning (a customer inspecting a node, never one sending it work)."""
 
     allowed_classes: FrozenSet[str]
     zones: Optional[FrozenSet[str]]
     ek_ca_dir: Path
     max_age: int = DEFAULT_MAX_AGE
     pcrs: Dict[int, PcrExpectation] = dataclasses.field(default_factory=dict)
+    require_ready: bool = True
+    max_state_age: int = DEFAULT_MAX_STATE_AGE
 
 
-_POLICY_KEYS = {"allowed_classes", "zones", "ek_ca_dir", "max_age_seconds", "pcrs"}
+_POLICY_KEYS = {"allowed_classes", "zones", "ek_ca_dir", "max_age_seconds", "pcrs",
+                "require_ready", "max_state_age_seconds"}
+
+
+def _seconds(raw: Dict[str, Any], key: str, default: int, source: str) -> int:
+    value = raw.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 86400:
+        raise PolicyError(f"{source}: {key} must be an integer from 1 to 86400")
+    return value
 
 
 def _policy_pcrs(raw: Any) -> Dict[int, PcrExpectation]:
@@ -118,11 +133,13 @@ def parse_policy(raw: Any, source: str = "policy") -> Policy:
     ca_dir = raw.get("ek_ca_dir", "/etc/statemesh/tpm-ca.d")
     if not isinstance(ca_dir, str) or not ca_dir.startswith("/"):
         raise PolicyError(f"{source}: ek_ca_dir must be an absolute path")
-    max_age = raw.get("max_age_seconds", DEFAULT_MAX_AGE)
-    if not isinstance(max_age, int) or isinstance(max_age, bool) or not 0 < max_age <= 86400:
-        raise PolicyError(f"{source}: max_age_seconds must be an integer from 1 to 86400")
+    max_age = _seconds(raw, "max_age_seconds", DEFAULT_MAX_AGE, source)
+    max_state_age = _seconds(raw, "max_state_age_seconds", DEFAULT_MAX_STATE_AGE, source)
+    require_ready = raw.get("require_ready", True)
+    if not isinstance(require_ready, bool):
+        raise PolicyError(f"{source}: require_ready must be true or false")
     return Policy(frozenset(classes), None if zones == "*" else frozenset(zones), Path(ca_dir),
-                  max_age, _policy_pcrs(raw.get("pcrs", {})))
+                  max_age, _policy_pcrs(raw.get("pcrs", {})), require_ready, max_state_age)
 
 
 def load_policy(path: Path) -> Policy:
@@ -154,9 +171,14 @@ class Verdict:
 
     def as_dict(self) -> Dict[str, Any]:
         ev = self.evidence
+        state = ev.node_state
         return {
             "node_id": ev.node_id, "zone": ev.zone, "class": ev.security_class,
             "issued": ev.issued, "pcrs": {str(i): v.hex() for i, v in ev.pcr_values},
+            "state": {"ready": state.ready, "installed": state.installed,
+                      "package_version": state.package_version, "checked": state.checked,
+                      "checks": [dataclasses.asdict(c) for c in state.checks],
+                      "exempt_units": list(state.exempt_units)},
             "warnings": list(self.warnings),
         }
 
@@ -287,7 +309,8 @@ class Verifier:
         self._check_pcr_digest(ev, quote)
         self._check_endorsement(ev, ek)
         self._check_policy_claims(ev)
-        return Verdict(ev, tuple(self._check_pcr_policy(ev)))
+        warnings = self._check_node_state(ev)
+        return Verdict(ev, tuple(warnings + self._check_pcr_policy(ev)))
 
     @staticmethod
     def _check_binding(ev: Evidence, expected: Expected) -> None:
@@ -338,6 +361,20 @@ class Verifier:
                                f"({', '.join(sorted(self.policy.allowed_classes))})")
         if self.policy.zones is not None and ev.zone not in self.policy.zones:
             raise ZoneRefused(f"zone {ev.zone!r} is not allowed by the policy")
+
+    def _check_node_state(self, ev: Evidence) -> List[str]:
+        """Checked recently before signing, and ready, unless the policy only inspects."""
+        state = ev.node_state
+        age = ev.issued - state.checked
+        if not 0 <= age <= self.policy.max_state_age:
+            raise StaleNodeState(f"the node's state was checked {age} s before its evidence "
+                                 f"was issued, not within 0-{self.policy.max_state_age} s")
+        if state.ready:
+            return []
+        reasons = "; ".join(state.failing())
+        if self.policy.require_ready:
+            raise NodeNotReady(f"not ready: {reasons}")
+        return [f"node not ready: {reasons}"]
 
     def _check_pcr_policy(self, ev: Evidence) -> List[str]:
         values = dict(ev.pcr_values)

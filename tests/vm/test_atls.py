@@ -77,6 +77,12 @@ def test_guest_with_a_trusted_tpm_is_tpm_class(guest_factory: Callable[..., Gues
     evidence = connection.peer.evidence
     assert (evidence.security_class, evidence.zone) == ("tpm", "test-zone")
     assert len(evidence.ek_chain) == 2  # the EK certificate and the issuing CA
+    # The node's state, signed with the claims: status's own lines, every one holding.
+    state = evidence.node_state
+    assert state.ready and state.installed, state.failing()
+    assert [c.name for c in state.checks] == [
+        "installation", "tamper_listener", "package_units",
+        *(f["name"] for f in status["guarantees"])]
     connection.close()
 
 
@@ -113,3 +119,4 @@ def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[...
                      "--allow-weak"]) == 0
     out = capsys.readouterr().out
     assert "class     weak  (software vTPM" in out and "verdict   ACCEPTED" in out, out
+    assert "state     ready: installed 0.1.0, all 12 checks of status hold" in out, out

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List
 
 import pytest
 
-from harness.vm import driver
+from harness.vm import driver, snapshot
 from harness.vm.driver import Guest, SavedGuest
 from tests.vm import package, ports, terminal
 
@@ -23,6 +23,7 @@ GETTYS = ("getty@.service", "serial-getty@.service", "autovt@.service", "console
           "container-getty@.service", "debug-shell.service")
 RESCUE = ("rescue.service", "emergency.service", "rescue.target", "emergency.target")
 STATE = "/var/lib/statemesh-node/state.json"
+MESH = snapshot.MESH_PORT
 JOURNAL = "/var/lib/statemesh-node/journal.jsonl"
 CORE_PATTERN = "/proc/sys/kernel/core_pattern"
 GUEST_AGENT = "qemu-guest-agent.service"
@@ -351,6 +352,14 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     f"logrotate, udev, modprobe, network events): {KERNEL_HOOK}, {UDEV_RULE} ("):
         assert planted in said, said
     assert re.search(r"dial-out\.service: pid [0-9]+ \(/usr/bin/sleep 1642\)", said), said
+    # The aTLS endpoint, started with the package's other units, answers a customer: not
+    # ready, under its TPM's signature, naming why.
+    guest.wait_for(f"ss -Hltn 'sport = :{MESH}' | grep -q .", "the aTLS endpoint", 120)
+    report = json.loads(guest.run(f"statemesh-node verify --allow-weak --json 127.0.0.1:{MESH}",
+                                  check=False, timeout=180).stdout)
+    assert (report["verdict"], report["code"]) == ("refused", "not-ready"), report
+    assert report["reason"].startswith(
+        "not ready: not installed; installation: not installed"), report
     # Root's other Python programs ran it (dpkg's py3compile among them); the package's
     # own processes, /usr/bin/statemesh-node, did not.
     ran = guest.run(f"cat {RAN}").stdout

@@ -1,0 +1,120 @@
+"""The node's state for its evidence: what `statemesh-node status` says, measured again when
+it is older than a bound.
+
+The endpoint signs whatever state it is given, so the state must be status's own verdicts,
+not a summary: each line of `status --json` becomes a check of the evidence, detail and all.
+It is measured by running the status command itself (the same checks, the same code), in a
+process of its own: the network-facing endpoint keeps none of the checks' imports, and a
+check that crashes takes nothing of the endpoint with it. A state that cannot be measured
+is a failing check, never an absent one: the node then answers "not ready".
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
+
+from statemesh.attest.evidence import NodeState, StateCheck
+
+STATUS_COMMAND = ("/usr/bin/statemesh-node", "status", "--json")
+STATUS_TIMEOUT = 120.0
+# A state older than REFRESH_SECONDS is measured again in the background and still served;
+# one older than LONGEST_SECONDS (or none yet) is measured before it is served. A handshake
+# thus seldom waits for status, and no evidence carries a state older than LONGEST_SECONDS:
+# below the verifier's default bound (120 s, statemesh.attest.verifier).
+REFRESH_SECONDS = 30.0
+LONGEST_SECONDS = 90.0
+DETAIL_LIMIT = 400
+INSTALLED = "installed"
+
+
+def _printable(text: str) -> str:
+    """A detail as the evidence carries it: printable ASCII, bounded."""
+    cleaned = "".join(c if " " <= c <= "~" else "?" for c in str(text))
+    return cleaned if len(cleaned) <= DETAIL_LIMIT else cleaned[:DETAIL_LIMIT - 3] + "..."
+
+
+def _check(line: Dict[str, Any]) -> StateCheck:
+    return StateCheck(str(line["name"]), line["holds"] is True, _printable(line["detail"]))
+
+
+def from_status(report: Dict[str, Any], checked: int, exempt_units: Iterable[str]) -> NodeState:
+    """The state in `status --json`'s report, measured at `checked`."""
+    installation = report["installation"]
+    lines = [installation, report["tamper_listener"], report["package_units"],
+             *report["guarantees"]]
+    installed = installation.get("facts", {}).get("state") == INSTALLED
+    return NodeState(checked, installed, str(report.get("version", "")),
+                     tuple(_check(line) for line in lines), tuple(exempt_units))
+
+
+def unmeasured(checked: int, why: str, exempt_units: Iterable[str]) -> NodeState:
+    """The state when status could not be read: one failing check that says why."""
+    return NodeState(checked, False, "", (StateCheck("status", False, _printable(why)),),
+                     tuple(exempt_units))
+
+
+def measure(exempt_units: Sequence[str], command: Sequence[str] = STATUS_COMMAND,
+            clock: Callable[[], float] = time.time,
+            timeout: float = STATUS_TIMEOUT) -> NodeState:
+    """Run status and read its report; it exits 1 when something fails, still with a report."""
+    checked = int(clock())
+    try:
+        done = subprocess.run(list(command), capture_output=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, check=False)
+        return from_status(json.loads(done.stdout), checked, exempt_units)
+    except subprocess.TimeoutExpired:
+        return unmeasured(checked, f"status did not answer within {timeout:.0f} s", exempt_units)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return unmeasured(checked, f"status could not be read: {error}", exempt_units)
+
+
+class Fresh:
+    """The node's state for each handshake: the last one measured while it is recent enough,
+    measured again in the background once older than `refresh`, and before it is served
+    once older than `longest`. One measurement runs at a time."""
+
+    def __init__(self, measure_state: Callable[[], NodeState], refresh: float = REFRESH_SECONDS,
+                 longest: float = LONGEST_SECONDS, clock: Callable[[], float] = time.time):
+        self.measure_state = measure_state
+        self.refresh = refresh
+        self.longest = longest
+        self.clock = clock
+        self._state: Optional[NodeState] = None
+        self._measuring = threading.Lock()
+
+    def _age(self, state: Optional[NodeState]) -> Optional[float]:
+        """Seconds since `state` was checked; None for none, or one from "the future" (the
+        clock went back: it cannot be trusted to be recent)."""
+        if state is None:
+            return None
+        age = self.clock() - state.checked
+        return age if age >= 0 else None
+
+    def __call__(self) -> NodeState:
+        state = self._state
+        age = self._age(state)
+        if state is None or age is None or age >= self.longest:
+            return self._measure()
+        if age >= self.refresh:
+            self.in_background()
+        return state
+
+    def _measure(self) -> NodeState:
+        with self._measuring:
+            state = self._state
+            age = self._age(state)
+            if state is not None and age is not None and age < self.refresh:
+                return state  # measured by another caller meanwhile
+            state = self._state = self.measure_state()
+            return state
+
+    def in_background(self) -> threading.Thread:
+        """Measure without making the caller wait (at start: the first handshake seldom
+        has to)."""
+        thread = threading.Thread(target=self._measure, name="node-state", daemon=True)
+        thread.start()
+        return thread
