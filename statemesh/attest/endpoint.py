@@ -82,8 +82,9 @@ def serve(config: NodeConfig) -> int:
     log.info("security class %s: %s", found.security_class, found.reason)
     # Every evidence carries the node's state as status sees it, measured again once older
     # than nodestate.REFRESH_SECONDS: a node not locked down answers "not ready", signed.
+    # Measured at the first handshake, not at start: a node nobody asks spends nothing on it
+    # (a boot's CPU goes to the boot).
     state = nodestate.Fresh(lambda: nodestate.measure(config.watchdog_exempt_units))
-    state.in_background()
     try:
         node_tpm = hardware if hardware is not None else _open_vtpm()
         attester = Attester(node_tpm, found.security_class, config.zone,

@@ -113,8 +113,7 @@ class Fresh:
             return state
 
     def in_background(self) -> threading.Thread:
-        """Measure without making the caller wait (at start: the first handshake seldom
-        has to)."""
+        """Measure without making the caller wait."""
         thread = threading.Thread(target=self._measure, name="node-state", daemon=True)
         thread.start()
         return thread
