@@ -130,8 +130,11 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     guest.wait_for("pgrep -x apt-get && loginctl list-sessions --no-legend | grep -q .",
                    "apt-get in tmux, in the operator's logind session", 120)
     terminal.drop_the_connection(guest)
-    # While spared, the session starts a unit by hand from another tmux window: it outlives
-    # the session, so status must say so.
+    # Once preflight has passed (started before, it is refused: the preflight test), the
+    # spared session starts a unit by hand from another tmux window: it outlives the
+    # session, so status must say so.
+    guest.wait_for(f"grep -q '\"event\": \"apply\"' {JOURNAL}", "the transaction's first step",
+                   300)
     guest.run("tmux new-window -d -t install 'systemd-run --unit=left-behind sleep 1644'")
     guest.wait_for("! pgrep -x apt-get", "apt-get's end in the tmux pane", 900)
     install_seconds = time.monotonic() - started
