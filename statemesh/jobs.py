@@ -74,7 +74,8 @@ GENERATOR_GLOBS = ("/etc/systemd/system-generators/*", "/run/systemd/system-gene
 # and the initramfs's scripts at every boot; needrestart's after every upgrade (its
 # configuration is Perl); logrotate's every day (postrotate); udev's rules at device events
 # (RUN+=); modprobe's install commands at module loads; ifupdown's, dhclient's,
-# NetworkManager's and networkd-dispatcher's at network events.
+# NetworkManager's and networkd-dispatcher's at network events. A pattern ending in "/*"
+# stands for every name in the directory.
 HOOK_GLOBS = ("/etc/kernel/*.d/*",
               "/etc/initramfs-tools/initramfs.conf", "/etc/initramfs-tools/update-initramfs.conf",
               "/etc/initramfs-tools/conf.d/*", "/etc/initramfs-tools/hooks/*",
@@ -90,7 +91,12 @@ HOOK_GLOBS = ("/etc/kernel/*.d/*",
               "/usr/lib/modprobe.d/*", "/lib/modprobe.d/*",
               "/etc/network/if-*.d/*", "/etc/dhcp/dhclient-enter-hooks.d/*",
               "/etc/dhcp/dhclient-exit-hooks.d/*", "/etc/NetworkManager/dispatcher.d/*",
-              "/etc/NetworkManager/dispatcher.d/*/*", "/etc/networkd-dispatcher/*/*")
+              "/etc/NetworkManager/dispatcher.d/*/*", "/etc/networkd-dispatcher/*/*",
+              "/usr/lib/networkd-dispatcher/*/*",
+              # GRUB's configuration is shell, run with its scripts by update-grub at every
+              # kernel update; kernel-install's plugins likewise.
+              "/etc/default/grub", "/etc/default/grub.d/*", "/etc/grub.d/*",
+              "/etc/kernel/install.d/*", "/usr/lib/kernel/install.d/*")
 AT_SEQUENCE = ".SEQ"  # at's job counter, not a job
 MASKED = "/dev/null"  # what a masked unit's file links to: it cannot run
 
@@ -144,7 +150,7 @@ def _foreign(patterns: Sequence[str], files: Dict[str, str]) -> List[str]:
     for pattern in patterns:
         for path in glob.glob(pattern):
             real = os.path.realpath(path)
-            if real == MASKED or real in found or not os.path.exists(path) or os.path.isdir(real):
+            if real == MASKED or real in found or not os.path.exists(path):
                 continue
             if not as_installed(path, files):
                 found[real] = path
@@ -208,14 +214,41 @@ def boot_script_problems(files: Dict[str, str], init_globs: Sequence[str] = INIT
     return problems
 
 
+def _hook_paths(pattern: str) -> List[str]:
+    """What a hook pattern reaches, names starting with a dot included: glob skips them,
+    but logrotate and networkd-dispatcher read every name of their directories."""
+    parent, _, leaf = pattern.rpartition("/")
+    if leaf != "*":
+        return [pattern] if os.path.lexists(pattern) else []
+    paths = []
+    for directory in glob.glob(parent):
+        try:
+            paths += [os.path.join(directory, name) for name in os.listdir(directory)]
+        except OSError:  # not a directory, or gone
+            continue
+    return paths
+
+
+def _hook_as_installed(path: str, files: Dict[str, str]) -> bool:
+    """A hook file as its package installed it. A symlink is never one (a link to any
+    packaged program, perl say, would pass as that program's file), but for one to
+    /dev/null, which disables a hook; a directory is not a hook to judge."""
+    if os.path.islink(path):
+        return os.path.realpath(path) == MASKED
+    return os.path.isdir(path) or as_installed(path, files)
+
+
 def hook_problems(files: Dict[str, str], hook_globs: Sequence[str] = HOOK_GLOBS) -> List[str]:
     """Packaged programs' hooks and command-running configuration not as a package installed
-    them (a changed conffile included)."""
-    return _foreign_findings(
-        files, (hook_globs, "hooks of packaged programs not as a package installed them, run "
-                "as root later (kernel and initramfs updates, the initramfs at boot, "
-                "needrestart, logrotate, udev, modprobe, network events)",
-                "remove them, or reinstall their package"))
+    them (a changed conffile, a symlink, a dotfile included)."""
+    found = sorted({path for pattern in hook_globs for path in _hook_paths(pattern)
+                    if not _hook_as_installed(path, files)})
+    if not found:
+        return []
+    return [f"hooks of packaged programs not as a package installed them, run as root later "
+            f"(kernel and initramfs updates, the initramfs at boot, needrestart, logrotate, "
+            f"udev, modprobe, network events): {named(found)} (remove them, or reinstall "
+            "their package)"]
 
 
 def problems(files: Dict[str, str]) -> List[str]:

@@ -153,3 +153,21 @@ def test_hooks_of_packaged_programs_not_as_installed(tmp_path: Path) -> None:
         "(kernel and initramfs updates, the initramfs at boot, needrestart, logrotate, udev, "
         f"modprobe, network events): {conf_d}/way-in.conf, {logrotate}/apt, "
         f"{kernel}/zz-way-in and 1 more (remove them, or reinstall their package)"]
+
+
+def test_a_hook_linked_to_a_packaged_program_or_hidden_by_a_dot_is_named(tmp_path: Path) -> None:
+    """`ln -s /usr/bin/perl postrm.d/zz` runs perl on a file the operator names after a
+    kernel; logrotate reads `.x` too. A link to /dev/null only disables a hook."""
+    kernel, logrotate, rules = tmp_path / "postrm.d", tmp_path / "logrotate.d", tmp_path / "rules.d"
+    for directory in (kernel, logrotate, rules):
+        directory.mkdir()
+    perl = tmp_path / "perl"
+    perl.write_bytes(b"#!perl\n")
+    files = {str(perl): hashlib.md5(b"#!perl\n").hexdigest()}  # a packaged program
+    (kernel / "zz").symlink_to(perl)
+    (logrotate / ".x").write_text("/var/log/x { postrotate\n/root/way-in\nendscript }\n")
+    (rules / "80-net-setup-link.rules").symlink_to("/dev/null")
+    globs = (f"{kernel}/*", f"{logrotate}/*", f"{rules}/*")
+    found = jobs.hook_problems(files, globs)
+    assert len(found) == 1 and f"{logrotate}/.x, {kernel}/zz (" in found[0], found
+    assert "80-net-setup-link" not in found[0]
