@@ -453,8 +453,7 @@ def dpkg_state(dpkg_dir: Path = dpkgdb.DPKG_DIR) -> str:
 
 def installation_finding(book: journal.Journal, dpkg_dir: Path = dpkgdb.DPKG_DIR,
                          grace_path: Path = grace.GRACE_PATH,
-                         transient_units: Path = leftrunning.TRANSIENT_UNITS,
-                         sessions: Path = leftrunning.LOGIND_SESSIONS) -> Finding:
+                         left_running: Callable[[], List[str]] = leftrunning.now) -> Finding:
     """Where the installation stands, for status: it holds only on an installed node that
     spares no installing session any more and runs no unit started by hand (one the spared
     session started lives on after it); when the node was installed at boot after an
@@ -478,12 +477,15 @@ def installation_finding(book: journal.Journal, dpkg_dir: Path = dpkgdb.DPKG_DIR
         return Finding("installation", False,
                        f"{detail}, but the installing session is still spared: "
                        f"{spared.describe()}", facts)
-    facts["started_by_hand"] = leftrunning.left_running(leftrunning.logind_sessions(
-        sessions), [], transient_units)
-    if facts["started_by_hand"]:
+    try:
+        facts["left_running"] = left_running()
+    except systemd.SystemdError as error:
+        return Finding("installation", False, f"{detail}, but systemd cannot be asked what "
+                       f"runs by hand: {error}", facts)
+    if facts["left_running"]:
         return Finding("installation", False,
-                       f"{detail}, but units started by hand keep running as root: "
-                       f"{planted.named(facts['started_by_hand'])} (the next boot ends them)",
+                       f"{detail}, but programs left running by hand keep running as root: "
+                       f"{planted.named(facts['left_running'])} (the next boot ends them)",
                        facts)
     return Finding("installation", True, detail, facts)
 

@@ -11,10 +11,10 @@ Refused too when one of the package's own units is not what the package shipped 
 or an overriding unit planted before installing: statemesh.ownunits), when a swap other
 than zram is active (workload memory would reach a disk: statemesh.guarantees.memory), when
 code or jobs are planted for root's programs to load or run later (statemesh.planted,
-statemesh.jobs), and when a unit started by hand runs (statemesh.leftrunning).
+statemesh.jobs), and when a program was left running by hand (statemesh.leftrunning).
 
 Only reads: /etc/os-release, /proc/1/comm, /proc/swaps, utmp, what statemesh.planted reads,
-/run/systemd/transient, and systemd/logind over D-Bus.
+/run/systemd/transient, /proc, and systemd/logind over D-Bus.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
@@ -222,9 +222,11 @@ class BusFacts:
     sessions: List[systemd.Session]
     units: List[ownunits.LoadedUnit]
     environment: List[str]
+    left_running: List[str]
 
 
-async def _bus_facts() -> BusFacts:
+async def _bus_facts(installation_own: leftrunning.Excused, transient_units: Path,
+                     cgroup_of: leftrunning.CgroupOf) -> BusFacts:
     async with systemd.manager() as manager:
         try:
             display_manager = await manager.get_active_state(DISPLAY_MANAGER)
@@ -233,7 +235,9 @@ async def _bus_facts() -> BusFacts:
         sessions = await systemd.Logind(manager.bus).list_sessions()
         units = await ownunits.read_units(manager)
         environment = await manager.get_environment()
-    return BusFacts(display_manager, sessions, units, environment)
+        left = await leftrunning.left_running(manager, installation_own, cgroup_of,
+                                              transient_units)
+    return BusFacts(display_manager, sessions, units, environment, left)
 
 
 def planted_for_later(environment: List[str]) -> List[str]:
@@ -244,19 +248,30 @@ def planted_for_later(environment: List[str]) -> List[str]:
     return planted.problems(environment, files) + jobs.problems(files) + apthooks.problems(files)
 
 
-def installation_lineage(installer: Optional[grace.Grace]) -> FrozenSet[int]:
-    """The package manager and what it descends from; run by hand, this process's own."""
+def installation_own(installer: Optional[grace.Grace], own: Own) -> leftrunning.Excused:
+    """Whether a process is the installation's own: the package manager (run by hand or at
+    boot: this process), what it descends from and what it started, and the installing
+    logind session's."""
     if installer is not None:
-        return installer.lineage()
-    this = psutil.Process()
-    return frozenset([this.pid, *(parent.pid for parent in this.parents())])
+        root, lineage = installer.pid, installer.lineage()
+    else:
+        this = psutil.Process()
+        root, lineage = this.pid, frozenset([this.pid, *(p.pid for p in this.parents())])
+
+    def excused(process: leftrunning.Process) -> bool:
+        if process.pid in lineage or proc.is_descendant(process.pid, root):
+            return True
+        return own.session is not None and grace.logind_session(process.cgroup) == own.session
+
+    return excused
 
 
 def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path = UTMP,
           grace_path: Path = grace.GRACE_PATH, swaps: Path = SWAPS,
           holders: Callable[[], List[Tuple[int, int, str]]] = pty_holders,
           planted_problems: Callable[[List[str]], List[str]] = planted_for_later,
-          transient_units: Path = leftrunning.TRANSIENT_UNITS) -> Report:
+          transient_units: Path = leftrunning.TRANSIENT_UNITS,
+          cgroup_of: leftrunning.CgroupOf = proc.cgroup_path) -> Report:
     """Every reason to refuse the installation (read-only)."""
     problems: List[str] = []
     release_problem, release = os_problem(os_release)
@@ -266,11 +281,13 @@ def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path
     problems += [p for p in (release_problem, pid1_problem(pid1_comm)) if p]
     own = own_session(grace_path)
     facts["installing_session"] = dataclasses.asdict(own)
+    installer = grace.current(grace_path)
     try:
-        bus = asyncio.run(_bus_facts())
+        bus = asyncio.run(_bus_facts(installation_own(installer, own), transient_units,
+                                     cgroup_of))
     except systemd.SystemdError as error:
         problems.append(f"cannot ask systemd and logind: {error}")
-        bus = BusFacts("unknown", [], [], [])
+        bus = BusFacts("unknown", [], [], [], [])
     facts["display_manager"] = bus.display_manager
     facts["sessions"] = [dataclasses.asdict(s) for s in bus.sessions]
     if bus.display_manager in ("active", "activating", "reloading"):
@@ -280,10 +297,8 @@ def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path
     facts["logins"] = [dataclasses.asdict(login) for login in logins]
     seen = [s.tty for s in bus.sessions if s.tty]
     problems += utmp_problems(logins, own, seen)
-    installer = grace.current(grace_path)
     problems += terminal_problems(holders(), own, installer)
-    problems += leftrunning.problems([s.id for s in bus.sessions],
-                                     installation_lineage(installer), transient_units)
+    problems += leftrunning.refusal(bus.left_running)
     problems += [f"swap on {area} is not compressed RAM: workload memory would reach a disk "
                  "(swapoff it and remove it from /etc/fstab, or use zram)"
                  for area in memory.plain_swaps(swaps)]

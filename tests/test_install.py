@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from statemesh import grace, install, journal
+from statemesh import grace, install, journal, systemd
 from statemesh.guarantees.base import Finding
 from tests.conftest import ROOT
 from tests.fakebus import FakeBus, fakebus, package_units  # noqa: F401 - fixture
@@ -276,7 +276,7 @@ def test_an_interrupted_installation_is_run_again_at_boot(book: journal.Journal,
     assert install.act(book, steps, requested=False, listen=False, check_preflight=passed) == 0
     assert log == [("apply", "ssh"), ("apply", "firewall"), ("apply", "storage")]
     assert book.state().installed and book.state().attempt == 2
-    assert install.installation_finding(book, transient_units=boot.path.parent / "none").holds
+    assert install.installation_finding(book, left_running=list).holds
 
 
 def test_a_retry_at_boot_that_fails_gives_the_machine_back_at_once(book: journal.Journal,
@@ -352,11 +352,10 @@ def test_status_says_when_dpkg_lags_behind_an_installation_completed_at_boot(
     status_file = tmp_path / "status"
     install.transaction(book, [Step("ssh", [])], passed)
     status_file.write_text(DPKG_STATUS.format("installed"))
-    no_units = tmp_path / "no-units"
-    finding = install.installation_finding(book, tmp_path, transient_units=no_units)
+    finding = install.installation_finding(book, tmp_path, left_running=list)
     assert finding.holds and finding.detail.startswith("installed (version ")
     status_file.write_text(DPKG_STATUS.format("half-configured"))
-    finding = install.installation_finding(book, tmp_path, transient_units=no_units)
+    finding = install.installation_finding(book, tmp_path, left_running=list)
     assert finding.holds and "dpkg still has the package half-configured" in finding.detail
 
 
@@ -384,7 +383,7 @@ def test_an_installed_node_that_still_spares_the_installing_session_does_not_hol
     assert "the installing session is still spared" in finding.detail
     assert f"of pid {os.getpid()} " in finding.detail and "until the transaction ends" in finding.detail
     grace.end_after(0, record)
-    finding = install.installation_finding(book, tmp_path, record, tmp_path / "no-units")
+    finding = install.installation_finding(book, tmp_path, record, list)
     assert finding.holds and finding.facts["spared_session"] is None
 
 
@@ -395,20 +394,20 @@ def test_a_unit_the_spared_session_started_by_hand_fails_the_installation(
     (tmp_path / "status").write_text(DPKG_STATUS.format("installed"))
     record = tmp_path / "install-grace.json"
     install.transaction(book, [Step("ssh", [])], passed)
-    transient, sessions = tmp_path / "transient", tmp_path / "sessions"
-    transient.mkdir()
-    sessions.mkdir()
-    (sessions / "4").write_text("")
-    for unit in ("session-4.scope", "user-0.slice", "left-behind.service"):
-        (transient / unit).write_text("")
-    finding = install.installation_finding(book, tmp_path, record, transient, sessions)
+    left = ["left-behind.service (started by hand): pid 42 (/usr/bin/sleep 1644)"]
+    finding = install.installation_finding(book, tmp_path, record, lambda: left)
     assert not finding.holds
     assert finding.detail == (
-        "installed (version 0.1.0), but units started by hand keep running as root: "
-        "left-behind.service (nothing runs in it now; it may start again) (the next boot "
+        "installed (version 0.1.0), but programs left running by hand keep running as root: "
+        "left-behind.service (started by hand): pid 42 (/usr/bin/sleep 1644) (the next boot "
         "ends them)")
-    (transient / "left-behind.service").unlink()
-    assert install.installation_finding(book, tmp_path, record, transient, sessions).holds
+
+    def no_bus() -> List[str]:
+        raise systemd.NoBusError("cannot connect to the system bus")
+
+    finding = install.installation_finding(book, tmp_path, record, no_bus)
+    assert not finding.holds and "systemd cannot be asked what runs by hand" in finding.detail
+    assert install.installation_finding(book, tmp_path, record, list).holds
 
 
 def test_the_transaction_stamps_the_grace_deadline_installed_or_not(

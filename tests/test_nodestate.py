@@ -81,7 +81,8 @@ def test_fresh_serves_a_recent_state_and_measures_an_old_one_again() -> None:
         measured.append(int(now[0]))
         return NodeState(int(now[0]), True, "0.1.0", (StateCheck("ssh", True, "masked"),), ())
 
-    fresh = nodestate.Fresh(measure, refresh=30, longest=90, clock=lambda: now[0])
+    fresh = nodestate.Fresh(measure, refresh=30, longest=90, clock=lambda: now[0],
+                            monotonic=lambda: now[0])
     background: List[NodeState] = []
     # Here the background's measurement runs at once, to see what the caller was served.
     fresh.in_background = lambda: background.append(fresh._measure())  # type: ignore
@@ -96,6 +97,28 @@ def test_fresh_serves_a_recent_state_and_measures_an_old_one_again() -> None:
     now[0] = 900.0  # the clock went back: a state from "the future" is measured again
     assert fresh().checked == 900
     assert measured == [1000, 1089, 1179, 900]
+
+
+def test_a_wall_clock_set_back_does_not_keep_a_state_young() -> None:
+    """The operator owns the uplink and NTP: the wall clock stepped back by a minute now and
+    then would keep a measurement looking recent; the monotonic clock does not step."""
+    wall, mono = [1000.0], [50.0]
+    fresh = nodestate.Fresh(lambda: NodeState(int(wall[0]), True, "0.1.0",
+                                              (StateCheck("ssh", True, "masked"),), ()),
+                            refresh=30, longest=90, clock=lambda: wall[0],
+                            monotonic=lambda: mono[0])
+    assert fresh().checked == 1000
+    wall[0], mono[0] = 1010.0, 150.0  # 100 s went by; the wall clock says 10
+    assert fresh().checked == 1010
+
+
+def test_a_state_the_evidence_cannot_carry_is_a_failing_check() -> None:
+    report = status_report()
+    report["guarantees"][0]["name"] = "Not A Name"
+    printer = [sys.executable, "-c", f"print({json.dumps(report)!r})"]
+    state = nodestate.measure([f"unit{n}.service" for n in range(3)], printer)
+    assert not state.ready and state.checks[0].name == "status"
+    assert state.checks[0].detail.startswith("the state cannot be signed: check name")
 
 
 def test_a_measurement_in_the_background_is_served_next() -> None:

@@ -7,7 +7,7 @@ import os
 import struct
 import subprocess
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
@@ -40,11 +40,15 @@ class Host:
         self.utmp = tmp_path / "utmp"
         self.grace = tmp_path / "grace.json"
         self.holders: List[Tuple[int, int, str]] = []  # pty holders: this host's are not ours
+        # This host's processes are in no unit (no systemd here): none is looked at.
+        self.transient = tmp_path / "transient"
+        self.cgroup_of: Callable[[int], str] = lambda pid: ""
 
     def check(self) -> preflight.Report:
         return preflight.check(self.os_release, self.comm, self.utmp, self.grace,
                                holders=lambda: list(self.holders),
-                               planted_problems=planted.environment_problems)
+                               planted_problems=planted.environment_problems,
+                               transient_units=self.transient, cgroup_of=self.cgroup_of)
 
 
 @pytest.fixture

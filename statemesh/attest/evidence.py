@@ -253,6 +253,12 @@ def _encode_state(state: NodeState) -> bytes:
     return out
 
 
+def check_state(state: NodeState) -> NodeState:
+    """The state as it is, if the evidence can carry it; EvidenceFormatError otherwise."""
+    _encode_state(state)
+    return state
+
+
 class _Reader:
     """Reads the node state's parts in order; every shortfall is a format error."""
 

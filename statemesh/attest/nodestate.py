@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
-from statemesh.attest.evidence import NodeState, StateCheck
+from statemesh.attest.evidence import EvidenceFormatError, NodeState, StateCheck, check_state
 
 STATUS_COMMAND = ("/usr/bin/statemesh-node", "status", "--json")
 STATUS_TIMEOUT = 120.0
@@ -65,9 +65,12 @@ def measure(exempt_units: Sequence[str], command: Sequence[str] = STATUS_COMMAND
     try:
         done = subprocess.run(list(command), capture_output=True, timeout=timeout,
                               stdin=subprocess.DEVNULL, check=False)
-        return from_status(json.loads(done.stdout), checked, exempt_units)
+        return check_state(from_status(json.loads(done.stdout), checked, exempt_units))
     except subprocess.TimeoutExpired:
-        return unmeasured(checked, f"status did not answer within {timeout:.0f} s", exempt_units)
+        return unmeasured(checked, f"status did not answer within {timeout:.0f} s",
+                          exempt_units)
+    except EvidenceFormatError as error:  # a name, or a count, the evidence cannot carry
+        return unmeasured(checked, f"the state cannot be signed: {error}", [])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         return unmeasured(checked, f"status could not be read: {error}", exempt_units)
 
@@ -78,38 +81,41 @@ class Fresh:
     once older than `longest`. One measurement runs at a time."""
 
     def __init__(self, measure_state: Callable[[], NodeState], refresh: float = REFRESH_SECONDS,
-                 longest: float = LONGEST_SECONDS, clock: Callable[[], float] = time.time):
+                 longest: float = LONGEST_SECONDS, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.measure_state = measure_state
         self.refresh = refresh
         self.longest = longest
         self.clock = clock
+        self.monotonic = monotonic
         self._state: Optional[NodeState] = None
+        self._measured_at = 0.0  # monotonic
         self._measuring = threading.Lock()
 
-    def _age(self, state: Optional[NodeState]) -> Optional[float]:
-        """Seconds since `state` was checked; None for none, or one from "the future" (the
-        clock went back: it cannot be trusted to be recent)."""
-        if state is None:
+    def _age(self) -> Optional[float]:
+        """Seconds since the state was checked, by the wall clock (what the evidence says)
+        and by the monotonic one (a wall clock set back cannot make it look recent); None
+        for none yet, or one from "the future"."""
+        if self._state is None:
             return None
-        age = self.clock() - state.checked
-        return age if age >= 0 else None
+        wall = self.clock() - self._state.checked
+        return max(wall, self.monotonic() - self._measured_at) if wall >= 0 else None
 
     def __call__(self) -> NodeState:
-        state = self._state
-        age = self._age(state)
+        state, age = self._state, self._age()
         if state is None or age is None or age >= self.longest:
             return self._measure()
-        if age >= self.refresh:
+        if age >= self.refresh and not self._measuring.locked():
             self.in_background()
         return state
 
     def _measure(self) -> NodeState:
         with self._measuring:
-            state = self._state
-            age = self._age(state)
-            if state is not None and age is not None and age < self.refresh:
-                return state  # measured by another caller meanwhile
-            state = self._state = self.measure_state()
+            age = self._age()
+            if self._state is not None and age is not None and age < self.refresh:
+                return self._state  # measured by another caller meanwhile
+            state = self.measure_state()
+            self._state, self._measured_at = state, self.monotonic()
             return state
 
     def in_background(self) -> threading.Thread:

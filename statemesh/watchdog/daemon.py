@@ -479,6 +479,9 @@ class Watchdog:
         try:
             await asyncio.wait_for(sessions.kill_session(session_id, signal.SIGKILL), LOGIND_TIMEOUT)
             await asyncio.wait_for(sessions.terminate_session(session_id), LOGIND_TIMEOUT)
+        except (KeyError, IndexError) as error:  # a bug, never an answer of logind's
+            log("error", what=f"terminating logind session {session_id}", error=repr(error))
+            return
         except LookupError:  # logind knows it no more: it ended with its last process
             log("session-gone", session=session_id, why=why)
             return

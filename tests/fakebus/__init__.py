@@ -60,6 +60,7 @@ class FakeUnit:
     exists: bool = True
     fragment: str = ""  # FragmentPath: the unit's file in /lib/systemd/system unless set
     dropins: List[str] = dataclasses.field(default_factory=list)
+    transient: bool = False  # started with systemd-run
     # As systemd, a mask refuses starts only once a reload has loaded it (and an unmask
     # lets them again only then).
     mask_loaded: Optional[bool] = None
@@ -104,6 +105,15 @@ class UnitObject(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def NeedDaemonReload(self) -> "b":  # noqa: N802,F821
         return False
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Transient(self) -> "b":  # noqa: N802,F821
+        return self.unit.transient
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ControlGroup(self) -> "s":  # noqa: N802,F821
+        """As systemd: a unit that exists has its cgroup under system.slice."""
+        return f"/system.slice/{self.unit.name}" if self.unit.exists else ""
 
 
 class FakeSystemd(ServiceInterface):

@@ -150,8 +150,9 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
                    "the installing session's end", 60)
     installation = status(guest)["installation"]
     assert not installation["holds"], installation
-    assert re.search(r"but units started by hand keep running as root: left-behind\.service: "
-                     r"pid [0-9]+ \(/usr/bin/sleep 1644\)", installation["detail"]), installation
+    assert re.search(r"but programs left running by hand keep running as root: left-behind"
+                     r"\.service \(started by hand\): pid [0-9]+ \(/usr/bin/sleep 1644\)",
+                     installation["detail"]), installation
     guest.run("systemctl stop left-behind.service")  # on a node, the next boot ends it
     assert_locked_down(guest)
     steps = {e["event"]: e["time"] for e in events(guest)}
@@ -336,8 +337,8 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     "/var/spool/cron/atjobs/a00001019a2b3c",
                     "cron jobs not as a package installed them: /etc/cron.d/way-in",
                     "systemd timers no package installed: /run/systemd/transient/way-in.timer",
-                    "units started by hand (systemd-run), which would keep running as root "
-                    "after the lockdown: dial-out.service: pid ",
+                    "programs left running by hand, which would keep running as root after "
+                    "the lockdown: dial-out.service (started by hand): pid ",
                     "systemd units no package installed, which would run as root: "
                     "/etc/systemd/system/way-back.service (",
                     "systemd drop-ins no package installed, which change what a unit runs: "
@@ -354,10 +355,12 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     "later (kernel and initramfs updates, the initramfs at boot, needrestart, "
                     f"logrotate, udev, modprobe, network events): {KERNEL_HOOK}, {UDEV_RULE} ("):
         assert planted in said, said
-    assert re.search(r"dial-out\.service: pid [0-9]+ \(/usr/bin/sleep 1642\)", said), said
+    assert re.search(r"dial-out\.service \(started by hand\): pid [0-9]+ "
+                     r"\(/usr/bin/sleep 1642\)", said), said
     # The aTLS endpoint, started with the package's other units, answers a customer: not
     # ready, under its TPM's signature, naming why.
-    guest.wait_for(f"ss -Hltn 'sport = :{MESH}' | grep -q .", "the aTLS endpoint", 120)
+    guest.run(f"for i in $(seq 600); do ss -Hltn 'sport = :{MESH}' | grep -q . && exit 0; "
+              "sleep 0.2; done; journalctl -u statemesh-atls --no-pager; exit 1", timeout=180)
     report = json.loads(guest.run(f"statemesh-node verify --allow-weak --json 127.0.0.1:{MESH}",
                                   check=False, timeout=180).stdout)
     assert (report["verdict"], report["code"]) == ("refused", "not-ready"), report
