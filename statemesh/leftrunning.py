@@ -100,6 +100,11 @@ async def _starting_later(manager: systemd.Systemd) -> Set[str]:
     return {unit.name for unit in [*units, *services]}
 
 
+def _type_interface(unit: str) -> str:
+    """The D-Bus interface of the unit's type (Service, Scope...), which has ControlGroup."""
+    return f"{systemd.SYSTEMD}.{unit.rpartition('.')[2].capitalize()}"
+
+
 async def by_hand(manager: systemd.Systemd, units: Collection[str],
                   with_processes: Collection[str]) -> Dict[str, str]:
     """unit -> why, for each of `units` systemd says is transient, and for each of
@@ -112,11 +117,12 @@ async def by_hand(manager: systemd.Systemd, units: Collection[str],
                 continue
             if unit not in with_processes:
                 continue
-            props = await manager.get_unit_properties(unit, systemd.UNIT,
-                                                      ("LoadState", "ControlGroup"))
+            known = await manager.get_unit_property(unit, systemd.UNIT, "LoadState")
+            cgroup = "" if known == "not-found" else await manager.get_unit_property(
+                unit, _type_interface(unit), "ControlGroup")
         except systemd.UnknownUnitError:
-            props = {"LoadState": "not-found", "ControlGroup": ""}
-        if props["LoadState"] == "not-found" or not props["ControlGroup"]:
+            cgroup = ""
+        if not cgroup:
             found[unit] = "no unit systemd knows"
     return found
 

@@ -110,6 +110,16 @@ class UnitObject(ServiceInterface):
     def Transient(self) -> "b":  # noqa: N802,F821
         return self.unit.transient
 
+
+class UnitTypeObject(ServiceInterface):
+    """org.freedesktop.systemd1.Service (Scope, Socket...) of one unit: where systemd keeps
+    what only units with processes have."""
+
+    def __init__(self, unit: FakeUnit):
+        kind = unit.name.rpartition(".")[2].capitalize()
+        super().__init__(f"org.freedesktop.systemd1.{kind}")
+        self.unit = unit
+
     @dbus_property(access=PropertyAccess.READ)
     def ControlGroup(self) -> "s":  # noqa: N802,F821
         """As systemd: a unit that exists has its cgroup under system.slice."""
@@ -162,6 +172,7 @@ class FakeSystemd(ServiceInterface):
         path = UNIT_PREFIX + escape(unit.name)
         if path not in self._exported:
             self.bus.export(path, UnitObject(unit))
+            self.bus.export(path, UnitTypeObject(unit))
             self._exported.add(path)
         return path
 

@@ -269,8 +269,10 @@ def plant_jobs_for_later(guest: Guest) -> None:
     guest.put("/etc/cron.d/way-in", b"* * * * * root /root/way-in\n")
     guest.run("systemd-run --unit=way-in --on-calendar=hourly /bin/true")
     # Started by hand and left running: it would dial out and hand over a shell (here it
-    # only sleeps); gone at the next boot, but nothing of the lockdown ends it before.
-    guest.run("systemd-run --unit=dial-out sleep 1642")
+    # only sleeps); gone at the next boot, but nothing of the lockdown ends it before. Its
+    # file deleted and systemd reloaded, it runs on, still transient to systemd.
+    guest.run("systemd-run --unit=dial-out sleep 1642 && rm /run/systemd/transient/dial-out.service"
+              " && systemctl daemon-reload")
     # A service that would dial out and hand over a shell (here it only sleeps), linked in
     # from root's home and enabled; and a drop-in adding a command to a packaged service.
     guest.put("/root/way-back.service", b"[Service]\nExecStart=/bin/sleep infinity\n"
