@@ -36,6 +36,9 @@ from statemesh.watchdog import terminals
 
 TRANSIENT_UNITS = Path("/run/systemd/transient")
 KERNEL_THREAD = 0x00200000  # PF_KTHREAD in /proc/PID/stat's flags
+# The service manager itself: PID 1 in init.scope, a transient unit of systemd's own. Any
+# other process in it was put there by hand.
+MANAGER_PID, MANAGER_SCOPE = 1, "init.scope"
 SLICE = ".slice"
 UNIT_TYPES = ("service", "scope", "socket", "mount", "swap")
 # Units that start a program later, and services waiting to be restarted.
@@ -72,10 +75,11 @@ def system_unit(cgroup: str) -> str:
 
 
 def userland(cgroup_of: CgroupOf = proc.cgroup_path) -> List[Process]:
-    """Every process but the kernel's threads and those gone meanwhile."""
+    """Every process but the service manager, the kernel's threads and those gone
+    meanwhile."""
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == MANAGER_PID:
             continue
         pid = int(entry)
         stat = proc.read_stat(pid)
@@ -160,6 +164,7 @@ async def left_running(manager: systemd.Systemd, excused: Excused = nothing_excu
     left = [p for p in processes if not excused(p)]
     running = {p.unit for p in left if p.unit}
     later = (transient_files(transient_dir) | await _starting_later(manager)) - own_units
+    later.discard(MANAGER_SCOPE)  # starts nothing; what runs in it is judged by its process
     return describe(left, await by_hand(manager, running | later, running))
 
 
