@@ -359,15 +359,6 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
         assert planted in said, said
     assert re.search(r"dial-out\.service \(started by hand\): pid [0-9]+ "
                      r"\(/usr/bin/sleep 1642\)", said), said
-    # The aTLS endpoint, started with the package's other units, answers a customer: not
-    # ready, under its TPM's signature, naming why.
-    guest.run(f"for i in $(seq 600); do ss -Hltn 'sport = :{MESH}' | grep -q . && exit 0; "
-              "sleep 0.2; done; journalctl -u statemesh-atls --no-pager; exit 1", timeout=180)
-    report = json.loads(guest.run(f"statemesh-node verify --allow-weak --json 127.0.0.1:{MESH}",
-                                  check=False, timeout=180).stdout)
-    assert (report["verdict"], report["code"]) == ("refused", "not-ready"), report
-    assert report["reason"].startswith(
-        "not ready: not installed; installation: not installed"), report
     # Root's other Python programs ran it (dpkg's py3compile among them); the package's
     # own processes, /usr/bin/statemesh-node, did not.
     ran = guest.run(f"cat {RAN}").stdout
@@ -547,6 +538,15 @@ def test_a_step_that_always_fails_gives_the_machine_back_at_the_next_boot(
     assert "firewall failed" in failed.stdout + failed.stderr
     assert install_state(guest) == "failed"
     assert enabled(guest, "ssh.service")["ssh.service"] == "masked"  # half-applied until...
+    # Its aTLS endpoint, started with the package's other units, answers a customer all the
+    # same: not ready, under its TPM's signature, naming why.
+    guest.run(f"for i in $(seq 300); do ss -Hltn 'sport = :{MESH}' | grep -q . && exit 0; "
+              "sleep 0.2; done; journalctl -u statemesh-atls --no-pager; exit 1", timeout=110)
+    report = json.loads(guest.run(f"statemesh-node verify --allow-weak --json 127.0.0.1:{MESH}",
+                                  check=False, timeout=180).stdout)
+    assert (report["verdict"], report["code"]) == ("refused", "not-ready"), report
+    assert report["reason"].startswith(
+        "not ready: not installed; installation: not installed"), report
 
     guest.reboot()  # ...the reboot an interrupted or failed installation demands
     guest.wait_until_booted()
