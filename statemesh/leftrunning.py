@@ -6,20 +6,22 @@ next boot, and it runs as root with no terminal and no login. A reverse shell th
 neither, and the lockdown, which ends sessions and terminals, never sees it. Whether a unit
 is transient is asked of systemd (its Transient property): the unit's file in
 /run/systemd/transient can be deleted while the unit runs on. A process in no unit (the
-root cgroup, or a cgroup made by hand, which systemd does not own) is left running as
-surely.
+root cgroup, or a cgroup made by hand, named like a unit or not, which systemd does not
+own) is left running as surely.
 
-Every process but the kernel's threads is judged, with the units that may start one later
-(timers, paths, sockets, services between restarts). Preflight excuses the installation's
-own processes (the package manager, what it descends from and what it started:
-`systemd-run apt-get install` is a way to install, a shell beside apt in that unit is not)
-and the installing logind session's; other sessions are refused here as well as by the
-session checks. Status, once installed, excuses nothing: a unit the spared session started
-(from another tmux window) outlives it, until the next boot.
+Every userland process is judged (a zombie leader whose threads run on too; not the
+kernel's usermode helpers, nor PID 1 and what it forks from systemd's own programs), with
+the units that may start one later (active timers, paths, sockets, and services waiting to
+restart). Preflight excuses the installation's own processes (the package manager, what it
+descends from and what it started: `systemd-run apt-get install` is a way to install, a
+shell beside apt in that unit is not) and the installing logind session's scope; another
+session's is refused here as well as by the session checks. Status, once installed,
+excuses nothing: a unit the spared session started (another tmux window) outlives it.
 
 Not found: a process root moved into a packaged unit's cgroup (nothing tells it from that
-unit's own children) and the units of a user's service manager (it stops with the user's
-last session; a lingering user is refused by preflight). README's honest limits say so.
+unit's own children), one whose /proc entry a bind mount hides, and what a packaged unit
+started by hand runs (user@0.service without a session, systemd-nspawn@). README's honest
+limits say so.
 """
 
 from __future__ import annotations
@@ -27,18 +29,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from pathlib import Path
-from typing import Callable, Collection, Dict, List, Set
+from typing import Callable, Collection, Dict, List, Optional, Set, Tuple
 
 from statemesh import proc, systemd
 from statemesh.planted import named
 from statemesh.watchdog import terminals
 
-TRANSIENT_UNITS = Path("/run/systemd/transient")
 KERNEL_THREAD = 0x00200000  # PF_KTHREAD in /proc/PID/stat's flags
-# The service manager itself: PID 1 in init.scope, a transient unit of systemd's own. Any
+KTHREADD = 2  # the kernel's usermode helpers (modprobe, core_pattern's) are its children
+# The service manager itself: PID 1 in init.scope, a transient unit of systemd's own, where
+# it also forks its generators and helpers for a moment (during every daemon-reload). Any
 # other process in it was put there by hand.
 MANAGER_PID, MANAGER_SCOPE = 1, "init.scope"
+MANAGER_PROGRAMS = ("/usr/lib/systemd/", "/lib/systemd/")
 SLICE = ".slice"
 UNIT_TYPES = ("service", "scope", "socket", "mount", "swap")
 # Units that start a program later, and services waiting to be restarted.
@@ -74,28 +77,47 @@ def system_unit(cgroup: str) -> str:
     return ""
 
 
+def _parent_and_flags(pid: int) -> Optional[Tuple[int, int]]:
+    """(ppid, flags) of a live process; (0, 0) for a zombie leader whose threads run on (it
+    called pthread_exit: still a running program); None for one gone or all dead."""
+    stat = proc.read_stat(pid)
+    if stat is not None:
+        return stat[0], stat[3]
+    try:
+        return (0, 0) if len(os.listdir(f"/proc/{pid}/task")) > 1 else None
+    except OSError:
+        return None
+
+
+def _managers_own(pid: int, ppid: int, unit: str) -> bool:
+    """PID 1, and what it forks in init.scope from systemd's own programs."""
+    if pid == MANAGER_PID:
+        return True
+    if unit != MANAGER_SCOPE or ppid != MANAGER_PID:
+        return False
+    try:
+        return os.path.realpath(f"/proc/{pid}/exe").startswith(MANAGER_PROGRAMS)
+    except OSError:
+        return False
+
+
 def userland(cgroup_of: CgroupOf = proc.cgroup_path) -> List[Process]:
-    """Every process but the service manager, the kernel's threads and those gone
-    meanwhile."""
+    """Every process but the kernel's (threads and usermode helpers), the service manager's,
+    and those gone meanwhile."""
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == MANAGER_PID:
+        if not entry.isdigit():
             continue
         pid = int(entry)
-        stat = proc.read_stat(pid)
-        cgroup = cgroup_of(pid)
-        if stat is None or stat[3] & KERNEL_THREAD or not cgroup:
+        identity, cgroup = _parent_and_flags(pid), cgroup_of(pid)
+        if identity is None or not cgroup:
             continue
-        found.append(Process(pid, cgroup, system_unit(cgroup)))
+        ppid, flags = identity
+        unit = system_unit(cgroup)
+        if flags & KERNEL_THREAD or ppid == KTHREADD or _managers_own(pid, ppid, unit):
+            continue
+        found.append(Process(pid, cgroup, unit))
     return found
-
-
-def transient_files(directory: Path = TRANSIENT_UNITS) -> Set[str]:
-    """The transient units whose files are still there (slices hold nothing by themselves)."""
-    try:
-        return {name for name in os.listdir(directory) if not name.endswith(SLICE)}
-    except OSError:
-        return set()
 
 
 async def _starting_later(manager: systemd.Systemd) -> Set[str]:
@@ -109,44 +131,56 @@ def _type_interface(unit: str) -> str:
     return f"{systemd.SYSTEMD}.{unit.rpartition('.')[2].capitalize()}"
 
 
-async def by_hand(manager: systemd.Systemd, units: Collection[str],
-                  with_processes: Collection[str]) -> Dict[str, str]:
-    """unit -> why, for each of `units` systemd says is transient, and for each of
-    `with_processes` it does not own (a cgroup made by hand and named like a unit)."""
-    found = {}
-    for unit in sorted(units):
+def _inside(cgroup: str, unit_cgroup: str) -> bool:
+    return bool(unit_cgroup) and (cgroup == unit_cgroup or cgroup.startswith(unit_cgroup + "/"))
+
+
+async def _not_systemds(manager: systemd.Systemd, unit: str, cgroups: Set[str]) -> Set[str]:
+    """Those of `cgroups` that are neither the unit's cgroup nor inside it: made by hand
+    elsewhere and named like it, or an alias's name (all, when systemd has no such unit)."""
+    if await manager.get_unit_property(unit, systemd.UNIT, "LoadState") == "not-found":
+        return set(cgroups)
+    own = await manager.get_unit_property(unit, _type_interface(unit), "ControlGroup")
+    return {cgroup for cgroup in cgroups if not _inside(cgroup, own)}
+
+
+async def by_hand(manager: systemd.Systemd, later: Collection[str],
+                  running: Dict[str, Set[str]]) -> Tuple[Dict[str, str], Set[str]]:
+    """The units systemd says are transient (of `later`, and of `running`: unit -> the
+    cgroups its processes are in), and the cgroups of `running` systemd does not own."""
+    transient: Dict[str, str] = {}
+    foreign: Set[str] = set()
+    for unit in sorted(set(later) | set(running)):
         try:
             if await manager.get_unit_property(unit, systemd.UNIT, "Transient"):
-                found[unit] = "started by hand"
-                continue
-            if unit not in with_processes:
-                continue
-            known = await manager.get_unit_property(unit, systemd.UNIT, "LoadState")
-            cgroup = "" if known == "not-found" else await manager.get_unit_property(
-                unit, _type_interface(unit), "ControlGroup")
-        except systemd.UnknownUnitError:
-            cgroup = ""
-        if not cgroup:
-            found[unit] = "no unit systemd knows"
-    return found
+                transient[unit] = "started by hand"
+            elif unit in running:
+                foreign |= await _not_systemds(manager, unit, running[unit])
+        except systemd.AccessDeniedError:
+            raise
+        except systemd.SystemdError:  # no such unit, or a name systemd finds invalid
+            foreign |= running.get(unit, set())
+    return transient, foreign
 
 
 def _named_processes(processes: List[Process]) -> str:
     return ", ".join(f"pid {p.pid} ({terminals.describe(p.pid)[1][:60]})" for p in processes)
 
 
-def describe(processes: List[Process], units: Dict[str, str]) -> List[str]:
-    """One entry per unit started by hand (with what runs in it) and one for the processes
-    in no unit."""
+def describe(processes: List[Process], units: Dict[str, str], foreign: Set[str]) -> List[str]:
+    """One entry per unit started by hand (with what runs in it, or that nothing does now)
+    and one for the processes in no unit systemd owns."""
     grouped: Dict[str, List[Process]] = {unit: [] for unit in units}
     for process in processes:
-        if not process.unit or process.unit in units:
-            grouped.setdefault(process.unit, []).append(process)
+        if not process.unit or process.cgroup in foreign:
+            grouped.setdefault("", []).append(process)
+        elif process.unit in units:
+            grouped[process.unit].append(process)
     entries = []
     for unit, members in sorted(grouped.items()):
         if not unit:
             cgroups = ", ".join(sorted({p.cgroup for p in members}))
-            entries.append(f"in no unit ({cgroups}): {_named_processes(members)}")
+            entries.append(f"in no unit systemd owns ({cgroups}): {_named_processes(members)}")
         elif members:
             entries.append(f"{unit} ({units[unit]}): {_named_processes(members)}")
         else:
@@ -156,16 +190,18 @@ def describe(processes: List[Process], units: Dict[str, str]) -> List[str]:
 
 
 async def left_running(manager: systemd.Systemd, excused: Excused = nothing_excused,
-                       cgroup_of: CgroupOf = proc.cgroup_path,
-                       transient_dir: Path = TRANSIENT_UNITS) -> List[str]:
+                       cgroup_of: CgroupOf = proc.cgroup_path) -> List[str]:
     """What runs by hand, or may start again, beside what is excused."""
     processes = userland(cgroup_of)
     own_units = {p.unit for p in processes if excused(p)}
     left = [p for p in processes if not excused(p)]
-    running = {p.unit for p in left if p.unit}
-    later = (transient_files(transient_dir) | await _starting_later(manager)) - own_units
-    later.discard(MANAGER_SCOPE)  # starts nothing; what runs in it is judged by its process
-    return describe(left, await by_hand(manager, running | later, running))
+    running: Dict[str, Set[str]] = {}
+    for process in left:
+        if process.unit:
+            running.setdefault(process.unit, set()).add(process.cgroup)
+    later = await _starting_later(manager) - own_units
+    transient, foreign = await by_hand(manager, later, running)
+    return describe(left, transient, foreign)
 
 
 def refusal(entries: List[str]) -> List[str]:

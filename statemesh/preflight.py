@@ -14,7 +14,7 @@ code or jobs are planted for root's programs to load or run later (statemesh.pla
 statemesh.jobs), and when a program was left running by hand (statemesh.leftrunning).
 
 Only reads: /etc/os-release, /proc/1/comm, /proc/swaps, utmp, what statemesh.planted reads,
-/run/systemd/transient, /proc, and systemd/logind over D-Bus.
+/proc, and systemd/logind over D-Bus.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ SWAPS = Path("/proc/swaps")
 OS_RELEASE = Path("/etc/os-release")
 PID1_COMM = Path("/proc/1/comm")
 DISPLAY_MANAGER = "display-manager.service"
+USER_SLICE = "/user.slice/"  # where logind puts sessions' scopes
 GRAPHICAL_TYPES = ("x11", "wayland", "mir")
 # Minimum supported version per distribution (VERSION_ID compared numerically).
 SUPPORTED = {"debian": (12,), "ubuntu": (22, 4)}
@@ -225,7 +226,7 @@ class BusFacts:
     left_running: List[str]
 
 
-async def _bus_facts(installation_own: leftrunning.Excused, transient_units: Path,
+async def _bus_facts(installation_own: leftrunning.Excused,
                      cgroup_of: leftrunning.CgroupOf) -> BusFacts:
     async with systemd.manager() as manager:
         try:
@@ -235,8 +236,7 @@ async def _bus_facts(installation_own: leftrunning.Excused, transient_units: Pat
         sessions = await systemd.Logind(manager.bus).list_sessions()
         units = await ownunits.read_units(manager)
         environment = await manager.get_environment()
-        left = await leftrunning.left_running(manager, installation_own, cgroup_of,
-                                              transient_units)
+        left = await leftrunning.left_running(manager, installation_own, cgroup_of)
     return BusFacts(display_manager, sessions, units, environment, left)
 
 
@@ -258,10 +258,14 @@ def installation_own(installer: Optional[grace.Grace], own: Own) -> leftrunning.
         this = psutil.Process()
         root, lineage = this.pid, frozenset([this.pid, *(p.pid for p in this.parents())])
 
+    session_scope = None if own.session is None else f"session-{own.session}.scope"
+
     def excused(process: leftrunning.Process) -> bool:
         if process.pid in lineage or proc.is_descendant(process.pid, root):
             return True
-        return own.session is not None and grace.logind_session(process.cgroup) == own.session
+        # The session's own scope, where logind puts it: not a cgroup named so elsewhere.
+        return (process.unit == session_scope and process.cgroup.startswith(USER_SLICE)
+                and process.cgroup.endswith(f"/{session_scope}"))
 
     return excused
 
@@ -270,7 +274,6 @@ def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path
           grace_path: Path = grace.GRACE_PATH, swaps: Path = SWAPS,
           holders: Callable[[], List[Tuple[int, int, str]]] = pty_holders,
           planted_problems: Callable[[List[str]], List[str]] = planted_for_later,
-          transient_units: Path = leftrunning.TRANSIENT_UNITS,
           cgroup_of: leftrunning.CgroupOf = proc.cgroup_path) -> Report:
     """Every reason to refuse the installation (read-only)."""
     problems: List[str] = []
@@ -283,8 +286,7 @@ def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path
     facts["installing_session"] = dataclasses.asdict(own)
     installer = grace.current(grace_path)
     try:
-        bus = asyncio.run(_bus_facts(installation_own(installer, own), transient_units,
-                                     cgroup_of))
+        bus = asyncio.run(_bus_facts(installation_own(installer, own), cgroup_of))
     except systemd.SystemdError as error:
         problems.append(f"cannot ask systemd and logind: {error}")
         bus = BusFacts("unknown", [], [], [], [])

@@ -79,13 +79,17 @@ def cgroup_path(pid: int) -> str:
 
 
 def systemd_cgroup(text: str) -> str:
-    """The systemd path in a /proc/PID/cgroup text: the unified hierarchy's, else name=systemd's."""
-    legacy = ""
+    """The systemd path in a /proc/PID/cgroup text: the unified hierarchy's, else name=systemd's
+    (a hybrid system's unified line says "/" of everything); "/" for the root cgroup of a
+    unified-only system, where root can put any process by hand."""
+    legacy, unified = "", ""
     for line in text.splitlines():
         hierarchy, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and controllers == "" and path != "/":
-            return path
+        if hierarchy == "0" and controllers == "":
+            unified = path
         if controllers == "name=systemd":
             legacy = path
-    return legacy
+    if unified and unified != "/":
+        return unified
+    return legacy or unified

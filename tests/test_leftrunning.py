@@ -5,6 +5,7 @@ excused but not a shell beside them, and units that start a program later count 
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Dict, Iterator, List
 
@@ -30,12 +31,11 @@ def placed(cgroups: Dict[int, str]) -> leftrunning.CgroupOf:
     return lambda pid: cgroups.get(pid, "")
 
 
-def left(fakebus: FakeBus, cgroups: Dict[int, str], transient_dir: Path,
+def left(fakebus: FakeBus, cgroups: Dict[int, str], _unused: object = None,
          excused: leftrunning.Excused = leftrunning.nothing_excused) -> List[str]:
     async def ask() -> List[str]:
         async with systemd.manager() as manager:
-            return await leftrunning.left_running(manager, excused, placed(cgroups),
-                                                  transient_dir)
+            return await leftrunning.left_running(manager, excused, placed(cgroups))
     return fakebus.call(ask())
 
 
@@ -64,23 +64,34 @@ def test_transient_units_and_processes_in_no_unit_are_named(
     way_back, cron, hidden = sleepers
     cgroups = {way_back: "/system.slice/way-back.service", cron: "/system.slice/cron.service",
                hidden: "/made-by-hand"}
-    found = left(fakebus, cgroups, tmp_path / "no-files")
+    found = left(fakebus, cgroups)
     assert found == [
-        f"in no unit (/made-by-hand): pid {hidden} (sleep 62)",
+        f"in no unit systemd owns (/made-by-hand): pid {hidden} (sleep 62)",
         "restarting.service (started by hand): nothing runs in it now; it may start again",
         f"way-back.service (started by hand): pid {way_back} (sleep 60)",
         "way-in.timer (started by hand): nothing runs in it now; it may start again",
     ]
+    # The root cgroup of a unified-only system (`echo $$ > /sys/fs/cgroup/cgroup.procs`).
+    in_root = left(fakebus, {hidden: "/"})[0]
+    assert in_root == f"in no unit systemd owns (/): pid {hidden} (sleep 62)"
     assert leftrunning.refusal(found)[0].startswith(
         "programs left running by hand, which would keep running as root after the lockdown: "
-        f"in no unit (/made-by-hand): pid {hidden} (sleep 62), restarting.service")
+        f"in no unit systemd owns (/made-by-hand): pid {hidden} (sleep 62), restarting.service")
 
 
 def test_a_cgroup_made_by_hand_and_named_like_a_unit_is_no_unit(
         fakebus: FakeBus, sleepers: List[int], tmp_path: Path) -> None:
     cgroups = {sleepers[0]: "/system.slice/innocent.service"}  # mkdir, not systemd's
     assert left(fakebus, cgroups, tmp_path) == [
-        f"innocent.service (no unit systemd knows): pid {sleepers[0]} (sleep 60)"]
+        "in no unit systemd owns (/system.slice/innocent.service): "
+        f"pid {sleepers[0]} (sleep 60)"]
+    # Named like a running packaged unit, elsewhere than systemd put it, or inside it: the
+    # one inside is the unit's (delegated units make their own); the other is not.
+    fakebus.systemd.add("cron.service", active_state="active")
+    cgroups = {sleepers[0]: "/user.slice/cron.service", sleepers[1]: "/system.slice/cron.service",
+               sleepers[2]: "/system.slice/cron.service/payload"}
+    assert left(fakebus, cgroups) == [
+        f"in no unit systemd owns (/user.slice/cron.service): pid {sleepers[0]} (sleep 60)"]
 
 
 def test_the_installation_is_excused_but_not_a_shell_beside_it(
@@ -92,10 +103,7 @@ def test_the_installation_is_excused_but_not_a_shell_beside_it(
     apt, shell, session_process = sleepers
     cgroups = {apt: "/system.slice/inst.service", shell: "/system.slice/inst.service",
                session_process: "/user.slice/user-0.slice/session-4.scope"}
-    files = tmp_path / "transient"
-    files.mkdir()
-    for name in ("inst.service", "session-4.scope", "user-0.slice"):
-        (files / name).write_text("")
+    files = None
 
     def installation(process: leftrunning.Process) -> bool:
         return process.pid == apt or process.unit == "session-4.scope"
@@ -112,12 +120,28 @@ def test_a_machine_with_nothing_by_hand_has_no_finding(fakebus: FakeBus, sleeper
     (found so in the VM: every installation was refused); another process there is."""
     fakebus.systemd.add("cron.service", active_state="active")
     fakebus.systemd.add("init.scope", active_state="active", transient=True)
-    files = tmp_path / "transient"
-    files.mkdir()
-    (files / "init.scope").write_text("")
+    files = None
     cgroups = {1: "/init.scope", sleepers[0]: "/system.slice/cron.service"}
     assert left(fakebus, cgroups, files) == []
     assert leftrunning.refusal([]) == []
     cgroups[sleepers[1]] = "/init.scope"
     assert left(fakebus, cgroups, files) == [
         f"init.scope (started by hand): pid {sleepers[1]} (sleep 61)"]
+
+
+def test_a_zombie_leader_whose_threads_run_on_is_judged() -> None:
+    """Its main thread gone (pthread_exit), the process shows as a zombie and still runs."""
+    code = ("import ctypes, threading, time; threading.Thread(target=time.sleep, args=(60,))"
+            ".start(); ctypes.CDLL(None).pthread_exit(None)")
+    process = subprocess.Popen(["/usr/bin/python3", "-c", code], start_new_session=True)
+    try:
+        for _ in range(200):
+            if open(f"/proc/{process.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.02)
+        assert leftrunning._parent_and_flags(process.pid) == (0, 0)
+        judged = leftrunning.userland(placed({process.pid: "/system.slice/x.service"}))
+        assert [p.pid for p in judged] == [process.pid]
+    finally:
+        process.kill()
+        process.wait()

@@ -11,7 +11,7 @@ from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
-from statemesh import planted, preflight, proc
+from statemesh import leftrunning, planted, preflight, proc
 from tests.fakebus import FakeBus, FakeSession, fakebus, package_units  # noqa: F401 - fixture
 
 DEBIAN12 = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
@@ -41,14 +41,13 @@ class Host:
         self.grace = tmp_path / "grace.json"
         self.holders: List[Tuple[int, int, str]] = []  # pty holders: this host's are not ours
         # This host's processes are in no unit (no systemd here): none is looked at.
-        self.transient = tmp_path / "transient"
         self.cgroup_of: Callable[[int], str] = lambda pid: ""
 
     def check(self) -> preflight.Report:
         return preflight.check(self.os_release, self.comm, self.utmp, self.grace,
                                holders=lambda: list(self.holders),
                                planted_problems=planted.environment_problems,
-                               transient_units=self.transient, cgroup_of=self.cgroup_of)
+                               cgroup_of=self.cgroup_of)
 
 
 @pytest.fixture
@@ -155,3 +154,17 @@ def test_a_pty_held_outside_the_installing_session_is_a_reason(host: Host) -> No
     assert len(problems) == 1 and problems[0].startswith("pid 1 (")
     assert f"holds a pty outside the installing session, in {logind}" in problems[0]
 
+
+
+def test_only_the_installing_sessions_own_scope_is_excused() -> None:
+    """A cgroup merely named like the installing session's scope, elsewhere than logind puts
+    it (/system.slice/evil.service/session-4.scope), excuses nothing."""
+    excused = preflight.installation_own(None, preflight.Own("4", None, os.getsid(0)))
+    gone = 4_194_303  # no such process: neither the installer's lineage nor its child
+    assert excused(leftrunning.Process(gone, "/user.slice/user-0.slice/session-4.scope",
+                                       "session-4.scope"))
+    for cgroup, unit in (("/system.slice/evil.service/session-4.scope", "evil.service"),
+                         ("/system.slice/session-4.scope", "session-4.scope"),
+                         ("/user.slice/user-0.slice/session-5.scope", "session-5.scope")):
+        assert not excused(leftrunning.Process(gone, cgroup, unit)), cgroup
+    assert excused(leftrunning.Process(os.getpid(), "/", ""))  # run by hand: its own lineage

@@ -277,6 +277,7 @@ def test_sessions_spared_are_those_without_a_way_in_exempt_or_installing() -> No
 
 def test_systemd_cgroup_path_from_unified_and_hybrid_hierarchies() -> None:
     assert proc.systemd_cgroup("0::/system.slice/a.service\n") == "/system.slice/a.service"
+    assert proc.systemd_cgroup("0::/\n") == "/"  # the root cgroup, where root can put anything
     hybrid = "12:memory:/x\n1:name=systemd:/user.slice/user-0.slice/session-2.scope\n0::/\n"
     assert proc.systemd_cgroup(hybrid) == "/user.slice/user-0.slice/session-2.scope"
     assert grace.logind_session(proc.systemd_cgroup(hybrid)) == "2"
