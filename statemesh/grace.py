@@ -69,11 +69,7 @@ class Grace:
     def lineage(self) -> FrozenSet[int]:
         """The package manager and what it descends from but PID 1: what carries the
         installing terminal (sshd's session processes, a tmux server). Empty once gone."""
-        try:
-            process = psutil.Process(self.pid)
-            return frozenset([process.pid, *(parent.pid for parent in process.parents())]) - {1}
-        except psutil.NoSuchProcess:
-            return frozenset()
+        return lineage(self.pid)
 
     def describe(self) -> str:
         """The spared session in one line, for status and selftest."""
@@ -81,6 +77,15 @@ class Grace:
         ends = ("until the transaction ends" if self.ends_at is None
                 else f"for {max(0.0, self.ends_at - boottime()):.0f} s more at most")
         return f"{where} ({self.tty or 'no terminal'}) of pid {self.pid} {self.command!r}, {ends}"
+
+
+def lineage(pid: int) -> FrozenSet[int]:
+    """A process and what it descends from but PID 1; empty once it is gone."""
+    try:
+        process = psutil.Process(pid)
+        return frozenset([process.pid, *(parent.pid for parent in process.parents())]) - {1}
+    except psutil.NoSuchProcess:
+        return frozenset()
 
 
 def boottime() -> float:

@@ -455,8 +455,8 @@ def installation_finding(book: journal.Journal, dpkg_dir: Path = dpkgdb.DPKG_DIR
                          grace_path: Path = grace.GRACE_PATH,
                          left_running: Callable[[], List[str]] = leftrunning.now) -> Finding:
     """Where the installation stands, for status: it holds only on an installed node that
-    spares no installing session any more and runs no unit started by hand (one the spared
-    session started lives on after it); when the node was installed at boot after an
+    spares no installing session any more and runs no program left running by hand (one the
+    spared session started lives on after it); when the node was installed at boot after an
     interruption, dpkg's state lags until the next apt run, and the detail says so."""
     try:
         state = book.state()

@@ -141,9 +141,9 @@ def read_utmp(path: Path = UTMP) -> List[Login]:
     return logins
 
 
-def own_session(grace_path: Path = grace.GRACE_PATH, pid: Optional[int] = None) -> Own:
-    """The installing session: the package manager's (recorded), else the caller's."""
-    current = grace.current(grace_path)
+def own_session(current: Optional[grace.Grace], pid: Optional[int] = None) -> Own:
+    """The installing session: the package manager's (`current`, as recorded), else the
+    caller's."""
     if current is not None:
         return Own(current.session, current.tty, current.sid)
     pid = pid or os.getpid()
@@ -252,11 +252,8 @@ def installation_own(installer: Optional[grace.Grace], own: Own) -> leftrunning.
     """Whether a process is the installation's own: the package manager (run by hand or at
     boot: this process), what it descends from and what it started, and the installing
     logind session's."""
-    if installer is not None:
-        root, lineage = installer.pid, installer.lineage()
-    else:
-        this = psutil.Process()
-        root, lineage = this.pid, frozenset([this.pid, *(p.pid for p in this.parents())])
+    root = installer.pid if installer is not None else os.getpid()
+    lineage = grace.lineage(root)
 
     session_scope = None if own.session is None else f"session-{own.session}.scope"
 
@@ -282,9 +279,9 @@ def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path
                              "os_id": release.get("ID", ""),
                              "os_version": release.get("VERSION_ID", "")}
     problems += [p for p in (release_problem, pid1_problem(pid1_comm)) if p]
-    own = own_session(grace_path)
-    facts["installing_session"] = dataclasses.asdict(own)
     installer = grace.current(grace_path)
+    own = own_session(installer)
+    facts["installing_session"] = dataclasses.asdict(own)
     try:
         bus = asyncio.run(_bus_facts(installation_own(installer, own), cgroup_of))
     except systemd.SystemdError as error:
