@@ -13,9 +13,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
-
-from debian.deb822 import Deb822
+from typing import Dict, Iterator, List, Mapping, Tuple
 
 DPKG_DIR = Path("/var/lib/dpkg")
 # Conffile flags dpkg writes after the md5 in a Conffiles line.
@@ -24,6 +22,9 @@ CONFFILE_FLAGS = ("obsolete", "remove-on-upgrade", "newconffile")
 ON_DISK = ("installed", "unpacked", "half-configured", "triggers-awaited",
            "triggers-pending")
 CHUNK = 1 << 20
+# The fields read here; a package's paragraph keeps only these.
+FIELDS = ("Package", "Status", "Multi-Arch", "Architecture", "Conffiles")
+Paragraph = Mapping[str, str]
 
 
 def _database_files(dpkg_dir: Path) -> List[Path]:
@@ -36,31 +37,50 @@ def _database_files(dpkg_dir: Path) -> List[Path]:
     return [dpkg_dir / "status", *journal]
 
 
-def packages(dpkg_dir: Path = DPKG_DIR) -> Dict[str, Deb822]:
+def packages(dpkg_dir: Path = DPKG_DIR) -> Dict[str, Paragraph]:
     """Every package dpkg knows, by name (and ":arch" for Multi-Arch: same), its newest
-    paragraph; raises OSError when the status file itself cannot be read. apt's parser
-    (python3-apt) reads the file five times as fast as python-debian's own, which remains
-    the fallback where apt_pkg cannot be imported."""
-    found: Dict[str, Deb822] = {}
+    paragraph; raises OSError when the status file itself cannot be read."""
+    found: Dict[str, Paragraph] = {}
     for path in _database_files(dpkg_dir):
         try:
-            with open(path, encoding="utf-8", errors="replace") as database:
-                for paragraph in Deb822.iter_paragraphs(database, use_apt_pkg=True):
-                    if "Package" in paragraph:
-                        found[_qualified(paragraph)] = paragraph
+            for paragraph in _paragraphs(path):
+                if "Package" in paragraph:
+                    found[_qualified(paragraph)] = paragraph
         except (OSError, SystemError) as error:  # apt_pkg.Error: a file dpkg would refuse
             if path == dpkg_dir / "status":
                 raise OSError(f"{path}: {error}") from error
     return found
 
 
-def _qualified(paragraph: Deb822) -> str:
+def _paragraphs(path: Path) -> Iterator[Paragraph]:
+    """The file's paragraphs, read by apt's parser (python3-apt, a dependency: it refuses
+    what dpkg refuses, and reads the status file five times as fast as python-debian,
+    whose import alone costs every command half a second in an emulated guest);
+    python-debian's parser only where apt_pkg is missing (a test environment)."""
+    try:
+        import apt_pkg
+    except ImportError:
+        from debian.deb822 import Deb822
+        with open(path, encoding="utf-8", errors="replace") as database:
+            yield from (_kept(paragraph) for paragraph in Deb822.iter_paragraphs(database))
+        return
+    with open(path, "rb") as database:
+        for section in apt_pkg.TagFile(database, bytes=True):
+            yield _kept({key: section[key].decode("utf-8", errors="replace")
+                         for key in FIELDS if key in section})
+
+
+def _kept(paragraph: Mapping[str, str]) -> Paragraph:
+    return {key: paragraph[key] for key in FIELDS if key in paragraph}
+
+
+def _qualified(paragraph: Paragraph) -> str:
     if paragraph.get("Multi-Arch") == "same":
         return f"{paragraph['Package']}:{paragraph.get('Architecture', '')}"
     return paragraph["Package"]
 
 
-def state(paragraph: Deb822) -> str:
+def state(paragraph: Paragraph) -> str:
     """The last word of Status: "installed", "half-configured", "not-installed", ..."""
     words = paragraph.get("Status", "").split()
     return words[-1] if words else "not-installed"

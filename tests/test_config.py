@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from debian.deb822 import Deb822
+from hypothesis import given
+from hypothesis import strategies as st
 
 from statemesh import config
 from statemesh.config import ConfigError
@@ -71,3 +74,35 @@ def test_config_refuses_exemptions_that_would_exempt_logins(unit: str) -> None:
 def test_config_accepts_workload_units() -> None:
     parsed = config.parse("Watchdog-Exempt-Units: workload.service machine.slice pod-1.scope\n")
     assert parsed.watchdog_exempt_units == ("workload.service", "machine.slice", "pod-1.scope")
+
+
+# -- the file's syntax -----------------------------------------------------------------------
+
+_WORD = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789./-", min_size=1, max_size=8)
+_VALUE_LINES = st.lists(st.lists(_WORD, min_size=1, max_size=3).map(" ".join),
+                        min_size=1, max_size=3)
+
+
+@given(fields=st.dictionaries(st.sampled_from(list(config.key_names())), _VALUE_LINES,
+                              min_size=1),
+       comment=st.booleans(), indent=st.sampled_from([" ", "\t", "  "]))
+def test_fields_are_read_as_python_debian_reads_them(fields, comment, indent) -> None:
+    """The scan that locates each key also reads its value: the same words as Deb822's."""
+    lines = ["# node.conf"] if comment else []
+    for key, value_lines in fields.items():
+        lines.append(f"{key}: {value_lines[0]}")
+        lines.extend(indent + more for more in value_lines[1:])
+    text = "\n".join(lines) + "\n"
+    read = {key: config._normalise(field.value)
+            for key, field in config._read_fields(Path("node.conf"), text).items()}
+    expected = {key: config._normalise(value) for key, value in Deb822(text.splitlines()).items()}
+    assert read == expected
+
+
+def test_a_second_paragraph_and_a_repeated_key_are_refused_with_their_lines() -> None:
+    with pytest.raises(ConfigError, match="node.conf:3: Mesh-Port: only one paragraph"):
+        config.parse("Zone: eu\n\nMesh-Port: 7443\n", Path("node.conf"))
+    with pytest.raises(ConfigError, match=r"node.conf:3: Zone: repeated \(first on line 1\)"):
+        config.parse("Zone: eu\n# the zone again\nZone: us\n", Path("node.conf"))
+    with pytest.raises(ConfigError, match="node.conf:1: continuation line"):
+        config.parse("  eu\n", Path("node.conf"))

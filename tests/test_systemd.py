@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+from pathlib import Path
 from typing import Any, Awaitable, Callable, List
 
 import pytest
@@ -166,3 +168,20 @@ def test_logind_access_denied(fakebus: FakeBus) -> None:
     fakebus.logind.denied.add("TerminateSession")
     with pytest.raises(systemd.AccessDeniedError):
         with_logind(lambda l: l.terminate_session("3"))
+
+
+def test_the_command_talks_to_systemd_without_gobject() -> None:
+    """bin/statemesh-node refuses `gi` (dbus-next's GLib backend, which the node never
+    uses, cost every command 0.7 s to import): dbus-next's asyncio bus must load all the
+    same, and nothing of GObject with it."""
+    script = (Path(__file__).parent.parent / "bin" / "statemesh-node").read_text()
+    preamble = script.split("from statemesh.cli import main")[0]
+    probe = (f"{preamble}\nsys.path.insert(0, {str(Path(__file__).parent.parent)!r})\n"
+             "from statemesh import systemd\n"
+             "from dbus_next.aio import MessageBus\n"
+             "print(sorted(name for name in sys.modules if name.split('.')[0] == 'gi'"
+             " and sys.modules[name] is not None))\n")
+    done = subprocess.run(["/usr/bin/python3", "-IS", "-c", probe], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
