@@ -52,7 +52,7 @@ def _root_only(tpm_ca: vtpm.LocalCa, directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.cost(120)
+@pytest.mark.cost(20)
 def test_guest_with_a_trusted_tpm_is_tpm_class(guest_factory: Callable[..., Guest],
                                               installed_tpm_node: SavedGuest,
                                               tmp_path: Path) -> None:
@@ -87,7 +87,7 @@ def test_guest_with_a_trusted_tpm_is_tpm_class(guest_factory: Callable[..., Gues
 
 
 @pytest.mark.every_release
-@pytest.mark.cost(90)
+@pytest.mark.cost(20)
 def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[..., Guest],
                                                      installed_node: SavedGuest,
                                                      tmp_path: Path,

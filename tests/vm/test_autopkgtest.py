@@ -34,7 +34,7 @@ def test_control_lists_every_test_script() -> None:
     assert {name for name, _ in _tests()} == scripts
 
 
-@pytest.mark.cost(90)
+@pytest.mark.cost(20)
 def test_autopkgtests_pass_in_an_installed_guest(installed_guest: Guest) -> None:
     for name, restrictions in _tests():
         path = f"/tmp/autopkgtest-{name}"

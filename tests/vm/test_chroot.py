@@ -28,7 +28,7 @@ def _host_state() -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.cost(30)
+@pytest.mark.cost(10)
 def test_dpkg_install_in_a_chroot_defers_hardening_to_first_boot(
     vm_image: Image, deb: Path, tmp_path: Path
 ) -> None:

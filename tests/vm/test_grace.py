@@ -60,7 +60,7 @@ def prepare_the_operators_way_in(guest: Guest, keep_apt_running: bool = True) ->
         guest.run(f"dpkg-deb -b {HOOK_PACKAGE} /root/hook.deb && dpkg -i /root/hook.deb")
 
 
-@pytest.mark.cost(420)
+@pytest.mark.cost(210)
 def test_a_renamed_shell_and_an_endless_apt_hook_end_with_the_grace(node: Guest, measured) -> None:
     guest = node
     prepare_the_operators_way_in(guest)
@@ -105,7 +105,7 @@ def test_a_renamed_shell_and_an_endless_apt_hook_end_with_the_grace(node: Guest,
     assert json.loads(final.stdout)["installation"]["facts"]["spared_session"] is None
 
 
-@pytest.mark.cost(300)
+@pytest.mark.cost(90)
 def test_install_over_ssh_without_a_logind_session_returns_then_the_session_ends(
         node: Guest, measured) -> None:
     """A minimal image has no libpam-systemd: sshd then opens no logind session, and every

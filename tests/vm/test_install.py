@@ -12,7 +12,7 @@ from harness.vm.driver import GuestError, SavedGuest
 from tests.vm import package
 
 
-@pytest.mark.cost(30)
+@pytest.mark.cost(5)
 def test_harness_reports_a_failing_guest_command(guest_factory,
                                                  provisioned_node: SavedGuest) -> None:
     guest = guest_factory(saved=provisioned_node)  # restored: no boot needed to prove this
@@ -23,7 +23,7 @@ def test_harness_reports_a_failing_guest_command(guest_factory,
 
 
 @pytest.mark.every_release
-@pytest.mark.cost(300)
+@pytest.mark.cost(190)
 def test_install_with_a_tpm_from_local_repository_then_purge_leaves_nothing(guest_factory) -> None:
     guest = guest_factory(tpm=True)
     guest.wait_until_booted()

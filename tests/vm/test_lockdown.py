@@ -98,7 +98,7 @@ def begin_install_and_wait_midway(guest: Guest) -> None:
 
 
 @pytest.mark.every_release
-@pytest.mark.cost(900)
+@pytest.mark.cost(600)
 def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
         guest_factory: Callable[..., Guest], provisioned_node: SavedGuest, measured) -> None:
     """The whole life of a node: the operator's machine (sshd, gettys, a ufw of its own, every
@@ -298,7 +298,7 @@ def plant_jobs_for_later(guest: Guest) -> None:
     guest.put(UDEV_RULE, b'ACTION=="add", RUN+="/root/way-in"\n')
 
 
-@pytest.mark.cost(200)
+@pytest.mark.cost(50)
 def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_changes(
         node: Guest) -> None:
     guest = node
@@ -393,7 +393,7 @@ def assert_installed_at_boot_without_anyone(guest: Guest, interrupted_in: str) -
     assert status(guest)["holds"]
 
 
-@pytest.mark.cost(350)
+@pytest.mark.cost(215)
 def test_sigkill_of_the_hardening_means_reboot_required_then_the_boot_finishes_it(
         node: Guest) -> None:
     guest = node
@@ -472,7 +472,7 @@ def assert_hardened_and_status_tells_dpkgs_story(guest: Guest) -> str:
 OUTCOME = "statemesh-node: installed; every guarantee holds"
 
 
-@pytest.mark.cost(560)
+@pytest.mark.cost(360)
 def test_ctrl_c_kill_and_kill_9_of_apt_end_hardened_and_a_plain_retry_converges(
         node: Guest, measured) -> None:
     """The operator interrupts apt's job three ways, each during another of the
@@ -503,7 +503,7 @@ def test_ctrl_c_kill_and_kill_9_of_apt_end_hardened_and_a_plain_retry_converges(
 CUT_POINTS = ("logins", "watchdog", "storage")
 
 
-@pytest.mark.cost(420)
+@pytest.mark.cost(250)
 @pytest.mark.parametrize("step", CUT_POINTS)
 def test_power_loss_midway_ends_installed_at_the_next_boot_with_nobody_logged_in(
         node: Guest, step: str) -> None:
@@ -524,7 +524,7 @@ exec /usr/sbin/ufw.real "$@"
 """
 
 
-@pytest.mark.cost(360)
+@pytest.mark.cost(150)
 def test_a_step_that_always_fails_gives_the_machine_back_at_the_next_boot(
         node: Guest) -> None:
     guest = node

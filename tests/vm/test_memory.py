@@ -20,7 +20,7 @@ def memory_finding(guest: Guest) -> dict:
     return next(g for g in report["guarantees"] if g["name"] == "memory")
 
 
-@pytest.mark.cost(90)
+@pytest.mark.cost(40)
 def test_no_hibernation_no_core_dump_and_a_plain_swap_is_named(installed_guest: Guest) -> None:
     guest = installed_guest
     assert memory_finding(guest)["holds"]

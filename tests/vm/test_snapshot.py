@@ -18,7 +18,7 @@ from harness.vm.driver import Guest, SavedGuest
 MARKS = ("/root/restored-marker", "/var/lib/statemesh/restored-marker")
 
 
-@pytest.mark.cost(45)
+@pytest.mark.cost(15)
 def test_a_restored_guest_sees_nothing_of_the_one_before(
         guest_factory: Callable[..., Guest], installed_node: SavedGuest) -> None:
     first = guest_factory(saved=installed_node)

@@ -12,7 +12,7 @@ GUARANTEES = {"ssh", "agents", "logins", "rescue", "memory", "firewall", "securi
               "watchdog", "storage"}
 
 
-@pytest.mark.cost(60)
+@pytest.mark.cost(40)
 def test_status_selftest_and_a_broken_guarantee(installed_guest: Guest) -> None:
     guest = installed_guest
     status = guest.run("statemesh-node status --json", check=False)
@@ -40,7 +40,7 @@ def test_status_selftest_and_a_broken_guarantee(installed_guest: Guest) -> None:
     assert not firewall["holds"]
 
 
-@pytest.mark.cost(60)
+@pytest.mark.cost(20)
 def test_status_names_a_mount_over_the_volume_a_stopped_watchdog_and_a_killed_listener(
         installed_guest: Guest) -> None:
     """What a prepared operator does to a node before lying to its customers with it: each
@@ -80,7 +80,7 @@ def package_units(guest: Guest) -> dict:
     return json.loads(status.stdout)["package_units"]
 
 
-@pytest.mark.cost(90)
+@pytest.mark.cost(30)
 def test_status_names_a_planted_dropin_and_the_process_it_left_running(
         installed_guest: Guest) -> None:
     """A drop-in that makes the watchdog `sleep infinity`, then that process left running

@@ -162,7 +162,7 @@ def _found_on_the_disk(guest: Guest, needles: Sequence[bytes],
 
 
 @pytest.mark.every_release
-@pytest.mark.cost(600)
+@pytest.mark.cost(340)
 def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace(
         installed_guest: Guest, measured, tmp_path: Path) -> None:
     guest = installed_guest  # installed with Storage-Size: 256M (snapshot.NODE_CONF)
@@ -222,7 +222,7 @@ def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace
     assert guest.run(f"ls -A {MOUNT}").stdout.split() == ["lost+found"]
 
 
-@pytest.mark.cost(300)
+@pytest.mark.cost(120)
 def test_extra_disk_is_used_and_a_disk_holding_a_filesystem_is_refused_unchanged(guest_factory):
     guest = guest_factory(extra_disks_mib=(256, 128))
     blank, used = "/dev/disk/by-id/virtio-extra0", "/dev/disk/by-id/virtio-extra1"

@@ -108,7 +108,7 @@ def _installed_version(guest: Guest) -> str:
     return guest.run("dpkg-query -W -f '${Version} ${db:Status-Abbrev}' statemesh-node").stdout.rstrip()
 
 
-@pytest.mark.cost(240)
+@pytest.mark.cost(105)
 def test_unattended_upgrade_keeps_data_storage_and_lockdown(
     guest_factory, installed_node, deb: Path, next_version_repo: Path, measured
 ) -> None:
@@ -137,7 +137,7 @@ def test_unattended_upgrade_keeps_data_storage_and_lockdown(
     assert gap.unit_inactive < 1.0 and gap.unwatched < 1.0, gap
 
 
-@pytest.mark.cost(150)
+@pytest.mark.cost(50)
 def test_failing_upgrade_leaves_version_n_working(
     guest_factory, installed_node, deb: Path, broken_version_repo: Path
 ) -> None:

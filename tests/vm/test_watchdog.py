@@ -68,7 +68,7 @@ def kill_log(guest: Guest) -> List[Dict]:
 
 
 @pytest.mark.every_release
-@pytest.mark.cost(240)
+@pytest.mark.cost(85)
 def test_every_kind_of_terminal_is_ended_and_a_plain_process_lives(installed_guest: Guest) -> None:
     guest = installed_guest
     watchdog = start_watchdog(guest)
@@ -118,7 +118,7 @@ def test_every_kind_of_terminal_is_ended_and_a_plain_process_lives(installed_gue
     assert "/dev/console" not in {line["terminal"] for line in logged.values()}
 
 
-@pytest.mark.cost(60)
+@pytest.mark.cost(10)
 def test_watchdog_refuses_stop_comes_back_after_sigkill_and_is_sandboxed(installed_guest: Guest) -> None:
     guest = installed_guest
     first = start_watchdog(guest)
@@ -148,7 +148,7 @@ def test_watchdog_refuses_stop_comes_back_after_sigkill_and_is_sandboxed(install
     assert score <= 3.0, exposure
 
 
-@pytest.mark.cost(60)
+@pytest.mark.cost(10)
 def test_exempt_unit_keeps_its_pty_after_a_reload(installed_guest: Guest) -> None:
     guest = installed_guest
     first = start_watchdog(guest)
