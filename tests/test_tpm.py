@@ -18,9 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from harness.swtpm import SwTpm, provision_with_ca
-from statemesh.attest import ekchain, nodeclass, tpm, tpmdevices, tpmwire
+from statemesh.attest import endpoint, ekchain, nodeclass, tpm, tpmdevices, tpmwire
 from statemesh.attest.refusals import EkChainInvalid, EkUntrusted
 from statemesh.attest.tpm import Tpm, TpmError, seal_credential
+from tpm2_pytss import TPMT_SYM_DEF
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
 from statemesh.config import NodeConfig
 from statemesh.guarantees import securityclass
 from tests.attest_fixtures import PCRS, TpmWorld, world
@@ -64,6 +66,42 @@ def test_ak_is_the_same_after_a_tpm_restart(tmp_path: Path) -> None:
         finally:
             sw.stop()
     assert seen[0] == seen[1]
+
+
+def test_keys_are_flushed_at_close_on_a_tpm_without_resource_manager(tmp_path: Path) -> None:
+    """Over swtpm's socket no resource manager flushes a connection's keys, and swtpm
+    holds three transient objects: without the flush the second connection's EK fails."""
+    sw = SwTpm(tmp_path / "state")
+    try:
+        for _connection in range(4):
+            with Tpm(sw.tcti) as connection:
+                connection.ak_public()
+                connection.ek_public()
+    finally:
+        sw.stop()
+
+
+def test_the_endpoint_empties_the_vtpm_of_what_killed_endpoints_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sw = SwTpm(tmp_path / "state")
+    monkeypatch.setattr(tpmdevices, "VTPM_TCTI", sw.tcti)
+    try:
+        killed = Tpm(sw.tcti)  # a killed endpoint flushes nothing: its two keys stay
+        killed.ak_public()
+        killed.ek_public()
+        killed._esapi.close()
+        for _activation in range(3):  # nor the policy session of an activation cut short
+            killed = Tpm(sw.tcti)
+            killed._esapi.start_auth_session(
+                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
+                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
+            killed._esapi.close()
+        with endpoint._open_vtpm() as opened:
+            name = tpmwire.parse_public(opened.ak_public()).name()
+            blob, encrypted = seal_credential(opened.ek_public(), name, b"s" * 32)
+            assert opened.activate_credential(blob, encrypted) == b"s" * 32
+    finally:
+        sw.stop()
 
 
 def test_quote_covers_data_and_pcr_values(world: TpmWorld) -> None:

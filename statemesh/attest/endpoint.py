@@ -54,13 +54,26 @@ def _policy_source(policy_path: Optional[Path], allow_weak: bool) -> str:
 
 
 def _open_vtpm() -> tpm.Tpm:
+    """The local vTPM, emptied of what an endpoint killed before this one left in it (swtpm
+    has no resource manager, and this endpoint is its only user)."""
     for _attempt in range(TPM_OPEN_ATTEMPTS - 1):
         try:
-            return tpm.Tpm(tpmdevices.VTPM_TCTI)
+            return _emptied(tpm.Tpm(tpmdevices.VTPM_TCTI))
         except tpm.TpmError as error:
             log.info("waiting for the TPM: %s", error)
             time.sleep(0.5)
-    return tpm.Tpm(tpmdevices.VTPM_TCTI)
+    return _emptied(tpm.Tpm(tpmdevices.VTPM_TCTI))
+
+
+def _emptied(vtpm: tpm.Tpm) -> tpm.Tpm:
+    try:
+        left = vtpm.flush_transient_objects()
+    except tpm.TpmError:
+        vtpm.close()
+        raise
+    if left:
+        log.info("flushed %d transient object(s) an earlier endpoint left in the vTPM", left)
+    return vtpm
 
 
 def _listen(attester: Attester, port: int, verifier: Verifier) -> atls.AtlsServer:

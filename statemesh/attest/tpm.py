@@ -9,6 +9,7 @@ restart without being stored anywhere, and it can only ever live in this TPM.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -32,7 +33,8 @@ from tpm2_pytss import (  # noqa: E402
     TPMT_SYM_DEF,
     TSS2_Exception,
 )
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_OBJECT  # noqa: E402
+from tpm2_pytss.constants import (  # noqa: E402
+    ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HR, TPM2_SE, TPMA_OBJECT)
 from tpm2_pytss.types import TPM2B_NAME  # noqa: E402
 from tpm2_pytss.utils import NVReadEK, create_ek_template, make_credential  # noqa: E402
 
@@ -49,6 +51,8 @@ AK_ATTRIBUTES = (
 )
 EK_TYPES = ("EK-RSA2048", "EK-ECC256")  # NV 0x01c00002 and 0x01c0000a, in order of preference
 PCR_READ_RETRIES = 5
+# More than any TPM holds at once (swtpm: 3 transient objects; hardware TPMs a few more).
+MAX_TRANSIENT = 64
 
 
 class TpmError(RuntimeError):
@@ -74,8 +78,33 @@ class Tpm:
         self._ak: Optional[Tuple[ESYS_TR, bytes]] = None
 
     def close(self) -> None:
+        """Flush the keys this connection made, then close. A resource manager (the
+        kernel's /dev/tpmrm0) would flush them anyway; the vTPM, reached over swtpm's
+        socket, has none, keeps them after their creator is gone, and holds only three."""
         with self._lock:
+            for created in (self._ek, self._ak):
+                if created is not None:
+                    with contextlib.suppress(TSS2_Exception):
+                        self._esapi.flush_context(created[0])
+            self._ek = self._ak = None
             self._esapi.close()
+
+    def flush_transient_objects(self) -> int:
+        """Flush every transient object and loaded session in the TPM; returns how many
+        there were. Only for a TPM this process alone uses and no resource manager cleans
+        up after (the vTPM and its endpoint): what a killed predecessor left (its keys, the
+        policy session of an activation it was in) would otherwise fill it for good; swtpm
+        holds three of each. Call it before this connection makes keys of its own."""
+        return self._call("flush of transient objects", self._flush_transient_objects)
+
+    def _flush_transient_objects(self) -> int:
+        handles = set()
+        for first in (TPM2_HR.TRANSIENT, TPM2_HR.HMAC_SESSION, TPM2_HR.POLICY_SESSION):
+            _more, found = self._esapi.get_capability(TPM2_CAP.HANDLES, first, MAX_TRANSIENT)
+            handles.update(found.data.handles)
+        for handle in sorted(handles):
+            self._esapi.flush_context(self._esapi.tr_from_tpmpublic(handle))
+        return len(handles)
 
     def __enter__(self) -> "Tpm":
         return self
