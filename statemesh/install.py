@@ -397,6 +397,7 @@ def revert_all(book: journal.Journal, ordered: Sequence[Guarantee],
                final: str = journal.REMOVED, reason: str = "") -> List[str]:
     """Revert in reverse order from the restore record; returns what could not be given back.
     When everything was given back, the record is spent and the state becomes `final`.
+    Systemd reloads once for every unit set given back, then starts what ran (one_give_back).
 
     The data guarantee (holds_workload_data, last in the list) comes first: if the workload
     data cannot be destroyed, nothing is given back (InstallError). Otherwise every other
@@ -404,18 +405,26 @@ def revert_all(book: journal.Journal, ordered: Sequence[Guarantee],
     machine as possible.
     """
     record = book.restore_record()
-    errors = []
-    for guarantee in reversed(ordered):
-        try:
-            guarantee.revert(record.get(guarantee.name, {}))
-        except Exception as error:  # noqa: BLE001 - each guarantee has its own errors
-            book.record("revert-failed", guarantee=guarantee.name, error=str(error))
-            if guarantee.holds_workload_data:
-                raise InstallError("the workload data could not be destroyed, nothing was "
-                                   f"given back: {error}") from error
-            errors.append(f"{guarantee.name}: {error}")
-            continue
-        book.record("reverted", guarantee=guarantee.name)
+    errors, reverted = [], []
+    with unitmask.one_give_back() as not_started:
+        for guarantee in reversed(ordered):
+            try:
+                guarantee.revert(record.get(guarantee.name, {}))
+            except Exception as error:  # noqa: BLE001 - each guarantee has its own errors
+                book.record("revert-failed", guarantee=guarantee.name, error=str(error))
+                if guarantee.holds_workload_data:
+                    raise InstallError("the workload data could not be destroyed, nothing "
+                                       f"was given back: {error}") from error
+                errors.append(f"{guarantee.name}: {error}")
+                continue
+            reverted.append(guarantee.name)
+    for name in reverted:  # the units each gave back have started again, or not
+        if name in not_started:
+            failures = "; ".join(not_started[name])
+            book.record("revert-failed", guarantee=name, error=failures)
+            errors.append(f"{name}: not everything could be given back: {failures}")
+        else:
+            book.record("reverted", guarantee=name)
     if not errors:
         book.forget_restore_record()
         book.set_state(final, reason=reason)

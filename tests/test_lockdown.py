@@ -218,6 +218,34 @@ def test_giving_a_set_back_reloads_once_before_starting_what_ran(
     assert debian.systemd.units["ssh.service"].active_state == "active"
 
 
+def test_purge_gives_every_set_back_in_one_reload_then_starts_what_ran(
+        debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
+    units = debian.systemd.units
+    install.transaction(book, machine.all, no_preflight_problem)
+    debian.systemd.calls.clear()
+    assert install.revert_all(book, machine.all) == []
+    members = [member for member, _args in debian.systemd.calls]
+    assert members.count("Reload") == 1
+    reload_at = members.index("Reload")
+    assert max(i for i, m in enumerate(members) if m == "UnmaskUnitFiles") < reload_at
+    assert min(i for i, m in enumerate(members) if m == "StartUnit") > reload_at
+    assert units["ssh.service"].active_state == "active"
+    assert units["getty@tty1.service"].active_state == "active"
+
+
+def test_a_unit_that_does_not_start_again_is_its_guarantees_failure_and_keeps_the_record(
+        debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
+    install.transaction(book, machine.all, no_preflight_problem)
+    debian.systemd.failing["ssh.service"] = "failed"
+    errors = install.revert_all(book, machine.all)
+    assert len(errors) == 1 and errors[0].startswith("ssh: not everything could be given back")
+    assert "ssh.service" in errors[0]
+    assert events_named(book, "revert-failed")[0]["guarantee"] == "ssh"
+    assert "ssh" not in [event["guarantee"] for event in events_named(book, "reverted")]
+    assert "ssh" in book.restore_record()  # tried again at the next boot
+    assert debian.systemd.units["getty@tty1.service"].active_state == "active"
+
+
 def test_apply_is_idempotent_and_keeps_the_first_record(debian: FakeBus, machine: Machine,
                                                         book: journal.Journal) -> None:
     for _ in range(2):

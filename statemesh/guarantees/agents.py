@@ -79,4 +79,4 @@ class RemoteAgents(BusGuarantee):
         await self.verify(manager)
 
     async def restore(self, manager: Systemd, record: Dict[str, Any]) -> List[str]:
-        return await give_back(manager, record)
+        return await give_back(manager, record, self.name)

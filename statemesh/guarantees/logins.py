@@ -131,7 +131,7 @@ class Logins(BusGuarantee):
         await self.verify(manager)
 
     async def restore(self, manager: Systemd, record: Dict[str, Any]) -> List[str]:
-        errors = await give_back(manager, record)
+        errors = await give_back(manager, record, self.name)
         if not record.get("root_locked", True) and self._root_locked():
             try:
                 self._usermod("--unlock")

@@ -137,7 +137,7 @@ class Memory(BusGuarantee):
         await self.verify(manager)
 
     async def restore(self, manager: Systemd, record: Dict[str, Any]) -> List[str]:
-        errors = await give_back(manager, record)
+        errors = await give_back(manager, record, self.name)
         for dropin in (self.sleep_dropin, self.sysctl_dropin):
             dropin.unlink(missing_ok=True)
         for directory in record.get("new_dirs", []):

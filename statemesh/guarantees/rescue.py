@@ -106,7 +106,7 @@ class Rescue(BusGuarantee):
         await self.verify(manager)
 
     async def restore(self, manager: Systemd, record: Dict[str, Any]) -> List[str]:
-        errors = await give_back(manager, record)
+        errors = await give_back(manager, record, self.name)
         if self.dropin.exists():
             self.dropin.unlink()
             if not record.get("grub_dropin_dir", True):

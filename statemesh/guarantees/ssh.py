@@ -125,4 +125,4 @@ class Ssh(BusGuarantee):
             if not record.get("generator_dir", True):
                 with contextlib.suppress(OSError):
                     self.generator.parent.rmdir()
-        return await give_back(manager, record)
+        return await give_back(manager, record, self.name)

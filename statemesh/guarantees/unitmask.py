@@ -11,7 +11,9 @@ record of the previous unit-file states and of what ran lets purge give back exa
 A mask takes effect only when systemd reloads (until then a loaded unit starts as before,
 and an unloaded one is looked up in the name map of the last reload), and each reload
 costs seconds on a small machine: inside `one_reload()` (the installation's transaction)
-lock() leaves the reload, and the second stop, to one reload at its end.
+lock() leaves the reload, and the second stop, to one reload at its end; inside
+`one_give_back()` (purge, a give-back at boot) give_back() leaves the reload, and the
+starts of what ran, to one reload at its end.
 """
 
 from __future__ import annotations
@@ -184,25 +186,88 @@ def unlocked_problems(left: Dict[str, Any]) -> List[str]:
     return problems
 
 
-async def give_back(manager: Systemd, record: Dict[str, Any]) -> List[str]:
+async def give_back(manager: Systemd, record: Dict[str, Any], owner: str) -> List[str]:
     """Unmask what we masked, re-enable what was enabled, start what ran; returns errors.
     Unmasking and enabling change files, read by systemd at the one reload before the
-    starts."""
+    starts. Inside one_give_back() the reload and the starts are left to its end, for
+    `owner` (the guarantee giving the set back)."""
     states: Dict[str, str] = dict(record.get("unit_files", {}))
     ours = [name for name, state in states.items() if state != MASKED]
-    errors: List[str] = []
     if ours:  # what was enabled is among them: no state in RE_ENABLED_STATES is MASKED
         await manager.unmask_unit_files(ours)
         enable = [name for name, state in states.items() if state in RE_ENABLED_STATES]
         if enable:
             await manager.enable_unit_files(enable)
+    ran = sorted(record.get("active", []), key=lambda n: not n.endswith(".socket"))
+    unstarted = _UNSTARTED.get()
+    if unstarted is not None:
+        unstarted.append(_Unstarted(owner, ran, reload=bool(ours)))
+        return []
+    if ours:
         await manager.reload()
-    for name in sorted(record.get("active", []), key=lambda n: not n.endswith(".socket")):
+    return await _start_all(manager, ran)
+
+
+async def _start_all(manager: Systemd, names: Sequence[str]) -> List[str]:
+    errors: List[str] = []
+    for name in names:
         try:
             await manager.start_unit(name)
         except SystemdError as error:
             errors.append(str(error))
     return errors
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unstarted:
+    """A set give_back() gave back inside one_give_back(): whose, what ran, and whether
+    systemd must reload before that starts (unit files were unmasked or enabled)."""
+
+    owner: str
+    ran: List[str]
+    reload: bool
+
+
+_UNSTARTED: contextvars.ContextVar[Optional[List[_Unstarted]]] = (
+    contextvars.ContextVar("unstarted_unit_sets", default=None))
+
+
+@contextlib.contextmanager
+def one_give_back() -> Iterator[Dict[str, List[str]]]:
+    """Inside it, give_back() unmasks and enables without reloading; at its end (however
+    it ends) one reload, then every set's units start again. Yields what could not be
+    started, by owner, filled in at the end: purge gives five sets back, and each reload
+    costs seconds on a small machine."""
+    unstarted: List[_Unstarted] = []
+    failed: Dict[str, List[str]] = {}
+    token = _UNSTARTED.set(unstarted)
+    try:
+        yield failed
+    finally:
+        _UNSTARTED.reset(token)
+        if unstarted:
+            failed.update(_start_given_back(unstarted))
+
+
+def _start_given_back(unstarted: Sequence[_Unstarted]) -> Dict[str, List[str]]:
+    try:
+        return asyncio.run(_with_manager(
+            lambda systemd_manager: _reload_and_start(systemd_manager, unstarted)))
+    except Exception as error:  # noqa: BLE001 - charged to every set, as revert_all would
+        return {given.owner: [f"not reloaded, nothing started again: {error}"]
+                for given in unstarted}
+
+
+async def _reload_and_start(manager: Systemd, unstarted: Sequence[_Unstarted]
+                            ) -> Dict[str, List[str]]:
+    if any(given.reload for given in unstarted):
+        await manager.reload()
+    failed: Dict[str, List[str]] = {}
+    for given in unstarted:
+        errors = await _start_all(manager, given.ran)
+        if errors:
+            failed[given.owner] = errors
+    return failed
 
 
 class LockdownError(RuntimeError):
