@@ -13,9 +13,12 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Tuple
+from typing import Dict, Iterator, List, Mapping, Set, Tuple
 
 DPKG_DIR = Path("/var/lib/dpkg")
+# ucf: configuration files maintainer scripts generate (GRUB's /etc/default/grub), with the
+# md5 of what they generated (hashfile) and the package that registered each (registry).
+UCF_DIR = Path("/var/lib/ucf")
 # Conffile flags dpkg writes after the md5 in a Conffiles line.
 CONFFILE_FLAGS = ("obsolete", "remove-on-upgrade", "newconffile")
 # States in which a package's files are on disk as dpkg unpacked them.
@@ -86,21 +89,43 @@ def state(paragraph: Paragraph) -> str:
     return words[-1] if words else "not-installed"
 
 
-def installed_files(dpkg_dir: Path = DPKG_DIR) -> Dict[str, str]:
+def installed_files(dpkg_dir: Path = DPKG_DIR, ucf_dir: Path = UCF_DIR) -> Dict[str, str]:
     """Every file of a package whose files are on disk, with the md5 dpkg installed it
     with: its md5sums, and its conffiles (a conffile's md5 is the package's version, not
-    the admin's). Unreadable parts count as nothing vouched for."""
+    the admin's); and the files its maintainer scripts generated through ucf, with the md5
+    of what they generated. Unreadable parts count as nothing vouched for."""
     files: Dict[str, str] = {}
     try:
         known = packages(dpkg_dir)
     except OSError:
         return files
+    on_disk = set()
     for name, paragraph in known.items():
         if state(paragraph) not in ON_DISK:
             continue
+        on_disk.add(name.partition(":")[0])
         files.update(_md5sums(dpkg_dir / "info" / f"{name}.md5sums"))
         files.update(_conffiles(paragraph.get("Conffiles", "")))
+    files.update(_ucf_generated(ucf_dir, on_disk))
     return files
+
+
+def _ucf_generated(ucf_dir: Path, on_disk: Set[str]) -> Iterator[Tuple[str, str]]:
+    """ucf's files of packages on disk, with the md5 of what their scripts generated."""
+    try:
+        registry = (ucf_dir / "registry").read_text(encoding="utf-8", errors="surrogateescape")
+        hashes = (ucf_dir / "hashfile").read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError:
+        return
+    registered = set()
+    for line in registry.splitlines():
+        package, _, path = line.partition("\t")
+        if package.strip() in on_disk:
+            registered.add(path.strip())
+    for line in hashes.splitlines():
+        digest, _, path = line.partition("  ")
+        if path in registered:
+            yield path, digest
 
 
 def _md5sums(path: Path) -> Iterator[Tuple[str, str]]:

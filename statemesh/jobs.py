@@ -94,9 +94,21 @@ HOOK_GLOBS = ("/etc/kernel/*.d/*",
               "/etc/NetworkManager/dispatcher.d/*/*", "/etc/networkd-dispatcher/*/*",
               "/usr/lib/networkd-dispatcher/*/*",
               # GRUB's configuration is shell, run with its scripts by update-grub at every
-              # kernel update; kernel-install's plugins likewise.
+              # kernel update (its settings files pass when they only set GRUB_* variables);
+              # kernel-install's plugins likewise.
               "/etc/default/grub", "/etc/default/grub.d/*", "/etc/grub.d/*",
               "/etc/kernel/install.d/*", "/usr/lib/kernel/install.d/*")
+# GRUB's settings files, which update-grub sources as shell: settings only (GRUB_* set to
+# a literal, or to other settings' values) run nothing there, so an operator's console or
+# timeout settings pass, edited or not, and a command substitution does not; but for the
+# distribution's own name line, which Debian's and Ubuntu's files carry as shipped.
+GRUB_SETTINGS_FILES = re.compile(r"^/etc/default/grub(\.d/[^/]*)?$")
+_GRUB_VALUE = r"""(?:"(?:[^"\\$`]|\$\{?GRUB_[A-Z0-9_]+\}?)*"|'[^']*'|[^\s"'\\$`;&|<>()]*)"""
+_GRUB_SETTING = re.compile(rf"^\s*(?:export\s+)?GRUB_[A-Z0-9_]+={_GRUB_VALUE}\s*(?:#.*)?$")
+_GRUB_DISTRIBUTOR_LINES = (
+    "GRUB_DISTRIBUTOR=`lsb_release -i -s 2> /dev/null || echo Debian`",
+    "GRUB_DISTRIBUTOR=`( . /etc/os-release; echo ${NAME:-Ubuntu} ) 2>/dev/null || echo Ubuntu`",
+)
 AT_SEQUENCE = ".SEQ"  # at's job counter, not a job
 MASKED = "/dev/null"  # what a masked unit's file links to: it cannot run
 
@@ -235,7 +247,19 @@ def _hook_as_installed(path: str, files: Dict[str, str]) -> bool:
     /dev/null, which disables a hook; a directory is not a hook to judge."""
     if os.path.islink(path):
         return os.path.realpath(path) == MASKED
-    return os.path.isdir(path) or as_installed(path, files)
+    if os.path.isdir(path) or as_installed(path, files):
+        return True
+    return bool(GRUB_SETTINGS_FILES.match(path)) and grub_settings_only(Path(path))
+
+
+def grub_settings_only(path: Path) -> bool:
+    """A GRUB settings file that only sets GRUB_* variables (comments and blank lines aside)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return all(not line.strip() or line.lstrip().startswith("#") or _GRUB_SETTING.match(line)
+               or line.strip() in _GRUB_DISTRIBUTOR_LINES for line in text.splitlines())
 
 
 def hook_problems(files: Dict[str, str], hook_globs: Sequence[str] = HOOK_GLOBS) -> List[str]:

@@ -104,3 +104,19 @@ def test_a_status_file_dpkg_would_refuse_is_an_unreadable_database(tmp_path: Pat
     with pytest.raises(OSError, match="status"):
         dpkgdb.packages(root)
     assert dpkgdb.installed_files(root) == {}
+
+
+def test_files_a_package_generated_through_ucf_are_vouched_for_as_generated(
+        tmp_path: Path) -> None:
+    """GRUB's /etc/default/grub is made by grub-pc's postinst through ucf: in no md5sums,
+    nor a conffile; ucf keeps the md5 of what was generated, and which package it is of."""
+    (tmp_path / "dpkg").mkdir()
+    root, ucf = database(tmp_path / "dpkg"), tmp_path / "ucf"
+    ucf.mkdir()
+    (ucf / "registry").write_text("libc-bin \t /etc/default/grub\ngone \t /etc/gone.conf\n")
+    (ucf / "hashfile").write_text("ee" * 16 + "  /etc/default/grub\n"
+                                  + "ff" * 16 + "  /etc/gone.conf\n"
+                                  + "99" * 16 + "  /etc/nobodys.conf\n")
+    files = dpkgdb.installed_files(root, ucf)
+    assert files["/etc/default/grub"] == "ee" * 16
+    assert "/etc/gone.conf" not in files and "/etc/nobodys.conf" not in files

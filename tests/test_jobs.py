@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from statemesh import jobs
+from statemesh.guarantees import rescue
 
 
 def test_any_crontab_and_any_at_job_is_named(tmp_path: Path) -> None:
@@ -171,3 +174,38 @@ def test_a_hook_linked_to_a_packaged_program_or_hidden_by_a_dot_is_named(tmp_pat
     found = jobs.hook_problems(files, globs)
     assert len(found) == 1 and f"{logrotate}/.x, {kernel}/zz (" in found[0], found
     assert "80-net-setup-link" not in found[0]
+
+
+GRUB_AS_DEBIAN_SHIPS_IT = """\
+# If you change this file, run 'update-grub' afterwards to update
+GRUB_DEFAULT=0
+GRUB_TIMEOUT=5
+GRUB_DISTRIBUTOR=`lsb_release -i -s 2> /dev/null || echo Debian`
+GRUB_CMDLINE_LINUX_DEFAULT="quiet"
+GRUB_CMDLINE_LINUX=""
+#GRUB_TERMINAL=console
+"""
+
+
+@pytest.mark.parametrize("text, settings_only", [
+    (GRUB_AS_DEBIAN_SHIPS_IT + 'GRUB_CMDLINE_LINUX="console=ttyS0,115200"\n', True),
+    ('GRUB_CMDLINE_LINUX_DEFAULT="${GRUB_CMDLINE_LINUX_DEFAULT} console=tty1"\n'
+     "export GRUB_TIMEOUT_STYLE='hidden'\n", True),
+    (rescue.GRUB_SETTINGS, True),  # the lockdown's own drop-in
+    ('GRUB_CMDLINE_LINUX="$(/root/way-in)"\n', False),
+    ("GRUB_TIMEOUT=`/root/way-in`\n", False),
+    ("GRUB_TIMEOUT=0; /root/way-in\n", False),
+    ("GRUB_TIMEOUT=0\n/root/way-in &\n", False),
+    ('GRUB_CMDLINE_LINUX="$PATH"\n', False),
+    ('GRUB_X="\\$(/root/way-in)"\n', False),
+])
+def test_grub_settings_files_may_set_grub_variables_and_run_nothing(
+        tmp_path: Path, text: str, settings_only: bool) -> None:
+    """update-grub sources them as root at every kernel update: an operator's console
+    settings pass whoever wrote them, a command does not."""
+    settings = tmp_path / "grub"
+    settings.write_text(text)
+    assert jobs.grub_settings_only(settings) is settings_only
+    assert jobs.GRUB_SETTINGS_FILES.match("/etc/default/grub")
+    assert jobs.GRUB_SETTINGS_FILES.match("/etc/default/grub.d/50-cloudimg-settings.cfg")
+    assert not jobs.GRUB_SETTINGS_FILES.match("/etc/grub.d/40_custom")
