@@ -13,6 +13,7 @@ STATUS_LINES = (
     ("tamper_listener", "statemesh-harden.service running (pid 412), re-asserts ssh, agents, "
                         "logins, rescue, memory when they are undone"),
     ("package_units", "6 units as the package shipped them, no drop-ins"),
+    ("planted", "nothing planted for root's programs to load or run later"),
     ("ssh", "masked: ssh.service, ssh.socket, ssh@.service, sshd.service; not running"),
     ("agents", "remote-execution agents' units masked and stopped"),
     ("logins", "gettys and debug shell masked, root's password locked, loginuids immutable"),

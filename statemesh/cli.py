@@ -49,7 +49,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show, live, whether each guarantee holds; non-zero exit when any does not."""
-    from statemesh import guarantees, install, journal, ownunits
+    from statemesh import guarantees, install, journal, ownunits, preflight
     from statemesh.guarantees import tamper
     node_config = config.load(args.config)
     installation = install.installation_finding(journal.Journal())
@@ -58,8 +58,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     installed = installation.facts.get("state") == journal.INSTALLED
     listener = tamper.listener_finding(ordered, installed)
     units = ownunits.finding()
+    planted = preflight.planted_finding()
     findings = [g.check() for g in ordered]
-    holds = all(f.holds for f in (installation, listener, units, *findings))
+    holds = all(f.holds for f in (installation, listener, units, planted, *findings))
     if args.json:
         _print_json(
             {
@@ -69,12 +70,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "installation": installation.as_dict(),
                 "tamper_listener": listener.as_dict(),
                 "package_units": units.as_dict(),
+                "planted": planted.as_dict(),
                 "guarantees": [f.as_dict() for f in findings],
             }
         )
     else:
         print(f"statemesh-node {__version__}  zone {node_config.zone}")
-        _print_findings([installation, listener, units, *findings])
+        _print_findings([installation, listener, units, planted, *findings])
         print("all guarantees hold" if holds else "NOT all guarantees hold")
     return EXIT_OK if holds else EXIT_FAILED
 

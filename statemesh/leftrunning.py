@@ -18,10 +18,13 @@ shell beside apt in that unit is not) and the installing logind session's scope;
 session's is refused here as well as by the session checks. Status, once installed,
 excuses nothing: a unit the spared session started (another tmux window) outlives it.
 
+A mount over a process's directory in /proc hides that process from every reader of /proc
+(this module, the watchdog, ps): the directory then shows the mounted one (PID 1's, a
+kernel thread's). Each such mount is named as a program left running, hidden.
+
 Not found: a process root moved into a packaged unit's cgroup (nothing tells it from that
-unit's own children), one whose /proc entry a bind mount hides, and what a packaged unit
-started by hand runs (user@0.service without a session, systemd-nspawn@). README's honest
-limits say so.
+unit's own children), and what a packaged unit started by hand runs (user@0.service without
+a session, systemd-nspawn@). README's honest limits say so.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
+from pathlib import Path
 from typing import Callable, Collection, Dict, List, Optional, Set, Tuple
 
-from statemesh import proc, systemd
+from statemesh import proc, systemd, volume
 from statemesh.planted import named
 from statemesh.watchdog import terminals
 
@@ -47,6 +52,8 @@ UNIT_TYPES = ("service", "scope", "socket", "mount", "swap")
 # Units that start a program later, and services waiting to be restarted.
 STARTING_LATER = ("*.timer", "*.path", "*.socket")
 STARTING_STATES = ("active", "activating", "reloading")
+MOUNTINFO = Path("/proc/self/mountinfo")
+PROCESS_DIRECTORY = re.compile(r"^/proc/[0-9]+(/.*)?$")
 
 CgroupOf = Callable[[int], str]
 
@@ -189,9 +196,19 @@ def describe(processes: List[Process], units: Dict[str, str], foreign: Set[str])
     return entries
 
 
+def hidden_by_mounts(mountinfo: str) -> List[str]:
+    """One entry per mount over a process's directory in /proc (or inside it)."""
+    points = sorted({mount.point for mount in volume.parse_mountinfo(mountinfo)
+                     if PROCESS_DIRECTORY.match(mount.point)})
+    return [f"hidden by a mount over {point}, from every reader of /proc (umount {point})"
+            for point in points]
+
+
 async def left_running(manager: systemd.Systemd, excused: Excused = nothing_excused,
-                       cgroup_of: CgroupOf = proc.cgroup_path) -> List[str]:
-    """What runs by hand, or may start again, beside what is excused."""
+                       cgroup_of: CgroupOf = proc.cgroup_path,
+                       mountinfo: Path = MOUNTINFO) -> List[str]:
+    """What runs by hand, or may start again, beside what is excused; and what is hidden."""
+    hidden = hidden_by_mounts(mountinfo.read_text(encoding="utf-8", errors="replace"))
     processes = userland(cgroup_of)
     own_units = {p.unit for p in processes if excused(p)}
     left = [p for p in processes if not excused(p)]
@@ -201,7 +218,7 @@ async def left_running(manager: systemd.Systemd, excused: Excused = nothing_excu
             running.setdefault(process.unit, set()).add(process.cgroup)
     later = await _starting_later(manager) - own_units
     transient, foreign = await by_hand(manager, later, running)
-    return describe(left, transient, foreign)
+    return hidden + describe(left, transient, foreign)
 
 
 def refusal(entries: List[str]) -> List[str]:

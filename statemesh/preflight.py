@@ -31,6 +31,7 @@ import psutil
 
 from statemesh import apthooks, dpkgdb, grace, jobs, leftrunning, ownunits, planted, proc, systemd
 from statemesh.guarantees import memory
+from statemesh.guarantees.base import Finding
 from statemesh.watchdog import terminals
 
 UTMP = Path("/run/utmp")
@@ -246,6 +247,33 @@ def planted_for_later(environment: List[str]) -> List[str]:
     commands in apt's and dpkg's configuration (statemesh.apthooks)."""
     files = dpkgdb.installed_files()
     return planted.problems(environment, files) + jobs.problems(files) + apthooks.problems(files)
+
+
+def planted_finding() -> Finding:
+    """status's line for what root's programs would load or run later: preflight's checks,
+    live. Preflight runs before the transaction, and the installing session stays spared
+    until the grace ends: what it plants meanwhile (a cron job, a lingering root, a hook),
+    or whatever a program left running plants later, is named here."""
+    try:
+        environment = asyncio.run(_manager_environment())
+    except systemd.SystemdError as error:
+        return Finding("planted", False, f"cannot ask systemd: {error}")
+    found = planted_for_later(environment)
+    if found:
+        if _dpkg_runs():
+            found.append("dpkg is running (an upgrade?): the files it unpacks differ from its "
+                         "database until it ends")
+        return Finding("planted", False, "; ".join(found))
+    return Finding("planted", True, "nothing planted for root's programs to load or run later")
+
+
+def _dpkg_runs() -> bool:
+    return any(process.info["name"] == "dpkg" for process in psutil.process_iter(["name"]))
+
+
+async def _manager_environment() -> List[str]:
+    async with systemd.manager() as manager:
+        return await manager.get_environment()
 
 
 def installation_own(installer: Optional[grace.Grace], own: Own) -> leftrunning.Excused:

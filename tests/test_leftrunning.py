@@ -145,3 +145,30 @@ def test_a_zombie_leader_whose_threads_run_on_is_judged() -> None:
     finally:
         process.kill()
         process.wait()
+
+
+MOUNTINFO = """\
+22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+23 22 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw
+24 23 0:36 / /proc/sys/fs/binfmt_misc rw,relatime shared:13 - autofs systemd-1 rw
+91 23 0:21 /1 /proc/4242 rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw
+92 23 0:21 /2/task /proc/4243/task rw,relatime shared:12 - proc proc rw
+"""
+
+
+def test_a_mount_that_hides_a_process_in_proc_is_named(fakebus: FakeBus, tmp_path: Path) -> None:
+    """Bound over /proc/PID, PID 1's or a kernel thread's directory stands in for whatever
+    runs as PID: every reader of /proc judges that one instead."""
+    assert leftrunning.hidden_by_mounts(MOUNTINFO) == [
+        "hidden by a mount over /proc/4242, from every reader of /proc (umount /proc/4242)",
+        "hidden by a mount over /proc/4243/task, from every reader of /proc "
+        "(umount /proc/4243/task)"]
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(MOUNTINFO)
+
+    async def ask() -> List[str]:
+        async with systemd.manager() as manager:
+            return await leftrunning.left_running(manager, cgroup_of=placed({}),
+                                                  mountinfo=mountinfo)
+    found = fakebus.call(ask())
+    assert found[0].startswith("hidden by a mount over /proc/4242") and len(found) == 2

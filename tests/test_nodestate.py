@@ -23,6 +23,8 @@ def status_report(firewall_holds: bool = True) -> Dict[str, Any]:
                               state="installed"),
         "tamper_listener": _line("tamper_listener", True, "statemesh-harden.service running"),
         "package_units": _line("package_units", True, "6 units as the package shipped them"),
+        "planted": _line("planted", True, "nothing planted for root's programs to load or run "
+                         "later"),
         "guarantees": [_line("ssh", True, "masked: ssh.service\u2026; not running"),
                        _line("firewall", firewall_holds, "ufw on" if firewall_holds else
                              "ufw is inactive\n(ufw enable)")],
@@ -33,8 +35,8 @@ def test_every_line_of_status_becomes_a_check() -> None:
     state = nodestate.from_status(status_report(), 1_700_000_000, ["sm-runtime.service"])
     assert state.ready and state.installed and state.package_version == "0.1.0"
     assert [c.name for c in state.checks] == ["installation", "tamper_listener",
-                                              "package_units", "ssh", "firewall"]
-    assert state.checks[3].detail == "masked: ssh.service?; not running"  # printable ASCII
+                                              "package_units", "planted", "ssh", "firewall"]
+    assert state.checks[4].detail == "masked: ssh.service?; not running"  # printable ASCII
     assert state.exempt_units == ("sm-runtime.service",)
     failing = nodestate.from_status(status_report(firewall_holds=False), 1, [])
     assert not failing.ready
@@ -44,7 +46,7 @@ def test_every_line_of_status_becomes_a_check() -> None:
 def test_a_long_detail_is_cut_to_what_the_evidence_carries() -> None:
     report = status_report()
     report["guarantees"][0]["detail"] = "x" * 1000
-    detail = nodestate.from_status(report, 1, []).checks[3].detail
+    detail = nodestate.from_status(report, 1, []).checks[4].detail
     assert len(detail) == nodestate.DETAIL_LIMIT and detail.endswith("...")
 
 

@@ -168,3 +168,17 @@ def test_only_the_installing_sessions_own_scope_is_excused() -> None:
                          ("/user.slice/user-0.slice/session-5.scope", "session-5.scope")):
         assert not excused(leftrunning.Process(gone, cgroup, unit)), cgroup
     assert excused(leftrunning.Process(os.getpid(), "/", ""))  # run by hand: its own lineage
+
+
+def test_status_names_what_is_planted_on_an_installed_node(fakebus: FakeBus,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preflight's checks, live: what the spared session planted after preflight fails
+    status (stand-in: the manager's environment, which a `systemctl set-environment` in
+    the grace changes)."""
+    monkeypatch.setattr(preflight, "planted_for_later", planted.environment_problems)
+    fakebus.systemd.environment = ["LANG=C.UTF-8", "LD_PRELOAD=/usr/lib/libhook.so"]
+    finding = preflight.planted_finding()
+    assert finding.name == "planted" and not finding.holds
+    assert "LD_PRELOAD" in finding.detail
+    fakebus.systemd.environment = ["LANG=C.UTF-8"]
+    assert preflight.planted_finding().holds

@@ -45,7 +45,7 @@ def from_status(report: Dict[str, Any], checked: int, exempt_units: Iterable[str
     """The state in `status --json`'s report, measured at `checked`."""
     installation = report["installation"]
     lines = [installation, report["tamper_listener"], report["package_units"],
-             *report["guarantees"]]
+             report["planted"], *report["guarantees"]]
     installed = installation.get("facts", {}).get("state") == INSTALLED
     return NodeState(checked, installed, str(report.get("version", "")),
                      tuple(_check(line) for line in lines), tuple(exempt_units))

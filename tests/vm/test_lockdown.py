@@ -25,6 +25,8 @@ RESCUE = ("rescue.service", "emergency.service", "rescue.target", "emergency.tar
 STATE = "/var/lib/statemesh-node/state.json"
 MESH = snapshot.MESH_PORT
 JOURNAL = "/var/lib/statemesh-node/journal.jsonl"
+# Planted by the spared session once preflight has passed (the end-to-end test).
+LATE_CRON_JOB = "/etc/cron.d/after-preflight"
 CORE_PATTERN = "/proc/sys/kernel/core_pattern"
 GUEST_AGENT = "qemu-guest-agent.service"
 
@@ -135,7 +137,9 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     # session, so status must say so.
     guest.wait_for(f"grep -q '\"event\": \"apply\"' {JOURNAL}", "the transaction's first step",
                    300)
-    guest.run("tmux new-window -d -t install 'systemd-run --unit=left-behind sleep 1644'")
+    guest.run("tmux new-window -d -t install 'systemd-run --unit=left-behind sleep 1644; "
+              f"mkdir -p /etc/cron.d; echo \"* * * * * root /root/way-in\" > {LATE_CRON_JOB}; "
+              "loginctl enable-linger root'")
     guest.wait_for("! pgrep -x apt-get", "apt-get's end in the tmux pane", 900)
     install_seconds = time.monotonic() - started
     said = guest.run(f"cat {terminal.OUTPUT}").stdout
@@ -148,12 +152,20 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     # apt has returned: the grace is over, the session with it, tmux and its pane too.
     guest.wait_for("! pgrep -f '^tmux' && ! loginctl list-sessions --no-legend | grep -q .",
                    "the installing session's end", 60)
-    installation = status(guest)["installation"]
+    report = status(guest)
+    installation = report["installation"]
     assert not installation["holds"], installation
     assert re.search(r"but programs left running by hand keep running as root: left-behind"
                      r"\.service \(started by hand\): pid [0-9]+ \(/usr/bin/sleep 1644\)",
                      installation["detail"]), installation
+    # So does what it planted after preflight had passed: a cron job, a lingering root.
+    planted = report["planted"]
+    assert not planted["holds"], planted
+    assert LATE_CRON_JOB in planted["detail"], planted
+    assert "service manager starts at boot without a login: root" in planted["detail"], planted
     guest.run("systemctl stop left-behind.service")  # on a node, the next boot ends it
+    guest.run(f"rm {LATE_CRON_JOB} && loginctl disable-linger root")
+    assert status(guest)["holds"]
     assert_locked_down(guest)
     steps = {e["event"]: e["time"] for e in events(guest)}
     measured("apt-get install (tmux over ssh, connection dropped)",
@@ -209,7 +221,9 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert finding["facts"]["allowed_peers"] == ["192.0.2.0/24", "fd00:77::/64"]
 
     ports.stop_serving(guest)
+    purge_started = time.monotonic()
     guest.run("apt-get purge -y statemesh-node", env=ENV, timeout=900)
+    measured("apt-get purge", f"{time.monotonic() - purge_started:.1f} s wall")
     assert_untouched(guest, root_before)
     assert guest.run("pgrep -x sshd", check=False).returncode == 0
     assert ports.ufw_state(guest) == ufw_before
@@ -257,6 +271,10 @@ APT_HOOK = "/etc/apt/apt.conf.d/99way-back"
 DPKG_HOOK = "/etc/dpkg/dpkg.cfg.d/way-back"
 KERNEL_HOOK = "/etc/kernel/postinst.d/zz-way-in"
 UDEV_RULE = "/etc/udev/rules.d/99-way-in.rules"
+# GRUB's settings are shell that update-grub sources as root: a command is planted, an
+# operator's console setting is not.
+GRUB_HOOK = "/etc/default/grub.d/99-way-in.cfg"
+GRUB_CONSOLE = "/etc/default/grub.d/50-console.cfg"
 
 
 def plant_jobs_for_later(guest: Guest) -> None:
@@ -296,6 +314,10 @@ def plant_jobs_for_later(guest: Guest) -> None:
     guest.run(f"mkdir -p {KERNEL_HOOK.rsplit('/', 1)[0]} {UDEV_RULE.rsplit('/', 1)[0]}")
     guest.put(KERNEL_HOOK, b"#!/bin/sh\n/root/way-in\n", mode=0o755)
     guest.put(UDEV_RULE, b'ACTION=="add", RUN+="/root/way-in"\n')
+    guest.run(f"mkdir -p {GRUB_HOOK.rsplit('/', 1)[0]}")
+    guest.put(GRUB_HOOK, b'GRUB_CMDLINE_LINUX="$(/root/way-in)"\n')
+    guest.put(GRUB_CONSOLE, b'GRUB_CMDLINE_LINUX_DEFAULT="$GRUB_CMDLINE_LINUX_DEFAULT '
+              b'console=ttyS0,115200"\nGRUB_TIMEOUT=1\n')
 
 
 @pytest.mark.cost(50)
@@ -355,8 +377,10 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     "and no package installed it so: post-invoke (",
                     "hooks of packaged programs not as a package installed them, run as root "
                     "later (kernel and initramfs updates, the initramfs at boot, needrestart, "
-                    f"logrotate, udev, modprobe, network events): {KERNEL_HOOK}, {UDEV_RULE} ("):
+                    f"logrotate, udev, modprobe, network events): {GRUB_HOOK}, {KERNEL_HOOK}, "
+                    f"{UDEV_RULE} ("):
         assert planted in said, said
+    assert GRUB_CONSOLE not in said, said
     assert re.search(r"dial-out\.service \(started by hand\): pid [0-9]+ "
                      r"\(/usr/bin/sleep 1642\)", said), said
     # Root's other Python programs ran it (dpkg's py3compile among them); the package's

@@ -47,7 +47,8 @@ def test_status_names_a_mount_over_the_volume_a_stopped_watchdog_and_a_killed_li
     must make status fail, named. The tamper listener is killed (systemd restarts it not,
     Restart=no: an interrupted transaction must never rerun half-way); the watchdog is
     stopped rather than killed (systemd would restart a dead one at once); a tmpfs goes over
-    the volume with the volume's options and the mapper's name as its source."""
+    the volume with the volume's options and the mapper's name as its source; a program
+    left running hides behind a mount over its /proc directory."""
     guest = installed_guest
     assert guest.run("statemesh-node status", check=False).returncode == 0
     guest.run("kill -KILL $(systemctl show -P MainPID statemesh-harden.service)")
@@ -55,6 +56,11 @@ def test_status_names_a_mount_over_the_volume_a_stopped_watchdog_and_a_killed_li
     guest.run(f"kill -STOP {watchdog}")
     guest.run("mount -t tmpfs -o nodev,nosuid /dev/mapper/statemesh /var/lib/statemesh")
     assert guest.run("systemctl is-active statemesh-watchdog.service").stdout.strip() == "active"
+    # A program left running by hand, hidden: its /proc directory shows a kernel thread's.
+    guest.run("systemd-run --unit=hidden-by-hand sleep 1645")
+    hidden = guest.run("systemctl show -P MainPID hidden-by-hand.service").stdout.strip()
+    guest.run(f"mount --bind /proc/2 /proc/{hidden}")
+    assert "sleep" not in guest.run(f"cat /proc/{hidden}/cmdline").stdout
 
     status = guest.run("statemesh-node status --json", check=False)
     print(guest.run("statemesh-node status", check=False).stdout)
@@ -63,6 +69,10 @@ def test_status_names_a_mount_over_the_volume_a_stopped_watchdog_and_a_killed_li
     found = {g["name"]: g for g in report["guarantees"]}
     listener = report["tamper_listener"]
     assert not listener["holds"] and "statemesh-harden.service is not running" in listener["detail"]
+    installation = report["installation"]
+    assert not installation["holds"]
+    assert f"hidden by a mount over /proc/{hidden}, from every reader of /proc" in \
+        installation["detail"], installation
     assert not found["watchdog"]["holds"]
     assert f"stopped (pid {watchdog}: SIGSTOP or a tracer)" in found["watchdog"]["detail"]
     assert not found["storage"]["holds"]
