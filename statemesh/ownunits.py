@@ -97,9 +97,22 @@ def _cmdline(pid: int) -> Optional[List[str]]:
         return None
 
 
+def _exiting(pid: int) -> bool:
+    """Gone, or a zombie with no thread left: a main process systemd has not reaped yet
+    (its cmdline reads empty). A zombie leader whose other threads run on is not exiting."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() == psutil.STATUS_ZOMBIE and process.num_threads() <= 1
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
 def unit_problems(unit: LoadedUnit, shipped_dir: Path = SHIPPED_DIR,
                   cmdline: Callable[[int], Optional[List[str]]] = _cmdline,
-                  read_head: Callable[[str], bytes] = _read_head) -> List[str]:
+                  read_head: Callable[[str], bytes] = _read_head,
+                  exiting: Callable[[int], bool] = _exiting) -> List[str]:
     """Why `unit` is not what the package shipped (empty: it is)."""
     if unit.load_state != "loaded":
         return [f"{unit.name} is {unit.load_state}, not loaded from the package's file"]
@@ -115,6 +128,8 @@ def unit_problems(unit: LoadedUnit, shipped_dir: Path = SHIPPED_DIR,
                         "(a daemon-reload would load the change)")
     if unit.main_pid and unit.exec_start:
         running = cmdline(unit.main_pid)
+        if running != expected_cmdline(unit.exec_start, read_head) and exiting(unit.main_pid):
+            return problems  # it ends as it was read (a service restarting), not planted
         named = " ".join(unit.exec_start)
         if running is None:
             problems.append(f"{unit.name} main process {unit.main_pid} cannot be read "

@@ -3,9 +3,12 @@ units and processes here; the VM suite plants a drop-in and a stale main process
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
+import psutil
 import pytest
 
 from statemesh import ownunits
@@ -14,6 +17,7 @@ from statemesh.ownunits import LoadedUnit
 SCRIPT = "/usr/bin/statemesh-node"
 HEADS: Dict[str, bytes] = {SCRIPT: b"#!/usr/bin/python3\n# EASY-INSTALL-ENTRY-SCRIPT\n",
                            "/usr/bin/swtpm": b"\x7fELF\x02\x01\x01"}
+EXITING: Set[int] = set()  # main processes gone, or zombies systemd has not reaped
 RUNNING: Dict[int, Optional[List[str]]] = {
     10: ["/usr/bin/python3", SCRIPT, "watchdog"],
     11: ["sleep", "infinity"],
@@ -23,7 +27,8 @@ RUNNING: Dict[int, Optional[List[str]]] = {
 
 
 def problems(unit: LoadedUnit, shipped: Path = Path("/lib/systemd/system")) -> List[str]:
-    return ownunits.unit_problems(unit, shipped, RUNNING.get, lambda path: HEADS.get(path, b""))
+    return ownunits.unit_problems(unit, shipped, RUNNING.get, lambda path: HEADS.get(path, b""),
+                                  exiting=lambda pid: pid in EXITING)
 
 
 def watchdog(**fields) -> LoadedUnit:
@@ -95,6 +100,37 @@ def test_a_process_that_only_ends_with_the_command_is_not_it() -> None:
             "statemesh-watchdog.service main process 14 runs '/bin/bash -c")
     finally:
         del RUNNING[14]
+
+
+def test_a_main_process_exiting_as_it_is_read_is_not_planted() -> None:
+    """A service restarting (the aTLS endpoint while its port is taken): its main process is
+    a zombie systemd has not reaped, and its cmdline reads empty."""
+    RUNNING[15] = []
+    EXITING.add(15)
+    try:
+        assert problems(watchdog(main_pid=15)) == []
+        EXITING.discard(15)
+        assert problems(watchdog(main_pid=15)) == [
+            "statemesh-watchdog.service main process 15 runs '', "
+            "not '/usr/bin/statemesh-node watchdog'"]
+    finally:
+        del RUNNING[15]
+
+
+def test_a_zombie_is_exiting_and_a_live_process_is_not() -> None:
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        assert not ownunits._exiting(child.pid)
+        child.kill()
+        for _ in range(100):  # dead, not reaped: a zombie
+            if psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(0.01)
+        assert ownunits._exiting(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert ownunits._exiting(child.pid)  # reaped: gone
 
 
 def test_exec_start_property_shape() -> None:
