@@ -69,8 +69,8 @@ def _paragraphs(path: Path) -> Iterator[Paragraph]:
         return
     with open(path, "rb") as database:
         for section in apt_pkg.TagFile(database, bytes=True):
-            yield _kept({key: section[key].decode("utf-8", errors="replace")
-                         for key in FIELDS if key in section})
+            yield {key: section[key].decode("utf-8", errors="replace")
+                   for key in FIELDS if key in section}
 
 
 def _kept(paragraph: Mapping[str, str]) -> Paragraph:
