@@ -218,7 +218,15 @@ async def left_running(manager: systemd.Systemd, excused: Excused = nothing_excu
             running.setdefault(process.unit, set()).add(process.cgroup)
     later = await _starting_later(manager) - own_units
     transient, foreign = await by_hand(manager, later, running)
-    return hidden + describe(left, transient, foreign)
+    return hidden + describe(_still_there(left, cgroup_of), transient, foreign)
+
+
+def _still_there(processes: List[Process], cgroup_of: CgroupOf) -> List[Process]:
+    """Those still in the cgroup they were listed in. A unit stopping while systemd was asked
+    about it (a user manager logind stops after `disable-linger`) is gone or has no cgroup
+    any more: its processes, listed alive a moment before, had exited with it, and are not
+    left running. One that outlives its unit's stop is still there, and named."""
+    return [process for process in processes if cgroup_of(process.pid) == process.cgroup]
 
 
 def refusal(entries: List[str]) -> List[str]:

@@ -172,3 +172,25 @@ def test_a_mount_that_hides_a_process_in_proc_is_named(fakebus: FakeBus, tmp_pat
                                                   mountinfo=mountinfo)
     found = fakebus.call(ask())
     assert found[0].startswith("hidden by a mount over /proc/4242") and len(found) == 2
+
+
+def test_a_unit_that_stops_while_it_is_asked_about_leaves_nothing_running(
+        fakebus: FakeBus, sleepers: List[int]) -> None:
+    """root's user manager, stopped by logind after `loginctl disable-linger root`: listed
+    in user@0.service, gone with its unit by the time systemd is asked (no such unit left,
+    or no cgroup). Found in CI: status said programs were left running when none were."""
+    manager = sleepers[0]
+    listed = "/user.slice/user-0.slice/user@0.service/init.scope"
+    reads: Dict[int, int] = {}
+
+    def exits_after_listing(pid: int) -> str:
+        reads[pid] = reads.get(pid, 0) + 1
+        return listed if pid == manager and reads[pid] == 1 else ""
+
+    async def ask() -> List[str]:
+        async with systemd.manager() as bus:
+            return await leftrunning.left_running(bus, cgroup_of=exits_after_listing)
+    assert fakebus.call(ask()) == []
+    # Still there in a cgroup of a unit systemd no longer has: named.
+    assert left(fakebus, {manager: listed}) == [
+        f"in no unit systemd owns ({listed}): pid {manager} (sleep 60)"]

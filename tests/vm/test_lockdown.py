@@ -168,7 +168,10 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert "service manager starts at boot without a login: root" in planted["detail"], planted
     guest.run("systemctl stop left-behind.service")  # on a node, the next boot ends it
     guest.run(f"rm {LATE_CRON_JOB} && loginctl disable-linger root")
-    assert status(guest)["holds"]
+    # logind stops root's service manager a moment later (UserStopDelaySec).
+    guest.wait_for("! systemctl is-active user@0.service", "the lingering manager's stop", 60)
+    report = status(guest)
+    assert report["holds"], report
     assert_locked_down(guest)
     steps = {e["event"]: e["time"] for e in events(guest)}
     measured("apt-get install (tmux over ssh, connection dropped)",
