@@ -8,12 +8,14 @@ go into them, so a change to any of those builds a new image and nothing stale i
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import List, Sequence
@@ -208,3 +210,16 @@ def _run(argv: Sequence[str], cwd: Path = None) -> subprocess.CompletedProcess:
             f"{argv[0]} failed ({result.returncode}):\n{result.stderr.decode(errors='replace')[-4000:]}"
         )
     return result
+
+
+def main(suites: Sequence[str]) -> int:
+    """Build (or find cached) every suite's image at once: `make check` runs this beside
+    lintian and the host tests, so that the VM suite's workers find their images ready."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(suites) or 1) as pool:
+        for image in pool.map(build, suites):
+            print(f"{image.suite}: {image.disk.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
