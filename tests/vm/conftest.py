@@ -12,6 +12,7 @@ end of a worker's queue.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -148,6 +149,7 @@ def guest_factory(request: pytest.FixtureRequest, vm_image: image.Image, repo_di
 
 
 MEASURED = "measured"
+TIMELINE = "timeline"
 
 
 @pytest.fixture
@@ -181,6 +183,25 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         for suite, durations in shares.items():
             terminalreporter.write_line(
                 f"{suite}: {counts[suite]} tests, {sum(durations) / 60:.1f} min")
+    _write_timeline(terminalreporter, reports)
+
+
+def _write_timeline(terminalreporter, reports: Sequence[pytest.TestReport]) -> None:
+    """Each worker's tests in the order it ran them, in minutes from the suite's start, and
+    the time it sat idle at the end: where the wall time exceeds the workers' time / 2."""
+    runs = sorted((value[1], value[2], value[0], report.nodeid) for report in reports
+                  for name, value in report.user_properties if name == TIMELINE)
+    if not runs:
+        return
+    origin, end = runs[0][0], max(stop for _start, stop, _worker, _test in runs)
+    terminalreporter.section("timeline (minutes from the first test's start)")
+    for worker in sorted({worker for _start, _stop, worker, _test in runs}):
+        mine = [run for run in runs if run[2] == worker]
+        for start, stop, _worker, test in mine:
+            terminalreporter.write_line(
+                f"{worker} {(start - origin) / 60:5.1f}-{(stop - origin) / 60:5.1f} {test}")
+        terminalreporter.write_line(
+            f"{worker} idle at the end: {(end - mine[-1][1]) / 60:.1f} min")
 
 
 def _suite_of(nodeid: str, suites: Sequence[str]) -> Optional[str]:
@@ -207,6 +228,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     the node's own units' lines of the journal (CI keeps only what the report prints)."""
     outcome = yield
     report = outcome.get_result()
+    if call.when == "setup":
+        item.statemesh_started = call.start
+    elif call.when == "teardown":
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        report.user_properties.append(
+            (TIMELINE, [worker, getattr(item, "statemesh_started", call.start), call.stop]))
     if report.failed:
         for index, guest in enumerate(getattr(item, "statemesh_guests", [])):
             tail = "\n".join(guest.console_log().splitlines()[-80:])
