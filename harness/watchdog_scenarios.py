@@ -499,6 +499,15 @@ def hand_over_on_hangup(devpts: str) -> Dict[str, Any]:
             "log": state["log"]}
 
 
+def stopped_by_sigterm(devpts: str) -> Dict[str, Any]:
+    """SIGTERM (the stop at shutdown): the process exits 0 with nothing left pending."""
+    with watchdog(devpts) as state:
+        process = state["process"]
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(WAIT_SECONDS)
+    return {"status": status, "output": state["log_path"].read_text()}
+
+
 def hand_over_refused_by_a_failing_successor(devpts: str) -> Dict[str, Any]:
     """A successor that cannot start (here: node.conf made malformed) changes nothing."""
     with watchdog(devpts) as state:

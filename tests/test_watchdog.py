@@ -122,6 +122,14 @@ def test_hangup_hands_over_to_a_successor_that_is_watching_before_the_old_one_ex
     assert handed == [{"event": "handed-over", "pid": old, "successor": successor}]
 
 
+def test_a_stop_ends_every_task_before_the_process_exits() -> None:
+    """Stopped at shutdown, the watchdog's loops were left pending and Python said so in the
+    journal ("Task was destroyed but it is pending!"): they are cancelled and awaited now."""
+    result = run_scenario(f"{SCENARIOS}:stopped_by_sigterm")
+    assert result["status"] == 0
+    assert "Task was destroyed" not in result["output"], result["output"]
+
+
 def test_an_inotify_overflow_rearms_the_open_watch_of_every_pty() -> None:
     result = run_scenario(f"{SCENARIOS}:overflow_rearms_pty_watches")
     assert result["watched"] and result["seen"] and result["opener"] == 9

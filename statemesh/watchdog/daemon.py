@@ -610,8 +610,25 @@ def main(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGTERM, loop.stop)
     loop.add_signal_handler(signal.SIGHUP, HandOverOnHangup(loop))
     task = loop.create_task(watchdog.run())
-    task.add_done_callback(lambda _: loop.stop())
+    task.add_done_callback(_stop_its_loop)
     loop.run_forever()
-    if task.done() and task.exception() is not None:
-        raise task.exception()
+    task.remove_done_callback(_stop_its_loop)
+    failure = task.exception() if task.done() and not task.cancelled() else None
+    _end_every_task(loop)
+    if failure is not None:
+        raise failure
     return 0
+
+
+def _stop_its_loop(task: "asyncio.Task[None]") -> None:
+    task.get_loop().stop()
+
+
+def _end_every_task(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel and await what still runs (the main loop, logind's, discovery's, a hand-over),
+    then close the loop: a task left pending at exit is reported into the journal."""
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()
