@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any, Dict, List
 
+from harness.nodestates import STATUS_LINES
 from statemesh.attest import nodestate
 from statemesh.attest.evidence import NodeState, StateCheck
 
@@ -128,3 +129,13 @@ def test_a_measurement_in_the_background_is_served_next() -> None:
     fresh = nodestate.Fresh(lambda: next(states), clock=lambda: 10.0)
     fresh.in_background().join(5)
     assert fresh().checked == 7  # not measured again: next(states) would raise
+
+
+def test_the_checks_a_verifier_requires_are_every_line_of_status() -> None:
+    """STATUS_CHECKS (the verifier's default) is what cmd_status reports, in its order."""
+    from statemesh import guarantees
+    from statemesh.config import NodeConfig
+    lines = ["installation", "tamper_listener", "package_units", "planted"]
+    names = lines + [guarantee.name for guarantee in guarantees.ordered(NodeConfig())]
+    assert list(nodestate.STATUS_CHECKS) == names
+    assert [line[0] for line in STATUS_LINES] == names  # the tests' and benchmarks' node

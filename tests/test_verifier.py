@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from statemesh.attest import evidence
+from statemesh.attest import evidence, nodestate
 from statemesh.attest.attester import Attester
 from statemesh.attest.evidence import NodeState, StateCheck
 from statemesh.attest.refusals import (
@@ -82,7 +82,8 @@ def _node_in_state(world: TpmWorld, state: NodeState) -> Attester:
 def test_a_node_that_is_not_ready_is_refused_naming_why(world: TpmWorld) -> None:
     """A refused or failed installation, or a guarantee that fails: the node answers, signed,
     and the default policy refuses it with each failing check; an inspecting policy
-    (require_ready false) accepts it with the same reasons as a warning."""
+    (require_ready false) accepts it with the same reasons as a warning. (Its states carry
+    two checks: the policies here require no others.)"""
     now = int(time.time())
     state = NodeState(now, False, "0.1.0",
                       (StateCheck("installation", False, "not installed (preflight-refused)"),
@@ -90,19 +91,36 @@ def test_a_node_that_is_not_ready_is_refused_naming_why(world: TpmWorld) -> None
     node = _node_in_state(world, state)
     want = expected()
     data = attest(node, want)
+    two_checks = policy(world.ca_dir, required_checks=frozenset())
     with pytest.raises(NodeNotReady) as refused:
-        Verifier(policy(world.ca_dir)).check(data, want)
+        Verifier(two_checks).check(data, want)
     assert str(refused.value) == ("not ready: not installed; installation: not installed "
                                   "(preflight-refused); ssh: ssh.service is not masked")
     assert refused.value.code == "not-ready"
-    verdict = Verifier(policy(world.ca_dir, require_ready=False)).check(data, want)
+    inspecting = dataclasses.replace(two_checks, require_ready=False)
+    verdict = Verifier(inspecting).check(data, want)
     assert verdict.warnings[0].startswith("node not ready: not installed; installation:")
     assert verdict.as_dict()["state"]["ready"] is False
     holding = dataclasses.replace(state, installed=True,
                                   checks=(StateCheck("ssh", True, "masked"),
                                           StateCheck("firewall", False, "ufw is inactive")))
     with pytest.raises(NodeNotReady, match="^not ready: firewall: ufw is inactive$"):
-        Verifier(policy(world.ca_dir)).check(attest(_node_in_state(world, holding), want), want)
+        Verifier(two_checks).check(attest(_node_in_state(world, holding), want), want)
+
+
+def test_a_node_whose_status_leaves_a_check_out_is_refused_naming_it(world: TpmWorld) -> None:
+    """An older or altered package's status without the firewall line, every other holding:
+    not a node whose every guarantee holds. A policy may list the checks it requires."""
+    state = dataclasses.replace(ready_state(), checks=tuple(
+        check for check in ready_state().checks if check.name != "firewall"))
+    want = expected()
+    data = attest(_node_in_state(world, state), want)
+    with pytest.raises(NodeNotReady, match="^not ready: not checked: firewall$"):
+        Verifier(policy(world.ca_dir)).check(data, want)
+    fewer = policy(world.ca_dir, required_checks=frozenset({"installation", "ssh"}))
+    assert not Verifier(fewer).check(data, want).warnings
+    inspecting = Verifier(policy(world.ca_dir, require_ready=False)).check(data, want)
+    assert list(inspecting.warnings) == ["node not ready: not checked: firewall"]
 
 
 @pytest.mark.parametrize("checked_before_issue", [121, -5])
@@ -248,6 +266,9 @@ def test_each_rejection_has_its_own_code() -> None:
     ({"allowed_classes": ["tpm"], "zones": "*", "require_ready": "no"}, "require_ready"),
     ({"allowed_classes": ["tpm"], "zones": "*", "max_state_age_seconds": True},
      "max_state_age_seconds"),
+    ({"allowed_classes": ["tpm"], "zones": "*", "required_checks": "ssh"}, "required_checks"),
+    ({"allowed_classes": ["tpm"], "zones": "*", "required_checks": ["ssh", ""]},
+     "required_checks"),
 ])
 def test_bad_policies_are_refused(document: object, complaint: str) -> None:
     with pytest.raises(PolicyError, match=complaint):
@@ -267,6 +288,10 @@ def test_policy_file_round_trip(tmp_path: Path) -> None:
                                 "require_ready": False, "max_state_age_seconds": 45}))
     inspecting = load_policy(path)
     assert not inspecting.require_ready and inspecting.max_state_age == 45
+    assert loaded.required_checks == frozenset(nodestate.STATUS_CHECKS)  # the default
+    path.write_text(json.dumps({"allowed_classes": ["tpm"], "zones": "*",
+                                "required_checks": ["installation", "firewall"]}))
+    assert load_policy(path).required_checks == frozenset({"installation", "firewall"})
     assert loaded.pcrs[7] == PcrExpectation(bytes.fromhex("ab" * 32), enforce=False)
     path.write_text("")
     with pytest.raises(PolicyError, match="not JSON"):

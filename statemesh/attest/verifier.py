@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from statemesh.attest import ekchain, evidence, tpmwire
+from statemesh.attest import ekchain, evidence, nodestate, tpmwire
 from statemesh.attest.tpm import seal_credential
 from statemesh.attest.refusals import (
     AkAttributesRefused, AkNotBound, ClaimsNotSigned, ClassRefused, EkChainInvalid,
@@ -72,7 +72,9 @@ class PcrExpectation:
 class Policy:
     """What a verifier accepts. zones=None accepts every zone (written "*" in the file).
     require_ready=False accepts a node that says it is not installed or that a check fails,
-    with a warning (a customer inspecting a node, never one sending it work)."""
+    with a warning (a customer inspecting a node, never one sending it work). Each of
+    required_checks must be among the node's checks (default: every line of this version's
+    status); a missing one counts as failing."""
 
     allowed_classes: FrozenSet[str]
     zones: Optional[FrozenSet[str]]
@@ -81,10 +83,11 @@ class Policy:
     pcrs: Dict[int, PcrExpectation] = dataclasses.field(default_factory=dict)
     require_ready: bool = True
     max_state_age: int = DEFAULT_MAX_STATE_AGE
+    required_checks: FrozenSet[str] = frozenset(nodestate.STATUS_CHECKS)
 
 
 _POLICY_KEYS = {"allowed_classes", "zones", "ek_ca_dir", "max_age_seconds", "pcrs",
-                "require_ready", "max_state_age_seconds"}
+                "require_ready", "max_state_age_seconds", "required_checks"}
 
 
 def _seconds(raw: Dict[str, Any], key: str, default: int, source: str) -> int:
@@ -139,7 +142,17 @@ def parse_policy(raw: Any, source: str = "policy") -> Policy:
     if not isinstance(require_ready, bool):
         raise PolicyError(f"{source}: require_ready must be true or false")
     return Policy(frozenset(classes), None if zones == "*" else frozenset(zones), Path(ca_dir),
-                  max_age, _policy_pcrs(raw.get("pcrs", {})), require_ready, max_state_age)
+                  max_age, _policy_pcrs(raw.get("pcrs", {})), require_ready, max_state_age,
+                  _required_checks(raw, source))
+
+
+def _required_checks(raw: Dict[str, Any], source: str) -> FrozenSet[str]:
+    """The policy's list of check names, or every line of this version's status."""
+    names = raw.get("required_checks", list(nodestate.STATUS_CHECKS))
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise PolicyError(f"{source}: required_checks must be a list of check names "
+                          f"(status's: {', '.join(nodestate.STATUS_CHECKS)})")
+    return frozenset(names)
 
 
 def load_policy(path: Path) -> Policy:
@@ -369,9 +382,11 @@ class Verifier:
         if not 0 <= age <= self.policy.max_state_age:
             raise StaleNodeState(f"the node's state was checked {age} s before its evidence "
                                  f"was issued, not within 0-{self.policy.max_state_age} s")
-        if state.ready:
+        missing = sorted(self.policy.required_checks - {check.name for check in state.checks})
+        if state.ready and not missing:
             return []
-        reasons = "; ".join(state.failing())
+        unchecked = [f"not checked: {', '.join(missing)}"] if missing else []
+        reasons = "; ".join(state.failing() + unchecked)
         if self.policy.require_ready:
             raise NodeNotReady(f"not ready: {reasons}")
         return [f"node not ready: {reasons}"]
