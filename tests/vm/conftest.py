@@ -230,7 +230,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     report = outcome.get_result()
     if call.when == "setup":
         item.statemesh_started = call.start
-    elif call.when == "teardown":
+    elif call.when == "call":  # (the terminal keeps passed set-ups' and tear-downs' apart)
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
         report.user_properties.append(
             (TIMELINE, [worker, getattr(item, "statemesh_started", call.start), call.stop]))
