@@ -502,13 +502,14 @@ def assert_hardened_and_status_tells_dpkgs_story(guest: Guest) -> str:
 OUTCOME = "statemesh-node: installed; every guarantee holds"
 
 
-@pytest.mark.cost(360)
-def test_ctrl_c_kill_and_kill_9_of_apt_end_hardened_and_a_plain_retry_converges(
+@pytest.mark.cost(440)
+def test_ctrl_c_hangup_kill_and_kill_9_of_apt_end_hardened_and_a_plain_retry_converges(
         node: Guest, measured) -> None:
-    """The operator interrupts apt's job three ways, each during another of the
+    """The operator interrupts apt's job four ways, each during another of the
     transaction's steps: the first installation, then each retry an operator would type.
-    The transaction runs in its unit and always ends installed; the helper outlives Ctrl-C
-    and `kill`; dpkg's state and status tell one story; a plain retry converges."""
+    The transaction runs in its unit and always ends installed; the helper outlives Ctrl-C,
+    a closed terminal and `kill`; dpkg's state and status tell one story; a plain retry
+    converges."""
     guest = node
     said = interrupt_in_step(guest, "apt-get install -y statemesh-node", "ssh", "INT")
     assert OUTCOME in said, said
@@ -517,6 +518,11 @@ def test_ctrl_c_kill_and_kill_9_of_apt_end_hardened_and_a_plain_retry_converges(
 
     said = interrupt_in_step(guest, retry_command(guest), "firewall", "TERM")
     assert OUTCOME in said, said  # dpkg dies of SIGTERM; the helper outlives it
+    assert assert_hardened_and_status_tells_dpkgs_story(guest) != "ii"
+
+    # The terminal closed (a dropped connection without tmux): SIGHUP to the job.
+    said = interrupt_in_step(guest, retry_command(guest), "watchdog", "HUP")
+    assert OUTCOME in said, said  # dpkg dies of SIGHUP; the helper outlives it
     assert assert_hardened_and_status_tells_dpkgs_story(guest) != "ii"
 
     said = interrupt_in_step(guest, retry_command(guest), "storage", "KILL")
