@@ -53,6 +53,9 @@ UNIT_TYPES = ("service", "scope", "socket", "mount", "swap")
 STARTING_LATER = ("*.timer", "*.path", "*.socket")
 STARTING_STATES = ("active", "activating", "reloading")
 MOUNTINFO = Path("/proc/self/mountinfo")
+# Listings of every process at most, each after systemd was asked about the units of the
+# one before (a unit may stop meanwhile; a process may move).
+SETTLE_ROUNDS = 3
 PROCESS_DIRECTORY = re.compile(r"^/proc/[0-9]+(/.*)?$")
 
 CgroupOf = Callable[[int], str]
@@ -207,26 +210,42 @@ def hidden_by_mounts(mountinfo: str) -> List[str]:
 async def left_running(manager: systemd.Systemd, excused: Excused = nothing_excused,
                        cgroup_of: CgroupOf = proc.cgroup_path,
                        mountinfo: Path = MOUNTINFO) -> List[str]:
-    """What runs by hand, or may start again, beside what is excused; and what is hidden."""
+    """What runs by hand, or may start again, beside what is excused; and what is hidden.
+
+    Processes are listed again after systemd has been asked about their units, until a
+    listing holds no cgroup not asked about yet (at most SETTLE_ROUNDS listings; the last
+    one's new cgroups are asked about too): what is named is what runs in the last listing,
+    judged. A unit that stopped while it was asked about (root's user manager, which logind
+    stops a moment after `disable-linger`) has no cgroup or no unit any more, and its
+    processes are gone from the next listing: nothing of it is named. A process that
+    changes its pid or its cgroup meanwhile is judged where the last listing found it."""
     hidden = hidden_by_mounts(mountinfo.read_text(encoding="utf-8", errors="replace"))
     processes = userland(cgroup_of)
     own_units = {p.unit for p in processes if excused(p)}
-    left = [p for p in processes if not excused(p)]
-    running: Dict[str, Set[str]] = {}
-    for process in left:
-        if process.unit:
-            running.setdefault(process.unit, set()).add(process.cgroup)
-    later = await _starting_later(manager) - own_units
-    transient, foreign = await by_hand(manager, later, running)
-    return hidden + describe(_still_there(left, cgroup_of), transient, foreign)
+    transient, foreign = await by_hand(manager, await _starting_later(manager) - own_units, {})
+    asked: Dict[str, Set[str]] = {}
+    for listing in range(1, SETTLE_ROUNDS + 1):
+        left = [p for p in processes if not excused(p)]
+        new = _not_asked(left, asked)
+        if new:
+            more_transient, more_foreign = await by_hand(manager, (), new)
+            transient.update(more_transient)
+            foreign |= more_foreign
+            for unit, cgroups in new.items():
+                asked.setdefault(unit, set()).update(cgroups)
+        if not new or listing == SETTLE_ROUNDS:
+            break
+        processes = userland(cgroup_of)
+    return hidden + describe(left, transient, foreign)
 
 
-def _still_there(processes: List[Process], cgroup_of: CgroupOf) -> List[Process]:
-    """Those still in the cgroup they were listed in. A unit stopping while systemd was asked
-    about it (a user manager logind stops after `disable-linger`) is gone or has no cgroup
-    any more: its processes, listed alive a moment before, had exited with it, and are not
-    left running. One that outlives its unit's stop is still there, and named."""
-    return [process for process in processes if cgroup_of(process.pid) == process.cgroup]
+def _not_asked(processes: List[Process], asked: Dict[str, Set[str]]) -> Dict[str, Set[str]]:
+    """unit -> the cgroups of `processes` in it that systemd has not been asked about."""
+    new: Dict[str, Set[str]] = {}
+    for process in processes:
+        if process.unit and process.cgroup not in asked.get(process.unit, set()):
+            new.setdefault(process.unit, set()).add(process.cgroup)
+    return new
 
 
 def refusal(entries: List[str]) -> List[str]:

@@ -181,11 +181,7 @@ def test_a_unit_that_stops_while_it_is_asked_about_leaves_nothing_running(
     or no cgroup). Found in CI: status said programs were left running when none were."""
     manager = sleepers[0]
     listed = "/user.slice/user-0.slice/user@0.service/init.scope"
-    reads: Dict[int, int] = {}
-
-    def exits_after_listing(pid: int) -> str:
-        reads[pid] = reads.get(pid, 0) + 1
-        return listed if pid == manager and reads[pid] == 1 else ""
+    exits_after_listing = listings({manager: listed}, {})
 
     async def ask() -> List[str]:
         async with systemd.manager() as bus:
@@ -194,3 +190,31 @@ def test_a_unit_that_stops_while_it_is_asked_about_leaves_nothing_running(
     # Still there in a cgroup of a unit systemd no longer has: named.
     assert left(fakebus, {manager: listed}) == [
         f"in no unit systemd owns ({listed}): pid {manager} (sleep 60)"]
+
+
+def listings(*placements: Dict[int, str]) -> leftrunning.CgroupOf:
+    """A stand-in for /proc/PID/cgroup that changes between listings of every process: the
+    n-th read of a pid answers from the n-th placement (the last one from then on)."""
+    reads: Dict[int, int] = {}
+
+    def cgroup_of(pid: int) -> str:
+        reads[pid] = reads.get(pid, 0) + 1
+        return placements[min(reads[pid], len(placements)) - 1].get(pid, "")
+    return cgroup_of
+
+
+def test_a_process_that_moves_while_it_is_looked_at_is_named_where_it_went(
+        fakebus: FakeBus, sleepers: List[int]) -> None:
+    """A reverse shell that forks and exits (a new pid), or moves itself from one cgroup made
+    by hand to another, between the listing and systemd's answers: judged where the last
+    listing found it, never left out."""
+    old, new, mover = sleepers
+    cgroup_of = listings({old: "/made-by-hand", mover: "/system.slice/a.service"},
+                         {new: "/made-by-hand", mover: "/system.slice/b.service"})
+
+    async def ask() -> List[str]:
+        async with systemd.manager() as bus:
+            return await leftrunning.left_running(bus, cgroup_of=cgroup_of)
+    assert fakebus.call(ask()) == [
+        f"in no unit systemd owns (/made-by-hand, /system.slice/b.service): pid {new} "
+        f"(sleep 61), pid {mover} (sleep 62)"]
