@@ -130,6 +130,25 @@ def test_a_stop_ends_every_task_before_the_process_exits() -> None:
     assert "Task was destroyed" not in result["output"], result["output"]
 
 
+class FailsAtStart:
+    """A watchdog whose start fails before it has started any loop beside its main one."""
+
+    def __init__(self, *_args: object) -> None:
+        pass
+
+    async def run(self) -> None:
+        raise RuntimeError("the predecessor went away mid-hand-over")
+
+
+def test_a_failure_at_start_is_what_the_watchdog_exits_with(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing else pending: the start's own error is raised, not one of the clean-up's."""
+    monkeypatch.setattr(daemon, "Watchdog", FailsAtStart)
+    settings = daemon.Settings(logind=False)
+    with pytest.raises(RuntimeError, match="predecessor went away"):
+        daemon.main(settings)
+
+
 def test_an_inotify_overflow_rearms_the_open_watch_of_every_pty() -> None:
     result = run_scenario(f"{SCENARIOS}:overflow_rearms_pty_watches")
     assert result["watched"] and result["seen"] and result["opener"] == 9

@@ -626,9 +626,13 @@ def _stop_its_loop(task: "asyncio.Task[None]") -> None:
 
 def _end_every_task(loop: asyncio.AbstractEventLoop) -> None:
     """Cancel and await what still runs (the main loop, logind's, discovery's, a hand-over),
-    then close the loop: a task left pending at exit is reported into the journal."""
+    then close the loop: a task left pending at exit is reported into the journal. No signal
+    stops this loop or starts a hand-over any more."""
+    for signal_number in (signal.SIGTERM, signal.SIGHUP):
+        loop.remove_signal_handler(signal_number)
     pending = asyncio.all_tasks(loop)
     for task in pending:
         task.cancel()
-    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
