@@ -269,6 +269,8 @@ def test_each_rejection_has_its_own_code() -> None:
     ({"allowed_classes": ["tpm"], "zones": "*", "required_checks": "ssh"}, "required_checks"),
     ({"allowed_classes": ["tpm"], "zones": "*", "required_checks": ["ssh", ""]},
      "required_checks"),
+    ({"allowed_classes": ["tpm"], "zones": "*", "required_checks": ["Firewall"]},
+     "required_checks"),
 ])
 def test_bad_policies_are_refused(document: object, complaint: str) -> None:
     with pytest.raises(PolicyError, match=complaint):

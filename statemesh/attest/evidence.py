@@ -44,7 +44,7 @@ MAX_CHAIN = 4
 MAX_CERT = 8 * 1024
 MAX_TPM_BLOB = 1024
 # The node's state: what status checks, in a bounded, printable form.
-_CHECK_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+CHECK_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _VERSION_RE = re.compile(r"[A-Za-z0-9.+~:-]{0,64}")
 _UNIT_RE = re.compile(r"[A-Za-z0-9:_.@\\-]{1,255}")
 _DETAIL_RE = re.compile(r"[ -~]{0,400}")
@@ -245,7 +245,7 @@ def _encode_state(state: NodeState) -> bytes:
     for check in state.checks:
         if not isinstance(check, StateCheck):
             raise EvidenceFormatError("a node state check is not a StateCheck")
-        out += (_str(check.name, _CHECK_NAME_RE, 8, "check name") + _flag(check.holds)
+        out += (_str(check.name, CHECK_NAME_RE, 8, "check name") + _flag(check.holds)
                 + _str(check.detail, _DETAIL_RE, 16, "check detail"))
     out += bytes([len(state.exempt_units)])
     for unit in state.exempt_units:

@@ -30,8 +30,8 @@ LONGEST_SECONDS = 90.0
 DETAIL_LIMIT = 400
 INSTALLED = "installed"
 # The lines of this version's status, in its order: a verifier requires each by default, so
-# that a node whose status says less (an older or altered package) is not taken for one
-# whose every guarantee holds.
+# that a node whose status says less (an older package) is not taken for one whose every
+# guarantee holds.
 STATUS_CHECKS = ("installation", "tamper_listener", "package_units", "planted", "ssh",
                  "agents", "logins", "rescue", "memory", "firewall", "security_class",
                  "watchdog", "storage")

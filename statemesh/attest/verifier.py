@@ -149,7 +149,8 @@ def parse_policy(raw: Any, source: str = "policy") -> Policy:
 def _required_checks(raw: Dict[str, Any], source: str) -> FrozenSet[str]:
     """The policy's list of check names, or every line of this version's status."""
     names = raw.get("required_checks", list(nodestate.STATUS_CHECKS))
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+    if not isinstance(names, list) or not all(
+            isinstance(n, str) and evidence.CHECK_NAME_RE.fullmatch(n) for n in names):
         raise PolicyError(f"{source}: required_checks must be a list of check names "
                           f"(status's: {', '.join(nodestate.STATUS_CHECKS)})")
     return frozenset(names)

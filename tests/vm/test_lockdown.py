@@ -169,7 +169,8 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     guest.run("systemctl stop left-behind.service")  # on a node, the next boot ends it
     guest.run(f"rm {LATE_CRON_JOB} && loginctl disable-linger root")
     # logind stops root's service manager a moment later (UserStopDelaySec).
-    guest.wait_for("! systemctl is-active user@0.service", "the lingering manager's stop", 60)
+    guest.wait_for("test \"$(systemctl show -P ActiveState user@0.service)\" = inactive",
+                   "the lingering manager's stop", 60)
     report = status(guest)
     assert report["holds"], report
     assert_locked_down(guest)
@@ -520,7 +521,8 @@ def test_ctrl_c_hangup_kill_and_kill_9_of_apt_end_hardened_and_a_plain_retry_con
     assert OUTCOME in said, said  # dpkg dies of SIGTERM; the helper outlives it
     assert assert_hardened_and_status_tells_dpkgs_story(guest) != "ii"
 
-    # The terminal closed (a dropped connection without tmux): SIGHUP to the job.
+    # The terminal closed (a dropped connection without tmux): SIGHUP to the job, here the
+    # retry `dpkg --configure -a` (dpkg is behind since the `kill` above).
     said = interrupt_in_step(guest, retry_command(guest), "watchdog", "HUP")
     assert OUTCOME in said, said  # dpkg dies of SIGHUP; the helper outlives it
     assert assert_hardened_and_status_tells_dpkgs_story(guest) != "ii"
