@@ -216,9 +216,15 @@ def main(suites: Sequence[str]) -> int:
     """Build (or find cached) every suite's image at once: `make check` runs this beside
     lintian and the host tests, so that the VM suite's workers find their images ready."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(suites) or 1) as pool:
-        for image in pool.map(build, suites):
-            print(f"{image.suite}: {image.disk.parent}")
-    return 0
+        builds = {suite: pool.submit(build, suite) for suite in suites}
+    failed = 0
+    for suite, done in builds.items():
+        try:
+            print(f"{suite}: {done.result().disk.parent}")
+        except (OSError, RuntimeError) as error:  # each suite's failure is told, not the first
+            print(f"{suite}: {error}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
