@@ -128,13 +128,14 @@ def unit_problems(unit: LoadedUnit, shipped_dir: Path = SHIPPED_DIR,
                         "(a daemon-reload would load the change)")
     if unit.main_pid and unit.exec_start:
         running = cmdline(unit.main_pid)
-        if running != expected_cmdline(unit.exec_start, read_head) and exiting(unit.main_pid):
+        expected = expected_cmdline(unit.exec_start, read_head)
+        if running != expected and exiting(unit.main_pid):
             return problems  # it ends as it was read (a service restarting), not planted
         named = " ".join(unit.exec_start)
         if running is None:
             problems.append(f"{unit.name} main process {unit.main_pid} cannot be read "
                             f"(is it {named!r}?)")
-        elif running != expected_cmdline(unit.exec_start, read_head):
+        elif running != expected:
             problems.append(f"{unit.name} main process {unit.main_pid} runs "
                             f"{' '.join(running)!r}, not {named!r}")
     return problems

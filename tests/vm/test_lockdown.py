@@ -150,8 +150,8 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     package.assert_installed_from_the_local_repository(guest, said)
     assert package_status(guest) == "ii"
     # apt has returned: the grace is over, the session with it, tmux and its pane too. (The
-    # lingering root's service manager keeps a session of class "manager" (root's: "manager-early")
-    # on systemd 256 and later: no terminal, no login.)
+    # lingering root's service manager keeps a session of class "manager" (root's:
+    # "manager-early") on systemd 256 and later: no terminal, no login.)
     guest.wait_for("! pgrep -f '^tmux' && "
                    "! loginctl list-sessions --no-legend | grep -v manager | grep -q .",
                    "the installing session's end", 60)
