@@ -47,8 +47,6 @@ KTHREADD = 2  # the kernel's usermode helpers (modprobe, core_pattern's) are its
 # other process in it was put there by hand.
 MANAGER_PID, MANAGER_SCOPE = 1, "init.scope"
 MANAGER_PROGRAMS = ("/usr/lib/systemd/", "/lib/systemd/")
-SLICE = ".slice"
-UNIT_TYPES = ("service", "scope", "socket", "mount", "swap")
 # Units that start a program later, and services waiting to be restarted.
 STARTING_LATER = ("*.timer", "*.path", "*.socket")
 STARTING_STATES = ("active", "activating", "reloading")
@@ -75,16 +73,6 @@ Excused = Callable[[Process], bool]
 
 def nothing_excused(_process: Process) -> bool:
     return False
-
-
-def system_unit(cgroup: str) -> str:
-    """The system manager's unit of a cgroup path: its first part that is not a slice
-    (/system.slice/x.service/sub -> x.service); "" when that part is no unit at all."""
-    for part in cgroup.strip("/").split("/"):
-        if part.endswith(SLICE):
-            continue
-        return part if part.rpartition(".")[2] in UNIT_TYPES else ""
-    return ""
 
 
 def _parent_and_flags(pid: int) -> Optional[Tuple[int, int]]:
@@ -123,7 +111,7 @@ def userland(cgroup_of: CgroupOf = proc.cgroup_path) -> List[Process]:
         if identity is None or not cgroup:
             continue
         ppid, flags = identity
-        unit = system_unit(cgroup)
+        unit = proc.system_unit(cgroup)
         if flags & KERNEL_THREAD or ppid == KTHREADD or _managers_own(pid, ppid, unit):
             continue
         found.append(Process(pid, cgroup, unit))

@@ -1,4 +1,5 @@
-"""Process identity from /proc: a pid with its start time names one process, never its successor.
+"""Process identity from /proc: a pid with its start time names one process, never its successor;
+and the systemd unit a process runs in, from its cgroup.
 
 The install journal, the installation grace and the watchdog all remember processes across
 time; a pid alone can be reused by the next process, so each pairs it with the start time
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Tuple
+
+_SLICE = ".slice"
+_UNIT_TYPES = ("service", "scope", "socket", "mount", "swap")
 
 
 def read_stat(pid: int) -> Optional[Tuple[int, int, int, int, int]]:
@@ -76,6 +80,16 @@ def cgroup_path(pid: int) -> str:
         return systemd_cgroup(Path(f"/proc/{pid}/cgroup").read_text(encoding="utf-8", errors="replace"))
     except OSError:
         return ""
+
+
+def system_unit(cgroup: str) -> str:
+    """The system manager's unit of a cgroup path: its first part that is not a slice
+    (/system.slice/x.service/sub -> x.service); "" when that part is no unit at all."""
+    for part in cgroup.strip("/").split("/"):
+        if part.endswith(_SLICE):
+            continue
+        return part if part.rpartition(".")[2] in _UNIT_TYPES else ""
+    return ""
 
 
 def systemd_cgroup(text: str) -> str:

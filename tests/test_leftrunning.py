@@ -11,7 +11,7 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from statemesh import leftrunning, systemd
+from statemesh import leftrunning, proc, systemd
 from tests.fakebus import FakeBus, fakebus  # noqa: F401 - fixture
 
 
@@ -50,7 +50,7 @@ def left(fakebus: FakeBus, cgroups: Dict[int, str], _unused: object = None,
     ("/system.slice/made-by-hand", ""),
 ])
 def test_the_system_unit_of_a_cgroup(cgroup: str, unit: str) -> None:
-    assert leftrunning.system_unit(cgroup) == unit
+    assert proc.system_unit(cgroup) == unit
 
 
 def test_transient_units_and_processes_in_no_unit_are_named(
