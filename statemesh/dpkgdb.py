@@ -13,7 +13,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Set, Tuple
+from typing import Collection, Dict, Iterator, List, Mapping, Set, Tuple
 
 DPKG_DIR = Path("/var/lib/dpkg")
 # ucf: configuration files maintainer scripts generate (GRUB's /etc/default/grub), with the
@@ -157,6 +157,46 @@ def as_installed(path: str, files: Dict[str, str]) -> bool:
     if digest is None:
         return False
     return md5_of(real) == digest
+
+
+def shipped_links(links: Collection[str], files: Dict[str, str],
+                  dpkg_dir: Path = DPKG_DIR) -> Set[str]:
+    """The symlinks among `links` that an installed package shipped, naming a file of that
+    same package as dpkg installed it: isc-dhcp-client's dhclient-exit-hooks.d/debug ->
+    ../debug. dpkg records no md5 for a symlink, only its path in the package's file list;
+    a link re-pointed to another package's program (perl, a shell) is not one."""
+    targets = {link: os.path.realpath(link) for link in links}
+    wanted = {link: set(_spellings(link, link)) for link in links}
+    wanted.update({target: set(_spellings(target, target)) for target in targets.values()})
+    owners = _owners(set().union(*wanted.values()), dpkg_dir) if wanted else {}
+
+    def owned(path: str) -> Set[str]:
+        return set().union(*(owners.get(name, set()) for name in wanted[path]))
+
+    return {link for link, target in targets.items()
+            if owned(link) & owned(target) and as_installed(target, files)}
+
+
+def _owners(paths: Set[str], dpkg_dir: Path) -> Dict[str, Set[str]]:
+    """The packages on disk whose file lists hold each of `paths`: every list is read, so
+    this is for a few paths at once."""
+    found: Dict[str, Set[str]] = {}
+    try:
+        known = packages(dpkg_dir)
+    except OSError:
+        return found
+    for name, paragraph in known.items():
+        if state(paragraph) not in ON_DISK:
+            continue
+        try:
+            listed = (dpkg_dir / "info" / f"{name}.list").read_text(
+                encoding="utf-8", errors="surrogateescape")
+        except OSError:
+            continue
+        for line in listed.splitlines():
+            if line in paths:
+                found.setdefault(line, set()).add(name)
+    return found
 
 
 def _spellings(path: str, real: str) -> List[str]:

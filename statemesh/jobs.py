@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from statemesh.dpkgdb import as_installed
+from statemesh.dpkgdb import DPKG_DIR, as_installed, shipped_links
 from statemesh.planted import named
 
 CRONTABS = Path("/var/spool/cron/crontabs")
@@ -242,9 +242,9 @@ def _hook_paths(pattern: str) -> List[str]:
 
 
 def _hook_as_installed(path: str, files: Dict[str, str]) -> bool:
-    """A hook file as its package installed it. A symlink is never one (a link to any
-    packaged program, perl say, would pass as that program's file), but for one to
-    /dev/null, which disables a hook; a directory is not a hook to judge."""
+    """A hook file as its package installed it. A symlink is judged apart (a link to any
+    packaged program, perl say, would pass as that program's file): one to /dev/null only
+    disables a hook; a directory is not a hook to judge."""
     if os.path.islink(path):
         return os.path.realpath(path) == MASKED
     if os.path.isdir(path) or as_installed(path, files):
@@ -262,11 +262,16 @@ def grub_settings_only(path: Path) -> bool:
                or line.strip() in _GRUB_DISTRIBUTOR_LINES for line in text.splitlines())
 
 
-def hook_problems(files: Dict[str, str], hook_globs: Sequence[str] = HOOK_GLOBS) -> List[str]:
+def hook_problems(files: Dict[str, str], hook_globs: Sequence[str] = HOOK_GLOBS,
+                  dpkg_dir: Path = DPKG_DIR) -> List[str]:
     """Packaged programs' hooks and command-running configuration not as a package installed
-    them (a changed conffile, a symlink, a dotfile included)."""
+    them (a changed conffile, a dotfile, a symlink no package shipped as it is)."""
     found = sorted({path for pattern in hook_globs for path in _hook_paths(pattern)
                     if not _hook_as_installed(path, files)})
+    links = [path for path in found if os.path.islink(path)]
+    if links:
+        shipped = shipped_links(links, files, dpkg_dir)
+        found = [path for path in found if path not in shipped]
     if not found:
         return []
     return [f"hooks of packaged programs not as a package installed them, run as root later "

@@ -209,3 +209,40 @@ def test_grub_settings_files_may_set_grub_variables_and_run_nothing(
     assert jobs.GRUB_SETTINGS_FILES.match("/etc/default/grub")
     assert jobs.GRUB_SETTINGS_FILES.match("/etc/default/grub.d/50-cloudimg-settings.cfg")
     assert not jobs.GRUB_SETTINGS_FILES.match("/etc/grub.d/40_custom")
+
+
+def test_a_hook_symlink_its_package_shipped_is_not_named(tmp_path: Path) -> None:
+    """isc-dhcp-client, on every Debian 12 server that uses ifupdown, ships its debug hooks
+    as symlinks to its own /etc/dhcp/debug: dpkg lists them but records no md5, and
+    preflight refused every such machine. A link its package lists, to a file of that
+    package as installed, is as installed; re-pointed to another package's program, or
+    one no package lists, it is named."""
+    dhcp, dpkg = tmp_path / "dhcp", tmp_path / "dpkg"
+    (dhcp / "dhclient-exit-hooks.d").mkdir(parents=True)
+    (dpkg / "info").mkdir(parents=True)
+    debug, link = dhcp / "debug", dhcp / "dhclient-exit-hooks.d" / "debug"
+    debug.write_text("# debug hook\n")
+    perl = tmp_path / "perl"
+    perl.write_text("#!perl\n")
+    link.symlink_to("../debug")
+    (dpkg / "status").write_text("Package: isc-dhcp-client\nStatus: install ok installed\n\n"
+                                 "Package: perl-base\nStatus: install ok installed\n")
+    (dpkg / "info" / "isc-dhcp-client.list").write_text(f"{dhcp}\n{debug}\n{link}\n")
+    (dpkg / "info" / "perl-base.list").write_text(f"{perl}\n")
+    files = {str(debug): hashlib.md5(b"# debug hook\n").hexdigest(),
+             str(perl): hashlib.md5(b"#!perl\n").hexdigest()}
+    globs = (f"{dhcp}/dhclient-exit-hooks.d/*",)
+    assert jobs.hook_problems(files, globs, dpkg) == []
+
+    link.unlink()
+    link.symlink_to(perl)  # the package's link path, another package's program
+    assert str(link) in jobs.hook_problems(files, globs, dpkg)[0]
+    link.unlink()
+    link.symlink_to("../debug")
+    debug.write_text("# debug hook\n/root/way-in\n")  # the file it names, changed
+    assert str(link) in jobs.hook_problems(files, globs, dpkg)[0]
+    debug.write_text("# debug hook\n")
+    planted = dhcp / "dhclient-exit-hooks.d" / "zz"
+    planted.symlink_to("../debug")  # a link no package lists
+    assert jobs.hook_problems(files, globs, dpkg)[0].endswith(
+        f"network events): {planted} (remove them, or reinstall their package)")
