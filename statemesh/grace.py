@@ -71,6 +71,14 @@ class Grace:
         installing terminal (sshd's session processes, a tmux server). Empty once gone."""
         return lineage(self.pid)
 
+    def units(self) -> FrozenSet[str]:
+        """The system units the package manager and what it descends from run in: where an
+        installation without a terminal runs (cloud-init's runcmd in cloud-final.service, a
+        cloud agent's run-command in its agent's unit). Locking them away must not stop them
+        under the installer; once the grace is over they are stopped like the rest."""
+        return frozenset(unit for unit in (proc.system_unit(proc.cgroup_path(pid))
+                                           for pid in self.lineage()) if unit)
+
     def describe(self) -> str:
         """The spared session in one line, for status and selftest."""
         where = f"logind session {self.session}" if self.session else f"session id {self.sid}"

@@ -15,6 +15,12 @@ operator run commands as root without SSH or a terminal is masked and stopped li
 Every name is masked whether the agent is installed or not, so that one installed later finds
 its units masked already; purge gives back what was enabled and what ran.
 
+An installation may itself run in one of these units: cloud-init's runcmd in
+cloud-final.service, a cloud's run-command in its agent's. That unit is masked with the
+rest but not stopped while the grace runs (statemesh.grace: until apt returns); the tamper
+listener's next check after it stops the unit, and whatever the operator's script still
+runs in it.
+
 Honest limits: an agent is known here by its units' names; one of another name (a packaged
 one: tailscaled's SSH, salt-minion, puppet) passes, and one no package installed is refused
 by preflight. Hyper-V's KVP daemon is left running (the host sets network configuration
@@ -26,8 +32,10 @@ waagent's WireServer firewall rules; on VMware time sync and quiesced snapshots.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from pathlib import Path
+from typing import Any, Dict, FrozenSet, List, Sequence
 
+from statemesh import grace
 from statemesh.guarantees.base import HARDEN_UNIT, Finding, Way
 from statemesh.systemd import Systemd
 from statemesh.guarantees.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot,
@@ -64,18 +72,30 @@ class RemoteAgents(BusGuarantee):
     tamper_watched = True
     holds_workload_data = False
 
+    def __init__(self, grace_path: Path = grace.GRACE_PATH):
+        self.grace_path = grace_path
+
     def ways_in(self) -> Sequence[Way]:
         return (start_refused("qemu-guest-agent.service"),)
 
+    def _spare(self) -> FrozenSet[str]:
+        """The agent's unit that runs the installation, while its grace runs: stopping it
+        would kill apt half-way (cloud-init's runcmd, a cloud's run-command). It is masked
+        with the rest, and stopped by the tamper listener once the grace is over."""
+        current = grace.current(self.grace_path)
+        return current.units() & frozenset(UNITS.names) if current else frozenset()
+
     async def inspect(self, manager: Systemd) -> Finding:
-        left = await unlocked(manager, UNITS)
+        left = await unlocked(manager, UNITS, spare=self._spare())
         problems = unlocked_problems(left)
         detail = "; ".join(problems) or "remote-execution agents' units masked and stopped"
         return Finding(self.name, not problems, detail, left)
 
     async def enforce(self, manager: Systemd, journal: Any) -> None:
         journal.remember(self.name, await snapshot(manager, UNITS))
-        journal.record("agents-locked", **await lock(manager, UNITS))
+        spare = self._spare()
+        journal.record("agents-locked", spared=sorted(spare),
+                       **await lock(manager, UNITS, spare=spare))
         await self.verify(manager)
 
     async def restore(self, manager: Systemd, record: Dict[str, Any]) -> List[str]:
