@@ -11,7 +11,10 @@ operator run commands as root without SSH or a terminal is masked and stopped li
   Oracle's cloud agent; Landscape's client: each runs what its cloud's operator sends;
 - cloud-init: a new instance id or user-data from the datasource runs anything as root at
   the next boot (bootcmd, runcmd, per-boot scripts), and its hotplug daemon on a new NIC;
-- cockpit: a web console whose bridge runs commands without a terminal.
+- cockpit and webmin: web consoles that run commands without a terminal;
+- salt-minion, puppet, chef-client: configuration management, whose server runs anything as
+  root; teleport and MeshCentral's meshagent: remote terminals of their own; tailscaled,
+  whose Tailscale SSH serves root shells without sshd (the VPN goes with it).
 Every name is masked whether the agent is installed or not, so that one installed later finds
 its units masked already; purge gives back what was enabled and what ran.
 
@@ -22,8 +25,8 @@ listener's next check after it stops the unit, and whatever the operator's scrip
 runs in it.
 
 Honest limits: an agent is known here by its units' names; one of another name (a packaged
-one: tailscaled's SSH, salt-minion, puppet) passes, and one no package installed is refused
-by preflight. Hyper-V's KVP daemon is left running (the host sets network configuration
+one: ansible-pull's timer, zabbix-agent's remote commands, a vendor's agent) passes, and one
+no package installed is refused by preflight. Hyper-V's KVP daemon is left running (the host sets network configuration
 through it). What the masked agents also did stops: on a cloud image cloud-init's per-boot
 work (growing the root partition, network configuration after a change of instance type);
 on GCE the guest agent's routes for forwarded and alias IPs and secondary NICs; on Azure
@@ -58,9 +61,14 @@ UNITS = UnitSet((
     "cloud-init-local.service", "cloud-init-main.service", "cloud-init-network.service",
     "cloud-init.service", "cloud-config.service", "cloud-final.service",
     "cloud-init-hotplugd.socket", "cloud-init-hotplugd.service",
-    # A web console.
+    # Web consoles: cockpit's bridge and webmin's shell run commands as root.
     "cockpit.socket", "cockpit.service", "cockpit-wsinstance-http.socket",
-    "cockpit-wsinstance-https@.socket",
+    "cockpit-wsinstance-https@.socket", "webmin.service",
+    # Configuration management and remote access of their own: each runs, as root, what its
+    # server or its operator's account sends (Salt's cmd.run, Puppet's and Chef's exec
+    # resources, Teleport's and MeshCentral's terminals, Tailscale SSH without sshd).
+    "salt-minion.service", "puppet.service", "chef-client.service", "teleport.service",
+    "meshagent.service", "tailscaled.service",
 ))
 
 
