@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from statemesh.attest import evidence, nodestate
+from statemesh.attest import endpoint, evidence, nodestate
 from statemesh.attest.attester import Attester
 from statemesh.attest.evidence import NodeState, StateCheck
 from statemesh.attest.refusals import (
@@ -108,7 +108,8 @@ def test_a_node_that_is_not_ready_is_refused_naming_why(world: TpmWorld) -> None
         Verifier(two_checks).check(attest(_node_in_state(world, holding), want), want)
 
 
-def test_a_node_whose_status_leaves_a_check_out_is_refused_naming_it(world: TpmWorld) -> None:
+def test_a_node_whose_status_leaves_a_check_out_is_refused_naming_it(
+        world: TpmWorld, capsys: pytest.CaptureFixture) -> None:
     """An older or altered package's status without the firewall line, every other holding:
     not a node whose every guarantee holds. A policy may list the checks it requires."""
     state = dataclasses.replace(ready_state(), checks=tuple(
@@ -121,6 +122,13 @@ def test_a_node_whose_status_leaves_a_check_out_is_refused_naming_it(world: TpmW
     assert not Verifier(fewer).check(data, want).warnings
     inspecting = Verifier(policy(world.ca_dir, require_ready=False)).check(data, want)
     assert list(inspecting.warnings) == ["node not ready: not checked: firewall"]
+    # What an inspecting verifier prints and reports: not ready, though the node says it is.
+    reported = inspecting.as_dict()["state"]
+    assert reported["ready"] is False and reported["unchecked"] == ["firewall"]
+    endpoint._print_state(reported)
+    printed = capsys.readouterr().out
+    assert printed.startswith("state     NOT READY (checked "), printed
+    assert "unchecked firewall: required by the policy" in printed, printed
 
 
 @pytest.mark.parametrize("checked_before_issue", [121, -5])

@@ -131,6 +131,8 @@ def _print_state(state: Dict[str, Any]) -> None:
         for check in state["checks"]:
             if not check["holds"]:
                 print(f"failing   {check['name']}: {check['detail']}")
+        for name in state["unchecked"]:
+            print(f"unchecked {name}: required by the policy, not in the node's state")
     if state["exempt_units"]:
         print(f"exempt    {' '.join(state['exempt_units'])}  (the watchdog spares their terminals)")
 

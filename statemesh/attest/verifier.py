@@ -182,6 +182,9 @@ class Verdict:
 
     evidence: Evidence
     warnings: Tuple[str, ...]
+    # Checks the policy requires that the node's state does not carry (an inspecting policy
+    # accepts it): such a node is not ready, whatever its own state says.
+    unchecked: Tuple[str, ...] = ()
 
     def as_dict(self) -> Dict[str, Any]:
         ev = self.evidence
@@ -189,7 +192,8 @@ class Verdict:
         return {
             "node_id": ev.node_id, "zone": ev.zone, "class": ev.security_class,
             "issued": ev.issued, "pcrs": {str(i): v.hex() for i, v in ev.pcr_values},
-            "state": {"ready": state.ready, "installed": state.installed,
+            "state": {"ready": state.ready and not self.unchecked,
+                      "unchecked": list(self.unchecked), "installed": state.installed,
                       "package_version": state.package_version, "checked": state.checked,
                       "checks": [dataclasses.asdict(c) for c in state.checks],
                       "exempt_units": list(state.exempt_units)},
@@ -324,7 +328,7 @@ class Verifier:
         self._check_endorsement(ev, ek)
         self._check_policy_claims(ev)
         warnings = self._check_node_state(ev)
-        return Verdict(ev, tuple(warnings + self._check_pcr_policy(ev)))
+        return Verdict(ev, tuple(warnings + self._check_pcr_policy(ev)), self._unchecked(ev))
 
     @staticmethod
     def _check_binding(ev: Evidence, expected: Expected) -> None:
@@ -383,7 +387,7 @@ class Verifier:
         if not 0 <= age <= self.policy.max_state_age:
             raise StaleNodeState(f"the node's state was checked {age} s before its evidence "
                                  f"was issued, not within 0-{self.policy.max_state_age} s")
-        missing = sorted(self.policy.required_checks - {check.name for check in state.checks})
+        missing = self._unchecked(ev)
         if state.ready and not missing:
             return []
         unchecked = [f"not checked: {', '.join(missing)}"] if missing else []
@@ -391,6 +395,10 @@ class Verifier:
         if self.policy.require_ready:
             raise NodeNotReady(f"not ready: {reasons}")
         return [f"node not ready: {reasons}"]
+
+    def _unchecked(self, ev: Evidence) -> Tuple[str, ...]:
+        names = {check.name for check in ev.node_state.checks}
+        return tuple(sorted(self.policy.required_checks - names))
 
     def _check_pcr_policy(self, ev: Evidence) -> List[str]:
         values = dict(ev.pcr_values)
