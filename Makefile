@@ -87,7 +87,9 @@ bench: $(DEB)
 # Every part timed; the table at the end says where make check's time went. The guest
 # images (mmdebstrap: the archive's network and dpkg) are built beside lintian and the host
 # tests (one core), so that the VM suite's workers start with them ready; their time is
-# shown, not added to the total.
+# shown, not added to the total. Their build runs in a session of its own (setsid: its pid
+# names its process group), ended on the host parts' failure or an interrupt: a background
+# job of a shell ignores Ctrl-C.
 TIMES  := $(BUILD)/check-times
 IMAGES := $(BUILD)/images.log
 timed  = @start=$$(date +%s); $(MAKE) --no-print-directory $(1) || exit $$?; \
@@ -105,12 +107,13 @@ check:
 	@mkdir -p $(BUILD) && : > $(TIMES) && : > $(TIMES).beside
 	$(call timed,deps,deps)
 	$(call timed,deb,build)
-	@start=$$(date +%s); \
-	 { $(MAKE) --no-print-directory images > $(IMAGES) 2>&1; echo $$? > $(IMAGES).rc; \
-	   echo "images $$(( $$(date +%s) - start ))" >> $(TIMES).beside; } & \
-	 $(MAKE) --no-print-directory host-parts; rc=$$?; wait; \
-	 [ "$$(cat $(IMAGES).rc)" = 0 ] || { echo "building the guest images failed:"; cat $(IMAGES); exit 1; }; \
-	 exit $$rc
+	@setsid sh -c 'start=$$(date +%s); $(MAKE) --no-print-directory images > $(IMAGES) 2>&1; \
+	   echo $$? > $(IMAGES).rc; echo "images $$(( $$(date +%s) - start ))" >> $(TIMES).beside' & \
+	 images=$$!; trap 'kill -TERM -$$images 2>/dev/null; exit 130' INT TERM; \
+	 $(MAKE) --no-print-directory host-parts || { rc=$$?; kill -TERM -$$images 2>/dev/null; \
+	   wait; exit $$rc; }; \
+	 wait; \
+	 [ "$$(cat $(IMAGES).rc)" = 0 ] || { echo "building the guest images failed:"; cat $(IMAGES); exit 1; }
 	$(call timed,vm-test,vm-suite)
 	@echo "make check, wall time by part:"; \
 	 awk '{ printf "  %-11s %5d s %6.1f min\n", $$1, $$2, $$2 / 60; sum += $$2 } \
