@@ -105,6 +105,7 @@ class Guest:
         self.agent_path = self.socket_dir / "agent.sock"
         self.qmp_path = self.socket_dir / "qmp.sock"
         self.qga_path = self.socket_dir / "qga.sock"
+        self.serial_path = self.socket_dir / "serial.sock"
         if saved and saved.tpm_state:
             self.tpm = vtpm.GuestTpm(workdir, self.socket_dir, saved.tpm_ca, saved.tpm_state)
         else:
@@ -256,6 +257,9 @@ class Guest:
             "-append", f"{BASE_KERNEL_ARGS} {self.kernel_args}".strip(),
             "-chardev", f"file,id=console,path={self.console_path},append=on",
             "-serial", "chardev:console",
+            # A second serial line (ttyS1), for a test to log in on as at a machine's console.
+            "-chardev", f"socket,id=serial1,path={self.serial_path},server=on,wait=off",
+            "-serial", "chardev:serial1",
             "-drive", f"file={self.overlay},if=virtio,format=qcow2,cache=unsafe",
             "-drive", f"file={self.repo_disk},if=virtio,format=raw,readonly=on",
             "-device", "virtio-rng-pci",
@@ -424,6 +428,13 @@ class Guest:
         self.install_prepared(timeout)
         env = {"DEBIAN_FRONTEND": "noninteractive", **(extra_env or {})}
         return self.run("apt-get install -y statemesh-node", env=env, check=check, timeout=timeout)
+
+    def serial_line(self) -> socket.socket:
+        """A connection to the guest's ttyS1, as a console server gives one: what the guest
+        writes to it before a connection is lost."""
+        line = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        line.connect(str(self.serial_path))
+        return line
 
     def host_port(self, guest_port: int) -> int:
         return self.forwards[guest_port]

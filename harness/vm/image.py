@@ -38,7 +38,10 @@ SERVER_PACKAGES = [
     # the agents guarantee must lock it away.
     "qemu-guest-agent",
     # What operators install in, so that a dropped connection does not end apt.
-    "tmux",
+    "tmux", "screen",
+    # What cloud images install with: user-data's runcmd at first boot, without a terminal.
+    # It runs only at a boot whose NoCloud seed a test wrote (see the test agent below).
+    "cloud-init",
 ]
 
 # Device names the harness hands to QEMU; fstab in the guest refers to the labels.
@@ -97,13 +100,17 @@ install -D -m 0644 {GUEST_FILES}/statemesh-test-agent.service \
 # initramfs-tools sources conf.d as shell, so preflight refuses one no package installed.
 install -d "$agent/etc/initramfs-tools/conf.d"
 echo MODULES=list > "$agent/etc/initramfs-tools/conf.d/statemesh-test.conf"
+# cloud-init looks for a NoCloud seed only: a guest without one boots with cloud-init
+# disabled (ds-identify finds nothing), instead of waiting for clouds' metadata services.
+install -d "$agent/etc/cloud/cloud.cfg.d"
+echo 'datasource_list: [ NoCloud ]' > "$agent/etc/cloud/cloud.cfg.d/90-statemesh-test.cfg"
 mkdir -p "$agent/DEBIAN"
 cat > "$agent/DEBIAN/control" <<CONTROL
 Package: statemesh-test-agent
 Version: 1
 Architecture: all
 Maintainer: StateMesh test harness <harness@statemesh.invalid>
-Description: StateMesh VM test harness agent (virtio-serial) and initrd size, never on a real node
+Description: StateMesh VM test harness agent (virtio-serial), initrd size and cloud-init's datasource, never on a real node
 CONTROL
 dpkg-deb --root-owner-group -Zgzip --build "$agent" "$root/tmp/statemesh-test-agent.deb" >/dev/null
 chroot "$root" dpkg -i /tmp/statemesh-test-agent.deb >/dev/null

@@ -1,5 +1,7 @@
 """The operator's terminal on a guest, as operators install: an SSH login with a key (`ssh -tt
-root@node`), optionally inside tmux so that a dropped connection does not end apt.
+root@node`), optionally inside tmux or screen so that a dropped connection does not end
+apt; or a
+login at the machine's serial console.
 
 The ssh client runs in the guest itself (to its own sshd), detached from the test agent in a
 session of its own, as the operator's machine would be; its input is held open. It stays in
@@ -9,6 +11,10 @@ command prints goes to OUTPUT, its exit status to STATUS (when its shell lives t
 """
 
 from __future__ import annotations
+
+import dataclasses
+import socket
+import time
 
 from harness.vm import driver
 from harness.vm.driver import Guest
@@ -39,13 +45,72 @@ def run_over_ssh(guest: Guest, command: str, shell: str = "bash") -> None:
     _connect(guest, f"exec -a {shell} bash -c {driver.quote(_then_wait(command))}")
 
 
-def run_in_tmux_over_ssh(guest: Guest, command: str) -> None:
-    """`command` in the first window of a tmux session started in an SSH login (the tmux
-    client in the foreground of the connection's terminal)."""
-    _connect(guest, f"TERM=xterm exec tmux new-session -s install {driver.quote(_then_wait(command))}")
+@dataclasses.dataclass(frozen=True)
+class Multiplexer:
+    """A terminal multiplexer operators install in: its server keeps the session's windows
+    when the connection is lost. Each command runs a shell command ({}) in a session named
+    `install`."""
+
+    name: str
+    start: str  # in the foreground of the connection's terminal
+    new_window: str  # from anywhere on the machine
+    processes: str  # pgrep's arguments matching its client and server
+
+
+TMUX = Multiplexer("tmux", "tmux new-session -s install {}",
+                   "tmux new-window -d -t install {}", "-f ^tmux")
+# The server renames itself SCREEN.
+SCREEN = Multiplexer("screen", "screen -S install sh -c {}",
+                     "screen -S install -X screen sh -c {}", "-if ^screen")
+
+
+def run_in_multiplexer_over_ssh(guest: Guest, multiplexer: Multiplexer, command: str) -> None:
+    """`command` in the first window of a multiplexer's session started in an SSH login."""
+    start = multiplexer.start.format(driver.quote(_then_wait(command)))
+    _connect(guest, f"TERM=xterm exec {start}")
+
+
+def open_window(guest: Guest, multiplexer: Multiplexer, command: str) -> None:
+    """`command` in a new window of the multiplexer's session."""
+    guest.run(multiplexer.new_window.format(driver.quote(command)))
 
 
 def drop_the_connection(guest: Guest) -> None:
     """The operator's connection is gone (a laptop closed, a network lost): the client dies."""
     # Everything of the session setsid made for it: the client and its input's sleep.
     guest.run("pkill -KILL -s $(ps -o sid= -p $(pgrep -o -x ssh))")
+
+
+class Console:
+    """The operator at the guest's serial console (ttyS1): types, and reads what the line
+    prints back. Everything read is kept, for assertions and for a failure's message."""
+
+    def __init__(self, guest: Guest):
+        self.line = guest.serial_line()
+        self.said = ""
+
+    def type(self, text: str) -> None:
+        self.line.sendall(text.encode())
+
+    def expect(self, wanted: str, timeout: float) -> str:
+        """Read until `wanted` appears after what earlier calls consumed; returns what came
+        before it. Raises AssertionError with the tail read so far if it does not."""
+        deadline = time.monotonic() + timeout
+        while wanted not in self.said:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{wanted!r} not seen within {timeout:.0f} s on the "
+                                     f"console; it said:\n{self.said[-3000:]}")
+            self.line.settimeout(remaining)
+            try:
+                chunk = self.line.recv(4096)
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise AssertionError(f"the console line closed; it said:\n{self.said[-3000:]}")
+            self.said += chunk.decode(errors="replace")
+        before, _, self.said = self.said.partition(wanted)
+        return before
+
+    def close(self) -> None:
+        self.line.close()

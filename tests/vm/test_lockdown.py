@@ -102,10 +102,11 @@ def begin_install_and_wait_midway(guest: Guest) -> None:
 @pytest.mark.every_release
 @pytest.mark.cost(600)
 def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
-        guest_factory: Callable[..., Guest], provisioned_node: SavedGuest, measured) -> None:
+        guest_factory: Callable[..., Guest], provisioned_node: SavedGuest, measured,
+        suite: str) -> None:
     """The whole life of a node: the operator's machine (sshd, gettys, a ufw of its own, every
     port answering, qemu-guest-agent running commands for the hypervisor's operator),
-    installed as operators do (over SSH, inside tmux, the connection dropped mid-install:
+    installed as operators do (over SSH, inside tmux or screen, the connection dropped:
     the pane finishes apt and prints the outcome; a unit the spared session started by
     hand is named by status), locked down (the agent silent; only the
     mesh port answers, and only its zone's peer, the host), tampered with, booted into
@@ -128,19 +129,21 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     paths_before = package.system_paths(guest)
     core_pattern_before = guest.run(f"cat {CORE_PATTERN}").stdout
     started = time.monotonic()
-    terminal.run_in_tmux_over_ssh(guest, "apt-get install -y statemesh-node")
+    # tmux on Debian 12, screen on 13: both, for the price of one installation each.
+    multiplexer = terminal.SCREEN if suite == "trixie" else terminal.TMUX
+    terminal.run_in_multiplexer_over_ssh(guest, multiplexer, "apt-get install -y statemesh-node")
     guest.wait_for("pgrep -x apt-get && loginctl list-sessions --no-legend | grep -q .",
-                   "apt-get in tmux, in the operator's logind session", 120)
+                   f"apt-get in {multiplexer.name}, in the operator's logind session", 120)
     terminal.drop_the_connection(guest)
     # Once preflight has passed (started before, it is refused: the preflight test), the
-    # spared session starts a unit by hand from another tmux window: it outlives the
-    # session, so status must say so.
+    # spared session starts a unit by hand from another window: it outlives the session,
+    # so status must say so.
     guest.wait_for(f"grep -q '\"event\": \"apply\"' {JOURNAL}", "the transaction's first step",
                    300)
-    guest.run("tmux new-window -d -t install 'systemd-run --unit=left-behind sleep 1644; "
-              f"mkdir -p /etc/cron.d; echo \"* * * * * root /root/way-in\" > {LATE_CRON_JOB}; "
-              "loginctl enable-linger root'")
-    guest.wait_for("! pgrep -x apt-get", "apt-get's end in the tmux pane", 900)
+    terminal.open_window(guest, multiplexer, (
+        "systemd-run --unit=left-behind sleep 1644; mkdir -p /etc/cron.d; "
+        f"echo '* * * * * root /root/way-in' > {LATE_CRON_JOB}; loginctl enable-linger root"))
+    guest.wait_for("! pgrep -x apt-get", f"apt-get's end in the {multiplexer.name} window", 900)
     install_seconds = time.monotonic() - started
     said = guest.run(f"cat {terminal.OUTPUT}").stdout
     assert "statemesh-node: installed; every guarantee holds" in said, said
@@ -149,10 +152,10 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert guest.run(f"cat {terminal.STATUS} 2>/dev/null", check=False).stdout.strip() in ("", "0")
     package.assert_installed_from_the_local_repository(guest, said)
     assert package_status(guest) == "ii"
-    # apt has returned: the grace is over, the session with it, tmux and its pane too. (The
-    # lingering root's service manager keeps a session of class "manager" (root's:
-    # "manager-early") on systemd 256 and later: no terminal, no login.)
-    guest.wait_for("! pgrep -f '^tmux' && "
+    # apt has returned: the grace is over, the session with it, the multiplexer and its
+    # windows too. (The lingering root's service manager keeps a session of class "manager"
+    # (root's: "manager-early") on systemd 256 and later: no terminal, no login.)
+    guest.wait_for(f"! pgrep {multiplexer.processes} && "
                    "! loginctl list-sessions --no-legend | grep -v manager | grep -q .",
                    "the installing session's end", 60)
     report = status(guest)
@@ -175,7 +178,7 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert report["holds"], report
     assert_locked_down(guest)
     steps = {e["event"]: e["time"] for e in events(guest)}
-    measured("apt-get install (tmux over ssh, connection dropped)",
+    measured(f"apt-get install ({multiplexer.name} over ssh, connection dropped)",
              f"{install_seconds:.1f} s wall, transaction in the guest "
              f"{steps['state-installed'] - steps['state-installing']:.1f} s")
     # The hypervisor's operator's way in is gone with sshd: the agent is masked and stopped.

@@ -1,0 +1,114 @@
+"""The operator's own ways to install that need no SSH: cloud-init's user-data at first
+boot, and a login at the machine's console. (SSH, tmux and the interruptions are in
+test_grace.py and test_lockdown.py.)
+
+cloud-init's runcmd runs in cloud-final.service, one of the remote-execution agents' units
+that the installation masks and stops (statemesh.guarantees.agents): the installation must
+not stop the unit it runs in, and that unit must still end, with everything it started,
+once the grace is over. A console login runs in a getty the installation masks and stops
+the same way (statemesh.guarantees.logins).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import pytest
+
+from harness.vm.driver import Guest, SavedGuest
+from tests.vm import terminal
+
+SEED = "/var/lib/cloud/seed/nocloud"
+# The operator's user-data: the package from the node's apt sources (apt: their own list
+# kept), its outcome in cloud-init's output log, apt's exit status beside it. (The locale
+# module is skipped: the test image generates no en_US.UTF-8, which cloud-init sets.)
+USER_DATA = b"""#cloud-config
+apt:
+  preserve_sources_list: true
+locale: false
+runcmd:
+  - [sh, -c, 'DEBIAN_FRONTEND=noninteractive apt-get install -y statemesh-node; echo $? > /root/install.rc']
+"""
+OUTPUT_LOG = "/var/log/cloud-init-output.log"
+JOURNAL = "/var/lib/statemesh-node/journal.jsonl"
+
+
+@pytest.mark.cost(150)
+def test_cloud_init_runcmd_installs_at_first_boot_and_its_unit_ends(
+        guest_factory: Callable[..., Guest], provisioned_node: SavedGuest, measured) -> None:
+    guest = guest_factory(saved=provisioned_node)
+    guest.run(f"mkdir -p {SEED}")
+    guest.put(f"{SEED}/meta-data", b"instance-id: statemesh-first-boot\n")
+    guest.put(f"{SEED}/user-data", USER_DATA)
+    guest.run("sync")
+    started = time.monotonic()
+    guest.reboot()  # the image's first boot with a seed: cloud-init runs, runcmd with it
+
+    guest.wait_for("test \"$(dpkg-query -W -f '${db:Status-Abbrev}' statemesh-node)\" = 'ii ' "
+                   "&& ! pgrep -x apt-get", "runcmd's apt-get to install and return", 900)
+    measured("first boot to apt-get's return (cloud-init)", f"{time.monotonic() - started:.0f} s")
+    # Under DEBIAN_FRONTEND=noninteractive the package prints nothing of its own: apt's
+    # output and exit status are the outcome, in cloud-init's output log.
+    said = guest.run(f"cat {OUTPUT_LOG}").stdout
+    assert "Setting up statemesh-node" in said and "\nE: " not in said, said[-1500:]
+    # runcmd's shell writes apt's status unless cloud-final.service is stopped first.
+    assert guest.run("cat /root/install.rc 2>/dev/null", check=False).stdout.strip() in ("", "0")
+    # The agents' lock masked cloud-final.service and spared it while apt ran, and it has
+    # ended since: by itself, or stopped once the grace was over; it stays masked.
+    locked = guest.run(f"grep '\"agents-locked\"' {JOURNAL}").stdout
+    assert '"spared": ["cloud-final.service"]' in locked.splitlines()[0], locked
+    guest.wait_for("systemctl show -P ActiveState cloud-final.service | grep -qx -e inactive "
+                   "-e failed", "cloud-final.service's end", 60)
+    assert guest.run("systemctl is-enabled cloud-final.service", check=False).stdout.strip() \
+        == "masked"
+    how = guest.run("systemctl show -P Result cloud-final.service; "
+                    f"grep -c '\"tamper-reasserted\", \"guarantee\": \"agents\"' {JOURNAL}; "
+                    "cloud-init status", check=False).stdout.split("\n")
+    measured("cloud-final.service's end, the listener's re-asserts, cloud-init status",
+             " / ".join(line.strip() for line in how if line.strip()))
+    final = guest.run("statemesh-node status --json", check=False)
+    assert final.returncode == 0, final.stdout
+
+
+# The machine's serial console has a getty, as a cloud's or a server's console does.
+CONSOLE_GETTY = "serial-getty@ttyS1.service"
+ROOT_PASSWORD = "statemesh"  # the test image's (harness.vm.image)
+PROMPT = ":~# "
+
+
+@pytest.mark.cost(100)
+def test_install_from_a_console_login_then_the_console_is_closed(
+        guest_factory: Callable[..., Guest], provisioned_node: SavedGuest, measured) -> None:
+    """Root logs in at the serial console and installs there. The console's getty is masked
+    with every other, but spared while apt runs; afterwards the login ends and no prompt
+    comes back."""
+    guest = guest_factory(saved=provisioned_node)
+    console = terminal.Console(guest)
+    guest.run(f"systemctl start {CONSOLE_GETTY}")
+    console.expect("login: ", 60)
+    console.type("root\n")
+    console.expect("Password: ", 30)
+    console.type(ROOT_PASSWORD + "\n")
+    console.expect(PROMPT, 60)
+    started = time.monotonic()
+    # The status is marked so that the line's echo of what was typed cannot match it.
+    console.type('apt-get install -y statemesh-node; echo "INSTALL""-RC=$?"\n')
+    said = console.expect("INSTALL-RC=", 900)
+    rc = console.expect("\n", 10).strip()
+    measured("apt-get install at the console", f"{time.monotonic() - started:.0f} s")
+    assert rc == "0", said[-3000:]
+    assert "statemesh-node: installed; every guarantee holds" in said, said[-3000:]
+    assert guest.run("dpkg-query -W -f '${db:Status-Abbrev}' statemesh-node").stdout.strip() \
+        == "ii"
+
+    # apt has returned: the grace is over, the login with it, and the getty stays down.
+    guest.wait_for("! loginctl list-sessions --no-legend | grep -q ttyS1", "the login's end", 60)
+    guest.wait_for(f"systemctl show -P ActiveState {CONSOLE_GETTY} | grep -qx -e inactive "
+                   "-e failed", "the console getty's end", 60)
+    console.type("\nroot\n")
+    with pytest.raises(AssertionError):
+        console.expect("login: ", 20)
+    console.close()
+    final = guest.run("statemesh-node status --json", check=False)
+    assert final.returncode == 0, final.stdout
