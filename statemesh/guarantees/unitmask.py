@@ -91,14 +91,18 @@ _UNRELOADED: contextvars.ContextVar[Optional[List[Tuple[UnitSet, FrozenSet[str]]
 
 async def lock(manager: Systemd, units: UnitSet,
                spare: FrozenSet[str] = frozenset()) -> Dict[str, List[str]]:
-    """Disable, mask and stop every unit of the set; units in `spare` keep running. Inside
+    """Disable, mask and stop every unit of the set but those in `spare`, which are left as
+    they are: a running unit reloaded from its mask loses its own settings (a oneshot's
+    TimeoutStartSec=0 becomes the default 90 s, and systemd ends what it runs). Inside
     one_reload() the masks are loaded, and what started meanwhile stopped, at its end."""
     stopped = await _stop_running(manager, units, spare)
     states = await file_states(manager, units.names)
-    enabled = [name for name, state in states.items() if state in ENABLED_STATES]
+    enabled = [name for name, state in states.items()
+               if state in ENABLED_STATES and name not in spare]
     if enabled:
         await manager.disable_unit_files(enabled)
-    await manager.mask_unit_files(list(units.names))
+    masked = [name for name in units.names if name not in spare]
+    await manager.mask_unit_files(masked)
     unreloaded = _UNRELOADED.get()
     if unreloaded is not None:
         unreloaded.append((units, spare))
@@ -106,7 +110,7 @@ async def lock(manager: Systemd, units: UnitSet,
         await manager.reload()
         stopped += [name for name in await _stop_running(manager, units, spare)
                     if name not in stopped]
-    return {"disabled": enabled, "masked": list(units.names), "stopped": stopped}
+    return {"disabled": enabled, "masked": masked, "stopped": stopped}
 
 
 @contextlib.contextmanager
@@ -171,7 +175,8 @@ async def unlocked(manager: Systemd, units: UnitSet,
     """What is not locked: names not masked, and units still running (but spared ones)."""
     states = await file_states(manager, units.names)
     return {
-        "not_masked": {name: state for name, state in states.items() if state != MASKED},
+        "not_masked": {name: state for name, state in states.items()
+                       if state != MASKED and name not in spare},
         "running": [name for name in await running(manager, units) if name not in spare],
     }
 

@@ -61,6 +61,8 @@ class FakeUnit:
     fragment: str = ""  # FragmentPath: the unit's file in /lib/systemd/system unless set
     dropins: List[str] = dataclasses.field(default_factory=list)
     transient: bool = False  # started with systemd-run
+    # (pid, command) in its cgroup: a unit stopped with KillMode=process keeps them.
+    processes: List[Tuple[int, str]] = dataclasses.field(default_factory=list)
     # As systemd, a mask refuses starts only once a reload has loaded it (and an unmask
     # lets them again only then).
     mask_loaded: Optional[bool] = None
@@ -211,6 +213,19 @@ class FakeSystemd(ServiceInterface):
     @method()
     def RestartUnit(self, name: "s", mode: "s") -> "o":  # noqa: N802,F821
         return self._start("RestartUnit", name, mode)
+
+    @method()
+    def GetUnitProcesses(self, name: "s") -> "a(sus)":  # noqa: N802,F821
+        self._guard("GetUnitProcesses", name)
+        unit = self._unit(name)
+        return [[f"/system.slice/{name}", pid, command] for pid, command in unit.processes]
+
+    @method()
+    def KillUnit(self, name: "s", whom: "s", signal: "i") -> None:  # noqa: N802,F821
+        self._guard("KillUnit", (name, whom, signal))
+        unit = self._unit(name)
+        if whom == "all" and signal == 9:
+            unit.processes = []
 
     @method()
     def LoadUnit(self, name: "s") -> "o":  # noqa: N802,F821
