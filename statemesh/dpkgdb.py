@@ -13,7 +13,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Collection, Dict, Iterator, List, Mapping, Set, Tuple
+from typing import Collection, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 DPKG_DIR = Path("/var/lib/dpkg")
 # ucf: configuration files maintainer scripts generate (GRUB's /etc/default/grub), with the
@@ -164,8 +164,11 @@ def shipped_links(links: Collection[str], files: Dict[str, str],
     """The symlinks among `links` that an installed package shipped, naming a file of that
     same package as dpkg installed it: isc-dhcp-client's dhclient-exit-hooks.d/debug ->
     ../debug. dpkg records no md5 for a symlink, only its path in the package's file list;
-    a link re-pointed to another package's program (perl, a shell) is not one."""
-    targets = {link: os.path.realpath(link) for link in links}
+    a link re-pointed to another package's program (perl, a shell) is not one, nor is one
+    reaching the file through another link (debug -> /tmp/x -> ../debug: /tmp/x is anyone's
+    to make at the next boot)."""
+    targets = {link: target for link, target in ((link, direct_target(link)) for link in links)
+               if target is not None}
     wanted = {link: set(_spellings(link, link)) for link in links}
     wanted.update({target: set(_spellings(target, target)) for target in targets.values()})
     owners = _owners(set().union(*wanted.values()), dpkg_dir) if wanted else {}
@@ -175,6 +178,17 @@ def shipped_links(links: Collection[str], files: Dict[str, str],
 
     return {link for link, target in targets.items()
             if owned(link) & owned(target) and as_installed(target, files)}
+
+
+def direct_target(link: str) -> Optional[str]:
+    """The file a symlink names, when it names it directly: no other link on the way but
+    /usr-merge's (/lib -> usr/lib); None otherwise, or when it is no link."""
+    try:
+        named = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link)))
+    except OSError:
+        return None
+    real = os.path.realpath(link)
+    return real if real in _spellings(named, named) else None
 
 
 def _owners(paths: Set[str], dpkg_dir: Path) -> Dict[str, Set[str]]:

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from statemesh.dpkgdb import DPKG_DIR, as_installed, shipped_links
+from statemesh.dpkgdb import DPKG_DIR, as_installed, direct_target, shipped_links
 from statemesh.planted import named
 
 CRONTABS = Path("/var/spool/cron/crontabs")
@@ -246,7 +246,7 @@ def _hook_as_installed(path: str, files: Dict[str, str]) -> bool:
     packaged program, perl say, would pass as that program's file): one to /dev/null only
     disables a hook; a directory is not a hook to judge."""
     if os.path.islink(path):
-        return os.path.realpath(path) == MASKED
+        return direct_target(path) == MASKED
     if os.path.isdir(path) or as_installed(path, files):
         return True
     return bool(GRUB_SETTINGS_FILES.match(path)) and grub_settings_only(Path(path))

@@ -170,9 +170,12 @@ def test_a_hook_linked_to_a_packaged_program_or_hidden_by_a_dot_is_named(tmp_pat
     (kernel / "zz").symlink_to(perl)
     (logrotate / ".x").write_text("/var/log/x { postrotate\n/root/way-in\nendscript }\n")
     (rules / "80-net-setup-link.rules").symlink_to("/dev/null")
+    (tmp_path / "tmp-null").symlink_to("/dev/null")
+    (rules / "81-way-in.rules").symlink_to(tmp_path / "tmp-null")  # /dev/null by a detour
     globs = (f"{kernel}/*", f"{logrotate}/*", f"{rules}/*")
     found = jobs.hook_problems(files, globs)
-    assert len(found) == 1 and f"{logrotate}/.x, {kernel}/zz (" in found[0], found
+    assert len(found) == 1 and f"{logrotate}/.x, {kernel}/zz, {rules}/81-way-in.rules (" \
+        in found[0], found
     assert "80-net-setup-link" not in found[0]
 
 
@@ -242,6 +245,14 @@ def test_a_hook_symlink_its_package_shipped_is_not_named(tmp_path: Path) -> None
     debug.write_text("# debug hook\n/root/way-in\n")  # the file it names, changed
     assert str(link) in jobs.hook_problems(files, globs, dpkg)[0]
     debug.write_text("# debug hook\n")
+    # Through another link that anyone may make at the next boot (/tmp is emptied then).
+    hop = tmp_path / "tmp-x"
+    hop.symlink_to(debug)
+    link.unlink()
+    link.symlink_to(hop)
+    assert str(link) in jobs.hook_problems(files, globs, dpkg)[0]
+    link.unlink()
+    link.symlink_to("../debug")
     planted = dhcp / "dhclient-exit-hooks.d" / "zz"
     planted.symlink_to("../debug")  # a link no package lists
     assert jobs.hook_problems(files, globs, dpkg)[0].endswith(
