@@ -49,17 +49,18 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show, live, whether each guarantee holds; non-zero exit when any does not."""
-    from statemesh import guarantees, install, journal, ownunits, preflight
+    from statemesh import grace, guarantees, install, journal, ownunits, preflight
     from statemesh.guarantees import tamper
     node_config = config.load(args.config)
-    installation = install.installation_finding(journal.Journal())
-    ordered = guarantees.ordered(node_config)
-    # The listener runs on an installed node, even while it still spares the installer.
-    installed = installation.facts.get("state") == journal.INSTALLED
-    listener = tamper.listener_finding(ordered, installed)
-    units = ownunits.finding()
-    planted = preflight.planted_finding()
-    findings = [g.check() for g in ordered]
+    with grace.pinned():
+        installation = install.installation_finding(journal.Journal())
+        ordered = guarantees.ordered(node_config)
+        # The listener runs on an installed node, even while it still spares the installer.
+        installed = installation.facts.get("state") == journal.INSTALLED
+        listener = tamper.listener_finding(ordered, installed)
+        units = ownunits.finding()
+        planted = preflight.planted_finding()
+        findings = [g.check() for g in ordered]
     holds = all(f.holds for f in (installation, listener, units, planted, *findings))
     if args.json:
         _print_json(

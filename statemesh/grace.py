@@ -16,13 +16,15 @@ it has read (statemesh.watchdog.daemon). Giving the machine back forgets it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Optional
+from typing import Any, Dict, FrozenSet, Iterator, Optional
 
 import psutil
 
@@ -40,6 +42,9 @@ AFTER_TRANSACTION = 120.0
 PACKAGE_MANAGERS = ("/usr/bin/apt", "/usr/bin/apt-get", "/usr/bin/aptitude", "/usr/bin/dpkg")
 PYTHON_PACKAGE_MANAGERS = ("/usr/bin/unattended-upgrade",)
 _SESSION_SCOPE = re.compile(r"/session-([^/]+)\.scope(?:/|$)")
+# What current() judged inside pinned(), by record path.
+_PINNED: contextvars.ContextVar[Optional[Dict[Path, Optional["Grace"]]]] = (
+    contextvars.ContextVar("pinned_graces", default=None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +79,9 @@ class Grace:
     def units(self) -> FrozenSet[str]:
         """The system units the package manager and what it descends from run in: where an
         installation without a terminal runs (cloud-init's runcmd in cloud-final.service, a
-        cloud agent's run-command in its agent's unit). Locking them away must not stop them
-        under the installer; once the grace is over they are stopped like the rest."""
+        cloud agent's run-command in its agent's unit, guest-exec's in qemu-guest-agent's);
+        also ssh.service, a session scope or user@0.service, which no guarantee spares this
+        way. A guarantee that locks such a unit leaves it as it is while the grace runs."""
         return frozenset(unit for unit in (proc.system_unit(proc.cgroup_path(pid))
                                            for pid in self.lineage()) if unit)
 
@@ -220,9 +226,28 @@ def recorded(path: Path = GRACE_PATH) -> Optional[Grace]:
 
 def current(path: Path = GRACE_PATH) -> Optional[Grace]:
     """The recorded grace while it runs: its package manager alive and not stopped, its
-    deadline (if set) not passed. None otherwise."""
+    deadline (if set) not passed. None otherwise. Inside pinned(), judged once per record."""
+    judged = _PINNED.get()
+    if judged is not None and path in judged:
+        return judged[path]
     grace = recorded(path)
-    return grace if grace is not None and is_running(grace) else None
+    running = grace if grace is not None and is_running(grace) else None
+    if judged is not None:
+        judged[path] = running
+    return running
+
+
+@contextlib.contextmanager
+def pinned() -> Iterator[None]:
+    """Inside it, every check sees the grace as current() first judged it: status's lines
+    must tell one story, however root flips the record (removed, put back) or the
+    installer (SIGSTOP, SIGCONT) between them. Otherwise the installation line could see
+    no grace and the agents' line a spared unit, and both say they hold."""
+    token = _PINNED.set({})
+    try:
+        yield
+    finally:
+        _PINNED.reset(token)
 
 
 def is_running(grace: Grace) -> bool:

@@ -387,6 +387,26 @@ def test_an_installed_node_that_still_spares_the_installing_session_does_not_hol
     assert finding.holds and finding.facts["spared_session"] is None
 
 
+def test_status_judges_the_grace_once_however_root_flips_it_between_lines(
+        book: journal.Journal, tmp_path: Path) -> None:
+    """Status's installation line read the grace record, then each guarantee read it again:
+    root removing the record before the first and putting it back before the agents' line
+    made both hold, a spared agent running. Inside grace.pinned() every line sees the first
+    judgement, whether the record or the installer (SIGSTOP) changes meanwhile."""
+    (tmp_path / "status").write_text(DPKG_STATUS.format("installed"))
+    record = tmp_path / "install-grace.json"
+    install.transaction(book, [Step("ssh", [])], passed)
+    with grace.pinned():
+        assert install.installation_finding(book, tmp_path, record, list).holds  # no record
+        grace.record_installer(os.getpid(), record)  # put back
+        assert grace.current(record) is None
+    assert grace.current(record) is not None  # outside, judged again
+    with grace.pinned():
+        assert not install.installation_finding(book, tmp_path, record, list).holds
+        record.unlink()  # removed before the next line
+        assert grace.current(record) is not None
+
+
 def test_a_unit_the_spared_session_started_by_hand_fails_the_installation(
         book: journal.Journal, tmp_path: Path) -> None:
     """The installing session may run anything while it is spared (another tmux window);
