@@ -107,9 +107,10 @@ check:
 	@mkdir -p $(BUILD) && : > $(TIMES) && : > $(TIMES).beside
 	$(call timed,deps,deps)
 	$(call timed,deb,build)
-	@setsid sh -c 'start=$$(date +%s); $(MAKE) --no-print-directory images > $(IMAGES) 2>&1; \
+	@rm -f $(IMAGES).rc; \
+	 setsid sh -c 'start=$$(date +%s); $(MAKE) --no-print-directory images > $(IMAGES) 2>&1; \
 	   echo $$? > $(IMAGES).rc; echo "images $$(( $$(date +%s) - start ))" >> $(TIMES).beside' & \
-	 images=$$!; trap 'kill -TERM -$$images 2>/dev/null; exit 130' INT TERM; \
+	 images=$$!; trap 'kill -TERM -$$images 2>/dev/null; exit 130' HUP INT TERM; \
 	 $(MAKE) --no-print-directory host-parts || { rc=$$?; kill -TERM -$$images 2>/dev/null; \
 	   wait; exit $$rc; }; \
 	 wait; \

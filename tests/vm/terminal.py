@@ -81,6 +81,10 @@ def drop_the_connection(guest: Guest) -> None:
     guest.run("pkill -KILL -s $(ps -o sid= -p $(pgrep -o -x ssh))")
 
 
+class NotSeen(AssertionError):
+    """What the console was expected to print did not come in time."""
+
+
 class Console:
     """The operator at the guest's serial console (ttyS1): types, and reads what the line
     prints back. Everything read is kept, for assertions and for a failure's message."""
@@ -94,13 +98,14 @@ class Console:
 
     def expect(self, wanted: str, timeout: float) -> str:
         """Read until `wanted` appears after what earlier calls consumed; returns what came
-        before it. Raises AssertionError with the tail read so far if it does not."""
+        before it. Raises NotSeen with the tail read so far if it does not come in time, and
+        AssertionError if the line closes."""
         deadline = time.monotonic() + timeout
         while wanted not in self.said:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"{wanted!r} not seen within {timeout:.0f} s on the "
-                                     f"console; it said:\n{self.said[-3000:]}")
+                raise NotSeen(f"{wanted!r} not seen within {timeout:.0f} s on the "
+                              f"console; it said:\n{self.said[-3000:]}")
             self.line.settimeout(remaining)
             try:
                 chunk = self.line.recv(4096)

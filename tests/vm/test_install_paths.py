@@ -1,12 +1,13 @@
 """The operator's own ways to install that need no SSH: cloud-init's user-data at first
-boot, and a login at the machine's console. (SSH, tmux and the interruptions are in
-test_grace.py and test_lockdown.py.)
+boot, the hypervisor's guest agent, and a login at the machine's console. (SSH, tmux,
+screen and the interruptions are in test_grace.py and test_lockdown.py.)
 
-cloud-init's runcmd runs in cloud-final.service, one of the remote-execution agents' units
-that the installation masks and stops (statemesh.guarantees.agents): the installation must
-not stop the unit it runs in, and that unit must still end, with everything it started,
-once the grace is over. A console login runs in a getty the installation masks and stops
-the same way (statemesh.guarantees.logins).
+cloud-init's runcmd runs in cloud-final.service and guest-exec's command in
+qemu-guest-agent.service, units of the remote-execution agents that the installation masks
+and stops (statemesh.guarantees.agents): the installation must not stop the unit it runs
+in, and that unit must still end, with everything it started, once the grace is over. A
+console login runs in a getty the installation masks and stops the same way
+(statemesh.guarantees.logins).
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ from tests.vm import terminal
 
 SEED = "/var/lib/cloud/seed/nocloud"
 # The operator's user-data: the package from the node's apt sources (apt: their own list
-# kept), its outcome in cloud-init's output log, apt's exit status beside it. (The locale
-# module is skipped: the test image generates no en_US.UTF-8, which cloud-init sets.)
-USER_DATA = b"""#cloud-config
+# kept), its outcome in cloud-init's output log, apt's exit status beside it; then a
+# program left running, as a reverse shell would be: cloud-final.service stops with
+# KillMode=process, which leaves it in the unit's cgroup. (The locale module is skipped: the
+# test image generates no en_US.UTF-8, which cloud-init sets.)
+LEFT_BEHIND = "sleep 1645"
+USER_DATA = f"""#cloud-config
 apt:
   preserve_sources_list: true
 locale: false
 runcmd:
-  - [sh, -c, 'DEBIAN_FRONTEND=noninteractive apt-get install -y statemesh-node; echo $? > /root/install.rc']
-"""
+  - [sh, -c, 'DEBIAN_FRONTEND=noninteractive apt-get install -y statemesh-node; echo $? > /root/install.rc; setsid {LEFT_BEHIND} < /dev/null > /dev/null 2>&1 &']
+""".encode()
 OUTPUT_LOG = "/var/log/cloud-init-output.log"
 JOURNAL = "/var/lib/statemesh-node/journal.jsonl"
 
@@ -60,16 +64,50 @@ def test_cloud_init_runcmd_installs_at_first_boot_and_its_unit_ends(
     assert '"spared": ["cloud-final.service"]' in locked.splitlines()[0], locked
     guest.wait_for("systemctl show -P ActiveState cloud-final.service | grep -qx -e inactive "
                    "-e failed", "cloud-final.service's end", 60)
-    assert guest.run("systemctl is-enabled cloud-final.service", check=False).stdout.strip() \
-        == "masked"
+    # What runcmd left running is killed with it: it ran as root in no running unit.
+    guest.wait_for(f"! pgrep -f '^{LEFT_BEHIND}'", "the end of what runcmd left running", 60)
+    guest.wait_for("systemctl is-enabled cloud-final.service | grep -qx masked",
+                   "cloud-final.service's mask", 30)
     how = guest.run("systemctl show -P Result cloud-final.service; "
                     f"grep -c '\"tamper-reasserted\", \"guarantee\": \"agents\"' {JOURNAL}; "
+                    f"grep -c '\"agents-left-behind-killed\"' {JOURNAL}; "
                     "cloud-init status", check=False).stdout.split("\n")
-    measured("cloud-final.service's end, the listener's re-asserts, cloud-init status",
+    measured("cloud-final.service's end, the listener's re-asserts, its kills of what was "
+             "left, cloud-init status",
              " / ".join(line.strip() for line in how if line.strip()))
     final = guest.run("statemesh-node status --json", check=False)
     assert final.returncode == 0, final.stdout
 
+
+GUEST_AGENT = "qemu-guest-agent.service"
+
+
+@pytest.mark.cost(110)
+def test_install_through_the_hypervisors_guest_agent_then_the_agent_is_stopped(
+        guest_factory: Callable[..., Guest], provisioned_node: SavedGuest, measured) -> None:
+    """The VM's operator installs through qemu-guest-agent's guest-exec (Proxmox's `qm guest
+    exec`, libvirt's), without SSH or a terminal. The agent is one of those the installation
+    masks and stops, and stopping its unit kills what guest-exec started (its KillMode is
+    the default): apt died half-way until the installer's own unit was spared while apt
+    runs. Then the agent is stopped, and the hypervisor's way in is gone."""
+    guest = guest_factory(saved=provisioned_node)
+    started = time.monotonic()
+    exit_code = guest.hypervisor_exec(
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y statemesh-node "
+        "> /root/qga-install.log 2>&1", timeout=900)
+    measured("apt-get install through guest-exec", f"{time.monotonic() - started:.0f} s")
+    # None: the agent was stopped after apt returned, before the exit status was read.
+    assert exit_code in (0, None), guest.run("cat /root/qga-install.log").stdout[-1500:]
+    guest.wait_for("! pgrep -x apt-get", "apt-get's end", 120)
+    assert guest.run("dpkg-query -W -f '${db:Status-Abbrev}' statemesh-node").stdout.strip() \
+        == "ii", guest.run("cat /root/qga-install.log").stdout[-1500:]
+    locked = guest.run(f"grep '\"agents-locked\"' {JOURNAL}").stdout
+    assert f'"spared": ["{GUEST_AGENT}"]' in locked.splitlines()[0], locked
+    guest.wait_for(f"systemctl show -P ActiveState {GUEST_AGENT} | grep -qx -e inactive "
+                   "-e failed", "the guest agent's end", 60)
+    assert guest.hypervisor_exec("true", timeout=10) is None  # nobody answers any more
+    final = guest.run("statemesh-node status --json", check=False)
+    assert final.returncode == 0, final.stdout
 
 # The machine's serial console has a getty, as a cloud's or a server's console does.
 CONSOLE_GETTY = "serial-getty@ttyS1.service"
@@ -107,7 +145,7 @@ def test_install_from_a_console_login_then_the_console_is_closed(
     guest.wait_for(f"systemctl show -P ActiveState {CONSOLE_GETTY} | grep -qx -e inactive "
                    "-e failed", "the console getty's end", 60)
     console.type("\nroot\n")
-    with pytest.raises(AssertionError):
+    with pytest.raises(terminal.NotSeen):  # the line is open, and nobody answers on it
         console.expect("login: ", 20)
     console.close()
     final = guest.run("statemesh-node status --json", check=False)
