@@ -180,15 +180,59 @@ def shipped_links(links: Collection[str], files: Dict[str, str],
             if owned(link) & owned(target) and as_installed(target, files)}
 
 
+# /usr-merge's links at the root (/lib -> usr/lib): the only links a path may pass through.
+USR_MERGED = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+
 def direct_target(link: str) -> Optional[str]:
-    """The file a symlink names, when it names it directly: no other link on the way but
-    /usr-merge's (/lib -> usr/lib); None otherwise, or when it is no link."""
+    """The file a symlink names, when it names it directly: every directory on the way a
+    real one (but /usr-merge's), `..` taken in the directory it is reached in, and the file
+    itself no link; None otherwise, or when `link` is no link. A text shortcut (normpath)
+    would let `/tmp/x/../../dev/null` through, and /tmp/x is anyone's to make later."""
     try:
-        named = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link)))
+        text = os.readlink(link)
     except OSError:
         return None
-    real = os.path.realpath(link)
-    return real if real in _spellings(named, named) else None
+    directory = real_directory(os.path.dirname(link) or "/")
+    if directory is None:
+        return None
+    here = "/" if text.startswith("/") else directory
+    for part in text.split("/"):
+        if part in ("", "."):
+            continue
+        if part == ".." and not os.path.isdir(here):
+            return None  # what it would climb out of is not there yet: anyone's to make
+        here = os.path.dirname(here) if part == ".." else os.path.join(here, part)
+        if os.path.islink(here):
+            here = _usr_merged(here)
+            if here is None:
+                return None
+    return here
+
+
+def real_directory(path: str) -> Optional[str]:
+    """`path` itself when no component of it is a link (but /usr-merge's, read through);
+    None otherwise."""
+    here = "/"
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            return None
+        here = os.path.join(here, part)
+        if os.path.islink(here):
+            here = _usr_merged(here)
+            if here is None:
+                return None
+    return here
+
+
+def _usr_merged(path: str) -> Optional[str]:
+    name = path[1:]
+    if path.count("/") == 1 and name in USR_MERGED and os.readlink(path) in (
+            f"usr/{name}", f"/usr/{name}"):
+        return f"/usr/{name}"
+    return None
 
 
 def _owners(paths: Set[str], dpkg_dir: Path) -> Dict[str, Set[str]]:

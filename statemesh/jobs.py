@@ -24,7 +24,8 @@ import re
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from statemesh.dpkgdb import DPKG_DIR, as_installed, direct_target, shipped_links
+from statemesh.dpkgdb import (DPKG_DIR, as_installed, direct_target, real_directory,
+                              shipped_links)
 from statemesh.planted import named
 
 CRONTABS = Path("/var/spool/cron/crontabs")
@@ -280,7 +281,29 @@ def hook_problems(files: Dict[str, str], hook_globs: Sequence[str] = HOOK_GLOBS,
             "their package)"]
 
 
+def linked_directory_problems(patterns: Sequence[str] = HOOK_GLOBS + CRON_DIR_GLOBS
+                              ) -> List[str]:
+    """Directories of hooks and cron jobs, or a directory above them, that are links (but
+    /usr-merge's): a link to /tmp/x is empty now and anyone's to fill after the next boot,
+    and what is read through it runs as root."""
+    found = set()
+    for pattern in patterns:
+        parent = os.path.dirname(pattern)
+        prefix = parent.split("*")[0]  # before any wildcard: /etc/kernel/ of /etc/kernel/*.d
+        fixed = prefix.rstrip("/") if prefix.endswith("/") or "*" not in parent else (
+            os.path.dirname(prefix))
+        for directory in [fixed, *glob.glob(parent)]:
+            if os.path.lexists(directory) and real_directory(directory) is None:
+                found.add(directory)
+    if not found:
+        return []
+    return [f"directories of hooks or cron jobs that are links, whose target may be anyone's "
+            f"to fill later: {named(sorted(found))} (make each a directory again, or "
+            "reinstall its package)"]
+
+
 def problems(files: Dict[str, str]) -> List[str]:
     """Every planted job preflight refuses, given what dpkg installed."""
     return (spool_problems() + table_problems(files) + timer_problems(files)
-            + unit_problems(files) + boot_script_problems(files) + hook_problems(files))
+            + unit_problems(files) + boot_script_problems(files) + hook_problems(files)
+            + linked_directory_problems())

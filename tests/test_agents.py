@@ -78,7 +78,7 @@ def test_the_agent_running_the_installation_is_stopped_only_once_its_grace_is_ov
     assert final.active_state == "active" and not final.masked
     assert units["qemu-guest-agent.service"].active_state == "inactive"
     during = guarantee.check()
-    assert during.holds and "cloud-final.service runs until apt returns" in during.detail
+    assert during.holds and "cloud-final.service is left as it is until apt returns" in during.detail
 
     grace.end_after(0, record)
     after = guarantee.check()

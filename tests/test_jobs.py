@@ -172,10 +172,12 @@ def test_a_hook_linked_to_a_packaged_program_or_hidden_by_a_dot_is_named(tmp_pat
     (rules / "80-net-setup-link.rules").symlink_to("/dev/null")
     (tmp_path / "tmp-null").symlink_to("/dev/null")
     (rules / "81-way-in.rules").symlink_to(tmp_path / "tmp-null")  # /dev/null by a detour
+    # ... or through a directory that is not there yet: anyone may make it a link later.
+    (rules / "82-way-in.rules").symlink_to("/statemesh-test-gone/../dev/null")
     globs = (f"{kernel}/*", f"{logrotate}/*", f"{rules}/*")
     found = jobs.hook_problems(files, globs)
-    assert len(found) == 1 and f"{logrotate}/.x, {kernel}/zz, {rules}/81-way-in.rules (" \
-        in found[0], found
+    assert len(found) == 1 and f"{logrotate}/.x, {kernel}/zz, {rules}/81-way-in.rules and " \
+        "1 more (" in found[0], found
     assert "80-net-setup-link" not in found[0]
 
 
@@ -257,3 +259,19 @@ def test_a_hook_symlink_its_package_shipped_is_not_named(tmp_path: Path) -> None
     planted.symlink_to("../debug")  # a link no package lists
     assert jobs.hook_problems(files, globs, dpkg)[0].endswith(
         f"network events): {planted} (remove them, or reinstall their package)")
+
+
+def test_a_hook_or_cron_directory_that_is_a_link_is_named(tmp_path: Path) -> None:
+    """A hook directory made a link to /tmp/x is empty now (nothing in it to judge) and
+    anyone's to fill after the next boot; so is one under a linked directory."""
+    real = tmp_path / "real-hooks"
+    real.mkdir()
+    (tmp_path / "hooks.d").symlink_to(real)
+    (tmp_path / "kernel").symlink_to("/statemesh-test-gone")  # dangling: /tmp after a boot
+    (tmp_path / "cron.d").mkdir()
+    patterns = (f"{tmp_path}/hooks.d/*", f"{tmp_path}/kernel/*.d/*", f"{tmp_path}/cron.d/*")
+    assert jobs.linked_directory_problems(patterns) == [
+        "directories of hooks or cron jobs that are links, whose target may be anyone's to "
+        f"fill later: {tmp_path}/hooks.d, {tmp_path}/kernel (make each a directory again, "
+        "or reinstall its package)"]
+    assert jobs.linked_directory_problems((f"{tmp_path}/cron.d/*",)) == []

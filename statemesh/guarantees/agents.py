@@ -19,29 +19,33 @@ Every name is masked whether the agent is installed or not, so that one installe
 its units masked already; purge gives back what was enabled and what ran.
 
 An installation may itself run in one of these units: cloud-init's runcmd in
-cloud-final.service, a cloud's run-command in its agent's. That unit is masked with the
-rest but not stopped while the grace runs (statemesh.grace: until apt returns); the tamper
-listener's next check after it stops the unit, and whatever the operator's script still
-runs in it.
+cloud-final.service, guest-exec's command in qemu-guest-agent's, a cloud's run-command in
+its agent's. That unit is left as it is while the grace runs (statemesh.grace: until apt
+returns); the tamper listener's first check after it locks the unit. What a locked agent's
+unit still holds once stopped (KillMode=process leaves what it started) is killed, a
+lingering apt or dpkg in it too once the grace is over.
 
 Honest limits: an agent is known here by its units' names; one of another name (a packaged
 one: ansible-pull's timer, zabbix-agent's remote commands, a vendor's agent) passes, and one
-no package installed is refused by preflight. Hyper-V's KVP daemon is left running (the host sets network configuration
-through it). What the masked agents also did stops: on a cloud image cloud-init's per-boot
-work (growing the root partition, network configuration after a change of instance type);
+no package installed is refused by preflight. Hyper-V's KVP daemon is left running (the host
+sets network configuration through it). What the masked agents also did stops: on a cloud
+image cloud-init's per-boot work (growing the root partition, network configuration after a
+change of instance type);
 on GCE the guest agent's routes for forwarded and alias IPs and secondary NICs; on Azure
 waagent's WireServer firewall rules; on VMware time sync and quiesced snapshots.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Sequence, Tuple
 
 from statemesh import grace
 from statemesh.guarantees.base import HARDEN_UNIT, Finding, Way
-from statemesh.systemd import Systemd
+from statemesh.systemd import Systemd, UnknownUnitError
 from statemesh.guarantees.unitmask import (RUNNING_STATES, BusGuarantee, UnitSet, give_back,
                                            lock, snapshot, start_refused, unlocked,
                                            unlocked_problems)
@@ -74,19 +78,52 @@ UNITS = UnitSet((
 ))
 
 
-async def left_behind(manager: Systemd,
-                      spare: FrozenSet[str]) -> Dict[str, List[Tuple[int, str]]]:
-    """Processes in the cgroup of an agent's unit that is not running: a unit stopped with
-    KillMode=process (cloud-final.service, amazon-ssm-agent's) leaves what it started, a
-    shell runcmd put in the background say, running as root in no running unit."""
+# Rounds of SIGKILL for what forks as it is killed, and the pause in which the kernel ends
+# them (SIGKILL is delivered asynchronously; the cgroup empties once they are reaped).
+KILL_ROUNDS = 10
+KILL_WAIT = 0.2
+
+
+async def processes_of(manager: Systemd, spare: FrozenSet[str],
+                       running_too: bool = False) -> Dict[str, List[Tuple[int, str]]]:
+    """The processes in the cgroups of the agents' loaded units but the spared ones; of
+    the units not running only, unless `running_too`. A unit stopped with KillMode=process
+    (cloud-final.service, amazon-ssm-agent's) leaves what it started, a shell runcmd put in
+    the background say, running as root in no running unit."""
     found = {}
     for unit in await manager.list_units(UNITS.patterns()):
-        if unit.name in spare or unit.active_state in RUNNING_STATES:
+        if unit.name in spare or (unit.active_state in RUNNING_STATES and not running_too):
             continue
-        processes = await manager.unit_processes(unit.name)
+        try:
+            processes = await manager.unit_processes(unit.name)
+        except UnknownUnitError:
+            continue  # its last process exited and systemd let the unit go meanwhile
         if processes:
             found[unit.name] = processes
     return found
+
+
+async def kill_all(manager: Systemd, spare: FrozenSet[str]) -> Dict[str, List[int]]:
+    """SIGKILL every process of every agent's unit but the spared ones, and wait (a few
+    seconds at most) until their cgroups are empty; returns what was killed."""
+    killed: Dict[str, List[int]] = {}
+    for _ in range(KILL_ROUNDS):
+        found = await processes_of(manager, spare, running_too=True)
+        if not found:
+            break
+        for name, processes in found.items():
+            with contextlib.suppress(UnknownUnitError):
+                await manager.kill_unit(name, signal.SIGKILL)
+            killed.setdefault(name, []).extend(
+                pid for pid, _ in processes if pid not in killed.get(name, []))
+        await asyncio.sleep(KILL_WAIT)
+    return killed
+
+
+def _described(processes: List[Tuple[int, str]]) -> str:
+    """pid and command line, printable and short: root chose the command line."""
+    return ", ".join(f"pid {pid} ({''.join(c if c.isprintable() else '?' for c in command)[:60]})"
+                     for pid, command in processes)
 
 
 class RemoteAgents(BusGuarantee):
@@ -114,28 +151,22 @@ class RemoteAgents(BusGuarantee):
     async def inspect(self, manager: Systemd) -> Finding:
         spare = self._spare()
         left = await unlocked(manager, UNITS, spare=spare)
-        left["left_behind"] = await left_behind(manager, spare)
+        left["left_behind"] = await processes_of(manager, spare)
         problems = unlocked_problems(left) + [
-            f"processes left by {name} after its stop: " + ", ".join(
-                f"pid {pid} ({command})" for pid, command in processes)
+            f"processes left by {name} after its stop: {_described(processes)}"
             for name, processes in sorted(left["left_behind"].items())]
         detail = "; ".join(problems) or "remote-execution agents' units masked and stopped"
         if spare and not problems:
-            detail += f"; the installation's own {', '.join(sorted(spare))} runs until apt returns"
+            detail += (f"; the installation's own {', '.join(sorted(spare))} is left as it is "
+                       "until apt returns")
         return Finding(self.name, not problems, detail, left)
 
     async def enforce(self, manager: Systemd, journal: Any) -> None:
         journal.remember(self.name, await snapshot(manager, UNITS))
         spare = self._spare()
-        journal.record("agents-locked", spared=sorted(spare),
-                       **await lock(manager, UNITS, spare=spare))
-        behind = await left_behind(manager, spare)
-        for name in sorted(behind):
-            await manager.kill_unit(name, signal.SIGKILL)
-        if behind:
-            journal.record("agents-left-behind-killed",
-                           processes={name: [pid for pid, _ in found]
-                                      for name, found in behind.items()})
+        locked = await lock(manager, UNITS, spare=spare)
+        killed = await kill_all(manager, spare)  # what the stopped units left behind
+        journal.record("agents-locked", spared=sorted(spare), killed=killed, **locked)
         await self.verify(manager)
 
     async def restore(self, manager: Systemd, record: Dict[str, Any]) -> List[str]:

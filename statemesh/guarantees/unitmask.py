@@ -91,10 +91,12 @@ _UNRELOADED: contextvars.ContextVar[Optional[List[Tuple[UnitSet, FrozenSet[str]]
 
 async def lock(manager: Systemd, units: UnitSet,
                spare: FrozenSet[str] = frozenset()) -> Dict[str, List[str]]:
-    """Disable, mask and stop every unit of the set but those in `spare`, which are left as
-    they are: a running unit reloaded from its mask loses its own settings (a oneshot's
-    TimeoutStartSec=0 becomes the default 90 s, and systemd ends what it runs). Inside
-    one_reload() the masks are loaded, and what started meanwhile stopped, at its end."""
+    """Disable, mask and stop every unit of the set but those named in `spare`, which are
+    left as they are: a running unit reloaded from its mask loses its own settings (a
+    oneshot's TimeoutStartSec=0 becomes the default 90 s, and systemd ends what it runs).
+    A spared instance of a template in the set (a getty) is not stopped, but its template's
+    mask covers it. Inside one_reload() the masks are loaded, and what started meanwhile
+    stopped, at its end."""
     stopped = await _stop_running(manager, units, spare)
     states = await file_states(manager, units.names)
     enabled = [name for name, state in states.items()

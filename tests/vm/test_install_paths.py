@@ -70,7 +70,7 @@ def test_cloud_init_runcmd_installs_at_first_boot_and_its_unit_ends(
                    "cloud-final.service's mask", 30)
     how = guest.run("systemctl show -P Result cloud-final.service; "
                     f"grep -c '\"tamper-reasserted\", \"guarantee\": \"agents\"' {JOURNAL}; "
-                    f"grep -c '\"agents-left-behind-killed\"' {JOURNAL}; "
+                    f"grep -c '\"killed\": {{\"' {JOURNAL}; "
                     "cloud-init status", check=False).stdout.split("\n")
     measured("cloud-final.service's end, the listener's re-asserts, its kills of what was "
              "left, cloud-init status",
