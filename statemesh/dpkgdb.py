@@ -196,29 +196,27 @@ def direct_target(link: str) -> Optional[str]:
     directory = real_directory(os.path.dirname(link) or "/")
     if directory is None:
         return None
-    here = "/" if text.startswith("/") else directory
-    for part in text.split("/"):
-        if part in ("", "."):
-            continue
-        if part == ".." and not os.path.isdir(here):
-            return None  # what it would climb out of is not there yet: anyone's to make
-        here = os.path.dirname(here) if part == ".." else os.path.join(here, part)
-        if os.path.islink(here):
-            here = _usr_merged(here)
-            if here is None:
-                return None
-    return here
+    return _walk("/" if text.startswith("/") else directory, text)
 
 
 def real_directory(path: str) -> Optional[str]:
     """`path` itself when no component of it is a link (but /usr-merge's, read through);
     None otherwise."""
-    here = "/"
+    return _walk("/", path)
+
+
+def _walk(here: str, path: str) -> Optional[str]:
+    """`path` followed from the directory `here` one component at a time, as the kernel
+    would, refusing every link but /usr-merge's and every `..` out of what is not (yet) a
+    directory: anyone may make it one later, or a link."""
     for part in path.split("/"):
         if part in ("", "."):
             continue
         if part == "..":
-            return None
+            if not os.path.isdir(here):
+                return None
+            here = os.path.dirname(here)
+            continue
         here = os.path.join(here, part)
         if os.path.islink(here):
             here = _usr_merged(here)
