@@ -41,7 +41,7 @@ import asyncio
 import contextlib
 import signal
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Sequence, Set, Tuple
 
 from statemesh import grace
 from statemesh.guarantees.base import HARDEN_UNIT, Finding, Way
@@ -106,7 +106,7 @@ async def processes_of(manager: Systemd, spare: FrozenSet[str],
 async def kill_all(manager: Systemd, spare: FrozenSet[str]) -> Dict[str, List[int]]:
     """SIGKILL every process of every agent's unit but the spared ones, and wait (a few
     seconds at most) until their cgroups are empty; returns what was killed."""
-    killed: Dict[str, List[int]] = {}
+    killed: Dict[str, Set[int]] = {}
     for _ in range(KILL_ROUNDS):
         found = await processes_of(manager, spare, running_too=True)
         if not found:
@@ -114,10 +114,9 @@ async def kill_all(manager: Systemd, spare: FrozenSet[str]) -> Dict[str, List[in
         for name, processes in found.items():
             with contextlib.suppress(UnknownUnitError):
                 await manager.kill_unit(name, signal.SIGKILL)
-            killed.setdefault(name, []).extend(
-                pid for pid, _ in processes if pid not in killed.get(name, []))
+            killed.setdefault(name, set()).update(pid for pid, _ in processes)
         await asyncio.sleep(KILL_WAIT)
-    return killed
+    return {name: sorted(pids) for name, pids in killed.items()}
 
 
 def _described(processes: List[Tuple[int, str]]) -> str:
