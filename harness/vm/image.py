@@ -100,10 +100,13 @@ install -D -m 0644 {GUEST_FILES}/statemesh-test-agent.service \
 # initramfs-tools sources conf.d as shell, so preflight refuses one no package installed.
 install -d "$agent/etc/initramfs-tools/conf.d"
 echo MODULES=list > "$agent/etc/initramfs-tools/conf.d/statemesh-test.conf"
-# cloud-init looks for a NoCloud seed only: a guest without one boots with cloud-init
-# disabled (ds-identify finds nothing), instead of waiting for clouds' metadata services.
+# cloud-init looks for local seeds only (NoCloud's, a config drive's): a guest without one
+# boots with cloud-init disabled (ds-identify finds nothing), instead of waiting for clouds'
+# metadata services. Two entries, because ds-identify takes a list of one as found without
+# looking: cloud-init then ran at every boot on its fallback datasource (30 s of a TCG
+# boot; at first boot it also made a user and new SSH host keys).
 install -d "$agent/etc/cloud/cloud.cfg.d"
-echo 'datasource_list: [ NoCloud ]' > "$agent/etc/cloud/cloud.cfg.d/90-statemesh-test.cfg"
+echo 'datasource_list: [ NoCloud, ConfigDrive ]' > "$agent/etc/cloud/cloud.cfg.d/90-statemesh-test.cfg"
 mkdir -p "$agent/DEBIAN"
 cat > "$agent/DEBIAN/control" <<CONTROL
 Package: statemesh-test-agent
