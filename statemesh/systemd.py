@@ -85,6 +85,10 @@ class JobFailedError(SystemdError):
         super().__init__(f"{verb} {unit}: job {result}")
 
 
+class JobTimeoutError(JobFailedError):
+    """A job did not finish within the caller's bound; it is still queued or running."""
+
+
 @dataclasses.dataclass(frozen=True)
 class UnitInfo:
     """One loaded unit as ListUnits reports it."""
@@ -275,7 +279,7 @@ class Systemd:
                 result = await asyncio.wait_for(waiter, timeout)
             except asyncio.TimeoutError:
                 self._waiters.pop(job, None)
-                raise JobFailedError(name, verb, f"not finished within {timeout} s") from None
+                raise JobTimeoutError(name, verb, f"not finished within {timeout} s") from None
         if result not in JOB_SUCCESS:
             raise JobFailedError(name, verb, result)
         return result

@@ -17,7 +17,7 @@ import pytest
 
 from statemesh import audit, cli, guarantees, install, journal, ownunits, proc, systemd
 from statemesh.config import NodeConfig
-from statemesh.guarantees import logins, rescue, ssh, tamper, unitprocs
+from statemesh.guarantees import logins, rescue, ssh, tamper, unitmask, unitprocs
 from statemesh.guarantees.base import HARDEN_UNIT, Finding
 from statemesh.guarantees.unitmask import LockdownError
 from tests.fakebus import FakeBus, debian12_units, fakebus  # noqa: F401 - fixture
@@ -317,6 +317,24 @@ def test_failed_stop_job_fails_the_apply(debian: FakeBus, machine: Machine,
     with pytest.raises(systemd.JobFailedError, match="ssh.service: job timeout"):
         machine.ssh.apply(book)
     assert not machine.ssh.check().holds
+
+
+def test_a_stop_that_never_ends_is_cut_short_with_sigkill(
+        debian: FakeBus, machine: Machine, book: journal.Journal,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Prepared before installing: ssh.service with TimeoutStopSec=infinity and sshd held by
+    a tracer. Its stop job would wait forever, and the transaction (or the tamper listener)
+    with it; after the bound, every process of the unit gets SIGKILL and the job ends."""
+    monkeypatch.setattr(unitmask, "STOP_SECONDS", 0.2)
+    debian.systemd.endless_stops["ssh.service"] = None
+    machine.ssh.apply(book)
+    assert machine.ssh.check().holds
+    assert ("KillUnit", ("ssh.service", "all", 9)) in debian.systemd.calls
+    assert debian.systemd.units["ssh.service"].active_state == "inactive"
+    assert [args for member, args in debian.systemd.calls
+            if member == "StopUnit" and args[0] == "ssh.service"][:2] == [
+                ("ssh.service", "replace")] * 2  # the same job, waited for again
+    assert "ssh.service did not stop within 0 s: killing every process of it" in caplog.text
 
 
 def test_access_denied_is_reported_not_hidden(debian: FakeBus, machine: Machine,

@@ -24,13 +24,16 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import logging
+from signal import SIGKILL
 from typing import (Any, Awaitable, Callable, Dict, FrozenSet, Iterable, Iterator, List,
                     Optional, Sequence, Tuple, TypeVar)
 
 from statemesh.guarantees.base import Finding, Probe, Step, Way
-from statemesh.systemd import Systemd, SystemdError, UnknownUnitError, manager
+from statemesh.systemd import JobTimeoutError, Systemd, SystemdError, UnknownUnitError, manager
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 ABSENT = "absent"
 MASKED = "masked"
@@ -41,6 +44,11 @@ ENABLED_STATES = ("enabled", "enabled-runtime", "indirect", "linked", "linked-ru
 # unit they belong to.
 RE_ENABLED_STATES = ("enabled",)
 RUNNING_STATES = ("active", "activating", "reloading", "deactivating")
+# How long a stop may take before every process of the unit gets SIGKILL. A prepared
+# unit can make its stop endless (TimeoutStopSec=infinity, and a main process that a
+# tracer holds, or that ignores SIGTERM): the transaction, or the tamper listener
+# re-asserting, would wait on it forever. Debian's units stop in well under this.
+STOP_SECONDS = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +175,21 @@ async def _stop_running(manager: Systemd, units: UnitSet, spare: FrozenSet[str])
     for name in sorted(await running(manager, units), key=lambda n: not n.endswith(".socket")):
         if name in spare:
             continue
-        await manager.stop_unit(name)
+        await stop_within_bound(manager, name)
         stopped.append(name)
     return stopped
+
+
+async def stop_within_bound(manager: Systemd, name: str) -> None:
+    """Stop `name`; if its stop job is not done within STOP_SECONDS, SIGKILL its whole
+    cgroup (which no tracer or signal handler survives) and wait for the same job again."""
+    try:
+        await manager.stop_unit(name, timeout=STOP_SECONDS)
+    except JobTimeoutError:
+        log.warning("%s did not stop within %.0f s: killing every process of it", name,
+                    STOP_SECONDS)
+        await manager.kill_unit(name, SIGKILL)
+        await manager.stop_unit(name, timeout=STOP_SECONDS)
 
 
 async def unlocked(manager: Systemd, units: UnitSet,
@@ -359,5 +379,5 @@ async def _try_start(systemd_manager: Systemd, name: str, unit: str) -> Probe:
         if await systemd_manager.get_active_state(unit) in ("active", "activating"):
             return Probe(name, False, f"refused ({error}) but the unit is running")
         return Probe(name, True, f"refused: {error}")
-    await systemd_manager.stop_unit(unit)
+    await stop_within_bound(systemd_manager, unit)
     return Probe(name, False, "systemd started it (stopped again by selftest)")

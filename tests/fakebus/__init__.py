@@ -141,6 +141,9 @@ class FakeSystemd(ServiceInterface):
         self.early_job_signal = False       # send JobRemoved before the method's reply
         self.environment: List[str] = []    # the manager's Environment property
         self.after: Dict[str, Callable[[Any], None]] = {}  # method -> what follows a call
+        # Units whose stop job runs until KillUnit SIGKILLs their cgroup (TimeoutStopSec=
+        # infinity and a main process held by a tracer), each with its stop job once queued.
+        self.endless_stops: Dict[str, Optional[Tuple[int, str]]] = {}
         self._jobs = 0
         self._exported: Set[str] = set()
         self._subscribers: Set[str] = set()
@@ -179,6 +182,8 @@ class FakeSystemd(ServiceInterface):
         return path
 
     def _finish_job(self, unit: FakeUnit, verb: str) -> str:
+        if verb == "StopUnit" and unit.name in self.endless_stops:
+            return self._endless_stop(unit)
         self._jobs += 1
         job = f"{JOB_PREFIX}{self._jobs}"
         result = self.failing.get(unit.name, "done")
@@ -192,6 +197,15 @@ class FakeSystemd(ServiceInterface):
             asyncio.get_running_loop().call_soon(self.JobRemoved, self._jobs, job, unit.name,
                                                  result)
         return job
+
+    def _endless_stop(self, unit: FakeUnit) -> str:
+        """As systemd: a second StopUnit of the unit returns the job already running."""
+        queued = self.endless_stops[unit.name]
+        if queued is None:
+            self._jobs += 1
+            queued = self.endless_stops[unit.name] = (self._jobs, f"{JOB_PREFIX}{self._jobs}")
+        unit.active_state = "deactivating"
+        return queued[1]
 
     def _start(self, verb: str, name: str, mode: str) -> str:
         self._guard(verb, (name, mode))
@@ -226,6 +240,10 @@ class FakeSystemd(ServiceInterface):
         unit = self._unit(name)
         if whom == "all" and signal == 9:
             unit.processes = []
+            queued = self.endless_stops.pop(name, None)
+            if queued is not None:  # the main process is gone: the stop job is done
+                unit.active_state = "inactive"
+                asyncio.get_running_loop().call_soon(self.JobRemoved, *queued, name, "done")
 
     @method()
     def LoadUnit(self, name: "s") -> "o":  # noqa: N802,F821
@@ -416,6 +434,9 @@ class FakeLogind(ServiceInterface):
         self.calls: List[Tuple[str, Any]] = []
         self.denied: Set[str] = set()
         self.after: Dict[str, Callable[[Any], None]] = {}  # method -> what follows a call
+        # Units whose stop job runs until KillUnit SIGKILLs their cgroup (TimeoutStopSec=
+        # infinity and a main process held by a tracer), each with its stop job once queued.
+        self.endless_stops: Dict[str, Optional[Tuple[int, str]]] = {}
 
     def _guard(self, member: str, args: Any) -> None:
         self.calls.append((member, args))

@@ -12,6 +12,7 @@ console login runs in a getty the installation masks and stops the same way
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Callable
 
@@ -26,19 +27,35 @@ SEED = "/var/lib/cloud/seed/nocloud"
 # program left running, as a reverse shell would be: cloud-final.service stops with
 # KillMode=process, which leaves it in the unit's cgroup. (The locale module is skipped: the
 # test image generates no en_US.UTF-8, which cloud-init sets.)
+# First, runcmd makes the unit's stop endless: cloud-final.service has TimeoutSec=0, and a
+# tracer holds its main process (cloud-init) in a ptrace stop, where SIGTERM does nothing.
+# Stopping it once the grace is over would wait forever, and the tamper listener with it.
 LEFT_BEHIND = "sleep 1645"
-USER_DATA = f"""#cloud-config
+HOLDER = "/root/hold-cloud-init.py"
+HELD = "/root/cloud-init-held"
+HOLD = f"""import ctypes, os, subprocess, time
+pid = subprocess.check_output(["systemctl", "show", "-P", "MainPID", "cloud-final.service"])
+if ctypes.CDLL(None, use_errno=True).ptrace(16, int(pid), None, None) != 0:  # PTRACE_ATTACH
+    raise SystemExit(os.strerror(ctypes.get_errno()))
+open({HELD!r}, "w").write(pid.decode())
+time.sleep(1646)
+"""
+USER_DATA = (f"""#cloud-config
 apt:
   preserve_sources_list: true
 locale: false
+write_files:
+  - path: {HOLDER}
+    encoding: b64
+    content: """ + base64.b64encode(HOLD.encode()).decode() + f"""
 runcmd:
-  - [sh, -c, 'DEBIAN_FRONTEND=noninteractive apt-get install -y statemesh-node; echo $? > /root/install.rc; setsid {LEFT_BEHIND} < /dev/null > /dev/null 2>&1 &']
-""".encode()
+  - [sh, -c, 'setsid python3 {HOLDER} < /dev/null > /dev/null 2>&1 & DEBIAN_FRONTEND=noninteractive apt-get install -y statemesh-node; echo $? > /root/install.rc; setsid {LEFT_BEHIND} < /dev/null > /dev/null 2>&1 &']
+""").encode()
 OUTPUT_LOG = "/var/log/cloud-init-output.log"
 JOURNAL = "/var/lib/statemesh-node/journal.jsonl"
 
 
-@pytest.mark.cost(150)
+@pytest.mark.cost(180)
 def test_cloud_init_runcmd_installs_at_first_boot_and_its_unit_ends(
         guest_factory: Callable[..., Guest], provisioned_node: SavedGuest, measured) -> None:
     guest = guest_factory(saved=provisioned_node)
@@ -58,12 +75,17 @@ def test_cloud_init_runcmd_installs_at_first_boot_and_its_unit_ends(
     assert "Setting up statemesh-node" in said and "\nE: " not in said, said[-1500:]
     # runcmd's shell writes apt's status unless cloud-final.service is stopped first.
     assert guest.run("cat /root/install.rc 2>/dev/null", check=False).stdout.strip() in ("", "0")
-    # The agents' lock masked cloud-final.service and spared it while apt ran, and it has
-    # ended since: by itself, or stopped once the grace was over; it stays masked.
+    # The agents' lock masked cloud-final.service and spared it while apt ran. Once the
+    # grace was over, its stop was cut short: every process of it was killed, the holder
+    # and cloud-init among them, and the unit has ended; it stays masked.
     locked = guest.run(f"grep '\"agents-locked\"' {JOURNAL}").stdout
     assert '"spared": ["cloud-final.service"]' in locked.splitlines()[0], locked
+    held = guest.run(f"cat {HELD}").stdout.strip()
     guest.wait_for("systemctl show -P ActiveState cloud-final.service | grep -qx -e inactive "
-                   "-e failed", "cloud-final.service's end", 60)
+                   "-e failed", "cloud-final.service's end", 120)
+    guest.run(f"journalctl -u statemesh-harden.service --no-pager | grep -q "
+              "'cloud-final.service did not stop within 30 s: killing every process of it'")
+    assert guest.run(f"test -e /proc/{held}", check=False).returncode == 1
     # What runcmd left running is killed with it: it ran as root in no running unit.
     guest.wait_for(f"! pgrep -f '^{LEFT_BEHIND}'", "the end of what runcmd left running", 60)
     guest.wait_for("systemctl is-enabled cloud-final.service | grep -qx masked",
