@@ -420,6 +420,27 @@ def test_tamper_listener_reasserts_after_unmask(debian: FakeBus, machine: Machin
     assert machine.ssh.check().holds
 
 
+def test_a_guarantee_the_listener_cannot_enforce_does_not_shield_the_others(
+        debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
+    """Prepared: ssh.service's stop job fails. Unmasked and started again, ssh cannot be
+    enforced; the getty started beside it is still stopped and masked again."""
+    for guarantee in machine.all:
+        guarantee.apply(book)
+    units = debian.systemd.units
+    for name in ("ssh.service", "getty@.service"):
+        units[name].masked = units[name].mask_loaded = False
+    units["ssh.service"].active_state = "active"
+    debian.systemd.add("getty@tty2.service", active_state="active")
+    debian.systemd.failing["ssh.service"] = "failed"
+
+    async def enforce() -> List[str]:
+        async with systemd.manager() as manager:
+            return await tamper.enforce_tampered(manager, machine.all, book)
+    assert debian.call(enforce()) == ["logins"]
+    assert not machine.ssh.check().holds
+    assert machine.logins.check().holds and units["getty@tty2.service"].active_state == "inactive"
+
+
 def _harden_cgroup(tmp_path: Path, pids: List[int]) -> Path:
     """A stand-in cgroup tree holding statemesh-harden.service's processes."""
     unit = tmp_path / "cgroup" / "system.slice" / HARDEN_UNIT

@@ -57,19 +57,34 @@ def listener_finding(ordered: Sequence[Guarantee], installed: bool,
 
 async def enforce_tampered(manager: systemd.Systemd, lockdown: Sequence[BusGuarantee],
                            journal: Any) -> List[str]:
-    """Enforce again every watched guarantee that no longer holds; returns their names."""
+    """Enforce again every watched guarantee that no longer holds; returns their names.
+
+    One that cannot be checked or enforced is logged (and tried again at the next signal or
+    period) and the others are still enforced: a failure the operator prepared for one
+    (a unit whose stop job fails) must not shield the rest from the listener."""
     fixed = []
     for guarantee in lockdown:
-        finding = await guarantee.inspect(manager)
-        if finding.holds:
-            continue
-        log("tamper-detected", guarantee=guarantee.name, changed=finding.detail)
-        journal.record("tamper-detected", guarantee=guarantee.name, changed=finding.detail)
-        await guarantee.enforce(manager, journal)
-        journal.record("tamper-reasserted", guarantee=guarantee.name)
-        log("tamper-reasserted", guarantee=guarantee.name)
-        fixed.append(guarantee.name)
+        try:
+            if await _enforce_if_tampered(manager, guarantee, journal):
+                fixed.append(guarantee.name)
+        except systemd.NoBusError:
+            raise
+        except (LockdownError, systemd.SystemdError, CommandError) as error:
+            log("tamper-error", guarantee=guarantee.name, error=str(error))
     return fixed
+
+
+async def _enforce_if_tampered(manager: systemd.Systemd, guarantee: BusGuarantee,
+                               journal: Any) -> bool:
+    finding = await guarantee.inspect(manager)
+    if finding.holds:
+        return False
+    log("tamper-detected", guarantee=guarantee.name, changed=finding.detail)
+    journal.record("tamper-detected", guarantee=guarantee.name, changed=finding.detail)
+    await guarantee.enforce(manager, journal)
+    journal.record("tamper-reasserted", guarantee=guarantee.name)
+    log("tamper-reasserted", guarantee=guarantee.name)
+    return True
 
 
 async def _listen_once(lockdown: Sequence[BusGuarantee], journal: Any,
@@ -84,13 +99,7 @@ async def _listen_once(lockdown: Sequence[BusGuarantee], journal: Any,
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), period)
             changed.clear()
-            try:
-                await enforce_tampered(manager, lockdown, journal)
-            except systemd.NoBusError:
-                raise
-            except (LockdownError, systemd.SystemdError, CommandError) as error:
-                # Logged and retried at the next signal or period: the listener must not die.
-                log("tamper-error", error=str(error))
+            await enforce_tampered(manager, lockdown, journal)
 
 
 async def listen(ordered: Sequence[Guarantee], journal: Any,
