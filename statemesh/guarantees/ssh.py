@@ -29,8 +29,13 @@ from statemesh.systemd import Systemd
 from statemesh.guarantees.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot,
                                 start_refused, unlocked, unlocked_problems)
 
+# With systemd 256 and later (Debian 13), systemd-ssh-generator also binds sshd to an
+# AF_VSOCK port (the hypervisor's way in), a local AF_UNIX socket and a container's export
+# socket, for its own sshd template where the package ships none. Masking the generator
+# keeps them from the next boot; these names stop and mask the ones already listening.
 UNITS = UnitSet(("ssh.service", "ssh.socket", "sshd.service", "ssh@.service",
-                 "sshd.socket", "sshd@.service"))
+                 "sshd.socket", "sshd@.service", "sshd-vsock.socket", "sshd-unix-local.socket",
+                 "sshd-unix-export.socket", "sshd-generated@.service"))
 GENERATOR = Path("etc/systemd/system-generators/systemd-ssh-generator")
 SSHD = "/usr/sbin/sshd"
 
