@@ -492,10 +492,10 @@ def installation_finding(book: journal.Journal, dpkg_dir: Path = dpkgdb.DPKG_DIR
         return Finding("installation", False, f"{detail}, but systemd cannot be asked what "
                        f"runs by hand: {error}", facts)
     if facts["left_running"]:
+        left = planted.named(facts["left_running"], leftrunning.ENTRIES_SHOWN)
         return Finding("installation", False,
                        f"{detail}, but programs left running by hand keep running as root: "
-                       f"{planted.named(facts['left_running'])} (the next boot ends them)",
-                       facts)
+                       f"{left} (the next boot ends them)", facts)
     return Finding("installation", True, detail, facts)
 
 

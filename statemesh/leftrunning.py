@@ -22,9 +22,10 @@ A mount over a process's directory in /proc hides that process from every reader
 (this module, the watchdog, ps): the directory then shows the mounted one (PID 1's, a
 kernel thread's). Each such mount is named as a program left running, hidden.
 
-Not found: a process root moved into a packaged unit's cgroup (nothing tells it from that
-unit's own children), and what a packaged unit started by hand runs (user@0.service without
-a session, systemd-nspawn@). README's honest limits say so.
+A packaged service that runs although nothing of the machine's brought it up was started by
+a request (`systemctl start systemd-nspawn@box`, `wg-quick@wg0`, user@0.service without a
+session): statemesh.pulledin tells. Not found: a process root moved into a packaged unit's
+cgroup (nothing tells it from that unit's own children). README's honest limits say so.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import re
 from pathlib import Path
 from typing import Callable, Collection, Dict, List, Optional, Set, Tuple
 
-from statemesh import proc, systemd, volume
+from statemesh import proc, pulledin, systemd, volume
 from statemesh.planted import named
 from statemesh.watchdog import terminals
 
@@ -55,6 +56,9 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 # one before (a unit may stop meanwhile; a process may move).
 SETTLE_ROUNDS = 3
 PROCESS_DIRECTORY = re.compile(r"^/proc/[0-9]+(/.*)?$")
+# Units named per finding: each is something to stop before installing, so that one
+# refusal names them all on a machine that is not a container host.
+ENTRIES_SHOWN = 10
 
 CgroupOf = Callable[[int], str]
 
@@ -142,23 +146,31 @@ async def _not_systemds(manager: systemd.Systemd, unit: str, cgroups: Set[str]) 
     return {cgroup for cgroup in cgroups if not _inside(cgroup, own)}
 
 
-async def by_hand(manager: systemd.Systemd, later: Collection[str],
+async def by_hand(manager: systemd.Systemd, chain: pulledin.BootChain, later: Collection[str],
                   running: Dict[str, Set[str]]) -> Tuple[Dict[str, str], Set[str]]:
-    """The units systemd says are transient (of `later`, and of `running`: unit -> the
-    cgroups its processes are in), and the cgroups of `running` systemd does not own."""
-    transient: Dict[str, str] = {}
+    """The units started by hand (of `later`, and of `running`: unit -> the cgroups its
+    processes are in), each with what to say of it: those systemd says are transient, and
+    packaged ones the machine did not bring up (`chain`); and the cgroups of `running`
+    systemd does not own."""
+    started: Dict[str, str] = {}
     foreign: Set[str] = set()
     for unit in sorted(set(later) | set(running)):
         try:
             if await manager.get_unit_property(unit, systemd.UNIT, "Transient"):
-                transient[unit] = "started by hand"
-            elif unit in running:
-                foreign |= await _not_systemds(manager, unit, running[unit])
+                started[unit] = "started by hand"
+                continue
+            runs_inside = True
+            if unit in running:
+                outside = await _not_systemds(manager, unit, running[unit])
+                foreign |= outside
+                runs_inside = outside != running[unit]
+            if runs_inside and not await chain.brought_up(unit):
+                started[unit] = pulledin.ON_REQUEST
         except systemd.AccessDeniedError:
             raise
         except systemd.SystemdError:  # no such unit, or a name systemd finds invalid
             foreign |= running.get(unit, set())
-    return transient, foreign
+    return started, foreign
 
 
 def _named_processes(processes: List[Process]) -> str:
@@ -210,21 +222,23 @@ async def left_running(manager: systemd.Systemd, excused: Excused = nothing_excu
     hidden = hidden_by_mounts(mountinfo.read_text(encoding="utf-8", errors="replace"))
     processes = userland(cgroup_of)
     own_units = {p.unit for p in processes if excused(p)}
-    transient, foreign = await by_hand(manager, await _starting_later(manager) - own_units, {})
+    chain = await pulledin.BootChain.of(manager)
+    started, foreign = await by_hand(manager, chain,
+                                     await _starting_later(manager) - own_units, {})
     asked: Dict[str, Set[str]] = {}
     for listing in range(1, SETTLE_ROUNDS + 1):
         left = [p for p in processes if not excused(p)]
         new = _not_asked(left, asked)
         if new:
-            more_transient, more_foreign = await by_hand(manager, (), new)
-            transient.update(more_transient)
+            more_started, more_foreign = await by_hand(manager, chain, (), new)
+            started.update(more_started)
             foreign |= more_foreign
             for unit, cgroups in new.items():
                 asked.setdefault(unit, set()).update(cgroups)
         if not new or listing == SETTLE_ROUNDS:
             break
         processes = userland(cgroup_of)
-    return hidden + describe(left, transient, foreign)
+    return hidden + describe(left, started, foreign)
 
 
 def _not_asked(processes: List[Process], asked: Dict[str, Set[str]]) -> Dict[str, Set[str]]:
@@ -241,7 +255,7 @@ def refusal(entries: List[str]) -> List[str]:
     if not entries:
         return []
     return [f"programs left running by hand, which would keep running as root after the "
-            f"lockdown: {named(entries)} (systemctl stop UNIT, kill PID; "
+            f"lockdown: {named(entries, ENTRIES_SHOWN)} (systemctl stop UNIT, kill PID; "
             "systemctl reset-failed)"]
 
 

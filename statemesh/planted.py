@@ -58,10 +58,10 @@ STARTUP_HOOK_GLOBS = ("/usr/lib/python3*/dist-packages/*.pth",
 SHOWN = 3  # paths named per finding; the rest are counted
 
 
-def named(paths: Sequence[str]) -> str:
+def named(paths: Sequence[str], shown: int = SHOWN) -> str:
     """The first few of `paths` and how many more: a finding stays one readable line."""
-    shown = ", ".join(paths[:SHOWN])
-    return shown if len(paths) <= SHOWN else f"{shown} and {len(paths) - SHOWN} more"
+    listed = ", ".join(paths[:shown])
+    return listed if len(paths) <= shown else f"{listed} and {len(paths) - shown} more"
 
 
 def _not_installed(patterns: Iterable[str], files: Dict[str, str]) -> List[str]:

@@ -385,6 +385,11 @@ class Systemd:
                                                       what=f"{prop} of {name}")
                 for prop in props}
 
+    async def default_target(self) -> str:
+        """The unit a boot starts from (what default.target links to)."""
+        (name,) = await self._manager("GetDefaultTarget", what="the default target")
+        return name
+
     async def get_environment(self) -> List[str]:
         """The manager's environment ("NAME=value"), which every service it starts inherits."""
         return list(await self._client.get_property(SYSTEMD_PATH, MANAGER, "Environment"))
@@ -435,6 +440,12 @@ class Logind:
                 continue
             sessions.append(_session(session_id, uid, user, seat, props))
         return sessions
+
+    async def list_users(self) -> List[int]:
+        """The uids logind keeps a user manager for: with a session, closing, or lingering."""
+        (listed,) = await self._client.call(LOGIND_PATH, LOGIND_MANAGER, "ListUsers",
+                                            what="listing logind users")
+        return [int(uid) for uid, _name, _path in listed]
 
     async def terminate_session(self, session_id: str) -> None:
         await self._client.call(LOGIND_PATH, LOGIND_MANAGER, "TerminateSession", "s",

@@ -5,14 +5,15 @@ excused but not a shell beside them, and units that start a program later count 
 from __future__ import annotations
 
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
 
-from statemesh import leftrunning, proc, systemd
-from tests.fakebus import FakeBus, fakebus  # noqa: F401 - fixture
+from statemesh import leftrunning, proc, pulledin, systemd
+from tests.fakebus import FakeBus, FakeSession, fakebus  # noqa: F401 - fixture
 
 
 @pytest.fixture
@@ -112,6 +113,94 @@ def test_the_installation_is_excused_but_not_a_shell_beside_it(
         f"inst.service (started by hand): pid {shell} (sleep 61)"]
     # Nothing excused (status, once installed): the session's scope is named too.
     assert len(left(fakebus, cgroups, files)) == 2
+
+
+ON_REQUEST = "(started on request: nothing the boot starts pulls it in or triggers it)"
+
+
+def test_a_packaged_service_nothing_pulls_in_was_started_on_request(
+        fakebus: FakeBus, sleepers: List[int]) -> None:
+    """`systemctl start systemd-nspawn@box` (a container, root's) and a timer started the
+    same way: packaged units, not transient, and no boot would start them; nor a service
+    wanted only by a target started by hand (machines.target, not enabled)."""
+    fake = fakebus.systemd
+    fake.add("systemd-nspawn@box.service", active_state="active", wanted_by=[])
+    fake.add("fstrim.timer", active_state="active", wanted_by=[])
+    fake.add("machines.target", active_state="active", wanted_by=[])
+    fake.add("systemd-nspawn@other.service", active_state="active",
+             wanted_by=["machines.target"])
+    box, other, _ = sleepers
+    cgroups = {box: "/system.slice/systemd-nspawn@box.service",
+               other: "/system.slice/systemd-nspawn@other.service"}
+    assert left(fakebus, cgroups) == [
+        f"fstrim.timer {ON_REQUEST}: nothing runs in it now; it may start again",
+        f"systemd-nspawn@box.service {ON_REQUEST}: pid {box} (sleep 60)",
+        f"systemd-nspawn@other.service {ON_REQUEST}: pid {other} (sleep 61)"]
+    # Booted into machines.target (systemd.unit= on the kernel's command line), the boot
+    # brought it and what it wants up.
+    cmdline = Path(tempfile.mkdtemp()) / "cmdline"
+    cmdline.write_text("root=/dev/vda1 systemd.unit=rescue.target systemd.unit=machines.target\n")
+
+    async def brought_up(unit: str) -> bool:
+        async with systemd.manager() as manager:
+            chain = await pulledin.BootChain.of(manager, cmdline)
+            return await chain.brought_up(unit)
+    assert fakebus.call(brought_up("systemd-nspawn@other.service"))
+    assert not fakebus.call(brought_up("systemd-nspawn@box.service"))
+
+
+def test_what_the_machine_brings_up_itself_is_not_on_request(
+        fakebus: FakeBus, sleepers: List[int]) -> None:
+    """Pulled in by the boot through a chain of units, triggered by a socket the boot
+    listens on, activated over D-Bus, wanted by a present device (udev), a user's service
+    manager logind keeps: none is named. Two units that want each
+    other and nothing else are named, and the walk ends."""
+    fake = fakebus.systemd
+    fake.add("basic.target", active_state="active", wanted_by=[], file_state="static")
+    fake.add("sockets.target", active_state="active", wanted_by=["basic.target"])
+    fake.add("dbus.socket", active_state="active", wanted_by=["sockets.target"])
+    fake.add("dbus.service", active_state="active", wanted_by=[], triggered_by=["dbus.socket"])
+    fake.add("polkit.service", active_state="active", wanted_by=[],
+             bus_name="org.freedesktop.PolicyKit1")
+    for puller in ("sys-subsystem-net-devices-eth0.device", "session-3.scope"):
+        fake.add(puller, active_state="active", wanted_by=[])
+    fake.add("ifup@eth0.service", active_state="active",
+             wanted_by=["sys-subsystem-net-devices-eth0.device"])
+    fake.add("user@0.service", active_state="active", wanted_by=[])
+    fake.add("a.service", active_state="active", wanted_by=["b.service"])
+    fake.add("b.service", active_state="active", wanted_by=["a.service"])
+    fake.units["basic.target"].wanted_by = ["multi-user.target"]  # RequiredBy in systemd
+    names = ("dbus.service", "polkit.service", "ifup@eth0.service")
+    assert left(fakebus, {pid: f"/system.slice/{name}"
+                          for pid, name in zip(sleepers, names)}) == []
+    # What the boot pulled in through a unit that has ended since (skipped by its
+    # condition) is the boot's; a service wanted by a device that is not there is not.
+    fake.add("local-fs.target", active_state="active", wanted_by=["multi-user.target"])
+    fake.add("systemd-fsck-root.service", wanted_by=["local-fs.target"])
+    fake.add("systemd-fsckd.socket", active_state="active",
+             wanted_by=["systemd-fsck-root.service"])
+    fake.add("sys-subsystem-net-devices-eth9.device", wanted_by=[])
+    fake.add("ifup@eth9.service", active_state="active",
+             wanted_by=["sys-subsystem-net-devices-eth9.device"])
+    assert left(fakebus, {sleepers[0]: "/system.slice/ifup@eth9.service"}) == [
+        f"ifup@eth9.service {ON_REQUEST}: pid {sleepers[0]} (sleep 60)"]
+    # root's service manager: logind's while root has a session (or a moment after the
+    # last one, while logind stops it) or lingers; with neither, started by hand.
+    cgroups = {sleepers[0]: "/system.slice/user@0.service/init.scope",
+               sleepers[1]: "/system.slice/a.service", sleepers[2]: "/system.slice/b.service"}
+    on_request = [f"a.service {ON_REQUEST}: pid {sleepers[1]} (sleep 61)",
+                  f"b.service {ON_REQUEST}: pid {sleepers[2]} (sleep 62)"]
+    fakebus.logind.add(FakeSession("3", uid=0, scope="session-3.scope"))
+    assert left(fakebus, cgroups) == on_request
+    fakebus.logind.remove("3")
+    assert left(fakebus, cgroups) == on_request + [
+        f"user@0.service {ON_REQUEST}: pid {sleepers[0]} (sleep 60)"]
+    fakebus.logind.lingering.add(0)
+    assert left(fakebus, cgroups) == on_request
+    # Where a boot was told to start elsewhere: the last systemd.unit= counts.
+    assert pulledin.command_line_target("quiet systemd.unit=a.target systemd.unit=b.target") \
+        == {"b.target"}
+    assert pulledin.command_line_target("quiet") == set()
 
 
 def test_a_machine_with_nothing_by_hand_has_no_finding(fakebus: FakeBus, sleepers: List[int],

@@ -61,6 +61,11 @@ class FakeUnit:
     fragment: str = ""  # FragmentPath: the unit's file in /lib/systemd/system unless set
     dropins: List[str] = dataclasses.field(default_factory=list)
     transient: bool = False  # started with systemd-run
+    # What pulls it in (WantedBy; RequiredBy, BoundBy and UpheldBy are left empty) or
+    # triggers it: by default, the boot (enabled, or static and wanted by a boot target).
+    wanted_by: List[str] = dataclasses.field(default_factory=lambda: ["multi-user.target"])
+    triggered_by: List[str] = dataclasses.field(default_factory=list)
+    bus_name: str = ""
     # (pid, command) in its cgroup: a unit stopped with KillMode=process keeps them.
     processes: List[Tuple[int, str]] = dataclasses.field(default_factory=list)
     # As systemd, a mask refuses starts only once a reload has loaded it (and an unmask
@@ -112,6 +117,26 @@ class UnitObject(ServiceInterface):
     def Transient(self) -> "b":  # noqa: N802,F821
         return self.unit.transient
 
+    @dbus_property(access=PropertyAccess.READ)
+    def WantedBy(self) -> "as":  # noqa: N802,F821
+        return self.unit.wanted_by
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RequiredBy(self) -> "as":  # noqa: N802,F821
+        return []
+
+    @dbus_property(access=PropertyAccess.READ)
+    def BoundBy(self) -> "as":  # noqa: N802,F821
+        return []
+
+    @dbus_property(access=PropertyAccess.READ)
+    def UpheldBy(self) -> "as":  # noqa: N802,F821
+        return []
+
+    @dbus_property(access=PropertyAccess.READ)
+    def TriggeredBy(self) -> "as":  # noqa: N802,F821
+        return self.unit.triggered_by
+
 
 class UnitTypeObject(ServiceInterface):
     """org.freedesktop.systemd1.Service (Scope, Socket...) of one unit: where systemd keeps
@@ -126,6 +151,10 @@ class UnitTypeObject(ServiceInterface):
     def ControlGroup(self) -> "s":  # noqa: N802,F821
         """As systemd: a unit that exists has its cgroup under system.slice."""
         return f"/system.slice/{self.unit.name}" if self.unit.exists else ""
+
+    @dbus_property(access=PropertyAccess.READ)
+    def BusName(self) -> "s":  # noqa: N802,F821
+        return self.unit.bus_name
 
 
 class FakeSystemd(ServiceInterface):
@@ -148,6 +177,8 @@ class FakeSystemd(ServiceInterface):
         self._exported: Set[str] = set()
         self._subscribers: Set[str] = set()
         bus.add_message_handler(self._refuse_second_subscribe)
+        # Where every unit's default WantedBy leads: the booted machine's target.
+        self.add("multi-user.target", file_state="static", active_state="active", wanted_by=[])
 
     @dbus_property(access=PropertyAccess.READ)
     def Environment(self) -> "as":  # noqa: N802,F821
@@ -227,6 +258,11 @@ class FakeSystemd(ServiceInterface):
     @method()
     def RestartUnit(self, name: "s", mode: "s") -> "o":  # noqa: N802,F821
         return self._start("RestartUnit", name, mode)
+
+    @method()
+    def GetDefaultTarget(self) -> "s":  # noqa: N802,F821
+        self._guard("GetDefaultTarget", ())
+        return "graphical.target"
 
     @method()
     def GetUnitProcesses(self, name: "s") -> "a(sus)":  # noqa: N802,F821
@@ -434,9 +470,7 @@ class FakeLogind(ServiceInterface):
         self.calls: List[Tuple[str, Any]] = []
         self.denied: Set[str] = set()
         self.after: Dict[str, Callable[[Any], None]] = {}  # method -> what follows a call
-        # Units whose stop job runs until KillUnit SIGKILLs their cgroup (TimeoutStopSec=
-        # infinity and a main process held by a tracer), each with its stop job once queued.
-        self.endless_stops: Dict[str, Optional[Tuple[int, str]]] = {}
+        self.lingering: Set[int] = set()  # uids of users whose manager starts at boot
 
     def _guard(self, member: str, args: Any) -> None:
         self.calls.append((member, args))
@@ -464,6 +498,14 @@ class FakeLogind(ServiceInterface):
             raise DBusError("org.freedesktop.login1.NoSuchSession",
                             f"No session '{session_id}' known")
         return self.sessions[session_id]
+
+    @method()
+    def ListUsers(self) -> "a(uso)":  # noqa: N802,F821
+        """The users logind knows: those with a session, and lingering ones."""
+        self._guard("ListUsers", ())
+        uids = {s.uid for s in self.sessions.values()} | self.lingering
+        return [[uid, "root" if uid == 0 else f"user{uid}", f"/org/freedesktop/login1/user/_{uid}"]
+                for uid in sorted(uids)]
 
     @method()
     def ListSessions(self) -> "a(susso)":  # noqa: N802,F821

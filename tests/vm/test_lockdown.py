@@ -275,6 +275,23 @@ def plant_code_for_roots_programs(guest: Guest) -> None:
     guest.run(f"rm -f {RAN} && python3 -c pass && grep -q 'python3 -c pass' {RAN}")  # it runs
 
 
+# A container of root's, systemd-container's packaged unit started by hand: it runs what its
+# settings say (a sleep here; a reverse shell as easily) as root until the next boot, and
+# nothing the boot starts pulls it in. Its tree borrows the machine's /usr.
+CONTAINER = "systemd-nspawn@box.service"
+CONTAINER_SETTINGS = (b"[Exec]\nBoot=no\nParameters=/usr/bin/sleep 1648\nPrivateUsers=no\n"
+                      b"[Files]\nBindReadOnly=/usr\n[Network]\nVirtualEthernet=no\n")
+
+
+def start_a_container_by_hand(guest: Guest) -> None:
+    tree = "/var/lib/machines/box"
+    guest.run(f"mkdir -p {tree}/etc {tree}/usr /etc/systemd/nspawn && "
+              f"cp -L /etc/os-release {tree}/etc/ && "
+              f"for d in bin sbin lib lib64; do ln -sfn usr/$d {tree}/$d; done")
+    guest.put("/etc/systemd/nspawn/box.nspawn", CONTAINER_SETTINGS)
+    guest.run(f"systemctl start {CONTAINER}")
+
+
 WAY_BACK_DROPIN = "/etc/systemd/system/unattended-upgrades.service.d/50-way-back.conf"
 FORGED_PURGE_DROPIN = "/run/systemd/system/statemesh-watchdog.service.d/50-statemesh-purge.conf"
 APT_HOOK = "/etc/apt/apt.conf.d/99way-back"
@@ -352,6 +369,7 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
     start_in_background(guest, "kept-aside", "echo 4294967295 > /proc/self/loginuid; "
                         f"echo $$ > {LOGIND_PROCS}; exec python3 -c {driver.quote(PTY_HOLDER)}")
     guest.wait_for("pgrep -f '[s]leep.1641'", "the kept-aside shell", 60)
+    start_a_container_by_hand(guest)
     refused = guest.run("apt-get install -y statemesh-node", env=ENV, check=False, timeout=900)
     said = refused.stdout + refused.stderr  # dpkg runs maintainer scripts on a pty
     assert refused.returncode != 0
@@ -393,6 +411,9 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
     assert GRUB_CONSOLE not in said, said
     assert re.search(r"dial-out\.service \(started by hand\): pid [0-9]+ "
                      r"\(/usr/bin/sleep 1642\)", said), said
+    assert re.search(rf"{re.escape(CONTAINER)} \(started on request: nothing the boot starts "
+                     r"pulls it in or triggers it\): pid [0-9]+ \(systemd-nspawn .*"
+                     r"pid [0-9]+ \(/usr/bin/sleep 1648\)", said), said
     # Root's other Python programs ran it (dpkg's py3compile among them); the package's
     # own processes, /usr/bin/statemesh-node, did not.
     ran = guest.run(f"cat {RAN}").stdout

@@ -48,7 +48,8 @@ def test_status_names_a_mount_over_the_volume_a_stopped_watchdog_and_a_killed_li
     Restart=no: an interrupted transaction must never rerun half-way); the watchdog is
     stopped rather than killed (systemd would restart a dead one at once); a tmpfs goes over
     the volume with the volume's options and the mapper's name as its source; a program
-    left running hides behind a mount over its /proc directory."""
+    left running hides behind a mount over its /proc directory; root's service manager is
+    started by hand, with no session."""
     guest = installed_guest
     assert guest.run("statemesh-node status", check=False).returncode == 0
     guest.run("kill -KILL $(systemctl show -P MainPID statemesh-harden.service)")
@@ -61,6 +62,10 @@ def test_status_names_a_mount_over_the_volume_a_stopped_watchdog_and_a_killed_li
     hidden = guest.run("systemctl show -P MainPID hidden-by-hand.service").stdout.strip()
     guest.run(f"mount --bind /proc/2 /proc/{hidden}")
     assert "sleep" not in guest.run(f"cat /proc/{hidden}/cmdline").stdout
+    # A packaged unit started by hand: root's service manager with no session (it runs
+    # root's user units, no terminal needed). Not transient; nothing the boot starts wants it.
+    guest.run("systemctl start user@0.service")
+    manager = guest.run("systemctl show -P MainPID user@0.service").stdout.strip()
 
     status = guest.run("statemesh-node status --json", check=False)
     print(guest.run("statemesh-node status", check=False).stdout)
@@ -73,6 +78,9 @@ def test_status_names_a_mount_over_the_volume_a_stopped_watchdog_and_a_killed_li
     assert not installation["holds"]
     assert f"hidden by a mount over /proc/{hidden}, from every reader of /proc" in \
         installation["detail"], installation
+    assert ("user@0.service (started on request: nothing the boot starts pulls it in or "
+            f"triggers it): pid {manager} (/lib/systemd/systemd --user)") in \
+        installation["detail"].replace("/usr/lib/systemd", "/lib/systemd"), installation
     assert not found["watchdog"]["holds"]
     assert f"stopped (pid {watchdog}: SIGSTOP or a tracer)" in found["watchdog"]["detail"]
     assert not found["storage"]["holds"]

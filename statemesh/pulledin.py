@@ -1,0 +1,113 @@
+"""Whether a running unit is there because the machine brings it up, or on request.
+
+A unit file can be a package's own and still be a way in: `systemctl start
+systemd-nspawn@box` runs a container, `wg-quick@wg0` runs its configuration's `PostUp=`
+commands, as root, and neither runs again after a reboot unless something pulls it in.
+systemd keeps no record of who asked for a start, but it does know what pulls each unit
+in: the reverse dependencies (WantedBy, RequiredBy, BoundBy, UpheldBy) and the units that
+trigger it (TriggeredBy: a socket, timer or path). The machine brings a unit up when a
+chain of them leads from it to where a boot starts (the default target, the common boot
+targets, or the one named on the kernel's command line): the boot starts it, whatever
+pulled it in this time. So do an active device (udev pulls units in for hardware), an
+active scope (logind's sessions, judged elsewhere), a bus name (D-Bus activation), and
+logind for the service manager of a user it knows (a session, or lingering).
+Anything else was started by a request: `systemctl start`, a script, a program of root's.
+
+The chain is not required to be active: what the boot started and what has ended since
+(systemd-fsck-root.service, skipped by its condition, still pulled systemd-fsckd.socket in)
+is the boot's all the same. The walk keeps what it proved: most units are wanted by
+multi-user.target directly.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, FrozenSet, Set
+
+from statemesh import systemd
+
+PULLED_IN_BY = ("WantedBy", "RequiredBy", "BoundBy", "UpheldBy", "TriggeredBy")
+BOOT_TARGETS = frozenset({"multi-user.target", "graphical.target"})
+# Units that udev (devices) or logind (session scopes) bring up.
+BROUGHT_UP_ELSEWHERE = (".device", ".scope")
+ACTIVE_STATES = ("active", "activating", "reloading")
+# What status and preflight say of a service the machine did not bring up.
+ON_REQUEST = "started on request: nothing the boot starts pulls it in or triggers it"
+KERNEL_COMMAND_LINE = Path("/proc/cmdline")
+# A user's service manager and runtime directory: logind starts them for a user with a
+# session (and stops them a moment after the last one ends) or a lingering user (which
+# preflight and status name apart); with neither, one was started by hand.
+USERS_UNIT = re.compile(r"^(?:user|user-runtime-dir)@([0-9]+)\.service$")
+
+
+def command_line_target(cmdline: str) -> Set[str]:
+    """The unit a `systemd.unit=` argument boots into (the last one counts), if any."""
+    named = [word.split("=", 1)[1] for word in cmdline.split()
+             if word.startswith("systemd.unit=")]
+    return {named[-1]} if named else set()
+
+
+class BootChain:
+    """Answers "did the machine bring this unit up?" over one systemd connection."""
+
+    def __init__(self, manager: systemd.Systemd, roots: FrozenSet[str],
+                 logind_users: FrozenSet[int]):
+        self._manager = manager
+        self._roots = roots
+        self._logind_users = logind_users
+        self._proven: Set[str] = set()
+
+    @classmethod
+    async def of(cls, manager: systemd.Systemd,
+                 cmdline: Path = KERNEL_COMMAND_LINE) -> "BootChain":
+        roots = set(BOOT_TARGETS) | {await manager.default_target()}
+        roots |= command_line_target(cmdline.read_text(encoding="utf-8", errors="replace"))
+        users = await systemd.Logind(manager.bus).list_users()
+        return cls(manager, frozenset(roots), frozenset(users))
+
+    async def brought_up(self, unit: str) -> bool:
+        """Whether a chain of units leads from `unit` to where the machine starts units by
+        itself (see the module's docstring)."""
+        return await self._walk(unit, set())
+
+    async def _walk(self, unit: str, seen: Set[str]) -> bool:
+        if unit in self._proven or unit in self._roots:
+            return True
+        logind_unit = USERS_UNIT.match(unit)
+        if logind_unit:
+            return int(logind_unit.group(1)) in self._logind_users
+        if unit.endswith(BROUGHT_UP_ELSEWHERE):
+            return await self._active(unit)
+        seen.add(unit)
+        if await self._pulled_in(unit, seen) or (unit.endswith(".service")
+                                                 and await self._bus_name(unit)):
+            self._proven.add(unit)
+            return True
+        return False
+
+    async def _pulled_in(self, unit: str, seen: Set[str]) -> bool:
+        """Property by property, WantedBy first (most units are wanted by a boot target):
+        each one read costs a round trip."""
+        for prop in PULLED_IN_BY:
+            for puller in await self._optional(unit, systemd.UNIT, prop, []):
+                if puller not in seen and await self._walk(puller, seen):
+                    return True
+        return False
+
+    async def _bus_name(self, unit: str) -> str:
+        return await self._optional(unit, f"{systemd.SYSTEMD}.Service", "BusName", "")
+
+    async def _active(self, unit: str) -> bool:
+        return await self._optional(unit, systemd.UNIT, "ActiveState", "") in ACTIVE_STATES
+
+    async def _optional(self, unit: str, interface: str, prop: str, absent: Any) -> Any:
+        """A property, or `absent` where this systemd has no such property (UpheldBy is
+        new in 249) or no such unit any more."""
+        try:
+            return await self._manager.get_unit_property(unit, interface, prop)
+        except systemd.AccessDeniedError:
+            raise
+        except systemd.SystemdError:
+            return absent
+
+
