@@ -8,16 +8,20 @@ in: the reverse dependencies (WantedBy, RequiredBy, BoundBy, UpheldBy) and the u
 trigger it (TriggeredBy: a socket, timer or path). The machine brings a unit up when a
 chain of them leads from it to where a boot starts (the default target, the common boot
 targets, or the one named on the kernel's command line): the boot starts it, whatever
-pulled it in this time. So do an active device (udev pulls units in for hardware), an
-active scope (logind's sessions, judged elsewhere), a bus name (D-Bus activation), and
-logind for the service manager of a user it knows (a session, or lingering).
+pulled it in this time. So does udev for a unit an active device wants, or one bound to
+an active device (ifupdown's hotplug starts `ifup@IFACE`, bound to its interface); so does
+logind for the service manager of a user it knows (a session, or lingering), and D-Bus
+for a service with a bus name. A few packaged units are started by their own packages'
+code, on request, and run nothing an operator configures: those are named below.
 Anything else was started by a request: `systemctl start`, a script, a program of root's.
 
 The chain is not required to be active: what the boot started and what has ended since
 (systemd-fsck-root.service, skipped by its condition, still pulled systemd-fsckd.socket in)
-is the boot's all the same. The walk keeps what it proved: most units are wanted by
-multi-user.target directly.
+is the boot's all the same. A transient unit is never a link: it is gone at the next
+boot, and one made to want a unit (`systemd-run -p Wants=...`) would otherwise vouch for
+it. The walk keeps what it proved: most units are wanted by multi-user.target directly.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,16 +32,18 @@ from statemesh import systemd
 
 PULLED_IN_BY = ("WantedBy", "RequiredBy", "BoundBy", "UpheldBy", "TriggeredBy")
 BOOT_TARGETS = frozenset({"multi-user.target", "graphical.target"})
-# Units that udev (devices) or logind (session scopes) bring up.
-BROUGHT_UP_ELSEWHERE = (".device", ".scope")
 ACTIVE_STATES = ("active", "activating", "reloading")
-# What status and preflight say of a service the machine did not bring up.
+# What status and preflight say of a unit the machine did not bring up.
 ON_REQUEST = "started on request: nothing the boot starts pulls it in or triggers it"
 KERNEL_COMMAND_LINE = Path("/proc/cmdline")
 # A user's service manager and runtime directory: logind starts them for a user with a
 # session (and stops them a moment after the last one ends) or a lingering user (which
 # preflight and status name apart); with neither, one was started by hand.
 USERS_UNIT = re.compile(r"^(?:user|user-runtime-dir)@([0-9]+)\.service$")
+# Packaged units their own package's code starts with `systemctl start`, which run only
+# packaged code: ubuntu-pro-client's APT hook (at every apt update), mdadm for external
+# metadata arrays (Intel IMSM, DDF).
+STARTED_BY_THEIR_PACKAGE = re.compile(r"^(?:apt-news|esm-cache|mdmon@[^/]+)\.service$")
 
 
 def command_line_target(cmdline: str) -> Set[str]:
@@ -66,21 +72,32 @@ class BootChain:
         return cls(manager, frozenset(roots), frozenset(users))
 
     async def brought_up(self, unit: str) -> bool:
-        """Whether a chain of units leads from `unit` to where the machine starts units by
-        itself (see the module's docstring)."""
-        return await self._walk(unit, set())
-
-    async def _walk(self, unit: str, seen: Set[str]) -> bool:
-        if unit in self._proven or unit in self._roots:
+        """Whether the machine brings `unit` up itself (see the module's docstring). Its own
+        bus name counts, or its binding to a device, not those of a unit on its chain."""
+        if unit in self._proven:
             return True
         logind_unit = USERS_UNIT.match(unit)
         if logind_unit:
             return int(logind_unit.group(1)) in self._logind_users
-        if unit.endswith(BROUGHT_UP_ELSEWHERE):
+        if STARTED_BY_THEIR_PACKAGE.match(unit) or await self._walk(unit, set()):
+            return True
+        if await self._bound_to_a_device(unit) or (unit.endswith(".service")
+                                                   and await self._bus_name(unit)):
+            self._proven.add(unit)
+            return True
+        return False
+
+    async def _walk(self, unit: str, seen: Set[str]) -> bool:
+        """Whether a chain of reverse dependencies, none transient, leads from `unit` to a
+        boot root or an active device."""
+        if unit in self._proven or unit in self._roots:
+            return True
+        if unit.endswith(".device"):
             return await self._active(unit)
         seen.add(unit)
-        if await self._pulled_in(unit, seen) or (unit.endswith(".service")
-                                                 and await self._bus_name(unit)):
+        if await self._optional(unit, systemd.UNIT, "Transient", False):
+            return False
+        if await self._pulled_in(unit, seen):
             self._proven.add(unit)
             return True
         return False
@@ -94,6 +111,12 @@ class BootChain:
                     return True
         return False
 
+    async def _bound_to_a_device(self, unit: str) -> bool:
+        for bound in await self._optional(unit, systemd.UNIT, "BindsTo", []):
+            if bound.endswith(".device") and await self._active(bound):
+                return True
+        return False
+
     async def _bus_name(self, unit: str) -> str:
         return await self._optional(unit, f"{systemd.SYSTEMD}.Service", "BusName", "")
 
@@ -102,12 +125,10 @@ class BootChain:
 
     async def _optional(self, unit: str, interface: str, prop: str, absent: Any) -> Any:
         """A property, or `absent` where this systemd has no such property (UpheldBy is
-        new in 249) or no such unit any more."""
+        new in 249) or no such unit any more; a lost bus is not an absent property."""
         try:
             return await self._manager.get_unit_property(unit, interface, prop)
-        except systemd.AccessDeniedError:
+        except (systemd.AccessDeniedError, systemd.NoBusError):
             raise
         except systemd.SystemdError:
             return absent
-
-

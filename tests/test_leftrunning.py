@@ -162,17 +162,20 @@ def test_what_the_machine_brings_up_itself_is_not_on_request(
     fake.add("dbus.service", active_state="active", wanted_by=[], triggered_by=["dbus.socket"])
     fake.add("polkit.service", active_state="active", wanted_by=[],
              bus_name="org.freedesktop.PolicyKit1")
-    for puller in ("sys-subsystem-net-devices-eth0.device", "session-3.scope"):
-        fake.add(puller, active_state="active", wanted_by=[])
-    fake.add("ifup@eth0.service", active_state="active",
-             wanted_by=["sys-subsystem-net-devices-eth0.device"])
+    fake.add("sys-subsystem-net-devices-eth0.device", active_state="active", wanted_by=[])
+    # ifupdown's udev hotplug helper runs `systemctl --no-block start ifup@eth0.service`:
+    # nothing wants it, it is bound to its interface.
+    fake.add("ifup@eth0.service", active_state="active", wanted_by=[],
+             binds_to=["sys-subsystem-net-devices-eth0.device"])
+    fake.add("apt-news.service", active_state="active", wanted_by=[])  # ubuntu-pro's APT hook
     fake.add("user@0.service", active_state="active", wanted_by=[])
     fake.add("a.service", active_state="active", wanted_by=["b.service"])
     fake.add("b.service", active_state="active", wanted_by=["a.service"])
     fake.units["basic.target"].wanted_by = ["multi-user.target"]  # RequiredBy in systemd
-    names = ("dbus.service", "polkit.service", "ifup@eth0.service")
+    names = ("dbus.service", "polkit.service", "ifup@eth0.service", "apt-news.service")
     assert left(fakebus, {pid: f"/system.slice/{name}"
                           for pid, name in zip(sleepers, names)}) == []
+    assert left(fakebus, {sleepers[0]: "/system.slice/apt-news.service"}) == []
     # What the boot pulled in through a unit that has ended since (skipped by its
     # condition) is the boot's; a service wanted by a device that is not there is not.
     fake.add("local-fs.target", active_state="active", wanted_by=["multi-user.target"])
@@ -180,8 +183,8 @@ def test_what_the_machine_brings_up_itself_is_not_on_request(
     fake.add("systemd-fsckd.socket", active_state="active",
              wanted_by=["systemd-fsck-root.service"])
     fake.add("sys-subsystem-net-devices-eth9.device", wanted_by=[])
-    fake.add("ifup@eth9.service", active_state="active",
-             wanted_by=["sys-subsystem-net-devices-eth9.device"])
+    fake.add("ifup@eth9.service", active_state="active", wanted_by=[],
+             binds_to=["sys-subsystem-net-devices-eth9.device"])
     assert left(fakebus, {sleepers[0]: "/system.slice/ifup@eth9.service"}) == [
         f"ifup@eth9.service {ON_REQUEST}: pid {sleepers[0]} (sleep 60)"]
     # root's service manager: logind's while root has a session (or a moment after the
@@ -201,6 +204,26 @@ def test_what_the_machine_brings_up_itself_is_not_on_request(
     assert pulledin.command_line_target("quiet systemd.unit=a.target systemd.unit=b.target") \
         == {"b.target"}
     assert pulledin.command_line_target("quiet") == set()
+
+
+def test_a_unit_made_to_want_it_vouches_for_nothing_that_would_not_start_at_boot(
+        fakebus: FakeBus, sleepers: List[int]) -> None:
+    """`systemd-run -p Wants=... -p BusName=x.y true` (transient, active, no processes),
+    and `systemd-run --scope -p Wants=... apt-get install`: gone at the next boot, neither
+    brings up what it wants; a packaged service that wants it, active only because it has
+    a bus name, does not either."""
+    fake = fakebus.systemd
+    fake.add("anchor.service", active_state="active", transient=True, wanted_by=[],
+             bus_name="x.y")
+    fake.add("run-u9.scope", active_state="active", transient=True, wanted_by=[])
+    fake.add("busy.service", active_state="active", wanted_by=[], bus_name="org.example.Busy")
+    fake.add("systemd-nspawn@a.service", active_state="active", wanted_by=["anchor.service"])
+    fake.add("systemd-nspawn@b.service", active_state="active", wanted_by=["run-u9.scope"])
+    fake.add("systemd-nspawn@c.service", active_state="active", wanted_by=["busy.service"])
+    names = ("systemd-nspawn@a.service", "systemd-nspawn@b.service", "systemd-nspawn@c.service")
+    found = left(fakebus, {pid: f"/system.slice/{name}" for pid, name in zip(sleepers, names)})
+    assert [entry.split(" (")[0] for entry in found] == list(names), found
+    assert all(ON_REQUEST in entry for entry in found), found
 
 
 def test_a_machine_with_nothing_by_hand_has_no_finding(fakebus: FakeBus, sleepers: List[int],

@@ -441,6 +441,31 @@ def test_a_guarantee_the_listener_cannot_enforce_does_not_shield_the_others(
     assert machine.logins.check().holds and units["getty@tty2.service"].active_state == "inactive"
 
 
+def test_any_error_of_one_guarantee_leaves_the_listener_enforcing_the_others(
+        debian: FakeBus, machine: Machine, book: journal.Journal,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """rescue's enforce writes a file; an OSError there (a read-only or full /etc) is not
+    one of the lockdown's own errors, and must not end the round either."""
+    for guarantee in machine.all:
+        guarantee.apply(book)
+
+    async def tampered(*_args: object) -> Finding:
+        return Finding("rescue", False, "rescue.target unmasked")
+
+    async def unwritable(*_args: object) -> None:
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(machine.rescue, "inspect", tampered)
+    monkeypatch.setattr(machine.rescue, "enforce", unwritable)
+    units = debian.systemd.units
+    units["ssh.service"].masked = units["ssh.service"].mask_loaded = False
+
+    async def enforce() -> List[str]:
+        async with systemd.manager() as manager:
+            return await tamper.enforce_tampered(manager, [machine.rescue, machine.ssh], book)
+    assert debian.call(enforce()) == ["ssh"]
+    assert machine.ssh.check().holds
+
+
 def _harden_cgroup(tmp_path: Path, pids: List[int]) -> Path:
     """A stand-in cgroup tree holding statemesh-harden.service's processes."""
     unit = tmp_path / "cgroup" / "system.slice" / HARDEN_UNIT

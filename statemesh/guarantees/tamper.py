@@ -20,12 +20,14 @@ from statemesh import systemd
 from statemesh.events import log
 from statemesh.guarantees import unitprocs
 from statemesh.guarantees.base import HARDEN_UNIT, Finding, Guarantee
-from statemesh.guarantees.unitmask import BusGuarantee, LockdownError
-from statemesh.run import CommandError
+from statemesh.guarantees.unitmask import BusGuarantee
 
 # Seconds between checks when no signal came: the safety net, not the reaction time.
 PERIOD = 5.0
 RECONNECT_DELAY = 1.0
+# What ends the listener's connection: it reconnects (listen), anything else is one
+# guarantee's error (enforce_tampered).
+BUS_LOST = (systemd.NoBusError, ConnectionError, EOFError)
 
 
 def watched(ordered: Sequence[Guarantee]) -> List[BusGuarantee]:
@@ -59,18 +61,19 @@ async def enforce_tampered(manager: systemd.Systemd, lockdown: Sequence[BusGuara
                            journal: Any) -> List[str]:
     """Enforce again every watched guarantee that no longer holds; returns their names.
 
-    One that cannot be checked or enforced is logged (and tried again at the next signal or
-    period) and the others are still enforced: a failure the operator prepared for one
-    (a unit whose stop job fails) must not shield the rest from the listener."""
+    One that cannot be checked or enforced, whatever the error (a stop job, a file it
+    writes, a process it reads), is logged and tried again at the next signal or period,
+    and the others are still enforced: a failure the operator prepared for one must not
+    shield the rest from the listener. Only a lost bus ends the round (listen reconnects)."""
     fixed = []
     for guarantee in lockdown:
         try:
             if await _enforce_if_tampered(manager, guarantee, journal):
                 fixed.append(guarantee.name)
-        except systemd.NoBusError:
+        except BUS_LOST:
             raise
-        except (LockdownError, systemd.SystemdError, CommandError) as error:
-            log("tamper-error", guarantee=guarantee.name, error=str(error))
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            log("tamper-error", guarantee=guarantee.name, error=f"{type(error).__name__}: {error}")
     return fixed
 
 
@@ -110,6 +113,6 @@ async def listen(ordered: Sequence[Guarantee], journal: Any,
     while True:
         try:
             await _listen_once(lockdown, journal, ready, period)
-        except (systemd.NoBusError, ConnectionError, EOFError) as error:
+        except BUS_LOST as error:
             log("tamper-bus-lost", error=str(error))
         await asyncio.sleep(RECONNECT_DELAY)

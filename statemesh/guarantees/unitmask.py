@@ -188,8 +188,11 @@ async def stop_within_bound(manager: Systemd, name: str) -> None:
     except JobTimeoutError:
         log.warning("%s did not stop within %.0f s: killing every process of it", name,
                     STOP_SECONDS)
-        await manager.kill_unit(name, SIGKILL)
-        await manager.stop_unit(name, timeout=STOP_SECONDS)
+        try:
+            await manager.kill_unit(name, SIGKILL)
+            await manager.stop_unit(name, timeout=STOP_SECONDS)
+        except UnknownUnitError:
+            pass  # it stopped meanwhile and systemd let it go: stopped all the same
 
 
 async def unlocked(manager: Systemd, units: UnitSet,

@@ -65,6 +65,7 @@ class FakeUnit:
     # triggers it: by default, the boot (enabled, or static and wanted by a boot target).
     wanted_by: List[str] = dataclasses.field(default_factory=lambda: ["multi-user.target"])
     triggered_by: List[str] = dataclasses.field(default_factory=list)
+    binds_to: List[str] = dataclasses.field(default_factory=list)
     bus_name: str = ""
     # (pid, command) in its cgroup: a unit stopped with KillMode=process keeps them.
     processes: List[Tuple[int, str]] = dataclasses.field(default_factory=list)
@@ -136,6 +137,10 @@ class UnitObject(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def TriggeredBy(self) -> "as":  # noqa: N802,F821
         return self.unit.triggered_by
+
+    @dbus_property(access=PropertyAccess.READ)
+    def BindsTo(self) -> "as":  # noqa: N802,F821
+        return self.unit.binds_to
 
 
 class UnitTypeObject(ServiceInterface):
