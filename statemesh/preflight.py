@@ -29,7 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
-from statemesh import apthooks, dpkgdb, grace, jobs, leftrunning, ownunits, planted, proc, systemd
+from statemesh import (apthooks, bootargs, dpkgdb, grace, jobs, leftrunning, ownunits, planted,
+                       proc, systemd)
 from statemesh.guarantees import memory
 from statemesh.guarantees.base import Finding
 from statemesh.watchdog import terminals
@@ -244,9 +245,11 @@ async def _bus_facts(installation_own: leftrunning.Excused,
 def planted_for_later(environment: List[str]) -> List[str]:
     """What root's programs would load, or run, later with no terminal: code for the loader
     and Python (statemesh.planted), jobs for cron, at and systemd (statemesh.jobs),
-    commands in apt's and dpkg's configuration (statemesh.apthooks)."""
+    commands in apt's and dpkg's configuration (statemesh.apthooks), arguments on the
+    kernel's command line (statemesh.bootargs)."""
     files = dpkgdb.installed_files()
-    return planted.problems(environment, files) + jobs.problems(files) + apthooks.problems(files)
+    return (planted.problems(environment, files) + jobs.problems(files)
+            + apthooks.problems(files) + bootargs.problems())
 
 
 def planted_finding() -> Finding:

@@ -424,6 +424,28 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
     assert active(guest, "statemesh-watchdog.service") != "active"
 
 
+# Root's command at every boot, run by kernel-command-line.service (which the boot wants,
+# so nothing tells it from the machine's own); `true` stands for a reverse shell. GRUB's
+# settings would keep it there (the host tests read those).
+BOOT_COMMAND = "systemd.run=/usr/bin/true systemd.run_success_action=none"
+
+
+@pytest.mark.cost(100)
+def test_a_command_on_the_kernel_command_line_makes_preflight_refuse(node: Guest) -> None:
+    guest = node
+    guest.reboot(kernel_args=BOOT_COMMAND)
+    guest.wait_until_booted()
+    assert guest.run("systemctl show -P Result kernel-command-line.service").stdout.strip() \
+        == "success"  # it ran, as root
+    refused = guest.run("apt-get install -y statemesh-node", env=ENV, check=False, timeout=900)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert (f"this boot's kernel command line has {BOOT_COMMAND}, which runs something as "
+            "root at boot or keeps the node's units from running") in said, said
+    assert package_status(guest) != "ii"
+    assert active(guest, "ssh.service") == "active"
+
+
 def status(guest: Guest) -> dict:
     return json.loads(guest.run("statemesh-node status --json", check=False).stdout)
 

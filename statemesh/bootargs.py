@@ -1,0 +1,112 @@
+"""The kernel's command line: what this boot ran with, and what GRUB boots with next.
+
+Root before installing can put arguments on the kernel's command line that open a way in
+at every boot, past everything the installation does: `init=/bin/sh` (no systemd: a root
+shell on the console), `systemd.run=` (a command run as root by kernel-command-line.service,
+which the boot wants), `systemd.setenv=` (the environment of every service: LD_PRELOAD),
+`systemd.mask=` (the package's own units never started), `systemd.wants=`, a shell on a
+crash or on tty9, a target or runlevel other than the normal ones. GRUB's settings are
+where such arguments persist: update-grub, which the installation itself runs (the
+rescue guarantee), writes them into grub.cfg.
+
+Preflight refuses them in /proc/cmdline (this boot) and in the values GRUB_CMDLINE_LINUX
+and GRUB_CMDLINE_LINUX_DEFAULT take from /etc/default/grub and /etc/default/grub.d/*.cfg,
+read in update-grub's order without a shell: statemesh.jobs refuses a settings file that
+does more than set GRUB_* variables to quoted or plain values, so the values are read here
+as text (`$GRUB_X` expanded). status names them again (its planted line).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+KERNEL_COMMAND_LINE = Path("/proc/cmdline")
+GRUB_DEFAULTS = Path("/etc/default/grub")
+GRUB_DEFAULTS_DIR = Path("/etc/default/grub.d")
+GRUB_COMMAND_LINES = ("GRUB_CMDLINE_LINUX", "GRUB_CMDLINE_LINUX_DEFAULT")
+# Arguments that run something as root, or keep the node's units from running, at boot.
+REFUSED_KEYS = frozenset({
+    "init", "rdinit", "systemd.run", "systemd.run_success_action",
+    "systemd.run_failure_action", "systemd.wants", "systemd.mask", "systemd.setenv",
+    "systemd.ssh_listen", "systemd.ssh_auto", "rd.systemd.run", "rd.systemd.wants",
+    "rd.systemd.mask", "rd.break", "rd.shell", "rd.emergency", "rd.rescue",
+})
+# Switches that are harmless only when off (`systemd.debug_shell=0`).
+REFUSED_SWITCHES = frozenset({"systemd.debug_shell", "systemd.debug-shell",
+                              "systemd.crash_shell", "systemd.confirm_spawn",
+                              "rd.systemd.debug_shell"})
+OFF = frozenset({"0", "no", "false", "off"})
+# Single-user and emergency boots by runlevel or name (SysV style, and the initramfs's).
+REFUSED_WORDS = frozenset({"single", "s", "S", "-s", "1", "emergency", "-b", "rescue",
+                           "rd.break", "rd.shell", "rd.emergency", "rd.rescue"})
+NORMAL_TARGETS = frozenset({"default.target", "multi-user.target", "graphical.target"})
+_ASSIGNMENT = re.compile(r"^\s*(?:export\s+)?(GRUB_[A-Z0-9_]+)=(.*)$")
+_EXPANSION = re.compile(r"\$\{?(GRUB_[A-Z0-9_]+)\}?")
+
+
+def refused(arguments: str) -> List[str]:
+    """The arguments of a kernel command line that open a way in at boot."""
+    found = []
+    for word in arguments.split():
+        key, has_value, value = word.partition("=")
+        value = value.strip('"')
+        if not has_value and word in REFUSED_WORDS:
+            found.append(word)
+        elif key in REFUSED_KEYS:
+            found.append(word)
+        elif key in REFUSED_SWITCHES and (not has_value or value.lower() not in OFF):
+            found.append(word)
+        elif key in ("systemd.unit", "rd.systemd.unit") and value not in NORMAL_TARGETS:
+            found.append(word)
+    return found
+
+
+def _value(text: str, settings: Dict[str, str]) -> str:
+    """A GRUB_* assignment's value as the shell would give it (see the module docstring)."""
+    text = text.strip()
+    if text.startswith("'"):
+        return text[1:].split("'", 1)[0]
+    if text.startswith('"'):
+        quoted = text[1:].split('"', 1)[0]
+        return _EXPANSION.sub(lambda m: settings.get(m.group(1), ""), quoted)
+    return text.split("#", 1)[0].strip()
+
+
+def grub_settings(files: Sequence[Path]) -> Dict[str, str]:
+    """The GRUB_* variables the files set, in order, later ones overriding."""
+    settings: Dict[str, str] = {}
+    for path in files:
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            assignment = _ASSIGNMENT.match(line)
+            if assignment and not assignment.group(2).startswith("`"):
+                settings[assignment.group(1)] = _value(assignment.group(2), settings)
+    return settings
+
+
+def grub_files(defaults: Path = GRUB_DEFAULTS, directory: Path = GRUB_DEFAULTS_DIR) -> List[Path]:
+    """update-grub's order: the defaults file, then the drop-ins by name."""
+    return [defaults, *sorted(directory.glob("*.cfg"))]
+
+
+def problems(cmdline: Path = KERNEL_COMMAND_LINE, files: Sequence[Path] = ()) -> List[str]:
+    """Preflight's lines for what this boot's command line and GRUB's next one hold."""
+    found = []
+    booted = refused(cmdline.read_text(encoding="utf-8", errors="replace"))
+    if booted:
+        found.append(f"this boot's kernel command line has {' '.join(booted)}, which runs "
+                     "something as root at boot or keeps the node's units from running "
+                     "(boot without it)")
+    settings = grub_settings(files or grub_files())
+    planted = refused(" ".join(settings.get(name, "") for name in GRUB_COMMAND_LINES))
+    if planted:
+        found.append(f"GRUB's settings put {' '.join(planted)} on the kernel command line of "
+                     "every boot, which runs something as root or keeps the node's units "
+                     "from running (remove it from /etc/default/grub and "
+                     "/etc/default/grub.d)")
+    return found

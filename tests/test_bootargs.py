@@ -1,0 +1,63 @@
+"""The kernel's command line: arguments that run something as root at boot, or keep the
+node's units from running, are named in this boot's and in what GRUB's settings give the
+next one (read without a shell)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from statemesh import bootargs
+
+DEBIAN_CLOUD = ("BOOT_IMAGE=/boot/vmlinuz-6.1.0-28-cloud-amd64 root=PARTUUID=abc ro "
+                "console=tty0 console=ttyS0,115200 earlyprintk=ttyS0,115200 consoleblank=0")
+
+
+@pytest.mark.parametrize("arguments", [
+    DEBIAN_CLOUD,
+    "root=LABEL=smroot rw console=ttyS0,115200 systemd.show_status=1 quiet splash",
+    "root=/dev/vda1 systemd.unit=multi-user.target systemd.debug_shell=0 "
+    "systemd.crash_shell=false",
+])
+def test_ordinary_command_lines_are_not_named(arguments: str) -> None:
+    assert bootargs.refused(arguments) == []
+
+
+@pytest.mark.parametrize("argument", [
+    "init=/bin/sh", "rdinit=/bin/sh", 'systemd.run="/bin/sh -c true"',
+    "systemd.run_success_action=none", "systemd.setenv=LD_PRELOAD=/root/x.so",
+    "systemd.mask=statemesh-harden.service", "systemd.wants=way-in.service",
+    "systemd.unit=rescue.target", "rd.systemd.unit=emergency.target", "systemd.debug_shell",
+    "systemd.debug_shell=1", "systemd.crash_shell", "single", "1", "S", "emergency",
+    "rd.break", "rd.break=pre-mount", "systemd.ssh_listen=0.0.0.0:2222",
+])
+def test_each_way_in_at_boot_is_named(argument: str) -> None:
+    assert bootargs.refused(f"{DEBIAN_CLOUD} {argument}") == [argument.split(" ")[0]]
+
+
+def test_grub_settings_are_read_in_update_grubs_order_and_named(tmp_path: Path) -> None:
+    defaults = tmp_path / "grub"
+    defaults.write_text('GRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX_DEFAULT="quiet"\n'
+                        'GRUB_CMDLINE_LINUX=""\n'
+                        "GRUB_DISTRIBUTOR=`lsb_release -i -s 2> /dev/null || echo Debian`\n")
+    drop_ins = tmp_path / "grub.d"
+    drop_ins.mkdir()
+    (drop_ins / "50-console.cfg").write_text(
+        'GRUB_CMDLINE_LINUX_DEFAULT="$GRUB_CMDLINE_LINUX_DEFAULT console=ttyS0,115200"\n')
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(DEBIAN_CLOUD + "\n")
+    files = bootargs.grub_files(defaults, drop_ins)
+    assert bootargs.problems(cmdline, files) == []
+    # A variable of its own, expanded into the command line by a later file.
+    (drop_ins / "60-way-in.cfg").write_text(
+        "GRUB_WAY_IN='systemd.run=/root/way-in'\n"
+        'GRUB_CMDLINE_LINUX="${GRUB_WAY_IN} init=/bin/bash" # a comment\n')
+    cmdline.write_text(DEBIAN_CLOUD + " systemd.setenv=X=1\n")
+    found = bootargs.problems(cmdline, bootargs.grub_files(defaults, drop_ins))
+    assert found[0].startswith("this boot's kernel command line has systemd.setenv=X=1, ")
+    assert found[1].startswith("GRUB's settings put systemd.run=/root/way-in init=/bin/bash "
+                               "on the kernel command line of every boot"), found
+    # Overridden by a later file: the last value counts, as in the shell.
+    (drop_ins / "70-undo.cfg").write_text('GRUB_CMDLINE_LINUX=""\n')
+    assert len(bootargs.problems(cmdline, bootargs.grub_files(defaults, drop_ins))) == 1
