@@ -243,6 +243,7 @@ class Systemd:
         self._waiters: Dict[str, asyncio.Future] = {}
         self._jobs_watched = False
         self._subscribed = False
+        self._paths: Dict[str, str] = {}
 
     async def _manager(self, member: str, signature: str = "", body: Sequence[Any] = (),
                        what: str = "") -> List[Any]:
@@ -367,8 +368,13 @@ class Systemd:
         return [(path, state) for path, state in files]
 
     async def _unit_path(self, name: str) -> str:
-        (path,) = await self._manager("LoadUnit", "s", [name], what=f"loading {name}")
-        return path
+        """The unit's object path, loading the unit the first time it is asked for. Kept per
+        connection: a name's path never changes, and systemd loads a unit again when its
+        path is read; status reads a few hundred properties."""
+        if name not in self._paths:
+            (self._paths[name],) = await self._manager("LoadUnit", "s", [name],
+                                                       what=f"loading {name}")
+        return self._paths[name]
 
     async def get_unit_property(self, name: str, interface: str, prop: str) -> Any:
         """A property of a unit (loaded on demand), as a plain Python value."""
