@@ -22,45 +22,71 @@ import re
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from statemesh import planted
+
 KERNEL_COMMAND_LINE = Path("/proc/cmdline")
 GRUB_DEFAULTS = Path("/etc/default/grub")
 GRUB_DEFAULTS_DIR = Path("/etc/default/grub.d")
-GRUB_COMMAND_LINES = ("GRUB_CMDLINE_LINUX", "GRUB_CMDLINE_LINUX_DEFAULT")
-# Arguments that run something as root, or keep the node's units from running, at boot.
+# Where GRUB's scripts take the Linux command line from (the recovery entry's and Xen's
+# too: a later drop-in can turn recovery entries on again).
+GRUB_COMMAND_LINES = ("GRUB_CMDLINE_LINUX", "GRUB_CMDLINE_LINUX_DEFAULT",
+                      "GRUB_CMDLINE_LINUX_RECOVERY", "GRUB_CMDLINE_LINUX_XEN_REPLACE",
+                      "GRUB_CMDLINE_LINUX_XEN_REPLACE_DEFAULT")
+# Arguments that run something as root, or keep the node's units from running, at boot
+# (keys as systemd compares them: "-" and "_" alike). init= is refused but for systemd.
 REFUSED_KEYS = frozenset({
     "init", "rdinit", "systemd.run", "systemd.run_success_action",
     "systemd.run_failure_action", "systemd.wants", "systemd.mask", "systemd.setenv",
-    "systemd.ssh_listen", "systemd.ssh_auto", "rd.systemd.run", "rd.systemd.wants",
-    "rd.systemd.mask", "rd.break", "rd.shell", "rd.emergency", "rd.rescue",
+    "systemd.ssh_listen", "systemd.ssh_auto", "systemd.set_credential",
+    "systemd.set_credential_binary", "rd.systemd.run", "rd.systemd.wants",
+    "rd.systemd.mask", "rd.break", "break",
+    # The kernel runs these as root: on every module request, on every core dump ("|...").
+    "sysctl.kernel.modprobe", "sysctl.kernel.core_pattern",
 })
-# Switches that are harmless only when off (`systemd.debug_shell=0`).
-REFUSED_SWITCHES = frozenset({"systemd.debug_shell", "systemd.debug-shell",
-                              "systemd.crash_shell", "systemd.confirm_spawn",
-                              "rd.systemd.debug_shell"})
+SYSTEMD_AS_INIT = frozenset({"/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd",
+                             "/usr/sbin/init"})
+# Switches that are harmless only when off (`systemd.debug_shell=0`, `rd.shell=0`).
+REFUSED_SWITCHES = frozenset({"systemd.debug_shell", "systemd.crash_shell",
+                              "systemd.confirm_spawn", "rd.systemd.debug_shell", "rd.shell"})
 OFF = frozenset({"0", "no", "false", "off"})
 # Single-user and emergency boots by runlevel or name (SysV style, and the initramfs's).
 REFUSED_WORDS = frozenset({"single", "s", "S", "-s", "1", "emergency", "-b", "rescue",
-                           "rd.break", "rd.shell", "rd.emergency", "rd.rescue"})
-NORMAL_TARGETS = frozenset({"default.target", "multi-user.target", "graphical.target"})
+                           "rd.break", "rd.shell", "rd.emergency", "rd.rescue", "break"})
+NORMAL_TARGETS = frozenset({"default.target", "multi-user.target", "graphical.target",
+                            "runlevel2.target", "runlevel3.target", "runlevel4.target",
+                            "runlevel5.target"})
 _ASSIGNMENT = re.compile(r"^\s*(?:export\s+)?(GRUB_[A-Z0-9_]+)=(.*)$")
 _EXPANSION = re.compile(r"\$\{?(GRUB_[A-Z0-9_]+)\}?")
 
 
+def _refused_word(word: str) -> bool:
+    key, has_value, value = word.strip('"').partition("=")
+    key, value = key.replace("-", "_").replace("/", "."), value.strip('"')
+    if not has_value:
+        return word.strip('"') in REFUSED_WORDS or key in REFUSED_SWITCHES
+    if key == "init":
+        return value not in SYSTEMD_AS_INIT
+    if key in REFUSED_KEYS:
+        return True
+    if key in REFUSED_SWITCHES:
+        return value.lower() not in OFF
+    return key in ("systemd.unit", "rd.systemd.unit") and value not in NORMAL_TARGETS
+
+
 def refused(arguments: str) -> List[str]:
-    """The arguments of a kernel command line that open a way in at boot."""
-    found = []
-    for word in arguments.split():
-        key, has_value, value = word.partition("=")
-        value = value.strip('"')
-        if not has_value and word in REFUSED_WORDS:
-            found.append(word)
-        elif key in REFUSED_KEYS:
-            found.append(word)
-        elif key in REFUSED_SWITCHES and (not has_value or value.lower() not in OFF):
-            found.append(word)
-        elif key in ("systemd.unit", "rd.systemd.unit") and value not in NORMAL_TARGETS:
-            found.append(word)
-    return found
+    """The arguments of a kernel command line that open a way in at boot (quoted ones as
+    the kernel unquotes them): those above; a variable for init's own environment that
+    makes it load code (the kernel hands PID 1 any NAME=value without a dot: LD_PRELOAD=);
+    everything after `--`, which is PID 1's own command line."""
+    words = arguments.split()
+    end = words.index("--") if "--" in words else len(words)
+    return [word for word in words[:end]
+            if _refused_word(word) or _init_environment(word)] + words[end:]
+
+
+def _init_environment(word: str) -> bool:
+    key, has_value, _value = word.strip('"').partition("=")
+    return has_value and "." not in key and planted.loads_code(key)
 
 
 def _value(text: str, settings: Dict[str, str]) -> str:
@@ -78,8 +104,8 @@ def grub_settings(files: Sequence[Path]) -> Dict[str, str]:
     """The GRUB_* variables the files set, in order, later ones overriding."""
     settings: Dict[str, str] = {}
     for path in files:
-        try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        try:  # lines as the shell splits them: at newlines only
+            lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
         except OSError:
             continue
         for line in lines:
@@ -90,8 +116,10 @@ def grub_settings(files: Sequence[Path]) -> Dict[str, str]:
 
 
 def grub_files(defaults: Path = GRUB_DEFAULTS, directory: Path = GRUB_DEFAULTS_DIR) -> List[Path]:
-    """update-grub's order: the defaults file, then the drop-ins by name."""
-    return [defaults, *sorted(directory.glob("*.cfg"))]
+    """update-grub's order: the defaults file, then the drop-ins by name (the shell's glob:
+    no dotfiles)."""
+    return [defaults, *sorted(path for path in directory.glob("*.cfg")
+                              if not path.name.startswith("."))]
 
 
 def problems(cmdline: Path = KERNEL_COMMAND_LINE, files: Sequence[Path] = ()) -> List[str]:

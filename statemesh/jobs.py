@@ -104,8 +104,14 @@ HOOK_GLOBS = ("/etc/kernel/*.d/*",
 # timeout settings pass, edited or not, and a command substitution does not; but for the
 # distribution's own name line, which Debian's and Ubuntu's files carry as shipped.
 GRUB_SETTINGS_FILES = re.compile(r"^/etc/default/grub(\.d/[^/]*)?$")
-_GRUB_VALUE = r"""(?:"(?:[^"\\$`]|\$\{?GRUB_[A-Z0-9_]+\}?)*"|'[^']*'|[^\s"'\\$`;&|<>()]*)"""
-_GRUB_SETTING = re.compile(rf"^\s*(?:export\s+)?GRUB_[A-Z0-9_]+={_GRUB_VALUE}\s*(?:#.*)?$")
+# A value as sh reads it with nothing run: quoted text expanding only $GRUB_X or ${GRUB_X}
+# (no ${X:-...}), single-quoted text, or a plain word; a comment only after a blank (in sh
+# a # inside a word is no comment, and what follows it is another assignment).
+_GRUB_VALUE = (r"""(?:"(?:[^"\\$`]|\$(?:\{GRUB_[A-Z0-9_]+\}|GRUB_[A-Z0-9_]+(?![A-Za-z0-9_{])))*"|"""
+               r"""'[^']*'|[^ \t"'\\$`;&|<>()#]*)""")
+_GRUB_SETTING = re.compile(
+    rf"^[ \t]*(?:export[ \t]+)?GRUB_[A-Z0-9_]+={_GRUB_VALUE}(?:[ \t]+#.*)?[ \t]*$")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # but tab: sh splits lines at \n only
 _GRUB_DISTRIBUTOR_LINES = (
     "GRUB_DISTRIBUTOR=`lsb_release -i -s 2> /dev/null || echo Debian`",
     "GRUB_DISTRIBUTOR=`( . /etc/os-release; echo ${NAME:-Ubuntu} ) 2>/dev/null || echo Ubuntu`",
@@ -256,11 +262,13 @@ def _hook_as_installed(path: str, files: Dict[str, str]) -> bool:
 def grub_settings_only(path: Path) -> bool:
     """A GRUB settings file that only sets GRUB_* variables (comments and blank lines aside)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")  # no newline translation: \r is no newline in sh
     except (OSError, UnicodeDecodeError):
         return False
-    return all(not line.strip() or line.lstrip().startswith("#") or _GRUB_SETTING.match(line)
-               or line.strip() in _GRUB_DISTRIBUTOR_LINES for line in text.splitlines())
+    lines = text.split("\n")
+    return all(not _CONTROL.search(line) and (
+        not line.strip() or line.lstrip().startswith("#") or _GRUB_SETTING.match(line)
+        or line.strip() in _GRUB_DISTRIBUTOR_LINES) for line in lines)
 
 
 def hook_problems(files: Dict[str, str], hook_globs: Sequence[str] = HOOK_GLOBS,

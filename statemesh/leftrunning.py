@@ -166,7 +166,7 @@ async def by_hand(manager: systemd.Systemd, chain: pulledin.BootChain, later: Co
                 runs_inside = outside != running[unit]
             if runs_inside and not await chain.brought_up(unit):
                 started[unit] = pulledin.ON_REQUEST
-        except systemd.AccessDeniedError:
+        except (systemd.AccessDeniedError, systemd.NoBusError):
             raise
         except systemd.SystemdError:  # no such unit, or a name systemd finds invalid
             foreign |= running.get(unit, set())

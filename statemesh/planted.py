@@ -30,6 +30,7 @@ LOADER_VARIABLES = ("LD_PRELOAD", "LD_AUDIT", "LD_LIBRARY_PATH", "BASH_ENV", "EN
                     # apt's and dpkg's: another configuration, another database or root.
                     "APT_CONFIG", "DPKG_ADMINDIR", "DPKG_ROOT")
 PYTHON_VARIABLE_PREFIX = "PYTHON"
+GRUB_VARIABLE_PREFIX = "GRUB_"
 # Where such a variable is set for services (systemd) and for cron's jobs (pam_env) at the
 # next boot; the running manager's environment is asked over D-Bus.
 ENVIRONMENT_FILES = ("/etc/environment", "/etc/security/pam_env.conf",
@@ -87,8 +88,13 @@ def preload_problems(path: Path = LD_SO_PRELOAD) -> List[str]:
             f"(remove {path})"]
 
 
-def _loading(name: str) -> bool:
-    return name in LOADER_VARIABLES or name.startswith(PYTHON_VARIABLE_PREFIX)
+def loads_code(name: str) -> bool:
+    """Whether a variable of this name makes a program load or run other code: the loader's,
+    Python's, Perl's and the shells', apt's and dpkg's, and GRUB_* (update-grub, run at every
+    kernel update, takes one a settings file leaves unset from its environment, and writes
+    it onto the kernel's command line)."""
+    return (name in LOADER_VARIABLES or name.startswith(PYTHON_VARIABLE_PREFIX)
+            or name.startswith(GRUB_VARIABLE_PREFIX))
 
 
 def environment_problems(environment: Iterable[str]) -> List[str]:
@@ -97,7 +103,7 @@ def environment_problems(environment: Iterable[str]) -> List[str]:
     return [f"the service manager's environment sets {name}, which every service inherits "
             f"(systemctl unset-environment {name}, and remove it where it is set)"
             for name in (assignment.partition("=")[0] for assignment in environment)
-            if _loading(name)]
+            if loads_code(name)]
 
 
 def environment_file_problems(patterns: Sequence[str] = ENVIRONMENT_FILES,
@@ -107,14 +113,14 @@ def environment_file_problems(patterns: Sequence[str] = ENVIRONMENT_FILES,
     for path in sorted({path for pattern in patterns for path in glob.glob(pattern)}):
         names = sorted({name for line in _read(Path(path)).splitlines()
                         if not line.lstrip().startswith(("#", ";"))
-                        for name in re.findall(ASSIGNED, line) if _loading(name)})
+                        for name in re.findall(ASSIGNED, line) if loads_code(name)})
         if names:
             problems.append(f"{path} sets {', '.join(names)} for the programs started after "
                             f"it (remove it there)")
     setenv = [word.partition("=")[2] for word in _read(cmdline).split()
               if word.startswith("systemd.setenv=")]
     names = sorted({name for name in (value.partition("=")[0] for value in setenv)
-                    if _loading(name)})
+                    if loads_code(name)})
     if names:
         problems.append(f"the kernel command line sets {', '.join(names)} for every service "
                         "(systemd.setenv=; remove it from the boot loader's configuration)")

@@ -31,7 +31,7 @@ import psutil
 
 from statemesh import (apthooks, bootargs, dpkgdb, grace, jobs, leftrunning, ownunits, planted,
                        proc, systemd)
-from statemesh.guarantees import memory
+from statemesh.guarantees import memory, rescue
 from statemesh.guarantees.base import Finding
 from statemesh.watchdog import terminals
 
@@ -249,7 +249,8 @@ def planted_for_later(environment: List[str]) -> List[str]:
     kernel's command line (statemesh.bootargs)."""
     files = dpkgdb.installed_files()
     return (planted.problems(environment, files) + jobs.problems(files)
-            + apthooks.problems(files) + bootargs.problems())
+            + apthooks.problems(files) + bootargs.problems()
+            + rescue.settings_read_after_the_dropin())
 
 
 def planted_finding() -> Finding:

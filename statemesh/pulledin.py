@@ -8,8 +8,8 @@ in: the reverse dependencies (WantedBy, RequiredBy, BoundBy, UpheldBy) and the u
 trigger it (TriggeredBy: a socket, timer or path). The machine brings a unit up when a
 chain of them leads from it to where a boot starts (the default target, the common boot
 targets, or the one named on the kernel's command line): the boot starts it, whatever
-pulled it in this time. So does udev for a unit an active device wants, or one bound to
-an active device (ifupdown's hotplug starts `ifup@IFACE`, bound to its interface); so does
+pulled it in this time. So does udev for a unit an active device wants, and for
+`ifup@IFACE` bound to its active interface (ifupdown's hotplug starts it); so does
 logind for the service manager of a user it knows (a session, or lingering), and D-Bus
 for a service with a bus name. A few packaged units are started by their own packages'
 code, on request, and run nothing an operator configures: those are named below.
@@ -43,7 +43,9 @@ USERS_UNIT = re.compile(r"^(?:user|user-runtime-dir)@([0-9]+)\.service$")
 # Packaged units their own package's code starts with `systemctl start`, which run only
 # packaged code: ubuntu-pro-client's APT hook (at every apt update), mdadm for external
 # metadata arrays (Intel IMSM, DDF).
-STARTED_BY_THEIR_PACKAGE = re.compile(r"^(?:apt-news|esm-cache|mdmon@[^/]+)\.service$")
+STARTED_BY_THEIR_PACKAGE = re.compile(r"^(?:apt-news|esm-cache|mdmon@md[0-9a-z_]+)\.service$")
+# ifupdown's hotplug helper starts ifup@IFACE on request, bound to the interface's device.
+IFUP = re.compile(r"^ifup@([^/]+)\.service$")
 
 
 def command_line_target(cmdline: str) -> Set[str]:
@@ -61,7 +63,8 @@ class BootChain:
         self._manager = manager
         self._roots = roots
         self._logind_users = logind_users
-        self._proven: Set[str] = set()
+        self._proven: Set[str] = set()  # by a chain: a link for the units it pulls in
+        self._vouched: Set[str] = set()  # by itself only (bus name, device binding): no link
 
     @classmethod
     async def of(cls, manager: systemd.Systemd,
@@ -74,7 +77,7 @@ class BootChain:
     async def brought_up(self, unit: str) -> bool:
         """Whether the machine brings `unit` up itself (see the module's docstring). Its own
         bus name counts, or its binding to a device, not those of a unit on its chain."""
-        if unit in self._proven:
+        if unit in self._proven or unit in self._vouched:
             return True
         logind_unit = USERS_UNIT.match(unit)
         if logind_unit:
@@ -83,7 +86,7 @@ class BootChain:
             return True
         if await self._bound_to_a_device(unit) or (unit.endswith(".service")
                                                    and await self._bus_name(unit)):
-            self._proven.add(unit)
+            self._vouched.add(unit)  # not a link: a unit it wants is not the boot's for that
             return True
         return False
 
@@ -112,10 +115,13 @@ class BootChain:
         return False
 
     async def _bound_to_a_device(self, unit: str) -> bool:
-        for bound in await self._optional(unit, systemd.UNIT, "BindsTo", []):
-            if bound.endswith(".device") and await self._active(bound):
-                return True
-        return False
+        """ifup@IFACE bound to its interface's device: what ifupdown's hotplug starts."""
+        interface = IFUP.match(unit)
+        if not interface:
+            return False
+        device = f"sys-subsystem-net-devices-{interface.group(1)}.device"
+        return (device in await self._optional(unit, systemd.UNIT, "BindsTo", [])
+                and await self._active(device))
 
     async def _bus_name(self, unit: str) -> str:
         return await self._optional(unit, f"{systemd.SYSTEMD}.Service", "BusName", "")

@@ -233,6 +233,18 @@ def _schedule(callback: Callable[..., Any], *args: Any) -> None:
         asyncio.ensure_future(result)
 
 
+UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
+
+
+def _bus_label(name: str) -> str:
+    """systemd's escaping of a unit name in its object path (bus_label_escape: bytes but
+    ASCII letters and digits, and a leading digit, as _xx). A name it escapes otherwise
+    merely goes uncached."""
+    return "".join(chr(byte) if chr(byte).isascii() and chr(byte).isalnum()
+                   and not (index == 0 and chr(byte).isdigit()) else f"_{byte:02x}"
+                   for index, byte in enumerate(name.encode())) or "_"
+
+
 class Systemd:
     """The systemd manager: jobs, unit files, unit properties."""
 
@@ -338,6 +350,7 @@ class Systemd:
     async def reload(self) -> None:
         """daemon-reload: systemd re-reads unit files; returns when it has."""
         await self._manager("Reload", what="reloading systemd")
+        self._paths.clear()
 
     # -- units -----------------------------------------------------------------------------
 
@@ -369,12 +382,15 @@ class Systemd:
 
     async def _unit_path(self, name: str) -> str:
         """The unit's object path, loading the unit the first time it is asked for. Kept per
-        connection: a name's path never changes, and systemd loads a unit again when its
-        path is read; status reads a few hundred properties."""
-        if name not in self._paths:
-            (self._paths[name],) = await self._manager("LoadUnit", "s", [name],
-                                                       what=f"loading {name}")
-        return self._paths[name]
+        connection (status reads a few hundred properties) when it is the name's own path:
+        systemd loads a unit again when its path is read, but an alias's name leads to
+        another unit's path, and to its own once a mask of it is loaded."""
+        if name in self._paths:
+            return self._paths[name]
+        (path,) = await self._manager("LoadUnit", "s", [name], what=f"loading {name}")
+        if path == UNIT_PATH_PREFIX + _bus_label(name):
+            self._paths[name] = path
+        return path
 
     async def get_unit_property(self, name: str, interface: str, prop: str) -> Any:
         """A property of a unit (loaded on demand), as a plain Python value."""

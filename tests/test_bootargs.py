@@ -19,6 +19,8 @@ DEBIAN_CLOUD = ("BOOT_IMAGE=/boot/vmlinuz-6.1.0-28-cloud-amd64 root=PARTUUID=abc
     "root=LABEL=smroot rw console=ttyS0,115200 systemd.show_status=1 quiet splash",
     "root=/dev/vda1 systemd.unit=multi-user.target systemd.debug_shell=0 "
     "systemd.crash_shell=false",
+    "root=/dev/sda1 init=/lib/systemd/systemd rd.shell=0 rd.emergency=reboot "
+    "systemd.unit=runlevel3.target",
 ])
 def test_ordinary_command_lines_are_not_named(arguments: str) -> None:
     assert bootargs.refused(arguments) == []
@@ -31,9 +33,18 @@ def test_ordinary_command_lines_are_not_named(arguments: str) -> None:
     "systemd.unit=rescue.target", "rd.systemd.unit=emergency.target", "systemd.debug_shell",
     "systemd.debug_shell=1", "systemd.crash_shell", "single", "1", "S", "emergency",
     "rd.break", "rd.break=pre-mount", "systemd.ssh_listen=0.0.0.0:2222",
+    "systemd.crash-shell=1", "systemd.ssh-listen=0.0.0.0:2222", '"init=/root/x y"',
+    "break=premount", "rd.shell", "systemd.set_credential=tmpfiles.extra:f",
+    "LD_PRELOAD=/root/x.so", "sysctl.kernel.modprobe=/root/x", "sysctl.kernel/core_pattern=|/x",
 ])
 def test_each_way_in_at_boot_is_named(argument: str) -> None:
     assert bootargs.refused(f"{DEBIAN_CLOUD} {argument}") == [argument.split(" ")[0]]
+
+
+def test_what_follows_a_double_dash_is_pid_1s_own_command_line() -> None:
+    assert bootargs.refused(f"{DEBIAN_CLOUD} -- --unit=rescue.target") == [
+        "--", "--unit=rescue.target"]
+    assert bootargs.refused("BOOT_IMAGE=/vmlinuz root=/dev/sda1 TERM=linux") == []
 
 
 def test_grub_settings_are_read_in_update_grubs_order_and_named(tmp_path: Path) -> None:

@@ -275,3 +275,22 @@ def test_a_hook_or_cron_directory_that_is_a_link_is_named(tmp_path: Path) -> Non
         f"fill later: {tmp_path}/hooks.d, {tmp_path}/kernel (make each a directory again, "
         "or reinstall its package)"]
     assert jobs.linked_directory_problems((f"{tmp_path}/cron.d/*",)) == []
+
+
+@pytest.mark.parametrize("line, settings_only", [
+    ('GRUB_CMDLINE_LINUX_DEFAULT="$GRUB_CMDLINE_LINUX_DEFAULT console=ttyS0,115200"', True),
+    ('GRUB_CMDLINE_LINUX="${GRUB_X} quiet" # a comment', True),
+    ("GRUB_TIMEOUT=5  # seconds", True),
+    # What sh reads otherwise than a text reader would: a default value in an expansion, a
+    # # inside a word (no comment: a second assignment follows), a carriage return (no
+    # line break in sh).
+    ('GRUB_CMDLINE_LINUX="${GRUB_UNSET:-init=/root/x}"', False),
+    ('GRUB_CMDLINE_LINUX=quiet# GRUB_CMDLINE_LINUX_DEFAULT="init=/root/x"', False),
+    ('GRUB_CMDLINE_LINUX="quiet"# GRUB_CMDLINE_LINUX_DEFAULT="init=/root/x"', False),
+    ('GRUB_CMDLINE_LINUX="quiet"\r# GRUB_CMDLINE_LINUX_DEFAULT="init=/root/x"', False),
+])
+def test_grub_settings_are_read_as_sh_reads_them(tmp_path: Path, line: str,
+                                                 settings_only: bool) -> None:
+    settings = tmp_path / "50-x.cfg"
+    settings.write_bytes(f"{line}\n".encode())
+    assert jobs.grub_settings_only(settings) is settings_only

@@ -224,6 +224,21 @@ def test_a_unit_made_to_want_it_vouches_for_nothing_that_would_not_start_at_boot
     found = left(fakebus, {pid: f"/system.slice/{name}" for pid, name in zip(sleepers, names)})
     assert [entry.split(" (")[0] for entry in found] == list(names), found
     assert all(ON_REQUEST in entry for entry in found), found
+    # Judged first (its name sorts first) and running: it vouches for itself, not for c.
+    cgroups = {sleepers[0]: "/system.slice/busy.service",
+               sleepers[1]: "/system.slice/systemd-nspawn@c.service"}
+    assert left(fakebus, cgroups) == [
+        f"systemd-nspawn@c.service {ON_REQUEST}: pid {sleepers[1]} (sleep 61)"]
+    # ifup@ bound to its interface is udev's; another unit bound to a device is not.
+    fake.add("sys-subsystem-net-devices-eth0.device", active_state="active", wanted_by=[])
+    fake.add("ifup@eth0.service", active_state="active", wanted_by=[],
+             binds_to=["sys-subsystem-net-devices-eth0.device"])
+    fake.add("systemd-nspawn@d.service", active_state="active", wanted_by=["ifup@eth0.service"],
+             binds_to=["sys-subsystem-net-devices-eth0.device"])
+    cgroups = {sleepers[0]: "/system.slice/ifup@eth0.service",
+               sleepers[1]: "/system.slice/systemd-nspawn@d.service"}
+    assert left(fakebus, cgroups) == [
+        f"systemd-nspawn@d.service {ON_REQUEST}: pid {sleepers[1]} (sleep 61)"]
 
 
 def test_a_machine_with_nothing_by_hand_has_no_finding(fakebus: FakeBus, sleepers: List[int],

@@ -311,6 +311,28 @@ def test_a_root_locked_before_stays_locked(debian: FakeBus, machine: Machine, ro
     assert logins.password_field(root / "etc/shadow").startswith("!")
 
 
+def test_a_grub_setting_read_after_the_drop_in_undoes_the_lock(
+        debian: FakeBus, machine: Machine, root: Path, book: journal.Journal) -> None:
+    """Prepared: a drop-in update-grub reads after the package's turns recovery entries on
+    again (and its command line gets init=, which preflight names: test_bootargs)."""
+    machine.rescue.apply(book)
+    assert machine.rescue.check().holds
+    (root / "etc/default/grub.d/zz.cfg").write_text("GRUB_DISABLE_RECOVERY=false\n")
+    finding = machine.rescue.check()
+    assert not finding.holds and "a settings file read after it" in finding.detail
+    # Preflight names it, before and after the drop-in exists; one read before it is fine.
+    (root / "etc/default/grub.d/10-console.cfg").write_text("GRUB_TIMEOUT=1\n")
+    assert rescue.settings_read_after_the_dropin(root) == [
+        f"GRUB settings read after {root / rescue.GRUB_DROPIN} set what it sets "
+        "(GRUB_DISABLE_OS_PROBER, GRUB_DISABLE_RECOVERY, GRUB_RECORDFAIL_TIMEOUT, "
+        f"GRUB_TIMEOUT, GRUB_TIMEOUT_STYLE): {root}/etc/default/grub.d/zz.cfg (remove those "
+        "lines, or rename the files to sort before it)"]
+    (root / rescue.GRUB_DROPIN).unlink()
+    assert len(rescue.settings_read_after_the_dropin(root)) == 1
+    (root / "etc/default/grub.d/zz.cfg").unlink()
+    assert rescue.settings_read_after_the_dropin(root) == []
+
+
 def test_failed_stop_job_fails_the_apply(debian: FakeBus, machine: Machine,
                                          book: journal.Journal) -> None:
     debian.systemd.failing["ssh.service"] = "timeout"

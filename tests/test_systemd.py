@@ -185,3 +185,28 @@ def test_the_command_talks_to_systemd_without_gobject() -> None:
                           text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_units_path_is_loaded_once_per_connection_until_a_reload(fakebus: FakeBus) -> None:
+    """status reads a few hundred properties: one LoadUnit per unit, not per property; a
+    reload forgets them (a mask loaded gives an alias's name a path of its own)."""
+    fakebus.systemd.add("cron.service", active_state="active")
+
+    async def read() -> None:
+        async with systemd.manager() as manager:
+            for _ in range(3):
+                assert await manager.get_active_state("cron.service") == "active"
+            await manager.reload()
+            await manager.get_active_state("cron.service")
+    fakebus.call(read())
+    loads = [args for member, args in fakebus.systemd.calls if member == "LoadUnit"]
+    assert loads == ["cron.service", "cron.service"]
+
+
+@pytest.mark.parametrize("name", ["ssh.service", "getty@tty1.service",
+                                  "sys-subsystem-net-devices-eth0.device", "système.service"])
+def test_the_object_path_of_a_unit_is_escaped_as_systemd_does(name: str) -> None:
+    expected = "".join(chr(b) if chr(b).isascii() and chr(b).isalnum() else f"_{b:02x}"
+                       for b in name.encode())
+    assert systemd._bus_label(name) == expected
+    assert systemd._bus_label("0day.service").startswith("_30day")

@@ -29,6 +29,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
+from statemesh import bootargs
 from statemesh.guarantees.base import HARDEN_UNIT, Finding, Way
 from statemesh.run import CommandError, have, run
 from statemesh.systemd import Systemd
@@ -47,6 +48,28 @@ GRUB_TIMEOUT_STYLE=hidden
 GRUB_RECORDFAIL_TIMEOUT=0
 GRUB_DISABLE_OS_PROBER=true
 """
+
+
+def settings_read_after_the_dropin(root: Path = Path("/")) -> List[str]:
+    """Preflight's line for GRUB settings files update-grub reads after the package's
+    drop-in that set one of its variables: they would undo the lock (recovery entries on
+    again), and the tamper listener would rewrite the drop-in and run update-grub again,
+    every few seconds."""
+    dropin = root / GRUB_DROPIN
+    locked = set(bootargs.grub_settings([dropin]) if dropin.exists()
+                 else _settings_of(GRUB_SETTINGS))
+    files = bootargs.grub_files(root / GRUB_DEFAULTS, dropin.parent)[1:]
+    found = [str(path) for path in files if path.name > dropin.name
+             and locked & set(bootargs.grub_settings([path]))]
+    if not found:
+        return []
+    return [f"GRUB settings read after {dropin} set what it sets ({', '.join(sorted(locked))}):"
+            f" {', '.join(found)} (remove those lines, or rename the files to sort before it)"]
+
+
+def _settings_of(text: str) -> Dict[str, str]:
+    return {line.partition("=")[0]: line.partition("=")[2]
+            for line in text.splitlines() if line.startswith("GRUB_")}
 
 
 def update_grub() -> None:
@@ -76,12 +99,20 @@ class Rescue(BusGuarantee):
         return self.grub_defaults.exists()
 
     def _grub_locked(self) -> bool:
+        """The drop-in is as written, and what update-grub reads from every settings file
+        keeps its values: a drop-in sorted after it (zz.cfg: GRUB_DISABLE_RECOVERY=false)
+        would undo them."""
         if not self._grub_installed():
             return True
         try:
-            return self.dropin.read_text(encoding="utf-8") == GRUB_SETTINGS
+            if self.dropin.read_text(encoding="utf-8") != GRUB_SETTINGS:
+                return False
         except OSError:
             return False
+        effective = bootargs.grub_settings(bootargs.grub_files(self.grub_defaults,
+                                                               self.dropin.parent))
+        return all(effective.get(name) == value
+                   for name, value in bootargs.grub_settings([self.dropin]).items())
 
     async def inspect(self, manager: Systemd) -> Finding:
         left = await unlocked(manager, UNITS)
@@ -89,7 +120,8 @@ class Rescue(BusGuarantee):
                                  "grub_locked": self._grub_locked()}
         problems = unlocked_problems(left)
         if not facts["grub_locked"]:
-            problems.append(f"GRUB recovery entries not disabled ({self.dropin} missing)")
+            problems.append(f"GRUB recovery entries not disabled ({self.dropin} missing, "
+                            "or a settings file read after it changes its values)")
         detail = "; ".join(problems) or "rescue and emergency masked" + (
             ", GRUB recovery entries off" if facts["grub"] else ", no GRUB")
         return Finding(self.name, not problems, detail, facts)
