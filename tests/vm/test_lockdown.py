@@ -425,7 +425,8 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
 
 
 # Root's command at every boot, run by kernel-command-line.service (which the boot wants,
-# so nothing tells it from the machine's own); `true` stands for a reverse shell. GRUB's
+# so nothing tells it from the machine's own); `true` stands for a reverse shell. Without
+# systemd.unit=, systemd.run= boots into kernel-command-line.target alone (no D-Bus). GRUB's
 # settings would keep it there (the host tests read those).
 BOOT_COMMAND = "systemd.run=/usr/bin/true systemd.run_success_action=none"
 
@@ -433,7 +434,7 @@ BOOT_COMMAND = "systemd.run=/usr/bin/true systemd.run_success_action=none"
 @pytest.mark.cost(100)
 def test_a_command_on_the_kernel_command_line_makes_preflight_refuse(node: Guest) -> None:
     guest = node
-    guest.reboot(kernel_args=BOOT_COMMAND)
+    guest.reboot(kernel_args=f"{BOOT_COMMAND} systemd.unit=multi-user.target")
     guest.wait_until_booted()
     assert guest.run("systemctl show -P Result kernel-command-line.service").stdout.strip() \
         == "success"  # it ran, as root
