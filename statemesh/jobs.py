@@ -94,6 +94,9 @@ HOOK_GLOBS = ("/etc/kernel/*.d/*",
               "/etc/dhcp/dhclient-exit-hooks.d/*", "/etc/NetworkManager/dispatcher.d/*",
               "/etc/NetworkManager/dispatcher.d/*/*", "/etc/networkd-dispatcher/*/*",
               "/usr/lib/networkd-dispatcher/*/*",
+              # dhcpcd's (ifupdown's DHCP client on Debian 13), run as root at every lease.
+              "/etc/dhcpcd.enter-hook", "/etc/dhcpcd.exit-hook", "/usr/lib/dhcpcd/dhcpcd-hooks/*",
+              "/lib/dhcpcd/dhcpcd-hooks/*",
               # GRUB's configuration is shell, run with its scripts by update-grub at every
               # kernel update (its settings files pass when they only set GRUB_* variables);
               # kernel-install's plugins likewise.

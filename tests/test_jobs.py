@@ -158,6 +158,16 @@ def test_hooks_of_packaged_programs_not_as_installed(tmp_path: Path) -> None:
         f"{kernel}/zz-way-in and 1 more (remove them, or reinstall their package)"]
 
 
+def test_dhcpcds_hooks_are_judged(tmp_path: Path) -> None:
+    """Debian 13's ifupdown leases with dhcpcd, which runs its enter and exit hooks (and its
+    packaged hook directory) as root at every lease: the hook list covers them."""
+    dhcpcd = [pattern for pattern in jobs.HOOK_GLOBS if "dhcpcd" in pattern]
+    globs = tuple(f"{tmp_path}{pattern}" for pattern in dhcpcd)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/dhcpcd.exit-hook").write_text("/root/way-in\n")
+    assert str(tmp_path / "etc/dhcpcd.exit-hook") in jobs.hook_problems({}, globs)[0]
+
+
 def test_a_hook_linked_to_a_packaged_program_or_hidden_by_a_dot_is_named(tmp_path: Path) -> None:
     """`ln -s /usr/bin/perl postrm.d/zz` runs perl on a file the operator names after a
     kernel; logrotate reads `.x` too. A link to /dev/null only disables a hook."""
