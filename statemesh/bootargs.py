@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from statemesh import planted
 
@@ -61,9 +61,11 @@ _EXPANSION = re.compile(r"\$\{?(GRUB_[A-Z0-9_]+)\}?")
 
 def _refused_word(word: str) -> bool:
     key, has_value, value = word.strip('"').partition("=")
-    key, value = key.replace("-", "_").replace("/", "."), value.strip('"')
     if not has_value:
-        return word.strip('"') in REFUSED_WORDS or key in REFUSED_SWITCHES
+        return key in REFUSED_WORDS or key.replace("-", "_") in REFUSED_SWITCHES
+    if "." not in key and planted.loads_code(key):
+        return True  # for init's own environment (the kernel hands it NAME=value)
+    key, value = key.replace("-", "_").replace("/", "."), value.strip('"')
     if key == "init":
         return value not in SYSTEMD_AS_INIT
     if key in REFUSED_KEYS:
@@ -80,13 +82,7 @@ def refused(arguments: str) -> List[str]:
     everything after `--`, which is PID 1's own command line."""
     words = arguments.split()
     end = words.index("--") if "--" in words else len(words)
-    return [word for word in words[:end]
-            if _refused_word(word) or _init_environment(word)] + words[end:]
-
-
-def _init_environment(word: str) -> bool:
-    key, has_value, _value = word.strip('"').partition("=")
-    return has_value and "." not in key and planted.loads_code(key)
+    return [word for word in words[:end] if _refused_word(word)] + words[end:]
 
 
 def _value(text: str, settings: Dict[str, str]) -> str:
@@ -100,18 +96,26 @@ def _value(text: str, settings: Dict[str, str]) -> str:
     return text.split("#", 1)[0].strip()
 
 
+def settings_of(text: str, settings: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The GRUB_* variables a settings file's text sets, over `settings` (what the files
+    before it set); lines as the shell splits them, at newlines only."""
+    settings = dict(settings or {})
+    for line in text.split("\n"):
+        assignment = _ASSIGNMENT.match(line)
+        if assignment and not assignment.group(2).startswith("`"):
+            settings[assignment.group(1)] = _value(assignment.group(2), settings)
+    return settings
+
+
 def grub_settings(files: Sequence[Path]) -> Dict[str, str]:
     """The GRUB_* variables the files set, in order, later ones overriding."""
     settings: Dict[str, str] = {}
     for path in files:
-        try:  # lines as the shell splits them: at newlines only
-            lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+        try:
+            settings = settings_of(path.read_bytes().decode("utf-8", errors="replace"),
+                                   settings)
         except OSError:
             continue
-        for line in lines:
-            assignment = _ASSIGNMENT.match(line)
-            if assignment and not assignment.group(2).startswith("`"):
-                settings[assignment.group(1)] = _value(assignment.group(2), settings)
     return settings
 
 

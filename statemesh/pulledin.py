@@ -28,14 +28,13 @@ import re
 from pathlib import Path
 from typing import Any, FrozenSet, Set
 
-from statemesh import systemd
+from statemesh import bootargs, systemd
 
 PULLED_IN_BY = ("WantedBy", "RequiredBy", "BoundBy", "UpheldBy", "TriggeredBy")
 BOOT_TARGETS = frozenset({"multi-user.target", "graphical.target"})
 ACTIVE_STATES = ("active", "activating", "reloading")
 # What status and preflight say of a unit the machine did not bring up.
 ON_REQUEST = "started on request: nothing the boot starts pulls it in or triggers it"
-KERNEL_COMMAND_LINE = Path("/proc/cmdline")
 # A user's service manager and runtime directory: logind starts them for a user with a
 # session (and stops them a moment after the last one ends) or a lingering user (which
 # preflight and status name apart); with neither, one was started by hand.
@@ -68,7 +67,7 @@ class BootChain:
 
     @classmethod
     async def of(cls, manager: systemd.Systemd,
-                 cmdline: Path = KERNEL_COMMAND_LINE) -> "BootChain":
+                 cmdline: Path = bootargs.KERNEL_COMMAND_LINE) -> "BootChain":
         roots = set(BOOT_TARGETS) | {await manager.default_target()}
         roots |= command_line_target(cmdline.read_text(encoding="utf-8", errors="replace"))
         users = await systemd.Logind(manager.bus).list_users()
@@ -91,15 +90,13 @@ class BootChain:
         return False
 
     async def _walk(self, unit: str, seen: Set[str]) -> bool:
-        """Whether a chain of reverse dependencies, none transient, leads from `unit` to a
-        boot root or an active device."""
+        """Whether a chain of reverse dependencies, no link transient, leads from `unit` to
+        a boot root or an active device."""
         if unit in self._proven or unit in self._roots:
             return True
         if unit.endswith(".device"):
             return await self._active(unit)
         seen.add(unit)
-        if await self._optional(unit, systemd.UNIT, "Transient", False):
-            return False
         if await self._pulled_in(unit, seen):
             self._proven.add(unit)
             return True
@@ -110,7 +107,9 @@ class BootChain:
         each one read costs a round trip."""
         for prop in PULLED_IN_BY:
             for puller in await self._optional(unit, systemd.UNIT, prop, []):
-                if puller not in seen and await self._walk(puller, seen):
+                if puller in seen or await self._transient(puller):
+                    continue
+                if await self._walk(puller, seen):
                     return True
         return False
 
@@ -122,6 +121,11 @@ class BootChain:
         device = f"sys-subsystem-net-devices-{interface.group(1)}.device"
         return (device in await self._optional(unit, systemd.UNIT, "BindsTo", [])
                 and await self._active(device))
+
+    async def _transient(self, unit: str) -> bool:
+        """Gone at the next boot: never a link (the unit judged is not transient: leftrunning
+        names transient ones itself)."""
+        return bool(await self._optional(unit, systemd.UNIT, "Transient", False))
 
     async def _bus_name(self, unit: str) -> str:
         return await self._optional(unit, f"{systemd.SYSTEMD}.Service", "BusName", "")

@@ -56,8 +56,7 @@ def settings_read_after_the_dropin(root: Path = Path("/")) -> List[str]:
     again), and the tamper listener would rewrite the drop-in and run update-grub again,
     every few seconds."""
     dropin = root / GRUB_DROPIN
-    locked = set(bootargs.grub_settings([dropin]) if dropin.exists()
-                 else _settings_of(GRUB_SETTINGS))
+    locked = set(bootargs.settings_of(GRUB_SETTINGS))
     files = bootargs.grub_files(root / GRUB_DEFAULTS, dropin.parent)[1:]
     found = [str(path) for path in files if path.name > dropin.name
              and locked & set(bootargs.grub_settings([path]))]
@@ -65,11 +64,6 @@ def settings_read_after_the_dropin(root: Path = Path("/")) -> List[str]:
         return []
     return [f"GRUB settings read after {dropin} set what it sets ({', '.join(sorted(locked))}):"
             f" {', '.join(found)} (remove those lines, or rename the files to sort before it)"]
-
-
-def _settings_of(text: str) -> Dict[str, str]:
-    return {line.partition("=")[0]: line.partition("=")[2]
-            for line in text.splitlines() if line.startswith("GRUB_")}
 
 
 def update_grub() -> None:
@@ -112,7 +106,7 @@ class Rescue(BusGuarantee):
         effective = bootargs.grub_settings(bootargs.grub_files(self.grub_defaults,
                                                                self.dropin.parent))
         return all(effective.get(name) == value
-                   for name, value in bootargs.grub_settings([self.dropin]).items())
+                   for name, value in bootargs.settings_of(GRUB_SETTINGS).items())
 
     async def inspect(self, manager: Systemd) -> Finding:
         left = await unlocked(manager, UNITS)
