@@ -279,10 +279,10 @@ async def _run_harden_unit(check_units: bool) -> List[str]:
     the package's units must first be as shipped: a drop-in planted on the harden unit
     would run instead of preflight. Returns what is planted on them (nothing started)."""
     async with systemd.manager() as manager:
-        units = await ownunits.read_units(manager)
+        units = await ownunits.read_settled_units(manager)
         if _stale(units):
             await manager.reload()
-            units = await ownunits.read_units(manager)
+            units = await ownunits.read_settled_units(manager)
         planted = ownunits.problems(units) if check_units else []
         if not planted:
             await manager.restart_unit(HARDEN_UNIT)

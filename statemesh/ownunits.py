@@ -49,6 +49,10 @@ RUNNING = ("active", "activating", "reloading", "deactivating")
 # What is read of each unit, and of a running one's service.
 UNIT_PROPERTIES = ("LoadState", "FragmentPath", "DropInPaths", "NeedDaemonReload", "ActiveState")
 SERVICE_PROPERTIES = ("MainPID", "ExecStart")
+# A main process not running its unit's command is read again this often, this many times,
+# before it is named (read_settled_units): 2 s in all, a service's start under emulation.
+SETTLE_SECONDS = 0.25
+SETTLE_READS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,19 +130,25 @@ def unit_problems(unit: LoadedUnit, shipped_dir: Path = SHIPPED_DIR,
     if unit.needs_reload:
         problems.append(f"{unit.name} changed on disk since systemd loaded it "
                         "(a daemon-reload would load the change)")
-    if unit.main_pid and unit.exec_start:
-        running = cmdline(unit.main_pid)
-        expected = expected_cmdline(unit.exec_start, read_head)
-        if running != expected and exiting(unit.main_pid):
-            return problems  # it ends as it was read (a service restarting), not planted
-        named = " ".join(unit.exec_start)
-        if running is None:
-            problems.append(f"{unit.name} main process {unit.main_pid} cannot be read "
-                            f"(is it {named!r}?)")
-        elif running != expected:
-            problems.append(f"{unit.name} main process {unit.main_pid} runs "
-                            f"{' '.join(running)!r}, not {named!r}")
-    return problems
+    running_wrong = main_process_problem(unit, cmdline, read_head, exiting)
+    return problems + ([running_wrong] if running_wrong else [])
+
+
+def main_process_problem(unit: LoadedUnit,
+                         cmdline: Callable[[int], Optional[List[str]]] = _cmdline,
+                         read_head: Callable[[str], bytes] = _read_head,
+                         exiting: Callable[[int], bool] = _exiting) -> Optional[str]:
+    """Why the unit's main process is not running what its ExecStart= names, if it is not."""
+    if not unit.main_pid or not unit.exec_start:
+        return None
+    running = cmdline(unit.main_pid)
+    expected = expected_cmdline(unit.exec_start, read_head)
+    if running == expected or exiting(unit.main_pid):
+        return None  # an exiting one ends as it was read (a service restarting), not planted
+    named = " ".join(unit.exec_start)
+    if running is None:
+        return f"{unit.name} main process {unit.main_pid} cannot be read (is it {named!r}?)"
+    return f"{unit.name} main process {unit.main_pid} runs {' '.join(running)!r}, not {named!r}"
 
 
 async def loaded_unit(manager: systemd.Systemd, name: str) -> LoadedUnit:
@@ -158,9 +168,29 @@ async def read_units(manager: systemd.Systemd,
     return [await loaded_unit(manager, name) for name in names]
 
 
+async def read_settled_units(manager: systemd.Systemd, names: Sequence[str] = PACKAGE_UNITS,
+                             unsettled: Callable[[LoadedUnit], bool] = lambda unit: bool(
+                                 main_process_problem(unit)),
+                             pause: float = SETTLE_SECONDS) -> List[LoadedUnit]:
+    """The units, each whose main process does not run its command read again a few times
+    a short while apart, and kept as last read. A service being (re)started shows, between
+    systemd's fork and the exec of its command, the forking program's command line
+    (systemd-executor's on systemd 255 and later, which sets up the sandbox first): a
+    start in progress, which is over long before the reads are, not a planted process."""
+    units = await read_units(manager, names)
+    for _ in range(SETTLE_READS):
+        moving = [index for index, unit in enumerate(units) if unsettled(unit)]
+        if not moving:
+            break
+        await asyncio.sleep(pause)
+        for index in moving:
+            units[index] = await loaded_unit(manager, units[index].name)
+    return units
+
+
 async def _read_all() -> List[LoadedUnit]:
     async with systemd.manager() as manager:
-        return await read_units(manager)
+        return await read_settled_units(manager)
 
 
 def problems(units: Sequence[LoadedUnit]) -> List[str]:

@@ -236,7 +236,7 @@ async def _bus_facts(installation_own: leftrunning.Excused,
         except systemd.UnknownUnitError:
             display_manager = "inactive"
         sessions = await systemd.Logind(manager.bus).list_sessions()
-        units = await ownunits.read_units(manager)
+        units = await ownunits.read_settled_units(manager)
         environment = await manager.get_environment()
         left = await leftrunning.left_running(manager, installation_own, cgroup_of)
     return BusFacts(display_manager, sessions, units, environment, left)

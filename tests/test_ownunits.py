@@ -138,3 +138,44 @@ def test_exec_start_property_shape() -> None:
     raw = [[SCRIPT, ["statemesh-node", "watchdog"], False, 0, 0, 0, 0, 0, 0, 0]]
     assert ownunits.exec_start_argv(raw) == (SCRIPT, "watchdog")
     assert ownunits.exec_start_argv([]) == ()
+
+
+class RestartingManager:
+    """systemd as `read_settled_units` asks it: the watchdog's main process is first a
+    process between fork and exec (systemd-executor's command line), then its command."""
+
+    def __init__(self, main_pids: List[int]):
+        self.main_pids = main_pids
+        self.reads = 0
+
+    async def get_unit_properties(self, name: str, interface: str, names) -> dict:
+        if interface != ownunits.SERVICE:
+            return {"LoadState": "loaded", "ActiveState": "active",
+                    "FragmentPath": f"/lib/systemd/system/{name}", "DropInPaths": []}
+        pid = self.main_pids[min(self.reads, len(self.main_pids) - 1)]
+        self.reads += 1
+        return {"MainPID": pid, "ExecStart": [[SCRIPT, ["statemesh-node", "watchdog"]]]}
+
+
+def settled(manager: RestartingManager) -> List[LoadedUnit]:
+    import asyncio
+    return asyncio.run(ownunits.read_settled_units(
+        manager, ["statemesh-watchdog.service"], pause=0,
+        unsettled=lambda unit: bool(problems(unit))))
+
+
+def test_a_unit_seen_between_fork_and_exec_is_judged_on_a_later_read() -> None:
+    """The watchdog restarting on Debian 13: its new main process first runs
+    systemd-executor, then the command. A planted process stays what it is, and is named."""
+    RUNNING[16] = ["/usr/lib/systemd/systemd-executor", "--deserialize", "51"]
+    try:
+        starting = RestartingManager([16, 16, 10])
+        assert [problems(unit) for unit in settled(starting)] == [[]]
+        assert starting.reads == 3
+        planted = RestartingManager([11])
+        [unit] = settled(planted)
+        assert problems(unit) == ["statemesh-watchdog.service main process 11 runs "
+                                  "'sleep infinity', not '/usr/bin/statemesh-node watchdog'"]
+        assert planted.reads == 1 + ownunits.SETTLE_READS
+    finally:
+        del RUNNING[16]
