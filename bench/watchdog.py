@@ -26,14 +26,14 @@ from typing import Any, Dict, List
 
 import psutil
 
+from harness import watchdog_scenarios as scenarios
+from harness.private_devpts import run_scenario
 
-UNIT_FILE = Path(__file__).resolve().parent.parent / "debian" / "statemesh-node.statemesh-watchdog.service"
+UNIT_FILE = Path(__file__).resolve().parent.parent / "systemd" / "statemesh-watchdog.service"
 
 # The baseline: poll once a second, SIGKILL every holder of every pty that exists.
 BASELINE = """
 import os, signal, sys, time
-from harness import watchdog_scenarios as scenarios
-from harness.private_devpts import run_scenario
 from statemesh.watchdog import terminals
 devpts = sys.argv[1]
 print("ready", flush=True)
