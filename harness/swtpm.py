@@ -1,4 +1,6 @@
-"""Real swtpm instances for the host tests: TCP on 127.0.0.1, state in a temporary directory.
+"""Real swtpm instances for the host tests: unix sockets, as statemesh-vtpm.service serves
+them, in a short temporary directory (a socket path is limited to 107 bytes, and pytest's
+directories are long); the state where the test says.
 
 `provision_with_ca` runs swtpm_setup with a private swtpm_localca CA (root + issuing CA),
 so the EK certificate in NV 0x01c00002 chains to a CA the test controls.
@@ -6,8 +8,10 @@ so the EK certificate in NV 0x01c00002 chains to a CA the test controls.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -37,59 +41,44 @@ def provision_with_ca(state: Path, ca: Path) -> Path:
     return ca / "swtpm-localca-rootca-cert.pem"
 
 
-def _free_port_pair() -> int:
-    """A port p such that p and p+1 were free a moment ago (swtpm needs two)."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port < 65535:
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-
-
 class SwTpm:
-    """A running `swtpm socket --tpm2` on loopback; `tcti` is its tpm2-tss TCTI string."""
+    """A running `swtpm socket --tpm2`; `tcti` is its tpm2-tss TCTI string."""
 
     def __init__(self, state: Path):
         state.mkdir(parents=True, exist_ok=True)
         self.state = state
-        self.port = 0
+        self.sockets = Path(tempfile.mkdtemp(prefix="sm-swtpm-"))
+        self.socket = self.sockets / "tpm.sock"
         self._process: Optional[subprocess.Popen] = None
-        for _attempt in range(5):
-            self.port = _free_port_pair()
-            if self._start():
-                return
-        raise RuntimeError("swtpm did not start")
+        if not self._start():
+            raise RuntimeError("swtpm did not start")
 
     def _start(self) -> bool:
         self._process = subprocess.Popen(
             ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}",
-             "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-             "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+             "--server", f"type=unixio,path={self.socket}",
+             "--ctrl", f"type=unixio,path={self.socket}.ctrl",
              "--flags", "not-need-init,startup-clear"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=CLEAN_ENV,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and self._process.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return True
-            except OSError:
-                time.sleep(0.02)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(self.socket))
+                    return True
+                except OSError:
+                    time.sleep(0.02)
         self.stop()
         return False
 
     @property
     def tcti(self) -> str:
-        return f"swtpm:host=127.0.0.1,port={self.port}"
+        return f"swtpm:path={self.socket}"
 
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
             self._process.terminate()
             self._process.wait(10)
+        shutil.rmtree(self.sockets, ignore_errors=True)

@@ -288,16 +288,25 @@ def test_tpm_class_needs_a_trusted_ek(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_weak_class_holds_only_while_the_vtpm_listens(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tpmdevices, "DEVICE", tmp_path / "tpmrm0")
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
+    monkeypatch.setattr(tpmdevices, "VTPM_SOCKET", tmp_path / "tpm.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(tmp_path / "tpm.sock"))
         listener.listen(1)
-        monkeypatch.setattr(tpmdevices, "VTPM_PORT", listener.getsockname()[1])
         running = securityclass.SecurityClass(NodeConfig()).check()
     stopped = securityclass.SecurityClass(NodeConfig()).check()
     assert running.holds and running.facts == {"class": "weak", "reason": running.facts["reason"],
                                                "vtpm": "listening"}
     assert "WEAK" in running.detail
     assert not stopped.holds and "NOT running" in stopped.detail
+
+
+def test_the_vtpm_tcti_is_the_units_socket() -> None:
+    """statemesh-vtpm.service serves swtpm on the socket the endpoint opens, and on no port."""
+    unit = (Path(__file__).resolve().parent.parent / "systemd" / "statemesh-vtpm.service").read_text()
+    assert f"--server type=unixio,path={tpmdevices.VTPM_SOCKET} " in unit
+    assert f"--ctrl type=unixio,path={tpmdevices.VTPM_SOCKET}.ctrl " in unit
+    assert tpmdevices.VTPM_TCTI == f"swtpm:path={tpmdevices.VTPM_SOCKET}"
+    assert "type=tcp" not in unit and "RestrictAddressFamilies=AF_UNIX\n" in unit
 
 
 def test_apply_records_the_class(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -94,8 +94,10 @@ def classify(config: NodeConfig) -> Classification:
 def vtpm_listening() -> bool:
     """Whether the local vTPM accepts connections (without opening a TPM session: swtpm
     serves one client at a time and the aTLS endpoint holds it)."""
-    try:
-        socket.create_connection(("127.0.0.1", tpmdevices.VTPM_PORT), timeout=2).close()
-    except OSError:
-        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(str(tpmdevices.VTPM_SOCKET))
+        except OSError:
+            return False
     return True

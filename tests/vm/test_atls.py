@@ -24,6 +24,24 @@ from harness.vm import snapshot, vtpm
 from harness.vm.driver import Guest, SavedGuest
 
 MESH = snapshot.MESH_PORT
+# A tenant's workload (any local user but root) reaching for the weak node's vTPM, on the
+# TCP ports swtpm once served and on its sockets: swtpm's control channel answers at once,
+# whoever holds the command channel (the endpoint does). CMD_GET_CAPABILITY (1) is
+# harmless; CMD_INIT (2) would reset the vTPM under the endpoint, CMD_SHUTDOWN (3) stop it.
+REACH_THE_VTPM = """
+import socket, struct
+def attempt(family, address):
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as channel:
+            channel.settimeout(5)
+            channel.connect(address)
+            channel.sendall(struct.pack(">I", 1))
+            return "answered" if channel.recv(64) else "closed"
+    except OSError as error:
+        return type(error).__name__
+print(attempt(socket.AF_INET, ("127.0.0.1", 2322)),
+      attempt(socket.AF_UNIX, "/run/statemesh-node/vtpm/tpm.sock.ctrl"))
+"""
 
 
 def _serving(guest: Guest) -> None:
@@ -87,7 +105,7 @@ def test_guest_with_a_trusted_tpm_is_tpm_class(guest_factory: Callable[..., Gues
 
 
 @pytest.mark.every_release
-@pytest.mark.cost(50)
+@pytest.mark.cost(55)
 def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[..., Guest],
                                                      installed_node: SavedGuest,
                                                      tmp_path: Path,
@@ -103,6 +121,11 @@ def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[...
     status = json.loads(guest.run("statemesh-node status --json", check=False).stdout)
     finding = next(f for f in status["guarantees"] if f["name"] == "security_class")
     assert finding["holds"] and "WEAK" in finding["detail"]
+    # A local user that is not root reaches neither of the vTPM's channels.
+    guest.run(f"cat > /tmp/reach-the-vtpm.py <<'EOF'\n{REACH_THE_VTPM}EOF")
+    reached = guest.run("setpriv --reuid=nobody --regid=nogroup --clear-groups "
+                        "python3 /tmp/reach-the-vtpm.py").stdout.split()
+    assert reached == ["ConnectionRefusedError", "PermissionError"], reached
 
     connection = _verify(guest, Verifier(Policy(frozenset({"tpm", "weak"}), None, no_cas)))
     assert connection.peer is not None and connection.peer.evidence.security_class == "weak"
