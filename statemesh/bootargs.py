@@ -14,6 +14,11 @@ and GRUB_CMDLINE_LINUX_DEFAULT take from /etc/default/grub and /etc/default/grub
 read in update-grub's order without a shell: statemesh.jobs refuses a settings file that
 does more than set GRUB_* variables to quoted or plain values, so the values are read here
 as text (`$GRUB_X` expanded). status names them again (its planted line).
+
+GRUB also reads /boot/grub/custom.cfg at every boot, when it exists (Debian's 41_custom
+writes the line that sources it): menu entries and commands of root's own, which no
+update-grub rewrites, so a non-empty one is refused. A grub.cfg edited by hand is the
+rescue guarantee's to rewrite (statemesh.guarantees.rescue).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from statemesh import planted
 KERNEL_COMMAND_LINE = Path("/proc/cmdline")
 GRUB_DEFAULTS = Path("/etc/default/grub")
 GRUB_DEFAULTS_DIR = Path("/etc/default/grub.d")
+GRUB_CUSTOM = Path("/boot/grub/custom.cfg")
+# The commands of a grub.cfg that boot Linux: the kernel's path, then its command line.
+GRUB_LINUX_COMMANDS = frozenset({"linux", "linuxefi", "linux16"})
 # Where GRUB's scripts take the Linux command line from (the recovery entry's and Xen's
 # too: a later drop-in can turn recovery entries on again).
 GRUB_COMMAND_LINES = ("GRUB_CMDLINE_LINUX", "GRUB_CMDLINE_LINUX_DEFAULT",
@@ -126,7 +134,27 @@ def grub_files(defaults: Path = GRUB_DEFAULTS, directory: Path = GRUB_DEFAULTS_D
                               if not path.name.startswith("."))]
 
 
-def problems(cmdline: Path = KERNEL_COMMAND_LINE, files: Sequence[Path] = ()) -> List[str]:
+def grub_cfg_refused(text: str) -> List[str]:
+    """The arguments of a grub.cfg's Linux commands (every menu entry's) that open a way in."""
+    found: List[str] = []
+    for line in text.split("\n"):
+        words = line.split()
+        if words[:1] and words[0] in GRUB_LINUX_COMMANDS:
+            found += [word for word in refused(" ".join(words[2:])) if word not in found]
+    return found
+
+
+def _custom_cfg_commands(custom: Path) -> bool:
+    """Whether GRUB's custom.cfg holds anything but blank lines and comments."""
+    try:
+        text = custom.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(line.strip() and not line.strip().startswith("#") for line in text.split("\n"))
+
+
+def problems(cmdline: Path = KERNEL_COMMAND_LINE, files: Sequence[Path] = (),
+             custom: Path = GRUB_CUSTOM) -> List[str]:
     """Preflight's lines for what this boot's command line and GRUB's next one hold."""
     found = []
     booted = refused(cmdline.read_text(encoding="utf-8", errors="replace"))
@@ -141,4 +169,8 @@ def problems(cmdline: Path = KERNEL_COMMAND_LINE, files: Sequence[Path] = ()) ->
                      "every boot, which runs something as root or keeps the node's units "
                      "from running (remove it from /etc/default/grub and "
                      "/etc/default/grub.d)")
+    if _custom_cfg_commands(custom):
+        found.append(f"{custom} holds commands, which GRUB runs at every boot past what "
+                     "update-grub writes (menu entries with a kernel command line of root's "
+                     "choosing): remove it")
     return found

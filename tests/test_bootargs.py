@@ -72,3 +72,24 @@ def test_grub_settings_are_read_in_update_grubs_order_and_named(tmp_path: Path) 
     # Overridden by a later file: the last value counts, as in the shell.
     (drop_ins / "70-undo.cfg").write_text('GRUB_CMDLINE_LINUX=""\n')
     assert len(bootargs.problems(cmdline, bootargs.grub_files(defaults, drop_ins))) == 1
+
+
+def test_grub_custom_cfg_with_commands_is_named(tmp_path: Path) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(DEBIAN_CLOUD + "\n")
+    custom = tmp_path / "custom.cfg"
+    assert bootargs.problems(cmdline, [tmp_path / "grub"], custom) == []
+    custom.write_text("# nothing but comments\n\n")
+    assert bootargs.problems(cmdline, [tmp_path / "grub"], custom) == []
+    custom.write_text("menuentry 'x' --unrestricted {\n linux /vmlinuz init=/bin/sh\n}\n")
+    assert bootargs.problems(cmdline, [tmp_path / "grub"], custom) == [
+        f"{custom} holds commands, which GRUB runs at every boot past what update-grub "
+        "writes (menu entries with a kernel command line of root's choosing): remove it"]
+
+
+def test_the_arguments_of_grub_cfgs_linux_commands_are_judged() -> None:
+    text = ("menuentry 'Debian' {\n\tlinux\t/vmlinuz root=/dev/sda1 ro quiet\n}\n"
+            "menuentry 'x' {\n  linuxefi /vmlinuz ro init=/bin/sh single\n"
+            "  echo 'linux /vmlinuz init=/bin/bash'\n}\n"
+            "submenu 'y' {\n menuentry 'z' {\n  linux16 /vmlinuz init=/bin/sh\n }\n}\n")
+    assert bootargs.grub_cfg_refused(text) == ["init=/bin/sh", "single"]

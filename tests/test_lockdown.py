@@ -333,6 +333,35 @@ def test_a_grub_setting_read_after_the_drop_in_undoes_the_lock(
     assert rescue.settings_read_after_the_dropin(root) == []
 
 
+GRUB_CFG_ENTRY = """menuentry 'Debian GNU/Linux' {
+	linux	/boot/vmlinuz-6.1.0-50-amd64 root=UUID=1234 ro %s quiet
+}
+"""
+
+
+def test_a_grub_cfg_edited_by_hand_is_rewritten_by_update_grub(
+        debian: FakeBus, machine: Machine, root: Path, book: journal.Journal) -> None:
+    """Prepared: the package's drop-in written before installing, word for word, and an
+    entry of grub.cfg given init=/bin/sh: nothing ran update-grub, so the hand edit stayed."""
+    (root / rescue.GRUB_DROPIN).parent.mkdir(parents=True, exist_ok=True)
+    (root / rescue.GRUB_DROPIN).write_text(rescue.GRUB_SETTINGS)
+    grub_cfg = root / rescue.GRUB_CFG
+    grub_cfg.parent.mkdir(parents=True)
+    grub_cfg.write_text(GRUB_CFG_ENTRY % "init=/bin/sh")
+
+    def update_grub() -> None:
+        machine.grub_runs.append("update-grub")
+        grub_cfg.write_text(GRUB_CFG_ENTRY % "")
+
+    machine.rescue.regenerate_grub = update_grub
+    finding = machine.rescue.check()
+    assert not finding.holds and f"{grub_cfg} boots with init=/bin/sh" in finding.detail
+    machine.rescue.apply(book)
+    assert machine.grub_runs == ["update-grub"] and machine.rescue.check().holds
+    grub_cfg.write_text(GRUB_CFG_ENTRY % "systemd.debug_shell")  # after: the listener's
+    assert not machine.rescue.check().holds
+
+
 def test_failed_stop_job_fails_the_apply(debian: FakeBus, machine: Machine,
                                          book: journal.Journal) -> None:
     debian.systemd.failing["ssh.service"] = "timeout"

@@ -302,6 +302,9 @@ UDEV_RULE = "/etc/udev/rules.d/99-way-in.rules"
 # operator's console setting is not.
 GRUB_HOOK = "/etc/default/grub.d/99-way-in.cfg"
 GRUB_CONSOLE = "/etc/default/grub.d/50-console.cfg"
+# Read by GRUB itself at every boot (41_custom), never rewritten by update-grub: an entry
+# of root's own, booted next (grub-reboot) or by default.
+GRUB_CUSTOM = "/boot/grub/custom.cfg"
 
 
 def plant_jobs_for_later(guest: Guest) -> None:
@@ -345,6 +348,9 @@ def plant_jobs_for_later(guest: Guest) -> None:
     guest.put(GRUB_HOOK, b'GRUB_CMDLINE_LINUX="$(/root/way-in)"\n')
     guest.put(GRUB_CONSOLE, b'GRUB_CMDLINE_LINUX_DEFAULT="$GRUB_CMDLINE_LINUX_DEFAULT '
               b'console=ttyS0,115200"\nGRUB_TIMEOUT=1\n')
+    guest.run("mkdir -p /boot/grub")
+    guest.put(GRUB_CUSTOM, b"menuentry 'way in' --unrestricted {\n"
+              b"\tlinux /vmlinuz root=/dev/vda1 init=/bin/sh\n\tinitrd /initrd.img\n}\n")
 
 
 @pytest.mark.cost(50)
@@ -409,6 +415,7 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     f"{UDEV_RULE} ("):
         assert planted in said, said
     assert GRUB_CONSOLE not in said, said
+    assert f"{GRUB_CUSTOM} holds commands, which GRUB runs at every boot" in said, said
     assert re.search(r"dial-out\.service \(started by hand\): pid [0-9]+ "
                      r"\(/usr/bin/sleep 1642\)", said), said
     assert re.search(rf"{re.escape(CONTAINER)} \(started on request: nothing the boot starts "
