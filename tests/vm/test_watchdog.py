@@ -17,6 +17,7 @@ from typing import Dict, List
 import pytest
 
 from harness.vm.driver import Guest, quote
+from statemesh.ownunits import PACKAGE_UNITS
 
 UNIT = "statemesh-watchdog.service"
 HOLDER = "import os, time; os.openpty(); time.sleep({})"
@@ -118,8 +119,12 @@ def test_every_kind_of_terminal_is_ended_and_a_plain_process_lives(installed_gue
     assert "/dev/console" not in {line["terminal"] for line in logged.values()}
 
 
-@pytest.mark.cost(10)
-def test_watchdog_refuses_stop_comes_back_after_sigkill_and_is_sandboxed(installed_guest: Guest) -> None:
+@pytest.mark.cost(15)
+def test_watchdog_refuses_stop_comes_back_after_sigkill_and_is_sandboxed(installed_guest: Guest,
+                                                                        measured) -> None:
+    """A stop is refused, a SIGKILL is survived, the process is sandboxed. Every unit of
+    the package has its exposure measured (systemd-analyze security: 0 best, 10 worst);
+    the watchdog's and the vTPM's are held to 2.0 ("OK"; measured 1.8 and 0.4)."""
     guest = installed_guest
     first = start_watchdog(guest)
 
@@ -143,9 +148,16 @@ def test_watchdog_refuses_stop_comes_back_after_sigkill_and_is_sandboxed(install
     status = guest.run(f"grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/{main_pid(guest)}/status").stdout
     assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
     assert int(status.split("CapEff:")[1].split()[0], 16) == (1 << 5) | (1 << 19)  # KILL, SYS_PTRACE
-    exposure = guest.run(f"systemd-analyze security --no-pager {UNIT}").stdout
-    score = float(exposure.rsplit("Overall exposure level for", 1)[1].split(":")[1].split()[0])
-    assert score <= 3.0, exposure
+    scores = {unit: exposure(guest, unit) for unit in PACKAGE_UNITS}
+    for unit, score in scores.items():
+        measured(f"exposure of {unit}", f"{score:.1f}")
+    assert scores[UNIT] <= 2.0 and scores["statemesh-vtpm.service"] <= 2.0, scores
+
+
+def exposure(guest: Guest, unit: str) -> float:
+    """systemd-analyze security's overall exposure level of `unit`."""
+    said = guest.run(f"systemd-analyze security --no-pager {unit}").stdout
+    return float(said.rsplit("Overall exposure level for", 1)[1].split(":")[1].split()[0])
 
 
 @pytest.mark.cost(10)
