@@ -18,9 +18,13 @@ from tests.fakebus import FakeBus, FakeSession, fakebus  # noqa: F401 - fixture
 
 @pytest.fixture
 def sleepers() -> Iterator[List[int]]:
-    """Live processes to stand for what runs in units."""
+    """Live processes to stand for what runs in units, each once its command line reads
+    (Popen may return inside the child's exec, before the kernel has set its arguments)."""
     processes = [subprocess.Popen(["sleep", str(60 + n)], start_new_session=True)
                  for n in range(3)]
+    for process in processes:
+        while Path(f"/proc/{process.pid}/cmdline").read_bytes() == b"":
+            time.sleep(0.001)
     yield [process.pid for process in processes]
     for process in processes:
         process.kill()
