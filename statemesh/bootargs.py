@@ -17,13 +17,16 @@ as text (`$GRUB_X` expanded). status names them again (its planted line).
 
 GRUB also reads /boot/grub/custom.cfg at every boot, when it exists (Debian's 41_custom
 writes the line that sources it): menu entries and commands of root's own, which no
-update-grub rewrites, so a non-empty one is refused. A grub.cfg edited by hand is the
-rescue guarantee's to rewrite (statemesh.guarantees.rescue).
+update-grub rewrites, so a non-empty one is refused. A grub.cfg edited by hand is rewritten
+by the update-grub the installation runs (statemesh.guarantees.rescue). These are a
+tripwire, not a boundary: grubenv, GRUB's modules and a configuration built into its core
+image are not read here (README's honest limits).
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -33,13 +36,18 @@ KERNEL_COMMAND_LINE = Path("/proc/cmdline")
 GRUB_DEFAULTS = Path("/etc/default/grub")
 GRUB_DEFAULTS_DIR = Path("/etc/default/grub.d")
 GRUB_CUSTOM = Path("/boot/grub/custom.cfg")
-# The commands of a grub.cfg that boot Linux: the kernel's path, then its command line.
-GRUB_LINUX_COMMANDS = frozenset({"linux", "linuxefi", "linux16"})
 # Where GRUB's scripts take the Linux command line from (the recovery entry's and Xen's
 # too: a later drop-in can turn recovery entries on again).
+# GRUB_DEVICE* too: grub-mkconfig probes them, then reads the settings files, which may set
+# them, and 10_linux writes root=$GRUB_DEVICE when told not to use the UUID.
 GRUB_COMMAND_LINES = ("GRUB_CMDLINE_LINUX", "GRUB_CMDLINE_LINUX_DEFAULT",
                       "GRUB_CMDLINE_LINUX_RECOVERY", "GRUB_CMDLINE_LINUX_XEN_REPLACE",
-                      "GRUB_CMDLINE_LINUX_XEN_REPLACE_DEFAULT")
+                      "GRUB_CMDLINE_LINUX_XEN_REPLACE_DEFAULT", "GRUB_DEVICE",
+                      "GRUB_DEVICE_UUID", "GRUB_DEVICE_PARTUUID")
+# The one GRUB variable a stock grub.cfg puts on a Linux line (Ubuntu's 10_linux).
+GRUB_OWN_VARIABLES = frozenset({"$vt_handoff"})
+# How much of custom.cfg is read: it is a short script, or it is something else.
+CUSTOM_CFG_LIMIT = 1 << 20
 # Arguments that run something as root, or keep the node's units from running, at boot
 # (keys as systemd compares them: "-" and "_" alike). init= is refused but for systemd.
 REFUSED_KEYS = frozenset({
@@ -67,13 +75,24 @@ _ASSIGNMENT = re.compile(r"^\s*(?:export\s+)?(GRUB_[A-Z0-9_]+)=(.*)$")
 _EXPANSION = re.compile(r"\$\{?(GRUB_[A-Z0-9_]+)\}?")
 
 
+def words_of(arguments: str) -> List[str]:
+    """The words of a command line with their quoting taken off, as systemd reads its own
+    arguments (and GRUB a Linux line, and sh a GRUB setting): `'init=/bin/sh'`,
+    `i"n"it=/bin/sh` and `init\\=/bin/sh` are all init=/bin/sh, and a quoted blank joins.
+    Unbalanced quoting: split at blanks, every quote and backslash dropped."""
+    try:
+        return shlex.split(arguments, posix=True)
+    except ValueError:
+        return [re.sub(r"[\"'\\]", "", word) for word in arguments.split()]
+
+
 def _refused_word(word: str) -> bool:
-    key, has_value, value = word.strip('"').partition("=")
+    key, has_value, value = word.partition("=")
     if not has_value:
         return key in REFUSED_WORDS or key.replace("-", "_") in REFUSED_SWITCHES
     if "." not in key and planted.loads_code(key):
         return True  # for init's own environment (the kernel hands it NAME=value)
-    key, value = key.replace("-", "_").replace("/", "."), value.strip('"')
+    key = key.replace("-", "_").replace("/", ".")
     if key == "init":
         return value not in SYSTEMD_AS_INIT
     if key in REFUSED_KEYS:
@@ -84,13 +103,22 @@ def _refused_word(word: str) -> bool:
 
 
 def refused(arguments: str) -> List[str]:
-    """The arguments of a kernel command line that open a way in at boot (quoted ones as
-    the kernel unquotes them): those above; a variable for init's own environment that
-    makes it load code (the kernel hands PID 1 any NAME=value without a dot: LD_PRELOAD=);
-    everything after `--`, which is PID 1's own command line."""
-    words = arguments.split()
+    """The arguments of a kernel command line that open a way in at boot (unquoted, see
+    words_of): those above; a variable for init's own environment that makes it load code
+    (the kernel hands PID 1 any NAME=value without a dot: LD_PRELOAD=); everything after
+    `--`, which is PID 1's own command line."""
+    words = words_of(arguments)
     end = words.index("--") if "--" in words else len(words)
     return [word for word in words[:end] if _refused_word(word)] + words[end:]
+
+
+def refused_by_grub(arguments: str) -> List[str]:
+    """What GRUB's settings would put on the command line that opens a way in: the words
+    refused above, and words with a `$` (GRUB fills the variable in at boot, from its
+    environment block, which root writes with grub-editenv)."""
+    found = refused(arguments)
+    return found + [word for word in words_of(arguments)
+                    if "$" in word and word not in GRUB_OWN_VARIABLES and word not in found]
 
 
 def _value(text: str, settings: Dict[str, str]) -> str:
@@ -134,22 +162,16 @@ def grub_files(defaults: Path = GRUB_DEFAULTS, directory: Path = GRUB_DEFAULTS_D
                               if not path.name.startswith("."))]
 
 
-def grub_cfg_refused(text: str) -> List[str]:
-    """The arguments of a grub.cfg's Linux commands (every menu entry's) that open a way in."""
-    found: List[str] = []
-    for line in text.split("\n"):
-        words = line.split()
-        if words[:1] and words[0] in GRUB_LINUX_COMMANDS:
-            found += [word for word in refused(" ".join(words[2:])) if word not in found]
-    return found
-
-
 def _custom_cfg_commands(custom: Path) -> bool:
-    """Whether GRUB's custom.cfg holds anything but blank lines and comments."""
+    """Whether GRUB's custom.cfg holds anything but blank lines and comments; one that
+    exists and cannot be read (a loop of links, an I/O error) counts as holding some."""
     try:
-        text = custom.read_bytes().decode("utf-8", errors="replace")
-    except OSError:
+        with custom.open("rb") as handle:
+            text = handle.read(CUSTOM_CFG_LIMIT).decode("utf-8", errors="replace")
+    except FileNotFoundError:
         return False
+    except OSError:
+        return True
     return any(line.strip() and not line.strip().startswith("#") for line in text.split("\n"))
 
 
@@ -163,7 +185,7 @@ def problems(cmdline: Path = KERNEL_COMMAND_LINE, files: Sequence[Path] = (),
                      "something as root at boot or keeps the node's units from running "
                      "(boot without it)")
     settings = grub_settings(files or grub_files())
-    planted = refused(" ".join(settings.get(name, "") for name in GRUB_COMMAND_LINES))
+    planted = refused_by_grub(" ".join(settings.get(name, "") for name in GRUB_COMMAND_LINES))
     if planted:
         found.append(f"GRUB's settings put {' '.join(planted)} on the kernel command line of "
                      "every boot, which runs something as root or keeps the node's units "

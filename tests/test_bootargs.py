@@ -38,7 +38,9 @@ def test_ordinary_command_lines_are_not_named(arguments: str) -> None:
     "LD_PRELOAD=/root/x.so", "sysctl.kernel.modprobe=/root/x", "sysctl.kernel/core_pattern=|/x",
 ])
 def test_each_way_in_at_boot_is_named(argument: str) -> None:
-    assert bootargs.refused(f"{DEBIAN_CLOUD} {argument}") == [argument.split(" ")[0]]
+    """Named as read: a double-quoted argument, blanks included, is one (the kernel's and
+    systemd's reading), without its quotes."""
+    assert bootargs.refused(f"{DEBIAN_CLOUD} {argument}") == [argument.replace('"', "")]
 
 
 def test_what_follows_a_double_dash_is_pid_1s_own_command_line() -> None:
@@ -87,9 +89,40 @@ def test_grub_custom_cfg_with_commands_is_named(tmp_path: Path) -> None:
         "writes (menu entries with a kernel command line of root's choosing): remove it"]
 
 
-def test_the_arguments_of_grub_cfgs_linux_commands_are_judged() -> None:
-    text = ("menuentry 'Debian' {\n\tlinux\t/vmlinuz root=/dev/sda1 ro quiet\n}\n"
-            "menuentry 'x' {\n  linuxefi /vmlinuz ro init=/bin/sh single\n"
-            "  echo 'linux /vmlinuz init=/bin/bash'\n}\n"
-            "submenu 'y' {\n menuentry 'z' {\n  linux16 /vmlinuz init=/bin/sh\n }\n}\n")
-    assert bootargs.grub_cfg_refused(text) == ["init=/bin/sh", "single"]
+def test_quoting_hides_no_argument() -> None:
+    """sh (GRUB's settings), GRUB (a Linux line) and systemd (its own arguments) take the
+    quotes off: each of these is init=/bin/sh or systemd.run=/root/x when it is read."""
+    for quoted in ("'systemd.run=/root/x'", 'i"n"it=/bin/sh', "init\\=/bin/sh",
+                   "'init'=/bin/sh"):
+        assert bootargs.refused(f"{DEBIAN_CLOUD} {quoted}") in (
+            [["systemd.run=/root/x"], ["init=/bin/sh"]]), quoted
+    assert bootargs.refused("quiet 'init=/bin/sh") == ["init=/bin/sh"]  # unbalanced
+
+
+def test_a_variable_grub_fills_in_at_boot_is_named(tmp_path: Path) -> None:
+    """GRUB expands $x on a Linux line from its environment block (grub-editenv set
+    x=init=/bin/sh): a setting that puts one there is named; Ubuntu's own $vt_handoff is not."""
+    defaults = tmp_path / "grub"
+    defaults.write_text("GRUB_CMDLINE_LINUX_DEFAULT='quiet $way_in'\n"
+                        'GRUB_CMDLINE_LINUX="\\$vt_handoff"\n')
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(DEBIAN_CLOUD + "\n")
+    [found] = bootargs.problems(cmdline, [defaults], tmp_path / "custom.cfg")
+    assert found.startswith("GRUB's settings put $way_in on the kernel command line"), found
+
+
+def test_grub_device_settings_reach_the_command_line(tmp_path: Path) -> None:
+    defaults = tmp_path / "grub"
+    defaults.write_text('GRUB_DISABLE_LINUX_UUID=true\nGRUB_DEVICE="/dev/sda1 init=/bin/sh"\n')
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(DEBIAN_CLOUD + "\n")
+    [found] = bootargs.problems(cmdline, [defaults], tmp_path / "custom.cfg")
+    assert found.startswith("GRUB's settings put init=/bin/sh on"), found
+
+
+def test_a_custom_cfg_that_cannot_be_read_counts_as_holding_commands(tmp_path: Path) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(DEBIAN_CLOUD + "\n")
+    custom = tmp_path / "custom.cfg"
+    custom.symlink_to(custom)  # a loop: ELOOP
+    assert len(bootargs.problems(cmdline, [tmp_path / "grub"], custom)) == 1
