@@ -40,7 +40,6 @@ UNITS = UnitSet(("rescue.service", "emergency.service", "rescue.target", "emerge
                  "kbrequest.target"))
 GRUB_DEFAULTS = Path("etc/default/grub")
 GRUB_DROPIN = Path("etc/default/grub.d/50-statemesh-node.cfg")
-GRUB_CFG = Path("boot/grub/grub.cfg")
 GRUB_SETTINGS = """\
 # Written by statemesh-node (removed at purge): no recovery entries, no menu to interrupt.
 GRUB_DISABLE_RECOVERY=true
@@ -85,7 +84,6 @@ class Rescue(BusGuarantee):
                  regenerate_grub: Callable[[], None] = update_grub):
         self.grub_defaults = root / GRUB_DEFAULTS
         self.dropin = root / GRUB_DROPIN
-        self.grub_cfg = root / GRUB_CFG
         self.regenerate_grub = regenerate_grub
 
     def ways_in(self) -> Sequence[Way]:
@@ -94,39 +92,30 @@ class Rescue(BusGuarantee):
     def _grub_installed(self) -> bool:
         return self.grub_defaults.exists()
 
-    def _grub_problems(self) -> List[str]:
-        """Why GRUB may still boot a way in: the drop-in is not as written, a settings file
-        update-grub reads after it undoes its values (zz.cfg: GRUB_DISABLE_RECOVERY=false),
-        or grub.cfg's entries carry arguments no settings file gave them (edited by hand,
-        before installing: update-grub would have rewritten them, had anything run it)."""
+    def _grub_locked(self) -> bool:
+        """The drop-in is as written, and what update-grub reads from every settings file
+        keeps its values: a drop-in sorted after it (zz.cfg: GRUB_DISABLE_RECOVERY=false)
+        would undo them."""
         if not self._grub_installed():
-            return []
+            return True
         try:
-            written = self.dropin.read_text(encoding="utf-8") == GRUB_SETTINGS
+            if self.dropin.read_text(encoding="utf-8") != GRUB_SETTINGS:
+                return False
         except OSError:
-            written = False
+            return False
         effective = bootargs.grub_settings(bootargs.grub_files(self.grub_defaults,
                                                                self.dropin.parent))
-        if not written or any(effective.get(name) != value for name, value
-                              in bootargs.settings_of(GRUB_SETTINGS).items()):
-            return [f"GRUB recovery entries not disabled ({self.dropin} missing, or a "
-                    "settings file read after it changes its values)"]
-        try:
-            entries = bootargs.grub_cfg_refused(
-                self.grub_cfg.read_bytes().decode("utf-8", errors="replace"))
-        except OSError:
-            return []  # no grub.cfg: nothing boots from these settings yet
-        if entries:
-            return [f"{self.grub_cfg} boots with {' '.join(entries)} (not what update-grub "
-                    "writes from the settings)"]
-        return []
+        return all(effective.get(name) == value
+                   for name, value in bootargs.settings_of(GRUB_SETTINGS).items())
 
     async def inspect(self, manager: Systemd) -> Finding:
         left = await unlocked(manager, UNITS)
-        grub_problems = self._grub_problems()
         facts: Dict[str, Any] = {**left, "grub": self._grub_installed(),
-                                 "grub_locked": not grub_problems}
-        problems = unlocked_problems(left) + grub_problems
+                                 "grub_locked": self._grub_locked()}
+        problems = unlocked_problems(left)
+        if not facts["grub_locked"]:
+            problems.append(f"GRUB recovery entries not disabled ({self.dropin} missing, "
+                            "or a settings file read after it changes its values)")
         detail = "; ".join(problems) or "rescue and emergency masked" + (
             ", GRUB recovery entries off" if facts["grub"] else ", no GRUB")
         return Finding(self.name, not problems, detail, facts)
@@ -135,9 +124,15 @@ class Rescue(BusGuarantee):
         journal.remember(self.name, {**await snapshot(manager, UNITS),
                                      "grub_dropin_dir": self.dropin.parent.is_dir()})
         journal.record("rescue-locked", **await lock(manager, UNITS))
-        if self._grub_problems():
-            self.dropin.parent.mkdir(parents=True, exist_ok=True)
-            self.dropin.write_text(GRUB_SETTINGS, encoding="utf-8")
+        if self._grub_installed():
+            if not self._grub_locked():
+                self.dropin.parent.mkdir(parents=True, exist_ok=True)
+                self.dropin.write_text(GRUB_SETTINGS, encoding="utf-8")
+            # Always: a grub.cfg edited by hand before installing (init= given to its
+            # entries, the drop-in planted word for word so that nothing would run
+            # update-grub) is written again from the settings preflight checked. The boot
+            # and the tamper listener enforce only what no longer holds: this runs at the
+            # installation (and an upgrade's), not at every boot.
             self.regenerate_grub()
             journal.record("grub-locked", dropin=str(self.dropin))
         await self.verify(manager)

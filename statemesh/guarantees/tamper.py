@@ -97,12 +97,18 @@ async def _listen_once(lockdown: Sequence[BusGuarantee], journal: Any,
         await manager.on_unit_files_changed(changed.set)
         await manager.on_reloading(lambda active: None if active else changed.set())
         await enforce_tampered(manager, lockdown, journal)
+        # Cleared after each round, not before: an enforce reloads systemd, and the
+        # Reloading signal it emits would wake the next round at once. A guarantee whose
+        # enforce keeps failing (prepared so) would reload systemd hundreds of times a
+        # second; it is tried again at the next change or period instead. A change made
+        # while a round runs is found by the next period's round at the latest.
+        changed.clear()
         ready()
         while manager.bus.connected:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), period)
-            changed.clear()
             await enforce_tampered(manager, lockdown, journal)
+            changed.clear()
 
 
 async def listen(ordered: Sequence[Guarantee], journal: Any,
