@@ -25,9 +25,11 @@ from harness.vm.driver import Guest, SavedGuest
 
 MESH = snapshot.MESH_PORT
 # A tenant's workload (any local user but root) reaching for the weak node's vTPM, on the
-# TCP ports swtpm once served and on its sockets: swtpm's control channel answers at once,
-# whoever holds the command channel (the endpoint does). CMD_GET_CAPABILITY (1) is
-# harmless; CMD_INIT (2) would reset the vTPM under the endpoint, CMD_SHUTDOWN (3) stop it.
+# TCP ports swtpm once served and on its sockets, command channel and control channel.
+# The control channel answers at once, whoever holds the command channel (the endpoint
+# does): CMD_GET_CAPABILITY (1) is harmless; CMD_INIT (2) would reset the vTPM under the
+# endpoint, CMD_SHUTDOWN (3) stop it. (On the command channel the 4 bytes are a short TPM
+# command, answered with an error, or not at all while the endpoint holds it.)
 REACH_THE_VTPM = """
 import socket, struct
 def attempt(family, address):
@@ -39,7 +41,8 @@ def attempt(family, address):
             return "answered" if channel.recv(64) else "closed"
     except OSError as error:
         return type(error).__name__
-print(attempt(socket.AF_INET, ("127.0.0.1", 2322)),
+print(attempt(socket.AF_INET, ("127.0.0.1", 2321)), attempt(socket.AF_INET, ("127.0.0.1", 2322)),
+      attempt(socket.AF_UNIX, "/run/statemesh-node/vtpm/tpm.sock"),
       attempt(socket.AF_UNIX, "/run/statemesh-node/vtpm/tpm.sock.ctrl"))
 """
 
@@ -125,7 +128,7 @@ def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[...
     guest.run(f"cat > /tmp/reach-the-vtpm.py <<'EOF'\n{REACH_THE_VTPM}EOF")
     reached = guest.run("setpriv --reuid=nobody --regid=nogroup --clear-groups "
                         "python3 /tmp/reach-the-vtpm.py").stdout.split()
-    assert reached == ["ConnectionRefusedError", "PermissionError"], reached
+    assert reached == ["ConnectionRefusedError"] * 2 + ["PermissionError"] * 2, reached
 
     connection = _verify(guest, Verifier(Policy(frozenset({"tpm", "weak"}), None, no_cas)))
     assert connection.peer is not None and connection.peer.evidence.security_class == "weak"

@@ -461,9 +461,10 @@ def status(guest: Guest) -> dict:
 def failing_lines(report: dict) -> dict:
     """The lines of a status report that do not hold, each with its whole detail (a
     report's repr is cut short in pytest's message before it reaches them)."""
-    lines = [report[name] for name in ("installation", "tamper_listener", "package_units",
-                                       "planted")] + report["guarantees"]
-    return {line["name"]: line["detail"] for line in lines if not line["holds"]}
+    lines = [report.get(name) for name in ("installation", "tamper_listener", "package_units",
+                                           "planted")] + report.get("guarantees", [])
+    return {line.get("name"): line.get("detail") for line in lines
+            if isinstance(line, dict) and not line.get("holds")}
 
 
 def assert_installed_at_boot_without_anyone(guest: Guest, interrupted_in: str) -> None:
