@@ -99,25 +99,22 @@ def test_quoting_hides_no_argument() -> None:
     assert bootargs.refused("quiet 'init=/bin/sh") == ["init=/bin/sh"]  # unbalanced
 
 
-def test_a_variable_grub_fills_in_at_boot_is_named(tmp_path: Path) -> None:
-    """GRUB expands $x on a Linux line from its environment block (grub-editenv set
-    x=init=/bin/sh): a setting that puts one there is named; Ubuntu's own $vt_handoff is not."""
+@pytest.mark.parametrize("settings, named", [
+    # GRUB expands $x on a Linux line from its environment block (grub-editenv set
+    # x=init=/bin/sh); Ubuntu's own $vt_handoff is no setting's.
+    ("GRUB_CMDLINE_LINUX_DEFAULT='quiet $way_in'\nGRUB_CMDLINE_LINUX=\"\\$vt_handoff\"\n",
+     "$way_in"),
+    # 10_linux writes root=$GRUB_DEVICE when told not to use the UUID.
+    ('GRUB_DISABLE_LINUX_UUID=true\nGRUB_DEVICE="/dev/sda1 init=/bin/sh"\n', "init=/bin/sh"),
+])
+def test_what_grub_settings_put_on_the_line_besides_the_cmdline_is_named(
+        tmp_path: Path, settings: str, named: str) -> None:
     defaults = tmp_path / "grub"
-    defaults.write_text("GRUB_CMDLINE_LINUX_DEFAULT='quiet $way_in'\n"
-                        'GRUB_CMDLINE_LINUX="\\$vt_handoff"\n')
+    defaults.write_text(settings)
     cmdline = tmp_path / "cmdline"
     cmdline.write_text(DEBIAN_CLOUD + "\n")
     [found] = bootargs.problems(cmdline, [defaults], tmp_path / "custom.cfg")
-    assert found.startswith("GRUB's settings put $way_in on the kernel command line"), found
-
-
-def test_grub_device_settings_reach_the_command_line(tmp_path: Path) -> None:
-    defaults = tmp_path / "grub"
-    defaults.write_text('GRUB_DISABLE_LINUX_UUID=true\nGRUB_DEVICE="/dev/sda1 init=/bin/sh"\n')
-    cmdline = tmp_path / "cmdline"
-    cmdline.write_text(DEBIAN_CLOUD + "\n")
-    [found] = bootargs.problems(cmdline, [defaults], tmp_path / "custom.cfg")
-    assert found.startswith("GRUB's settings put init=/bin/sh on"), found
+    assert found.startswith(f"GRUB's settings put {named} on the kernel command line"), found
 
 
 def test_a_custom_cfg_that_cannot_be_read_counts_as_holding_commands(tmp_path: Path) -> None:
