@@ -55,3 +55,13 @@ def this_host_is_never_hardened(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a host test tried to make this host's loginuids immutable")
     monkeypatch.setattr(audit, "make_loginuid_immutable", refuse)
 
+
+
+@pytest.fixture(autouse=True)
+def listener_state_of_the_test(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The tamper listener's record for status, in the test's own directory: a listener run
+    by a host test must not write under this host's /run."""
+    from statemesh.guarantees import tamper
+    state = tmp_path / "listener.json"
+    monkeypatch.setattr(tamper, "LISTENER_STATE", state)
+    return state

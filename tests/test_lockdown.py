@@ -522,6 +522,25 @@ def test_a_guarantee_that_keeps_failing_is_tried_again_once_a_period_not_in_a_lo
         listener.cancel()
     debian.call(scenario())
     assert len(attempts) == 1, len(attempts)
+    # And status says so: the listener runs, but did not re-assert ssh.
+    assert tamper.cannot_enforce([os.getpid()]) == {
+        "ssh": "LockdownError: ssh: still not locked after enforcing"}
+
+
+def test_status_fails_while_the_listener_cannot_re_assert_a_guarantee(
+        tmp_path: Path, listener_state_of_the_test: Path) -> None:
+    """Its record counts only while the process that wrote it runs the harden unit."""
+    ordered = [ssh.Ssh()]
+    listener_state_of_the_test.write_text(json.dumps(
+        {"pid": os.getpid(), "cannot_enforce": {"ssh": "JobFailedError: ssh.service: failed"}}))
+    finding = tamper.listener_finding(ordered, True, _harden_cgroup(tmp_path, [os.getpid()]))
+    assert not finding.holds and finding.detail.endswith(
+        "but its last try to re-assert failed: ssh: JobFailedError: ssh.service: failed")
+    gone = tamper.listener_finding(ordered, True, _harden_cgroup(tmp_path / "x", [1]))
+    assert gone.holds, gone.detail  # a record of another process's: not the listener's
+    listener_state_of_the_test.write_text(json.dumps({"pid": os.getpid(), "cannot_enforce": {}}))
+    assert tamper.listener_finding(ordered, True, _harden_cgroup(tmp_path / "y",
+                                                                 [os.getpid()])).holds
 
 
 def _harden_cgroup(tmp_path: Path, pids: List[int]) -> Path:

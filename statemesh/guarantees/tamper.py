@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 from pathlib import Path
-from typing import Any, Callable, List, Sequence, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, cast
 
 from statemesh import systemd
 from statemesh.events import log
@@ -28,6 +30,9 @@ RECONNECT_DELAY = 1.0
 # What ends the listener's connection: it reconnects (listen), anything else is one
 # guarantee's error (enforce_tampered).
 BUS_LOST = (systemd.NoBusError, ConnectionError, EOFError)
+# What the listener could not enforce in its last round, with its pid, for status: a file
+# left by a listener that is gone (or written by anyone else) counts for nothing.
+LISTENER_STATE = Path("/run/statemesh-node/listener.json")
 
 
 def watched(ordered: Sequence[Guarantee]) -> List[BusGuarantee]:
@@ -39,7 +44,8 @@ def listener_finding(ordered: Sequence[Guarantee], installed: bool,
                      cgroup_root: Path = unitprocs.CGROUP_ROOT) -> Finding:
     """Whether the listener runs, for status: on an installed node statemesh-harden.service
     stays up as the listener, and nothing else re-asserts the lockdown when it is undone.
-    It is not restarted (Restart=no), so a stopped or killed listener stays gone."""
+    It is not restarted (Restart=no), so a stopped or killed listener stays gone; one whose
+    last round failed to enforce a guarantee does not re-assert it, and says so."""
     pids = unitprocs.unit_pids(HARDEN_UNIT, cgroup_root)
     halted = unitprocs.stopped(pids)
     names = ", ".join(guarantee.name for guarantee in watched(ordered))
@@ -53,18 +59,52 @@ def listener_finding(ordered: Sequence[Guarantee], installed: bool,
         return Finding("tamper_listener", False, f"{HARDEN_UNIT} is stopped (pid "
                        f"{', '.join(map(str, halted))}: SIGSTOP or a tracer): nothing "
                        f"re-asserts {names} when they are undone", facts)
+    failing = cannot_enforce(pids)
+    if failing:
+        facts["cannot_enforce"] = failing
+        return Finding("tamper_listener", False, f"{HARDEN_UNIT} running (pid {pids[0]}), but "
+                       "its last try to re-assert failed: " + "; ".join(
+                           f"{name}: {error}" for name, error in sorted(failing.items())), facts)
     return Finding("tamper_listener", True, f"{HARDEN_UNIT} running (pid {pids[0]}), "
                    f"re-asserts {names} when they are undone", facts)
 
 
+def cannot_enforce(pids: Sequence[int]) -> Dict[str, str]:
+    """The guarantees the running listener (one of `pids`) failed to enforce in its last
+    round, with the error; {} when it failed none, or the record is not its own."""
+    try:
+        record = json.loads(LISTENER_STATE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict) or record.get("pid") not in pids:
+        return {}
+    failing = record.get("cannot_enforce")
+    return {str(name): str(error) for name, error in failing.items()} if isinstance(
+        failing, dict) else {}
+
+
+def publish(failing: Dict[str, str]) -> None:
+    """Write what this listener could not enforce, for status; a failure to write is logged
+    (status then sees no record of this listener's: it holds, as before this existed)."""
+    try:
+        LISTENER_STATE.parent.mkdir(parents=True, exist_ok=True)
+        partial = LISTENER_STATE.with_name(LISTENER_STATE.name + ".new")
+        partial.write_text(json.dumps({"pid": os.getpid(), "cannot_enforce": failing}),
+                           encoding="utf-8")
+        partial.replace(LISTENER_STATE)
+    except OSError as error:
+        log("tamper-error", guarantee="", error=f"writing {LISTENER_STATE}: {error}")
+
+
 async def enforce_tampered(manager: systemd.Systemd, lockdown: Sequence[BusGuarantee],
-                           journal: Any) -> List[str]:
+                           journal: Any, failed: Optional[Dict[str, str]] = None) -> List[str]:
     """Enforce again every watched guarantee that no longer holds; returns their names.
 
     One that cannot be checked or enforced, whatever the error (a stop job, a file it
     writes, a process it reads), is logged and tried again at the next signal or period,
     and the others are still enforced: a failure the operator prepared for one must not
-    shield the rest from the listener. Only a lost bus ends the round (listen reconnects)."""
+    shield the rest from the listener. Only a lost bus ends the round (listen reconnects).
+    Each error is also kept in `failed`, by guarantee, for status."""
     fixed = []
     for guarantee in lockdown:
         try:
@@ -73,7 +113,10 @@ async def enforce_tampered(manager: systemd.Systemd, lockdown: Sequence[BusGuara
         except BUS_LOST:
             raise
         except Exception as error:  # noqa: BLE001 - see the docstring
-            log("tamper-error", guarantee=guarantee.name, error=f"{type(error).__name__}: {error}")
+            message = f"{type(error).__name__}: {error}"
+            log("tamper-error", guarantee=guarantee.name, error=message)
+            if failed is not None:
+                failed[guarantee.name] = message
     return fixed
 
 
@@ -96,7 +139,7 @@ async def _listen_once(lockdown: Sequence[BusGuarantee], journal: Any,
         changed = asyncio.Event()
         await manager.on_unit_files_changed(changed.set)
         await manager.on_reloading(lambda active: None if active else changed.set())
-        await enforce_tampered(manager, lockdown, journal)
+        published = await _round(manager, lockdown, journal, None)
         # Cleared after each round, not before: an enforce reloads systemd, and the
         # Reloading signal it emits would wake the next round at once. A guarantee whose
         # enforce keeps failing (prepared so) would reload systemd hundreds of times a
@@ -107,8 +150,19 @@ async def _listen_once(lockdown: Sequence[BusGuarantee], journal: Any,
         while manager.bus.connected:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), period)
-            await enforce_tampered(manager, lockdown, journal)
+            published = await _round(manager, lockdown, journal, published)
             changed.clear()
+
+
+async def _round(manager: systemd.Systemd, lockdown: Sequence[BusGuarantee], journal: Any,
+                 published: Optional[Dict[str, str]]) -> Dict[str, str]:
+    """One round of enforce_tampered; what it could not enforce is published when it
+    differs from what was (always after the listener's start). Returns what is published."""
+    failed: Dict[str, str] = {}
+    await enforce_tampered(manager, lockdown, journal, failed)
+    if failed != published:
+        publish(failed)
+    return failed
 
 
 async def listen(ordered: Sequence[Guarantee], journal: Any,
