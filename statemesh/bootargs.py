@@ -107,7 +107,10 @@ def refused(arguments: str) -> List[str]:
     words_of): those above; a variable for init's own environment that makes it load code
     (the kernel hands PID 1 any NAME=value without a dot: LD_PRELOAD=); everything after
     `--`, which is PID 1's own command line."""
-    words = words_of(arguments)
+    return _refused_among(words_of(arguments))
+
+
+def _refused_among(words: List[str]) -> List[str]:
     end = words.index("--") if "--" in words else len(words)
     return [word for word in words[:end] if _refused_word(word)] + words[end:]
 
@@ -116,8 +119,9 @@ def refused_by_grub(arguments: str) -> List[str]:
     """What GRUB's settings would put on the command line that opens a way in: the words
     refused above, and words with a `$` (GRUB fills the variable in at boot, from its
     environment block, which root writes with grub-editenv)."""
-    found = refused(arguments)
-    return found + [word for word in words_of(arguments)
+    words = words_of(arguments)
+    found = _refused_among(words)
+    return found + [word for word in words
                     if "$" in word and word not in GRUB_OWN_VARIABLES and word not in found]
 
 

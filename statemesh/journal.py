@@ -89,7 +89,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_atomically(path: Path, data: Any) -> None:
+def write_atomically(path: Path, data: Any) -> None:
     """Replace `path` with JSON data so that a power loss leaves the old or the new file."""
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "w", encoding="utf-8") as handle:
@@ -170,7 +170,7 @@ class Journal:
             return
         record[guarantee_name] = data
         self._ensure_dir()
-        _write_atomically(self.restore_path, record)
+        write_atomically(self.restore_path, record)
         self.record("remembered", guarantee=guarantee_name)
 
     # -- restore record ------------------------------------------------------------------------
@@ -206,7 +206,7 @@ class Journal:
                                start_ticks=proc.start_ticks(pid) or 0,
                                version=__version__, reason=reason, time=round(time.time(), 3),
                                attempt=attempt)
-        _write_atomically(self.state_path, dataclasses.asdict(current))
+        write_atomically(self.state_path, dataclasses.asdict(current))
         self.record(f"state-{state}", reason=reason, attempt=attempt)
 
     def require_clean_boot(self) -> None:

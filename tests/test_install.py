@@ -464,7 +464,7 @@ def test_status_names_an_interrupted_installation_of_this_boot(book: journal.Jou
 
 def _left_by_a_gone_process(book: journal.Journal) -> None:
     """The state as its process left it, that process being gone (pid 0 is nobody's)."""
-    journal._write_atomically(book.state_path, dataclasses.asdict(
+    journal.write_atomically(book.state_path, dataclasses.asdict(
         dataclasses.replace(book.state(), pid=0)))
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, cast
 
 from statemesh import systemd
 from statemesh.events import log
+from statemesh.journal import write_atomically
 from statemesh.guarantees import unitprocs
 from statemesh.guarantees.base import HARDEN_UNIT, Finding, Guarantee
 from statemesh.guarantees.unitmask import BusGuarantee
@@ -88,10 +89,7 @@ def publish(failing: Dict[str, str]) -> None:
     (status then sees no record of this listener's: it holds, as before this existed)."""
     try:
         LISTENER_STATE.parent.mkdir(parents=True, exist_ok=True)
-        partial = LISTENER_STATE.with_name(LISTENER_STATE.name + ".new")
-        partial.write_text(json.dumps({"pid": os.getpid(), "cannot_enforce": failing}),
-                           encoding="utf-8")
-        partial.replace(LISTENER_STATE)
+        write_atomically(LISTENER_STATE, {"pid": os.getpid(), "cannot_enforce": failing})
     except OSError as error:
         log("tamper-error", guarantee="", error=f"writing {LISTENER_STATE}: {error}")
 
