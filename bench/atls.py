@@ -36,7 +36,7 @@ from harness.nodestates import installed_node_state
 from harness.swtpm import SwTpm, provision_with_ca
 from statemesh.attest import atls
 from statemesh.attest.attester import Attester
-from statemesh.attest.tpm import Tpm
+from statemesh.attest.tpm import open_tpm
 from statemesh.attest.verifier import Expected, Policy, Verifier
 
 PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
@@ -57,7 +57,7 @@ def _plain_server(listener: socket.socket, identity: atls.TlsIdentity) -> None:
 
 def _serve(tcti: str, node_ca: Path, ports: "multiprocessing.Queue[Tuple[int, int]]") -> None:
     """The node: an aTLS endpoint and a plain TLS 1.3 endpoint."""
-    attester = Attester(Tpm(tcti), "tpm", "bench", PCRS, node_ca, node_state=installed_node_state)
+    attester = Attester(open_tpm(tcti), "tpm", "bench", PCRS, node_ca, node_state=installed_node_state)
     identity = atls.TlsIdentity.generate(attester.node_id)
     limiter = atls.QuoteLimiter(rate=1e6, per_source_rate=1e6, max_waiting=64)
     server = atls.AtlsServer(("127.0.0.1", 0), attester, identity, limiter=limiter)
@@ -127,7 +127,7 @@ def main() -> int:
         atls_ms: List[float] = []
         plain_ms: List[float] = []
         quote_ms: List[float] = []
-        with Tpm(quote_sw.tcti) as tpm:
+        with open_tpm(quote_sw.tcti) as tpm:
             for _ in range(args.n):  # interleaved, so that load from elsewhere hits all alike
                 atls_ms += _timed(attested, 1)
                 plain_ms += _timed(lambda: _plain_client(plain_port, plain_context), 1)

@@ -32,7 +32,7 @@ from statemesh.attest import evidence
 from statemesh.attest.attester import Attester
 from statemesh.attest.refusals import VerificationError
 from statemesh.attest.evidence import Evidence
-from statemesh.attest.tpm import Tpm
+from statemesh.attest.tpm import open_tpm
 from statemesh.attest.verifier import Expected, Policy, Verifier
 
 PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
@@ -154,7 +154,7 @@ def main() -> int:
         shutil.copy(root.parent / "issuercert.pem", ca_dir)
         sw = SwTpm(work / "state")
         want = Expected(*(secrets.token_bytes(32) for _ in range(3)))
-        with Tpm(sw.tcti) as tpm:
+        with open_tpm(sw.tcti) as tpm:
             attester = Attester(tpm, "tpm", "fuzz", PCRS, ca_dir, node_state=installed_node_state)
             genuine = attester.evidence(want.nonce, want.tls_spki_sha256, want.session_binding)
         verifier = Verifier(Policy(frozenset({"tpm", "weak"}), None, ca_dir))

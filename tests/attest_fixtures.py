@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from harness.nodestates import installed_node_state as ready_state
 from harness.swtpm import SwTpm, provision_with_ca
 from statemesh.attest.attester import Attester
-from statemesh.attest.tpm import Tpm
+from statemesh.attest.tpm import Tpm, open_tpm
 from statemesh.attest.verifier import Expected, Policy, Verifier
 
 PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
@@ -69,7 +69,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TpmWorld]:
     foreign.mkdir()
     (foreign / "other.pem").write_bytes(self_signed_ca("Some Other TPM Vendor CA"))
     trusted_sw, bare_sw = SwTpm(base / "trusted-state"), SwTpm(base / "bare-state")
-    trusted, bare = Tpm(trusted_sw.tcti), Tpm(bare_sw.tcti)
+    trusted, bare = open_tpm(trusted_sw.tcti), open_tpm(bare_sw.tcti)
     try:
         yield TpmWorld(trusted, bare, ca_dir, node_ca_dir, foreign)
     finally:

@@ -1,4 +1,9 @@
-"""tpm.py against real swtpm instances, and the EK chain checks against built chains."""
+"""The TPM backends against real swtpm instances, and the EK chain checks against built chains.
+
+`make test` runs this file (and the other attestation tests) once with each backend
+(STATEMESH_TPM_BACKEND); `make test-jammy` runs it where tpm2-pytss is absent, as on
+Ubuntu 22.04. Tests marked esapi compare the two backends and need tpm2-pytss.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import datetime
 import hashlib
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from harness.swtpm import SwTpm, provision_with_ca
-from statemesh.attest import endpoint, ekchain, nodeclass, tpm, tpmdevices, tpmwire
+from statemesh import backend
+from statemesh.attest import endpoint, ekchain, nodeclass, tpm, tpm_direct, tpmdevices, tpmwire
+from statemesh.attest.credential import seal_credential
 from statemesh.attest.refusals import EkChainInvalid, EkUntrusted
-from statemesh.attest.tpm import Tpm, TpmError, seal_credential
-from tpm2_pytss import TPMT_SYM_DEF
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
+from statemesh.attest.tpm import TpmError, open_tpm
 from statemesh.config import NodeConfig
 from statemesh.guarantees import securityclass
 from tests.attest_fixtures import PCRS, TpmWorld, world
@@ -61,7 +67,7 @@ def test_ak_is_the_same_after_a_tpm_restart(tmp_path: Path) -> None:
     for _restart in range(2):
         sw = SwTpm(tmp_path / "state")
         try:
-            with Tpm(sw.tcti) as tpm:
+            with open_tpm(sw.tcti) as tpm:
                 seen.append((tpm.ak_public(), tpm.node_id()))
         finally:
             sw.stop()
@@ -74,7 +80,7 @@ def test_keys_are_flushed_at_close_on_a_tpm_without_resource_manager(tmp_path: P
     sw = SwTpm(tmp_path / "state")
     try:
         for _connection in range(4):
-            with Tpm(sw.tcti) as connection:
+            with open_tpm(sw.tcti) as connection:
                 connection.ak_public()
                 connection.ek_public()
     finally:
@@ -86,16 +92,14 @@ def test_the_endpoint_empties_the_vtpm_of_what_killed_endpoints_left(
     sw = SwTpm(tmp_path / "state")
     monkeypatch.setattr(tpmdevices, "VTPM_TCTI", sw.tcti)
     try:
-        killed = Tpm(sw.tcti)  # a killed endpoint flushes nothing: its two keys stay
+        killed = tpm_direct.DirectTpm(sw.tcti)  # a killed endpoint flushes nothing: its keys stay
         killed.ak_public()
         killed.ek_public()
-        killed._esapi.close()
+        killed._transport.close()
         for _activation in range(3):  # nor the policy session of an activation cut short
-            killed = Tpm(sw.tcti)
-            killed._esapi.start_auth_session(
-                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
-                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
-            killed._esapi.close()
+            killed = tpm_direct.DirectTpm(sw.tcti)
+            killed._policy_session()
+            killed._transport.close()
         with endpoint._open_vtpm() as opened:
             name = tpmwire.parse_public(opened.ak_public()).name()
             blob, encrypted = seal_credential(opened.ek_public(), name, b"s" * 32)
@@ -131,7 +135,7 @@ def test_credential_activation_only_in_the_right_tpm(world: TpmWorld) -> None:
 
 def test_unreachable_tpm_is_a_clear_error() -> None:
     with pytest.raises(TpmError, match="cannot open the TPM"):
-        Tpm("swtpm:host=127.0.0.1,port=1")
+        open_tpm("swtpm:host=127.0.0.1,port=1")
 
 
 # --- EK chains built here, one defect at a time -------------------------------------------
@@ -338,17 +342,150 @@ def test_unsigned_parts_of_a_certificate_are_strict(world: TpmWorld) -> None:
     assert ekchain.parse([der])
 
 
-def test_tpm_structures_work_after_unittest_mock_was_imported(world: TpmWorld) -> None:
-    """tpm2-pytss 1.2 disables its structures when unittest.mock is loaded first; the VM
-    suite's process had it loaded, and MakeCredential broke there."""
-    ek_public = world.trusted.ek_public()
-    name = tpmwire.parse_public(world.trusted.ak_public()).name()
+@pytest.mark.esapi
+def test_tpm2_pytss_structures_work_after_unittest_mock_was_imported() -> None:
+    """tpm2-pytss 1.2 disables its structures when unittest.mock is loaded first (the VM
+    suite's process had it loaded, and MakeCredential broke there): the esapi backend's AK
+    template, built after such an import, is still the direct backend's, byte for byte."""
     script = ("import sys, unittest.mock; sys.path.insert(0, sys.argv[1]); "
-              "from statemesh.attest.tpm import seal_credential; "
-              "blob, secret = seal_credential(bytes.fromhex(sys.argv[2]), bytes.fromhex(sys.argv[3]), b'k' * 32); "
-              "sys.stdout.write((blob + secret).hex())")
-    result = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent.parent),
-                             ek_public.hex(), name.hex()], capture_output=True, text=True, check=True)
-    sealed = bytes.fromhex(result.stdout)
-    blob_size = int.from_bytes(sealed[:2], "big") + 2
-    assert world.trusted.activate_credential(sealed[:blob_size], sealed[blob_size:]) == b"k" * 32
+              "from statemesh.attest import tpm_esapi; "
+              "template = tpm_esapi.TPMT_PUBLIC.parse(tpm_esapi.AK_TEMPLATE, "
+              "objectAttributes=tpm_esapi.AK_ATTRIBUTES); "
+              "sys.stdout.write(template.marshal().hex())")
+    result = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent.parent)],
+                            capture_output=True, text=True, check=True)
+    assert bytes.fromhex(result.stdout) == tpm_direct.AK_TEMPLATE
+
+
+# --- the two backends -----------------------------------------------------------------------
+
+
+@pytest.mark.esapi
+def test_the_direct_backends_templates_are_tpm2_pytss_s() -> None:
+    """The EK templates (TCG EK Credential Profile L-1 and L-2) as tpm2-pytss builds them."""
+    from tpm2_pytss.utils import NoSuchIndex
+
+    from statemesh.attest import tpm_esapi
+
+    class NoNv:  # NVReadEK's interface: no certificate, template or nonce in NV
+        def __call__(self, index: int) -> bytes:
+            raise NoSuchIndex(index)
+
+    for ek_type, direct in zip(tpm_esapi.EK_TYPES, (tpm_direct.EK_RSA2048, tpm_direct.EK_ECC256)):
+        _certificate, template = tpm_esapi.create_ek_template(ek_type, NoNv())
+        assert template.publicArea.marshal() == direct, ek_type
+
+
+@pytest.mark.esapi
+def test_both_backends_make_the_same_keys_in_the_same_tpm(tmp_path: Path) -> None:
+    """A node's identity (node_id, AK) does not change when its backend does; and a quote
+    of either backend verifies with the key the other made."""
+    from statemesh.attest import tpm_esapi
+    provision_with_ca(tmp_path / "state", tmp_path / "ca")
+    sw = SwTpm(tmp_path / "state")
+    seen = []
+    try:
+        for backend in (tpm_esapi.EsapiTpm, tpm_direct.DirectTpm):
+            with backend(sw.tcti) as opened:
+                seen.append((opened.ek_certificate(), opened.ek_public(), opened.ak_public(),
+                             opened.node_id()))
+    finally:
+        sw.stop()
+    assert seen[0] == seen[1] and seen[0][0] is not None
+
+
+def test_the_backend_is_chosen_by_the_test_variable_or_what_is_installed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tpm.BACKEND_VARIABLE, "tpm2-tools")
+    with pytest.raises(TpmError, match="not one of esapi, direct"):
+        tpm.open_tpm("device:/nonexistent")
+    monkeypatch.delenv(tpm.BACKEND_VARIABLE)
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(TpmError, match="cannot open the TPM at device:/nonexistent"):
+        tpm.open_tpm("device:/nonexistent")  # Ubuntu 22.04: no python3-tpm2-pytss, direct
+    assert tpm.chosen_backend() == "direct"
+
+
+def test_an_ecc_ek_seals_and_activates(tmp_path: Path) -> None:
+    """A TPM whose EK certificate is ECC P-256: the verifier's ECDH-based MakeCredential."""
+    sw = SwTpm(tmp_path / "state")
+    try:
+        with tpm_direct.DirectTpm(sw.tcti) as opened:
+            opened._ek_template = (None, tpm_direct.EK_ECC256)
+            ek = tpmwire.parse_public(opened.ek_public())
+            assert ek.type == tpmwire.ALG_ECC and ek.curve == tpmwire.ECC_NIST_P256
+            name = tpmwire.parse_public(opened.ak_public()).name()
+            blob, encrypted = seal_credential(opened.ek_public(), name, b"e" * 32)
+            assert opened.activate_credential(blob, encrypted) == b"e" * 32
+            other = tpmwire.parse_public(opened.ek_public()).name()  # not the AK's name
+            blob, encrypted = seal_credential(opened.ek_public(), other, b"e" * 32)
+            with pytest.raises(TpmError):
+                opened.activate_credential(blob, encrypted)
+    finally:
+        sw.stop()
+
+
+def test_a_direct_response_error_says_what_failed_and_where() -> None:
+    with pytest.raises(tpm_direct.TpmResponseError, match=r"TPM quote failed: auth fail \(session 1; response code 0x98e\)"):
+        tpm_direct.response(struct.pack(">HII", 0x8001, 10, 0x98E), "quote")
+    with pytest.raises(TpmError, match="says 20 bytes, 12 came"):
+        tpm_direct.response(struct.pack(">HII", 0x8001, 20, 0) + b"ab", "quote")
+    with pytest.raises(TpmError, match="a 3-byte response"):
+        tpm_direct.response(b"abc", "quote")
+    handles, reader = tpm_direct.response(
+        struct.pack(">HIIIIH", 0x8002, 24, 0, 0x80000001, 2, 7) + bytes(4), "key creation", 1)
+    assert handles == [0x80000001] and reader.u16() == 7
+    with pytest.raises(TpmError, match="PCR 24 is outside 0-23"):
+        tpm_direct.pcr_selection([24])
+
+
+def test_the_direct_backend_opens_only_the_node_s_tctis() -> None:
+    with pytest.raises(TpmError, match="device: and swtpm: TCTIs only"):
+        tpm_direct.DirectTpm("mssim:host=localhost")
+    with pytest.raises(TpmError, match="cannot open the TPM at device:/nonexistent"):
+        tpm_direct.DirectTpm("device:/nonexistent")
+
+
+def test_a_credential_longer_than_a_tpm_takes_never_reaches_the_vtpm(world: TpmWorld) -> None:
+    """Any aTLS client sends the challenge the node activates. swtpm answers a command of
+    more than 4096 bytes twice; on the direct backend that desynchronised the connection and
+    left each activation's policy session behind, until swtpm had no session left."""
+    name = tpmwire.parse_public(world.trusted.ak_public()).name()
+    blob, encrypted = seal_credential(world.trusted.ek_public(), name, b"s" * 32)
+    oversized = struct.pack(">H", 4998) + bytes(4998)
+    for _attempt in range(4):
+        with pytest.raises(TpmError, match="credential"):  # refused, by either backend
+            world.trusted.activate_credential(oversized, encrypted)
+    assert world.trusted.activate_credential(blob, encrypted) == b"s" * 32
+
+
+def test_an_ek_made_from_its_makers_nonce_is_refused_by_the_direct_backend(tmp_path: Path) -> None:
+    """tpm2-pytss puts the EK nonce of NV 0x01c00003 into the EK's template, and the
+    certificate certifies that EK; the direct backend would make another, so it says so."""
+    provision_with_ca(tmp_path / "state", tmp_path / "ca")
+    sw = SwTpm(tmp_path / "state")
+    try:
+        subprocess.run(["tpm2_nvdefine", "-T", sw.tcti, "-C", "o", "-s", "16", "0x01c00003"],
+                       check=True, capture_output=True, env={"PATH": "/usr/bin:/bin", "TSS2_LOG": "all+NONE"})
+        with tpm_direct.DirectTpm(sw.tcti) as opened:
+            for _attempt in range(2):  # and not cached as "no certificate" after the first
+                with pytest.raises(TpmError, match="made with its maker's data .NV 0x1c00003."):
+                    opened.ek_certificate()
+    finally:
+        sw.stop()
+
+
+def test_a_broken_swtpm_connection_is_replaced(tmp_path: Path) -> None:
+    sw = SwTpm(tmp_path / "state")
+    try:
+        with tpm_direct.DirectTpm(sw.tcti) as opened:
+            ak = opened.ak_public()
+            transport = opened._transport
+            assert isinstance(transport, tpm_direct.SocketTransport) and transport._socket
+            transport._socket.shutdown(socket.SHUT_RDWR)  # as a timeout or a garbled answer
+            with pytest.raises(TpmError):
+                opened.quote((0,), bytes(32))
+            attest, _signature, _values = opened.quote((0,), bytes(32))  # a new connection
+            assert tpmwire.parse_attest(attest).extra_data == bytes(32) and opened.ak_public() == ak
+    finally:
+        sw.stop()

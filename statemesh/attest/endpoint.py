@@ -58,11 +58,11 @@ def _open_vtpm() -> tpm.Tpm:
     has no resource manager, and this endpoint is its only user)."""
     for _attempt in range(TPM_OPEN_ATTEMPTS - 1):
         try:
-            return _emptied(tpm.Tpm(tpmdevices.VTPM_TCTI))
+            return _emptied(tpm.open_tpm(tpmdevices.VTPM_TCTI))
         except tpm.TpmError as error:
             log.info("waiting for the TPM: %s", error)
             time.sleep(0.5)
-    return _emptied(tpm.Tpm(tpmdevices.VTPM_TCTI))
+    return _emptied(tpm.open_tpm(tpmdevices.VTPM_TCTI))
 
 
 def _emptied(vtpm: tpm.Tpm) -> tpm.Tpm:
@@ -106,6 +106,7 @@ def serve(config: NodeConfig) -> int:
     except (tpm.TpmError, ValueError) as error:
         print(f"statemesh-node: cannot attest: {error}", file=sys.stderr)
         return 1
+    log.info("TPM %s through the %s backend", node_tpm.tcti, node_tpm.backend)
     # Peers of this node's zone may attest to it too (mutual aTLS); customers need not.
     peers = Verifier(Policy(frozenset({"tpm", "weak"}), frozenset({config.zone}), config.tpm_ca_dir),
                      anchors=found.anchors)

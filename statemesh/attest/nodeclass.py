@@ -69,7 +69,7 @@ def classify_open(config: NodeConfig) -> Tuple[Classification, Optional[tpm.Tpm]
         return Classification("weak", f"no TPM device ({tpmdevices.DEVICE})"), None
     from statemesh.attest import tpm
     try:
-        device = tpm.Tpm(tpmdevices.DEVICE_TCTI)
+        device = tpm.open_tpm(tpmdevices.DEVICE_TCTI)
     except tpm.TpmError as error:
         return Classification("weak", f"the TPM is unusable: {error}"), None
     try:

@@ -52,7 +52,7 @@ class TpmWireError(ValueError):
     """Bytes that are not a well-formed instance of the expected TPM structure."""
 
 
-class _Reader:
+class Reader:
     """Big-endian cursor over bytes that refuses to read past the end."""
 
     def __init__(self, data: bytes, what: str):
@@ -86,6 +86,10 @@ class _Reader:
             raise TpmWireError(f"{self.what}: a {size}-byte field exceeds its {limit}-byte limit")
         return self.take(size)
 
+    def rest(self) -> bytes:
+        """Everything not read yet."""
+        return self.take(len(self.data) - self.offset)
+
     def end(self) -> None:
         if self.offset != len(self.data):
             raise TpmWireError(f"{self.what}: {len(self.data) - self.offset} trailing bytes")
@@ -116,7 +120,7 @@ class Quote:
     pcr_digest: bytes
 
 
-def _pcr_selection(reader: _Reader) -> Tuple[PcrSelection, ...]:
+def parse_pcr_selection(reader: Reader) -> Tuple[PcrSelection, ...]:
     count = reader.u32()
     if count > 8:
         raise TpmWireError(f"{reader.what}: {count} PCR banks selected")
@@ -136,7 +140,7 @@ def _pcr_selection(reader: _Reader) -> Tuple[PcrSelection, ...]:
 
 def parse_attest(data: bytes) -> Quote:
     """Parse a TPMS_ATTEST; only the quote variant is understood, anything else is refused."""
-    reader = _Reader(data, "TPMS_ATTEST")
+    reader = Reader(data, "TPMS_ATTEST")
     magic = reader.u32()
     attest_type = reader.u16()
     qualified_signer = reader.sized(2 + 64)
@@ -146,7 +150,7 @@ def parse_attest(data: bytes) -> Quote:
     firmware_version = reader.u64()
     if attest_type != ST_ATTEST_QUOTE:
         raise TpmWireError(f"TPMS_ATTEST: type {attest_type:#06x} is not ATTEST_QUOTE")
-    pcr_select = _pcr_selection(reader)
+    pcr_select = parse_pcr_selection(reader)
     pcr_digest = reader.sized(64)
     reader.end()
     return Quote(data, magic, attest_type, qualified_signer, extra_data, clock, reset_count,
@@ -185,7 +189,7 @@ class Public:
         return self.attributes & attributes == attributes
 
 
-def _scheme(reader: _Reader) -> Tuple[int, int]:
+def _scheme(reader: Reader) -> Tuple[int, int]:
     scheme = reader.u16()
     if scheme == ALG_NULL:
         return (scheme, 0)
@@ -196,7 +200,7 @@ def _scheme(reader: _Reader) -> Tuple[int, int]:
 
 def parse_public(data: bytes) -> Public:
     """Parse a TPMT_PUBLIC of type RSA or ECC, refusing any other object type."""
-    reader = _Reader(data, "TPMT_PUBLIC")
+    reader = Reader(data, "TPMT_PUBLIC")
     key_type, name_alg, attributes = reader.u16(), reader.u16(), reader.u32()
     auth_policy = reader.sized(64)
     sym_alg = reader.u16()
@@ -230,7 +234,7 @@ class Signature:
 
 def parse_signature(data: bytes) -> Signature:
     """Parse a TPMT_SIGNATURE made by ECDSA, RSASSA or RSAPSS."""
-    reader = _Reader(data, "TPMT_SIGNATURE")
+    reader = Reader(data, "TPMT_SIGNATURE")
     alg, hash_alg = reader.u16(), reader.u16()
     if alg == ALG_ECDSA:
         values: Tuple[bytes, ...] = (reader.sized(66), reader.sized(66))

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from statemesh.attest import ekchain, evidence, nodestate, tpmwire
-from statemesh.attest.tpm import seal_credential
+from statemesh.attest.credential import seal_credential
 from statemesh.attest.refusals import (
     AkAttributesRefused, AkNotBound, ClaimsNotSigned, ClassRefused, EkChainInvalid,
     MalformedEvidence, NodeNotReady, NonceMismatch, PcrBankRefused, PcrDigestMismatch,
