@@ -31,6 +31,11 @@ LOADER_VARIABLES = ("LD_PRELOAD", "LD_AUDIT", "LD_LIBRARY_PATH", "BASH_ENV", "EN
                     "APT_CONFIG", "DPKG_ADMINDIR", "DPKG_ROOT")
 PYTHON_VARIABLE_PREFIX = "PYTHON"
 GRUB_VARIABLE_PREFIX = "GRUB_"
+# The package's own (STATEMESH_DBUS_ADDRESS and the backend choices, for the test suites)
+# and the bus address a D-Bus library may honour: set for the node's services, they would
+# point them at another bus, one where a stand-in systemd says yes to everything.
+NODE_VARIABLE_PREFIX = "STATEMESH_"
+BUS_VARIABLES = ("DBUS_SYSTEM_BUS_ADDRESS",)
 # Where such a variable is set for services (systemd) and for cron's jobs (pam_env) at the
 # next boot; the running manager's environment is asked over D-Bus.
 ENVIRONMENT_FILES = ("/etc/environment", "/etc/security/pam_env.conf",
@@ -92,9 +97,10 @@ def loads_code(name: str) -> bool:
     """Whether a variable of this name makes a program load or run other code: the loader's,
     Python's, Perl's and the shells', apt's and dpkg's, and GRUB_* (update-grub, run at every
     kernel update, takes one a settings file leaves unset from its environment, and writes
-    it onto the kernel's command line)."""
-    return (name in LOADER_VARIABLES or name.startswith(PYTHON_VARIABLE_PREFIX)
-            or name.startswith(GRUB_VARIABLE_PREFIX))
+    it onto the kernel's command line); or talk to another system bus (STATEMESH_*, the
+    system bus's address)."""
+    return (name in LOADER_VARIABLES or name in BUS_VARIABLES
+            or name.startswith((PYTHON_VARIABLE_PREFIX, GRUB_VARIABLE_PREFIX, NODE_VARIABLE_PREFIX)))
 
 
 def environment_problems(environment: Iterable[str]) -> List[str]:

@@ -3,7 +3,8 @@
 Unit management goes over D-Bus, never through a `systemctl` subprocess: the D-Bus API
 reports a job's real result (JobRemoved), lets us mask and enable without parsing text,
 and is what lintian expects maintainer scripts' helpers to use. Calls are sent as plain
-messages (no introspection round trip), and every D-Bus error is mapped to one of a few
+messages (no introspection round trip) on a statemesh.dbusconn connection (dbus-next, or
+jeepney where dbus-next is not packaged), and every D-Bus error is mapped to one of a few
 exceptions whose message names the unit and what systemd said.
 
 Tests point the client at a private bus with stand-in services through the
@@ -20,8 +21,8 @@ import os
 from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Sequence,
                     Tuple)
 
-from dbus_next import BusType, Message, MessageType, Variant
-from dbus_next.aio import MessageBus
+from statemesh import dbusconn
+from statemesh.dbusconn import Connection, Received
 
 ADDRESS_ENV = "STATEMESH_DBUS_ADDRESS"
 
@@ -126,15 +127,13 @@ class Session:
     state: str
 
 
-async def connect(address: Optional[str] = None) -> MessageBus:
+async def connect(address: Optional[str] = None) -> Connection:
     """Connect to the system bus (or `address`, or $STATEMESH_DBUS_ADDRESS)."""
     address = address or os.environ.get(ADDRESS_ENV) or None
     try:
-        if address:
-            bus = MessageBus(bus_address=address)
-        else:
-            bus = MessageBus(bus_type=BusType.SYSTEM)
-        return await bus.connect()
+        return await dbusconn.connect(address)
+    except (ValueError, ImportError) as error:  # a bad choice of library, not a missing bus
+        raise SystemdError(f"no D-Bus library to reach {address or 'the system bus'}: {error}") from None
     except Exception as error:  # noqa: BLE001 - OSError, EOFError, AuthError or bare Exception
         where = address or "the system bus"
         raise NoBusError(f"cannot connect to {where}: {error}") from None
@@ -155,13 +154,9 @@ async def manager(address: Optional[str] = None) -> AsyncIterator["Systemd"]:
         bus.disconnect()
 
 
-def _unwrap(value: Any) -> Any:
-    return value.value if isinstance(value, Variant) else value
-
-
-def _raise_for(reply: Message, what: str) -> None:
+def _raise_for(reply: Received, what: str) -> None:
     """Turn an error reply into the matching SystemdError."""
-    if reply.message_type != MessageType.ERROR:
+    if reply.kind != "error":
         return
     said = reply.body[0] if reply.body else reply.error_name
     text = f"{what}: {said}"
@@ -178,51 +173,48 @@ def _raise_for(reply: Message, what: str) -> None:
 class _Client:
     """Method calls and signal subscriptions to one service on one bus."""
 
-    def __init__(self, bus: MessageBus, destination: str):
+    def __init__(self, bus: Connection, destination: str):
         self.bus = bus
         self.destination = destination
         self._matches: List[str] = []
 
     async def call(self, path: str, interface: str, member: str, signature: str = "",
                    body: Sequence[Any] = (), what: str = "") -> List[Any]:
-        message = Message(destination=self.destination, path=path, interface=interface,
-                          member=member, signature=signature, body=list(body))
         try:
-            reply = await self.bus.call(message)
+            reply = await self.bus.call(self.destination, path, interface, member, signature, body)
         except (OSError, EOFError) as error:
             raise NoBusError(f"{what or member}: the bus connection failed: {error}") from None
-        assert reply is not None
         _raise_for(reply, what or member)
-        return list(reply.body)
+        return reply.body
 
     async def get_property(self, path: str, interface: str, prop: str, what: str = "") -> Any:
         (value,) = await self.call(path, PROPERTIES, "Get", "ss", [interface, prop],
                                    what=what or f"{prop} of {path}")
-        return _unwrap(value)
+        return self.bus.unwrap(value)
 
     async def get_all(self, path: str, interface: str, what: str = "") -> Dict[str, Any]:
         (values,) = await self.call(path, PROPERTIES, "GetAll", "s", [interface],
                                     what=what or f"properties of {path}")
-        return {key: _unwrap(value) for key, value in values.items()}
+        return {key: self.bus.unwrap(value) for key, value in values.items()}
 
     async def add_match(self, rule: str) -> None:
-        reply = await self.bus.call(Message(
-            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule]))
-        assert reply is not None
+        try:
+            reply = await self.bus.call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                        "org.freedesktop.DBus", "AddMatch", "s", [rule])
+        except (OSError, EOFError) as error:
+            raise NoBusError(f"subscribing to {rule}: the bus connection failed: {error}") from None
         _raise_for(reply, f"subscribing to {rule}")
         self._matches.append(rule)
 
     def on_signal(self, interface: str, member: str,
-                  handler: Callable[[Message], None]) -> Awaitable[None]:
-        """Call handler(message) for each such signal; returns the AddMatch to await."""
+                  handler: Callable[[Received], None]) -> Awaitable[None]:
+        """Call handler(signal) for each such signal; returns the AddMatch to await."""
 
-        def filter_(message: Message) -> None:
-            if (message.message_type == MessageType.SIGNAL and message.interface == interface
-                    and message.member == member):
-                handler(message)
+        def filter_(signal: Received) -> None:
+            if signal.interface == interface and signal.member == member:
+                handler(signal)
 
-        self.bus.add_message_handler(filter_)
+        self.bus.add_signal_handler(filter_)
         return self.add_match(f"type='signal',interface='{interface}',member='{member}'")
 
 
@@ -248,7 +240,7 @@ def _bus_label(name: str) -> str:
 class Systemd:
     """The systemd manager: jobs, unit files, unit properties."""
 
-    def __init__(self, bus: MessageBus):
+    def __init__(self, bus: Connection):
         self.bus = bus
         self._client = _Client(bus, SYSTEMD)
         self._finished: Dict[str, str] = {}
@@ -264,7 +256,7 @@ class Systemd:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def _job_removed(self, message: Message) -> None:
+    def _job_removed(self, message: Received) -> None:
         _id, job, _unit, result = message.body
         waiter = self._waiters.pop(job, None)
         if waiter is not None and not waiter.done():
@@ -400,7 +392,7 @@ class Systemd:
     async def get_unit_properties(self, name: str, interface: str,
                                   props: Sequence[str]) -> Dict[str, Any]:
         """Some properties of one of a unit's interfaces (loaded on demand). One Get each:
-        GetAll's few hundred values cost more to unmarshal (dbus-next is pure Python) than
+        GetAll's few hundred values cost more to unmarshal (both D-Bus libraries are pure Python) than
         a handful of round trips."""
         path = await self._unit_path(name)
         return {prop: await self._client.get_property(path, interface, prop,
@@ -446,7 +438,7 @@ class Systemd:
 class Logind:
     """logind's sessions: list them, end them, hear about new ones."""
 
-    def __init__(self, bus: MessageBus):
+    def __init__(self, bus: Connection):
         self._client = _Client(bus, LOGIND)
         self._pending: List[Awaitable[None]] = []
 

@@ -18,6 +18,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which TPM backend and D-Bus library this run tests (make test runs twice)."""
+    from statemesh import dbusconn
+    from statemesh.attest import tpm
+    return f"statemesh: TPM backend {tpm.chosen_backend()}, D-Bus library {dbusconn.chosen_backend()}"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "system_libssl: opens a TLS connection, which needs pyOpenSSL on the "
@@ -27,6 +34,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "does) with python3-apt, a C extension "
         "built against the system's libapt-pkg that PyPI does not carry (make test-jammy "
         "deselects these)")
+    config.addinivalue_line(
+        "markers", "esapi: needs tpm2-pytss, to compare the two TPM backends (Ubuntu 22.04 "
+        "has no tpm2-pytss: make test-jammy deselects these)")
 
 
 @pytest.fixture

@@ -33,6 +33,16 @@ def test_the_managers_environment_may_not_make_services_load_other_code() -> Non
     assert "systemctl unset-environment PYTHONPATH" in found[1]
 
 
+def test_the_managers_environment_may_not_point_the_node_at_another_bus() -> None:
+    """The package's own variables (a stand-in bus for the tests, the libraries' choice)
+    and the system bus's address would have the node's services talk to another systemd."""
+    found = planted.environment_problems([
+        "STATEMESH_DBUS_ADDRESS=unix:path=/tmp/yes-bus", "STATEMESH_DBUS_BACKEND=jeepney",
+        "DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/yes-bus", "DBUS_SESSION_BUS_ADDRESS=x"])
+    assert [line.split(",")[0].rsplit(" ", 1)[1] for line in found] == [
+        "STATEMESH_DBUS_ADDRESS", "STATEMESH_DBUS_BACKEND", "DBUS_SYSTEM_BUS_ADDRESS"]
+
+
 def test_variables_set_for_the_next_boot_or_for_crons_jobs(tmp_path: Path) -> None:
     environment = tmp_path / "environment"
     environment.write_text('PATH="/usr/local/sbin:/usr/bin"\n# LD_PRELOAD=/commented\n')

@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable, List
 
 import pytest
 
-from statemesh import systemd
+from statemesh import backend, dbusconn, systemd
 from tests.fakebus import FakeBus, FakeSession, fakebus  # noqa: F401 - fixture
 
 
@@ -210,3 +210,139 @@ def test_the_object_path_of_a_unit_is_escaped_as_systemd_does(name: str) -> None
                        for b in name.encode())
     assert systemd._bus_label(name) == expected
     assert systemd._bus_label("0day.service").startswith("_30day")
+
+
+# --- the two D-Bus libraries (statemesh.dbusconn) --------------------------------------------
+# `make test` runs the D-Bus tests a second time with jeepney, `make test-jammy` with jeepney
+# only (Ubuntu 22.04 has no python3-dbus-next); these compare the two in one run.
+
+
+@pytest.mark.parametrize("library", dbusconn.BACKENDS)
+def test_each_library_reads_the_same_values(fakebus: FakeBus, monkeypatch: pytest.MonkeyPatch,
+                                            library: str) -> None:
+    """Structs come as lists and variants unwrapped whichever library read them; a job's
+    result arrives by signal; an error reply is mapped the same."""
+    monkeypatch.setenv(dbusconn.BACKEND_VARIABLE, library)
+    fakebus.systemd.add("demo.service", processes=[(4242, "sleep 1")], dropins=["/etc/x.conf"])
+
+    async def read(manager: systemd.Systemd) -> Any:
+        assert manager.bus.library == library
+        result = (await manager.start_unit("demo.service"),
+                  await manager.list_units(["demo.*"]),
+                  await manager.unit_processes("demo.service"),
+                  await manager.get_unit_properties("demo.service", systemd.UNIT,
+                                                    ["ActiveState", "DropInPaths", "Transient"]),
+                  await manager.get_environment())
+        with pytest.raises(systemd.UnknownUnitError):
+            await manager.start_unit("nothere.service")
+        return result
+
+    started, units, processes, properties, environment = with_systemd(read)
+    assert started == "done" and processes == [(4242, "sleep 1")]
+    assert [(u.name, u.active_state) for u in units] == [("demo.service", "active")]
+    assert properties == {"ActiveState": "active", "DropInPaths": ["/etc/x.conf"], "Transient": False}
+    assert isinstance(environment, list)
+
+
+@pytest.mark.parametrize("library", dbusconn.BACKENDS)
+def test_each_library_hears_logind_s_signals(fakebus: FakeBus, monkeypatch: pytest.MonkeyPatch,
+                                             library: str) -> None:
+    monkeypatch.setenv(dbusconn.BACKEND_VARIABLE, library)
+
+    async def hear() -> List[str]:
+        heard: List[str] = []
+        async with systemd.manager() as manager:
+            logind = systemd.Logind(manager.bus)
+            logind.on_session_new(heard.append)
+            await logind.subscribed()
+            fakebus.do(fakebus.logind.add, FakeSession("c7", 0, "root", tty="pts/3"))
+            for _ in range(100):
+                if heard:
+                    break
+                await asyncio.sleep(0.02)
+            assert [s.id for s in await logind.list_sessions()] == ["c7"]
+            assert manager.bus.connected
+        assert not manager.bus.connected
+        return heard
+
+    assert asyncio.run(hear()) == ["c7"]
+
+
+def test_jeepney_values_are_converted_by_their_signature() -> None:
+    assert dbusconn.complete_types("sa{sv}(ii)aasay") == ["s", "a{sv}", "(ii)", "aas", "ay"]
+    converted = dbusconn.plain("a{sv}", {"A": ("a(su)", [("x", 1)]), "B": ("ay", b"\x00")})
+    assert {key: value.value for key, value in converted.items()} == {"A": [["x", 1]], "B": b"\x00"}
+    assert dbusconn.plain("a(sas)", [("u", ["a", "b"])]) == [["u", ["a", "b"]]]
+
+
+def test_the_d_bus_library_is_chosen_by_the_test_variable_or_what_is_installed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(dbusconn.BACKEND_VARIABLE, "dbus-python")
+    with pytest.raises(ValueError, match="not one of dbus-next, jeepney"):
+        dbusconn.chosen_backend()
+    monkeypatch.setenv(dbusconn.BACKEND_VARIABLE, "jeepney")
+    assert dbusconn.chosen_backend() == "jeepney"
+    monkeypatch.delenv(dbusconn.BACKEND_VARIABLE)
+    assert dbusconn.chosen_backend() == "dbus-next"
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: None)
+    assert dbusconn.chosen_backend() == "jeepney"  # Ubuntu 22.04: no python3-dbus-next
+
+
+@pytest.mark.parametrize("library", dbusconn.BACKENDS)
+def test_a_lost_bus_fails_calls_at_once_on_each_library(fakebus: FakeBus,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        library: str) -> None:
+    """The tamper listener reconnects when its bus is lost: a call after the loss must fail
+    (dbus-next's waited for ever), and `connected` must say so."""
+    monkeypatch.setenv(dbusconn.BACKEND_VARIABLE, library)
+
+    async def lose() -> None:
+        async with systemd.manager() as manager:
+            assert await manager.default_target()
+            assert fakebus._daemon is not None
+            fakebus._daemon.kill()
+            fakebus._daemon.wait(10)
+            for _ in range(100):
+                if not manager.bus.connected:
+                    break
+                await asyncio.sleep(0.02)
+            assert not manager.bus.connected
+            with pytest.raises(systemd.NoBusError):
+                await asyncio.wait_for(manager.default_target(), 10)
+
+    asyncio.run(lose())
+
+
+@pytest.mark.parametrize("library", dbusconn.BACKENDS)
+def test_a_failing_signal_handler_does_not_end_the_connection(
+        fakebus: FakeBus, monkeypatch: pytest.MonkeyPatch, library: str) -> None:
+    monkeypatch.setenv(dbusconn.BACKEND_VARIABLE, library)
+
+    def fails(session_id: str) -> None:
+        raise RuntimeError(f"a bug seeing {session_id}")
+
+    async def hear() -> List[str]:
+        heard: List[str] = []
+        async with systemd.manager() as manager:
+            logind = systemd.Logind(manager.bus)
+            logind.on_session_new(fails)
+            logind.on_session_new(heard.append)
+            await logind.subscribed()
+            for session_id in ("c1", "c2"):
+                fakebus.do(fakebus.logind.add, FakeSession(session_id))
+            for _ in range(100):
+                if len(heard) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert manager.bus.connected
+        return heard
+
+    assert asyncio.run(hear()) == ["c1", "c2"]
+
+
+def test_a_bad_library_choice_is_not_a_missing_bus(fakebus: FakeBus,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(dbusconn.BACKEND_VARIABLE, "dbus-python")
+    with pytest.raises(systemd.SystemdError, match="no D-Bus library") as raised:
+        with_systemd(lambda m: m.default_target())
+    assert not isinstance(raised.value, systemd.NoBusError)

@@ -62,17 +62,22 @@ class Image:
     rootfs: Path
 
 
-def runtime_depends(control: Path = ROOT / "debian" / "control") -> List[str]:
-    """The binary package's Depends (first alternatives), without substitution variables."""
+def runtime_relations(control: Path = ROOT / "debian" / "control") -> List[str]:
+    """The binary package's Depends and Recommends, every alternative, without
+    substitution variables: what `apt-get install` brings with its default settings (the
+    first alternatives and the Recommends), so that the guests' own apt has nothing to
+    fetch, and the other alternatives, to stand in when a test removes a first one (as
+    Ubuntu 22.04 lacks it)."""
     paragraphs = Deb822.iter_paragraphs(control.read_text().splitlines())
     binary = next(p for p in paragraphs if p.get("Package") == "statemesh-node")
-    parts = [part.strip() for part in binary["Depends"].split(",")]
+    parts = [part.strip() for field in ("Depends", "Recommends")
+             for part in binary.get(field, "").split(",")]
     relations = PkgRelation.parse_relations(", ".join(p for p in parts if p and "${" not in p))
-    return sorted({group[0]["name"] for group in relations})
+    return sorted({alternative["name"] for group in relations for alternative in group})
 
 
 def packages() -> List[str]:
-    return sorted(set(SERVER_PACKAGES) | set(runtime_depends()))
+    return sorted(set(SERVER_PACKAGES) | set(runtime_relations()))
 
 
 def image_key(suite: str) -> str:

@@ -22,6 +22,7 @@ from statemesh.attest.refusals import ClassRefused
 from statemesh.attest.verifier import Policy, Verifier
 from harness.vm import snapshot, vtpm
 from harness.vm.driver import Guest, SavedGuest
+from tests.vm.reports import failing_lines
 
 MESH = snapshot.MESH_PORT
 # A tenant's workload (any local user but root) reaching for the weak node's vTPM, on the
@@ -44,6 +45,24 @@ def attempt(family, address):
 print(attempt(socket.AF_INET, ("127.0.0.1", 2321)), attempt(socket.AF_INET, ("127.0.0.1", 2322)),
       attempt(socket.AF_UNIX, "/run/statemesh-node/vtpm/tpm.sock"),
       attempt(socket.AF_UNIX, "/run/statemesh-node/vtpm/tpm.sock.ctrl"))
+"""
+
+
+# In a guest: the node's own D-Bus client subscribes to UnitFilesChanged, unmasks ssh, and
+# says which library it used and what it heard.
+HEAR_SYSTEMD = """
+import asyncio
+from statemesh import systemd
+async def main():
+    async with systemd.manager() as manager:
+        heard = asyncio.Event()
+        await manager.on_unit_files_changed(heard.set)
+        print(manager.bus.library)
+        unmask = await asyncio.create_subprocess_exec("systemctl", "unmask", "ssh.service")
+        await unmask.wait()
+        await asyncio.wait_for(heard.wait(), 60)
+        print("UnitFilesChanged")
+asyncio.run(main())
 """
 
 
@@ -73,12 +92,16 @@ def _root_only(tpm_ca: vtpm.LocalCa, directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.cost(20)
+@pytest.mark.cost(60)
 def test_guest_with_a_trusted_tpm_is_tpm_class(guest_factory: Callable[..., Guest],
                                               installed_tpm_node: SavedGuest,
                                               tmp_path: Path) -> None:
     """Also the proof that a restored guest's TPM answers: the quote in the evidence is made
-    after the restore, over the verifier's fresh nonce, and verifies."""
+    after the restore, over the verifier's fresh nonce, and verifies. Then the same node
+    with Ubuntu 22.04's libraries, which has neither python3-tpm2-pytss (a Recommends) nor
+    python3-dbus-next (python3-jeepney is its alternative): the endpoint speaks to
+    /dev/tpmrm0 with the pure-Python backend and has the same identity; the lockdown, its
+    listener and status speak D-Bus through jeepney; and the node still verifies as ready."""
     guest = guest_factory(saved=installed_tpm_node, forward_ports=(MESH,))
     root_only = _root_only(installed_tpm_node.tpm_ca, tmp_path / "host-ca.d")
     assert guest.run("test -c /dev/tpmrm0", check=False).returncode == 0
@@ -105,6 +128,36 @@ def test_guest_with_a_trusted_tpm_is_tpm_class(guest_factory: Callable[..., Gues
         "installation", "tamper_listener", "package_units", "planted",
         *(f["name"] for f in status["guarantees"])]
     connection.close()
+    _backend_is(guest, "esapi")
+
+    guest.run("dpkg --remove python3-tpm2-pytss python3-dbus-next && "
+              "systemctl restart statemesh-harden statemesh-atls", timeout=300)
+    assert guest.run("python3 -c 'import dbus_next'", check=False).returncode != 0
+    _serving(guest)
+    _backend_is(guest, "direct")
+    assert _security_class(guest)["class"] == "tpm"
+    # The node's D-Bus client hears systemd's signals through jeepney (the tamper: ssh
+    # unmasked), and the restarted listener undoes the tamper.
+    guest.run(f"cat > /tmp/hear-systemd.py <<'EOF'\n{HEAR_SYSTEMD}EOF")
+    heard = guest.run("python3 /tmp/hear-systemd.py", timeout=120).stdout.split()
+    assert heard == ["jeepney", "UnitFilesChanged"], heard
+    guest.wait_for("test \"$(systemctl is-enabled ssh.service)\" = masked",
+                   "the re-mask by the listener on jeepney", 60)
+    status = json.loads(guest.run("statemesh-node status --json", check=False).stdout)
+    assert status["holds"], failing_lines(status)
+    connection = _verify(guest, Verifier(Policy(frozenset({"tpm"}), frozenset({"test-zone"}),
+                                                root_only)))
+    assert connection.peer is not None
+    assert connection.peer.evidence.node_id == evidence.node_id
+    assert connection.peer.evidence.node_state.ready, connection.peer.evidence.node_state.failing()
+    connection.close()
+
+
+def _backend_is(guest: Guest, backend: str) -> None:
+    """The running endpoint's TPM backend, as it logged it."""
+    pid = guest.run("systemctl show -P MainPID statemesh-atls").stdout.strip()
+    said = guest.run(f"journalctl -b _PID={pid} --no-pager -o cat -g 'backend'", check=False).stdout
+    assert f"TPM device:/dev/tpmrm0 through the {backend} backend" in said, said
 
 
 @pytest.mark.every_release

@@ -16,6 +16,7 @@ import pytest
 from harness.vm import driver, snapshot
 from harness.vm.driver import Guest, SavedGuest
 from tests.vm import package, ports, terminal
+from tests.vm.reports import failing_lines
 
 ENV = {"DEBIAN_FRONTEND": "noninteractive"}
 SSH_UNITS = ("ssh.service", "ssh.socket", "sshd.service", "ssh@.service")
@@ -456,15 +457,6 @@ def test_a_command_on_the_kernel_command_line_makes_preflight_refuse(node: Guest
 
 def status(guest: Guest) -> dict:
     return json.loads(guest.run("statemesh-node status --json", check=False).stdout)
-
-
-def failing_lines(report: dict) -> dict:
-    """The lines of a status report that do not hold, each with its whole detail (a
-    report's repr is cut short in pytest's message before it reaches them)."""
-    lines = [report.get(name) for name in ("installation", "tamper_listener", "package_units",
-                                           "planted")] + report.get("guarantees", [])
-    return {line.get("name"): line.get("detail") for line in lines
-            if isinstance(line, dict) and not line.get("holds")}
 
 
 def assert_installed_at_boot_without_anyone(guest: Guest, interrupted_in: str) -> None:

@@ -1,0 +1,95 @@
+"""The package's dependencies against Ubuntu 22.04 (jammy, the seed's platform) and 24.04.
+
+Ubuntu's archive is unreachable from CI, so tests/data/{jammy,noble}-packages.txt record,
+by hand and with the page each figure was read from, the versions each release has of the
+packages the .deb names. `Depends:` must resolve there (some alternative of every relation
+exists at an accepted version); a `Recommends:` may name what jammy lacks, which apt then
+leaves out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+from debian.deb822 import Deb822, PkgRelation
+from debian.debian_support import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+JAMMY = DATA / "jammy-packages.txt"
+RELEASES = ("jammy", "noble")
+RELATIONS = {"<<": lambda a, b: a < b, "<=": lambda a, b: a <= b, "=": lambda a, b: a == b,
+             ">=": lambda a, b: a >= b, ">>": lambda a, b: a > b}
+
+
+def archive(path: Path = JAMMY) -> Dict[str, Version]:
+    """Package name -> version, from a recorded Packages excerpt."""
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    return {paragraph["Package"]: Version(paragraph["Version"])
+            for paragraph in Deb822.iter_paragraphs(lines)}
+
+
+def binary_paragraph() -> Deb822:
+    paragraphs = Deb822.iter_paragraphs((ROOT / "debian" / "control").read_text().splitlines())
+    return next(p for p in paragraphs if p.get("Package") == "statemesh-node")
+
+
+def relations(field: str) -> List[List[dict]]:
+    """A field's relations as dh fills it in: ${python3:Depends} from X-Python3-Version
+    (dh-python writes `python3:any (>= 3.10~)`), ${misc:Depends} empty for this package."""
+    source = next(Deb822.iter_paragraphs((ROOT / "debian" / "control").read_text().splitlines()))
+    python = f"python3:any ({source['X-Python3-Version']}~)"
+    text = binary_paragraph().get(field, "").replace("${python3:Depends}", python)
+    text = text.replace("${misc:Depends}", "")
+    return PkgRelation.parse_relations(", ".join(p.strip() for p in text.split(",") if p.strip()))
+
+
+def satisfied(alternative: dict, available: Dict[str, Version]) -> bool:
+    have = available.get(alternative["name"])
+    if have is None:
+        return False
+    if alternative["version"] is None:
+        return True
+    operator, wanted = alternative["version"]
+    return RELATIONS[operator](have, Version(wanted))
+
+
+def unmet(field: str, available: Dict[str, Version]) -> List[str]:
+    return [PkgRelation.str([group]) for group in relations(field)
+            if not any(satisfied(alternative, available) for alternative in group)]
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_the_recorded_excerpts_name_their_sources(release: str) -> None:
+    path = DATA / f"{release}-packages.txt"
+    stanzas = [p for p in Deb822.iter_paragraphs(
+        [line for line in path.read_text().splitlines() if not line.startswith("#")])]
+    assert stanzas and all(p["Source-URL"].startswith("https://packages.ubuntu.com/")
+                           and f"/{release}/" in p["Source-URL"] for p in stanzas)
+    assert {p["Component"] for p in stanzas} <= {"main", "universe"}
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_depends_resolve_on_ubuntu(release: str) -> None:
+    assert unmet("Depends", archive(DATA / f"{release}-packages.txt")) == []
+
+
+def test_noble_has_every_recommends_too() -> None:
+    assert unmet("Recommends", archive(DATA / "noble-packages.txt")) == []
+
+
+def test_what_jammy_lacks_is_only_recommended() -> None:
+    """python3-tpm2-pytss (from Ubuntu 24.04 on): without it the node uses its own TPM
+    client (statemesh/attest/tpm.py)."""
+    assert unmet("Recommends", archive()) == ["python3-tpm2-pytss (>= 1.1)"]
+
+
+def test_the_resolver_refuses_what_jammy_has_not() -> None:
+    available = archive()
+    assert unmet("Depends", {name: version for name, version in available.items()
+                             if name != "python3-psutil"}) == ["python3-psutil (>= 5.9)"]
+    assert not satisfied({"name": "python3-openssl", "version": (">=", "22.0"), "arch": None},
+                         available)
+    assert satisfied({"name": "python3", "version": (">=", "3.10~"), "arch": None}, available)
