@@ -169,7 +169,12 @@ def _build_into(target: Path, suite: str, cache: Path) -> None:
         tree = work_dir / "tree"
         hook = work_dir / "customize.sh"
         hook.write_text(_customize_script())
+        # In a mount namespace of its own: mmdebstrap mounts /proc, /sys, /dev/pts and
+        # /dev/shm inside the tree, and a build killed halfway (an interrupted test run) left
+        # them mounted under the cache, where the next cleanup's rm -rf walked into them.
+        # Here they end with the namespace, however mmdebstrap ends.
         _run([
+            "unshare", "--mount", "--propagation", "private",
             "mmdebstrap", "--variant=apt", "--mode=root", "--components=main",
             "--include=" + ",".join(packages()),
             "--dpkgopt=path-exclude=/usr/share/doc/*",
