@@ -24,11 +24,15 @@ RELATIONS = {"<<": lambda a, b: a < b, "<=": lambda a, b: a <= b, "=": lambda a,
              ">=": lambda a, b: a >= b, ">>": lambda a, b: a > b}
 
 
+def stanzas(path: Path) -> List[Deb822]:
+    """The stanzas of a recorded Packages excerpt, its comments left out."""
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    return list(Deb822.iter_paragraphs(lines))
+
+
 def archive(path: Path = JAMMY) -> Dict[str, Version]:
     """Package name -> version, from a recorded Packages excerpt."""
-    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
-    return {paragraph["Package"]: Version(paragraph["Version"])
-            for paragraph in Deb822.iter_paragraphs(lines)}
+    return {paragraph["Package"]: Version(paragraph["Version"]) for paragraph in stanzas(path)}
 
 
 def binary_paragraph() -> Deb822:
@@ -63,12 +67,10 @@ def unmet(field: str, available: Dict[str, Version]) -> List[str]:
 
 @pytest.mark.parametrize("release", RELEASES)
 def test_the_recorded_excerpts_name_their_sources(release: str) -> None:
-    path = DATA / f"{release}-packages.txt"
-    stanzas = [p for p in Deb822.iter_paragraphs(
-        [line for line in path.read_text().splitlines() if not line.startswith("#")])]
-    assert stanzas and all(p["Source-URL"].startswith("https://packages.ubuntu.com/")
-                           and f"/{release}/" in p["Source-URL"] for p in stanzas)
-    assert {p["Component"] for p in stanzas} <= {"main", "universe"}
+    recorded = stanzas(DATA / f"{release}-packages.txt")
+    assert recorded and all(p["Source-URL"].startswith("https://packages.ubuntu.com/")
+                            and f"/{release}/" in p["Source-URL"] for p in recorded)
+    assert {p["Component"] for p in recorded} <= {"main", "universe"}
 
 
 @pytest.mark.parametrize("release", RELEASES)

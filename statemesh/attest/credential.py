@@ -28,10 +28,6 @@ CURVES = {tpmwire.ECC_NIST_P256: ec.SECP256R1(), tpmwire.ECC_NIST_P384: ec.SECP3
 IDENTITY_LABEL = b"IDENTITY\x00"
 
 
-def _sized(data: bytes) -> bytes:
-    return struct.pack(">H", len(data)) + data
-
-
 def kdfa(key: bytes, label: bytes, context_u: bytes, context_v: bytes, bits: int) -> bytes:
     """TPM 2.0's KDFa with SHA-256 (SP 800-108 counter mode over HMAC)."""
     output, counter = b"", 1
@@ -76,7 +72,8 @@ def _ecc_seed(ek: tpmwire.Public) -> Tuple[bytes, bytes]:
     size = (curve.key_size + 7) // 8
     point = one_time.public_key().public_numbers()
     x, y = point.x.to_bytes(size, "big"), point.y.to_bytes(size, "big")
-    return kdfe(shared, IDENTITY_LABEL[:-1], x, ek_x, DIGEST_BYTES * 8), _sized(x) + _sized(y)
+    seed = kdfe(shared, IDENTITY_LABEL[:-1], x, ek_x, DIGEST_BYTES * 8)
+    return seed, tpmwire.sized(x) + tpmwire.sized(y)
 
 
 def seal_credential(ek_public: bytes, ak_name: bytes, secret: bytes) -> Tuple[bytes, bytes]:
@@ -96,7 +93,7 @@ def seal_credential(ek_public: bytes, ak_name: bytes, secret: bytes) -> Tuple[by
     seed, encrypted = _rsa_seed(ek) if ek.type == tpmwire.ALG_RSA else _ecc_seed(ek)
     symmetric_key = kdfa(seed, b"STORAGE", ak_name, b"", key_bits)
     encryptor = Cipher(algorithms.AES(symmetric_key), modes.CFB(bytes(16))).encryptor()
-    identity = encryptor.update(_sized(secret)) + encryptor.finalize()
+    identity = encryptor.update(tpmwire.sized(secret)) + encryptor.finalize()
     integrity_key = kdfa(seed, b"INTEGRITY", b"", b"", DIGEST_BYTES * 8)
     integrity = hmac.new(integrity_key, identity + ak_name, hashlib.sha256).digest()
-    return _sized(_sized(integrity) + identity), _sized(encrypted)
+    return tpmwire.sized(tpmwire.sized(integrity) + identity), tpmwire.sized(encrypted)

@@ -15,11 +15,12 @@ being stored anywhere, and it can only ever live in this TPM.
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import logging
 import os
 import threading
-from typing import Callable, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
 from statemesh import backend
 from statemesh.attest import tpmwire
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 BACKEND_VARIABLE = "STATEMESH_TPM_BACKEND"
 BACKENDS = ("esapi", "direct")
 PCR_READ_RETRIES = 5
+PCR_READ_BATCH = 8  # PCR_Read returns at most 8 digests per call
+MAX_TRANSIENT = 64  # more than any TPM holds at once (swtpm: 3 of each kind)
 Quote = Tuple[bytes, bytes, Tuple[Tuple[int, bytes], ...]]
 Result = TypeVar("Result")
 
@@ -49,25 +52,33 @@ class Tpm(abc.ABC):
     def __init__(self, tcti: str):
         self.tcti = tcti
         self._lock = threading.Lock()
+        # Made once per connection: (certificate, EK template), then (handle, TPMT_PUBLIC).
+        self._ek_template: Optional[Tuple[Optional[bytes], object]] = None
+        self._ek: Optional[Tuple[object, bytes]] = None
+        self._ak: Optional[Tuple[object, bytes]] = None
 
     # --- what each backend does -------------------------------------------------------
 
     @abc.abstractmethod
-    def _certificate_and_template(self) -> Tuple[Optional[bytes], object]:
+    def _find_certificate(self) -> Tuple[Optional[bytes], object]:
         """The EK certificate from NV (RSA 2048 first, then ECC P-256) and the template of
         the key it certifies; NV reads only, no key generation."""
 
     @abc.abstractmethod
-    def _endorsement(self) -> Tuple[object, bytes]:
-        """Create (once) the EK matching the EK certificate: (handle, TPMT_PUBLIC)."""
+    def _ak_template(self) -> object:
+        """The AK's template, in the backend's form."""
 
     @abc.abstractmethod
-    def _attestation(self) -> Tuple[object, bytes]:
-        """Create (once) the AK: (handle, TPMT_PUBLIC)."""
+    def _create_primary(self, template: object) -> Tuple[object, bytes]:
+        """A primary key of the endorsement hierarchy: (handle, TPMT_PUBLIC)."""
 
     @abc.abstractmethod
-    def _quote_once(self, pcrs: Sequence[int], data: bytes) -> Quote:
-        """Quote, then read the PCRs: (TPMS_ATTEST, TPMT_SIGNATURE, PCR values)."""
+    def _quote(self, handle: object, pcrs: Sequence[int], data: bytes) -> Tuple[bytes, bytes]:
+        """TPM2_Quote of SHA-256 PCRs with the key at `handle`: (TPMS_ATTEST, TPMT_SIGNATURE)."""
+
+    @abc.abstractmethod
+    def _read_pcrs(self, batch: Sequence[int]) -> List[bytes]:
+        """The SHA-256 values of at most PCR_READ_BATCH PCRs, in ascending order."""
 
     @abc.abstractmethod
     def _activate(self, blob: bytes, secret: bytes) -> bytes:
@@ -78,12 +89,54 @@ class Tpm(abc.ABC):
         """Flush every transient object and loaded session; return how many."""
 
     @abc.abstractmethod
+    def _flush(self, handle: object) -> None:
+        """Flush one object this connection made."""
+
+    @abc.abstractmethod
+    def _disconnect(self) -> None:
+        """Close the connection to the TPM."""
+
+    # --- made once per connection -----------------------------------------------------
+
+    def _certificate_and_template(self) -> Tuple[Optional[bytes], object]:
+        if self._ek_template is None:  # set only once found: a failed read is read again
+            self._ek_template = self._find_certificate()
+        return self._ek_template
+
+    def _endorsement(self) -> Tuple[object, bytes]:
+        """The EK matching the EK certificate: (handle, TPMT_PUBLIC)."""
+        if self._ek is None:
+            self._ek = self._create_primary(self._certificate_and_template()[1])
+        return self._ek
+
+    def _attestation(self) -> Tuple[object, bytes]:
+        """The AK: (handle, TPMT_PUBLIC)."""
+        if self._ak is None:
+            self._ak = self._create_primary(self._ak_template())
+        return self._ak
+
+    def _quote_once(self, pcrs: Sequence[int], data: bytes) -> Quote:
+        """Quote, then read the PCRs: (TPMS_ATTEST, TPMT_SIGNATURE, PCR values)."""
+        attest, signature = self._quote(self._attestation()[0], pcrs, data)
+        values: List[Tuple[int, bytes]] = []
+        for start in range(0, len(pcrs), PCR_READ_BATCH):
+            batch = tuple(pcrs[start:start + PCR_READ_BATCH])
+            values.extend(zip(batch, self._read_pcrs(batch)))
+        return attest, signature, tuple(values)
+
+    # --- the interface ----------------------------------------------------------------
+
     def close(self) -> None:
         """Flush the keys this connection made, then close. A resource manager (the
         kernel's /dev/tpmrm0) would flush them anyway; the vTPM, reached over swtpm's
         socket, has none, keeps them after their creator is gone, and holds only three."""
-
-    # --- the interface ----------------------------------------------------------------
+        with self._lock:
+            for created in (self._ek, self._ak):
+                if created is not None:
+                    with contextlib.suppress(TpmError, *self.library_errors):
+                        self._flush(created[0])
+            self._ek = self._ak = None
+            self._disconnect()
 
     def __enter__(self) -> "Tpm":
         return self

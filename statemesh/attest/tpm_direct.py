@@ -21,7 +21,7 @@ import time
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 from statemesh.attest import tpmwire
-from statemesh.attest.tpm import Quote, Tpm, TpmError
+from statemesh.attest.tpm import MAX_TRANSIENT, Tpm, TpmError
 from statemesh.attest.tpmwire import (
     ALG_AES, ALG_CFB, ALG_ECC, ALG_ECDSA, ALG_NULL, ALG_RSA, ALG_SHA256, ECC_NIST_P256)
 
@@ -43,7 +43,6 @@ PT_NV_BUFFER_MAX = 0x12C
 HANDLE_RANGES = (0x80000000, 0x02000000, 0x03000000)  # transient, HMAC and policy sessions
 SE_POLICY = 0x01
 SESSION_CONTINUE = 0x01
-MAX_TRANSIENT = 64  # more than any TPM holds at once (swtpm: 3)
 # TPM_MAX_COMMAND_SIZE: 4096 on every TPM known here. A longer command is refused before it
 # is sent: /dev/tpmrm0 refuses it too, and swtpm answers it twice, which would put every
 # later answer on the connection one command late.
@@ -51,7 +50,6 @@ MAX_COMMAND = 4096
 MAX_RESPONSE = 8192
 HEADER = struct.Struct(">HII")
 PCR_SELECT_BYTES = 3  # PCRs 0-23, as every PC-client TPM has
-PCR_READ_BATCH = 8  # PCR_Read returns at most 8 digests per call
 NV_CHUNK_FALLBACK = 512
 # "Send it again": TPM_RC_YIELDED, TESTING and RETRY (swtpm answers RETRY to some ECC
 # operations now and then); tpm2-tss's ESAPI resends as well.
@@ -91,27 +89,24 @@ FORMAT_ZERO_ERRORS: Dict[int, str] = {
 }
 
 
-def _sized(data: bytes) -> bytes:
-    """A TPM2B: a u16 size, then the bytes."""
-    return struct.pack(">H", len(data)) + data
-
-
 def _template(key_type: int, attributes: int, policy: bytes, parameters: bytes,
               unique: bytes) -> bytes:
-    return struct.pack(">HHI", key_type, ALG_SHA256, attributes) + _sized(policy) + parameters + unique
+    return (struct.pack(">HHI", key_type, ALG_SHA256, attributes) + tpmwire.sized(policy)
+            + parameters + unique)
 
 
 _EK_SYMMETRIC = struct.pack(">HHH", ALG_AES, 128, ALG_CFB)
 EK_RSA2048 = _template(ALG_RSA, EK_ATTRIBUTES, EK_POLICY,
-                       _EK_SYMMETRIC + struct.pack(">HHI", ALG_NULL, 2048, 0), _sized(bytes(256)))
+                       _EK_SYMMETRIC + struct.pack(">HHI", ALG_NULL, 2048, 0),
+                       tpmwire.sized(bytes(256)))
 EK_ECC256 = _template(ALG_ECC, EK_ATTRIBUTES, EK_POLICY,
                       _EK_SYMMETRIC + struct.pack(">HHH", ALG_NULL, ECC_NIST_P256, ALG_NULL),
-                      _sized(bytes(32)) + _sized(bytes(32)))
+                      tpmwire.sized(bytes(32)) + tpmwire.sized(bytes(32)))
 AK_TEMPLATE = _template(ALG_ECC, AK_ATTRIBUTES, b"",
                         struct.pack(">HHHHH", ALG_NULL, ALG_ECDSA, ALG_SHA256, ECC_NIST_P256, ALG_NULL),
-                        _sized(b"") + _sized(b""))
-EMPTY_SENSITIVE = _sized(_sized(b"") + _sized(b""))  # TPM2B_SENSITIVE_CREATE: no auth, no data
-PASSWORD_SESSION = struct.pack(">I", RS_PW) + _sized(b"") + bytes([0]) + _sized(b"")
+                        tpmwire.sized(b"") + tpmwire.sized(b""))
+EMPTY_SENSITIVE = tpmwire.sized(tpmwire.sized(b"") + tpmwire.sized(b""))  # TPM2B_SENSITIVE_CREATE: no auth, no data
+PASSWORD_SESSION = struct.pack(">I", RS_PW) + tpmwire.sized(b"") + bytes([0]) + tpmwire.sized(b"")
 
 
 class TpmResponseError(TpmError):
@@ -282,9 +277,6 @@ class DirectTpm(Tpm):
             self._transport = open_transport(tcti)
         except (OSError, ValueError) as error:
             raise TpmError(f"cannot open the TPM at {tcti}: {error}") from None
-        self._ek_template: Optional[Tuple[Optional[bytes], bytes]] = None
-        self._ek: Optional[Tuple[int, bytes]] = None
-        self._ak: Optional[Tuple[int, bytes]] = None
 
     def _run(self, what: str, code: int, handles: Sequence[int] = (),
              sessions: Sequence[bytes] = (), parameters: bytes = b"",
@@ -299,14 +291,8 @@ class DirectTpm(Tpm):
             time.sleep(RETRY_PAUSE_SECONDS * 2 ** attempt)
         return response(self._transport.transact(sent), what, out_handles)
 
-    def close(self) -> None:
-        with self._lock:
-            for created in (self._ek, self._ak):
-                if created is not None:
-                    with contextlib.suppress(TpmError, OSError):
-                        self._flush(created[0])
-            self._ek = self._ak = None
-            self._transport.close()
+    def _disconnect(self) -> None:
+        self._transport.close()
 
     def _flush(self, handle: int) -> None:
         self._run("flush", CC_FLUSH_CONTEXT, parameters=struct.pack(">I", handle))
@@ -358,11 +344,6 @@ class DirectTpm(Tpm):
             data += chunk_read
         return data
 
-    def _certificate_and_template(self) -> Tuple[Optional[bytes], bytes]:
-        if self._ek_template is None:
-            self._ek_template = self._find_certificate()
-        return self._ek_template
-
     def _find_certificate(self) -> Tuple[Optional[bytes], bytes]:
         for (certificate_index, makers_indices), template in zip(EK_NV, (EK_RSA2048, EK_ECC256)):
             size = self._nv_size(certificate_index)
@@ -377,7 +358,7 @@ class DirectTpm(Tpm):
         return None, EK_RSA2048
 
     def _create_primary(self, template: bytes) -> Tuple[int, bytes]:
-        parameters = EMPTY_SENSITIVE + _sized(template) + _sized(b"") + struct.pack(">I", 0)
+        parameters = EMPTY_SENSITIVE + tpmwire.sized(template) + tpmwire.sized(b"") + struct.pack(">I", 0)
         (handle,), reader = self._run("key creation", CC_CREATE_PRIMARY, (RH_ENDORSEMENT,),
                                       (PASSWORD_SESSION,), parameters, out_handles=1)
         try:
@@ -387,40 +368,26 @@ class DirectTpm(Tpm):
                 self._flush(handle)
             raise
 
-    def _endorsement(self) -> Tuple[int, bytes]:
-        if self._ek is None:
-            self._ek = self._create_primary(self._certificate_and_template()[1])
-        return self._ek
+    def _ak_template(self) -> bytes:
+        return AK_TEMPLATE
 
-    def _attestation(self) -> Tuple[int, bytes]:
-        if self._ak is None:
-            self._ak = self._create_primary(AK_TEMPLATE)
-        return self._ak
+    def _read_pcrs(self, batch: Sequence[int]) -> List[bytes]:
+        _, reader = self._run("PCR read", CC_PCR_READ, parameters=pcr_selection(batch))
+        reader.u32()  # pcrUpdateCounter
+        selected = tpmwire.parse_pcr_selection(reader)
+        digests = [reader.sized(64) for _ in range(reader.u32())]
+        if selected != (tpmwire.PcrSelection(ALG_SHA256, tuple(batch)),) or len(digests) != len(batch):
+            raise TpmError(f"the TPM read PCRs {selected}, not SHA-256 PCRs {tuple(batch)}")
+        return digests
 
-    def _pcr_values(self, pcrs: Sequence[int]) -> List[Tuple[int, bytes]]:
-        values: List[Tuple[int, bytes]] = []
-        for start in range(0, len(pcrs), PCR_READ_BATCH):
-            batch = tuple(pcrs[start:start + PCR_READ_BATCH])
-            _, reader = self._run("PCR read", CC_PCR_READ, parameters=pcr_selection(batch))
-            reader.u32()  # pcrUpdateCounter
-            selected = tpmwire.parse_pcr_selection(reader)
-            digests = [reader.sized(64) for _ in range(reader.u32())]
-            if selected != (tpmwire.PcrSelection(ALG_SHA256, tuple(sorted(batch))),) or len(digests) != len(batch):
-                raise TpmError(f"the TPM read PCRs {selected}, not SHA-256 PCRs {batch}")
-            values.extend(zip(sorted(batch), digests))
-        order = {pcr: position for position, pcr in enumerate(pcrs)}
-        return sorted(values, key=lambda value: order[value[0]])
-
-    def _quote_once(self, pcrs: Sequence[int], data: bytes) -> Quote:
-        handle, _public = self._attestation()
-        parameters = _sized(data) + struct.pack(">H", ALG_NULL) + pcr_selection(pcrs)
+    def _quote(self, handle: int, pcrs: Sequence[int], data: bytes) -> Tuple[bytes, bytes]:
+        parameters = tpmwire.sized(data) + struct.pack(">H", ALG_NULL) + pcr_selection(pcrs)
         _, reader = self._run("quote", CC_QUOTE, (handle,), (PASSWORD_SESSION,), parameters)
         attest = reader.sized(4096)
-        signature = reader.rest()
-        return attest, signature, tuple(self._pcr_values(pcrs))
+        return attest, reader.rest()  # the TPMT_SIGNATURE
 
     def _policy_session(self) -> int:
-        parameters = (_sized(secrets.token_bytes(32)) + _sized(b"")
+        parameters = (tpmwire.sized(secrets.token_bytes(32)) + tpmwire.sized(b"")
                       + struct.pack(">BHH", SE_POLICY, ALG_NULL, ALG_SHA256))
         (session,), _ = self._run("policy session start", CC_START_AUTH_SESSION,
                                   (RH_NULL, RH_NULL), parameters=parameters, out_handles=1)
@@ -439,9 +406,9 @@ class DirectTpm(Tpm):
         session = self._policy_session()
         try:
             self._run("policy", CC_POLICY_SECRET, (RH_ENDORSEMENT, session), (PASSWORD_SESSION,),
-                      _sized(b"") * 3 + struct.pack(">i", 0))
-            policy_auth = (struct.pack(">I", session) + _sized(secrets.token_bytes(32))
-                           + bytes([SESSION_CONTINUE]) + _sized(b""))
+                      tpmwire.sized(b"") * 3 + struct.pack(">i", 0))
+            policy_auth = (struct.pack(">I", session) + tpmwire.sized(secrets.token_bytes(32))
+                           + bytes([SESSION_CONTINUE]) + tpmwire.sized(b""))
             _, reader = self._run("credential activation", CC_ACTIVATE_CREDENTIAL,
                                   (ak_handle, ek_handle), (PASSWORD_SESSION, policy_auth),
                                   blob + secret)

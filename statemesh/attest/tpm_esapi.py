@@ -6,10 +6,9 @@ operations to ESAPI calls.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 # Before tpm2_pytss loads libtss2-esys: its expected "no such NV index" probes log to stderr.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
@@ -35,7 +34,7 @@ from tpm2_pytss.utils import NVReadEK, create_ek_template  # noqa: E402
 if _MOCK is not None:
     sys.modules["unittest.mock"] = _MOCK
 
-from statemesh.attest.tpm import Quote, Tpm, TpmError  # noqa: E402
+from statemesh.attest.tpm import MAX_TRANSIENT, Tpm, TpmError  # noqa: E402
 
 # The restricted signing template; tpm2-pytss 1.2 needs the explicit ":null" symmetric part.
 AK_TEMPLATE = "ecc256:ecdsa-sha256:null"
@@ -44,8 +43,6 @@ AK_ATTRIBUTES = (
     | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
 )
 EK_TYPES = ("EK-RSA2048", "EK-ECC256")  # NV 0x01c00002 and 0x01c0000a, in order of preference
-# More than any TPM holds at once (swtpm: 3 transient objects; hardware TPMs a few more).
-MAX_TRANSIENT = 64
 
 
 def _selection(pcrs: Sequence[int]) -> TPML_PCR_SELECTION:
@@ -64,18 +61,12 @@ class EsapiTpm(Tpm):
             self._esapi = ESAPI(tcti)
         except (TSS2_Exception, RuntimeError) as error:
             raise TpmError(f"cannot open the TPM at {tcti}: {error}") from None
-        self._ek_template: Optional[Tuple[Optional[bytes], TPM2B_PUBLIC]] = None
-        self._ek: Optional[Tuple[ESYS_TR, bytes]] = None
-        self._ak: Optional[Tuple[ESYS_TR, bytes]] = None
 
-    def close(self) -> None:
-        with self._lock:
-            for created in (self._ek, self._ak):
-                if created is not None:
-                    with contextlib.suppress(TSS2_Exception):
-                        self._esapi.flush_context(created[0])
-            self._ek = self._ak = None
-            self._esapi.close()
+    def _flush(self, handle: ESYS_TR) -> None:
+        self._esapi.flush_context(handle)
+
+    def _disconnect(self) -> None:
+        self._esapi.close()
 
     def _flush_transient_objects(self) -> int:
         handles = set()
@@ -86,44 +77,30 @@ class EsapiTpm(Tpm):
             self._esapi.flush_context(self._esapi.tr_from_tpmpublic(handle))
         return len(handles)
 
-    def _certificate_and_template(self) -> Tuple[Optional[bytes], TPM2B_PUBLIC]:
-        if self._ek_template is None:
-            reader = NVReadEK(self._esapi)
-            for ek_type in EK_TYPES:
-                certificate, template = create_ek_template(ek_type, reader)
-                if certificate:
-                    self._ek_template = (certificate, template)
-                    break
-            else:
-                self._ek_template = (None, create_ek_template(EK_TYPES[0], reader)[1])
-        return self._ek_template
+    def _find_certificate(self) -> Tuple[Optional[bytes], TPM2B_PUBLIC]:
+        reader = NVReadEK(self._esapi)
+        for ek_type in EK_TYPES:
+            certificate, template = create_ek_template(ek_type, reader)
+            if certificate:
+                return certificate, template
+        return None, create_ek_template(EK_TYPES[0], reader)[1]
 
-    def _endorsement(self) -> Tuple[ESYS_TR, bytes]:
-        if self._ek is None:
-            _certificate, template = self._certificate_and_template()
-            handle, public, *_ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
-            self._ek = (handle, public.publicArea.marshal())
-        return self._ek
+    def _ak_template(self) -> TPM2B_PUBLIC:
+        return TPM2B_PUBLIC(TPMT_PUBLIC.parse(AK_TEMPLATE, objectAttributes=AK_ATTRIBUTES))
 
-    def _attestation(self) -> Tuple[ESYS_TR, bytes]:
-        if self._ak is None:
-            template = TPM2B_PUBLIC(TPMT_PUBLIC.parse(AK_TEMPLATE, objectAttributes=AK_ATTRIBUTES))
-            handle, public, *_ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
-            self._ak = (handle, public.publicArea.marshal())
-        return self._ak
+    def _create_primary(self, template: TPM2B_PUBLIC) -> Tuple[ESYS_TR, bytes]:
+        handle, public, *_ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+        return handle, public.publicArea.marshal()
 
-    def _quote_once(self, pcrs: Sequence[int], data: bytes) -> Quote:
-        handle, _public = self._attestation()
+    def _quote(self, handle: ESYS_TR, pcrs: Sequence[int], data: bytes) -> Tuple[bytes, bytes]:
         attest, signature = self._esapi.quote(
             handle, _selection(pcrs), data, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
         )
-        values = []
-        remaining = list(pcrs)
-        while remaining:  # PCR_Read returns at most 8 digests per call
-            _counter, selection, digests = self._esapi.pcr_read(_selection(remaining[:8]))
-            values.extend(zip(remaining[:8], (bytes(d) for d in digests)))
-            remaining = remaining[8:]
-        return attest.marshal()[2:], signature.marshal(), tuple(values)
+        return attest.marshal()[2:], signature.marshal()
+
+    def _read_pcrs(self, batch: Sequence[int]) -> List[bytes]:
+        _counter, _selection_out, digests = self._esapi.pcr_read(_selection(batch))
+        return [bytes(digest) for digest in digests]
 
     def _activate(self, blob: bytes, secret: bytes) -> bytes:
         ek_handle, _ = self._endorsement()

@@ -48,6 +48,11 @@ ST_ATTEST_QUOTE = 0x8018
 MAX_PCR_SELECT = 4  # 32 PCRs at most in any real TPM
 
 
+def sized(data: bytes) -> bytes:
+    """A TPM2B as written: a u16 size, then the bytes (the reverse of Reader.sized)."""
+    return struct.pack(">H", len(data)) + data
+
+
 class TpmWireError(ValueError):
     """Bytes that are not a well-formed instance of the expected TPM structure."""
 
