@@ -59,9 +59,10 @@ test:
 # code that needs more than jammy offers fails here first. There is no tpm2-pytss, as on
 # jammy: the TPM tests run on the pure-Python backend (those marked esapi, which compare the
 # two backends, are left to `make test`), and the D-Bus client runs on jeepney (dbus-next is
-# installed only for the tests' stand-in services). PyPI's cryptography carries its own
-# OpenSSL, so the tests that open a TLS
-# connection (marked system_libssl) are left to `make test`, and so are those that read apt's
+# installed only for the tests' stand-in services), and the stand-in systemd and logind
+# behave as jammy's systemd 249 (tests/fakebus: without the D-Bus members added after it).
+# PyPI's cryptography carries its own OpenSSL, so the tests that open a TLS connection
+# (marked system_libssl) are left to `make test`, and so are those that read apt's
 # configuration with python3-apt (marked system_apt: PyPI has no build of it; jammy's
 # python3-apt 2.4 has the same read_config_file; without it, python-debian reads dpkg's
 # database with its own parser and warns, as it should on a node, which has python3-apt).
@@ -76,7 +77,7 @@ test-jammy:
 	$(CLEAN_ENV) PIP_DISABLE_PIP_VERSION_CHECK=1 \
 	    $(JAMMY_VENV)/bin/pip install -q -r tests/jammy-requirements.txt
 	$(CLEAN_ENV) STATEMESH_DBUS_BACKEND=jeepney $(JAMMY_VENV)/bin/python -m pytest -p no:cacheprovider \
-	    -m "not system_libssl and not system_apt and not esapi" \
+	    --systemd-version 249 -m "not system_libssl and not system_apt and not esapi" \
 	    -W "ignore:Parsing of Deb822 data with python3-apt:UserWarning" tests --ignore=tests/vm $(NO_TESTS)
 
 # The VM suite, one run for every release: the whole suite on Debian 12, the tests marked

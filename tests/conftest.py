@@ -18,11 +18,20 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--systemd-version", type=int, default=None, metavar="N",
+                     help="the stand-in systemd and logind (tests/fakebus) behave as systemd N: "
+                     "without the D-Bus members added after it (make test-jammy: 249)")
+
+
 def pytest_report_header(config: pytest.Config) -> str:
-    """Which TPM backend and D-Bus library this run tests (make test runs twice)."""
+    """Which TPM backend, D-Bus library and stand-in systemd this run tests (make test runs
+    twice, make test-jammy once more)."""
     from statemesh import dbusconn
     from statemesh.attest import tpm
-    return f"statemesh: TPM backend {tpm.chosen_backend()}, D-Bus library {dbusconn.chosen_backend()}"
+    systemd = config.getoption("systemd_version") or "newest"
+    return (f"statemesh: TPM backend {tpm.chosen_backend()}, D-Bus library "
+            f"{dbusconn.chosen_backend()}, stand-in systemd {systemd}")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,25 +1,34 @@
-"""The package's dependencies against Ubuntu 22.04 (jammy, the seed's platform) and 24.04.
+"""The package against Ubuntu 22.04 (jammy, the seed's platform) and 24.04: its dependencies,
+and the systemd settings it ships.
 
 Ubuntu's archive is unreachable from CI, so tests/data/{jammy,noble}-packages.txt record,
 by hand and with the page each figure was read from, the versions each release has of the
 packages the .deb names. `Depends:` must resolve there (some alternative of every relation
 exists at an accepted version); a `Recommends:` may name what jammy lacks, which apt then
-leaves out.
+leaves out. tests/data/systemd-directives.txt records when systemd added each directive:
+every one the units and the sleep.conf drop-in set must be in jammy's systemd 249.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from debian.deb822 import Deb822, PkgRelation
 from debian.debian_support import Version
 
+from statemesh.guarantees import memory
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
 JAMMY = DATA / "jammy-packages.txt"
 RELEASES = ("jammy", "noble")
+JAMMY_SYSTEMD = 249
+# Which manual pages document the directives of a section.
+PAGES = {"Unit": ("systemd.unit",), "Install": ("systemd.unit",), "Sleep": ("systemd-sleep.conf",),
+         "Service": ("systemd.service", "systemd.exec", "systemd.resource-control",
+                     "systemd.kill")}
 RELATIONS = {"<<": lambda a, b: a < b, "<=": lambda a, b: a <= b, "=": lambda a, b: a == b,
              ">=": lambda a, b: a >= b, ">>": lambda a, b: a > b}
 
@@ -95,3 +104,64 @@ def test_the_resolver_refuses_what_jammy_has_not() -> None:
     assert not satisfied({"name": "python3-openssl", "version": (">=", "22.0"), "arch": None},
                          available)
     assert satisfied({"name": "python3", "version": (">=", "3.10~"), "arch": None}, available)
+
+
+# -- systemd 249 ----------------------------------------------------------------------------
+
+
+def directives() -> Dict[Tuple[str, str], Optional[int]]:
+    """(manual page, directive) -> the systemd version that added it (None: older than the
+    manual's record)."""
+    added = {}
+    for line in (DATA / "systemd-directives.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            page, name, version = line.split()
+            added[(page, name)] = None if version == "-" else int(version)
+    return added
+
+
+def settings(text: str) -> Iterator[Tuple[str, str]]:
+    """(section, directive) of every assignment in a unit or configuration file (a line
+    ending in a backslash goes on in the next)."""
+    section = ""
+    for line in text.replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif "=" in line and not line.startswith(("#", ";")):
+            yield section, line.partition("=")[0].strip()
+
+
+def not_in_systemd(text: str, version: int) -> List[str]:
+    """The settings of `text` that systemd `version` does not know."""
+    known = directives()
+    found = []
+    for section, name in settings(text):
+        added = [known[(page, name)] for page in PAGES.get(section, ()) if (page, name) in known]
+        if not added:
+            found.append(f"[{section}] {name}= is no systemd directive")
+        elif min(since or 0 for since in added) > version:
+            found.append(f"[{section}] {name}= is new in systemd {min(added)}")
+    return found
+
+
+def shipped() -> Dict[str, str]:
+    """What the package gives systemd to read: its units and the sleep.conf drop-in."""
+    files = {path.name: path.read_text() for path in sorted((ROOT / "systemd").glob("*"))}
+    files[memory.SLEEP_DROPIN.name] = memory.SLEEP_SETTINGS
+    return files
+
+
+def test_every_systemd_setting_the_package_ships_is_known_to_jammys_systemd() -> None:
+    files = shipped()
+    assert len(files) >= 7 and sum(len(list(settings(text))) for text in files.values()) > 100
+    assert {name: not_in_systemd(text, JAMMY_SYSTEMD) for name, text in files.items()} == {
+        name: [] for name in files}
+
+
+def test_a_directive_jammy_lacks_or_a_misspelt_one_is_named() -> None:
+    unit = "[Service]\nProtectProc=invisible\nRestrictFileSystems=ext4\nProtectKernelLog=yes\n"
+    assert not_in_systemd(unit, JAMMY_SYSTEMD) == [
+        "[Service] RestrictFileSystems= is new in systemd 250",
+        "[Service] ProtectKernelLog= is no systemd directive"]
+    assert not_in_systemd(unit, 250) == ["[Service] ProtectKernelLog= is no systemd directive"]

@@ -27,15 +27,50 @@ from statemesh.run import SAFE_PATH, CommandError
 ROOT = Path(__file__).resolve().parent.parent
 
 FAKE = r'''#!/usr/bin/python3
-"""Stand-in for cryptsetup, losetup, mkfs.ext4, mount, umount and chattr: logs and obeys."""
+"""Stand-in for cryptsetup, losetup, mkfs.ext4, mount, umount and chattr: logs and obeys.
+cryptsetup first checks its command line as cryptsetup 2.4.3 (Ubuntu 22.04) does, the
+oldest the package supports, and answers luksDump in 2.4.3's layout."""
 import json, os, sys
 here = os.path.dirname(os.path.abspath(__file__))
 name, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+ALIASES = {"luksOpen": "open", "luksErase": "erase", "luksClose": "close", "remove": "close"}
+
+def refused_by_cryptsetup_2_4_3(args):
+    actions, options = set(), {}
+    for line in open(os.path.join(here, "..", "cryptsetup-cli.txt")):
+        kind, _, rest = line.partition(" ")
+        if kind == "action":
+            actions.add(rest.strip())
+        elif kind == "option":
+            option, takes, allowed = rest.split()
+            options[option] = (takes == "value", allowed.split(","))
+    given, positional, rest = [], [], list(args)
+    while rest:
+        arg = rest.pop(0)
+        if not arg.startswith("-"):
+            positional.append(arg)
+            continue
+        option, equals, _ = arg.lstrip("-").partition("=")
+        if not arg.startswith("--") or option not in options:
+            return f"{arg}: unknown option"
+        if options[option][0] and not equals:
+            rest.pop(0)
+        given.append(option)
+    action = ALIASES.get(positional[0], positional[0]) if positional else ""
+    if action not in actions:
+        return "Unknown action."
+    for option in given:
+        if options[option][1] != ["*"] and action not in options[option][1]:
+            return f"Option --{option} is not allowed with {action} action."
+
 stdin = b""
 if name == "cryptsetup" and "--key-file=-" in args:
     stdin = sys.stdin.buffer.read()
 with open(os.path.join(here, "..", "log.jsonl"), "a") as log:
     log.write(json.dumps({"argv": [name] + args, "stdin": stdin.hex()}) + "\n")
+if name == "cryptsetup" and refused_by_cryptsetup_2_4_3(args):
+    sys.stderr.write(refused_by_cryptsetup_2_4_3(args) + "\n")
+    sys.exit(1)
 fail = open(os.path.join(here, "..", "fail-on")).read().split() if os.path.exists(
     os.path.join(here, "..", "fail-on")) else []
 if args[:1] and args[0] in fail:
@@ -44,10 +79,20 @@ if args[:1] and args[0] in fail:
 if name == "cryptsetup" and args[:1] == ["status"]:
     sys.exit(4)
 if name == "cryptsetup" and args[:1] == ["luksDump"]:
-    print("LUKS header information\nVersion: 2\n\nKeyslots:\nTokens:\nDigests:")
+    print(ERASED_DUMP_2_4_3, end="")
 if name == "losetup" and "--show" in args:
     print("/dev/loop7")
-'''
+'''.replace("ERASED_DUMP_2_4_3", repr(
+    # lib/luks2/luks2_json_metadata.c of 2.4.3 (LUKS2_hdr_dump) for a header whose keyslots
+    # luksErase destroyed: the data segment's "  0:" line is not a keyslot.
+    "LUKS header information\nVersion:       \t2\nEpoch:         \t5\n"
+    "Metadata area: \t16384 [bytes]\nKeyslots area: \t16744448 [bytes]\n"
+    "UUID:          \t6a1e1c3e-3b3f-4b7e-9d55-3b0c3f1f2a10\nLabel:         \tstatemesh-ephemeral\n"
+    "Subsystem:     \t(no subsystem)\nFlags:       \t(no flags)\n\n"
+    "Data segments:\n  0: crypt\n\toffset: 16777216 [bytes]\n\tlength: (whole device)\n"
+    "\tcipher: aes-xts-plain64\n\tsector: 512 [bytes]\n\n"
+    "Keyslots:\nTokens:\nDigests:\n"))
+CRYPTSETUP_2_4_3 = ROOT / "tests" / "data" / "cryptsetup-2.4.3-cli.txt"
 
 FAKED = ("cryptsetup", "losetup", "mkfs.ext4", "mount", "umount", "chattr")
 
@@ -63,6 +108,7 @@ class Fakes:
         program.chmod(0o755)
         for name in FAKED:
             (self.bin / name).symlink_to("fake")
+        (root / "cryptsetup-cli.txt").write_text(CRYPTSETUP_2_4_3.read_text())
         self.log = root / "log.jsonl"
         self.fail_file = root / "fail-on"
 
@@ -532,3 +578,24 @@ def test_the_storage_command_stops_at_a_bad_config_before_touching_anything(tmp_
     conf.write_text("Storage-Size: tiny\n")
     assert cli.main(["--config", str(conf), "storage", "setup"]) == cli.EXIT_CONFIG
     assert "Storage-Size" in capsys.readouterr().err
+
+
+def test_the_stand_in_refuses_what_cryptsetup_2_4_3_would(fakes):
+    """The stand-in every setup test runs through holds the volume's command lines to
+    cryptsetup 2.4.3's (Ubuntu 22.04): an option it lacks, or one its action does not take,
+    ends the call as 2.4.3 ends it; the volume's own command lines pass (the setup tests)."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(fakes.bin / "cryptsetup"), *args], capture_output=True,
+                              text=True, env={"PATH": SAFE_PATH})
+    refused = {
+        ("open", "--label", "x", "/dev/loop7", "m"): "Option --label is not allowed with open action.",
+        ("luksFormat", "--hw-opal", "/dev/loop7"): "--hw-opal: unknown option",  # 2.7
+        ("luksErase", "--key-size", "512", "/dev/loop7"):
+            "Option --key-size is not allowed with erase action.",
+        ("wipe", "/dev/loop7"): "Unknown action.",
+    }
+    for argv, message in refused.items():
+        result = run(*argv)
+        assert (result.returncode, result.stderr.strip()) == (1, message), argv
+    assert run("luksErase", "--batch-mode", "/dev/loop7").returncode == 0
+    assert volume.count_keyslots(run("luksDump", "/dev/loop7").stdout) == 0

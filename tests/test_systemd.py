@@ -9,7 +9,8 @@ from typing import Any, Awaitable, Callable, List
 
 import pytest
 
-from statemesh import backend, dbusconn, systemd
+from statemesh import backend, dbusconn, pulledin, systemd
+from tests import fakebus as fakebus_module
 from tests.fakebus import FakeBus, FakeSession, fakebus  # noqa: F401 - fixture
 
 
@@ -346,3 +347,56 @@ def test_a_bad_library_choice_is_not_a_missing_bus(fakebus: FakeBus,
     with pytest.raises(systemd.SystemdError, match="no D-Bus library") as raised:
         with_systemd(lambda m: m.default_target())
     assert not isinstance(raised.value, systemd.NoBusError)
+
+
+# -- systemd 249 (Ubuntu 22.04) ---------------------------------------------------------------
+
+STAND_INS = (
+    (fakebus_module.FakeSystemd, "org.freedesktop.systemd1.Manager"),
+    (fakebus_module.UnitObject, "org.freedesktop.systemd1.Unit"),
+    *((fakebus_module.UnitTypeObject, f"org.freedesktop.systemd1.{kind}")
+      for kind in ("Service", "Scope", "Socket", "Mount", "Swap", "Slice", "Timer")),
+    (fakebus_module.FakeLogind, "org.freedesktop.login1.Manager"),
+    (fakebus_module.SessionObject, "org.freedesktop.login1.Session"),
+)
+
+
+def test_every_member_the_stand_ins_serve_is_in_systemd_249_but_upheldby() -> None:
+    """The stand-ins serve what the product calls (a call they lack fails its test), so what
+    they serve must be in Ubuntu 22.04's systemd 249: by the History systemd records, only
+    UpheldBy is newer (251), and the product reads it as optional (pulledin._optional)."""
+    history = fakebus_module.added_after_250()
+    assert len(history) > 200 and history[("org.freedesktop.login1.Manager",
+                                           "ListSessionsEx")] == 256
+    newer = {(interface, member): history[(interface, member)]
+             for cls, interface in STAND_INS for member in fakebus_module.members(cls)
+             if history.get((interface, member), 0) > 249}
+    assert newer == {("org.freedesktop.systemd1.Unit", "UpheldBy"): 251}
+
+
+def test_a_systemd_249_without_upheldby_answers_as_249_and_the_walk_does_without(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asked for UpheldBy, systemd 249 answers with the bus's UnknownProperty: an error of
+    that property, not of the bus, so the boot-chain walk reads it as absent and goes on
+    to TriggeredBy: a service its socket starts, the socket wanted by the boot."""
+    async def ask(manager: systemd.Systemd) -> Any:
+        try:
+            upheld = await manager.get_unit_property("cron.service", systemd.UNIT, "UpheldBy")
+        except systemd.SystemdError as error:
+            upheld = error
+        chain = pulledin.BootChain(manager, frozenset({"multi-user.target"}), frozenset())
+        return upheld, await chain.brought_up("cron.service")
+
+    for version in (None, 249):
+        with fakebus_module.serving(monkeypatch, version) as bus:
+            bus.systemd.add("cron.socket", active_state="active")
+            bus.systemd.add("cron.service", active_state="active", wanted_by=[],
+                            triggered_by=["cron.socket"])
+            upheld, pulled_in = with_systemd(ask)
+        assert pulled_in is True
+        if version is None:
+            assert upheld == []
+        else:
+            assert isinstance(upheld, systemd.SystemdError)
+            assert not isinstance(upheld, (systemd.NoBusError, systemd.AccessDeniedError))
+            assert "UpheldBy" in str(upheld), upheld

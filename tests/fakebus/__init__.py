@@ -6,11 +6,20 @@ a background thread. The stand-ins implement the methods the product uses with s
 signatures and error names, keep a simple model of units and sessions, record every call,
 and can be told to deny access, to fail jobs, or to answer a job before its reply.
 Point the product at it with STATEMESH_DBUS_ADDRESS=bus.address.
+
+They can also behave as an older systemd: `FakeBus(workdir, systemd_version=249)` (or
+`pytest --systemd-version 249`, which make test-jammy passes: Ubuntu 22.04 has 249) leaves
+out every member its interface gained after that version, as systemd's own History records
+it (tests/data/systemd-dbus-history.txt). A client asking for one gets the error
+systemd 249 would give: the bus's UnknownMethod or UnknownProperty.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import fnmatch
+import functools
+import inspect
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +31,7 @@ import pytest
 from dbus_next import DBusError, Message
 from dbus_next.aio import MessageBus
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+from dbus_next.service import _Property  # how dbus-next marks a property; no public name
 
 CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -41,6 +51,44 @@ UNIT_PREFIX = "/org/freedesktop/systemd1/unit/"
 JOB_PREFIX = "/org/freedesktop/systemd1/job/"
 SESSION_PREFIX = "/org/freedesktop/login1/session/"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+HISTORY = Path(__file__).resolve().parent.parent / "data" / "systemd-dbus-history.txt"
+SYSTEMD = "org.freedesktop.systemd1"
+LOGIND = "org.freedesktop.login1"
+
+
+@functools.lru_cache(maxsize=None)
+def added_after_250() -> Dict[Tuple[str, str], int]:
+    """(interface, member) -> the systemd version that added it, for everything added after
+    250 (the recorded History; anything else is in 249)."""
+    added = {}
+    for line in HISTORY.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            interface, member, version = line.split()
+            added[(interface, member)] = int(version)
+    return added
+
+
+def members(cls: type) -> Set[str]:
+    """The D-Bus members (methods, properties, signals) a ServiceInterface class exports."""
+    names = set()
+    for _name, member in inspect.getmembers(cls):
+        if isinstance(member, _Property):
+            names.add(member.name)
+        for marker in ("__DBUS_METHOD", "__DBUS_SIGNAL"):
+            if marker in getattr(member, "__dict__", {}):
+                names.add(member.__dict__[marker].name)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def as_of(cls: type, interface: str, version: Optional[int]) -> type:
+    """`cls` without the members `interface` gained after systemd `version` (None: newest).
+    dbus-next exports what the class has: a name set to None is not exported."""
+    if version is None:
+        return cls
+    newer = {member: None for member in members(cls)
+             if added_after_250().get((interface, member), 0) > version}
+    return type(f"{cls.__name__}As{version}", (cls,), newer) if newer else cls
 
 
 def escape(name: str) -> str:
@@ -143,13 +191,16 @@ class UnitObject(ServiceInterface):
         return self.unit.binds_to
 
 
+def unit_type_interface(name: str) -> str:
+    return f"{SYSTEMD}.{name.rpartition('.')[2].capitalize()}"
+
+
 class UnitTypeObject(ServiceInterface):
     """org.freedesktop.systemd1.Service (Scope, Socket...) of one unit: where systemd keeps
     what only units with processes have."""
 
     def __init__(self, unit: FakeUnit):
-        kind = unit.name.rpartition(".")[2].capitalize()
-        super().__init__(f"org.freedesktop.systemd1.{kind}")
+        super().__init__(unit_type_interface(unit.name))
         self.unit = unit
 
     @dbus_property(access=PropertyAccess.READ)
@@ -165,9 +216,10 @@ class UnitTypeObject(ServiceInterface):
 class FakeSystemd(ServiceInterface):
     """org.freedesktop.systemd1.Manager over a dict of FakeUnit."""
 
-    def __init__(self, bus: MessageBus):
-        super().__init__("org.freedesktop.systemd1.Manager")
+    def __init__(self, bus: MessageBus, version: Optional[int] = None):
+        super().__init__(f"{SYSTEMD}.Manager")
         self.bus = bus
+        self.version = version  # the systemd it behaves as (None: the newest)
         self.units: Dict[str, FakeUnit] = {}
         self.calls: List[Tuple[str, Any]] = []
         self.denied: Set[str] = set()        # method names answered with AccessDenied
@@ -212,8 +264,9 @@ class FakeSystemd(ServiceInterface):
     def _path(self, unit: FakeUnit) -> str:
         path = UNIT_PREFIX + escape(unit.name)
         if path not in self._exported:
-            self.bus.export(path, UnitObject(unit))
-            self.bus.export(path, UnitTypeObject(unit))
+            self.bus.export(path, as_of(UnitObject, f"{SYSTEMD}.Unit", self.version)(unit))
+            self.bus.export(path, as_of(UnitTypeObject, unit_type_interface(unit.name),
+                                        self.version)(unit))
             self._exported.add(path)
         return path
 
@@ -468,9 +521,10 @@ class SessionObject(ServiceInterface):
 class FakeLogind(ServiceInterface):
     """org.freedesktop.login1.Manager over a dict of FakeSession."""
 
-    def __init__(self, bus: MessageBus):
-        super().__init__("org.freedesktop.login1.Manager")
+    def __init__(self, bus: MessageBus, version: Optional[int] = None):
+        super().__init__(f"{LOGIND}.Manager")
         self.bus = bus
+        self.version = version
         self.sessions: Dict[str, FakeSession] = {}
         self.calls: List[Tuple[str, Any]] = []
         self.denied: Set[str] = set()
@@ -490,7 +544,8 @@ class FakeLogind(ServiceInterface):
     def add(self, session: FakeSession) -> None:
         """Open a session (emits SessionNew, as logind does)."""
         self.sessions[session.id] = session
-        self.bus.export(self._path(session.id), SessionObject(session))
+        self.bus.export(self._path(session.id),
+                        as_of(SessionObject, f"{LOGIND}.Session", self.version)(session))
         self.SessionNew(session.id, self._path(session.id))
 
     def remove(self, session_id: str) -> None:
@@ -540,8 +595,9 @@ class FakeLogind(ServiceInterface):
 class FakeBus:
     """A private dbus-daemon plus the stand-ins, served from a background thread."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, systemd_version: Optional[int] = None):
         self.workdir = workdir
+        self.systemd_version = systemd_version
         self.address = ""
         self.systemd: Optional[FakeSystemd] = None
         self.logind: Optional[FakeLogind] = None
@@ -565,8 +621,9 @@ class FakeBus:
 
     async def _serve(self) -> None:
         self._bus = await MessageBus(bus_address=self.address).connect()
-        self.systemd = FakeSystemd(self._bus)
-        self.logind = FakeLogind(self._bus)
+        version = self.systemd_version
+        self.systemd = as_of(FakeSystemd, f"{SYSTEMD}.Manager", version)(self._bus, version)
+        self.logind = as_of(FakeLogind, f"{LOGIND}.Manager", version)(self._bus, version)
         self._bus.export("/org/freedesktop/systemd1", self.systemd)
         self._bus.export("/org/freedesktop/login1", self.logind)
         await self._bus.request_name("org.freedesktop.systemd1")
@@ -633,13 +690,21 @@ def package_units(fake: FakeSystemd) -> None:
         fake.add(f"statemesh-{name}.service")
 
 
-
-@pytest.fixture
-def fakebus(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBus]:
+@contextlib.contextmanager
+def serving(monkeypatch: pytest.MonkeyPatch, systemd_version: Optional[int]) -> Iterator[FakeBus]:
     """A started FakeBus that the product's D-Bus clients use (STATEMESH_DBUS_ADDRESS)."""
     workdir = Path(tempfile.mkdtemp(prefix="smbus"))  # short: unix socket paths are limited
-    bus = FakeBus(workdir).start()
+    bus = FakeBus(workdir, systemd_version).start()
     monkeypatch.setenv("STATEMESH_DBUS_ADDRESS", bus.address)
-    yield bus
-    bus.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        yield bus
+    finally:
+        bus.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def fakebus(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[FakeBus]:
+    """The stand-ins, as the systemd of --systemd-version (the newest without it)."""
+    with serving(monkeypatch, request.config.getoption("systemd_version")) as bus:
+        yield bus
