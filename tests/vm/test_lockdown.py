@@ -263,6 +263,11 @@ SYSTEM_PTH = "/usr/lib/python3/dist-packages/zz-planted.pth"
 RAN = "/root/planted-pth-ran"
 PTH = (f"import os; open({RAN!r}, 'a').write(open('/proc/self/cmdline').read()"
        ".replace(chr(0), ' ') + chr(10))\n")
+# Every service inherits the manager's environment: the node's own switches (a library of
+# the operator's choosing) and a system bus of root's. Set last: services started after it
+# (systemd-nspawn's, registering with machined) would look for that bus.
+PLANTED_VARIABLES = ("STATEMESH_TPM_BACKEND=direct",
+                     "DBUS_SYSTEM_BUS_ADDRESS=unix:path=/root/system_bus_socket")
 
 
 def plant_code_for_roots_programs(guest: Guest) -> None:
@@ -377,6 +382,7 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                         f"echo $$ > {LOGIND_PROCS}; exec python3 -c {driver.quote(PTY_HOLDER)}")
     guest.wait_for("pgrep -f '[s]leep.1641'", "the kept-aside shell", 60)
     start_a_container_by_hand(guest)
+    guest.run(f"systemctl set-environment {' '.join(PLANTED_VARIABLES)}")
     refused = guest.run("apt-get install -y statemesh-node", env=ENV, check=False, timeout=900)
     said = refused.stdout + refused.stderr  # dpkg runs maintainer scripts on a pty
     assert refused.returncode != 0
@@ -389,6 +395,8 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
     assert "time.sleep(1641)) holds a pty outside the installing session" in said, said
     for planted in (f"/etc/ld.so.preload loads {PRELOADED} into every program",
                     "the service manager's environment sets PYTHONSTARTUP",
+                    "the service manager's environment sets STATEMESH_TPM_BACKEND",
+                    "the service manager's environment sets DBUS_SYSTEM_BUS_ADDRESS",
                     "/dist-packages/zz-planted.pth (remove them)",  # /usr/local's
                     "interpreter startup hooks not as a package installed them", SYSTEM_PTH,
                     "crontabs of root in /var/spool/cron/crontabs",
