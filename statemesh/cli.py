@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -125,16 +126,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_atls_serve(args: argparse.Namespace) -> int:
-    """Serve this node's aTLS endpoint on the mesh port (statemesh-atls.service runs it)."""
-    from statemesh import journal
+    """Serve this node's aTLS endpoint on the mesh port (statemesh-atls.service runs it).
+
+    Unprivileged, it cannot read the installation's journal: its unit requires the state
+    service, which refuses to start while a reboot is required."""
     from statemesh.attest import endpoint
-    node_config = config.load(args.config)
+    return endpoint.serve(config.load(args.config))
+
+
+def cmd_state_serve(args: argparse.Namespace) -> int:
+    """Measure the node's state as root for the aTLS endpoint (statemesh-state.service runs it)."""
+    from statemesh import journal
+    from statemesh.attest import stateservice
     try:
         journal.require_clean_boot()
     except journal.RebootRequiredError as error:
         print(f"statemesh-node: {error}", file=sys.stderr)
         return EXIT_FAILED
-    return endpoint.serve(node_config)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        listener = stateservice.listen()
+    except KeyError:
+        print(f"statemesh-node: no group {stateservice.ENDPOINT_GROUP} (systemd-sysusers "
+              "statemesh-node.conf makes it)", file=sys.stderr)
+        return EXIT_FAILED
+    stateservice.serve(listener)
+    return EXIT_OK
 
 
 def cmd_security_class(args: argparse.Namespace) -> int:
@@ -235,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         "storage": cmd_storage,
         "verify": cmd_verify,
         "atls-serve": cmd_atls_serve,
+        "state-serve": cmd_state_serve,
         "security-class": cmd_security_class,
         "preflight": cmd_preflight,
         "selftest": cmd_selftest,

@@ -223,6 +223,7 @@ class Journal:
 
 
 def require_clean_boot(directory: Path = STATE_DIR) -> None:
-    """Every StateMesh service calls this first (the watchdog excepted): see RebootRequiredError."""
+    """Every StateMesh service calls this first (the watchdog excepted, and the unprivileged
+    aTLS endpoint, whose unit requires the state service that does): see RebootRequiredError."""
     Journal(directory).require_clean_boot()
 

@@ -37,6 +37,7 @@ PACKAGE_UNITS = (
     "statemesh-firewall.service",
     "statemesh-watchdog.service",
     "statemesh-vtpm.service",
+    "statemesh-state.service",
     "statemesh-atls.service",
 )
 # statemesh.guarantees.watchdog.PURGE_DROPIN, named here so that reading units does not load

@@ -21,6 +21,8 @@ from statemesh.attest.refusals import ClassRefused, ProtocolError, SessionMismat
 from statemesh.attest.verifier import Verifier
 from tests.attest_fixtures import PCRS, TpmWorld, policy, ready_state, world
 
+ROOT = Path(__file__).resolve().parent.parent
+
 __all__ = ["world"]
 
 # Tests that open a TLS connection: they need pyOpenSSL on the system's libssl.so.3, where the
@@ -320,11 +322,16 @@ def test_verify_command_bad_input(argv: list, complaint: str, capsys: pytest.Cap
     assert complaint in capsys.readouterr().err
 
 
-def test_atls_serve_refuses_after_an_interrupted_installation(
+def test_the_state_service_refuses_after_an_interrupted_installation_and_the_endpoint_needs_it(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The endpoint, unprivileged, cannot read the installation's journal: its unit requires
+    the state service, which refuses to start while a reboot is required."""
     def interrupted() -> None:
         raise journal.RebootRequiredError("reboot required: an installation was interrupted")
 
     monkeypatch.setattr(journal, "require_clean_boot", interrupted)
-    assert _cli("atls-serve") == 1
+    assert _cli("state-serve") == 1
     assert "reboot required" in capsys.readouterr().err
+    unit = (ROOT / "systemd" / "statemesh-atls.service").read_text().splitlines()
+    assert "Requires=statemesh-state.service" in unit
+    assert any(line.startswith("After=") and "statemesh-state.service" in line for line in unit)

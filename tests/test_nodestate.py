@@ -55,7 +55,8 @@ def test_measure_reads_status_even_when_it_exits_1() -> None:
     """status exits 1 when a guarantee fails: its report is the state all the same."""
     report = json.dumps(status_report(firewall_holds=False))
     printer = [sys.executable, "-c", f"import sys; print({report!r}); sys.exit(1)"]
-    state = nodestate.measure([], printer, clock=lambda: 1_700_000_000.5)
+    state = nodestate.measure([], lambda: nodestate.status_report(printer),
+                              clock=lambda: 1_700_000_000.5)
     assert state.checked == 1_700_000_000 and not state.ready
     assert state.failing() == ["firewall: ufw is inactive?(ufw enable)"]
 
@@ -68,7 +69,8 @@ def test_a_status_that_cannot_be_read_is_a_failing_check(tmp_path) -> None:
         "not a report": [sys.executable, "-c", "print('[1, 2]')"],
     }
     for what, command in cases.items():
-        state = nodestate.measure(["x.service"], command, clock=lambda: 5.0, timeout=1.0)
+        state = nodestate.measure(["x.service"], lambda: nodestate.status_report(command, 1.0),
+                                  clock=lambda: 5.0)
         assert not state.ready and not state.installed, what
         assert [c.name for c in state.checks] == ["status"], what
         assert state.checks[0].detail.startswith(("status could not be read",
@@ -119,7 +121,8 @@ def test_a_state_the_evidence_cannot_carry_is_a_failing_check() -> None:
     report = status_report()
     report["guarantees"][0]["name"] = "Not A Name"
     printer = [sys.executable, "-c", f"print({json.dumps(report)!r})"]
-    state = nodestate.measure([f"unit{n}.service" for n in range(3)], printer)
+    state = nodestate.measure([f"unit{n}.service" for n in range(3)],
+                              lambda: nodestate.status_report(printer))
     assert not state.ready and state.checks[0].name == "status"
     assert state.checks[0].detail.startswith("the state cannot be signed: check name")
 

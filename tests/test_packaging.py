@@ -51,7 +51,9 @@ def binary_paragraph() -> Deb822:
 
 def relations(field: str) -> List[List[dict]]:
     """A field's relations as dh fills it in: ${python3:Depends} from X-Python3-Version
-    (dh-python writes `python3:any (>= 3.10~)`), ${misc:Depends} empty for this package."""
+    (dh-python writes `python3:any (>= 3.10~)`); ${misc:Depends} left out: it holds only
+    dh_installsysusers's `systemd | systemd-standalone-sysusers | systemd-sysusers`, which
+    every release the package runs on meets with its PID 1."""
     source = next(Deb822.iter_paragraphs((ROOT / "debian" / "control").read_text().splitlines()))
     python = f"python3:any ({source['X-Python3-Version']}~)"
     text = binary_paragraph().get(field, "").replace("${python3:Depends}", python)

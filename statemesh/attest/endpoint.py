@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from statemesh.attest import atls, ekchain, nodeclass, nodestate, tpm, tpmdevices
+from statemesh.attest import atls, ekchain, nodeclass, nodestate, stateservice, tpm, tpmdevices
 from statemesh.attest.attester import Attester
 from statemesh.attest.refusals import VerificationError
 from statemesh.attest.verifier import Policy, Verifier, load_policy
@@ -94,10 +94,12 @@ def serve(config: NodeConfig) -> int:
     found, hardware = nodeclass.classify_open(config)
     log.info("security class %s: %s", found.security_class, found.reason)
     # Every evidence carries the node's state as status sees it, measured again once older
-    # than nodestate.REFRESH_SECONDS: a node not locked down answers "not ready", signed.
+    # than nodestate.REFRESH_SECONDS by the state service (root; this process is not): a
+    # node not locked down answers "not ready", signed.
     # Measured at the first handshake, not at start: a node nobody asks spends nothing on it
     # (a boot's CPU goes to the boot).
-    state = nodestate.Fresh(lambda: nodestate.measure(config.watchdog_exempt_units))
+    state = nodestate.Fresh(lambda: nodestate.measure(config.watchdog_exempt_units,
+                                                      stateservice.ask))
     try:
         node_tpm = hardware if hardware is not None else _open_vtpm()
         attester = Attester(node_tpm, found.security_class, config.zone,

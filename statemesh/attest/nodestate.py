@@ -3,9 +3,10 @@ it is older than a bound.
 
 The endpoint signs whatever state it is given, so the state must be status's own verdicts,
 not a summary: each line of `status --json` becomes a check of the evidence, detail and all.
-It is measured by running the status command itself (the same checks, the same code), in a
-process of its own: the network-facing endpoint keeps none of the checks' imports, and a
-check that crashes takes nothing of the endpoint with it. A state that cannot be measured
+It is measured by running the status command itself (the same checks, the same code), as
+root, by the state service (statemesh.attest.stateservice), which the endpoint asks: the
+network-facing endpoint runs without privileges and keeps none of the checks' imports, and
+a check that crashes takes nothing of the endpoint with it. A state that cannot be measured
 is a failing check, never an absent one: the node then answers "not ready".
 """
 
@@ -21,6 +22,7 @@ from statemesh.attest.evidence import EvidenceFormatError, NodeState, StateCheck
 
 STATUS_COMMAND = ("/usr/bin/statemesh-node", "status", "--json")
 STATUS_TIMEOUT = 120.0
+MAX_REPORT_BYTES = 4 << 20  # status --json of this version is a few kilobytes
 # A state older than REFRESH_SECONDS is measured again in the background and still served;
 # one older than LONGEST_SECONDS (or none yet) is measured before it is served. A handshake
 # thus seldom waits for status, and no evidence carries a state older than LONGEST_SECONDS:
@@ -63,18 +65,29 @@ def unmeasured(checked: int, why: str, exempt_units: Iterable[str]) -> NodeState
                      tuple(exempt_units))
 
 
-def measure(exempt_units: Sequence[str], command: Sequence[str] = STATUS_COMMAND,
-            clock: Callable[[], float] = time.time,
-            timeout: float = STATUS_TIMEOUT) -> NodeState:
-    """Run status and read its report; it exits 1 when something fails, still with a report."""
-    checked = int(clock())
+class Unanswered(Exception):
+    """No report came in time: from status, or from the state service asked for one."""
+
+
+def status_report(command: Sequence[str] = STATUS_COMMAND,
+                  timeout: float = STATUS_TIMEOUT) -> bytes:
+    """status --json's report; status exits 1 when something fails, still with a report."""
     try:
         done = subprocess.run(list(command), capture_output=True, timeout=timeout,
                               stdin=subprocess.DEVNULL, check=False)
-        return check_state(from_status(json.loads(done.stdout), checked, exempt_units))
     except subprocess.TimeoutExpired:
-        return unmeasured(checked, f"status did not answer within {timeout:.0f} s",
-                          exempt_units)
+        raise Unanswered(f"status did not answer within {timeout:.0f} s") from None
+    return done.stdout[:MAX_REPORT_BYTES]
+
+
+def measure(exempt_units: Sequence[str], report: Callable[[], bytes],
+            clock: Callable[[], float] = time.time) -> NodeState:
+    """The state in the report `report` gives (status's, or the state service's copy)."""
+    checked = int(clock())
+    try:
+        return check_state(from_status(json.loads(report()), checked, exempt_units))
+    except Unanswered as error:
+        return unmeasured(checked, str(error), exempt_units)
     except EvidenceFormatError as error:  # a name, or a count, the evidence cannot carry
         return unmeasured(checked, f"the state cannot be signed: {error}", [])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:

@@ -686,7 +686,7 @@ def debian12_units(fake: FakeSystemd) -> None:
 
 def package_units(fake: FakeSystemd) -> None:
     """The package's own units, as dpkg unpacked them before the postinst's preflight."""
-    for name in ("storage", "harden", "firewall", "watchdog", "vtpm", "atls"):
+    for name in ("storage", "harden", "firewall", "watchdog", "vtpm", "state", "atls"):
         fake.add(f"statemesh-{name}.service")
 
 

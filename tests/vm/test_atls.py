@@ -51,6 +51,26 @@ print(attempt(socket.AF_INET, ("127.0.0.1", 2321)), attempt(socket.AF_INET, ("12
 """
 
 
+# A local process asking the state service for the node's state: the bytes it received,
+# or why it could not connect.
+ASK_THE_STATE = """
+import socket
+with socket.socket(socket.AF_UNIX) as channel:
+    channel.settimeout(150)
+    try:
+        channel.connect("/run/statemesh-node/state/state.sock")
+    except OSError as error:
+        raise SystemExit(print(type(error).__name__))
+    received = b""
+    while True:
+        chunk = channel.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+print(len(received))
+"""
+
+
 # In a guest: the node's own D-Bus client subscribes to UnitFilesChanged, unmasks ssh, and
 # says which library it used and what it heard.
 HEAR_SYSTEMD = """
@@ -210,6 +230,20 @@ def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[...
     reached = guest.run("setpriv --reuid=nobody --regid=nogroup --clear-groups "
                         "python3 /tmp/reach-the-vtpm.py").stdout.split()
     assert reached == ["ConnectionRefusedError"] * 2 + ["PermissionError"] * 2, reached
+    # The endpoint runs as the system user it shares with swtpm, without capabilities; the
+    # state service (root) answers it alone: another local user cannot connect, and a
+    # process of the endpoint's user outside its unit (swtpm, say) is answered nothing.
+    endpoint = guest.run("grep -E '^(Uid|CapEff):' /proc/$(systemctl show -P MainPID "
+                         "statemesh-atls)/status").stdout.split()
+    assert endpoint[1] != "0" and endpoint[-1] == "0000000000000000", endpoint
+    assert guest.run("stat -c %U /run/statemesh-node/vtpm/tpm.sock").stdout.strip() == \
+        "statemesh-atls"
+    guest.run(f"cat > /tmp/ask-the-state.py <<'EOF'\n{ASK_THE_STATE}EOF")
+    asked = [guest.run(f"setpriv --reuid={user} --regid={group} --clear-groups "
+                       "python3 /tmp/ask-the-state.py").stdout.strip()
+             for user, group in (("nobody", "nogroup"), ("statemesh-atls", "statemesh-atls"))]
+    assert asked == ["PermissionError", "0"], asked
+    assert int(guest.run("python3 /tmp/ask-the-state.py").stdout) > 1000  # root: a report
 
     connection = _verify(guest, Verifier(Policy(frozenset({"tpm", "weak"}), None, no_cas)))
     assert connection.peer is not None and connection.peer.evidence.security_class == "weak"
