@@ -150,8 +150,7 @@ def cmd_state_serve(args: argparse.Namespace) -> int:
         print(f"statemesh-node: no group {stateservice.ENDPOINT_GROUP} (systemd-sysusers "
               "statemesh-node.conf makes it)", file=sys.stderr)
         return EXIT_FAILED
-    stateservice.serve(listener)
-    return EXIT_OK
+    return stateservice.serve(listener)
 
 
 def cmd_security_class(args: argparse.Namespace) -> int:

@@ -106,3 +106,34 @@ def test_the_nodes_socket_is_root_s_and_the_endpoint_group_s(socket_path: Path) 
         "0o660", 0, grp.getgrnam("nogroup").gr_gid)
     with pytest.raises(KeyError):
         stateservice.listen(socket_path, group="no-such-group-here")
+
+
+# A listener of nobody's in the state service's place (root prepared its directory before
+# installing), with a report that says every guarantee holds.
+PLANTED_LISTENER = """
+import socket, sys
+with socket.socket(socket.AF_UNIX) as listener:
+    listener.bind(sys.argv[1])
+    listener.listen(1)
+    print("listening", flush=True)
+    connection, _ = listener.accept()
+    connection.sendall(b'{"all": "holds"}')
+    connection.close()
+"""
+
+
+def test_a_listener_that_is_not_root_s_is_never_believed(socket_path: Path) -> None:
+    socket_path.parent.mkdir(mode=0o777)
+    socket_path.parent.chmod(0o777)
+    planted = subprocess.Popen(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3",
+         "-c", PLANTED_LISTENER, str(socket_path)], stdout=subprocess.PIPE, text=True,
+        env={"PATH": "/usr/bin:/bin"})
+    try:
+        assert planted.stdout is not None and planted.stdout.readline() == "listening\n"
+        state = nodestate.measure([], lambda: stateservice.ask(socket_path, 10))
+        assert not state.ready and "its listener runs as uid 65534, not root" in \
+            state.checks[0].detail, state.checks
+    finally:
+        planted.kill()
+        planted.wait()

@@ -21,7 +21,7 @@ import socket
 import stat
 import struct
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 from statemesh import proc, sdnotify
 from statemesh.attest import nodestate
@@ -57,20 +57,23 @@ def listen(path: Path = SOCKET, group: Optional[str] = ENDPOINT_GROUP) -> socket
     """The service's socket: root's and `group`'s (None: every local user's, for tests;
     may_ask decides who is answered). KeyError when the group does not exist."""
     gid = grp.getgrnam(group).gr_gid if group is not None else -1
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # the unit's RuntimeDirectory
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
             path.unlink()  # an earlier run's; anything else there makes bind fail
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    listener.bind(str(path))
-    os.chown(path, -1, gid)
-    os.chmod(path, 0o666 if group is None else 0o660)
+    previous = os.umask(0o111 if group is None else 0o117)  # made 0666 or 0660 by bind
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(previous)
+    os.chown(path, -1, gid, follow_symlinks=False)
     listener.listen(BACKLOG)
     return listener
 
 
 def serve(listener: socket.socket, report: Callable[[], bytes] = nodestate.status_report,
-          unit_of: Callable[[int], str] = peer_unit) -> None:
+          unit_of: Callable[[int], str] = peer_unit) -> NoReturn:
     """Answer each request with a fresh report, one at a time, until stopped."""
     sdnotify.ready()
     while True:
@@ -82,9 +85,12 @@ def serve(listener: socket.socket, report: Callable[[], bytes] = nodestate.statu
 
 def answer(connection: socket.socket, report: Callable[[], bytes]) -> None:
     try:
-        connection.sendall(report())
-    except nodestate.Unanswered as error:
-        log.warning("%s", error)  # the endpoint sees nothing and says why itself
+        made = report()
+    except (nodestate.Unanswered, OSError) as error:
+        log.warning("no report: %s", error)  # the endpoint sees nothing and says so itself
+        return
+    try:
+        connection.sendall(made)
     except OSError as error:
         log.info("the endpoint left before its report was sent: %s", error)
 
@@ -95,6 +101,10 @@ def ask(path: Path = SOCKET, timeout: float = ASK_TIMEOUT) -> bytes:
         channel.settimeout(timeout)
         try:
             channel.connect(str(path))
+            _pid, uid, _gid = PEER_CREDENTIALS.unpack(channel.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size))
+            if uid != 0:  # a listener planted in the service's place
+                raise OSError(f"its listener runs as uid {uid}, not root")
             chunks, size = [], 0
             while size <= nodestate.MAX_REPORT_BYTES:
                 chunk = channel.recv(65536)

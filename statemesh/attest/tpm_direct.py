@@ -4,7 +4,7 @@ For where tpm2-pytss is not packaged (Ubuntu 22.04). The node needs ten commands
 with empty authorisation values: password sessions, and one unsalted, unbound policy session
 for the EK's PolicySecret(endorsement), whose use needs no HMAC. So there is no session key,
 no parameter encryption and no response HMAC to verify; the commands go to the kernel's
-resource manager (/dev/tpmrm0) or to the node's own swtpm over its root-only socket.
+resource manager (/dev/tpmrm0) or to the node's own swtpm over its socket (its user's alone).
 Layouts follow TPM 2.0 Part 2 (structures) and Part 3 (commands); the templates are the
 TCG EK Credential Profile's L-1 (RSA 2048) and L-2 (ECC P-256) and the AK template of
 statemesh.attest.tpm_esapi, so both backends make the same keys.

@@ -13,7 +13,8 @@ DEVICE = Path("/dev/tpmrm0")
 DEVICE_TCTI = f"device:{DEVICE}"
 # statemesh-vtpm.service: swtpm's command socket (its control socket: the same path with
 # ".ctrl", where tpm2-tss looks for it). A unix socket in a directory only swtpm's user (the
-# aTLS endpoint's user, statemesh-atls) and root can enter, not a TCP port on 127.0.0.1 that any local user (a tenant's workload) can
-# connect to: whoever reaches swtpm can reset the vTPM, or have its attestation key sign.
+# aTLS endpoint's user, statemesh-atls) and root can enter, not a TCP port on 127.0.0.1
+# that any local user (a tenant's workload) can connect to: whoever reaches swtpm can reset
+# the vTPM, or have its attestation key sign.
 VTPM_SOCKET = Path("/run/statemesh-node/vtpm/tpm.sock")
 VTPM_TCTI = f"swtpm:path={VTPM_SOCKET}"

@@ -383,6 +383,8 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
     guest.wait_for("pgrep -f '[s]leep.1641'", "the kept-aside shell", 60)
     start_a_container_by_hand(guest)
     guest.run(f"systemctl set-environment {' '.join(PLANTED_VARIABLES)}")
+    # A tenant's user given the TPM: it could make the node's attestation key quote anything.
+    guest.run("usermod -aG tss nobody")
     refused = guest.run("apt-get install -y statemesh-node", env=ENV, check=False, timeout=900)
     said = refused.stdout + refused.stderr  # dpkg runs maintainer scripts on a pty
     assert refused.returncode != 0
@@ -397,6 +399,8 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     "the service manager's environment sets PYTHONSTARTUP",
                     "the service manager's environment sets STATEMESH_TPM_BACKEND",
                     "the service manager's environment sets DBUS_SYSTEM_BUS_ADDRESS",
+                    "accounts that reach the node's TPM or its aTLS endpoint hold others: "
+                    "group tss has members: nobody",
                     "/dist-packages/zz-planted.pth (remove them)",  # /usr/local's
                     "interpreter startup hooks not as a package installed them", SYSTEM_PTH,
                     "crontabs of root in /var/spool/cron/crontabs",
