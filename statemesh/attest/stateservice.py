@@ -8,7 +8,8 @@ sends the report back, one at a time (the endpoint asks at most every
 nodestate.REFRESH_SECONDS). It answers the endpoint alone, twice over: the socket is
 root:statemesh-atls 0660, so no other local user can connect; and a peer whose process is
 not in statemesh-atls.service's cgroup, where no local user but root can place a process,
-gets nothing (swtpm, which runs as the same user, among them).
+gets nothing (swtpm, which runs as the same user, among them). The endpoint in turn believes
+only a listener run by root: a socket planted in the service's place gives it nothing.
 """
 
 from __future__ import annotations

@@ -176,6 +176,15 @@ def test_guest_with_a_trusted_tpm_is_tpm_class(guest_factory: Callable[..., Gues
     connection.close()
 
 
+def _kill_the_endpoint(guest: Guest) -> None:
+    """SIGKILL the endpoint and wait for the one systemd starts next to serve."""
+    killed = guest.run("systemctl show -P MainPID statemesh-atls").stdout.strip()
+    guest.run(f"kill -KILL {killed}")
+    guest.wait_for(f"pid=$(systemctl show -P MainPID statemesh-atls); "
+                   f"[ \"$pid\" != 0 ] && [ \"$pid\" != {killed} ]", "the restarted endpoint", 60)
+    _serving(guest)
+
+
 def _backend_is(guest: Guest, backend: str, tcti: str = "device:/dev/tpmrm0") -> None:
     """The running endpoint's TPM backend, as it logged it."""
     pid = guest.run("systemctl show -P MainPID statemesh-atls").stdout.strip()
@@ -207,7 +216,8 @@ def _oversized_challenges_leave_the_endpoint_attesting(guest: Guest, policy: Pol
 
 
 @pytest.mark.every_release
-@pytest.mark.cost(110)  # 111/113 s (bookworm/trixie): 30 s on Ubuntu 22.04's libraries, 20 s the privilege checks
+# 111/113 s (bookworm/trixie): 30 s of it on Ubuntu 22.04's libraries, 20 s the privileges
+@pytest.mark.cost(110)
 def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[..., Guest],
                                                      installed_node: SavedGuest,
                                                      tmp_path: Path,
@@ -267,11 +277,7 @@ def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[...
     # resource manager and holds three objects: the endpoint systemd starts next empties it
     # (unemptied, the second restart's attestation key no longer fits).
     for _kill in range(2):
-        killed = guest.run("systemctl show -P MainPID statemesh-atls").stdout.strip()
-        guest.run(f"kill -KILL {killed}")
-        guest.wait_for(f"pid=$(systemctl show -P MainPID statemesh-atls); "
-                       f"[ \"$pid\" != 0 ] && [ \"$pid\" != {killed} ]", "the restarted endpoint", 60)
-        _serving(guest)
+        _kill_the_endpoint(guest)
         connection = _verify(guest, Verifier(Policy(frozenset({"tpm", "weak"}), None, no_cas)))
         assert connection.peer is not None and connection.peer.evidence.node_state.ready
         connection.close()
@@ -287,11 +293,7 @@ def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[...
     _oversized_challenges_leave_the_endpoint_attesting(guest, weak_allowed)
     guest.run("dpkg --remove python3-tpm2-pytss", timeout=300)
     for _kill in range(2):
-        killed = guest.run("systemctl show -P MainPID statemesh-atls").stdout.strip()
-        guest.run(f"kill -KILL {killed}")
-        guest.wait_for(f"pid=$(systemctl show -P MainPID statemesh-atls); "
-                       f"[ \"$pid\" != 0 ] && [ \"$pid\" != {killed} ]", "the restarted endpoint", 60)
-        _serving(guest)
+        _kill_the_endpoint(guest)
         _backend_is(guest, "direct", VTPM_TCTI)
         _oversized_challenges_leave_the_endpoint_attesting(guest, weak_allowed)
     flushed = guest.run("journalctl -b -u statemesh-atls --no-pager -g 'flushed 2 transient'",
