@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import grp
 import pwd
-from typing import List, NamedTuple, Sequence, Tuple, Union
+from typing import Iterable, List, NamedTuple, Sequence, Tuple
 
 ENDPOINT_USER = "statemesh-atls"
 TPM_GROUP = "tss"
@@ -41,14 +41,9 @@ def system_accounts() -> Tuple[List[User], List[Group]]:
             [Group(e.gr_name, e.gr_gid, tuple(e.gr_mem)) for e in grp.getgrall()])
 
 
-def _number(entry: Union[User, Group]) -> int:
-    return entry.uid if isinstance(entry, User) else entry.gid
-
-
-def _sharing(entries: Sequence[Union[User, Group]], name: str, number: int) -> List[str]:
-    """The other names of a user's or group's id."""
-    return sorted(entry.name for entry in entries
-                  if _number(entry) == number and entry.name != name)
+def _sharing(named_ids: Iterable[Tuple[str, int]], name: str, number: int) -> List[str]:
+    """The names besides `name` that (name, id) pairs give the id `number`."""
+    return sorted(other for other, other_id in named_ids if other_id == number and other != name)
 
 
 def endpoint_user_problems(users: Sequence[User], groups: Sequence[Group]) -> List[str]:
@@ -59,7 +54,7 @@ def endpoint_user_problems(users: Sequence[User], groups: Sequence[Group]) -> Li
     problems = []
     if not 0 < user.uid <= SYSTEM_UID_MAX:
         problems.append(f"{ENDPOINT_USER} has uid {user.uid}, not a system user's")
-    others = _sharing(users, ENDPOINT_USER, user.uid)
+    others = _sharing(((entry.name, entry.uid) for entry in users), ENDPOINT_USER, user.uid)
     if others:
         problems.append(f"{ENDPOINT_USER}'s uid {user.uid} is also {', '.join(others)}'s")
     if user.shell not in NO_LOGIN:
@@ -78,7 +73,7 @@ def group_problems(group: Group, groups: Sequence[Group], users: Sequence[User],
     problems = []
     if group.members:
         problems.append(f"group {group.name} has members: {', '.join(sorted(group.members))}")
-    others = _sharing(groups, group.name, group.gid)
+    others = _sharing(((entry.name, entry.gid) for entry in groups), group.name, group.gid)
     if others:
         problems.append(f"group {group.name}'s gid {group.gid} is also {', '.join(others)}'s")
     primary = sorted(user.name for user in users if user.gid == group.gid and user.name != owner)

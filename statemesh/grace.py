@@ -82,8 +82,7 @@ class Grace:
         cloud agent's run-command in its agent's unit, guest-exec's in qemu-guest-agent's);
         also ssh.service, a session scope or user@0.service, which no guarantee spares this
         way. A guarantee that locks such a unit leaves it as it is while the grace runs."""
-        return frozenset(unit for unit in (proc.system_unit(proc.cgroup_path(pid))
-                                           for pid in self.lineage()) if unit)
+        return frozenset(unit for unit in map(proc.unit_of, self.lineage()) if unit)
 
     def describe(self) -> str:
         """The spared session in one line, for status and selftest."""

@@ -82,6 +82,11 @@ def cgroup_path(pid: int) -> str:
         return ""
 
 
+def unit_of(pid: int) -> str:
+    """The system unit a process runs in, as its cgroup says ("" for none, or gone)."""
+    return system_unit(cgroup_path(pid))
+
+
 def system_unit(cgroup: str) -> str:
     """The system manager's unit of a cgroup path: its first part that is not a slice
     (/system.slice/x.service/sub -> x.service); "" when that part is no unit at all."""

@@ -22,7 +22,7 @@ import socket
 import stat
 import struct
 from pathlib import Path
-from typing import Callable, NoReturn, Optional
+from typing import Callable, NoReturn, Optional, Tuple
 
 from statemesh import proc, sdnotify
 from statemesh.attest import nodestate
@@ -38,16 +38,16 @@ BACKLOG = 8
 PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def peer_unit(pid: int) -> str:
-    """The system unit a process runs in, as its cgroup says ("" for none, or gone)."""
-    return proc.system_unit(proc.cgroup_path(pid))
-
-
-def may_ask(connection: socket.socket, unit_of: Callable[[int], str] = peer_unit) -> bool:
-    """Whether the peer is root or a process of the endpoint's unit (SO_PEERCRED: the
-    kernel's record of who connected)."""
-    pid, uid, _gid = PEER_CREDENTIALS.unpack(
+def peer_credentials(connection: socket.socket) -> Tuple[int, int, int]:
+    """pid, uid and gid of the other end (SO_PEERCRED: the kernel's record of who connected,
+    or who listened)."""
+    return PEER_CREDENTIALS.unpack(
         connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size))
+
+
+def may_ask(connection: socket.socket, unit_of: Callable[[int], str] = proc.unit_of) -> bool:
+    """Whether the peer is root or a process of the endpoint's unit."""
+    pid, uid, _gid = peer_credentials(connection)
     if uid == 0 or unit_of(pid) == ENDPOINT_UNIT:
         return True
     log.warning("refused the node's state to pid %d (uid %d): not the aTLS endpoint", pid, uid)
@@ -74,7 +74,7 @@ def listen(path: Path = SOCKET, group: Optional[str] = ENDPOINT_GROUP) -> socket
 
 
 def serve(listener: socket.socket, report: Callable[[], bytes] = nodestate.status_report,
-          unit_of: Callable[[int], str] = peer_unit) -> NoReturn:
+          unit_of: Callable[[int], str] = proc.unit_of) -> NoReturn:
     """Answer each request with a fresh report, one at a time, until stopped."""
     sdnotify.ready()
     while True:
@@ -102,8 +102,7 @@ def ask(path: Path = SOCKET, timeout: float = ASK_TIMEOUT) -> bytes:
         channel.settimeout(timeout)
         try:
             channel.connect(str(path))
-            _pid, uid, _gid = PEER_CREDENTIALS.unpack(channel.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size))
+            _pid, uid, _gid = peer_credentials(channel)
             if uid != 0:  # a listener planted in the service's place
                 raise OSError(f"its listener runs as uid {uid}, not root")
             chunks, size = [], 0
