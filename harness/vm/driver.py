@@ -130,11 +130,13 @@ class Guest:
     def boot(self, kernel_args: Optional[str] = None) -> None:
         """Start QEMU and wait until the agent answers: a cold boot, or for a guest made from
         a SavedGuest, the first time, its restore."""
+        started = time.monotonic()
         incoming, self._incoming = self._incoming, None
         self._start(kernel_args, ["-incoming", "defer"] if incoming else [])
         if incoming:
             self._load_state(incoming)
         self._wait_for_agent(previous_boot_id=None)
+        self._log_command("(restore)" if incoming else "(boot)", 0, time.monotonic() - started)
         if incoming:
             # The guest's clock stood still since it was saved; the repository disk is this
             # test's, which the saved guest never saw (it was unmounted before saving).
@@ -215,9 +217,10 @@ class Guest:
             self.shutdown()
             self.boot(kernel_args)
             return
-        previous = self.boot_id
+        previous, started = self.boot_id, time.monotonic()
         self._send({"op": "run", "cmd": "systemctl reboot", "id": next(self._ids)})
         self._wait_for_agent(previous_boot_id=previous)
+        self._log_command("(reboot)", 0, time.monotonic() - started)
 
     def shutdown(self, timeout: float = 120) -> None:
         """A clean power-off from inside the guest; waits for QEMU to exit."""
@@ -348,13 +351,22 @@ class Guest:
     def run(self, cmd: str, timeout: float = 120, check: bool = True,
             env: Optional[Dict[str, str]] = None) -> Result:
         """Run a shell command as root in the guest (not in a terminal)."""
+        started = time.monotonic()
         reply = self._request({"op": "run", "cmd": cmd, "timeout": timeout, "env": env or {}},
                               timeout=timeout + 30)
         result = Result(reply["returncode"], reply["stdout"], reply["stderr"])
+        self._log_command(cmd, result.returncode, time.monotonic() - started)
         if check and result.returncode != 0:
             raise GuestError(f"guest command failed ({result.returncode}): {cmd}\n"
                              f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
         return result
+
+    def _log_command(self, cmd: str, returncode: int, seconds: float) -> None:
+        """commands.log beside the console's: each command's time, to see where a test's
+        minutes go (the suite's budget is kept by measuring, not guessing)."""
+        first_line = cmd.strip().splitlines()[0] if cmd.strip() else cmd
+        with open(self.workdir / "commands.log", "a") as log:
+            log.write(f"{seconds:8.2f} s  rc={returncode:<3} {first_line[:160]}\n")
 
     def hypervisor_exec(self, command: str, timeout: float = 30) -> Optional[int]:
         """Run a shell command as the VM's operator would without SSH: through
