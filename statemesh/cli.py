@@ -128,27 +128,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_atls_serve(args: argparse.Namespace) -> int:
     """Serve this node's aTLS endpoint on the mesh port (statemesh-atls.service runs it).
 
-    Unprivileged, it cannot read the installation's journal: its unit requires the state
-    service, which refuses to start while a reboot is required."""
+    Unprivileged, it cannot read the installation's journal: the state service (root) tells
+    it the node's state, a reboot required among what makes it "not ready"."""
     from statemesh.attest import endpoint
     return endpoint.serve(config.load(args.config))
 
 
 def cmd_state_serve(args: argparse.Namespace) -> int:
-    """Measure the node's state as root for the aTLS endpoint (statemesh-state.service runs it)."""
-    from statemesh import journal
+    """Measure the node's state as root for the aTLS endpoint (statemesh-state.socket starts
+    it at the endpoint's first request). It serves while a reboot is required too: status
+    then says so, and the endpoint answers "not ready" with the reason."""
     from statemesh.attest import stateservice
-    try:
-        journal.require_clean_boot()
-    except journal.RebootRequiredError as error:
-        print(f"statemesh-node: {error}", file=sys.stderr)
-        return EXIT_FAILED
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        listener = stateservice.listen()
-    except KeyError:
-        print(f"statemesh-node: no group {stateservice.ENDPOINT_GROUP} (systemd-sysusers "
-              "statemesh-node.conf makes it)", file=sys.stderr)
+        listener = stateservice.activated()
+    except stateservice.NotActivated as error:
+        print(f"statemesh-node: {error}", file=sys.stderr)
         return EXIT_FAILED
     return stateservice.serve(listener)
 

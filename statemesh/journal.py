@@ -218,12 +218,13 @@ class Journal:
             return
         why = current.reason or f"an installation (pid {current.pid}) was interrupted"
         raise RebootRequiredError(
-            f"reboot required: {why} in this boot; the node is not installed and nothing "
-            f"StateMesh runs until the next boot (journal: {self.journal_path})")
+            f"reboot required: {why} in this boot; the node is not installed and StateMesh "
+            f"changes nothing on it until the next boot (journal: {self.journal_path})")
 
 
 def require_clean_boot(directory: Path = STATE_DIR) -> None:
-    """Every StateMesh service calls this first (the watchdog excepted, and the unprivileged
-    aTLS endpoint, whose unit requires the state service that does): see RebootRequiredError."""
+    """Every StateMesh service that changes the machine calls this first (the watchdog
+    excepted): see RebootRequiredError. The aTLS endpoint and the state service only report:
+    status says a reboot is required, and the endpoint answers "not ready"."""
     Journal(directory).require_clean_boot()
 

@@ -37,6 +37,7 @@ PACKAGE_UNITS = (
     "statemesh-firewall.service",
     "statemesh-watchdog.service",
     "statemesh-vtpm.service",
+    "statemesh-state.socket",
     "statemesh-state.service",
     "statemesh-atls.service",
 )
@@ -157,7 +158,8 @@ async def loaded_unit(manager: systemd.Systemd, name: str) -> LoadedUnit:
     props = await manager.get_unit_properties(name, systemd.UNIT, UNIT_PROPERTIES)
     unit = LoadedUnit(name, str(props.get("LoadState", "")), str(props.get("FragmentPath", "")),
                       tuple(props.get("DropInPaths", ())), bool(props.get("NeedDaemonReload")))
-    if unit.load_state != "loaded" or props.get("ActiveState") not in RUNNING:
+    if (unit.load_state != "loaded" or props.get("ActiveState") not in RUNNING
+            or not name.endswith(".service")):
         return unit
     service = await manager.get_unit_properties(name, SERVICE, SERVICE_PROPERTIES)
     return dataclasses.replace(unit, main_pid=int(service.get("MainPID", 0)),

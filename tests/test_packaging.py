@@ -27,6 +27,7 @@ RELEASES = ("jammy", "noble")
 JAMMY_SYSTEMD = 249
 # Which manual pages document the directives of a section.
 PAGES = {"Unit": ("systemd.unit",), "Install": ("systemd.unit",), "Sleep": ("systemd-sleep.conf",),
+         "Socket": ("systemd.socket", "systemd.exec", "systemd.resource-control", "systemd.kill"),
          "Service": ("systemd.service", "systemd.exec", "systemd.resource-control",
                      "systemd.kill")}
 RELATIONS = {"<<": lambda a, b: a < b, "<=": lambda a, b: a <= b, "=": lambda a, b: a == b,

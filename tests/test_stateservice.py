@@ -2,21 +2,25 @@
 
 A real unix socket in a directory every user may enter; the peers are this test (root) and
 a client run as `nobody` (setpriv), the way a tenant's workload would ask. Which unit a peer
-runs in is a stand-in (this host's units are not the node's)."""
+runs in is a stand-in (this host's units are not the node's). On a node, systemd binds the
+socket (statemesh-state.socket) and passes it: systemd-socket-activate does the same here."""
 
 from __future__ import annotations
 
-import grp
 import os
+import socket
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 import pytest
 
 from statemesh.attest import nodestate, stateservice
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # What a local user's process would send: connect, read to the end, print what came (or the
 # error). Plain sockets, run on the system's Python: `nobody` may not enter a test's venv.
@@ -37,6 +41,17 @@ def socket_path() -> Iterator[Path]:
     subprocess.run(["rm", "-rf", str(directory)], check=True)
 
 
+def listen(path: Path) -> socket.socket:
+    """A listener every local user may connect to (the node's socket is systemd's, 0660):
+    may_ask alone decides who is answered."""
+    path.parent.mkdir(mode=0o755, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    path.chmod(0o666)
+    listener.listen(8)
+    return listener
+
+
 def serving(path: Path, report: Callable[[], bytes], unit_of: Callable[[int], str]) -> List[int]:
     """The service on `path` in a thread; returns the pids it was asked by (as it saw them)."""
     asked: List[int] = []
@@ -45,7 +60,7 @@ def serving(path: Path, report: Callable[[], bytes], unit_of: Callable[[int], st
         asked.append(pid)
         return unit_of(pid)
 
-    listener = stateservice.listen(path, group=None)
+    listener = listen(path)
     threading.Thread(target=stateservice.serve, args=(listener, report, seen), daemon=True).start()
     return asked
 
@@ -87,25 +102,60 @@ def test_a_failing_or_absent_service_is_a_failing_check_never_a_ready_state(
         f"status could not be read: the state service at {absent} cannot be asked")
 
 
-def test_a_stale_socket_is_replaced_and_anything_else_there_is_left(socket_path: Path) -> None:
-    serving(socket_path, lambda: b"{}", lambda pid: "")
-    serving(socket_path, lambda: b'{"second": 1}', lambda pid: "")  # a restarted service
-    assert stateservice.ask(socket_path, 10) == b'{"second": 1}'
-    planted = socket_path.parent / "planted"
-    planted.write_text("root's")
-    with pytest.raises(OSError):
-        stateservice.listen(planted, group=None)
-    assert planted.read_text() == "root's"
+# Run by systemd-socket-activate as systemd runs the service: the socket it was passed, and
+# the variables that announced it gone (status, run for each request, must not see them).
+ACTIVATED = """
+import os, socket
+from statemesh.attest import stateservice
+listener = stateservice.activated()
+print(listener.getsockname(), listener.get_inheritable(),
+      sorted(name for name in os.environ if name.startswith("LISTEN_")))
+"""
 
 
-def test_the_nodes_socket_is_root_s_and_the_endpoint_group_s(socket_path: Path) -> None:
-    listener = stateservice.listen(socket_path, group="nogroup")
-    listener.close()
-    mode = socket_path.stat()
-    assert (oct(mode.st_mode & 0o777), mode.st_uid, mode.st_gid) == (
-        "0o660", 0, grp.getgrnam("nogroup").gr_gid)
-    with pytest.raises(KeyError):
-        stateservice.listen(socket_path, group="no-such-group-here")
+def test_the_service_takes_the_socket_systemd_passed_and_only_that(socket_path: Path) -> None:
+    socket_path.parent.mkdir(mode=0o755)
+    activator = subprocess.Popen(
+        ["systemd-socket-activate", "--listen", str(socket_path), sys.executable, "-c",
+         ACTIVATED], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    with socket.socket(socket.AF_UNIX) as first_request:  # what makes it start the service
+        for _ in range(300):
+            if socket_path.exists():
+                break
+            threading.Event().wait(0.1)
+        first_request.connect(str(socket_path))
+        said, complained = activator.communicate(timeout=60)
+    assert said.split() == [str(socket_path), "False", "[]"], said + complained
+    for environ in ({}, {"LISTEN_PID": "1", "LISTEN_FDS": "1"},
+                    {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2"}):
+        with pytest.raises(stateservice.NotActivated, match="statemesh-state.socket"):
+            stateservice.activated(environ)
+
+
+def unit_settings(path: Path) -> Dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines()
+                if "=" in line and not line.startswith("#"))
+
+
+def test_the_socket_is_root_s_and_the_endpoint_group_s_in_root_s_directory() -> None:
+    """systemd binds the socket as the unit says (SO_PEERCRED then names root to the
+    endpoint), in directories tmpfiles.d makes root's 0755 whatever was there."""
+    socket_unit = unit_settings(ROOT / "systemd" / "statemesh-state.socket")
+    user = (ROOT / "debian" / "statemesh-node.sysusers").read_text().split("\nu ")[1].split()[0]
+    assert (socket_unit["ListenStream"], socket_unit["SocketUser"], socket_unit["SocketGroup"],
+            socket_unit["SocketMode"]) == (str(stateservice.SOCKET), "root", user, "0660")
+    tmpfiles = [line.split() for line in
+                (ROOT / "debian" / "statemesh-node.tmpfiles").read_text().splitlines()
+                if line and not line.startswith("#")]
+    assert tmpfiles == [["d", str(directory), "0755", "root", "root", "-"]
+                        for directory in (stateservice.SOCKET.parent.parent,
+                                          stateservice.SOCKET.parent)]
+    service = unit_settings(ROOT / "systemd" / "statemesh-state.service")
+    assert (service["Requires"], service["PartOf"]) == ("statemesh-state.socket",) * 2
+    assert "RuntimeDirectory" not in service  # it would remove the socket with the service
+    endpoint = unit_settings(ROOT / "systemd" / "statemesh-atls.service")
+    assert endpoint["Requires"] == "statemesh-state.socket"  # the service starts on request
 
 
 # A listener of nobody's in the state service's place (root prepared its directory before

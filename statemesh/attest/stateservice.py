@@ -3,38 +3,38 @@
 The endpoint faces the network, so it runs as its own user without capabilities; status
 reads what only root may (every process's terminals and cgroups, the firewall's tables, the
 installation's journal). The state service (statemesh-state.service) is root and reachable
-only through a unix socket: for each request it runs `statemesh-node status --json` and
-sends the report back, one at a time (the endpoint asks at most every
-nodestate.REFRESH_SECONDS). It answers the endpoint alone, twice over: the socket is
+only through a unix socket, which systemd listens on (statemesh-state.socket) and hands it
+at the endpoint's first request: a boot, and an installation, spend nothing on it (under
+emulation its start took 6-7 s of each). For each request it runs `statemesh-node status
+--json` and sends the report back, one at a time (the endpoint asks at most every
+nodestate.REFRESH_SECONDS); while a reboot is required, that report says so, and the
+endpoint answers "not ready". It answers the endpoint alone, twice over: the socket is
 root:statemesh-atls 0660, so no other local user can connect; and a peer whose process is
 not in statemesh-atls.service's cgroup, where no local user but root can place a process,
 gets nothing (swtpm, which runs as the same user, among them). The endpoint in turn believes
-only a listener run by root: a socket planted in the service's place gives it nothing.
+only a listener of root's (systemd's): a socket planted in the service's place gives it
+nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
-import grp
 import logging
 import os
 import socket
-import stat
 import struct
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, Tuple
+from typing import Callable, Mapping, NoReturn, Tuple
 
-from statemesh import proc, sdnotify
+from statemesh import proc
 from statemesh.attest import nodestate
 
 log = logging.getLogger(__name__)
 
 SOCKET = Path("/run/statemesh-node/state/state.sock")
 ENDPOINT_UNIT = "statemesh-atls.service"
-ENDPOINT_GROUP = "statemesh-atls"  # debian/statemesh-node.sysusers
 # status takes seconds (nodestate.STATUS_TIMEOUT at most); the endpoint waits a little longer.
 ASK_TIMEOUT = nodestate.STATUS_TIMEOUT + 10.0
-BACKLOG = 8
+LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -54,29 +54,31 @@ def may_ask(connection: socket.socket, unit_of: Callable[[int], str] = proc.unit
     return False
 
 
-def listen(path: Path = SOCKET, group: Optional[str] = ENDPOINT_GROUP) -> socket.socket:
-    """The service's socket: root's and `group`'s (None: every local user's, for tests;
-    may_ask decides who is answered). KeyError when the group does not exist."""
-    gid = grp.getgrnam(group).gr_gid if group is not None else -1
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # the unit's RuntimeDirectory
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()  # an earlier run's; anything else there makes bind fail
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    previous = os.umask(0o111 if group is None else 0o117)  # made 0666 or 0660 by bind
-    try:
-        listener.bind(str(path))
-    finally:
-        os.umask(previous)
-    os.chown(path, -1, gid, follow_symlinks=False)
-    listener.listen(BACKLOG)
+class NotActivated(RuntimeError):
+    """The service was started without the socket systemd listens on for it."""
+
+
+def activated(environ: Mapping[str, str] = os.environ) -> socket.socket:
+    """The listening socket statemesh-state.socket passed (sd_listen_fds(3)'s protocol: fd 3,
+    announced by LISTEN_PID and LISTEN_FDS). Bound by systemd, as root, so the endpoint,
+    which believes only a listener of root's, believes it; made root's and the endpoint
+    group's 0660 by the socket unit. The variables are dropped: status, run for each
+    request, is not systemd's to be passed sockets."""
+    if environ.get("LISTEN_PID") != str(os.getpid()) or environ.get("LISTEN_FDS") != "1":
+        raise NotActivated("no socket was passed: statemesh-state.socket starts this service "
+                           "(systemctl start statemesh-state.socket)")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    listener = socket.socket(fileno=LISTEN_FDS_START)
+    listener.set_inheritable(False)
+    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
+        raise NotActivated(f"the socket passed is not a unix stream socket ({listener})")
     return listener
 
 
 def serve(listener: socket.socket, report: Callable[[], bytes] = nodestate.status_report,
           unit_of: Callable[[int], str] = proc.unit_of) -> NoReturn:
     """Answer each request with a fresh report, one at a time, until stopped."""
-    sdnotify.ready()
     while True:
         connection, _ = listener.accept()
         with connection:

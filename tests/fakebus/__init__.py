@@ -688,6 +688,7 @@ def package_units(fake: FakeSystemd) -> None:
     """The package's own units, as dpkg unpacked them before the postinst's preflight."""
     for name in ("storage", "harden", "firewall", "watchdog", "vtpm", "state", "atls"):
         fake.add(f"statemesh-{name}.service")
+    fake.add("statemesh-state.socket")
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import pytest
 
 from statemesh import cli
-from statemesh.attest import atls
+from statemesh.attest import atls, stateservice
 from statemesh.attest.refusals import AkNotBound, ClassRefused
 from statemesh.attest.tpmdevices import VTPM_TCTI
 from statemesh.attest.verifier import Challenge, Policy, Verdict, Verifier
@@ -249,6 +249,12 @@ def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[...
     assert endpoint[1] != "0" and int(endpoint[-1], 16) == 1 << 10, endpoint  # NET_BIND_SERVICE
     assert guest.run("stat -c %U /run/statemesh-node/vtpm/tpm.sock").stdout.strip() == \
         "statemesh-atls"
+    # The state service starts at the first request (the socket is systemd's, root's and the
+    # endpoint group's), not at boot: nobody has asked yet.
+    assert guest.run("systemctl is-active statemesh-state.service",
+                     check=False).stdout.strip() == "inactive"
+    assert guest.run(f"stat -c '%a %U %G' {stateservice.SOCKET}").stdout.split() == [
+        "660", "root", "statemesh-atls"]
     guest.run(f"cat > /tmp/ask-the-state.py <<'EOF'\n{ASK_THE_STATE}EOF")
     asked = [guest.run(f"setpriv --reuid={user} --regid={group} --clear-groups "
                        "python3 /tmp/ask-the-state.py").stdout.strip()
