@@ -33,6 +33,11 @@ with socket.socket(socket.AF_UNIX) as channel:
 """
 
 
+# The listener the tests' client believes: this test's process, standing in for systemd
+# (the node's client believes PID 1 alone, as the last test shows).
+THIS_TEST = (os.getpid(), 0)
+
+
 @pytest.fixture
 def socket_path() -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix="smstate"))
@@ -77,7 +82,7 @@ def test_the_endpoint_is_answered_and_another_local_user_is_not(socket_path: Pat
     endpoint group's) is answered only if it is root or a process of the endpoint's unit."""
     asked = serving(socket_path, lambda: b'{"report": 1}', lambda pid: "user@1000.service")
     assert oct(socket_path.stat().st_mode & 0o777) == "0o666"
-    assert stateservice.ask(socket_path, 10) == b'{"report": 1}'  # root: uid 0
+    assert stateservice.ask(socket_path, 10, THIS_TEST) == b'{"report": 1}'  # root: uid 0
     assert asked == []  # root is answered without asking which unit it runs in
     assert ask_as_nobody(socket_path) == "nothing"
     assert len(asked) == 1 and asked[0] != os.getpid()  # the client's own pid, refused
@@ -93,11 +98,12 @@ def test_a_failing_or_absent_service_is_a_failing_check_never_a_ready_state(
         raise nodestate.Unanswered("status did not answer within 120 s")
 
     serving(socket_path, hangs, lambda pid: stateservice.ENDPOINT_UNIT)
-    state = nodestate.measure(["x.service"], lambda: stateservice.ask(socket_path, 10))
+    state = nodestate.measure(["x.service"],
+                              lambda: stateservice.ask(socket_path, 10, THIS_TEST))
     assert not state.ready and [c.detail for c in state.checks] == [
         "the state service sent no report (see its journal)"]
     absent = socket_path.parent / "absent.sock"
-    state = nodestate.measure([], lambda: stateservice.ask(absent, 10))
+    state = nodestate.measure([], lambda: stateservice.ask(absent, 10, THIS_TEST))
     assert not state.ready and state.checks[0].detail.startswith(
         f"status could not be read: the state service at {absent} cannot be asked")
 
@@ -172,18 +178,26 @@ with socket.socket(socket.AF_UNIX) as listener:
 """
 
 
-def test_a_listener_that_is_not_root_s_is_never_believed(socket_path: Path) -> None:
-    socket_path.parent.mkdir(mode=0o777)
-    socket_path.parent.chmod(0o777)
+def test_a_listener_that_is_not_systemd_s_is_never_believed(socket_path: Path) -> None:
+    """Root's own listener (this test's, as a daemon of root's binding the path would be)
+    is not PID 1's; a directory others may write to is refused before connecting."""
+    serving(socket_path, lambda: b'{"all": "holds"}', lambda pid: stateservice.ENDPOINT_UNIT)
+    state = nodestate.measure([], lambda: stateservice.ask(socket_path, 10))
+    assert not state.ready and f"its listener is pid {os.getpid()} (uid 0), not systemd's " \
+        "socket" in state.checks[0].detail, state.checks
+
+    planted_path = socket_path.parent.parent / "prepared" / "state.sock"
+    planted_path.parent.mkdir(mode=0o777)
+    planted_path.parent.chmod(0o777)
     planted = subprocess.Popen(
         ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3",
-         "-c", PLANTED_LISTENER, str(socket_path)], stdout=subprocess.PIPE, text=True,
+         "-c", PLANTED_LISTENER, str(planted_path)], stdout=subprocess.PIPE, text=True,
         env={"PATH": "/usr/bin:/bin"})
     try:
         assert planted.stdout is not None and planted.stdout.readline() == "listening\n"
-        state = nodestate.measure([], lambda: stateservice.ask(socket_path, 10))
-        assert not state.ready and "its listener runs as uid 65534, not root" in \
-            state.checks[0].detail, state.checks
+        state = nodestate.measure([], lambda: stateservice.ask(planted_path, 10, THIS_TEST))
+        assert not state.ready and f"{planted_path.parent} is not a directory only root may " \
+            "write to (mode drwxrwxrwx, uid 0)" in state.checks[0].detail, state.checks
     finally:
         planted.kill()
         planted.wait()

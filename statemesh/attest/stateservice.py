@@ -12,8 +12,8 @@ endpoint answers "not ready". It answers the endpoint alone, twice over: the soc
 root:statemesh-atls 0660, so no other local user can connect; and a peer whose process is
 not in statemesh-atls.service's cgroup, where no local user but root can place a process,
 gets nothing (swtpm, which runs as the same user, among them). The endpoint in turn believes
-only a listener of root's (systemd's): a socket planted in the service's place gives it
-nothing.
+only systemd's listener (PID 1's, in directories only root may write): a socket planted in
+the service's place, even by a daemon of root's, gives it nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import stat
 import struct
 from pathlib import Path
 from typing import Callable, Mapping, NoReturn, Tuple
@@ -35,6 +36,7 @@ ENDPOINT_UNIT = "statemesh-atls.service"
 # status takes seconds (nodestate.STATUS_TIMEOUT at most); the endpoint waits a little longer.
 ASK_TIMEOUT = nodestate.STATUS_TIMEOUT + 10.0
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
+SYSTEMD_LISTENER = (1, 0)  # pid, uid: statemesh-state.socket is bound by PID 1
 PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -98,15 +100,31 @@ def answer(connection: socket.socket, report: Callable[[], bytes]) -> None:
         log.info("the endpoint left before its report was sent: %s", error)
 
 
-def ask(path: Path = SOCKET, timeout: float = ASK_TIMEOUT) -> bytes:
-    """status's report, from the state service (the endpoint's side)."""
+def root_only_directories(path: Path) -> None:
+    """Raise OSError unless the socket's directory and its parent are directories only root
+    may write to (tmpfiles.d makes them so; an operator may have prepared them otherwise, and
+    a systemd-tmpfiles that could not fix them says nothing)."""
+    for directory in (path.parent, path.parent.parent):
+        found = os.lstat(directory)
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != 0 or found.st_mode & 0o022:
+            raise OSError(f"{directory} is not a directory only root may write to "
+                          f"(mode {stat.filemode(found.st_mode)}, uid {found.st_uid})")
+
+
+def ask(path: Path = SOCKET, timeout: float = ASK_TIMEOUT,
+        listener: Tuple[int, int] = SYSTEMD_LISTENER) -> bytes:
+    """status's report, from the state service (the endpoint's side). Believed only from
+    the socket systemd listens on (`listener`: the pid and uid that called listen(), PID 1
+    and root): a daemon of root's that binds the path itself (a proxy, say, to a report a
+    tenant writes) is root but not systemd."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as channel:
         channel.settimeout(timeout)
         try:
+            root_only_directories(path)
             channel.connect(str(path))
-            _pid, uid, _gid = peer_credentials(channel)
-            if uid != 0:  # a listener planted in the service's place
-                raise OSError(f"its listener runs as uid {uid}, not root")
+            pid, uid, _gid = peer_credentials(channel)
+            if (pid, uid) != listener:  # a listener planted in the service's place
+                raise OSError(f"its listener is pid {pid} (uid {uid}), not systemd's socket")
             chunks, size = [], 0
             while size <= nodestate.MAX_REPORT_BYTES:
                 chunk = channel.recv(65536)
