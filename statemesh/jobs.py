@@ -22,7 +22,7 @@ import glob
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Pattern, Sequence, Tuple
 
 from statemesh.dpkgdb import (DPKG_DIR, as_installed, direct_target, real_directory,
                               shipped_links)
@@ -69,6 +69,20 @@ GENERATOR_GLOBS = ("/etc/systemd/system-generators/*", "/run/systemd/system-gene
                    "/etc/systemd/system-environment-generators/*",
                    "/usr/local/lib/systemd/system-environment-generators/*",
                    "/usr/lib/systemd/system-environment-generators/*")
+# Applied as root at every boot by systemd-tmpfiles-setup and systemd-sysusers: tmpfiles.d
+# writes files and makes links anywhere (w+ /etc/ld.so.preload, L+ into /etc/cron.d) and
+# changes modes (d /etc/cron.d 1777), sysusers.d makes accounts and adds members to groups
+# (tss's, which reach the TPM). Not /run's: gone at the next boot, and until then only read
+# by a boot (a package's postinst applies its own file by name).
+BOOT_CONFIG_GLOBS = tuple(f"{base}/{kind}.d/*" for kind in ("tmpfiles", "sysusers")
+                          for base in ("/etc", "/usr/local/lib", "/usr/lib", "/lib"))
+# Written by a package's maintainer script rather than shipped, so dpkg has no record of
+# them: each passes with what that script writes and nothing else (Debian's screen makes
+# its socket directory, setgid utmp or world-writable with the sticky bit).
+GENERATED_CONFIG = {
+    "/etc/tmpfiles.d/screen-cleanup.conf": re.compile(
+        r"(#[^\n]*\n)*d /run/screen (0755|0775|1777) root utmp\n?"),
+}
 # Packaged programs' hooks and configuration that run commands as root later, with no
 # terminal: kernel packages' hooks and initramfs-tools' (hooks, scripts, and conf.d, which is
 # sourced as shell) at every kernel or initramfs update, which unattended-upgrades installs,
@@ -174,9 +188,20 @@ def _foreign(patterns: Sequence[str], files: Dict[str, str]) -> List[str]:
             real = os.path.realpath(path)
             if real == MASKED or real in found or not os.path.exists(path):
                 continue
-            if not as_installed(path, files):
+            if not as_installed(path, files) and not _as_generated(path):
                 found[real] = path
     return sorted(found.values())
+
+
+def _as_generated(path: str, generated: Dict[str, Pattern[str]] = GENERATED_CONFIG) -> bool:
+    """Whether `path` is a file a maintainer script writes, holding what it writes."""
+    pattern = generated.get(path)
+    if pattern is None:
+        return False
+    try:
+        return pattern.fullmatch(Path(path).read_text(encoding="utf-8")) is not None
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 # (where to look, what is found there, how to remove it): one finding each.
@@ -218,11 +243,16 @@ def unit_problems(files: Dict[str, str], unit_globs: Sequence[str] = UNIT_GLOBS,
 
 
 def boot_script_problems(files: Dict[str, str], init_globs: Sequence[str] = INIT_SCRIPT_GLOBS,
-                         rc_local: Path = RC_LOCAL, linger: Path = LINGER) -> List[str]:
-    """What generators and logind start as root at boot without any unit file of its own."""
+                         rc_local: Path = RC_LOCAL, linger: Path = LINGER,
+                         config_globs: Sequence[str] = BOOT_CONFIG_GLOBS) -> List[str]:
+    """What generators, logind, tmpfiles and sysusers do as root at boot without any unit
+    file of its own."""
     problems = _foreign_findings(
         files, (init_globs, "init scripts no package installed, which systemd runs as services",
-                "remove them, or purge their package"))
+                "remove them, or purge their package"),
+        (config_globs, "systemd-tmpfiles and systemd-sysusers configuration not as a package "
+         "installed it, applied as root at every boot (files written, links made, accounts "
+         "and group members added)", "remove it, or reinstall its package"))
     if rc_local.is_file() and os.access(rc_local, os.X_OK):
         problems.append(f"{rc_local} is executable: rc-local.service runs it at every boot "
                         f"(chmod -x {rc_local}, or remove it)")

@@ -300,6 +300,8 @@ def start_a_container_by_hand(guest: Guest) -> None:
 
 WAY_BACK_DROPIN = "/etc/systemd/system/unattended-upgrades.service.d/50-way-back.conf"
 FORGED_PURGE_DROPIN = "/run/systemd/system/statemesh-watchdog.service.d/50-statemesh-purge.conf"
+TMPFILES_WAY_IN = "/etc/tmpfiles.d/zz-way-in.conf"
+SYSUSERS_WAY_IN = "/etc/sysusers.d/zz-way-in.conf"
 APT_HOOK = "/etc/apt/apt.conf.d/99way-back"
 DPKG_HOOK = "/etc/dpkg/dpkg.cfg.d/way-back"
 KERNEL_HOOK = "/etc/kernel/postinst.d/zz-way-in"
@@ -342,6 +344,11 @@ def plant_jobs_for_later(guest: Guest) -> None:
     guest.put("/etc/init.d/way-back", b"#!/bin/sh\n/bin/true\n", mode=0o755)
     guest.put("/etc/rc.local", b"#!/bin/sh\n/bin/true\n", mode=0o755)
     guest.run("loginctl enable-linger root")
+    # What systemd-tmpfiles and systemd-sysusers apply at every boot: a library preloaded
+    # into every program, and a tenant's user given the TPM again after preflight.
+    guest.run("mkdir -p /etc/tmpfiles.d /etc/sysusers.d")
+    guest.put(TMPFILES_WAY_IN, b"w+ /etc/ld.so.preload - - - - /root/way-in.so\n")
+    guest.put(SYSUSERS_WAY_IN, b"m nobody tss\n")
     # Commands apt and dpkg run as root at every run (unattended upgrades): harmless here,
     # since they run during this test's own apt-get.
     guest.put(APT_HOOK, b'DPkg::Post-Invoke {"/bin/true";};\n')
@@ -417,6 +424,9 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     "init scripts no package installed, which systemd runs as services: "
                     "/etc/init.d/way-back (",
                     "/etc/rc.local is executable: rc-local.service runs it at every boot",
+                    "systemd-tmpfiles and systemd-sysusers configuration not as a package "
+                    "installed it, applied as root at every boot (files written, links made, "
+                    f"accounts and group members added): {SYSUSERS_WAY_IN}, {TMPFILES_WAY_IN} (",
                     "users whose service manager starts at boot without a login: root (",
                     f"apt configuration {APT_HOOK} runs commands as root at every apt run and "
                     "no package installed it so: DPkg::Post-Invoke (",
