@@ -47,7 +47,7 @@ class NodeConfig:
     storage_size: Optional[int] = None  # None: 8G, or half the free space if less
     watchdog_exempt_units: Tuple[str, ...] = ()
     tpm_ca_dir: Path = Path("/etc/statemesh/tpm-ca.d")
-    attestation_pcrs: Tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
+    attestation_pcrs: Tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
 
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}

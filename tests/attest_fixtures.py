@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import secrets
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -26,7 +28,11 @@ from statemesh.attest.attester import Attester
 from statemesh.attest.tpm import Tpm, open_tpm
 from statemesh.attest.verifier import Expected, Policy, Verifier
 
-PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
+PCRS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)  # statemesh.config's default
+# What GRUB's tpm module extends at boot: each command, the kernel command line among them,
+# into PCR 8, and each file it reads into PCR 9. The trusted TPM has them, as a node booted
+# by Debian's signed GRUB; the bare one has not, as a guest booted by its hypervisor.
+BOOT_LOADER_EVENTS = ((8, b"linux /boot/vmlinuz root=LABEL=root ro quiet"), (9, b"/boot/vmlinuz"))
 
 
 def self_signed_ca(name: str) -> bytes:
@@ -69,6 +75,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TpmWorld]:
     foreign.mkdir()
     (foreign / "other.pem").write_bytes(self_signed_ca("Some Other TPM Vendor CA"))
     trusted_sw, bare_sw = SwTpm(base / "trusted-state"), SwTpm(base / "bare-state")
+    measure_boot_loader(trusted_sw.tcti)
     trusted, bare = open_tpm(trusted_sw.tcti), open_tpm(bare_sw.tcti)
     try:
         yield TpmWorld(trusted, bare, ca_dir, node_ca_dir, foreign)
@@ -77,6 +84,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TpmWorld]:
             tpm.close()
         for sw in (trusted_sw, bare_sw):
             sw.stop()
+
+
+def measure_boot_loader(tcti: str) -> None:
+    for index, event in BOOT_LOADER_EVENTS:
+        subprocess.run(["tpm2_pcrextend", "-T", tcti,
+                        f"{index}:sha256={hashlib.sha256(event).hexdigest()}"],
+                       check=True, capture_output=True, timeout=30,
+                       env={"PATH": "/usr/bin:/bin"})
 
 
 def policy(ca_dir: Path, **overrides: object) -> Policy:

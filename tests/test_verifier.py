@@ -227,6 +227,26 @@ def test_pcr_policy_enforced_and_warn_only(world: TpmWorld, node: Attester) -> N
         enforce.check(data, want)
 
 
+def test_a_boot_loader_pcr_left_uncovered_is_named(world: TpmWorld, node: Attester) -> None:
+    """PCR 8 carries the kernel command line where GRUB measures it: a node that quotes it
+    extended gets no word; one whose quote leaves PCRs 8 and 9 out (or, in the VM suite,
+    whose hypervisor booted the kernel itself) is named. A weak node's vTPM measures no
+    boot: its class says so."""
+    want = expected()
+    verifier = Verifier(policy(world.ca_dir))
+    assert verifier.check(attest(node, want), want).warnings == ()
+    firmware_only = Attester(world.trusted, "tpm", "eu-west", PCRS[:8], world.node_ca_dir,
+                             node_state=ready_state)
+    assert verifier.check(attest(firmware_only, want), want).warnings == (
+        "PCR 8 (the kernel command line and GRUB's commands) was not quoted "
+        "(Attestation-PCRs leaves it out)",
+        "PCR 9 (the kernel and initrd GRUB read) was not quoted "
+        "(Attestation-PCRs leaves it out)")
+    weak = Attester(world.bare, "weak", "eu-west", PCRS, world.node_ca_dir,
+                    node_state=ready_state)
+    assert verifier.check(attest(weak, want), want).warnings == ()
+
+
 def test_ek_outside_trusted_cas_is_rejected(world: TpmWorld, node: Attester) -> None:
     want = expected()
     with pytest.raises(EkUntrusted):

@@ -88,6 +88,17 @@ class Policy:
 
 _POLICY_KEYS = {"allowed_classes", "zones", "ek_ca_dir", "max_age_seconds", "pcrs",
                 "require_ready", "max_state_age_seconds", "required_checks"}
+# What GRUB extends with its tpm module (Debian's and Ubuntu's signed GRUB, booted by UEFI
+# with a TPM): PCR 8 each command it runs, the kernel command line among them (so
+# init=/bin/sh shows), and PCR 9 each file it reads (kernel, initrd). All zero: nothing
+# extended it in this boot, so nothing covers what the kernel was told (a hypervisor's
+# direct kernel boot, as in this project's test guests, or a unified kernel image, which
+# systemd-stub measures into PCRs 11-13). Not zero proves nothing by itself: root may
+# extend these PCRs too. Only pinned values, with the firmware's and the loader's (PCRs 4
+# and 7), say which command line was booted.
+BOOT_LOADER_PCRS = {8: "the kernel command line and GRUB's commands",
+                    9: "the kernel and initrd GRUB read"}
+NEVER_EXTENDED = bytes(32)
 
 
 def _seconds(raw: Dict[str, Any], key: str, default: int, source: str) -> int:
@@ -327,7 +338,7 @@ class Verifier:
         self._check_pcr_digest(ev, quote)
         self._check_endorsement(ev, ek)
         self._check_policy_claims(ev)
-        warnings = self._check_node_state(ev)
+        warnings = self._check_node_state(ev) + self._check_boot_loader(ev)
         return Verdict(ev, tuple(warnings + self._check_pcr_policy(ev)), self._unchecked(ev))
 
     @staticmethod
@@ -399,6 +410,20 @@ class Verifier:
     def _unchecked(self, ev: Evidence) -> Tuple[str, ...]:
         names = {check.name for check in ev.node_state.checks}
         return tuple(sorted(self.policy.required_checks - names))
+
+    @staticmethod
+    def _check_boot_loader(ev: Evidence) -> List[str]:
+        """A warning for each boot loader PCR a TPM node's quote leaves uncovered: not
+        quoted, or never extended in this boot (a weak node's vTPM measures no boot at all:
+        its class says so). A policy that must know the command line pins PCRs 4, 7, 8, 9."""
+        if ev.security_class != "tpm":
+            return []
+        values = dict(ev.pcr_values)
+        return [f"PCR {index} ({what}) " + (
+            "was not quoted (Attestation-PCRs leaves it out)" if index not in values else
+            "is not measured on this node: nothing extended it in this boot")
+            for index, what in sorted(BOOT_LOADER_PCRS.items())
+            if values.get(index, NEVER_EXTENDED) == NEVER_EXTENDED]
 
     def _check_pcr_policy(self, ev: Evidence) -> List[str]:
         values = dict(ev.pcr_values)
