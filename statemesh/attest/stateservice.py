@@ -62,8 +62,8 @@ class NotActivated(RuntimeError):
 
 def activated(environ: Mapping[str, str] = os.environ) -> socket.socket:
     """The listening socket statemesh-state.socket passed (sd_listen_fds(3)'s protocol: fd 3,
-    announced by LISTEN_PID and LISTEN_FDS). Bound by systemd, as root, so the endpoint,
-    which believes only a listener of root's, believes it; made root's and the endpoint
+    announced by LISTEN_PID and LISTEN_FDS). Bound by systemd, so the endpoint, which
+    believes only a listener that is PID 1, believes it; made root's and the endpoint
     group's 0660 by the socket unit. The variables are dropped: status, run for each
     request, is not systemd's to be passed sockets."""
     if environ.get("LISTEN_PID") != str(os.getpid()) or environ.get("LISTEN_FDS") != "1":
