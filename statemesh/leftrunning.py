@@ -151,26 +151,37 @@ async def by_hand(manager: systemd.Systemd, chain: pulledin.BootChain, later: Co
     """The units started by hand (of `later`, and of `running`: unit -> the cgroups its
     processes are in), each with what to say of it: those systemd says are transient, and
     packaged ones the machine did not bring up (`chain`); and the cgroups of `running`
-    systemd does not own."""
+    systemd does not own. The units are asked about at once: their questions go out on
+    the connection together instead of one round trip after another."""
+    units = sorted(set(later) | set(running))
+    judged = await systemd.together(_judge(manager, chain, unit, running.get(unit))
+                                    for unit in units)
     started: Dict[str, str] = {}
     foreign: Set[str] = set()
-    for unit in sorted(set(later) | set(running)):
-        try:
-            if await manager.get_unit_property(unit, systemd.UNIT, "Transient"):
-                started[unit] = "started by hand"
-                continue
-            runs_inside = True
-            if unit in running:
-                outside = await _not_systemds(manager, unit, running[unit])
-                foreign |= outside
-                runs_inside = outside != running[unit]
-            if runs_inside and not await chain.brought_up(unit):
-                started[unit] = pulledin.ON_REQUEST
-        except (systemd.AccessDeniedError, systemd.NoBusError):
-            raise
-        except systemd.SystemdError:  # no such unit, or a name systemd finds invalid
-            foreign |= running.get(unit, set())
+    for unit, (said, outside) in zip(units, judged):
+        foreign |= outside
+        if said:
+            started[unit] = said
     return started, foreign
+
+
+async def _judge(manager: systemd.Systemd, chain: pulledin.BootChain, unit: str,
+                 cgroups: Optional[Set[str]]) -> Tuple[str, Set[str]]:
+    """What to say of one unit ("" when the machine brought it up), and those of its
+    processes' `cgroups` (None: none run) that systemd does not own."""
+    try:
+        if await manager.get_unit_property(unit, systemd.UNIT, "Transient"):
+            return "started by hand", set()
+        outside: Set[str] = set()
+        if cgroups is not None:
+            outside = await _not_systemds(manager, unit, cgroups)
+        if outside != cgroups and not await chain.brought_up(unit):
+            return pulledin.ON_REQUEST, outside
+        return "", outside
+    except (systemd.AccessDeniedError, systemd.NoBusError):
+        raise
+    except systemd.SystemdError:  # no such unit, or a name systemd finds invalid
+        return "", set(cgroups or ())
 
 
 def _named_processes(processes: List[Process]) -> str:

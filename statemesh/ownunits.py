@@ -168,7 +168,7 @@ async def loaded_unit(manager: systemd.Systemd, name: str) -> LoadedUnit:
 
 async def read_units(manager: systemd.Systemd,
                      names: Sequence[str] = PACKAGE_UNITS) -> List[LoadedUnit]:
-    return [await loaded_unit(manager, name) for name in names]
+    return await systemd.together(loaded_unit(manager, name) for name in names)
 
 
 async def read_settled_units(manager: systemd.Systemd, names: Sequence[str] = PACKAGE_UNITS,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, FrozenSet, Set
+from typing import Any, Dict, FrozenSet, Set
 
 from statemesh import bootargs, systemd
 
@@ -64,6 +64,7 @@ class BootChain:
         self._logind_users = logind_users
         self._proven: Set[str] = set()  # by a chain: a link for the units it pulls in
         self._vouched: Set[str] = set()  # by itself only (bus name, device binding): no link
+        self._transients: Dict[str, bool] = {}  # asked once: most units share their pullers
 
     @classmethod
     async def of(cls, manager: systemd.Systemd,
@@ -125,7 +126,10 @@ class BootChain:
     async def _transient(self, unit: str) -> bool:
         """Gone at the next boot: never a link (the unit judged is not transient: leftrunning
         names transient ones itself)."""
-        return bool(await self._optional(unit, systemd.UNIT, "Transient", False))
+        if unit not in self._transients:
+            self._transients[unit] = bool(await self._optional(unit, systemd.UNIT, "Transient",
+                                                               False))
+        return self._transients[unit]
 
     async def _bus_name(self, unit: str) -> str:
         return await self._optional(unit, f"{systemd.SYSTEMD}.Service", "BusName", "")
