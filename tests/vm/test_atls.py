@@ -313,3 +313,70 @@ def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[...
     flushed = guest.run("journalctl -b -u statemesh-atls --no-pager -g 'flushed 2 transient'",
                         check=False).stdout
     assert flushed.count("an earlier endpoint left in the vTPM") >= 4, flushed
+
+
+# A daemon of root's the operator prepared before installing, which later takes the state
+# service's place: it removes systemd's socket and listens at its path itself, answering
+# every request with a report whose every check holds (one the state service gave earlier).
+PLANTED_STATE_LISTENER = """
+import os, socket
+path = "/run/statemesh-node/state/state.sock"
+with open("/root/forged.json", "rb") as forged_file:
+    forged = forged_file.read()
+os.unlink(path)
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(path)
+os.chmod(path, 0o666)
+server.listen()
+with open("/root/planted.pid", "w") as pid_file:
+    pid_file.write(str(os.getpid()))
+while True:
+    connection, _ = server.accept()
+    with connection:
+        connection.sendall(forged)
+"""
+# What root asks the state service for the report the planted listener then serves.
+SAVE_THE_STATE = ASK_THE_STATE.replace("print(len(received))",
+                                       "open('/root/forged.json', 'wb').write(received)")
+
+
+def _fresh_endpoint_verdict(guest: Guest, tmp_path: Path,
+                            capsys: pytest.CaptureFixture) -> dict:
+    """A customer's `verify --allow-weak --json` from the host, against an endpoint started
+    anew (it asks for the node's state at its first handshake, not from what it kept)."""
+    guest.run("systemctl restart statemesh-atls")
+    _serving(guest)
+    capsys.readouterr()
+    cli.main(["--config", str(tmp_path / "none.conf"), "verify",
+              f"127.0.0.1:{guest.host_port(MESH)}", "--allow-weak", "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+# 40 s (bookworm): the state service's one status, two endpoints started anew
+@pytest.mark.cost(40)
+def test_a_listener_in_the_state_services_place_and_a_writable_socket_directory_are_not_believed(
+        guest_factory: Callable[..., Guest], installed_node: SavedGuest, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    """The endpoint believes only the socket systemd listens on, in directories only root
+    may write: a root daemon's listener at its path, serving a report whose every check
+    holds, and a socket directory made writable (where anyone could put such a listener)
+    each make the node not ready, named; believed, either would make it ready."""
+    guest = guest_factory(saved=installed_node, forward_ports=(MESH,))
+    guest.run(f"cat > /tmp/save-the-state.py <<'EOF'\n{SAVE_THE_STATE}EOF")
+    guest.run("python3 /tmp/save-the-state.py")
+    assert json.loads(guest.get("/root/forged.json"))["holds"]
+    guest.run(f"cat > /tmp/planted.py <<'EOF'\n{PLANTED_STATE_LISTENER}EOF")
+    guest.run("setsid -f python3 /tmp/planted.py < /dev/null > /dev/null 2>&1")
+    planted = guest.wait_for("cat /root/planted.pid", "the planted listener", 60).strip()
+    verdict = _fresh_endpoint_verdict(guest, tmp_path, capsys)
+    assert (verdict["verdict"], verdict["code"]) == ("refused", "not-ready"), verdict
+    assert f"its listener is pid {planted} (uid 0), not systemd's socket" in verdict["reason"], \
+        verdict
+
+    # systemd's socket again, in a directory anyone may write to.
+    guest.run(f"kill {planted} && systemctl restart statemesh-state.socket && "
+              f"chmod 0777 {stateservice.SOCKET.parent}")
+    verdict = _fresh_endpoint_verdict(guest, tmp_path, capsys)
+    assert (verdict["verdict"], verdict["code"]) == ("refused", "not-ready"), verdict
+    assert (f"{stateservice.SOCKET.parent} is not a directory only root may write to "
+            "(mode drwxrwxrwx, uid 0)") in verdict["reason"], verdict

@@ -189,7 +189,7 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert guest.run("test -e /root/guest-exec-after", check=False).returncode == 1
     ports.serve_all_ports(guest)  # sshd is gone: a listener takes port 22
     assert ports.probe(guest) == {ports.MESH: True, ports.SSH: False, ports.OTHER: False}
-    finding = ports.firewall_finding(guest)
+    finding = ports.firewall_finding(guest, report)  # nothing changed the firewall since
     assert finding["holds"], finding["detail"]
     assert finding["facts"]["allowed_peers"] == [ports.HOST_AS_SEEN_BY_GUEST, "192.0.2.0/24"]
     assert "Status: active" in guest.run("ufw status").stdout

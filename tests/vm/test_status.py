@@ -7,6 +7,7 @@ import json
 import pytest
 
 from harness.vm.driver import Guest
+from tests.vm.reports import shown
 
 GUARANTEES = {"ssh", "agents", "logins", "rescue", "memory", "firewall", "security_class",
               "watchdog", "storage"}
@@ -21,7 +22,7 @@ def test_status_selftest_and_a_broken_guarantee(installed_guest: Guest) -> None:
     assert status.returncode == 0 and not failing, status.stdout + status.stderr
     assert {g["name"] for g in report["guarantees"]} >= GUARANTEES
     assert report["package_units"]["holds"], report["package_units"]
-    print(guest.run("statemesh-node status").stdout)
+    print(shown(report))
 
     selftest = guest.run("statemesh-node selftest --json", check=False, timeout=180)
     probes = json.loads(selftest.stdout)["probes"]
@@ -68,9 +69,9 @@ def test_status_names_a_mount_over_the_volume_a_stopped_watchdog_and_a_killed_li
     manager = guest.run("systemctl show -P MainPID user@0.service").stdout.strip()
 
     status = guest.run("statemesh-node status --json", check=False)
-    print(guest.run("statemesh-node status", check=False).stdout)
     assert status.returncode == 1, status.stdout + status.stderr
     report = json.loads(status.stdout)
+    print(shown(report))
     found = {g["name"]: g for g in report["guarantees"]}
     listener = report["tamper_listener"]
     assert not listener["holds"] and "statemesh-harden.service is not running" in listener["detail"]
@@ -95,7 +96,9 @@ WATCHDOG_DROPIN = "/etc/systemd/system/statemesh-watchdog.service.d/50-planted.c
 def package_units(guest: Guest) -> dict:
     status = guest.run("statemesh-node status --json", check=False)
     assert status.returncode == 1, status.stdout + status.stderr
-    return json.loads(status.stdout)["package_units"]
+    report = json.loads(status.stdout)
+    print(shown(report))
+    return report["package_units"]
 
 
 @pytest.mark.cost(30)
@@ -118,6 +121,5 @@ def test_status_names_a_planted_dropin_and_the_process_it_left_running(
     guest.run(f"rm {WATCHDOG_DROPIN} && systemctl daemon-reload")
     assert guest.run("systemctl is-active statemesh-watchdog.service").stdout.strip() == "active"
     units = package_units(guest)
-    print(guest.run("statemesh-node status", check=False).stdout)
     assert units["detail"] == (f"statemesh-watchdog.service main process {sleeper} runs "
                                "'/bin/sleep infinity', not '/usr/bin/statemesh-node watchdog'")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Dict, List
 
 import pytest
@@ -135,15 +134,9 @@ def test_watchdog_refuses_stop_comes_back_after_sigkill_and_is_sandboxed(install
     assert main_pid(guest) == first
 
     guest.run(f"kill -9 {first}")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        state = guest.run(f"systemctl is-active {UNIT}; systemctl show -P MainPID {UNIT}",
-                          check=False).stdout.split()
-        if state[:1] == ["active"] and state[1:] and int(state[1]) not in (0, first):
-            break
-        time.sleep(0.5)
-    else:
-        raise AssertionError(f"{UNIT} did not come back after SIGKILL: {state}")
+    guest.wait_for(f"systemctl is-active --quiet {UNIT} && pid=$(systemctl show -P MainPID {UNIT}) "
+                   f"&& [ \"$pid\" != 0 ] && [ \"$pid\" != {first} ]",
+                   f"{UNIT} to come back after SIGKILL", 60)
     holder = background(guest, f"python3 -c {quote(HOLDER.format(1611))}")
     assert ended(guest, holder), "a pty opened after the restart"
 
@@ -170,10 +163,9 @@ def test_exempt_unit_keeps_its_pty_after_a_reload(installed_guest: Guest) -> Non
     invocation = guest.run(f"systemctl show -P InvocationID {UNIT}").stdout.strip()
     guest.put("/etc/statemesh/node.conf", b"Watchdog-Exempt-Units: sm-runtime.service\n")
     guest.run(f"systemctl reload {UNIT}")
-    deadline = time.monotonic() + 60
-    while main_pid(guest) == first:  # the old process names its successor once it is ready
-        assert time.monotonic() < deadline, "the reload did not hand over to a successor"
-        time.sleep(0.5)
+    # The old process names its successor once it is ready.
+    guest.wait_for(f"[ \"$(systemctl show -P MainPID {UNIT})\" != {first} ]",
+                   "the reload's hand-over to a successor", 60)
     ready = json.loads(guest.run(f"journalctl -q -u {UNIT} -o cat | grep '\"ready\"' | tail -1").stdout)
     assert ready["exempt_units"] == ["sm-runtime.service"] and ready["pid"] == main_pid(guest)
     # handed over within the same run of the unit: no stop, no gap in supervision
