@@ -24,6 +24,7 @@ it. The walk keeps what it proved: most units are wanted by multi-user.target di
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, Set
@@ -64,7 +65,9 @@ class BootChain:
         self._logind_users = logind_users
         self._proven: Set[str] = set()  # by a chain: a link for the units it pulls in
         self._vouched: Set[str] = set()  # by itself only (bus name, device binding): no link
-        self._transients: Dict[str, bool] = {}  # asked once: most units share their pullers
+        # Asked once, by the first walk that needs it (the others await the same answer):
+        # most units share their pullers.
+        self._transients: Dict[str, "asyncio.Future[bool]"] = {}
 
     @classmethod
     async def of(cls, manager: systemd.Systemd,
@@ -127,9 +130,9 @@ class BootChain:
         """Gone at the next boot: never a link (the unit judged is not transient: leftrunning
         names transient ones itself)."""
         if unit not in self._transients:
-            self._transients[unit] = bool(await self._optional(unit, systemd.UNIT, "Transient",
-                                                               False))
-        return self._transients[unit]
+            self._transients[unit] = asyncio.ensure_future(
+                self._optional(unit, systemd.UNIT, "Transient", False))
+        return bool(await self._transients[unit])
 
     async def _bus_name(self, unit: str) -> str:
         return await self._optional(unit, f"{systemd.SYSTEMD}.Service", "BusName", "")

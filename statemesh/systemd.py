@@ -58,6 +58,8 @@ _NO_SERVICE = (
     "org.freedesktop.DBus.Error.NameHasNoOwner",
     "org.freedesktop.DBus.Error.NoReply",
     "org.freedesktop.DBus.Error.Disconnected",
+    # The bus refused the call (too many waiting): not an answer about any unit.
+    "org.freedesktop.DBus.Error.LimitsExceeded",
 )
 
 
@@ -226,12 +228,24 @@ def _schedule(callback: Callable[..., Any], *args: Any) -> None:
         asyncio.ensure_future(result)
 
 
+# Calls one together() has waiting at once. dbus-daemon refuses a connection more than 128
+# pending replies (max_replies_per_connection, LimitsExceeded); a together() inside another
+# (a unit's properties, for each of the package's eight units) stays well within it.
+IN_FLIGHT = 32
+
+
 async def together(calls: Iterable[Awaitable[T]]) -> List[T]:
-    """Each call's result, in order, the calls sent at once: they wait for their replies
-    together instead of one round trip after another (under emulation a round trip costs
-    milliseconds of the guest's one CPU in switches alone). The first failure is raised once
-    every call has ended: none is left running unawaited."""
-    results = await asyncio.gather(*calls, return_exceptions=True)
+    """Each call's result, in order, the calls sent IN_FLIGHT at a time: they wait for their
+    replies together instead of one round trip after another (under emulation a round trip
+    costs milliseconds of the guest's one CPU in switches alone). The first failure is
+    raised once every call has ended: none is left running unawaited."""
+    slots = asyncio.Semaphore(IN_FLIGHT)
+
+    async def in_turn(call: Awaitable[T]) -> T:
+        async with slots:
+            return await call
+
+    results = await asyncio.gather(*(in_turn(call) for call in calls), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result

@@ -400,3 +400,37 @@ def test_a_systemd_249_without_upheldby_answers_as_249_and_the_walk_does_without
             assert isinstance(upheld, systemd.SystemdError)
             assert not isinstance(upheld, (systemd.NoBusError, systemd.AccessDeniedError))
             assert "UpheldBy" in str(upheld), upheld
+
+
+def test_calls_sent_together_keep_their_order_and_stay_under_the_bus_s_limit() -> None:
+    """dbus-daemon refuses a connection more than 128 waiting replies: together() never has
+    more than IN_FLIGHT calls waiting, whatever it is given; and a failure is raised once
+    every call has ended, none left running."""
+    waiting, most, ended = [0], [0], []
+
+    async def call(n: int) -> int:
+        waiting[0] += 1
+        most[0] = max(most[0], waiting[0])
+        await asyncio.sleep(0.001 * (n % 3))
+        waiting[0] -= 1
+        ended.append(n)
+        if n in (150, 107):
+            raise systemd.NoBusError(f"call {n}")
+        return n * 2
+
+    assert asyncio.run(systemd.together(call(n) for n in range(100))) == [
+        n * 2 for n in range(100)]
+    assert 1 < most[0] <= systemd.IN_FLIGHT < 128
+    ended.clear()
+    with pytest.raises(systemd.NoBusError, match="call 107"):
+        asyncio.run(systemd.together(call(n) for n in range(200)))
+    assert sorted(ended) == list(range(200))
+
+
+def test_a_call_the_bus_refused_for_its_limits_is_no_answer_about_a_unit() -> None:
+    """Raised as the bus's failure, which every judge of units passes on: taken for an
+    answer, it would have made a unit "no such unit"."""
+    refused = dbusconn.Received("error", "org.freedesktop.DBus.Error.LimitsExceeded", "", "",
+                                ["The maximum number of pending replies has been reached"])
+    with pytest.raises(systemd.NoBusError):
+        systemd._raise_for(refused, "Transient of way-in.service")

@@ -38,6 +38,9 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 ABSENT = "absent"
+# What a unit-file listing says of a file whose state systemd could not look up (a dangling
+# link): asked by name, it is an error or no such file.
+UNREADABLE = "bad"
 MASKED = "masked"
 # Unit-file states that DisableUnitFiles undoes (lock() disables them before masking).
 ENABLED_STATES = ("enabled", "enabled-runtime", "indirect", "linked", "linked-runtime")
@@ -73,12 +76,13 @@ def _is_instance(name: str) -> bool:
 async def file_states(manager: Systemd, names: Iterable[str]) -> Dict[str, str]:
     """Each name's unit-file state, ABSENT where it has none. One listing answers every name
     with a file of its own (each masked name, on an installed node); only the others (an
-    instance of a template, a name with no file) are asked one by one. systemd computes
-    both answers with the same lookup, and status asks about some seventy names: a round
-    trip each cost a second of it under emulation."""
+    instance of a template, a name with no file, one the listing could not read) are asked
+    one by one. systemd computes both answers with the same lookup, and status asks about
+    some seventy names: a round trip each cost a second of it under emulation."""
     names = list(names)
     listed = {os.path.basename(path): state
-              for path, state in (await manager.list_unit_files(names) if names else [])}
+              for path, state in (await manager.list_unit_files(names) if names else [])
+              if state != UNREADABLE}
     unlisted = [name for name in names if name not in listed]
     asked = dict(zip(unlisted, await together(_file_state(manager, name) for name in unlisted)))
     return {name: listed[name] if name in listed else asked[name] for name in names}

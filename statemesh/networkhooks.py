@@ -1,0 +1,167 @@
+"""Commands in network configuration, which packaged services run as root later.
+
+The network's own programs run commands their configuration names, as root, with no
+terminal: ifupdown (Debian's default networking) the `up`, `down` and pre-/post- options of
+an interface's stanza whenever the interface goes up or down, at every boot, and a
+mapping's `script`; wg-quick the PreUp, PostUp, PreDown and PostDown of a WireGuard
+interface (wg-quick@NAME); OpenVPN the scripts and plugins its `up`, `down`,
+`client-connect` and kindred options name (openvpn@NAME and the client and server units).
+These files are the operator's (installers and administrators write them; no package ships
+them so), so whether they are as a package installed them tells nothing. What they say
+does: a command in one is a way back in as root once the node is locked down, and
+preflight refuses it, naming the file and its lines.
+
+ifupdown's files are read as ifupdown reads them (interfaces(5)): a line beginning with `#`
+is a comment, a line ending in `\\` goes on in the next, and `source` (a shell pattern) and
+`source-directory` (the names run-parts accepts) read other files; a relative path is read
+from the including file's directory and from /etc/network both, whichever ifupdown meant.
+wg-quick takes its keys in any case; OpenVPN's options may carry the command line's `--`.
+
+Honest limit: these are three programs' ways to run commands; a program of another name
+that runs what its configuration says (a VPN client, a monitoring agent) is not read here.
+Only reads files.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+from typing import Dict, Iterator, List, Sequence, Set, Tuple
+
+from statemesh.planted import named
+
+INTERFACES = "/etc/network/interfaces"
+# ifupdown's options that run a command (post-up is up's other name, pre-down down's), and
+# a mapping stanza's script.
+IFUPDOWN_COMMANDS = frozenset({"pre-up", "up", "post-up", "down", "pre-down", "post-down",
+                               "script"})
+SOURCES = frozenset({"source", "source-directory", "source-dir"})
+SOURCE_DIRECTORY_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+WIREGUARD_FILES = ("/etc/wireguard/*.conf",)
+WIREGUARD_COMMAND = re.compile(r"^\s*(preup|postup|predown|postdown)\s*=", re.IGNORECASE)
+OPENVPN_FILES = ("/etc/openvpn/*.conf", "/etc/openvpn/client/*.conf",
+                 "/etc/openvpn/server/*.conf")
+# OpenVPN's options that run a program or load one (plugin), or read more options (config).
+OPENVPN_COMMANDS = frozenset({"up", "down", "route-up", "route-pre-down", "ipchange",
+                              "client-connect", "client-disconnect", "learn-address",
+                              "auth-user-pass-verify", "tls-verify", "tls-crypt-v2-verify",
+                              "plugin", "config"})
+# A file's lines named in a finding: each is something to remove before installing.
+LINES_SHOWN = 5
+
+# (file, line number, option) of one command found.
+Found = Tuple[str, int, str]
+
+
+def _logical_lines(text: str) -> Iterator[Tuple[int, str]]:
+    """ifupdown's lines: (number of the first physical line, text), continuations joined."""
+    pending, first = "", 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not pending:
+            first = number
+        if line.endswith("\\"):
+            pending += line[:-1]
+            continue
+        yield first, pending + line
+        pending = ""
+    if pending:
+        yield first, pending
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _sourced(kind: str, target: str, bases: Sequence[str]) -> List[str]:
+    """The files a `source` or `source-directory` line reads (`bases`: where a relative
+    path may start)."""
+    bases = [""] if os.path.isabs(target) else bases
+    files: List[str] = []
+    for base in dict.fromkeys(bases):
+        place = os.path.join(base, target)
+        if kind == "source":
+            files += sorted(glob.glob(place))
+            continue
+        try:
+            names = sorted(os.listdir(place))
+        except OSError:
+            continue
+        files += [os.path.join(place, name) for name in names if SOURCE_DIRECTORY_NAME.match(name)]
+    return files
+
+
+def ifupdown_commands(path: str = INTERFACES) -> List[Found]:
+    """The command options of ifupdown's configuration, in every file it reads."""
+    found: List[Found] = []
+    pending: List[str] = [path]
+    seen: Set[str] = set()
+    while pending:
+        current = pending.pop(0)
+        real = os.path.realpath(current)
+        if real in seen or not os.path.isfile(real):
+            continue
+        seen.add(real)
+        for number, line in _logical_lines(_read(current)):
+            words = line.split()
+            if not words or words[0].startswith("#"):
+                continue
+            if words[0] in IFUPDOWN_COMMANDS:
+                found.append((current, number, words[0]))
+            elif words[0] in SOURCES and len(words) > 1:
+                pending += _sourced(words[0], words[1],
+                                    [os.path.dirname(current), os.path.dirname(path)])
+    return found
+
+
+def _files(patterns: Sequence[str]) -> List[str]:
+    return sorted({path for pattern in patterns for path in glob.glob(pattern)})
+
+
+def wireguard_commands(patterns: Sequence[str] = WIREGUARD_FILES) -> List[Found]:
+    """wg-quick's PreUp, PostUp, PreDown and PostDown, in any case."""
+    found: List[Found] = []
+    for path in _files(patterns):
+        for number, line in enumerate(_read(path).splitlines(), start=1):
+            match = WIREGUARD_COMMAND.match(line)
+            if match:
+                found.append((path, number, match.group(1)))
+    return found
+
+
+def openvpn_commands(patterns: Sequence[str] = OPENVPN_FILES) -> List[Found]:
+    """OpenVPN's options that run or load a program, or read more options."""
+    found: List[Found] = []
+    for path in _files(patterns):
+        for number, line in enumerate(_read(path).splitlines(), start=1):
+            words = line.split()
+            option = words[0].lstrip("-") if words else ""
+            if option in OPENVPN_COMMANDS and not words[0].startswith(("#", ";")):
+                found.append((path, number, option))
+    return found
+
+
+def _described(found: Sequence[Found]) -> str:
+    by_file: Dict[str, List[str]] = {}
+    for path, number, option in found:
+        by_file.setdefault(path, []).append(f"{option} (line {number})")
+    return "; ".join(f"{path}: {named(options, LINES_SHOWN)}" for path, options in by_file.items())
+
+
+def problems(interfaces: str = INTERFACES,
+             wireguard: Sequence[str] = WIREGUARD_FILES,
+             openvpn: Sequence[str] = OPENVPN_FILES) -> List[str]:
+    """One line per program whose configuration names commands it would run as root."""
+    kinds = (
+        (ifupdown_commands(interfaces), "ifupdown runs as root whenever an interface goes up "
+         "or down, at every boot"),
+        (wireguard_commands(wireguard), "wg-quick runs as root whenever its interface goes up "
+         "or down"),
+        (openvpn_commands(openvpn), "OpenVPN runs or loads as root at its connections"),
+    )
+    return [f"network configuration names commands {what}: {_described(found)} (remove "
+            "those lines, or the file)" for found, what in kinds if found]
