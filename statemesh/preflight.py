@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
-from statemesh import (accounts, apthooks, bootargs, dpkgdb, grace, jobs, leftrunning, ownunits,
-                       planted, proc, systemd)
+from statemesh import (accounts, apthooks, bootargs, dpkgdb, grace, jobs, leftrunning,
+                       networkhooks, ownunits, planted, proc, systemd)
 from statemesh.guarantees import memory, rescue
 from statemesh.guarantees.base import Finding
 from statemesh.watchdog import terminals
@@ -245,12 +245,12 @@ async def _bus_facts(installation_own: leftrunning.Excused,
 def planted_for_later(environment: List[str]) -> List[str]:
     """What root's programs would load, or run, later with no terminal: code for the loader
     and Python (statemesh.planted), jobs for cron, at and systemd (statemesh.jobs),
-    commands in apt's and dpkg's configuration (statemesh.apthooks), arguments on the
-    kernel's command line (statemesh.bootargs), accounts that reach the TPM beside the
-    endpoint (statemesh.accounts)."""
+    commands in apt's and dpkg's configuration (statemesh.apthooks) and in the network's
+    (statemesh.networkhooks), arguments on the kernel's command line (statemesh.bootargs),
+    accounts that reach the TPM beside the endpoint (statemesh.accounts)."""
     files = dpkgdb.installed_files()
     return (planted.problems(environment, files) + jobs.problems(files)
-            + apthooks.problems(files) + bootargs.problems()
+            + apthooks.problems(files) + networkhooks.problems() + bootargs.problems()
             + rescue.settings_read_after_the_dropin() + accounts.problems())
 
 

@@ -306,6 +306,11 @@ APT_HOOK = "/etc/apt/apt.conf.d/99way-back"
 DPKG_HOOK = "/etc/dpkg/dpkg.cfg.d/way-back"
 KERNEL_HOOK = "/etc/kernel/postinst.d/zz-way-in"
 UDEV_RULE = "/etc/udev/rules.d/99-way-in.rules"
+# Commands the network's programs run as root: ifupdown's at every boot, wg-quick's and
+# OpenVPN's when their interface comes up (their units enabled before, or pulled in later).
+IFUPDOWN_WAY_IN = "/etc/network/interfaces.d/way-in"
+WIREGUARD_WAY_IN = "/etc/wireguard/wg-way-in.conf"
+OPENVPN_WAY_IN = "/etc/openvpn/client/way-in.conf"
 # GRUB's settings are shell that update-grub sources as root: a command is planted, an
 # operator's console setting is not.
 GRUB_HOOK = "/etc/default/grub.d/99-way-in.cfg"
@@ -318,7 +323,7 @@ GRUB_CUSTOM = "/boot/grub/custom.cfg"
 def plant_jobs_for_later(guest: Guest) -> None:
     """Root's jobs for after the lockdown: cron (a crontab and a system table), at, a timer,
     a service and a drop-in, boot scripts, apt's and dpkg's hooks, a kernel hook and a udev
-    rule."""
+    rule, commands in the network's configuration, GRUB's settings and entries."""
     guest.run("mkdir -p /var/spool/cron/crontabs /var/spool/cron/atjobs /etc/cron.d")
     guest.put("/var/spool/cron/crontabs/root", b"@reboot /root/way-in\n", mode=0o600)
     guest.put("/var/spool/cron/atjobs/a00001019a2b3c", b"#!/bin/sh\n/root/way-in\n", mode=0o700)
@@ -357,6 +362,12 @@ def plant_jobs_for_later(guest: Guest) -> None:
     guest.run(f"mkdir -p {KERNEL_HOOK.rsplit('/', 1)[0]} {UDEV_RULE.rsplit('/', 1)[0]}")
     guest.put(KERNEL_HOOK, b"#!/bin/sh\n/root/way-in\n", mode=0o755)
     guest.put(UDEV_RULE, b'ACTION=="add", RUN+="/root/way-in"\n')
+    for planted in (IFUPDOWN_WAY_IN, WIREGUARD_WAY_IN, OPENVPN_WAY_IN):
+        guest.run(f"mkdir -p {planted.rsplit('/', 1)[0]}")
+    guest.run("echo 'source /etc/network/interfaces.d/*' >> /etc/network/interfaces")
+    guest.put(IFUPDOWN_WAY_IN, b"iface lo inet loopback\n    post-up /root/way-in\n")
+    guest.put(WIREGUARD_WAY_IN, b"[Interface]\nPrivateKey = x\nPostUp = /root/way-in\n")
+    guest.put(OPENVPN_WAY_IN, b"client\nup /root/way-in\n")
     guest.run(f"mkdir -p {GRUB_HOOK.rsplit('/', 1)[0]}")
     guest.put(GRUB_HOOK, b'GRUB_CMDLINE_LINUX="$(/root/way-in)"\n')
     guest.put(GRUB_CONSOLE, b'GRUB_CMDLINE_LINUX_DEFAULT="$GRUB_CMDLINE_LINUX_DEFAULT '
@@ -432,6 +443,13 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     "no package installed it so: DPkg::Post-Invoke (",
                     f"dpkg configuration {DPKG_HOOK} runs commands as root at every dpkg run "
                     "and no package installed it so: post-invoke (",
+                    "network configuration names commands ifupdown runs as root whenever an "
+                    "interface goes up or down, at every boot: "
+                    f"{IFUPDOWN_WAY_IN}: post-up (line 2) (",
+                    "network configuration names commands wg-quick runs as root whenever its "
+                    f"interface goes up or down: {WIREGUARD_WAY_IN}: PostUp (line 3) (",
+                    "network configuration names commands OpenVPN runs or loads as root at its "
+                    f"connections: {OPENVPN_WAY_IN}: up (line 2) (",
                     "hooks of packaged programs not as a package installed them, run as root "
                     "later (kernel and initramfs updates, the initramfs at boot, needrestart, "
                     f"logrotate, udev, modprobe, network events): {GRUB_HOOK}, {KERNEL_HOOK}, "
