@@ -25,7 +25,7 @@ from statemesh.attest.tpmdevices import VTPM_TCTI
 from statemesh.attest.verifier import Challenge, Policy, Verdict, Verifier
 from harness.vm import snapshot, vtpm
 from harness.vm.driver import Guest, SavedGuest
-from tests.vm.reports import failing_lines
+from tests.vm.reports import failing_lines, guarantee_finding
 
 MESH = snapshot.MESH_PORT
 # A tenant's workload (any local user but root) reaching for the weak node's vTPM, on the
@@ -240,8 +240,7 @@ def test_guest_without_tpm_is_weak_and_runs_the_vtpm(guest_factory: Callable[...
     found = _security_class(guest)
     assert found["class"] == "weak" and "no TPM device" in found["reason"]
     assert guest.run("systemctl is-active statemesh-vtpm").stdout.strip() == "active"
-    status = json.loads(guest.run("statemesh-node status --json", check=False).stdout)
-    finding = next(f for f in status["guarantees"] if f["name"] == "security_class")
+    finding = guarantee_finding(guest, "security_class")
     assert finding["holds"] and "WEAK" in finding["detail"]
     # A local user that is not root reaches neither of the vTPM's channels.
     guest.run(f"cat > /tmp/reach-the-vtpm.py <<'EOF'\n{REACH_THE_VTPM}EOF")
@@ -328,8 +327,9 @@ server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 server.bind(path)
 os.chmod(path, 0o666)
 server.listen()
-with open("/root/planted.pid", "w") as pid_file:
+with open("/root/planted.pid.new", "w") as pid_file:
     pid_file.write(str(os.getpid()))
+os.rename("/root/planted.pid.new", "/root/planted.pid")  # whole, once listening
 while True:
     connection, _ = server.accept()
     with connection:

@@ -6,18 +6,17 @@ swap refused before installing by its preflight test.)"""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from harness.vm.driver import Guest
+from tests.vm.reports import guarantee_finding
 
 SWAPFILE = "/root/swapfile"
 
 
 def memory_finding(guest: Guest) -> dict:
-    report = json.loads(guest.run("statemesh-node status --json", check=False).stdout)
-    return next(g for g in report["guarantees"] if g["name"] == "memory")
+    return guarantee_finding(guest, "memory")
 
 
 @pytest.mark.cost(40)
