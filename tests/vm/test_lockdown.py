@@ -499,10 +499,12 @@ def status(guest: Guest) -> dict:
     return json.loads(guest.run("statemesh-node status --json", check=False).stdout)
 
 
-def assert_installed_at_boot_without_anyone(guest: Guest, interrupted_in: str) -> None:
+def assert_installed_at_boot_without_anyone(guest: Guest, interrupted_in: str,
+                                             converge: bool = True) -> None:
     """The boot after the interruption ran the transaction again, by itself, to the end:
     every guarantee holds; dpkg catches up by the normal path (dpkg --configure -a here),
-    and the postinst finds the node installed."""
+    and the postinst finds the node installed (`converge`: the catch-up is the same
+    whichever step the interruption cut, once the boot has installed the node)."""
     old_boot = [e for e in events(guest) if e["boot_id"] != guest.boot_id]
     assert {"event": "apply", "guarantee": interrupted_in} in [
         {k: e.get(k) for k in ("event", "guarantee")} for e in old_boot]
@@ -514,6 +516,8 @@ def assert_installed_at_boot_without_anyone(guest: Guest, interrupted_in: str) -
     assert package_status(guest) != "ii"
     assert "dpkg still has the package" in report["installation"]["detail"]
     assert_locked_down(guest)
+    if not converge:
+        return
     guest.run("dpkg --configure -a", env=ENV, timeout=900)
     assert package_status(guest) == "ii"
     assert status(guest)["holds"]
@@ -647,7 +651,10 @@ def test_power_loss_midway_ends_installed_at_the_next_boot_with_nobody_logged_in
     guest.power_off_hard()
     guest.boot()
     guest.wait_until_booted()
-    assert_installed_at_boot_without_anyone(guest, interrupted_in=step)
+    # dpkg's catch-up after the boot (the node installed, dpkg half-configured) is the same
+    # whichever step was cut: run once, after the last (a minute and a half each).
+    assert_installed_at_boot_without_anyone(guest, interrupted_in=step,
+                                            converge=step == CUT_POINTS[-1])
 
 
 # ufw as broken as it can be for the transaction: `ufw enable` fails, every time.
