@@ -378,21 +378,6 @@ def test_apply_is_idempotent_remembers_the_first_state_and_follows_the_zone(ns: 
     assert "ENABLED=no" in ns.ufw_files()["etc-ufw/ufw.conf"]
 
 
-def test_apply_where_everything_is_in_place_runs_no_ufw_command(ns: Namespace):
-    """An upgrade or a retry applies the firewall again: ufw already holds it, so neither
-    `ufw enable` (which writes ufw.conf again) nor a reload runs."""
-    conf = ns.workdir / "etc-ufw" / "ufw.conf"
-    untouched = conf.stat().st_mtime_ns
-    ns.guarantee("apply", ZONE_CONF)
-    enabled = conf.stat().st_mtime_ns
-    assert enabled != untouched  # `ufw enable` writes it anew: what this test watches
-    events = len(ns.events())
-    again = ns.guarantee("apply", ZONE_CONF)
-    assert again["holds"], again["detail"]
-    assert [e.get("unchanged") for e in ns.events()[events:]] == [True]
-    assert conf.stat().st_mtime_ns == enabled
-
-
 def test_reapply_repairs_the_kernel_and_check_sees_rules_outside_ufw(ns: Namespace):
     ns.guarantee("apply", ZONE_CONF)
     ns.sh("iptables -F ufw-user-input && ip6tables -P INPUT ACCEPT")

@@ -382,10 +382,6 @@ class Firewall:
         state = read_state()
         journal.remember(self.name, state.as_record())
         todo = plan(state.rules, self.config.zone_peers, port, kernel_has_ipv6())
-        peers = [str(peer) for peer in self.config.zone_peers]
-        if self._in_place(state, todo):
-            journal.record("firewall-enabled", mesh_port=port, peers=peers, unchanged=True)
-            return
         if state.incoming != "deny":
             _ufw("default", "deny", "incoming")
         if state.outgoing != "allow":
@@ -410,23 +406,8 @@ class Firewall:
         if not in_sync:
             # Make the kernel match ufw's files again, whatever was done to it by hand.
             _ufw("reload")
+        peers = [str(peer) for peer in self.config.zone_peers]
         journal.record("firewall-enabled", mesh_port=port, peers=peers)
-
-    def _in_place(self, state: UfwState, todo: Plan) -> bool:
-        """Whether ufw is on and its files and the kernel's rules are already what apply()
-        makes them (an upgrade, a retry, the boot that finishes an interrupted installation):
-        then nothing is run, where `ufw enable` and `ufw reload` would each load every rule
-        again (together 25 s of an installation under emulation, and a moment of reloading
-        rules on a live node)."""
-        if not state.enabled or todo.add or todo.remove:
-            return False
-        try:
-            live = {family: read_live(family, self.config.mesh_port)
-                    for family in self._families()}
-        except (CommandError, FirewallError, OSError):
-            return False
-        allowed = [source for family in live.values() for source in family.mesh_sources]
-        return not self._problems(state, live, todo, allowed)
 
     def revert(self, record: Dict[str, Any]) -> None:
         """Put back the remembered ufw state: rules in order, defaults, IPV6, enabled or not."""
