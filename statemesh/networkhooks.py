@@ -12,14 +12,18 @@ does: a command in one is a way back in as root once the node is locked down, an
 preflight refuses it, naming the file and its lines.
 
 ifupdown's files are read as ifupdown reads them (interfaces(5)): a line beginning with `#`
-is a comment, a line ending in `\\` goes on in the next, and `source` (a shell pattern) and
-`source-directory` (the names run-parts accepts) read other files; a relative path is read
-from the including file's directory and from /etc/network both, whichever ifupdown meant.
-wg-quick takes its keys in any case; OpenVPN's options may carry the command line's `--`.
+is a comment (dropped before a line ending in `\\` is joined to the next), and `source`
+(shell patterns) and `source-directory` (any word starting `source-dir`; the names run-parts
+accepts) read other files; a relative path is read from the including file's directory and
+from /etc/network both, whichever ifupdown meant. ifupdown pastes every option's value into
+the commands it runs with /bin/sh, so a value with shell syntax in it (`mtu 1500;/root/x`)
+is a command too; ifupdown2 spells options with `_` as well. wg-quick takes its keys in any
+case; OpenVPN's options may carry the command line's `--`, quotes, or a byte order mark
+before them. Only regular files are read, and only their first mebibyte.
 
 Honest limit: these are three programs' ways to run commands; a program of another name
-that runs what its configuration says (a VPN client, a monitoring agent) is not read here.
-Only reads files.
+that runs what its configuration says (a VPN client, a monitoring agent, ifupdown2's Mako
+templates, a PPP peer file) is not read here.
 """
 
 from __future__ import annotations
@@ -27,38 +31,47 @@ from __future__ import annotations
 import glob
 import os
 import re
-from pathlib import Path
+import stat
 from typing import Dict, Iterator, List, Sequence, Set, Tuple
 
 from statemesh.planted import named
 
 INTERFACES = "/etc/network/interfaces"
 # ifupdown's options that run a command (post-up is up's other name, pre-down down's), and
-# a mapping stanza's script.
+# a mapping stanza's script; ifupdown2 spells them with "_" too.
 IFUPDOWN_COMMANDS = frozenset({"pre-up", "up", "post-up", "down", "pre-down", "post-down",
                                "script"})
-SOURCES = frozenset({"source", "source-directory", "source-dir"})
+# ifupdown pastes every option's value into the commands of its methods, run by /bin/sh
+# (`mtu 1500;/root/x`): a value holding what a shell takes for more than words runs it.
+SHELL_SYNTAX = re.compile(r"[;&|`$()<>\\\n]")
 SOURCE_DIRECTORY_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 WIREGUARD_FILES = ("/etc/wireguard/*.conf",)
 WIREGUARD_COMMAND = re.compile(r"^\s*(preup|postup|predown|postdown)\s*=", re.IGNORECASE)
 OPENVPN_FILES = ("/etc/openvpn/*.conf", "/etc/openvpn/client/*.conf",
                  "/etc/openvpn/server/*.conf")
-# OpenVPN's options that run a program or load one (plugin), or read more options (config).
+# OpenVPN's options that run a program or load one (plugin, providers), or read more
+# options (config).
 OPENVPN_COMMANDS = frozenset({"up", "down", "route-up", "route-pre-down", "ipchange",
-                              "client-connect", "client-disconnect", "learn-address",
-                              "auth-user-pass-verify", "tls-verify", "tls-crypt-v2-verify",
-                              "plugin", "config"})
+                              "client-connect", "client-disconnect", "client-crresponse",
+                              "learn-address", "auth-user-pass-verify", "tls-verify",
+                              "tls-crypt-v2-verify", "iproute", "dns-updown", "plugin",
+                              "pkcs11-providers", "providers", "config"})
 # A file's lines named in a finding: each is something to remove before installing.
 LINES_SHOWN = 5
+# More than any network configuration holds: a larger file (or a device) is not read whole.
+LARGEST_FILE = 1 << 20
 
 # (file, line number, option) of one command found.
 Found = Tuple[str, int, str]
 
 
 def _logical_lines(text: str) -> Iterator[Tuple[int, str]]:
-    """ifupdown's lines: (number of the first physical line, text), continuations joined."""
+    """ifupdown's lines: (number of the first physical line, text). A comment line is
+    dropped before continuations are joined, as ifupdown drops it."""
     pending, first = "", 0
     for number, line in enumerate(text.splitlines(), start=1):
+        if line.lstrip().startswith("#"):
+            continue
         if not pending:
             first = number
         if line.endswith("\\"):
@@ -71,32 +84,48 @@ def _logical_lines(text: str) -> Iterator[Tuple[int, str]]:
 
 
 def _read(path: str) -> str:
+    """A regular file's text, at most LARGEST_FILE of it; "" for anything else (a FIFO, a
+    device: opened without waiting, never read)."""
     try:
-        return Path(path).read_text(encoding="utf-8", errors="replace")
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:
         return ""
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return ""
+        return handle.read(LARGEST_FILE).decode("utf-8", errors="replace")
 
 
-def _sourced(kind: str, target: str, bases: Sequence[str]) -> List[str]:
-    """The files a `source` or `source-directory` line reads (`bases`: where a relative
-    path may start)."""
-    bases = [""] if os.path.isabs(target) else bases
+def _sourced(kind: str, targets: Sequence[str], bases: Sequence[str]) -> List[str]:
+    """The files a `source` or `source-directory` line reads: each of its words (quotes
+    removed, as ifupdown's word expansion does), a shell pattern, from `bases` when
+    relative."""
     files: List[str] = []
-    for base in dict.fromkeys(bases):
-        place = os.path.join(base, target)
-        if kind == "source":
-            files += sorted(glob.glob(place))
-            continue
-        try:
-            names = sorted(os.listdir(place))
-        except OSError:
-            continue
-        files += [os.path.join(place, name) for name in names if SOURCE_DIRECTORY_NAME.match(name)]
+    for target in (word.replace('"', "").replace("'", "") for word in targets):
+        for base in dict.fromkeys([""] if os.path.isabs(target) else bases):
+            for place in sorted(glob.glob(os.path.join(base, target))):
+                if kind == "source":
+                    files.append(place)
+                    continue
+                try:
+                    names = sorted(os.listdir(place))
+                except OSError:
+                    continue
+                files += [os.path.join(place, name) for name in names
+                          if SOURCE_DIRECTORY_NAME.match(name)]
     return files
 
 
+def _source_kind(word: str) -> str:
+    """"source", "source-directory" (ifupdown takes any word starting "source-dir"), or ""."""
+    if word == "source":
+        return word
+    return "source-directory" if word.startswith("source-dir") else ""
+
+
 def ifupdown_commands(path: str = INTERFACES) -> List[Found]:
-    """The command options of ifupdown's configuration, in every file it reads."""
+    """The command options of ifupdown's configuration, and values a shell would run, in
+    every file it reads."""
     found: List[Found] = []
     pending: List[str] = [path]
     seen: Set[str] = set()
@@ -108,13 +137,16 @@ def ifupdown_commands(path: str = INTERFACES) -> List[Found]:
         seen.add(real)
         for number, line in _logical_lines(_read(current)):
             words = line.split()
-            if not words or words[0].startswith("#"):
+            if not words:
                 continue
-            if words[0] in IFUPDOWN_COMMANDS:
-                found.append((current, number, words[0]))
-            elif words[0] in SOURCES and len(words) > 1:
-                pending += _sourced(words[0], words[1],
+            option = words[0].replace("_", "-")
+            if option in IFUPDOWN_COMMANDS:
+                found.append((current, number, option))
+            elif _source_kind(option):
+                pending += _sourced(_source_kind(option), words[1:],
                                     [os.path.dirname(current), os.path.dirname(path)])
+            elif SHELL_SYNTAX.search(line):
+                found.append((current, number, f"{option} (shell syntax in its value)"))
     return found
 
 
@@ -134,13 +166,16 @@ def wireguard_commands(patterns: Sequence[str] = WIREGUARD_FILES) -> List[Found]
 
 
 def openvpn_commands(patterns: Sequence[str] = OPENVPN_FILES) -> List[Found]:
-    """OpenVPN's options that run or load a program, or read more options."""
+    """OpenVPN's options that run or load a program, or read more options, however the
+    option is spelled (the command line's `--`, quoted, after a byte order mark)."""
     found: List[Found] = []
     for path in _files(patterns):
-        for number, line in enumerate(_read(path).splitlines(), start=1):
+        for number, line in enumerate(_read(path).lstrip("\ufeff").splitlines(), start=1):
             words = line.split()
-            option = words[0].lstrip("-") if words else ""
-            if option in OPENVPN_COMMANDS and not words[0].startswith(("#", ";")):
+            if not words or words[0].startswith(("#", ";")):
+                continue
+            option = words[0].strip("\"'").lstrip("-")
+            if option in OPENVPN_COMMANDS:
                 found.append((path, number, option))
     return found
 

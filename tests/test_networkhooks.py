@@ -4,6 +4,7 @@ and configuration that runs nothing passes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List
 
@@ -76,3 +77,35 @@ def test_wg_quick_and_openvpn_commands_in_any_spelling(tmp_path: Path) -> None:
     assert "wg-quick runs as root whenever its interface goes up or down" in wireguard
     assert f"{tmp_path}/openvpn/client/c.conf: up (line 3), plugin (line 4)" in openvpn
     assert "OpenVPN runs or loads as root at its connections" in openvpn
+
+
+def test_the_ways_round_a_reading_that_ifupdown_does_not_share(tmp_path: Path) -> None:
+    """A comment ending in a backslash does not swallow the next line (ifupdown drops the
+    comment first); a value a shell would run is named; ifupdown2's `post_up`; any word
+    starting `source-dir`; every word of a `source` line, its quotes removed."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "interfaces").write_text(
+        "iface eth0 inet static\n    # a note \\\n    up /root/hidden\n"
+        "    address 10.0.0.2/24\n    mtu 1500;/root/x\n    post_up /root/y\n"
+        "source-dirs a\nsource /nothing \"b\"/c\n")
+    (tmp_path / "a/more").write_text("iface eth1 inet manual\n  pre-down /root/z\n")
+    (tmp_path / "b/c").write_text("iface eth2 inet manual\n  down /root/w\n")
+    [line] = problems(tmp_path)
+    for named in ("interfaces: up (line 3)", "mtu (shell syntax in its value) (line 5)",
+                  "post-up (line 6)", "a/more: pre-down (line 2)", "b/c: down (line 2)"):
+        assert named in line, (named, line)
+    assert "address" not in line
+
+
+def test_openvpn_options_quoted_after_a_byte_order_mark_and_files_that_are_no_files(
+        tmp_path: Path) -> None:
+    """A FIFO or a device named like a configuration file is not read (nothing waits on it)."""
+    (tmp_path / "openvpn").mkdir()
+    (tmp_path / "openvpn/bom.conf").write_text("\ufeffup /root/a\n\"iproute\" /root/b\n")
+    os.mkfifo(tmp_path / "openvpn/fifo.conf")
+    os.symlink("/dev/zero", tmp_path / "openvpn/zero.conf")
+    (tmp_path / "wireguard").mkdir()
+    os.mkfifo(tmp_path / "wireguard/wg1.conf")
+    [openvpn] = problems(tmp_path)
+    assert f"{tmp_path}/openvpn/bom.conf: up (line 1), iproute (line 2)" in openvpn, openvpn
