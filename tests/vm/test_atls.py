@@ -352,8 +352,8 @@ def _fresh_endpoint_verdict(guest: Guest, tmp_path: Path,
     return json.loads(capsys.readouterr().out)
 
 
-# 40 s (bookworm): the state service's one status, two endpoints started anew
-@pytest.mark.cost(40)
+# 28 s (bookworm, full run): the state service's one status, two endpoints started anew
+@pytest.mark.cost(30)
 def test_a_listener_in_the_state_services_place_and_a_writable_socket_directory_are_not_believed(
         guest_factory: Callable[..., Guest], installed_node: SavedGuest, tmp_path: Path,
         capsys: pytest.CaptureFixture) -> None:
