@@ -19,7 +19,7 @@ from /etc/network both, whichever ifupdown meant. ifupdown pastes every option's
 the commands it runs with /bin/sh, so a value with shell syntax in it (`mtu 1500;/root/x`)
 is a command too; ifupdown2 spells options with `_` as well. wg-quick takes its keys in any
 case; OpenVPN's options may carry the command line's `--`, quotes, or a byte order mark
-before them. Only regular files are read, and only their first mebibyte.
+before them. Only regular files are read (a FIFO or a device would hold the reader).
 
 Honest limit: these are three programs' ways to run commands; a program of another name
 that runs what its configuration says (a VPN client, a monitoring agent, ifupdown2's Mako
@@ -58,8 +58,6 @@ OPENVPN_COMMANDS = frozenset({"up", "down", "route-up", "route-pre-down", "ipcha
                               "pkcs11-providers", "providers", "config"})
 # A file's lines named in a finding: each is something to remove before installing.
 LINES_SHOWN = 5
-# More than any network configuration holds: a larger file (or a device) is not read whole.
-LARGEST_FILE = 1 << 20
 
 # (file, line number, option) of one command found.
 Found = Tuple[str, int, str]
@@ -84,8 +82,8 @@ def _logical_lines(text: str) -> Iterator[Tuple[int, str]]:
 
 
 def _read(path: str) -> str:
-    """A regular file's text, at most LARGEST_FILE of it; "" for anything else (a FIFO, a
-    device: opened without waiting, never read)."""
+    """A regular file's whole text (a command after any amount of padding still counts);
+    "" for anything else (a FIFO, a device: opened without waiting, never read)."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:
@@ -93,7 +91,7 @@ def _read(path: str) -> str:
     with os.fdopen(descriptor, "rb") as handle:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             return ""
-        return handle.read(LARGEST_FILE).decode("utf-8", errors="replace")
+        return handle.read().decode("utf-8", errors="replace")
 
 
 def _sourced(kind: str, targets: Sequence[str], bases: Sequence[str]) -> List[str]:
@@ -140,10 +138,11 @@ def ifupdown_commands(path: str = INTERFACES) -> List[Found]:
             if not words:
                 continue
             option = words[0].replace("_", "-")
+            source = _source_kind(option)
             if option in IFUPDOWN_COMMANDS:
                 found.append((current, number, option))
-            elif _source_kind(option):
-                pending += _sourced(_source_kind(option), words[1:],
+            elif source:
+                pending += _sourced(source, words[1:],
                                     [os.path.dirname(current), os.path.dirname(path)])
             elif SHELL_SYNTAX.search(line):
                 found.append((current, number, f"{option} (shell syntax in its value)"))

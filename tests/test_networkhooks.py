@@ -109,3 +109,10 @@ def test_openvpn_options_quoted_after_a_byte_order_mark_and_files_that_are_no_fi
     os.mkfifo(tmp_path / "wireguard/wg1.conf")
     [openvpn] = problems(tmp_path)
     assert f"{tmp_path}/openvpn/bom.conf: up (line 1), iproute (line 2)" in openvpn, openvpn
+
+
+def test_a_command_after_any_amount_of_padding_is_named(tmp_path: Path) -> None:
+    """The whole of a regular file is read: two mebibytes of comments hide nothing."""
+    (tmp_path / "interfaces").write_text("# padding\n" * ((2 << 20) // 10) + "up /root/x\n")
+    [line] = problems(tmp_path)
+    assert ": up (line " in line, line
