@@ -284,6 +284,43 @@ def test_parse_live_tells_mesh_rules_from_others():
     assert live.outside_rules == (lines[3],)
 
 
+def test_only_ufws_own_input_hooks_pass_and_a_jump_to_any_other_ufw_chain_is_named():
+    hooks = [f"-A INPUT -j ufw{t}-{chain}" for t in ("", "6") for chain in (
+        "before-logging-input", "before-input", "after-input", "after-logging-input",
+        "reject-input", "track-input")]
+    planted = [
+        "-A INPUT -p tcp -m tcp --dport 22 -j ufw-user-limit-accept",  # ufw's, and it accepts
+        "-A INPUT -j ufw-way-in",  # a chain of the operator's named like ufw's
+        "-A INPUT -p tcp -m tcp --dport 22 -j ufw-before-input",  # a hook with a condition
+        "-A INPUT -j ufw6-before-input",  # the other family's hook
+    ]
+    live = firewall.parse_live(["-P INPUT DROP", *hooks[:6], *planted], 4, PORT)
+    assert live.ufw_loaded
+    assert live.outside_rules == tuple(planted)
+    assert firewall.parse_live(["-P INPUT DROP", *hooks[6:]], 6, PORT).outside_rules == ()
+
+
+def test_enabled_as_ufw_init_reads_it_at_boot():
+    assert firewall._enabled_at_boot("# ufw.conf\nENABLED=yes\nLOGLEVEL=low\n")
+    assert firewall._enabled_at_boot('ENABLED="YES" # on\n')
+    for off in ("ENABLED=Yes\n", "ENABLED=yes\r\n", "ENABLED=no\n", "# ENABLED=yes\n", ""):
+        assert not firewall._enabled_at_boot(off), off
+    assert not firewall._enabled_at_boot("ENABLED=yes\nENABLED=no\n")  # the last one counts
+
+
+def test_a_line_taken_out_of_the_rules_files_is_told_from_lines_added():
+    pristine = b"*filter\n:ufw6-user-input - [0:0]\n### RULES ###\n\n### END RULES ###\nCOMMIT\n"
+    rewritten = (b"*filter\n:ufw6-user-input - [0:0]\n:ufw6-user-limit - [0:0]\n### RULES ###\n"
+                 b"### tuple ### allow tcp 7443 ::/0 any fd00::/64 in\n-A ufw6-user-input -j ACCEPT\n"
+                 b"### END RULES ###\n-A ufw6-user-limit -j REJECT\nCOMMIT\n")
+    lines = firewall._rule_lines
+    assert firewall._kept_in_order(lines(pristine), lines(rewritten))
+    planted = pristine.replace(b"COMMIT", b"-A ufw6-before-input -j ACCEPT\nCOMMIT")
+    assert not firewall._kept_in_order(lines(planted), lines(rewritten))
+    reordered = [b"-A ufw6-user-limit -j ACCEPT", b"-A ufw6-user-limit -j REJECT"]
+    assert not firewall._kept_in_order(reordered, reordered[::-1])
+
+
 def test_restore_record_round_trip_and_malformed_records():
     state = firewall.UfwState(True, "allow", "allow", None, ("allow 22/tcp",))
     assert firewall.UfwState.from_record(json.loads(json.dumps(state.as_record()))) == state
@@ -391,6 +428,57 @@ def test_reapply_repairs_the_kernel_and_check_sees_rules_outside_ufw(ns: Namespa
     report = ns.guarantee("check", ZONE_CONF)
     assert not report["holds"]
     assert report["facts"]["rules_outside_ufw"] == ["-A INPUT -p tcp -m tcp --dport 8080 -j ACCEPT"]
+
+
+HAND_RULE = ["ufw-before-input", "-p", "tcp", "--dport", "2222", "-j", "ACCEPT"]
+# A line in user.rules that is no ufw rule: `ufw show added` lists only ufw's tuples, and the
+# check reads no chain of ufw's but the user chain; ufw-init loads it at every boot.
+PLANTED_LINE = "-A ufw-before-input -p tcp --dport 2222 -j ACCEPT"
+
+
+def plant_in_user_rules(ns: Namespace) -> None:
+    ns.sh(f"sed -i 's/^### END RULES ###/{PLANTED_LINE}\\n&/' /etc/ufw/user.rules")
+    assert "2222" not in ns.sh("ufw show added") and PLANTED_LINE in ns.sh("cat /etc/ufw/user.rules")
+
+
+def assert_nothing_of_2222(ns: Namespace, case: str) -> None:
+    kernel = ns.sh("iptables -S")
+    assert "2222" not in kernel, f"{case}: {kernel}"
+    assert "2222" not in ns.sh("cat /etc/ufw/user.rules"), case
+
+
+@pytest.mark.parametrize("enabled", ["yes", "no", "Yes"])
+def test_apply_leaves_the_kernel_as_the_next_boot_loads_it_not_as_it_was_left(
+        ns: Namespace, enabled: str):
+    """A prepared operator: an accept by hand in one of ufw's own chains (check reads only
+    INPUT and the user chain) and ENABLED as ufw-init does not start on (no: `ufw enable`
+    loads nothing while ufw's chains are in the kernel; Yes: on for ufw's command line,
+    off at boot)."""
+    ns.sh("ufw --force enable >/dev/null")
+    ns.run(["iptables", "-I", *HAND_RULE])
+    ns.sh(f"sed -i 's/^ENABLED=.*/ENABLED={enabled}/' /etc/ufw/ufw.conf")
+    if enabled != "yes":
+        assert "ufw is not enabled" in ns.guarantee("check", ZONE_CONF)["detail"]
+    applied = ns.guarantee("apply", ZONE_CONF)
+    assert applied["holds"], applied["detail"]
+    assert_nothing_of_2222(ns, enabled)
+    assert "ENABLED=yes\n" in ns.sh("cat /etc/ufw/ufw.conf")
+    ns.sh("/lib/ufw/ufw-init stop >/dev/null && /lib/ufw/ufw-init start >/dev/null")  # a boot
+    assert ns.guarantee("check", ZONE_CONF)["holds"]
+
+
+@pytest.mark.parametrize("chains_loaded", [True, False])
+def test_a_line_planted_in_user_rules_is_loaded_nowhere(ns: Namespace, chains_loaded: bool):
+    """The node's rules already there (a retry, an upgrade, or an operator who added them):
+    no rule of ufw's changes, and ufw would not rewrite its files."""
+    ns.guarantee("apply", ZONE_CONF)
+    if not chains_loaded:
+        ns.sh("ufw disable >/dev/null && /lib/ufw/ufw-init flush-all >/dev/null")
+        ns.sh(f"rm -rf {ns.state_dir}")
+    plant_in_user_rules(ns)
+    applied = ns.guarantee("apply", ZONE_CONF)
+    assert applied["holds"], applied["detail"]
+    assert_nothing_of_2222(ns, f"chains loaded: {chains_loaded}")
 
 
 def test_bad_config_is_refused_and_changes_nothing(ns: Namespace):

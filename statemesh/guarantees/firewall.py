@@ -19,10 +19,15 @@ so IPv6 zone peers could never reach the node; `apply()` sets IPV6=yes (the prev
 is in the restore record). On a kernel without IPv6 there is nothing to reach over IPv6, and
 IPv6 peers are skipped and reported.
 
+The kernel is made to hold what ufw's files say: `apply()` reloads them the way
+ufw.service loads them at boot whenever ufw's chains are in the kernel already (`ufw enable`
+loads nothing then), so the check reads what the next boot will enforce.
+
 Limits, reported rather than hidden: ufw's own before.rules (conffiles of the ufw package,
-not ours to edit) still accept ICMP, DHCP replies and mDNS/UPnP multicast; rules added to
-the INPUT chain with iptables outside ufw are not removed, but those that may accept
-(ACCEPT, or a jump to another chain) make `check()` fail while they exist
+not ours to edit) still accept ICMP, DHCP replies and mDNS/UPnP multicast, and what ufw's
+own chains hold is not read; rules added to the INPUT chain with iptables outside ufw are
+not removed, but every one that is not one of ufw's hooks and may accept (ACCEPT, or a jump
+to any other chain, one of ufw's own included) makes `check()` fail while it exists
 (facts["rules_outside_ufw"]), and preflight names them beforehand.
 """
 
@@ -45,6 +50,7 @@ TAG = "statemesh-node"
 
 UFW_CONF = Path("/etc/ufw/ufw.conf")
 UFW_DEFAULTS = Path("/etc/default/ufw")
+USER_RULES = (Path("/etc/ufw/user.rules"), Path("/etc/ufw/user6.rules"))
 IPV6_PROC = Path("/proc/sys/net/ipv6")
 
 # /etc/default/ufw stores iptables targets; the ufw command line speaks in these words.
@@ -56,6 +62,14 @@ _IPTABLES = {4: "iptables", 6: "ip6tables"}
 # ufw itself puts this in INPUT when IPV6=no and never takes it out (MANAGE_BUILTINS=no);
 # it accepts loopback only, which ufw's before rules accept anyway.
 _LOOPBACK_ACCEPT = "-A INPUT -i lo -j ACCEPT"
+# ufw's INPUT hooks exactly as its init script (ufw-init-functions) writes them; any other
+# jump is someone else's, even to a chain named ufw*: ufw-user-limit-accept accepts.
+_HOOK_CHAINS = ("before-logging-input", "before-input", "after-input", "after-logging-input",
+                "reject-input", "track-input")
+_UFW_INPUT_HOOKS = {family: frozenset(f"-A INPUT -j {prefix}-{chain}" for chain in _HOOK_CHAINS)
+                    for family, prefix in ((4, "ufw"), (6, "ufw6"))}
+# What ufw.service runs at boot; force-reload loads ufw's files as the next boot will.
+UFW_INIT = Path("/lib/ufw/ufw-init")
 # Targets that cannot let a packet through when written in INPUT outside ufw.
 _CLOSING_TARGETS = ("DROP", "REJECT", "LOG", "RETURN")
 
@@ -203,7 +217,7 @@ def read_state() -> UfwState:
     """ufw's persistent configuration (needs root: ufw reads its rules files)."""
     defaults = _read_assignments(UFW_DEFAULTS)
     return UfwState(
-        enabled=_read_assignments(UFW_CONF).get("ENABLED", "no").lower() == "yes",
+        enabled=_enabled_at_boot(UFW_CONF.read_text(encoding="utf-8")),
         incoming=_policy(defaults, "DEFAULT_INPUT_POLICY"),
         outgoing=_policy(defaults, "DEFAULT_OUTPUT_POLICY"),
         ipv6=defaults.get("IPV6"),
@@ -217,6 +231,42 @@ def _policy(defaults: Dict[str, str], key: str) -> str:
     if value not in _POLICY_WORDS:
         raise FirewallError(f"{UFW_DEFAULTS}: {key} is {value!r}, not ACCEPT, DROP or REJECT")
     return _POLICY_WORDS[value]
+
+
+def _user_rules() -> Tuple[bytes, ...]:
+    """ufw's user rules files as they are now, to tell whether ufw rewrote them."""
+    return tuple(path.read_bytes() if path.is_file() else b"" for path in USER_RULES)
+
+
+def _rule_lines(content: bytes) -> List[bytes]:
+    """What iptables-restore reads of a rules file: its lines but blanks and comments."""
+    lines = (line.strip() for line in content.splitlines())
+    return [line for line in lines if line and not line.startswith(b"#")]
+
+
+def _kept_in_order(old: Sequence[bytes], new: Sequence[bytes]) -> bool:
+    """Whether every line of `old` is still in `new`, in the same order."""
+    remaining = iter(new)
+    return all(line in remaining for line in old)
+
+
+def _enabled_at_boot(text: str) -> bool:
+    """ENABLED as ufw-init takes it at boot: it sources ufw.conf and starts only on yes or YES
+    (ufw's command line lowercases, so for it `Yes`, or a line ending in CR, is on)."""
+    enabled = False
+    for line in text.split("\n"):
+        key, sep, value = line.partition("=")
+        if sep and key == "ENABLED":
+            value = value.split(" #", 1)[0].rstrip(" \t")
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            enabled = value in ("yes", "YES")
+    return enabled
+
+
+def _ufw_chains_loaded() -> bool:
+    """What ufw-init start asks before it loads anything."""
+    return run([_IPTABLES[4], "-L", _USER_CHAIN[4], "-n"], check=False).returncode == 0
 
 
 def kernel_has_ipv6() -> bool:
@@ -260,9 +310,10 @@ def read_live(family: int, port: int) -> LiveFamily:
     return parse_live(output.splitlines(), family, port)
 
 
-def _may_accept(line: str, target: str) -> bool:
-    """Whether an INPUT rule written outside ufw could let a packet in past ufw."""
-    return not target.startswith("ufw") and target not in _CLOSING_TARGETS and line != _LOOPBACK_ACCEPT
+def _may_accept(line: str, target: str, family: int) -> bool:
+    """Whether an INPUT rule that is not one of ufw's hooks could let a packet in past ufw."""
+    return (line not in _UFW_INPUT_HOOKS[family] and target not in _CLOSING_TARGETS
+            and line != _LOOPBACK_ACCEPT)
 
 
 def parse_live(lines: Sequence[str], family: int, port: int) -> LiveFamily:
@@ -279,9 +330,9 @@ def parse_live(lines: Sequence[str], family: int, port: int) -> LiveFamily:
             policy = words[2]
         elif words[:2] == ["-A", "INPUT"]:
             target = _options(words).get("-j", "")
-            if target == _UFW_HOOK[family]:
+            if line == f"-A INPUT -j {_UFW_HOOK[family]}":
                 hooked = True
-            elif _may_accept(line, target):
+            elif _may_accept(line, target, family):
                 outside.append(line)
         elif words[:2] == ["-A", _USER_CHAIN[family]]:
             options = _options(words)
@@ -386,14 +437,12 @@ class Firewall:
             _ufw("default", "deny", "incoming")
         if state.outgoing != "allow":
             _ufw("default", "allow", "outgoing")
-        in_sync = not state.enabled  # `ufw enable` loads everything; an active ufw needs a reload
         if state.ipv6 != "yes":
             _set_assignment(UFW_DEFAULTS, "IPV6", "yes")
             journal.record("firewall-ipv6-managed", previous=state.ipv6)
             if state.enabled:
                 # An active ufw builds its IPv6 chains only on reload; live rule changes need them.
                 _ufw("reload")
-                in_sync = True
         for rule in todo.remove:
             _ufw(*_delete_argv(rule))
             journal.record("firewall-rule-removed", rule=rule)
@@ -402,12 +451,28 @@ class Firewall:
             journal.record("firewall-rule-added", rule=rule)
         for peer in todo.skipped_peers:
             journal.record("firewall-peer-skipped", peer=str(peer), reason="kernel without IPv6")
-        _ufw("--force", "enable")
-        if not in_sync:
-            # Make the kernel match ufw's files again, whatever was done to it by hand.
-            _ufw("reload")
+        self._enable_as_at_boot()
         peers = [str(peer) for peer in self.config.zone_peers]
         journal.record("firewall-enabled", mesh_port=port, peers=peers)
+
+    @staticmethod
+    def _enable_as_at_boot() -> None:
+        """Leave the kernel holding what ufw.service will load from ufw's files at the next
+        boot, whatever was done to it by hand or planted in the files. `ufw enable` writes
+        user.rules anew from ufw's own rule tuples (a line planted among them goes), after
+        loading the files, and only while ufw's chains are not in the kernel: when they
+        were, or when it took a line out of what it had loaded, ufw-init reloads them
+        (ufw's own `reload` would too, in 20 s against 13 s in an emulated guest). What it
+        adds to the files (the logging and rate limiting a pristine user6.rules lacks) it
+        adds to the running firewall too."""
+        loaded = _ufw_chains_loaded()
+        _set_assignment(UFW_CONF, "ENABLED", "yes")  # ufw-init takes only yes or YES
+        before = _user_rules()
+        _ufw("--force", "enable")
+        after = _user_rules()
+        if loaded or not all(_kept_in_order(_rule_lines(old), _rule_lines(new))
+                             for old, new in zip(before, after)):
+            run([str(UFW_INIT), "force-reload"])
 
     def revert(self, record: Dict[str, Any]) -> None:
         """Put back the remembered ufw state: rules in order, defaults, IPV6, enabled or not."""

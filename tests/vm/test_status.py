@@ -7,7 +7,7 @@ import json
 import pytest
 
 from harness.vm.driver import Guest
-from tests.vm.reports import shown
+from tests.vm.reports import guarantee_finding, shown
 
 GUARANTEES = {"ssh", "agents", "logins", "rescue", "memory", "firewall", "security_class",
               "watchdog", "storage"}
@@ -32,6 +32,14 @@ def test_status_selftest_and_a_broken_guarantee(installed_guest: Guest) -> None:
                                            "storage keyslots", "volume key on disk"}
     assert all(p["blocked"] for p in probes)
     print(guest.run("statemesh-node selftest").stdout)
+
+    # A jump from INPUT into one of ufw's own chains that accepts is not one of ufw's hooks.
+    jump = "INPUT -p tcp --dport 8080 -j ufw-user-limit-accept"
+    guest.run(f"iptables -I {jump}")
+    firewall = guarantee_finding(guest, "firewall")
+    assert not firewall["holds"], firewall
+    assert "--dport 8080 -j ufw-user-limit-accept" in firewall["detail"], firewall
+    guest.run(f"iptables -D {jump}")
 
     # An operator switching the firewall off must show up: status is a monitoring check.
     guest.run("ufw disable")
