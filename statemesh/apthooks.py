@@ -26,9 +26,9 @@ import glob
 import os
 import re
 import stat
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from statemesh import safefile
 from statemesh.dpkgdb import as_installed
 
 APT_FILES = ("/etc/apt/apt.conf", "/etc/apt/apt.conf.d/*")
@@ -119,17 +119,26 @@ def dpkg_commands(data: bytes) -> List[str]:
     return sorted(found)
 
 
-def _parts(patterns: Sequence[str], reads: Callable[[str], bool]) -> List[str]:
+def _parts(patterns: Sequence[str], reads: Callable[[str], bool],
+           opens: Callable[[str], bool]) -> List[str]:
     """The files apt (or dpkg) reads: the main file, and the parts whose names `reads`
-    takes; dangling links included (they are read once their target appears)."""
+    takes, of a type `opens` takes; dangling links included (they are read once their
+    target appears)."""
     paths = []
     for pattern in patterns:
         for path in sorted(glob.glob(pattern)):
             if "*" in pattern and not reads(os.path.basename(path)):
                 continue
-            if os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path)):
+            if opens(path) or (os.path.islink(path) and not os.path.exists(path)):
                 paths.append(path)
     return paths
+
+
+def dpkg_opens(path: str) -> bool:
+    """dpkg opens any name it reads that is no directory, a FIFO or a device too (and waits
+    on it, or reads whatever is written into it); apt only regular files (os.path.isfile,
+    as apt's RealFileExists)."""
+    return os.path.exists(path) and not os.path.isdir(path)
 
 
 def apt_reads(name: str) -> bool:
@@ -159,7 +168,7 @@ def writable_by_others(path: str) -> Optional[str]:
 
 def _apt_finding(path: str) -> Optional[str]:
     try:
-        if INCLUDE.search(Path(path).read_text(encoding="utf-8", errors="replace")):
+        if INCLUDE.search(safefile.read_text(path, errors="replace")):
             return (f"apt configuration {path} includes other files (#include) and no package "
                     "installed it so (remove the file or the #include)")
         keys = apt_commands(read_apt_file(path))
@@ -173,7 +182,10 @@ def _apt_finding(path: str) -> Optional[str]:
 
 def _dpkg_finding(path: str) -> Optional[str]:
     try:
-        options = dpkg_commands(Path(path).read_bytes())
+        options = dpkg_commands(safefile.read_bytes(path))
+    except safefile.NotRegularFile as error:
+        return (f"dpkg configuration {path} is {error.kind}, not a regular file: dpkg would "
+                "wait on it or read whatever is written into it (remove it)")
     except OSError as error:
         return f"dpkg configuration {path} cannot be read ({error.strerror}); fix or remove it"
     if not options:
@@ -187,8 +199,8 @@ def problems(files: Dict[str, str]) -> List[str]:
     commands, and anything of it others than root could change; one finding each."""
     found = [f"apt or dpkg configuration: {why} (make it root's, not group- or world-writable)"
              for why in (writable_by_others(d) for d in CONFIG_DIRS if os.path.isdir(d)) if why]
-    readers = [(path, _apt_finding) for path in _parts(APT_FILES, apt_reads)]
-    readers += [(path, _dpkg_finding) for path in _parts(DPKG_FILES, dpkg_reads)]
+    readers = [(path, _apt_finding) for path in _parts(APT_FILES, apt_reads, os.path.isfile)]
+    readers += [(path, _dpkg_finding) for path in _parts(DPKG_FILES, dpkg_reads, dpkg_opens)]
     for path, finding_of in readers:
         why = writable_by_others(path)
         if why:

@@ -30,7 +30,7 @@ import shlex
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from statemesh import planted
+from statemesh import planted, safefile
 
 KERNEL_COMMAND_LINE = Path("/proc/cmdline")
 GRUB_DEFAULTS = Path("/etc/default/grub")
@@ -152,9 +152,8 @@ def grub_settings(files: Sequence[Path]) -> Dict[str, str]:
     settings: Dict[str, str] = {}
     for path in files:
         try:
-            settings = settings_of(path.read_bytes().decode("utf-8", errors="replace"),
-                                   settings)
-        except OSError:
+            settings = settings_of(safefile.read_text(path, errors="replace"), settings)
+        except OSError:  # a FIFO or a device too, never waited on (statemesh.jobs names it)
             continue
     return settings
 
@@ -166,17 +165,19 @@ def grub_files(defaults: Path = GRUB_DEFAULTS, directory: Path = GRUB_DEFAULTS_D
                               if not path.name.startswith("."))]
 
 
-def _custom_cfg_commands(custom: Path) -> bool:
-    """Whether GRUB's custom.cfg holds anything but blank lines and comments; one that
-    exists and cannot be read (a loop of links, an I/O error) counts as holding some."""
+def _custom_cfg_problem(custom: Path) -> Optional[str]:
+    """What GRUB's custom.cfg holds past blank lines and comments: "holds commands", or
+    why it cannot be read (a loop of links, an I/O error, a FIFO or a device, never waited
+    on), which counts as holding some; None when it holds none or is not there."""
     try:
-        with custom.open("rb") as handle:
+        with safefile.open_regular(custom) as handle:
             text = handle.read(CUSTOM_CFG_LIMIT).decode("utf-8", errors="replace")
     except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    return any(line.strip() and not line.strip().startswith("#") for line in text.split("\n"))
+        return None
+    except OSError as error:
+        return f"cannot be read ({error.strerror}), so may hold commands"
+    commands = any(line.strip() and not line.strip().startswith("#") for line in text.split("\n"))
+    return "holds commands" if commands else None
 
 
 def problems(cmdline: Path = KERNEL_COMMAND_LINE, files: Sequence[Path] = (),
@@ -195,8 +196,9 @@ def problems(cmdline: Path = KERNEL_COMMAND_LINE, files: Sequence[Path] = (),
                      "every boot, which runs something as root or keeps the node's units "
                      "from running (remove it from /etc/default/grub and "
                      "/etc/default/grub.d)")
-    if _custom_cfg_commands(custom):
-        found.append(f"{custom} holds commands, which GRUB runs at every boot past what "
+    custom_problem = _custom_cfg_problem(custom)
+    if custom_problem:
+        found.append(f"{custom} {custom_problem}, which GRUB runs at every boot past what "
                      "update-grub writes (menu entries with a kernel command line of root's "
                      "choosing): remove it")
     return found

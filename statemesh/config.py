@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
+from statemesh import safefile
+
 DEFAULT_PATH = Path("/etc/statemesh/node.conf")
 
 IpNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -213,9 +215,10 @@ def parse(text: str, path: Path = DEFAULT_PATH) -> NodeConfig:
 
 
 def load(path: Path = DEFAULT_PATH) -> NodeConfig:
-    """Load node.conf; a missing file means the documented defaults."""
+    """Load node.conf; a missing file means the documented defaults. A FIFO or a device
+    there is refused, never waited on (the operator writes this file)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = safefile.read_text(path)
     except FileNotFoundError:
         return NodeConfig()
     except UnicodeDecodeError as error:

@@ -10,10 +10,12 @@ file in info/ that no installed package names vouches for nothing.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import stat
 from pathlib import Path
 from typing import Collection, Dict, Iterator, List, Mapping, Optional, Set, Tuple
+
+from statemesh import safefile
 
 DPKG_DIR = Path("/var/lib/dpkg")
 # ucf: configuration files maintainer scripts generate (GRUB's /etc/default/grub), with the
@@ -64,10 +66,11 @@ def _paragraphs(path: Path) -> Iterator[Paragraph]:
         import apt_pkg
     except ImportError:
         from debian.deb822 import Deb822
-        with open(path, encoding="utf-8", errors="replace") as database:
+        with io.TextIOWrapper(safefile.open_regular(path), encoding="utf-8",
+                              errors="replace") as database:
             yield from (_kept(paragraph) for paragraph in Deb822.iter_paragraphs(database))
         return
-    with open(path, "rb") as database:
+    with safefile.open_regular(path) as database:
         for section in apt_pkg.TagFile(database, bytes=True):
             yield {key: section[key].decode("utf-8", errors="replace")
                    for key in FIELDS if key in section}
@@ -113,8 +116,8 @@ def installed_files(dpkg_dir: Path = DPKG_DIR, ucf_dir: Path = UCF_DIR) -> Dict[
 def _ucf_generated(ucf_dir: Path, on_disk: Set[str]) -> Iterator[Tuple[str, str]]:
     """ucf's files of packages on disk, with the md5 of what their scripts generated."""
     try:
-        registry = (ucf_dir / "registry").read_text(encoding="utf-8", errors="surrogateescape")
-        hashes = (ucf_dir / "hashfile").read_text(encoding="utf-8", errors="surrogateescape")
+        registry = safefile.read_text(ucf_dir / "registry", errors="surrogateescape")
+        hashes = safefile.read_text(ucf_dir / "hashfile", errors="surrogateescape")
     except OSError:
         return
     registered = set()
@@ -130,7 +133,7 @@ def _ucf_generated(ucf_dir: Path, on_disk: Set[str]) -> Iterator[Tuple[str, str]
 
 def _md5sums(path: Path) -> Iterator[Tuple[str, str]]:
     try:
-        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        text = safefile.read_text(path, errors="surrogateescape")
     except OSError:
         return
     for line in text.splitlines():
@@ -245,8 +248,8 @@ def _owners(paths: Set[str], dpkg_dir: Path) -> Dict[str, Set[str]]:
         if state(paragraph) not in ON_DISK:
             continue
         try:
-            listed = (dpkg_dir / "info" / f"{name}.list").read_text(
-                encoding="utf-8", errors="surrogateescape")
+            listed = safefile.read_text(dpkg_dir / "info" / f"{name}.list",
+                                        errors="surrogateescape")
         except OSError:
             continue
         for line in listed.splitlines():
@@ -266,19 +269,13 @@ def _spellings(path: str, real: str) -> List[str]:
 
 
 def md5_of(path: str) -> str:
-    """The md5 of a regular file, read in chunks; "" for anything else (a FIFO, a device)."""
+    """The md5 of a regular file, read in chunks; "" for anything else (a FIFO, a device:
+    never waited on nor read)."""
     digest = hashlib.md5(usedforsecurity=False)
     try:
-        with open(path, "rb", opener=_nonblocking) as stream:
-            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-                return ""
+        with safefile.open_regular(path) as stream:
             for chunk in iter(lambda: stream.read(CHUNK), b""):
                 digest.update(chunk)
     except OSError:
         return ""
     return digest.hexdigest()
-
-
-def _nonblocking(path: str, flags: int) -> int:
-    """Open without waiting on a FIFO's writer: its type is checked before any read."""
-    return os.open(path, flags | os.O_NONBLOCK)

@@ -28,7 +28,7 @@ from typing import Any, Dict, FrozenSet, Iterator, Optional
 
 import psutil
 
-from statemesh import proc
+from statemesh import proc, safefile
 
 GRACE_PATH = Path("/run/statemesh-node/install-grace.json")
 # Seconds the installing session is spared after the transaction has ended. What is left of
@@ -196,8 +196,10 @@ def _save(record: Dict[str, Any], path: Path) -> None:
 
 
 def _load(path: Path) -> Optional[Dict[str, Any]]:
+    """The record; None when there is none to believe: a FIFO or a device where it is
+    written (never waited on) spares nobody."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(safefile.read_text(path))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None

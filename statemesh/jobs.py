@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Pattern, Sequence, Tuple
 
+from statemesh import safefile
 from statemesh.dpkgdb import (DPKG_DIR, as_installed, direct_target, real_directory,
                               shipped_links)
 from statemesh.planted import named
@@ -199,8 +200,8 @@ def _as_generated(path: str, generated: Dict[str, Pattern[str]] = GENERATED_CONF
     if pattern is None:
         return False
     try:
-        return pattern.fullmatch(Path(path).read_text(encoding="utf-8")) is not None
-    except (OSError, UnicodeDecodeError):
+        return pattern.fullmatch(safefile.read_text(path)) is not None
+    except (OSError, UnicodeDecodeError):  # a FIFO or a device too: not what it writes
         return False
 
 
@@ -214,8 +215,15 @@ def _foreign_findings(files: Dict[str, str], *kinds: Foreign) -> List[str]:
     for patterns, what, remedy in kinds:
         paths = _foreign(patterns, files)
         if paths:
-            problems.append(f"{what}: {named(paths)} ({remedy})")
+            problems.append(f"{what}: {named(_shown(paths))} ({remedy})")
     return problems
+
+
+def _shown(paths: Sequence[str]) -> List[str]:
+    """The paths as a finding names them, saying which are no regular file ("x (a FIFO)"):
+    what reads one waits on it, or reads whatever is written into it."""
+    return [f"{path} ({kind})" if kind else path
+            for path, kind in ((path, safefile.non_regular(path)) for path in paths)]
 
 
 def timer_problems(files: Dict[str, str], timer_globs: Sequence[str] = TIMER_GLOBS,
@@ -295,8 +303,8 @@ def _hook_as_installed(path: str, files: Dict[str, str]) -> bool:
 def grub_settings_only(path: Path) -> bool:
     """A GRUB settings file that only sets GRUB_* variables (comments and blank lines aside)."""
     try:
-        text = path.read_bytes().decode("utf-8")  # no newline translation: \r is no newline in sh
-    except (OSError, UnicodeDecodeError):
+        text = safefile.read_text(path)  # no newline translation: \r is no newline in sh
+    except (OSError, UnicodeDecodeError):  # a FIFO or a device too: sh would read what comes
         return False
     lines = text.split("\n")
     return all(not _CONTROL.search(line) and (
@@ -318,8 +326,8 @@ def hook_problems(files: Dict[str, str], hook_globs: Sequence[str] = HOOK_GLOBS,
         return []
     return [f"hooks of packaged programs not as a package installed them, run as root later "
             f"(kernel and initramfs updates, the initramfs at boot, needrestart, logrotate, "
-            f"udev, modprobe, network events): {named(found)} (remove them, or reinstall "
-            "their package)"]
+            f"udev, modprobe, network events): {named(_shown(found))} (remove them, or "
+            "reinstall their package)"]
 
 
 def linked_directory_problems(patterns: Sequence[str] = HOOK_GLOBS + CRON_DIR_GLOBS

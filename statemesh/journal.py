@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from statemesh import __version__, proc
+from statemesh import __version__, proc, safefile
 
 STATE_DIR = Path("/var/lib/statemesh-node")
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
@@ -102,8 +102,10 @@ def write_atomically(path: Path, data: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
+    """The file's JSON, None when it is not there; JournalError when it cannot be read (a
+    FIFO or a device too: root could leave one before installing, never waited on)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(safefile.read_text(path))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
@@ -146,13 +148,15 @@ class Journal:
 
     def events(self, since: int = 0) -> List[Dict[str, Any]]:
         """The events recorded from byte offset `since` on; a line cut short (power lost
-        during its write) ends the list."""
+        during its write) ends the list. JournalError for a FIFO or a device there."""
         try:
-            with open(self.journal_path, "rb") as stream:
+            with safefile.open_regular(self.journal_path) as stream:
                 stream.seek(since)
                 lines = stream.read().decode("utf-8", errors="replace").splitlines()
         except FileNotFoundError:
             return []
+        except safefile.NotRegularFile as error:
+            raise JournalError(f"{self.journal_path} cannot be read: {error}") from None
         found = []
         for line in lines:
             try:

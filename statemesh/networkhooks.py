@@ -19,7 +19,8 @@ from /etc/network both, whichever ifupdown meant. ifupdown pastes every option's
 the commands it runs with /bin/sh, so a value with shell syntax in it (`mtu 1500;/root/x`)
 is a command too; ifupdown2 spells options with `_` as well. wg-quick takes its keys in any
 case; OpenVPN's options may carry the command line's `--`, quotes, or a byte order mark
-before them. Only regular files are read (a FIFO or a device would hold the reader).
+before them. Only regular files are read: a FIFO or a device would hold the reader, and is
+named instead (its program reads whatever is written into it, or waits at boot).
 
 Honest limit: these are three programs' ways to run commands; a program of another name
 that runs what its configuration says (a VPN client, a monitoring agent, ifupdown2's Mako
@@ -31,9 +32,9 @@ from __future__ import annotations
 import glob
 import os
 import re
-import stat
 from typing import Dict, Iterator, List, Sequence, Set, Tuple
 
+from statemesh import safefile
 from statemesh.planted import named
 
 INTERFACES = "/etc/network/interfaces"
@@ -81,17 +82,18 @@ def _logical_lines(text: str) -> Iterator[Tuple[int, str]]:
         yield first, pending
 
 
-def _read(path: str) -> str:
-    """A regular file's whole text (a command after any amount of padding still counts);
-    "" for anything else (a FIFO, a device: opened without waiting, never read)."""
+def _read(path: str, found: List[Found]) -> str:
+    """A regular file's whole text (a command after any amount of padding still counts).
+    A FIFO or a device is never waited on: it goes into `found` (its program would read
+    whatever is written into it, or hang at boot), and "" is its text."""
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        return safefile.read_text(path, errors="replace")
+    except safefile.NotRegularFile as error:
+        found.append((path, 0, f"{error.kind}, not a regular file (its program reads "
+                               "whatever is written into it)"))
     except OSError:
-        return ""
-    with os.fdopen(descriptor, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            return ""
-        return handle.read().decode("utf-8", errors="replace")
+        pass
+    return ""
 
 
 def _sourced(kind: str, targets: Sequence[str], bases: Sequence[str]) -> List[str]:
@@ -130,10 +132,10 @@ def ifupdown_commands(path: str = INTERFACES) -> List[Found]:
     while pending:
         current = pending.pop(0)
         real = os.path.realpath(current)
-        if real in seen or not os.path.isfile(real):
+        if real in seen or not os.path.exists(real) or os.path.isdir(real):
             continue
         seen.add(real)
-        for number, line in _logical_lines(_read(current)):
+        for number, line in _logical_lines(_read(current, found)):
             words = line.split()
             if not words:
                 continue
@@ -157,7 +159,7 @@ def wireguard_commands(patterns: Sequence[str] = WIREGUARD_FILES) -> List[Found]
     """wg-quick's PreUp, PostUp, PreDown and PostDown, in any case."""
     found: List[Found] = []
     for path in _files(patterns):
-        for number, line in enumerate(_read(path).splitlines(), start=1):
+        for number, line in enumerate(_read(path, found).splitlines(), start=1):
             match = WIREGUARD_COMMAND.match(line)
             if match:
                 found.append((path, number, match.group(1)))
@@ -169,7 +171,8 @@ def openvpn_commands(patterns: Sequence[str] = OPENVPN_FILES) -> List[Found]:
     option is spelled (the command line's `--`, quoted, after a byte order mark)."""
     found: List[Found] = []
     for path in _files(patterns):
-        for number, line in enumerate(_read(path).lstrip("\ufeff").splitlines(), start=1):
+        for number, line in enumerate(_read(path, found).lstrip("\ufeff").splitlines(),
+                                      start=1):
             words = line.split()
             if not words or words[0].startswith(("#", ";")):
                 continue
@@ -182,7 +185,7 @@ def openvpn_commands(patterns: Sequence[str] = OPENVPN_FILES) -> List[Found]:
 def _described(found: Sequence[Found]) -> str:
     by_file: Dict[str, List[str]] = {}
     for path, number, option in found:
-        by_file.setdefault(path, []).append(f"{option} (line {number})")
+        by_file.setdefault(path, []).append(f"{option} (line {number})" if number else option)
     return "; ".join(f"{path}: {named(options, LINES_SHOWN)}" for path, options in by_file.items())
 
 

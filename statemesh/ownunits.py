@@ -27,7 +27,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import psutil
 
-from statemesh import systemd
+from statemesh import safefile, systemd
 from statemesh.guarantees.base import Finding
 
 SHIPPED_DIR = Path("/lib/systemd/system")
@@ -89,8 +89,10 @@ def expected_cmdline(command: Sequence[str], read_head: Callable[[str], bytes]) 
 
 
 def _read_head(path: str) -> bytes:
+    """A file's first bytes; b"" when it cannot be read, a FIFO or a device too (never
+    waited on: a drop-in's path is root's to fill before installing)."""
     try:
-        with open(path, "rb") as script:
+        with safefile.open_regular(path) as script:
             return script.read(256)
     except OSError:
         return b""

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence
 
+from statemesh import safefile
 from statemesh.dpkgdb import as_installed
 
 LD_SO_PRELOAD = Path("/etc/ld.so.preload")
@@ -77,16 +78,30 @@ def _not_installed(patterns: Iterable[str], files: Dict[str, str]) -> List[str]:
 
 
 def _read(path: Path) -> str:
+    """The file's text; "" when it is missing or unreadable. Raises NotRegularFile for a
+    FIFO or a device (never waited on): the caller names it."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        return safefile.read_text(path, errors="replace")
+    except safefile.NotRegularFile:
+        raise
     except OSError:
         return ""
 
 
+def _not_regular(path: Path, error: safefile.NotRegularFile, whose: str) -> str:
+    """A finding for a FIFO or a device where a file of loaded code or settings is read:
+    its readers would wait on it, or read whatever is written into it."""
+    return (f"{path} is {error.kind}, not a regular file: {whose} would wait on it or read "
+            f"whatever is written into it (remove {path})")
+
+
 def preload_problems(path: Path = LD_SO_PRELOAD) -> List[str]:
     """A preload list loads its libraries into every program started, as root too."""
-    libraries = [word for line in _read(path).splitlines()
-                 for word in line.split("#", 1)[0].split()]
+    try:
+        text = _read(path)
+    except safefile.NotRegularFile as error:
+        return [_not_regular(path, error, "every program's start")]
+    libraries = [word for line in text.splitlines() for word in line.split("#", 1)[0].split()]
     if not libraries:
         return []
     return [f"{path} loads {named(libraries)} into every program, root's included "
@@ -112,18 +127,35 @@ def environment_problems(environment: Iterable[str]) -> List[str]:
             if loads_code(name)]
 
 
+def _command_line(path: Path) -> str:
+    """The kernel's command line (its own file, no operator's); "" when unreadable."""
+    try:
+        return safefile.read_text(path, errors="replace")
+    except OSError:
+        return ""
+
+
+def _loader_names(text: str) -> List[str]:
+    """The variables that make programs load code that an environment file sets."""
+    return sorted({name for line in text.splitlines()
+                   if not line.lstrip().startswith(("#", ";"))
+                   for name in re.findall(ASSIGNED, line) if loads_code(name)})
+
+
 def environment_file_problems(patterns: Sequence[str] = ENVIRONMENT_FILES,
                               cmdline: Path = KERNEL_COMMAND_LINE) -> List[str]:
     """The same variables set for the next boot's services, or for cron's jobs."""
     problems = []
     for path in sorted({path for pattern in patterns for path in glob.glob(pattern)}):
-        names = sorted({name for line in _read(Path(path)).splitlines()
-                        if not line.lstrip().startswith(("#", ";"))
-                        for name in re.findall(ASSIGNED, line) if loads_code(name)})
+        try:
+            names = _loader_names(_read(Path(path)))
+        except safefile.NotRegularFile as error:
+            problems.append(_not_regular(Path(path), error, "the programs started after it"))
+            continue
         if names:
             problems.append(f"{path} sets {', '.join(names)} for the programs started after "
                             f"it (remove it there)")
-    setenv = [word.partition("=")[2] for word in _read(cmdline).split()
+    setenv = [word.partition("=")[2] for word in _command_line(cmdline).split()
               if word.startswith("systemd.setenv=")]
     names = sorted({name for name in (value.partition("=")[0] for value in setenv)
                     if loads_code(name)})

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import psutil
 
 from statemesh import (accounts, apthooks, bootargs, dpkgdb, grace, jobs, leftrunning,
-                       networkhooks, ownunits, planted, proc, systemd)
+                       networkhooks, ownunits, planted, proc, safefile, systemd)
 from statemesh.guarantees import memory, rescue
 from statemesh.guarantees.base import Finding
 from statemesh.watchdog import terminals
@@ -103,8 +103,8 @@ def _version(text: str) -> Optional[Tuple[int, ...]]:
 def os_problem(path: Path = OS_RELEASE) -> Tuple[Optional[str], Dict[str, str]]:
     """Why this OS is not supported (None when it is), and what os-release says."""
     try:
-        release = parse_os_release(path.read_text(encoding="utf-8"))
-    except OSError as error:
+        release = parse_os_release(safefile.read_text(path))
+    except OSError as error:  # a FIFO or a device too: never waited on
         return f"cannot read {path}: {error.strerror}", {}
     name, version = release.get("ID", ""), release.get("VERSION_ID", "")
     shown = release.get("PRETTY_NAME", f"{name} {version}".strip() or "unknown")
@@ -127,9 +127,11 @@ def pid1_problem(comm: Path = PID1_COMM) -> Optional[str]:
 
 
 def read_utmp(path: Path = UTMP) -> List[Login]:
-    """Live USER_PROCESS entries (a dead process's entry is a stale record, not a login)."""
+    """Live USER_PROCESS entries (a dead process's entry is a stale record, not a login).
+    Raises OSError when it cannot be read: NotRegularFile for a FIFO or a device, which
+    would hide every login (and is never waited on)."""
     try:
-        data = path.read_bytes()
+        data = safefile.read_bytes(path)
     except FileNotFoundError:
         return []
     logins = []
@@ -325,7 +327,12 @@ def check(os_release: Path = OS_RELEASE, pid1_comm: Path = PID1_COMM, utmp: Path
     if bus.display_manager in ("active", "activating", "reloading"):
         problems.append(f"a display manager runs ({DISPLAY_MANAGER} is {bus.display_manager})")
     problems += session_problems(bus.sessions, own)
-    logins = read_utmp(utmp)
+    try:
+        logins = read_utmp(utmp)
+    except OSError as error:
+        problems.append(f"cannot read {utmp} to see who is logged in ({error.strerror}; "
+                        "remove it: the next boot makes it again)")
+        logins = []
     facts["logins"] = [dataclasses.asdict(login) for login in logins]
     seen = [s.tty for s in bus.sessions if s.tty]
     problems += utmp_problems(logins, own, seen)

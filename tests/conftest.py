@@ -64,6 +64,28 @@ def stopped_process() -> Iterator[int]:
         child.wait()
 
 
+# How long a test of a FIFO or a device may take before it counts as waiting on one.
+PROMPT_SECONDS = 10
+
+
+@pytest.fixture
+def returns_promptly() -> Iterator[None]:
+    """Fails a test still running after PROMPT_SECONDS: opening a FIFO a check reads waits
+    for a writer for ever, and the suite must go on and say so rather than hang. pytest's
+    failure is no Exception (TimeoutError would be an OSError, which the code under test
+    may take for an unreadable file and go on)."""
+    def waited(_signal: int, _frame: object) -> None:
+        pytest.fail(f"still waiting after {PROMPT_SECONDS} s (on a FIFO or a device?)")
+
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(PROMPT_SECONDS)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(autouse=True)
 def this_host_is_never_hardened(monkeypatch: pytest.MonkeyPatch) -> None:
     """Locking loginuids cannot be undone before a reboot: no host test may reach the kernel's

@@ -129,3 +129,20 @@ def test_a_file_apt_cannot_parse_is_named(etc: Path) -> None:
     (finding,) = apthooks.problems({})
     assert finding.startswith(f"apt configuration {etc}/apt/apt.conf.d/50broken cannot be read "
                               "as apt reads it")
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_fifo_dpkg_would_read_is_named_and_one_apt_skips_is_not_waited_on(
+        etc: Path) -> None:
+    """dpkg opens every name of dpkg.cfg.d it takes, a FIFO too, and reads whatever is
+    written into it: named (it was passed over). apt skips what is no regular file, so a
+    FIFO in apt.conf.d is no finding; were one swapped in after apt's listing, it is named
+    as unreadable. Nothing waited on either (the read of each waited for ever)."""
+    os.mkfifo(etc / "dpkg/dpkg.cfg.d/way-back")
+    os.mkfifo(etc / "apt/apt.conf.d/99way-back")
+    assert apthooks.problems({}) == [
+        f"dpkg configuration {etc}/dpkg/dpkg.cfg.d/way-back is a FIFO, not a regular file: "
+        "dpkg would wait on it or read whatever is written into it (remove it)"]
+    assert apthooks._apt_finding(f"{etc}/apt/apt.conf.d/99way-back") == (
+        f"apt configuration {etc}/apt/apt.conf.d/99way-back cannot be read as apt reads it "
+        "(a FIFO, not a regular file); fix or remove it")

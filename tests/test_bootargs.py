@@ -4,6 +4,7 @@ next one (read without a shell)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,18 @@ def test_a_custom_cfg_that_cannot_be_read_counts_as_holding_commands(tmp_path: P
     custom = tmp_path / "custom.cfg"
     custom.symlink_to(custom)  # a loop: ELOOP
     assert len(bootargs.problems(cmdline, [tmp_path / "grub"], custom)) == 1
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_fifos_as_grubs_files_are_never_waited_on(tmp_path: Path) -> None:
+    """custom.cfg as a FIFO is named as unreadable; a settings file as a FIFO is passed over
+    here (statemesh.jobs names it among the hooks). Both were waited on for ever."""
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(DEBIAN_CLOUD + "\n")
+    custom = tmp_path / "custom.cfg"
+    os.mkfifo(tmp_path / "grub")
+    os.mkfifo(custom)
+    assert bootargs.problems(cmdline, [tmp_path / "grub"], custom) == [
+        f"{custom} cannot be read (a FIFO, not a regular file), so may hold commands, which "
+        "GRUB runs at every boot past what update-grub writes (menu entries with a kernel "
+        "command line of root's choosing): remove it"]

@@ -6,6 +6,7 @@ volume, the watchdog's exemptions), but one parser reads them all: their tests a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,15 @@ def test_config_errors_name_key_and_line(text: str, key: str, line: int, message
 
 
 # -- the storage volume ------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_fifo_as_node_conf_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """The operator writes node.conf: a FIFO there held the installation for ever."""
+    node_conf = tmp_path / "node.conf"
+    os.mkfifo(node_conf)
+    with pytest.raises(ConfigError, match="node.conf: cannot be read: a FIFO, not a regular file"):
+        config.load(node_conf)
 
 
 @pytest.mark.parametrize("line, message", [

@@ -88,6 +88,30 @@ def test_a_fifo_or_a_device_is_never_read(tmp_path: Path) -> None:
     assert not dpkgdb.as_installed(str(fifo), {str(fifo): "d41d8cd98f00b204e9800998ecf8427e"})
 
 
+@pytest.mark.usefixtures("returns_promptly")
+def test_fifos_in_dpkgs_and_ucfs_databases_are_never_waited_on(tmp_path: Path) -> None:
+    """Every file of the database is the operator's before installing: a FIFO there counts
+    as unreadable (it vouches for nothing; a status file that cannot be read is an error).
+    Each was waited on for ever."""
+    (tmp_path / "dpkg").mkdir()
+    root, ucf = database(tmp_path / "dpkg"), tmp_path / "ucf"
+    (root / "updates").mkdir()
+    os.mkfifo(root / "updates" / "0001")
+    (root / "info" / "libc-bin.md5sums").unlink()
+    os.mkfifo(root / "info" / "libc-bin.md5sums")
+    os.mkfifo(root / "info" / "libc-bin.list")
+    ucf.mkdir()
+    os.mkfifo(ucf / "registry")
+    (ucf / "hashfile").write_text("ee" * 16 + "  /etc/default/grub\n")
+    assert "/sbin/ldconfig" not in dpkgdb.installed_files(root, ucf)
+    assert "/etc/default/grub" not in dpkgdb.installed_files(root, ucf)
+    assert dpkgdb._owners({"/sbin/ldconfig"}, root) == {}
+    (root / "status").unlink()
+    os.mkfifo(root / "status")
+    with pytest.raises(OSError, match="status: a FIFO, not a regular file"):
+        dpkgdb.packages(root)
+
+
 def test_a_garbled_updates_file_hides_nothing_of_the_status_file(tmp_path: Path) -> None:
     root = database(tmp_path)
     (root / "updates").mkdir()

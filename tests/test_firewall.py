@@ -343,6 +343,18 @@ def test_set_assignment_replaces_adds_and_removes(tmp_path: Path):
     assert path.read_text().endswith("IPV6=no\n")
 
 
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_fifo_as_ufws_configuration_is_named_and_never_waited_on(tmp_path: Path):
+    """/etc/default/ufw and ufw.conf are root's to replace before installing: a FIFO there
+    held the installation and status for ever."""
+    path = tmp_path / "ufw"
+    os.mkfifo(path)
+    with pytest.raises(firewall.FirewallError, match=f"{path} is a FIFO, not a regular file"):
+        firewall._read_assignments(path)
+    with pytest.raises(firewall.FirewallError, match=f"{path} is a FIFO, not a regular file"):
+        firewall._set_assignment(path, "IPV6", "yes")
+
+
 # --- the real ufw in private namespaces --------------------------------------------------
 
 

@@ -225,6 +225,22 @@ def test_unreadable_state_is_a_clear_error(book: journal.Journal) -> None:
         book.require_clean_boot()
 
 
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_fifo_among_the_journals_files_is_a_clear_error(book: journal.Journal) -> None:
+    """Root can leave a FIFO where the journal's files go before installing: status and
+    the installation waited on it for ever."""
+    book.directory.mkdir(parents=True)
+    for path in (book.state_path, book.restore_path, book.journal_path):
+        os.mkfifo(path)
+    not_regular = "cannot be read: a FIFO, not a regular file"
+    with pytest.raises(journal.JournalError, match=f"state.json {not_regular}"):
+        book.require_clean_boot()
+    with pytest.raises(journal.JournalError, match=f"restore.json {not_regular}"):
+        book.restore_record()
+    with pytest.raises(journal.JournalError, match=f"journal.jsonl {not_regular}"):
+        book.events()
+
+
 def test_what_the_harden_unit_does_at_boot(book: journal.Journal) -> None:
     assert install.boot_action(book, requested=False) == install.TRANSACTION  # image, 1st boot
     with pytest.raises(install.PreflightRefused):

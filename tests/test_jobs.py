@@ -4,6 +4,8 @@ dpkg installed, and a masked timer, are not."""
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -332,3 +334,33 @@ def test_screens_generated_tmpfiles_file_passes_as_its_postinst_writes_it(
     written.write_text(written.read_text() + "w+ /etc/ld.so.preload - - - - /root/x.so\n")
     assert not jobs._as_generated(str(written), generated)
     assert not jobs._as_generated(str(tmp_path / "absent.conf"), generated)
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_fifo_where_a_generated_file_is_expected_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FIFO at screen's generated tmpfiles.d file: systemd-tmpfiles would read whatever is
+    written into it at boot. It is named as no package's, saying what it is; it was waited
+    on for ever."""
+    tmpfiles = tmp_path / "tmpfiles.d"
+    tmpfiles.mkdir()
+    fifo = tmpfiles / "screen-cleanup.conf"
+    os.mkfifo(fifo)
+    monkeypatch.setitem(jobs.GENERATED_CONFIG, str(fifo),
+                        jobs.GENERATED_CONFIG["/etc/tmpfiles.d/screen-cleanup.conf"])
+    [found] = jobs.boot_script_problems({}, (), tmp_path / "rc.local", tmp_path / "linger",
+                                        (f"{tmpfiles}/*",))
+    assert f": {fifo} (a FIFO) (remove it, or reinstall its package)" in found, found
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_fifo_as_grubs_settings_file_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """update-grub sources /etc/default/grub as shell: a FIFO there runs whatever is written
+    into it. It is named among the hooks; it was waited on for ever."""
+    grub = tmp_path / "grub"
+    os.mkfifo(grub)
+    monkeypatch.setattr(jobs, "GRUB_SETTINGS_FILES", re.compile(f"^{re.escape(str(grub))}$"))
+    assert not jobs.grub_settings_only(grub)
+    [found] = jobs.hook_problems({}, (str(grub),), tmp_path / "dpkg")
+    assert found.endswith(f": {grub} (a FIFO) (remove them, or reinstall their package)"), found

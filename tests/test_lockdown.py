@@ -588,3 +588,20 @@ def test_status_fails_naming_the_tamper_listener_when_only_it_is_missing(
     out = capsys.readouterr().out
     assert f"FAIL tamper_listener  {HARDEN_UNIT} is not running" in out
     assert out.rstrip().endswith("NOT all guarantees hold")
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_fifos_where_the_lockdown_reads_roots_files_are_never_waited_on(
+        root: Path, listener_state_of_the_test: Path) -> None:
+    """/etc/shadow, GRUB's drop-in and the listener's record are root's to replace before
+    installing: a FIFO at any held the installation or status for ever. Shadow is an
+    error, the drop-in is not as written, the record says nothing."""
+    (root / "etc/shadow").unlink()
+    os.mkfifo(root / "etc/shadow")
+    with pytest.raises(LockdownError, match="etc/shadow: a FIFO, not a regular file"):
+        logins.password_field(root / "etc/shadow")
+    (root / rescue.GRUB_DROPIN).parent.mkdir(parents=True)
+    os.mkfifo(root / rescue.GRUB_DROPIN)
+    assert not rescue.Rescue(root=root, regenerate_grub=lambda: None)._grub_locked()
+    os.mkfifo(listener_state_of_the_test)
+    assert tamper.cannot_enforce([os.getpid()]) == {}

@@ -4,6 +4,7 @@ crashes a process on a real node."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List
 
@@ -94,3 +95,16 @@ def test_preflight_refuses_a_plain_swap(tmp_path: Path, fakebus: FakeBus) -> Non
                              tmp_path / "none", swaps, planted_problems=lambda environment: [])
     assert ("swap on /dev/vda3 is not compressed RAM: workload memory would reach a disk "
             "(swapoff it and remove it from /etc/fstab, or use zram)") in report.problems
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_fifo_as_a_drop_in_fails_it_and_is_never_waited_on(root: Path) -> None:
+    """The drop-ins' paths are root's to fill before installing: a FIFO there is not the
+    drop-in written (it held the installation and status for ever)."""
+    (root / memory.SLEEP_DROPIN).parent.mkdir(parents=True)
+    os.mkfifo(root / memory.SLEEP_DROPIN)
+    (root / memory.SYSCTL_DROPIN).parent.mkdir(parents=True)
+    os.mkfifo(root / memory.SYSCTL_DROPIN)
+    problems = memory.Memory(root)._problems()
+    assert f"hibernation not turned off ({root / memory.SLEEP_DROPIN} missing)" in problems
+    assert any(str(root / memory.SYSCTL_DROPIN) in problem for problem in problems), problems

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import List
 
+import pytest
+
 from statemesh import networkhooks
 
 PLAIN_INTERFACES = """# The loopback network interface
@@ -98,17 +100,40 @@ def test_the_ways_round_a_reading_that_ifupdown_does_not_share(tmp_path: Path) -
     assert "address" not in line
 
 
+NOT_REGULAR = "not a regular file (its program reads whatever is written into it)"
+
+
+@pytest.mark.usefixtures("returns_promptly")
 def test_openvpn_options_quoted_after_a_byte_order_mark_and_files_that_are_no_files(
         tmp_path: Path) -> None:
-    """A FIFO or a device named like a configuration file is not read (nothing waits on it)."""
+    """A FIFO or a device named like a configuration file is named, never read nor waited
+    on: wg-quick and OpenVPN would read whatever is written into it."""
     (tmp_path / "openvpn").mkdir()
     (tmp_path / "openvpn/bom.conf").write_text("\ufeffup /root/a\n\"iproute\" /root/b\n")
     os.mkfifo(tmp_path / "openvpn/fifo.conf")
     os.symlink("/dev/zero", tmp_path / "openvpn/zero.conf")
     (tmp_path / "wireguard").mkdir()
     os.mkfifo(tmp_path / "wireguard/wg1.conf")
-    [openvpn] = problems(tmp_path)
-    assert f"{tmp_path}/openvpn/bom.conf: up (line 1), iproute (line 2)" in openvpn, openvpn
+    wireguard, openvpn = problems(tmp_path)
+    assert f"{tmp_path}/wireguard/wg1.conf: a FIFO, {NOT_REGULAR}" in wireguard, wireguard
+    for named in (f"{tmp_path}/openvpn/bom.conf: up (line 1), iproute (line 2)",
+                  f"{tmp_path}/openvpn/fifo.conf: a FIFO, {NOT_REGULAR}",
+                  f"{tmp_path}/openvpn/zero.conf: a character device, {NOT_REGULAR}"):
+        assert named in openvpn, (named, openvpn)
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_fifo_ifupdown_reads_is_named(tmp_path: Path) -> None:
+    """/etc/network/interfaces, or a file it sources, as a FIFO: ifupdown would wait on it
+    at boot or run what a writer writes into it. It was passed over as no file."""
+    os.mkfifo(tmp_path / "interfaces")
+    [line] = problems(tmp_path)
+    assert f"{tmp_path}/interfaces: a FIFO, {NOT_REGULAR}" in line, line
+    os.unlink(tmp_path / "interfaces")
+    (tmp_path / "interfaces").write_text(PLAIN_INTERFACES + "source sourced\n")
+    os.mkfifo(tmp_path / "sourced")
+    [line] = problems(tmp_path)
+    assert f"{tmp_path}/sourced: a FIFO, {NOT_REGULAR}" in line, line
 
 
 def test_a_command_after_any_amount_of_padding_is_named(tmp_path: Path) -> None:

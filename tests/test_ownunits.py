@@ -3,6 +3,7 @@ units and processes here; the VM suite plants a drop-in and a stale main process
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -76,6 +77,21 @@ def test_the_fragment_is_compared_after_resolving_links(tmp_path: Path) -> None:
 ])
 def test_what_was_planted_is_named(fields: dict, problem: str) -> None:
     assert problems(watchdog(**fields)) == [problem]
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_fifo_as_the_purge_dropin_is_named_and_never_waited_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The purge drop-in's path is root's to fill before installing: a FIFO there is no
+    drop-in of ours (preflight and status waited on it for ever)."""
+    dropin = str(tmp_path / "50-statemesh-purge.conf")
+    os.mkfifo(dropin)
+    monkeypatch.setattr(ownunits, "PURGE_DROPIN", dropin)
+    assert ownunits.unit_problems(
+        watchdog(dropins=(dropin,)), Path("/lib/systemd/system"), RUNNING.get,
+        lambda path: ownunits._read_head(path) if path == dropin else HEADS.get(path, b""),
+        exiting=lambda pid: pid in EXITING) == [
+        f"statemesh-watchdog.service has drop-ins: {dropin}"]
 
 
 def test_only_the_purge_dropin_of_the_watchdog_is_ours() -> None:

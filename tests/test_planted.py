@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
+
+import pytest
 
 from statemesh import planted, preflight
 from tests.fakebus import FakeBus, fakebus, package_units  # noqa: F401 - fixture
@@ -22,6 +25,17 @@ def test_a_preload_list_is_named_and_an_empty_one_is_not(tmp_path: Path) -> None
     assert planted.preload_problems(preload) == [
         f"{preload} loads /usr/lib/libhook.so into every program, root's included "
         f"(remove {preload})"]
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_fifo_as_the_preload_list_is_named_not_waited_on(tmp_path: Path) -> None:
+    """The dynamic linker opens /etc/ld.so.preload at every program's start: a FIFO there
+    holds each start, or hands it what a writer writes. It was waited on for ever."""
+    preload = tmp_path / "ld.so.preload"
+    os.mkfifo(preload)
+    assert planted.preload_problems(preload) == [
+        f"{preload} is a FIFO, not a regular file: every program's start would wait on it "
+        f"or read whatever is written into it (remove {preload})"]
 
 
 def test_the_managers_environment_may_not_make_services_load_other_code() -> None:
@@ -64,6 +78,23 @@ def test_variables_set_for_the_next_boot_or_for_crons_jobs(tmp_path: Path) -> No
         "(remove it there)",
         "the kernel command line sets PERL5OPT for every service (systemd.setenv=; remove it "
         "from the boot loader's configuration)"]
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_fifo_or_a_device_as_an_environment_file_is_named(tmp_path: Path) -> None:
+    """pam_env and systemd read these files as any other: a FIFO, or a link to a device,
+    is named (it was waited on for ever, or read as an empty file)."""
+    environment, system_conf = tmp_path / "environment", tmp_path / "system.conf"
+    os.mkfifo(environment)
+    os.symlink("/dev/null", system_conf)
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("root=LABEL=x\n")
+    assert planted.environment_file_problems((str(environment), str(system_conf)),
+                                             cmdline) == [
+        f"{environment} is a FIFO, not a regular file: the programs started after it would "
+        f"wait on it or read whatever is written into it (remove {environment})",
+        f"{system_conf} is a character device, not a regular file: the programs started "
+        f"after it would wait on it or read whatever is written into it (remove {system_conf})"]
 
 
 def test_libraries_searched_before_the_systems_and_added_paths(tmp_path: Path) -> None:

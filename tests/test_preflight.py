@@ -11,7 +11,7 @@ from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
-from statemesh import leftrunning, planted, preflight, proc
+from statemesh import grace, leftrunning, planted, preflight, proc
 from tests.fakebus import FakeBus, FakeSession, fakebus, package_units  # noqa: F401 - fixture
 
 DEBIAN12 = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
@@ -84,6 +84,28 @@ def test_missing_os_release_and_pid1(tmp_path: Path) -> None:
     assert problem is not None and "cannot read" in problem
     (tmp_path / "comm").write_text("init\n")
     assert preflight.pid1_problem(tmp_path / "comm") == "PID 1 is 'init', not systemd"
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_fifo_as_os_release_or_the_grace_record_is_never_waited_on(tmp_path: Path) -> None:
+    """Both are the operator's to replace before installing; a FIFO at either held
+    preflight and status for ever. os-release is named; a grace record spares nobody."""
+    os.mkfifo(tmp_path / "os-release")
+    problem, release = preflight.os_problem(tmp_path / "os-release")
+    assert (problem, release) == (
+        f"cannot read {tmp_path}/os-release: a FIFO, not a regular file", {})
+    os.mkfifo(tmp_path / "grace.json")
+    assert grace.recorded(tmp_path / "grace.json") is None
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_fifo_as_utmp_is_named(host: Host) -> None:
+    """A FIFO at /run/utmp hides every login, and held preflight for ever."""
+    os.mkfifo(host.utmp)
+    report = host.check()
+    assert report.problems == [
+        f"cannot read {host.utmp} to see who is logged in (a FIFO, not a regular file; "
+        "remove it: the next boot makes it again)"], report.problems
 
 
 def test_a_plain_server_passes(host: Host) -> None:

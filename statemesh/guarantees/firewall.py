@@ -40,6 +40,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from statemesh import safefile
 from statemesh.config import IpNetwork, NodeConfig
 from statemesh.guarantees.base import FIREWALL_UNIT, Finding, Way
 from statemesh.run import CommandError, have, run
@@ -171,10 +172,20 @@ def _mesh_source(rule: str, port: int) -> Optional[IpNetwork]:
         return None
 
 
+def _read_config(path: Path) -> str:
+    """One of ufw's configuration files; OSError when it cannot be read, FirewallError
+    naming it when it is a FIFO or a device (root's to leave before installing: never
+    waited on here, and ufw itself would wait on it)."""
+    try:
+        return safefile.read_text(path)
+    except safefile.NotRegularFile as error:
+        raise FirewallError(f"{path} is {error}") from None
+
+
 def _read_assignments(path: Path) -> Dict[str, str]:
     """KEY=value lines of a shell-style configuration file, quotes removed."""
     values: Dict[str, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in _read_config(path).splitlines():
         key, sep, value = line.strip().partition("=")
         if sep and key and not key.startswith("#"):
             values[key] = value.strip().strip("\"'")
@@ -183,7 +194,7 @@ def _read_assignments(path: Path) -> Dict[str, str]:
 
 def _set_assignment(path: Path, key: str, value: Optional[str]) -> None:
     """Set (or, for None, remove) one KEY=value line, replacing the file atomically."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = _read_config(path).splitlines(keepends=True)
     kept: List[str] = []
     written = False
     for line in lines:

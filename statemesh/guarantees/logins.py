@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 
-from statemesh import audit, grace
+from statemesh import audit, grace, safefile
 from statemesh.guarantees.base import HARDEN_UNIT, Finding, Way
 from statemesh.run import CommandError, run
 from statemesh.systemd import Systemd
@@ -46,9 +46,10 @@ def getty_units_of(tty: Optional[str]) -> FrozenSet[str]:
 
 
 def password_field(shadow: Path, user: str = "root") -> str:
-    """The password field of a user in a shadow file."""
+    """The password field of a user in a shadow file (a FIFO or a device there is an
+    error, never waited on)."""
     try:
-        lines = shadow.read_text(encoding="utf-8").splitlines()
+        lines = safefile.read_text(shadow).splitlines()
     except OSError as error:
         raise LockdownError(f"cannot read {shadow}: {error.strerror}") from None
     for line in lines:

@@ -27,6 +27,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from statemesh import safefile
 from statemesh.guarantees.base import HARDEN_UNIT, Finding, Way
 from statemesh.guarantees.unitmask import (BusGuarantee, UnitSet, give_back, lock, snapshot,
                                            unlocked, unlocked_problems)
@@ -70,8 +71,10 @@ def plain_swaps(path: Path = Path("/") / SWAPS) -> List[str]:
 
 
 def _read(path: Path) -> str:
+    """The file's text; "" when it cannot be read, a FIFO or a device left by root before
+    installing too (never waited on)."""
     try:
-        return path.read_text(encoding="utf-8")
+        return safefile.read_text(path)
     except OSError:
         return ""
 

@@ -29,7 +29,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
-from statemesh import bootargs
+from statemesh import bootargs, safefile
 from statemesh.guarantees.base import HARDEN_UNIT, Finding, Way
 from statemesh.run import CommandError, have, run
 from statemesh.systemd import Systemd
@@ -99,9 +99,9 @@ class Rescue(BusGuarantee):
         if not self._grub_installed():
             return True
         try:
-            if self.dropin.read_text(encoding="utf-8") != GRUB_SETTINGS:
+            if safefile.read_text(self.dropin) != GRUB_SETTINGS:
                 return False
-        except OSError:
+        except OSError:  # a FIFO or a device too, never waited on
             return False
         effective = bootargs.grub_settings(bootargs.grub_files(self.grub_defaults,
                                                                self.dropin.parent))

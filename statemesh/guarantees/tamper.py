@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, cast
 
-from statemesh import systemd
+from statemesh import safefile, systemd
 from statemesh.events import log
 from statemesh.journal import write_atomically
 from statemesh.guarantees import unitprocs
@@ -74,8 +74,8 @@ def cannot_enforce(pids: Sequence[int]) -> Dict[str, str]:
     """The guarantees the running listener (one of `pids`) failed to enforce in its last
     round, with the error; {} when it failed none, or the record is not its own."""
     try:
-        record = json.loads(LISTENER_STATE.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = json.loads(safefile.read_text(LISTENER_STATE))
+    except (OSError, ValueError):  # a FIFO or a device too, never waited on
         return {}
     if not isinstance(record, dict) or record.get("pid") not in pids:
         return {}
