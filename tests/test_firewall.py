@@ -459,7 +459,7 @@ def assert_nothing_of_2222(ns: Namespace, case: str) -> None:
     assert "2222" not in ns.sh("cat /etc/ufw/user.rules"), case
 
 
-@pytest.mark.parametrize("enabled", ["yes", "no", "Yes"])
+@pytest.mark.parametrize("enabled", ["yes", "no", "Yes", "yes\\r"])
 def test_apply_leaves_the_kernel_as_the_next_boot_loads_it_not_as_it_was_left(
         ns: Namespace, enabled: str):
     """A prepared operator: an accept by hand in one of ufw's own chains (check reads only

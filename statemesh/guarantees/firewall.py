@@ -228,7 +228,7 @@ def read_state() -> UfwState:
     """ufw's persistent configuration (needs root: ufw reads its rules files)."""
     defaults = _read_assignments(UFW_DEFAULTS)
     return UfwState(
-        enabled=_enabled_at_boot(UFW_CONF.read_text(encoding="utf-8")),
+        enabled=_enabled_at_boot(_read_config(UFW_CONF)),
         incoming=_policy(defaults, "DEFAULT_INPUT_POLICY"),
         outgoing=_policy(defaults, "DEFAULT_OUTPUT_POLICY"),
         ipv6=defaults.get("IPV6"),
