@@ -25,10 +25,9 @@ from __future__ import annotations
 import glob
 import os
 import re
-import stat
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from statemesh import safefile
+from statemesh import replaceable, safefile
 from statemesh.dpkgdb import as_installed
 
 APT_FILES = ("/etc/apt/apt.conf", "/etc/apt/apt.conf.d/*")
@@ -122,14 +121,14 @@ def dpkg_commands(data: bytes) -> List[str]:
 def _parts(patterns: Sequence[str], reads: Callable[[str], bool],
            opens: Callable[[str], bool]) -> List[str]:
     """The files apt (or dpkg) reads: the main file, and the parts whose names `reads`
-    takes, of a type `opens` takes; dangling links included (they are read once their
-    target appears)."""
+    takes, of a type `opens` takes; every link too (what it names may be replaced, or
+    appear, later: replaceable.by_others judges it)."""
     paths = []
     for pattern in patterns:
         for path in sorted(glob.glob(pattern)):
             if "*" in pattern and not reads(os.path.basename(path)):
                 continue
-            if opens(path) or (os.path.islink(path) and not os.path.exists(path)):
+            if opens(path) or os.path.islink(path):
                 paths.append(path)
     return paths
 
@@ -150,20 +149,6 @@ def apt_reads(name: str) -> bool:
 
 def dpkg_reads(name: str) -> bool:
     return bool(DPKG_PART_NAME.match(name))
-
-
-def writable_by_others(path: str) -> Optional[str]:
-    """Why someone other than root could change what apt or dpkg reads at `path` (None:
-    nobody can): the file or the file a link names, not root's or group/world-writable."""
-    if os.path.islink(path) and not os.path.exists(path):
-        return f"{path} is a link to {os.readlink(path)}, which does not exist yet"
-    try:
-        info = os.stat(path)
-    except OSError as error:
-        return f"{path} cannot be read ({error.strerror})"
-    if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"{os.path.realpath(path)} is writable by others than root"
-    return None
 
 
 def _apt_finding(path: str) -> Optional[str]:
@@ -198,11 +183,11 @@ def problems(files: Dict[str, str]) -> List[str]:
     """apt's and dpkg's configuration: files not as a package installed them that run
     commands, and anything of it others than root could change; one finding each."""
     found = [f"apt or dpkg configuration: {why} (make it root's, not group- or world-writable)"
-             for why in (writable_by_others(d) for d in CONFIG_DIRS if os.path.isdir(d)) if why]
+             for why in (replaceable.by_others(d) for d in CONFIG_DIRS if os.path.isdir(d)) if why]
     readers = [(path, _apt_finding) for path in _parts(APT_FILES, apt_reads, os.path.isfile)]
     readers += [(path, _dpkg_finding) for path in _parts(DPKG_FILES, dpkg_reads, dpkg_opens)]
     for path, finding_of in readers:
-        why = writable_by_others(path)
+        why = replaceable.by_others(path)
         if why:
             found.append(f"apt or dpkg configuration: {why} (make it root's, not group- or "
                          "world-writable, or remove it)")

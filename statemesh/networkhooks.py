@@ -34,7 +34,7 @@ import os
 import re
 from typing import Dict, Iterator, List, Sequence, Set, Tuple
 
-from statemesh import safefile
+from statemesh import replaceable, safefile
 from statemesh.planted import named
 
 INTERFACES = "/etc/network/interfaces"
@@ -80,6 +80,14 @@ def _logical_lines(text: str) -> Iterator[Tuple[int, str]]:
         pending = ""
     if pending:
         yield first, pending
+
+
+def _replaceable(path: str, found: List[Found]) -> None:
+    """Into `found` when someone other than root could change the file later (a link into
+    /tmp reads as nothing today)."""
+    why = replaceable.by_others(path)
+    if why:
+        found.append((path, 0, f"{why} (its program runs the commands written there)"))
 
 
 def _read(path: str, found: List[Found]) -> str:
@@ -132,9 +140,12 @@ def ifupdown_commands(path: str = INTERFACES) -> List[Found]:
     while pending:
         current = pending.pop(0)
         real = os.path.realpath(current)
-        if real in seen or not os.path.exists(real) or os.path.isdir(real):
+        if real in seen:
             continue
         seen.add(real)
+        _replaceable(current, found)
+        if not os.path.exists(real) or os.path.isdir(real):
+            continue
         for number, line in _logical_lines(_read(current, found)):
             words = line.split()
             if not words:
@@ -159,6 +170,7 @@ def wireguard_commands(patterns: Sequence[str] = WIREGUARD_FILES) -> List[Found]
     """wg-quick's PreUp, PostUp, PreDown and PostDown, in any case."""
     found: List[Found] = []
     for path in _files(patterns):
+        _replaceable(path, found)
         for number, line in enumerate(_read(path, found).splitlines(), start=1):
             match = WIREGUARD_COMMAND.match(line)
             if match:
@@ -171,6 +183,7 @@ def openvpn_commands(patterns: Sequence[str] = OPENVPN_FILES) -> List[Found]:
     option is spelled (the command line's `--`, quoted, after a byte order mark)."""
     found: List[Found] = []
     for path in _files(patterns):
+        _replaceable(path, found)
         for number, line in enumerate(_read(path, found).lstrip("\ufeff").splitlines(),
                                       start=1):
             words = line.split()

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence
 
-from statemesh import safefile
+from statemesh import replaceable, safefile
 from statemesh.dpkgdb import as_installed
 
 LD_SO_PRELOAD = Path("/etc/ld.so.preload")
@@ -95,8 +95,18 @@ def _not_regular(path: Path, error: safefile.NotRegularFile, whose: str) -> str:
             f"whatever is written into it (remove {path})")
 
 
+def _replaceable(path: Path, whose: str) -> List[str]:
+    """A finding when someone other than root could change the file later (a link to a
+    file in /tmp reads as nothing today, and is anyone's after the next boot)."""
+    why = replaceable.by_others(str(path))
+    return [f"{why}: {whose} would load what is written there (remove {path})"] if why else []
+
+
 def preload_problems(path: Path = LD_SO_PRELOAD) -> List[str]:
     """A preload list loads its libraries into every program started, as root too."""
+    replaced = _replaceable(path, "every program, root's included,")
+    if replaced:
+        return replaced
     try:
         text = _read(path)
     except safefile.NotRegularFile as error:
@@ -147,6 +157,10 @@ def environment_file_problems(patterns: Sequence[str] = ENVIRONMENT_FILES,
     """The same variables set for the next boot's services, or for cron's jobs."""
     problems = []
     for path in sorted({path for pattern in patterns for path in glob.glob(pattern)}):
+        replaced = _replaceable(Path(path), "the programs started after it")
+        if replaced:
+            problems += replaced
+            continue
         try:
             names = _loader_names(_read(Path(path)))
         except safefile.NotRegularFile as error:

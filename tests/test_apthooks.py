@@ -124,6 +124,19 @@ def test_what_others_could_change_later_is_named(etc: Path) -> None:
     assert os.stat(harmless).st_uid == 0  # as root runs the tests
 
 
+def test_a_part_linked_to_a_directory_in_a_place_anyone_may_write_is_named(etc: Path) -> None:
+    """apt skips what is no regular file: a link to a directory reads as nothing today,
+    and a file may take the directory's place after the next boot."""
+    tmp = etc / "tmp"
+    (tmp / "dir").mkdir(parents=True)
+    tmp.chmod(0o1777)
+    (etc / "apt/apt.conf.d/40later").symlink_to(tmp / "dir")
+    assert apthooks.problems({}) == [
+        f"apt or dpkg configuration: {etc}/apt/apt.conf.d/40later is a link to {tmp}/dir, and "
+        f"{tmp} is writable by others than root (make it root's, not group- or "
+        "world-writable, or remove it)"]
+
+
 def test_a_file_apt_cannot_parse_is_named(etc: Path) -> None:
     (etc / "apt/apt.conf.d/50broken").write_text('DPkg::Post-Invoke "/root/way-in"\n')
     (finding,) = apthooks.problems({})

@@ -123,6 +123,26 @@ def test_openvpn_options_quoted_after_a_byte_order_mark_and_files_that_are_no_fi
 
 
 @pytest.mark.usefixtures("returns_promptly")
+def test_files_linked_into_a_directory_anyone_may_write_are_named(tmp_path: Path) -> None:
+    """A source line, a wg-quick and an OpenVPN configuration, each a link to a file in a
+    /tmp: nothing there today, anyone's commands after the next boot."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    tmp.chmod(0o1777)
+    (tmp_path / "interfaces").write_text(f"source {tmp_path}/interfaces.d/*\n")
+    (tmp_path / "interfaces.d").mkdir()
+    (tmp_path / "interfaces.d/eth1").symlink_to(tmp / "eth1")
+    (tmp_path / "wireguard").mkdir()
+    (tmp_path / "wireguard/wg0.conf").symlink_to(tmp / "wg0.conf")
+    (tmp_path / "openvpn").mkdir()
+    (tmp_path / "openvpn/office.conf").symlink_to(tmp / "office.conf")
+    ifupdown, wireguard, openvpn = problems(tmp_path)
+    for name, found in (("interfaces.d/eth1", ifupdown), ("wireguard/wg0.conf", wireguard),
+                        ("openvpn/office.conf", openvpn)):
+        assert (f"{tmp_path}/{name}: {tmp_path}/{name} is a link to {tmp}/{Path(name).name}, "
+                f"and {tmp} is writable by others than root") in found, found
+
+
 def test_a_fifo_ifupdown_reads_is_named(tmp_path: Path) -> None:
     """/etc/network/interfaces, or a file it sources, as a FIFO: ifupdown would wait on it
     at boot or run what a writer writes into it. It was passed over as no file."""

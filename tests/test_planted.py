@@ -28,6 +28,26 @@ def test_a_preload_list_is_named_and_an_empty_one_is_not(tmp_path: Path) -> None
 
 
 @pytest.mark.usefixtures("returns_promptly")
+def test_a_preload_list_linked_into_a_directory_anyone_may_write_is_named(
+        tmp_path: Path) -> None:
+    """It reads as nothing today; after the next boot /tmp is anyone's."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(mode=0o1777)
+    tmp.chmod(0o1777)
+    preload = tmp_path / "ld.so.preload"
+    preload.symlink_to(tmp / "x")
+    assert planted.preload_problems(preload) == [
+        f"{preload} is a link to {tmp}/x, and {tmp} is writable by others than root: every "
+        f"program, root's included, would load what is written there (remove {preload})"]
+    environment = tmp_path / "environment"
+    environment.symlink_to(tmp / "y")
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("root=LABEL=x\n")
+    assert planted.environment_file_problems((str(environment),), cmdline) == [
+        f"{environment} is a link to {tmp}/y, and {tmp} is writable by others than root: the "
+        f"programs started after it would load what is written there (remove {environment})"]
+
+
 def test_a_fifo_as_the_preload_list_is_named_not_waited_on(tmp_path: Path) -> None:
     """The dynamic linker opens /etc/ld.so.preload at every program's start: a FIFO there
     holds each start, or hands it what a writer writes. It was waited on for ever."""

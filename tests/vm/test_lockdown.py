@@ -308,6 +308,7 @@ TMPFILES_WAY_IN = "/etc/tmpfiles.d/zz-way-in.conf"
 SYSUSERS_WAY_IN = "/etc/sysusers.d/zz-way-in.conf"
 APT_HOOK = "/etc/apt/apt.conf.d/99way-back"
 DPKG_HOOK = "/etc/dpkg/dpkg.cfg.d/way-back"
+APT_LATER, APT_LATER_TARGET = "/etc/apt/apt.conf.d/99later", "/tmp/statemesh-later"
 KERNEL_HOOK = "/etc/kernel/postinst.d/zz-way-in"
 UDEV_RULE = "/etc/udev/rules.d/99-way-in.rules"
 # Commands the network's programs run as root: ifupdown's at every boot, wg-quick's and
@@ -362,6 +363,8 @@ def plant_jobs_for_later(guest: Guest) -> None:
     # since they run during this test's own apt-get.
     guest.put(APT_HOOK, b'DPkg::Post-Invoke {"/bin/true";};\n')
     guest.put(DPKG_HOOK, b"post-invoke=/bin/true\n")
+    # A part that is a link to a name in /tmp: nothing today, anyone's after the next boot.
+    guest.run(f"ln -s {APT_LATER_TARGET} {APT_LATER}")
     # Hooks of packaged programs: a kernel update's, and udev's at every device event.
     guest.run(f"mkdir -p {KERNEL_HOOK.rsplit('/', 1)[0]} {UDEV_RULE.rsplit('/', 1)[0]}")
     guest.put(KERNEL_HOOK, b"#!/bin/sh\n/root/way-in\n", mode=0o755)
@@ -447,6 +450,8 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     "no package installed it so: DPkg::Post-Invoke (",
                     f"dpkg configuration {DPKG_HOOK} runs commands as root at every dpkg run "
                     "and no package installed it so: post-invoke (",
+                    f"apt or dpkg configuration: {APT_LATER} is a link to {APT_LATER_TARGET}, "
+                    "and /tmp is writable by others than root (",
                     "network configuration names commands ifupdown runs as root whenever an "
                     "interface goes up or down, at every boot: "
                     f"{IFUPDOWN_WAY_IN}: post-up (line 2) (",
