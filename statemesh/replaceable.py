@@ -43,9 +43,13 @@ def by_others(path: str) -> Optional[str]:
         return f"{path} cannot be read ({error.strerror})"
     if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
         return None  # a FIFO or a device: its readers name what it is
-    if info.st_uid != 0 or info.st_mode & OTHERS_WRITE:
+    if _others_may_write(info):
         return f"{path} is writable by others than root"
     return None
+
+
+def _others_may_write(info: os.stat_result) -> bool:
+    return info.st_uid != 0 or bool(info.st_mode & OTHERS_WRITE)
 
 
 def _writable_directory(directory: str, link_directory: str) -> Optional[str]:
@@ -57,7 +61,7 @@ def _writable_directory(directory: str, link_directory: str) -> Optional[str]:
             info = os.stat(directory)
         except OSError:
             return f"{directory} does not exist yet"
-        if info.st_uid != 0 or info.st_mode & OTHERS_WRITE:
+        if _others_may_write(info):
             return f"{directory} is writable by others than root"
         directory = os.path.dirname(directory)
     return None
