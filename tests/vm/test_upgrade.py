@@ -26,14 +26,22 @@ Unattended-Upgrade::Origins-Pattern { "origin=StateMesh,label=StateMesh"; };
 Unattended-Upgrade::Automatic-Reboot "false";
 """
 NONINTERACTIVE = {"DEBIAN_FRONTEND": "noninteractive"}
-# What builds before the state socket left on a node: deb-systemd-helper's link enabling
-# statemesh-state.service at every boot, and its record of it.
-LEGACY_LINK = "/etc/systemd/system/multi-user.target.wants/statemesh-state.service"
+# What earlier builds left on a node: deb-systemd-helper's links starting
+# statemesh-state.service (before the state socket), the vTPM and the state socket (before
+# the endpoint pulled them in) at every boot, and its record of each.
 HELPER_STATE = "/var/lib/systemd/deb-systemd-helper-enabled"
-LEGACY_STATE = (f"ln -s /lib/systemd/system/statemesh-state.service {LEGACY_LINK} && "
-                f"mkdir -p {HELPER_STATE}/multi-user.target.wants && "
-                f"echo {LEGACY_LINK} > {HELPER_STATE}/statemesh-state.service.dsh-also && "
-                f"touch {HELPER_STATE}/multi-user.target.wants/statemesh-state.service")
+LEGACY_LINKS = {
+    "statemesh-state.service": "/etc/systemd/system/multi-user.target.wants",
+    "statemesh-vtpm.service": "/etc/systemd/system/multi-user.target.wants",
+    "statemesh-state.socket": "/etc/systemd/system/sockets.target.wants",
+}
+
+
+def _legacy_state(unit: str, wants: str) -> str:
+    link, target = f"{wants}/{unit}", wants.rsplit("/", 1)[1]
+    return (f"mkdir -p {wants} {HELPER_STATE}/{target} && "
+            f"ln -sf /lib/systemd/system/{unit} {link} && "
+            f"echo {link} > {HELPER_STATE}/{unit}.dsh-also && touch {HELPER_STATE}/{target}/{unit}")
 
 
 def _version(deb: Path) -> str:
@@ -124,7 +132,7 @@ def test_unattended_upgrade_keeps_data_storage_and_lockdown(
     version = _version(deb)
     _installed_version_n(guest, version)
     checksum, invocation = _checksum(guest), _storage_invocation(guest)
-    guest.run(LEGACY_STATE)
+    guest.run(" && ".join(_legacy_state(unit, wants) for unit, wants in LEGACY_LINKS.items()))
     guest.put("/etc/apt/apt.conf.d/51statemesh-unattended", UNATTENDED_CONFIG)
 
     upgrade = guest.run("unattended-upgrade -v", env=NONINTERACTIVE, timeout=900, check=False)
@@ -134,9 +142,9 @@ def test_unattended_upgrade_keeps_data_storage_and_lockdown(
 
     assert _checksum(guest) == checksum, "workload data changed across the upgrade"
     assert _storage_invocation(guest) == invocation, "the storage unit was restarted"
-    assert guest.run(f"test ! -L {LEGACY_LINK} && "
-                     f"test ! -e {HELPER_STATE}/statemesh-state.service.dsh-also",
-                     check=False).returncode == 0, "the old build's boot link is left"
+    for unit, wants in LEGACY_LINKS.items():
+        assert guest.run(f"test ! -L {wants}/{unit} && test ! -e {HELPER_STATE}/{unit}.dsh-also",
+                         check=False).returncode == 0, f"an old build's boot link is left: {unit}"
     status = guest.run("statemesh-node status --json", check=False)
     assert status.returncode == 0, status.stdout + status.stderr
     assert guest.run("systemctl is-active ssh.service", check=False).stdout.strip() != "active"
