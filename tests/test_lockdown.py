@@ -291,6 +291,23 @@ def test_loginuids_are_made_immutable_and_stay_so_after_purge(
     assert machine.audit.state.holds
 
 
+def test_at_boot_only_the_loginuid_is_set_again_and_systemd_is_not_reloaded(
+        debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
+    """A boot resets the kernel's loginuid switch and nothing else of this guarantee: the
+    harden unit's re-assert sets it again without masking the gettys anew (a reload, seconds
+    of an installed node's boot)."""
+    machine.logins.apply(book)
+    machine.audit.state = audit.LoginuidImmutable(enabled=False, locked=False)  # a new boot
+    debian.systemd.calls.clear()
+    assert "loginuids can be changed" in machine.logins.check().detail
+    machine.logins.apply(book)
+    assert machine.logins.check().holds
+    members = [member for member, _args in debian.systemd.calls]
+    assert "Reload" not in members and "MaskUnitFiles" not in members, members
+    assert len(events_named(book, "loginuid-immutable")) == 2
+    assert len(events_named(book, "logins-locked")) == 1
+
+
 def test_no_kernel_audit_interface_fails_the_check_and_the_apply(
         debian: FakeBus, machine: Machine, book: journal.Journal) -> None:
     machine.audit.error = "Protocol not supported"

@@ -13,7 +13,9 @@ running until the package manager exits; the watchdog then ends that session.
 
 A login's loginuid is made immutable (statemesh.audit) until the next boot, and set again at
 every boot: a process born of a login stays one wherever root moves it, which is what the
-watchdog's exemptions rely on. That one cannot be given back before a reboot: the kernel
+watchdog's exemptions rely on. So this guarantee is applied again at every boot of an
+installed node, where only that is missing: the masks, which hold already, are not made
+again (that would cost a daemon-reload, seconds at boot, every generator run again). That one cannot be given back before a reboot: the kernel
 locks it, and an immutable loginuid takes nothing from anyone.
 """
 
@@ -118,8 +120,9 @@ class Logins(BusGuarantee):
         journal.remember(self.name, {**await snapshot(manager, UNITS),
                                      "root_locked": self._root_locked()})
         spare = self._spare()
-        journal.record("logins-locked", spared=sorted(spare),
-                       **await lock(manager, UNITS, spare=spare))
+        if unlocked_problems(await unlocked(manager, UNITS, spare=spare)):
+            journal.record("logins-locked", spared=sorted(spare),
+                           **await lock(manager, UNITS, spare=spare))
         if not self._root_locked():
             self._usermod("--lock")
             journal.record("root-password-locked")
