@@ -11,7 +11,8 @@ Refused too when one of the package's own units is not what the package shipped 
 or an overriding unit planted before installing: statemesh.ownunits), when a swap other
 than zram is active (workload memory would reach a disk: statemesh.guarantees.memory), when
 code or jobs are planted for root's programs to load or run later (statemesh.planted,
-statemesh.jobs), and when a program was left running by hand (statemesh.leftrunning).
+statemesh.jobs, statemesh.ufwfiles: what ufw.service runs and loads at every boot), and
+when a program was left running by hand (statemesh.leftrunning).
 
 Only reads: /etc/os-release, /proc/1/comm, /proc/swaps, utmp, what statemesh.planted reads,
 /proc, and systemd/logind over D-Bus.
@@ -30,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import psutil
 
 from statemesh import (accounts, apthooks, bootargs, dpkgdb, grace, jobs, leftrunning,
-                       networkhooks, ownunits, planted, proc, safefile, systemd)
+                       networkhooks, ownunits, planted, proc, safefile, systemd, ufwfiles)
 from statemesh.guarantees import memory, rescue
 from statemesh.guarantees.base import Finding
 from statemesh.watchdog import terminals
@@ -248,12 +249,14 @@ def planted_for_later(environment: List[str]) -> List[str]:
     """What root's programs would load, or run, later with no terminal: code for the loader
     and Python (statemesh.planted), jobs for cron, at and systemd (statemesh.jobs),
     commands in apt's and dpkg's configuration (statemesh.apthooks) and in the network's
-    (statemesh.networkhooks), arguments on the kernel's command line (statemesh.bootargs),
+    (statemesh.networkhooks), ufw's init scripts and the rules it loads at every boot
+    (statemesh.ufwfiles), arguments on the kernel's command line (statemesh.bootargs),
     accounts that reach the TPM beside the endpoint (statemesh.accounts)."""
     files = dpkgdb.installed_files()
     return (planted.problems(environment, files) + jobs.problems(files)
-            + apthooks.problems(files) + networkhooks.problems() + bootargs.problems()
-            + rescue.settings_read_after_the_dropin() + accounts.problems())
+            + apthooks.problems(files) + networkhooks.problems() + ufwfiles.problems(files)
+            + bootargs.problems() + rescue.settings_read_after_the_dropin()
+            + accounts.problems())
 
 
 def planted_finding() -> Finding:

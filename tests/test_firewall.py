@@ -493,6 +493,27 @@ def test_a_line_planted_in_user_rules_is_loaded_nowhere(ns: Namespace, chains_lo
     assert_nothing_of_2222(ns, f"chains loaded: {chains_loaded}")
 
 
+def test_an_accept_added_to_ufws_before_rules_fails_the_check(ns: Namespace):
+    """ufw-init loads before.rules into ufw's own chains, which the check does not read: the
+    port was open while the finding said "tcp/7443 open only to" the zone."""
+    before_rules = ns.workdir / "etc-ufw" / "before.rules"
+    pristine = before_rules.read_text()
+    before_rules.write_text(pristine.replace("\nCOMMIT\n", f"\n{PLANTED_LINE}\nCOMMIT\n"))
+    applied = ns.guarantee("apply", ZONE_CONF)
+    assert "-A ufw-before-input -p tcp -m tcp --dport 2222 -j ACCEPT" in ns.sh("iptables -S")
+    assert not applied["holds"]
+    assert applied["facts"]["ufw_files_changed"] == ["/etc/ufw/before.rules"]
+    template = "/usr/share/ufw/iptables/before.rules"
+    assert applied["detail"] == (
+        f"/etc/ufw/before.rules differs from the ufw package's {template}: ufw.service loads "
+        f"it into the kernel at every boot (cp {template} /etc/ufw/before.rules)")
+    ns.sh(f"cp {template} /etc/ufw/before.rules")  # what the finding says to do
+    repaired = ns.guarantee("apply", ZONE_CONF)
+    assert repaired["holds"], repaired["detail"]
+    assert repaired["facts"]["ufw_files_changed"] == []
+    assert_nothing_of_2222(ns, "before.rules as ufw's package wrote it")
+
+
 def test_bad_config_is_refused_and_changes_nothing(ns: Namespace):
     ns.run(["ufw", "allow", "22/tcp"])
     files = ns.ufw_files()

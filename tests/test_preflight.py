@@ -11,8 +11,9 @@ from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
-from statemesh import grace, leftrunning, planted, preflight, proc
+from statemesh import grace, leftrunning, planted, preflight, proc, ufwfiles
 from tests.fakebus import FakeBus, FakeSession, fakebus, package_units  # noqa: F401 - fixture
+from tests.test_ufwfiles import ACCEPT_22, Ufw
 
 DEBIAN12 = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
 
@@ -204,3 +205,24 @@ def test_status_names_what_is_planted_on_an_installed_node(fakebus: FakeBus,
     assert "LD_PRELOAD" in finding.detail
     fakebus.systemd.environment = ["LANG=C.UTF-8"]
     assert preflight.planted_finding().holds
+
+
+@pytest.mark.system_apt  # planted_for_later reads apt's configuration too
+def test_ufws_boot_time_files_are_refused_and_named_by_status(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An executable before.init of the operator's (run as root at every boot) and an
+    accept added to before.rules (loaded at every boot, in a chain the firewall check does
+    not read), in a stand-in of ufw's layout beside what dpkg installed on this host."""
+    ufw = Ufw(tmp_path)
+    (ufw.etc / "before.init").write_bytes(b"#!/bin/sh\n/root/way-in &\n")
+    (ufw.etc / "before.init").chmod(0o700)
+    (ufw.etc / "before.rules").write_bytes(ACCEPT_22)
+    judge = ufwfiles.problems
+    monkeypatch.setattr(ufwfiles, "problems",
+                        lambda files: judge({**files, **ufw.files}, ufw.places))
+    found = [line for line in preflight.planted_for_later([]) if str(ufw.etc) in line]
+    assert [line.split(":")[0] for line in found] == [
+        f"{ufw.etc}/before.init is executable and differs from the ufw package's "
+        f"{ufw.places.templates}/before.init",
+        f"{ufw.etc}/before.rules differs from the ufw package's "
+        f"{ufw.places.templates}/iptables/before.rules"]

@@ -23,12 +23,25 @@ The kernel is made to hold what ufw's files say: `apply()` reloads them the way
 ufw.service loads them at boot whenever ufw's chains are in the kernel already (`ufw enable`
 loads nothing then), so the check reads what the next boot will enforce.
 
-Limits, reported rather than hidden: ufw's own before.rules (conffiles of the ufw package,
-not ours to edit) still accept ICMP, DHCP replies and mDNS/UPnP multicast, and what ufw's
-own chains hold is not read; rules added to the INPUT chain with iptables outside ufw are
-not removed, but every one that is not one of ufw's hooks and may accept (ACCEPT, or a jump
-to any other chain, one of ufw's own included) makes `check()` fail while it exists
-(facts["rules_outside_ufw"]), and preflight names them beforehand.
+What fills ufw's own chains is read where it comes from: ufw-init loads before.rules,
+before6.rules, after.rules and after6.rules into them at every boot, and `check()` fails
+while one of them is not its template as the ufw package installed it (statemesh.ufwfiles:
+an accept added to before.rules; facts["ufw_files_changed"]); preflight refuses such a
+machine beforehand, and one whose executable before.init or after.init (run as root by
+ufw-init) is not the package's. The rules in ufw's chains in the kernel are not compared with
+those files, only the files with ufw's package: that suffices because the installation loads
+the kernel from the files as the next boot will (`_enable_as_at_boot`), every boot loads
+them again, and after the installation's grace nobody is left to change the kernel by hand.
+
+Limits, reported rather than hidden: ufw's own before.rules as shipped still accept ICMP,
+DHCP replies and mDNS/UPnP multicast; forwarding is not checked (DEFAULT_FORWARD_POLICY in
+/etc/default/ufw and IP forwarding in /etc/ufw/sysctl.conf are the operator's, so a prepared
+node can route between zones), nor are /etc/default/ufw and ufw.conf beyond the settings
+read here (ufw-init sources them as shell) or the sysctl file; rules added to the INPUT
+chain with iptables outside ufw are not removed, but every one that is not one of ufw's hooks
+and may accept (ACCEPT, or a jump to any other chain, one of ufw's own included) makes
+`check()` fail while it exists (facts["rules_outside_ufw"]), and preflight names them
+beforehand.
 """
 
 from __future__ import annotations
@@ -40,7 +53,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from statemesh import safefile
+from statemesh import dpkgdb, safefile, ufwfiles
 from statemesh.config import IpNetwork, NodeConfig
 from statemesh.guarantees.base import FIREWALL_UNIT, Finding, Way
 from statemesh.run import CommandError, have, run
@@ -70,7 +83,7 @@ _HOOK_CHAINS = ("before-logging-input", "before-input", "after-input", "after-lo
 _UFW_INPUT_HOOKS = {family: frozenset(f"-A INPUT -j {prefix}-{chain}" for chain in _HOOK_CHAINS)
                     for family, prefix in ((4, "ufw"), (6, "ufw6"))}
 # What ufw.service runs at boot; force-reload loads ufw's files as the next boot will.
-UFW_INIT = Path("/lib/ufw/ufw-init")
+UFW_INIT = Path(ufwfiles.UFW.init)
 # Targets that cannot let a packet through when written in INPUT outside ufw.
 _CLOSING_TARGETS = ("DROP", "REJECT", "LOG", "RETURN")
 
@@ -387,6 +400,8 @@ class Firewall:
         }
         if not have("ufw"):
             return Finding(self.name, False, "ufw is not installed", facts)
+        changed = ufwfiles.rules_problems(dpkgdb.installed_files())
+        facts["ufw_files_changed"] = list(changed)
         try:
             state = read_state()
             live = {family: read_live(family, port) for family in self._families()}
@@ -405,7 +420,7 @@ class Firewall:
             skipped_peers=[str(peer) for peer in todo.skipped_peers],
             rules_outside_ufw=[rule for f in live.values() for rule in f.outside_rules],
         )
-        problems = self._problems(state, live, todo, allowed)
+        problems = self._problems(state, live, todo, allowed, list(changed.values()))
         if problems:
             return Finding(self.name, False, "; ".join(problems), facts)
         peers = " ".join(facts["allowed_peers"]) or "nobody (Zone-Peers is empty)"
@@ -417,6 +432,7 @@ class Firewall:
         live: Dict[int, LiveFamily],
         todo: Plan,
         allowed: List[IpNetwork],
+        changed_files: List[str],
     ) -> List[str]:
         problems = []
         if not state.enabled:
@@ -436,7 +452,7 @@ class Firewall:
         expected = [p for p in self.config.zone_peers if p not in todo.skipped_peers]
         if sorted(map(str, allowed)) != sorted(map(str, expected)):
             problems.append(f"mesh port open to {_words(allowed)}, Zone-Peers says {_words(expected)}")
-        return problems
+        return problems + changed_files
 
     def apply(self, journal: Any) -> None:
         """Remember ufw's state, remove every rule but ours, deny incoming, enable ufw."""

@@ -1,0 +1,169 @@
+"""ufw's boot-time files: the scripts ufw.service runs as root and the rules it loads into
+the kernel, at every boot.
+
+ufw.service runs `/lib/ufw/ufw-init start` at every boot; `ufw enable` runs it too, and the
+firewall guarantee's reload runs `ufw-init force-reload`. ufw-init runs /etc/ufw/before.init
+and after.init as root whenever they are executable (by anyone: root's `test -x`), with no
+terminal, so an operator who writes commands into one and makes it executable has them run
+at every boot of the locked-down node. It loads before.rules, before6.rules, after.rules and
+after6.rules into ufw's own chains with iptables-restore, chains the firewall check does not
+read (it reads INPUT and ufw's user chain): an accept added to before.rules opens a port that
+the firewall's finding would not name.
+
+ufw's postinst copies each of these files from its template (/usr/share/ufw/before.init,
+/usr/share/ufw/iptables/before.rules, ...), files of the ufw package. So an init script
+passes when it is not executable (ufw-init never runs it) or holds its template's bytes
+(which do nothing), and a rules file when it holds its template's bytes; a template counts
+only as the ufw package installed it (statemesh.dpkgdb), since root could have edited both.
+A link is judged by where it leads, and so is /etc/ufw itself (statemesh.replaceable); a
+FIFO or a device is named, never read (statemesh.safefile). Without ufw-init nothing runs or
+loads these files: there is nothing to judge, and the firewall guarantee names ufw missing.
+
+Only reads files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from typing import Dict, List, Optional
+
+from statemesh import replaceable, safefile
+from statemesh.dpkgdb import as_installed
+
+INIT_SCRIPTS = ("before.init", "after.init")
+RULES_FILES = ("before.rules", "before6.rules", "after.rules", "after6.rules")
+# Any execute bit: root's `test -x`, which ufw-init asks, is true for each.
+EXECUTABLE = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
+RUNS = "ufw.service runs it as root at every boot while it is executable"
+LOADS = "ufw.service loads it into the kernel at every boot"
+
+
+@dataclasses.dataclass(frozen=True)
+class Places:
+    """Where ufw-init, ufw's boot-time files and their templates are (tests give
+    stand-ins)."""
+
+    init: str = "/lib/ufw/ufw-init"
+    etc: str = "/etc/ufw"
+    templates: str = "/usr/share/ufw"
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.etc, name)
+
+    def script_template(self, name: str) -> str:
+        return os.path.join(self.templates, name)
+
+    def rules_template(self, name: str) -> str:
+        return os.path.join(self.templates, "iptables", name)
+
+
+UFW = Places()
+
+
+def _not_regular(path: str) -> Optional[str]:
+    """`path` named as what it leads to when that is no regular file (a FIFO, a device):
+    never opened. None for a regular file, or nothing there."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else f"{path} is {safefile.kind_of(mode)}, not a regular file"
+
+
+def _misplaced(path: str) -> Optional[str]:
+    """Why what is at `path` is not a file of root's that ufw-init could read as it is: a
+    link others could fill later (into /tmp), a file others may write, a FIFO or a device."""
+    return replaceable.by_others(path) or _not_regular(path)
+
+
+def _unvouched(template: str, files: Dict[str, str]) -> Optional[str]:
+    """Why `template` is no measure of what ufw's package meant (None when it is one)."""
+    if as_installed(template, files):
+        return None
+    return f"cannot be compared with {template}, which is not as the ufw package installed it"
+
+
+def _same(path: str, template: str) -> bool:
+    """Whether the regular file at `path` holds exactly the template's bytes."""
+    try:
+        return safefile.read_bytes(path) == safefile.read_bytes(template)
+    except OSError:  # swapped for a FIFO since it was looked at, or unreadable: not the same
+        return False
+
+
+def script_problem(path: str, template: str, files: Dict[str, str]) -> Optional[str]:
+    """The finding for an init script ufw-init runs, if any: a missing or non-executable one
+    is never run, and one holding its template's bytes does nothing."""
+    misplaced = _misplaced(path)
+    if misplaced:
+        return f"{misplaced}: {RUNS} (rm {path})"
+    try:
+        if not os.stat(path).st_mode & EXECUTABLE:
+            return None
+    except FileNotFoundError:
+        return None
+    unvouched = _unvouched(template, files)
+    if unvouched:
+        return f"{path} is executable and {unvouched}: {RUNS} (chmod -x {path})"
+    if not _same(path, template):
+        return (f"{path} is executable and differs from the ufw package's {template}: {RUNS} "
+                f"(chmod -x {path})")
+    return None
+
+
+def rules_problem(path: str, template: str, files: Dict[str, str]) -> Optional[str]:
+    """The finding for a rules file ufw-init loads, if any. A missing one is one too: ufw's
+    command refuses to run without it ("Couldn't stat"), so the installation could not set
+    the firewall, and ufw-init loads the other files without it and fails, ufw.service with
+    it, at every boot."""
+    restore = f"cp {template} {path}"
+    misplaced = _misplaced(path)
+    if misplaced:
+        return f"{misplaced}: {LOADS} (rm {path}, then {restore})"
+    if not os.path.exists(path):
+        return f"{path} is missing: {LOADS}, and ufw refuses to run without it ({restore})"
+    unvouched = _unvouched(template, files)
+    if unvouched:
+        return f"{path} {unvouched}: {LOADS} (apt-get install --reinstall ufw, then {restore})"
+    if not _same(path, template):
+        return f"{path} differs from the ufw package's {template}: {LOADS} ({restore})"
+    return None
+
+
+def installed(places: Places = UFW) -> bool:
+    """Whether ufw-init is there to run or load anything."""
+    return os.path.exists(places.init)
+
+
+def rules_problems(files: Dict[str, str], places: Places = UFW) -> Dict[str, str]:
+    """Each rules file ufw.service would load other than as the ufw package meant it, and
+    /etc/ufw itself when others could put files in it later, with its finding."""
+    if not installed(places):
+        return {}
+    found = {}
+    directory = replaceable.by_others(places.etc)
+    if directory:
+        found[places.etc] = (f"{directory}: ufw.service runs and loads the files in it at every "
+                             f"boot (make {places.etc} a directory only root may write)")
+    for name in RULES_FILES:
+        path = places.file(name)
+        problem = rules_problem(path, places.rules_template(name), files)
+        if problem:
+            found[path] = problem
+    return found
+
+
+def script_problems(files: Dict[str, str], places: Places = UFW) -> List[str]:
+    """Each init script ufw.service would run as root that its package did not write so."""
+    if not installed(places):
+        return []
+    found = (script_problem(places.file(name), places.script_template(name), files)
+             for name in INIT_SCRIPTS)
+    return [problem for problem in found if problem]
+
+
+def problems(files: Dict[str, str], places: Places = UFW) -> List[str]:
+    """Every finding about ufw's boot-time files, given what dpkg installed."""
+    return script_problems(files, places) + list(rules_problems(files, places).values())
