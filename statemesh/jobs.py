@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Pattern, Sequence, Tuple
 
-from statemesh import safefile
+from statemesh import safefile, shsettings
 from statemesh.dpkgdb import (DPKG_DIR, as_installed, direct_target, real_directory,
                               shipped_links)
 from statemesh.planted import named
@@ -122,14 +122,7 @@ HOOK_GLOBS = ("/etc/kernel/*.d/*",
 # timeout settings pass, edited or not, and a command substitution does not; but for the
 # distribution's own name line, which Debian's and Ubuntu's files carry as shipped.
 GRUB_SETTINGS_FILES = re.compile(r"^/etc/default/grub(\.d/[^/]*)?$")
-# A value as sh reads it with nothing run: quoted text expanding only $GRUB_X or ${GRUB_X}
-# (no ${X:-...}), single-quoted text, or a plain word; a comment only after a blank (in sh
-# a # inside a word is no comment, and what follows it is another assignment).
-_GRUB_VALUE = (r"""(?:"(?:[^"\\$`]|\$(?:\{GRUB_[A-Z0-9_]+\}|GRUB_[A-Z0-9_]+(?![A-Za-z0-9_{])))*"|"""
-               r"""'[^']*'|[^ \t"'\\$`;&|<>()#]*)""")
-_GRUB_SETTING = re.compile(
-    rf"^[ \t]*(?:export[ \t]+)?GRUB_[A-Z0-9_]+={_GRUB_VALUE}(?:[ \t]+#.*)?[ \t]*$")
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # but tab: sh splits lines at \n only
+_GRUB_SETTING = shsettings.setting_pattern("GRUB_[A-Z0-9_]+", expandable="GRUB_[A-Z0-9_]+")
 _GRUB_DISTRIBUTOR_LINES = (
     "GRUB_DISTRIBUTOR=`lsb_release -i -s 2> /dev/null || echo Debian`",
     "GRUB_DISTRIBUTOR=`( . /etc/os-release; echo ${NAME:-Ubuntu} ) 2>/dev/null || echo Ubuntu`",
@@ -302,14 +295,7 @@ def _hook_as_installed(path: str, files: Dict[str, str]) -> bool:
 
 def grub_settings_only(path: Path) -> bool:
     """A GRUB settings file that only sets GRUB_* variables (comments and blank lines aside)."""
-    try:
-        text = safefile.read_text(path)  # no newline translation: \r is no newline in sh
-    except (OSError, UnicodeDecodeError):  # a FIFO or a device too: sh would read what comes
-        return False
-    lines = text.split("\n")
-    return all(not _CONTROL.search(line) and (
-        not line.strip() or line.lstrip().startswith("#") or _GRUB_SETTING.match(line)
-        or line.strip() in _GRUB_DISTRIBUTOR_LINES) for line in lines)
+    return shsettings.settings_only(path, _GRUB_SETTING, also=_GRUB_DISTRIBUTOR_LINES)
 
 
 def hook_problems(files: Dict[str, str], hook_globs: Sequence[str] = HOOK_GLOBS,

@@ -5,8 +5,11 @@ ufw.service runs `/lib/ufw/ufw-init start` at every boot; `ufw enable` runs it t
 firewall guarantee's reload runs `ufw-init force-reload`. ufw-init runs /etc/ufw/before.init
 and after.init as root whenever they are executable (by anyone: root's `test -x`), with no
 terminal, so an operator who writes commands into one and makes it executable has them run
-at every boot of the locked-down node. It loads before.rules, before6.rules, after.rules and
-after6.rules into ufw's own chains with iptables-restore, chains the firewall check does not
+at every boot of the locked-down node. Before anything else it sources /etc/default/ufw and
+/etc/ufw/ufw.conf as shell: a command there runs as root too, and so does a setting of its
+own (PATH, for the programs it runs after); they pass while they hold ufw's settings only,
+literal values whoever wrote them (statemesh.shsettings). It loads before.rules,
+before6.rules, after.rules and after6.rules into ufw's own chains with iptables-restore, chains the firewall check does not
 read (it reads INPUT and ufw's user chain): an accept added to before.rules opens a port that
 the firewall's finding would not name.
 
@@ -27,9 +30,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
-from statemesh import replaceable, safefile
+from statemesh import replaceable, safefile, shsettings
 from statemesh.dpkgdb import as_installed
 
 INIT_SCRIPTS = ("before.init", "after.init")
@@ -37,6 +41,11 @@ RULES_FILES = ("before.rules", "before6.rules", "after.rules", "after6.rules")
 # Any execute bit: root's `test -x`, which ufw-init asks, is true for each.
 EXECUTABLE = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
 RUNS = "ufw.service runs it as root at every boot while it is executable"
+SOURCES = "ufw.service sources it as shell, as root, at every boot"
+# ufw's settings (ufw-framework(8)), the only names its sourced files may assign.
+UFW_SETTING = shsettings.setting_pattern(
+    "(?:IPV6|DEFAULT_(?:INPUT|OUTPUT|FORWARD|APPLICATION)_POLICY|MANAGE_BUILTINS|IPT_SYSCTL"
+    "|IPT_MODULES|ENABLED|LOGLEVEL)")
 LOADS = "ufw.service loads it into the kernel at every boot"
 
 
@@ -47,10 +56,15 @@ class Places:
 
     init: str = "/lib/ufw/ufw-init"
     etc: str = "/etc/ufw"
+    defaults: str = "/etc/default/ufw"
     templates: str = "/usr/share/ufw"
 
     def file(self, name: str) -> str:
         return os.path.join(self.etc, name)
+
+    def sourced(self) -> Tuple[str, str]:
+        """The files ufw-init sources as shell, in its order."""
+        return (self.defaults, self.file("ufw.conf"))
 
     def script_template(self, name: str) -> str:
         return os.path.join(self.templates, name)
@@ -132,6 +146,19 @@ def rules_problem(path: str, template: str, files: Dict[str, str]) -> Optional[s
     return None
 
 
+def sourced_problem(path: str) -> Optional[str]:
+    """The finding for a file ufw-init sources, if any: anything but ufw's settings with
+    literal values (a missing one stops ufw-init before it loads anything, which the
+    firewall guarantee names)."""
+    misplaced = _misplaced(path)
+    if misplaced:
+        return f"{misplaced}: {SOURCES} (rm {path}, then reinstall ufw)"
+    if not os.path.exists(path) or shsettings.settings_only(Path(path), UFW_SETTING):
+        return None
+    return (f"{path} holds more than ufw's settings with literal values: {SOURCES} (keep only "
+            "lines such as ENABLED=yes, and comments)")
+
+
 def installed(places: Places = UFW) -> bool:
     """Whether ufw-init is there to run or load anything."""
     return os.path.exists(places.init)
@@ -156,11 +183,13 @@ def rules_problems(files: Dict[str, str], places: Places = UFW) -> Dict[str, str
 
 
 def script_problems(files: Dict[str, str], places: Places = UFW) -> List[str]:
-    """Each init script ufw.service would run as root that its package did not write so."""
+    """Each init script ufw.service would run as root that its package did not write so,
+    and each file it sources that holds more than settings."""
     if not installed(places):
         return []
-    found = (script_problem(places.file(name), places.script_template(name), files)
-             for name in INIT_SCRIPTS)
+    found = [script_problem(places.file(name), places.script_template(name), files)
+             for name in INIT_SCRIPTS]
+    found += [sourced_problem(path) for path in places.sourced()]
     return [problem for problem in found if problem]
 
 

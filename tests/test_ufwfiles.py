@@ -17,6 +17,12 @@ from statemesh import ufwfiles
 INIT = b"#!/bin/sh\n# ufw's template: does nothing\nset -e\ncase \"$1\" in\n*) ;;\nesac\n"
 RULES = b"*filter\n:ufw-before-input - [0:0]\n-A ufw-before-input -i lo -j ACCEPT\nCOMMIT\n"
 ACCEPT_22 = b"-A ufw-before-input -p tcp --dport 22 -j ACCEPT\n"
+# As Debian's ufw ships them (ufw.conf as `ufw enable` leaves it).
+DEFAULTS = (b'# /etc/default/ufw\n#\n\nIPV6=yes\nDEFAULT_INPUT_POLICY="DROP"\n'
+            b'DEFAULT_OUTPUT_POLICY="ACCEPT"\nDEFAULT_FORWARD_POLICY="DROP"\n'
+            b'DEFAULT_APPLICATION_POLICY="SKIP"\nMANAGE_BUILTINS=no\nIPT_SYSCTL=/etc/ufw/sysctl.conf\n'
+            b'IPT_MODULES=""\n')
+UFW_CONF = b"# /etc/ufw/ufw.conf\n#\n\n# Set to yes to start on boot.\nENABLED=yes\n\nLOGLEVEL=low\n"
 
 
 class Ufw:
@@ -25,6 +31,7 @@ class Ufw:
     def __init__(self, tmp_path: Path):
         self.places = ufwfiles.Places(init=str(tmp_path / "lib/ufw-init"),
                                       etc=str(tmp_path / "etc-ufw"),
+                                      defaults=str(tmp_path / "default-ufw"),
                                       templates=str(tmp_path / "share-ufw"))
         self.etc = Path(self.places.etc)
         templates = Path(self.places.templates)
@@ -32,6 +39,8 @@ class Ufw:
         self.etc.mkdir()
         Path(self.places.init).parent.mkdir()
         Path(self.places.init).write_text("#!/bin/sh\n")
+        Path(self.places.defaults).write_bytes(DEFAULTS)
+        (self.etc / "ufw.conf").write_bytes(UFW_CONF)
         self.files: Dict[str, str] = {}
         for name in ufwfiles.INIT_SCRIPTS:
             self._install(Path(self.places.script_template(name)), INIT, name)
@@ -192,3 +201,40 @@ def test_without_ufw_there_is_nothing_to_judge(ufw: Ufw) -> None:
     assert len(ufw.problems()) == 2
     Path(ufw.places.init).unlink()
     assert ufw.problems() == []
+
+
+@pytest.mark.parametrize("line", [
+    b"ENABLED=yes; /root/way-in &",
+    b"/root/way-in",
+    b'LOGLEVEL="$(/root/way-in)"',
+    b"LOGLEVEL=`/root/way-in`",
+    b"PATH=/root/bin:$PATH",
+    b"export LD_PRELOAD=/root/way-in.so",
+    b"ENABLED=yes\r",
+])
+@pytest.mark.parametrize("sourced", ["defaults", "ufw.conf"])
+def test_a_sourced_file_holding_more_than_ufws_settings_is_named(
+        ufw: Ufw, sourced: str, line: bytes) -> None:
+    """ufw-init sources both as shell before it sets anything: a command, an expansion, or a
+    variable of the shell's own (PATH for the programs it runs next) runs as root."""
+    path = Path(ufw.places.defaults) if sourced == "defaults" else ufw.etc / "ufw.conf"
+    path.write_bytes(path.read_bytes() + line + b"\n")
+    assert ufw.problems() == [
+        f"{path} holds more than ufw's settings with literal values: ufw.service sources it as "
+        "shell, as root, at every boot (keep only lines such as ENABLED=yes, and comments)"]
+
+
+def test_ufws_settings_edited_by_hand_pass(ufw: Ufw) -> None:
+    """The operator's own values are settings like any other: nothing runs."""
+    (ufw.etc / "ufw.conf").write_bytes(b"ENABLED=no  # for now\nLOGLEVEL='medium'\n")
+    Path(ufw.places.defaults).write_bytes(DEFAULTS + b'IPT_MODULES="nf_conntrack_ftp"\n')
+    assert ufw.problems() == []
+
+
+@pytest.mark.usefixtures("returns_promptly")
+def test_a_sourced_file_that_is_a_fifo_is_named_and_never_read(ufw: Ufw) -> None:
+    conf = ufw.etc / "ufw.conf"
+    conf.unlink()
+    os.mkfifo(conf)
+    assert ufw.problems() == [f"{conf} is a FIFO, not a regular file: ufw.service sources it as shell, "
+                     f"as root, at every boot (rm {conf}, then reinstall ufw)"]
