@@ -323,6 +323,11 @@ OPENVPN_WAY_IN = "/etc/openvpn/client/way-in.conf"
 # operator's console setting is not.
 GRUB_HOOK = "/etc/default/grub.d/99-way-in.cfg"
 GRUB_CONSOLE = "/etc/default/grub.d/50-console.cfg"
+# What ufw.service runs, sources and loads as root at every boot: an init script made
+# executable, a command in a settings file, a port opened in ufw's own chain.
+UFW_INIT_WAY_IN = "/etc/ufw/before.init"
+UFW_CONF = "/etc/ufw/ufw.conf"
+UFW_BEFORE_RULES = "/etc/ufw/before.rules"
 # Read by GRUB itself at every boot (41_custom), never rewritten by update-grub: an entry
 # of root's own, booted next (grub-reboot) or by default.
 GRUB_CUSTOM = "/boot/grub/custom.cfg"
@@ -331,7 +336,8 @@ GRUB_CUSTOM = "/boot/grub/custom.cfg"
 def plant_jobs_for_later(guest: Guest) -> None:
     """Root's jobs for after the lockdown: cron (a crontab and a system table), at, a timer,
     a service and a drop-in, boot scripts, apt's and dpkg's hooks, a kernel hook and a udev
-    rule, commands in the network's configuration, GRUB's settings and entries."""
+    rule, commands in the network's configuration and in ufw's boot-time files, GRUB's
+    settings and entries."""
     guest.run("mkdir -p /var/spool/cron/crontabs /var/spool/cron/atjobs /etc/cron.d")
     guest.put("/var/spool/cron/crontabs/root", b"@reboot /root/way-in\n", mode=0o600)
     guest.put("/var/spool/cron/atjobs/a00001019a2b3c", b"#!/bin/sh\n/root/way-in\n", mode=0o700)
@@ -382,6 +388,10 @@ def plant_jobs_for_later(guest: Guest) -> None:
     guest.put(GRUB_HOOK, b'GRUB_CMDLINE_LINUX="$(/root/way-in)"\n')
     guest.put(GRUB_CONSOLE, b'GRUB_CMDLINE_LINUX_DEFAULT="$GRUB_CMDLINE_LINUX_DEFAULT '
               b'console=ttyS0,115200"\nGRUB_TIMEOUT=1\n')
+    guest.put(UFW_INIT_WAY_IN, b"#!/bin/sh\n/root/way-in &\n", mode=0o755)
+    guest.run(f"echo '/root/way-in &' >> {UFW_CONF} && "
+              f"sed -i 's/^COMMIT$/-A ufw-before-input -p tcp --dport 2222 -j ACCEPT\\nCOMMIT/' "
+              f"{UFW_BEFORE_RULES}")
     guest.run("mkdir -p /boot/grub")
     guest.put(GRUB_CUSTOM, b"menuentry 'way in' --unrestricted {\n"
               b"\tlinux /vmlinuz root=/dev/vda1 init=/bin/sh\n\tinitrd /initrd.img\n}\n")
@@ -466,6 +476,14 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     "later (kernel and initramfs updates, the initramfs at boot, needrestart, "
                     f"logrotate, udev, modprobe, network events): {GRUB_HOOK}, {KERNEL_HOOK}, "
                     f"{UDEV_RULE} ("):
+        assert planted in said, said
+    for planted in (f"{UFW_INIT_WAY_IN} is executable and differs from the ufw package's "
+                    "/usr/share/ufw/before.init: ufw.service runs it as root at every boot",
+                    f"{UFW_CONF} holds more than ufw's settings with literal values: "
+                    "ufw.service sources it as shell, as root, at every boot",
+                    f"{UFW_BEFORE_RULES} differs from the ufw package's "
+                    "/usr/share/ufw/iptables/before.rules: ufw.service loads it into the kernel "
+                    "at every boot"):
         assert planted in said, said
     assert GRUB_CONSOLE not in said, said
     assert f"{GRUB_CUSTOM} holds commands, which GRUB runs at every boot" in said, said
