@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
-from statemesh import (accounts, apthooks, bootargs, dpkgdb, grace, jobs, leftrunning,
-                       networkhooks, ownunits, planted, proc, safefile, systemd)
+from statemesh import (accounts, apthooks, bootargs, dpkgdb, grace, jobs, kernelhelpers,
+                       leftrunning, networkhooks, ownunits, planted, proc, safefile, systemd)
 from statemesh.guarantees import memory, rescue
 from statemesh.guarantees.base import Finding
 from statemesh.watchdog import terminals
@@ -249,11 +249,13 @@ def planted_for_later(environment: List[str]) -> List[str]:
     and Python (statemesh.planted), jobs for cron, at and systemd (statemesh.jobs),
     commands in apt's and dpkg's configuration (statemesh.apthooks) and in the network's
     (statemesh.networkhooks), arguments on the kernel's command line (statemesh.bootargs),
-    accounts that reach the TPM beside the endpoint (statemesh.accounts)."""
+    accounts that reach the TPM beside the endpoint (statemesh.accounts), programs the
+    kernel runs as root and what sets them at boot (statemesh.kernelhelpers)."""
     files = dpkgdb.installed_files()
     return (planted.problems(environment, files) + jobs.problems(files)
             + apthooks.problems(files) + networkhooks.problems() + bootargs.problems()
-            + rescue.settings_read_after_the_dropin() + accounts.problems())
+            + rescue.settings_read_after_the_dropin() + accounts.problems()
+            + kernelhelpers.problems(files))
 
 
 def planted_finding() -> Finding:
