@@ -172,7 +172,7 @@ def table_problems(files: Dict[str, str], tables: Sequence[str] = CRON_TABLES,
             "reinstall their package)"]
 
 
-def _foreign(patterns: Sequence[str], files: Dict[str, str]) -> List[str]:
+def foreign(patterns: Sequence[str], files: Dict[str, str]) -> List[str]:
     """What the patterns match that no package installed as it is, each file once however
     many ways /usr-merged paths reach it. Masked units and dangling links (a removed
     package's enable link: systemd loads nothing from it) are not files to judge."""
@@ -202,11 +202,11 @@ def _as_generated(path: str, generated: Dict[str, Pattern[str]] = GENERATED_CONF
 Foreign = Tuple[Sequence[str], str, str]
 
 
-def _foreign_findings(files: Dict[str, str], *kinds: Foreign) -> List[str]:
+def foreign_findings(files: Dict[str, str], *kinds: Foreign) -> List[str]:
     """One line per kind naming what its patterns match that no package installed."""
     problems = []
     for patterns, what, remedy in kinds:
-        paths = _foreign(patterns, files)
+        paths = foreign(patterns, files)
         if paths:
             problems.append(f"{what}: {named(_shown(paths))} ({remedy})")
     return problems
@@ -223,7 +223,7 @@ def timer_problems(files: Dict[str, str], timer_globs: Sequence[str] = TIMER_GLO
                    generator_globs: Sequence[str] = GENERATOR_GLOBS) -> List[str]:
     """systemd timers and generators no package installed; an enabled packaged timer is a
     symlink to the package's file, and is judged by it."""
-    return _foreign_findings(
+    return foreign_findings(
         files,
         (timer_globs, "systemd timers no package installed",
          "systemctl stop and disable them, remove their files, systemctl daemon-reload"),
@@ -235,7 +235,7 @@ def unit_problems(files: Dict[str, str], unit_globs: Sequence[str] = UNIT_GLOBS,
                   dropin_globs: Sequence[str] = DROPIN_GLOBS) -> List[str]:
     """Units that start programs, and drop-ins for them, that no package installed. None is
     excepted: this package's own purge drop-in lives only while a purge runs."""
-    return _foreign_findings(
+    return foreign_findings(
         files,
         (unit_globs, "systemd units no package installed, which would run as root",
          "systemctl disable --now them, remove their files, systemctl daemon-reload"),
@@ -248,7 +248,7 @@ def boot_script_problems(files: Dict[str, str], init_globs: Sequence[str] = INIT
                          config_globs: Sequence[str] = BOOT_CONFIG_GLOBS) -> List[str]:
     """What generators, logind, tmpfiles and sysusers do as root at boot without any unit
     file of its own."""
-    problems = _foreign_findings(
+    problems = foreign_findings(
         files, (init_globs, "init scripts no package installed, which systemd runs as services",
                 "remove them, or purge their package"),
         (config_globs, "systemd-tmpfiles and systemd-sysusers configuration not as a package "

@@ -30,8 +30,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
-from statemesh import (accounts, apthooks, bootargs, dpkgdb, grace, jobs, leftrunning,
-                       networkhooks, ownunits, planted, proc, safefile, systemd, ufwfiles)
+from statemesh import (accounts, apthooks, bootargs, dpkgdb, grace, jobs, kernelhelpers,
+                       leftrunning, networkhooks, ownunits, planted, proc, safefile, systemd,
+                       ufwfiles)
 from statemesh.guarantees import memory, rescue
 from statemesh.guarantees.base import Finding
 from statemesh.watchdog import terminals
@@ -251,12 +252,13 @@ def planted_for_later(environment: List[str]) -> List[str]:
     commands in apt's and dpkg's configuration (statemesh.apthooks) and in the network's
     (statemesh.networkhooks), ufw's init scripts and the rules it loads at every boot
     (statemesh.ufwfiles), arguments on the kernel's command line (statemesh.bootargs),
-    accounts that reach the TPM beside the endpoint (statemesh.accounts)."""
+    accounts that reach the TPM beside the endpoint (statemesh.accounts), programs the
+    kernel runs as root and what sets them at boot (statemesh.kernelhelpers)."""
     files = dpkgdb.installed_files()
     return (planted.problems(environment, files) + jobs.problems(files)
             + apthooks.problems(files) + networkhooks.problems() + ufwfiles.problems(files)
             + bootargs.problems() + rescue.settings_read_after_the_dropin()
-            + accounts.problems())
+            + accounts.problems() + kernelhelpers.problems(files))
 
 
 def planted_finding() -> Finding:

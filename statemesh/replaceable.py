@@ -8,7 +8,9 @@ nothing while /tmp/x does not exist, and /tmp is emptied at every boot, then any
 fill. So a link counts as root's only when it names its file directly (no other link on the
 way, no `..` out of what is not a directory) and the directories it leads into that the
 link's own place is not in are root's and writable by nobody else; and the file itself,
-link or not, must be root's and writable by nobody else.
+link or not, must be root's and writable by nobody else. A program that a kernel setting
+names by any path (kernel.modprobe) is judged along the whole of that path: every directory
+on it, not only those a link leads into.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import stat
 from typing import Optional
 
-from statemesh.dpkgdb import direct_target
+from statemesh.dpkgdb import direct_target, real_directory
 
 OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
@@ -46,6 +48,20 @@ def by_others(path: str) -> Optional[str]:
     if _others_may_write(info):
         return f"{path} is writable by others than root"
     return None
+
+
+def program_by_others(path: str, top: str = "/") -> Optional[str]:
+    """Why someone other than root could change the program at `path`, as a setting the
+    kernel follows names it (the module loader, a binfmt_misc interpreter): not a plain
+    absolute path (a relative one, or one with a '.', '..' or empty component, names
+    whatever is there when it runs), a link on the way but /usr-merge's, a directory on
+    the way below `top` that others may write, or what by_others finds at the path."""
+    if not path.startswith("/") or os.path.normpath(path) != path:
+        return f"{path!r} is not a plain absolute path"
+    directory = real_directory(os.path.dirname(path))
+    if directory is None:
+        return f"{path} is reached through a link"
+    return _writable_directory(directory, top) or by_others(path)
 
 
 def _others_may_write(info: os.stat_result) -> bool:

@@ -62,3 +62,25 @@ def test_plain_files_devices_and_nothing(tmp_path: Path) -> None:
     (tmp_path / "null").symlink_to("/dev/null")  # what it is, its reader names
     assert replaceable.by_others(str(tmp_path / "null")) is None
     assert replaceable.by_others(str(tmp_path / "nothing")) is None
+
+
+def test_a_program_a_kernel_setting_names_is_judged_on_its_whole_way(tmp_path: Path) -> None:
+    """The kernel runs what the path names when it runs it: every directory on the way
+    counts, not only the file (below `top`, the stand-in root here)."""
+    top = str(tmp_path)
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "usr/bin/kmod").write_text("")
+    (tmp_path / "sbin").mkdir()
+    (tmp_path / "sbin/modprobe").symlink_to("../usr/bin/kmod")
+    assert replaceable.program_by_others(f"{top}/sbin/modprobe", top) is None
+    assert replaceable.by_others(f"{top}/usr/bin/kmod") is None
+    anyones(tmp_path / "tmp")
+    (tmp_path / "tmp/kmod").write_text("")
+    (tmp_path / "hop").symlink_to("usr/bin")
+    for program, why in ((f"{top}/tmp/kmod", f"{top}/tmp is writable by others than root"),
+                         (f"{top}/hop/kmod", f"{top}/hop/kmod is reached through a link"),
+                         (f"{top}/tmp/../usr/bin/kmod",
+                          f"'{top}/tmp/../usr/bin/kmod' is not a plain absolute path"),
+                         ("kmod", "'kmod' is not a plain absolute path")):
+        assert replaceable.by_others(program) is None  # the file alone is root's
+        assert replaceable.program_by_others(program, top) == why
