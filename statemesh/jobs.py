@@ -90,8 +90,10 @@ GENERATED_CONFIG = {
 # and the initramfs's scripts at every boot; needrestart's after every upgrade (its
 # configuration is Perl); logrotate's every day (postrotate); udev's rules at device events
 # (RUN+=); modprobe's install commands at module loads; ifupdown's, dhclient's,
-# NetworkManager's and networkd-dispatcher's at network events. A pattern ending in "/*"
-# stands for every name in the directory.
+# NetworkManager's and networkd-dispatcher's at network events; request-key's, which the
+# kernel runs as root whenever any user asks for a key it does not hold (keyctl request2),
+# the commands its configuration names. A pattern ending in "/*" stands for every name in
+# the directory.
 HOOK_GLOBS = ("/etc/kernel/*.d/*",
               "/etc/initramfs-tools/initramfs.conf", "/etc/initramfs-tools/update-initramfs.conf",
               "/etc/initramfs-tools/conf.d/*", "/etc/initramfs-tools/hooks/*",
@@ -116,7 +118,8 @@ HOOK_GLOBS = ("/etc/kernel/*.d/*",
               # kernel update (its settings files pass when they only set GRUB_* variables);
               # kernel-install's plugins likewise.
               "/etc/default/grub", "/etc/default/grub.d/*", "/etc/grub.d/*",
-              "/etc/kernel/install.d/*", "/usr/lib/kernel/install.d/*")
+              "/etc/kernel/install.d/*", "/usr/lib/kernel/install.d/*",
+              "/etc/request-key.conf", "/etc/request-key.d/*")
 # GRUB's settings files, which update-grub sources as shell: settings only (GRUB_* set to
 # a literal, or to other settings' values) run nothing there, so an operator's console or
 # timeout settings pass, edited or not, and a command substitution does not; but for the
@@ -312,8 +315,8 @@ def hook_problems(files: Dict[str, str], hook_globs: Sequence[str] = HOOK_GLOBS,
         return []
     return [f"hooks of packaged programs not as a package installed them, run as root later "
             f"(kernel and initramfs updates, the initramfs at boot, needrestart, logrotate, "
-            f"udev, modprobe, network events): {named(_shown(found))} (remove them, or "
-            "reinstall their package)"]
+            f"udev, modprobe, network events, key requests): {named(_shown(found))} (remove "
+            "them, or reinstall their package)"]
 
 
 def linked_directory_problems(patterns: Sequence[str] = HOOK_GLOBS + CRON_DIR_GLOBS

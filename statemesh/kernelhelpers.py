@@ -51,9 +51,11 @@ MOUNTINFO = "proc/self/mountinfo"
 # What may be mounted at the kernel's files read here or at a directory above them.
 KERNEL_MOUNTS = {"/proc": ("proc",), "/sys": ("sysfs",),
                  f"/{BINFMT_MISC}": ("autofs", "binfmt_misc")}
-# Read by systemd-sysctl at every boot (and procps's sysctl --system), and systemd-binfmt.
-SYSCTL_FILES = ("etc/sysctl.conf", *(f"{base}/sysctl.d/*.conf" for base in (
-    "etc", "run", "usr/local/lib", "usr/lib", "lib")))
+# Read by systemd-sysctl at every boot (and procps's sysctl --system), and by ufw-init
+# (IPT_SYSCTL in /etc/default/ufw, which statemesh.ufwfiles holds to this file); and
+# systemd-binfmt's.
+SYSCTL_FILES = ("etc/sysctl.conf", "etc/ufw/sysctl.conf", *(
+    f"{base}/sysctl.d/*.conf" for base in ("etc", "run", "usr/local/lib", "usr/lib", "lib")))
 BINFMT_FILES = tuple(f"{base}/binfmt.d/*.conf" for base in (
     "etc", "run", "usr/local/lib", "usr/lib", "lib"))
 # The settings that name a program the kernel runs as root, as paths under /proc/sys.

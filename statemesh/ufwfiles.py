@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -42,6 +43,9 @@ RULES_FILES = ("before.rules", "before6.rules", "after.rules", "after6.rules")
 EXECUTABLE = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
 RUNS = "ufw.service runs it as root at every boot while it is executable"
 SOURCES = "ufw.service sources it as shell, as root, at every boot"
+# The sysctl file ufw-init applies at every boot (IPT_SYSCTL, as shipped): the one whose
+# settings statemesh.kernelhelpers reads for programs the kernel would run as root.
+UFW_SYSCTL = "/etc/ufw/sysctl.conf"
 # ufw's settings (ufw-framework(8)), the only names its sourced files may assign.
 UFW_SETTING = shsettings.setting_pattern(
     "(?:IPV6|DEFAULT_(?:INPUT|OUTPUT|FORWARD|APPLICATION)_POLICY|MANAGE_BUILTINS|IPT_SYSCTL"
@@ -159,6 +163,32 @@ def sourced_problem(path: str) -> Optional[str]:
             "lines such as ENABLED=yes, and comments)")
 
 
+def _last_value(path: str, name: str) -> Optional[str]:
+    """The value a settings-only file (shsettings) leaves in `name`, quotes and comment
+    taken off; None when it sets none."""
+    value = None
+    try:
+        lines = safefile.read_text(path).split("\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        found = re.match(rf"^[ \t]*(?:export[ \t]+)?{name}=(.*)$", line)
+        if found:
+            value = re.sub(r"[ \t]+#.*$", "", found.group(1)).strip().strip("\"'")
+    return value
+
+
+def sysctl_file_problem(defaults: str) -> Optional[str]:
+    """The finding when ufw-init would apply another sysctl file than its own at every boot
+    (`sysctl -p $IPT_SYSCTL`, split into words: several files)."""
+    value = _last_value(defaults, "IPT_SYSCTL")
+    if value in (None, "", UFW_SYSCTL):
+        return None
+    return (f"{defaults} sets IPT_SYSCTL={value}: ufw.service applies it with sysctl, as root, "
+            f"at every boot, where only {UFW_SYSCTL} is read for what it sets "
+            f"(IPT_SYSCTL={UFW_SYSCTL})")
+
+
 def installed(places: Places = UFW) -> bool:
     """Whether ufw-init is there to run or load anything."""
     return os.path.exists(places.init)
@@ -190,6 +220,8 @@ def script_problems(files: Dict[str, str], places: Places = UFW) -> List[str]:
     found = [script_problem(places.file(name), places.script_template(name), files)
              for name in INIT_SCRIPTS]
     found += [sourced_problem(path) for path in places.sourced()]
+    if not found[-2]:  # /etc/default/ufw holds settings only: its values can be read
+        found.append(sysctl_file_problem(places.defaults))
     return [problem for problem in found if problem]
 
 

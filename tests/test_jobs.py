@@ -170,7 +170,7 @@ def test_hooks_of_packaged_programs_not_as_installed(tmp_path: Path) -> None:
     assert jobs.hook_problems(files, globs) == [
         "hooks of packaged programs not as a package installed them, run as root later "
         "(kernel and initramfs updates, the initramfs at boot, needrestart, logrotate, udev, "
-        f"modprobe, network events): {conf_d}/way-in.conf, {logrotate}/apt, "
+        f"modprobe, network events, key requests): {conf_d}/way-in.conf, {logrotate}/apt, "
         f"{kernel}/zz-way-in and 1 more (remove them, or reinstall their package)"]
 
 
@@ -284,7 +284,7 @@ def test_a_hook_symlink_its_package_shipped_is_not_named(tmp_path: Path) -> None
     planted = dhcp / "dhclient-exit-hooks.d" / "zz"
     planted.symlink_to("../debug")  # a link no package lists
     assert jobs.hook_problems(files, globs, dpkg)[0].endswith(
-        f"network events): {planted} (remove them, or reinstall their package)")
+        f"network events, key requests): {planted} (remove them, or reinstall their package)")
 
 
 def test_a_hook_or_cron_directory_that_is_a_link_is_named(tmp_path: Path) -> None:
@@ -364,3 +364,9 @@ def test_a_fifo_as_grubs_settings_file_is_named(
     assert not jobs.grub_settings_only(grub)
     [found] = jobs.hook_problems({}, (str(grub),), tmp_path / "dpkg")
     assert found.endswith(f": {grub} (a FIFO) (remove them, or reinstall their package)"), found
+
+
+def test_request_keys_configuration_is_judged() -> None:
+    """The kernel runs /sbin/request-key as root when any user asks for a key it does not
+    hold, and request-key runs the commands its configuration names."""
+    assert {"/etc/request-key.conf", "/etc/request-key.d/*"} <= set(jobs.HOOK_GLOBS)

@@ -169,11 +169,12 @@ def test_registrations_kept_after_an_unmount_are_named(tmp_path: Path) -> None:
     "kernel.core_pattern = |/root/way-in", "kernel.mod* = /root/way-in",
     "  kernel//modprobe=/root/way-in",
 ])
+@pytest.mark.parametrize("where", ["etc/sysctl.d/99-way-in.conf", "etc/ufw/sysctl.conf"])
 def test_a_sysctl_file_no_package_installed_that_sets_a_helper_is_named(
-        tmp_path: Path, line: str) -> None:
+        tmp_path: Path, line: str, where: str) -> None:
+    """systemd-sysctl's files and ufw's, which ufw-init applies at every boot."""
     files = stock(tmp_path)
-    planted = write(tmp_path / "etc/sysctl.d/99-way-in.conf",
-                    f"# the way back\nvm.swappiness = 10\n{line}\n")
+    planted = write(tmp_path / where, f"# the way back\nvm.swappiness = 10\n{line}\n")
     assert kernelhelpers.persistent_problems(files, tmp_path) == [
         "sysctl files not as a package installed them set a program the kernel runs as root "
         "(kernel.modprobe at module requests, kernel.hotplug at device events, "

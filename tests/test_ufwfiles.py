@@ -238,3 +238,18 @@ def test_a_sourced_file_that_is_a_fifo_is_named_and_never_read(ufw: Ufw) -> None
     os.mkfifo(conf)
     assert ufw.problems() == [f"{conf} is a FIFO, not a regular file: ufw.service sources it as shell, "
                      f"as root, at every boot (rm {conf}, then reinstall ufw)"]
+
+
+@pytest.mark.parametrize("value", ["/root/way-in.conf", "'/etc/ufw/sysctl.conf /root/x.conf'"])
+def test_ufw_applying_another_sysctl_file_is_named(ufw: Ufw, value: str) -> None:
+    """ufw-init applies IPT_SYSCTL's files with sysctl at every boot; only ufw's own is read
+    for the programs the kernel would run as root (statemesh.kernelhelpers)."""
+    defaults = Path(ufw.places.defaults)
+    defaults.write_bytes(DEFAULTS + f"IPT_SYSCTL={value}  # later\n".encode())
+    shown = value.strip("'")
+    assert ufw.problems() == [
+        f"{defaults} sets IPT_SYSCTL={shown}: ufw.service applies it with sysctl, as root, at "
+        "every boot, where only /etc/ufw/sysctl.conf is read for what it sets "
+        "(IPT_SYSCTL=/etc/ufw/sysctl.conf)"]
+    defaults.write_bytes(DEFAULTS + b'IPT_SYSCTL=""\n')
+    assert ufw.problems() == []

@@ -474,7 +474,7 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     f"connections: {OPENVPN_WAY_IN}: up (line 2) (",
                     "hooks of packaged programs not as a package installed them, run as root "
                     "later (kernel and initramfs updates, the initramfs at boot, needrestart, "
-                    f"logrotate, udev, modprobe, network events): {GRUB_HOOK}, {KERNEL_HOOK}, "
+                    f"logrotate, udev, modprobe, network events, key requests): {GRUB_HOOK}, {KERNEL_HOOK}, "
                     f"{UDEV_RULE} ("):
         assert planted in said, said
     for planted in (f"{UFW_INIT_WAY_IN} is executable and differs from the ufw package's "
