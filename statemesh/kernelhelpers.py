@@ -39,6 +39,7 @@ from statemesh.planted import named
 
 ROOT = Path("/")
 MODPROBE = "proc/sys/kernel/modprobe"
+DEFAULT_MODULE_LOADER = "sbin/modprobe"  # the kernel's default, kmod's link on Debian
 UEVENT_HELPER = "sys/kernel/uevent_helper"
 BINFMT_MISC = "proc/sys/fs/binfmt_misc"
 BINFMT_CONTROL = frozenset({"register", "status"})  # binfmt_misc's own files, no registration
@@ -93,12 +94,26 @@ def _not_packaged(program: str, files: Dict[str, str], root: Path) -> Optional[s
         f"{path} is not a program as a package installed it")
 
 
+def _not_the_module_loader(program: str, files: Dict[str, str], root: Path) -> Optional[str]:
+    """Why the program kernel.modprobe names is not the system's module loader (kmod, as
+    /sbin/modprobe leads to it): any other packaged program would run with the module's
+    name as its argument, and an interpreter (python3 -q -- net-pf-NN, run from /) would
+    run a file root left at that name."""
+    why = _not_packaged(program, files, root)
+    if why:
+        return why
+    path = os.path.join(str(root), program.lstrip("/"))
+    if os.path.realpath(path) != os.path.realpath(root / DEFAULT_MODULE_LOADER):
+        return f"{path} is not the module loader /{DEFAULT_MODULE_LOADER} leads to"
+    return None
+
+
 def helper_problems(files: Dict[str, str], root: Path = ROOT) -> List[str]:
     """The module loader and the uevent helper the kernel runs now."""
     problems: List[str] = []
     modprobe, uevent_helper = root / MODPROBE, root / UEVENT_HELPER
     loader = _setting(_kernel_text(modprobe, problems))
-    why = loader and _not_packaged(loader, files, root)
+    why = loader and _not_the_module_loader(loader, files, root)
     if why:
         problems.append(f"{modprobe} is {loader!r}, which the kernel runs as root at every "
                         "module request, and anyone can make one (a socket of a protocol "

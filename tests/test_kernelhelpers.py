@@ -121,6 +121,21 @@ def test_a_packaged_module_loader_others_could_replace_is_named(
                      "(sysctl -w kernel.modprobe=/sbin/modprobe)")
 
 
+def test_a_packaged_program_other_than_kmod_as_the_module_loader_is_named(
+        tmp_path: Path) -> None:
+    """python3, as installed, run by the kernel as `python3 -q -- net-pf-NN` from /, would
+    run a file root left at /net-pf-NN; only the module loader itself passes."""
+    files = stock(tmp_path)
+    modprobe = write(tmp_path / "proc/sys/kernel/modprobe", "/usr/bin/python3.11\n")
+    assert kernelhelpers.helper_problems(files, tmp_path) == [
+        f"{modprobe} is '/usr/bin/python3.11', which the kernel runs as root at every module "
+        "request, and anyone can make one (a socket of a protocol family not loaded yet): "
+        f"{tmp_path}/usr/bin/python3.11 is not the module loader /sbin/modprobe leads to "
+        "(sysctl -w kernel.modprobe=/sbin/modprobe)"]
+    write(tmp_path / "proc/sys/kernel/modprobe", "/usr/bin/kmod\n")  # where the link leads
+    assert kernelhelpers.helper_problems(files, tmp_path) == []
+
+
 @pytest.mark.parametrize("helper", ["/root/way-in", " "])
 def test_a_uevent_helper_is_named(tmp_path: Path, helper: str) -> None:
     files = stock(tmp_path)

@@ -288,6 +288,28 @@ def plant_code_for_roots_programs(guest: Guest) -> None:
     guest.run(f"rm -f {RAN} && python3 -c pass && grep -q 'python3 -c pass' {RAN}")  # it runs
 
 
+# Programs the kernel itself runs as root when anyone asks: a module loader of root's (which
+# loads the module as the real one would, so that nothing else changes), an interpreter
+# registered with binfmt_misc, and what would set them again at every boot; request-key's
+# configuration, whose commands run whenever any user asks for a key.
+MODULE_LOADER = "/root/way-in-modprobe"
+SYSCTL_WAY_IN = "/etc/sysctl.d/99-way-in.conf"
+BINFMT_WAY_IN = "/etc/binfmt.d/way-in.conf"
+REQUEST_KEY_WAY_IN = "/etc/request-key.d/way-in.conf"
+
+
+def plant_kernel_helpers(guest: Guest) -> None:
+    """Last before the installation: the module loader serves every module request after it."""
+    guest.run(f"mkdir -p {SYSCTL_WAY_IN.rsplit('/', 1)[0]} {BINFMT_WAY_IN.rsplit('/', 1)[0]} "
+              f"{REQUEST_KEY_WAY_IN.rsplit('/', 1)[0]}")
+    guest.put(SYSCTL_WAY_IN, b"kernel.core_pattern = |/root/way-in\n")
+    guest.put(BINFMT_WAY_IN, b":way-in-later:E::wayinlater::/root/way-in:\n")
+    guest.put(REQUEST_KEY_WAY_IN, b"create user way-in:* * /root/way-in %k\n")
+    guest.run("echo ':way-in:E::wayin::/root/way-in:OC' > /proc/sys/fs/binfmt_misc/register")
+    guest.put(MODULE_LOADER, b"#!/bin/sh\nexec /sbin/modprobe \"$@\"\n", mode=0o755)
+    guest.run(f"sysctl -q -w kernel.modprobe={MODULE_LOADER}")
+
+
 # A container of root's, systemd-container's packaged unit started by hand: it runs what its
 # settings say (a sleep here; a reverse shell as easily) as root until the next boot, and
 # nothing the boot starts pulls it in. Its tree borrows the machine's /usr.
@@ -423,6 +445,7 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
     guest.run(f"systemctl set-environment {' '.join(PLANTED_VARIABLES)}")
     # A tenant's user given the TPM: it could make the node's attestation key quote anything.
     guest.run("usermod -aG tss nobody")
+    plant_kernel_helpers(guest)
     refused = guest.run("apt-get install -y statemesh-node", env=ENV, check=False, timeout=900)
     said = refused.stdout + refused.stderr  # dpkg runs maintainer scripts on a pty
     assert refused.returncode != 0
@@ -474,8 +497,20 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     f"connections: {OPENVPN_WAY_IN}: up (line 2) (",
                     "hooks of packaged programs not as a package installed them, run as root "
                     "later (kernel and initramfs updates, the initramfs at boot, needrestart, "
-                    f"logrotate, udev, modprobe, network events, key requests): {GRUB_HOOK}, {KERNEL_HOOK}, "
-                    f"{UDEV_RULE} ("):
+                    "logrotate, udev, modprobe, network events, key requests): "
+                    f"{GRUB_HOOK}, {KERNEL_HOOK}, {REQUEST_KEY_WAY_IN} and 1 more (",
+                    f"/proc/sys/kernel/modprobe is '{MODULE_LOADER}', which the kernel runs as "
+                    "root at every module request",
+                    "binfmt_misc registrations whose interpreter the kernel runs whenever a "
+                    "matching file is executed (as root for root's programs, and with flag C "
+                    "for a setuid file): way-in (flags OC): /root/way-in",
+                    "sysctl files not as a package installed them set a program the kernel runs "
+                    "as root (kernel.modprobe at module requests, kernel.hotplug at device "
+                    "events, kernel.core_pattern at crashes) at every boot: "
+                    f"{SYSCTL_WAY_IN} (kernel.core_pattern) (",
+                    "binfmt.d files not as a package installed them, registered at every boot: "
+                    "the kernel runs their interpreters whenever a matching file is executed: "
+                    f"{BINFMT_WAY_IN} ("):
         assert planted in said, said
     for planted in (f"{UFW_INIT_WAY_IN} is executable and differs from the ufw package's "
                     "/usr/share/ufw/before.init: ufw.service runs it as root at every boot",
