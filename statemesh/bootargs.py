@@ -57,9 +57,10 @@ REFUSED_KEYS = frozenset({
     "systemd.set_credential_binary", "rd.systemd.run", "rd.systemd.wants",
     "rd.systemd.mask", "rd.break", "break",
     # The kernel runs these as root: on every module request, on every core dump ("|..."),
-    # on every device event (kernel.hotplug, the uevent helper). The kernel takes "/" for
-    # "." in these keys (sysctl/kernel/hotplug), as the spelling below does.
+    # on every device event (kernel.hotplug, the uevent helper), at an orderly power-off. The
+    # kernel takes "/" for "." in these keys (sysctl/kernel/hotplug), as the spelling below does.
     "sysctl.kernel.modprobe", "sysctl.kernel.core_pattern", "sysctl.kernel.hotplug",
+    "sysctl.kernel.poweroff_cmd",
 })
 SYSTEMD_AS_INIT = frozenset({"/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd",
                              "/usr/sbin/init"})

@@ -23,7 +23,6 @@ Only reads files; `root` stands in for / in tests.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import glob
 import os
 import re
@@ -38,8 +37,15 @@ from statemesh.jobs import foreign, foreign_findings
 from statemesh.planted import named
 
 ROOT = Path("/")
+# Programs the kernel runs as root, each named by a setting (with the kernel's default,
+# which only the program that default leads to may replace): at every module request, at
+# an orderly power-off (a hypervisor's shutdown request, a thermal event).
 MODPROBE = "proc/sys/kernel/modprobe"
-DEFAULT_MODULE_LOADER = "sbin/modprobe"  # the kernel's default, kmod's link on Debian
+DEFAULT_MODULE_LOADER = "sbin/modprobe"  # kmod's link on Debian
+POWEROFF_CMD = "proc/sys/kernel/poweroff_cmd"
+DEFAULT_POWEROFF = "sbin/poweroff"
+# And one by a fixed path: whenever any user asks for a key it does not hold.
+REQUEST_KEY = "sbin/request-key"
 UEVENT_HELPER = "sys/kernel/uevent_helper"
 BINFMT_MISC = "proc/sys/fs/binfmt_misc"
 BINFMT_CONTROL = frozenset({"register", "status"})  # binfmt_misc's own files, no registration
@@ -60,7 +66,11 @@ SYSCTL_FILES = ("etc/sysctl.conf", "etc/ufw/sysctl.conf", *(
 BINFMT_FILES = tuple(f"{base}/binfmt.d/*.conf" for base in (
     "etc", "run", "usr/local/lib", "usr/lib", "lib"))
 # The settings that name a program the kernel runs as root, as paths under /proc/sys.
-HELPER_SETTINGS = ("kernel/modprobe", "kernel/hotplug", "kernel/core_pattern")
+HELPER_SETTINGS = ("kernel/modprobe", "kernel/hotplug", "kernel/core_pattern",
+                   "kernel/poweroff_cmd")
+# The characters of a key that is only a key; any other (a glob's, an escape, a blank)
+# may match more than Python knows: glibc's glob() in systemd-sysctl, procps's own.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_./-]*")
 
 
 def _kernel_text(path: Path, problems: List[str]) -> str:
@@ -94,17 +104,18 @@ def _not_packaged(program: str, files: Dict[str, str], root: Path) -> Optional[s
         f"{path} is not a program as a package installed it")
 
 
-def _not_the_module_loader(program: str, files: Dict[str, str], root: Path) -> Optional[str]:
-    """Why the program kernel.modprobe names is not the system's module loader (kmod, as
-    /sbin/modprobe leads to it): any other packaged program would run with the module's
-    name as its argument, and an interpreter (python3 -q -- net-pf-NN, run from /) would
-    run a file root left at that name."""
+def _not_the_program(program: str, default: str, files: Dict[str, str],
+                     root: Path) -> Optional[str]:
+    """Why the program a kernel setting names is not the one its default leads to (kmod for
+    /sbin/modprobe, systemctl for /sbin/poweroff), as installed: any other packaged program
+    would run with the kernel's arguments, and an interpreter (python3 -q -- net-pf-NN, run
+    from /) would run a file root left at that name."""
     why = _not_packaged(program, files, root)
     if why:
         return why
     path = os.path.join(str(root), program.lstrip("/"))
-    if os.path.realpath(path) != os.path.realpath(root / DEFAULT_MODULE_LOADER):
-        return f"{path} is not the module loader /{DEFAULT_MODULE_LOADER} leads to"
+    if os.path.realpath(path) != os.path.realpath(root / default):
+        return f"{path} is not the program /{default} leads to"
     return None
 
 
@@ -113,11 +124,24 @@ def helper_problems(files: Dict[str, str], root: Path = ROOT) -> List[str]:
     problems: List[str] = []
     modprobe, uevent_helper = root / MODPROBE, root / UEVENT_HELPER
     loader = _setting(_kernel_text(modprobe, problems))
-    why = loader and _not_the_module_loader(loader, files, root)
+    why = loader and _not_the_program(loader, DEFAULT_MODULE_LOADER, files, root)
     if why:
         problems.append(f"{modprobe} is {loader!r}, which the kernel runs as root at every "
                         "module request, and anyone can make one (a socket of a protocol "
                         f"family not loaded yet): {why} (sysctl -w kernel.modprobe=/sbin/modprobe)")
+    poweroff_cmd = root / POWEROFF_CMD
+    command = _setting(_kernel_text(poweroff_cmd, problems))
+    why = command and _not_the_program(command, DEFAULT_POWEROFF, files, root)
+    if why:
+        problems.append(f"{poweroff_cmd} is {command!r}, which the kernel runs as root at an "
+                        "orderly power-off (a hypervisor's shutdown request, a thermal event), "
+                        f"and the node may live on after it: {why} "
+                        "(sysctl -w kernel.poweroff_cmd=/sbin/poweroff)")
+    request_key = root / REQUEST_KEY
+    why = os.path.lexists(request_key) and _not_packaged(f"/{REQUEST_KEY}", files, root)
+    if why:
+        problems.append(f"the kernel runs {request_key} as root whenever any user asks for a "
+                        f"key it does not hold: {why} (remove it, or reinstall keyutils)")
     helper = _setting(_kernel_text(uevent_helper, problems))
     if helper:
         problems.append(f"{uevent_helper} is {helper!r}, which the kernel runs as root at "
@@ -215,19 +239,19 @@ def _normalised(key: str) -> str:
 
 
 def _sets_a_helper(key: str) -> bool:
-    """Whether a key (a glob pattern too, as systemd-sysctl takes it) sets one of the
-    kernel's helper programs."""
-    names = key.split("/")
-    return any(len(names) == len(setting.split("/"))
-               and all(fnmatch.fnmatchcase(name, pattern)
-                       for name, pattern in zip(setting.split("/"), names))
-               for setting in HELPER_SETTINGS)
+    """Whether a key may set one of the kernel's helper programs: one of them, or a key
+    with more than plain characters (a glob as systemd-sysctl takes it, an escape) whose
+    plain beginning could begin one."""
+    plain = _PLAIN_KEY.match(key).group()
+    if plain != key:
+        return any(setting.startswith(plain) for setting in HELPER_SETTINGS)
+    return key in HELPER_SETTINGS
 
 
 def _helper_keys(text: str) -> List[str]:
     """The keys, as written, of the lines of a sysctl file that set a helper program."""
     keys = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # procps and systemd split at newlines only
         key, assigned, _value = line.strip().partition("=")
         if assigned and not key.startswith(("#", ";")) and _sets_a_helper(_normalised(key)):
             keys.append(key.strip())

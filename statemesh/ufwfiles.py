@@ -32,7 +32,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from statemesh import replaceable, safefile, shsettings
 from statemesh.dpkgdb import as_installed
@@ -46,10 +46,21 @@ SOURCES = "ufw.service sources it as shell, as root, at every boot"
 # The sysctl file ufw-init applies at every boot (IPT_SYSCTL, as shipped): the one whose
 # settings statemesh.kernelhelpers reads for programs the kernel would run as root.
 UFW_SYSCTL = "/etc/ufw/sysctl.conf"
-# ufw's settings (ufw-framework(8)), the only names its sourced files may assign.
-UFW_SETTING = shsettings.setting_pattern(
-    "(?:IPV6|DEFAULT_(?:INPUT|OUTPUT|FORWARD|APPLICATION)_POLICY|MANAGE_BUILTINS|IPT_SYSCTL"
-    "|IPT_MODULES|ENABLED|LOGLEVEL)")
+# ufw's settings (ufw-framework(8)), the only names its sourced files may assign, each
+# with its own values: ufw-init splits and globs some of them unquoted, from / (`modprobe
+# $m` for each word of IPT_MODULES: a word starting with "-" is an option, a "*" matches a
+# file root left there, so `--config=x*` reads root's modprobe.conf and its install
+# commands), so a value is a plain word of that setting's kind, a module list only quoted.
+_MODULE = "[A-Za-z0-9_][A-Za-z0-9_-]*"
+_UFW_VALUES = {
+    "(?:IPV6|MANAGE_BUILTINS|ENABLED)": shsettings.literal("[A-Za-z]*"),
+    "LOGLEVEL": shsettings.literal("[a-z]*"),
+    "DEFAULT_(?:INPUT|OUTPUT|FORWARD|APPLICATION)_POLICY": shsettings.literal("[A-Z]*"),
+    "IPT_SYSCTL": shsettings.literal("(?:/[A-Za-z0-9_.-]+)*"),
+    "IPT_MODULES": shsettings.literal(f"(?:{_MODULE})?", f"(?:{_MODULE}(?: +{_MODULE})*)?"),
+}
+UFW_SETTING = re.compile("|".join(f"(?:{shsettings.setting_pattern(name, value=value).pattern})"
+                                  for name, value in _UFW_VALUES.items()))
 LOADS = "ufw.service loads it into the kernel at every boot"
 
 
@@ -178,13 +189,15 @@ def _last_value(path: str, name: str) -> Optional[str]:
     return value
 
 
-def sysctl_file_problem(defaults: str) -> Optional[str]:
+def sysctl_file_problem(sourced: Sequence[str]) -> Optional[str]:
     """The finding when ufw-init would apply another sysctl file than its own at every boot
-    (`sysctl -p $IPT_SYSCTL`, split into words: several files)."""
-    value = _last_value(defaults, "IPT_SYSCTL")
+    (`sysctl -p $IPT_SYSCTL`), as the last of the files it sources leaves IPT_SYSCTL."""
+    values = [(path, _last_value(path, "IPT_SYSCTL")) for path in sourced]
+    path, value = next(((path, value) for path, value in reversed(values)
+                        if value is not None), ("", None))
     if value in (None, "", UFW_SYSCTL):
         return None
-    return (f"{defaults} sets IPT_SYSCTL={value}: ufw.service applies it with sysctl, as root, "
+    return (f"{path} sets IPT_SYSCTL={value}: ufw.service applies it with sysctl, as root, "
             f"at every boot, where only {UFW_SYSCTL} is read for what it sets "
             f"(IPT_SYSCTL={UFW_SYSCTL})")
 
@@ -219,9 +232,10 @@ def script_problems(files: Dict[str, str], places: Places = UFW) -> List[str]:
         return []
     found = [script_problem(places.file(name), places.script_template(name), files)
              for name in INIT_SCRIPTS]
-    found += [sourced_problem(path) for path in places.sourced()]
-    if not found[-2]:  # /etc/default/ufw holds settings only: its values can be read
-        found.append(sysctl_file_problem(places.defaults))
+    sourced = [sourced_problem(path) for path in places.sourced()]
+    found += sourced
+    if not any(sourced):  # settings only: what they leave in IPT_SYSCTL can be read
+        found.append(sysctl_file_problem(places.sourced()))
     return [problem for problem in found if problem]
 
 

@@ -38,7 +38,7 @@ def test_ordinary_command_lines_are_not_named(arguments: str) -> None:
     "break=premount", "rd.shell", "systemd.set_credential=tmpfiles.extra:f",
     "LD_PRELOAD=/root/x.so", "sysctl.kernel.modprobe=/root/x", "sysctl.kernel/core_pattern=|/x",
     "sysctl.kernel.hotplug=/root/x", "sysctl.kernel/hotplug=/root/x",
-    "sysctl/kernel/hotplug=/root/x",
+    "sysctl/kernel/hotplug=/root/x", "sysctl.kernel.poweroff_cmd=/root/x",
 ])
 def test_each_way_in_at_boot_is_named(argument: str) -> None:
     """Named as read: a double-quoted argument, blanks included, is one (the kernel's and

@@ -130,9 +130,45 @@ def test_a_packaged_program_other_than_kmod_as_the_module_loader_is_named(
     assert kernelhelpers.helper_problems(files, tmp_path) == [
         f"{modprobe} is '/usr/bin/python3.11', which the kernel runs as root at every module "
         "request, and anyone can make one (a socket of a protocol family not loaded yet): "
-        f"{tmp_path}/usr/bin/python3.11 is not the module loader /sbin/modprobe leads to "
+        f"{tmp_path}/usr/bin/python3.11 is not the program /sbin/modprobe leads to "
         "(sysctl -w kernel.modprobe=/sbin/modprobe)"]
     write(tmp_path / "proc/sys/kernel/modprobe", "/usr/bin/kmod\n")  # where the link leads
+    assert kernelhelpers.helper_problems(files, tmp_path) == []
+
+
+@pytest.mark.parametrize("command, why", [
+    ("/root/way-in", "{root}/root/way-in is not a program as a package installed it"),
+    ("/usr/bin/python3.11", "{root}/usr/bin/python3.11 is not the program /sbin/poweroff "
+     "leads to"),
+])
+def test_a_power_off_command_of_roots_is_named(tmp_path: Path, command: str, why: str) -> None:
+    """The kernel runs it as root when a hypervisor asks the guest to shut down, and
+    nothing says the node must go down after it."""
+    files = stock(tmp_path)
+    write(tmp_path / "root/way-in", "#!/bin/sh\n")
+    (tmp_path / "usr/bin/systemctl").write_bytes(b"systemctl")
+    files[str(tmp_path / "usr/bin/systemctl")] = md5(b"systemctl")
+    (tmp_path / "sbin/poweroff").symlink_to("../usr/bin/systemctl")
+    poweroff_cmd = write(tmp_path / "proc/sys/kernel/poweroff_cmd", "/sbin/poweroff\n")
+    assert kernelhelpers.helper_problems(files, tmp_path) == []
+    write(poweroff_cmd, f"{command}\n")
+    assert kernelhelpers.helper_problems(files, tmp_path) == [
+        f"{poweroff_cmd} is {command!r}, which the kernel runs as root at an orderly power-off "
+        "(a hypervisor's shutdown request, a thermal event), and the node may live on after "
+        f"it: {why.format(root=tmp_path)} (sysctl -w kernel.poweroff_cmd=/sbin/poweroff)"]
+
+
+def test_a_request_key_program_no_package_installed_is_named(tmp_path: Path) -> None:
+    """The kernel runs /sbin/request-key, a fixed path, as root at any user's key request:
+    where keyutils is not installed, whatever root put there."""
+    files = stock(tmp_path)
+    assert kernelhelpers.helper_problems(files, tmp_path) == []
+    planted = write(tmp_path / "sbin/request-key", "#!/bin/sh\n/root/way-in\n")
+    assert kernelhelpers.helper_problems(files, tmp_path) == [
+        f"the kernel runs {planted} as root whenever any user asks for a key it does not "
+        f"hold: {planted} is not a program as a package installed it (remove it, or "
+        "reinstall keyutils)"]
+    files[str(planted)] = md5(planted.read_bytes())  # keyutils's, as installed
     assert kernelhelpers.helper_problems(files, tmp_path) == []
 
 
@@ -182,7 +218,11 @@ def test_registrations_kept_after_an_unmount_are_named(tmp_path: Path) -> None:
     "kernel.modprobe = /root/way-in", "kernel/modprobe=/root/way-in",
     "-kernel.modprobe = /root/way-in", "kernel.hotplug=/root/way-in",
     "kernel.core_pattern = |/root/way-in", "kernel.mod* = /root/way-in",
-    "  kernel//modprobe=/root/way-in",
+    "  kernel//modprobe=/root/way-in", "kernel.poweroff_cmd = /root/way-in",
+    # What procps's sysctl -p or glibc's glob() take for the same key, fnmatch does not.
+    "kernel.modprobe\v= /root/way-in", "kernel.modprob[^a] = /root/way-in",
+    "kernel.modprob[[:alpha:]] = /root/way-in", "kernel.m\\odprob? = /root/way-in",
+    "*.modprobe = /root/way-in",
 ])
 @pytest.mark.parametrize("where", ["etc/sysctl.d/99-way-in.conf", "etc/ufw/sysctl.conf"])
 def test_a_sysctl_file_no_package_installed_that_sets_a_helper_is_named(
@@ -195,7 +235,8 @@ def test_a_sysctl_file_no_package_installed_that_sets_a_helper_is_named(
         "(kernel.modprobe at module requests, kernel.hotplug at device events, "
         f"kernel.core_pattern at crashes) at every boot: {planted} ({line.partition('=')[0].strip()}) "
         "(remove those lines, or the files)"]
-    planted.write_text("vm.swappiness = 10\nkernel.domainname = node\n")  # none of them
+    planted.write_text("vm.swappiness = 10\nkernel.domainname = node\n"  # none of them
+                       "net.ipv4.conf.*.rp_filter = 2\n")
     assert kernelhelpers.persistent_problems(files, tmp_path) == []
 
 

@@ -211,6 +211,11 @@ def test_without_ufw_there_is_nothing_to_judge(ufw: Ufw) -> None:
     b"PATH=/root/bin:$PATH",
     b"export LD_PRELOAD=/root/way-in.so",
     b"ENABLED=yes\r",
+    b"IPT_MODULES=--config=zz.conf*",  # ufw-init: modprobe $m, globbed from /
+    b'IPT_MODULES="nf_nat_ftp -C/root/x"',
+    b"IPT_MODULES=nf_nat_ftp nf_conntrack_ftp",  # a command, with IPT_MODULES in its env
+    b"\xc2\xa0",  # a no-break space: a word to sh, a command looked up on PATH
+    b"\xc2\xa0# comment",
 ])
 @pytest.mark.parametrize("sourced", ["defaults", "ufw.conf"])
 def test_a_sourced_file_holding_more_than_ufws_settings_is_named(
@@ -227,7 +232,8 @@ def test_a_sourced_file_holding_more_than_ufws_settings_is_named(
 def test_ufws_settings_edited_by_hand_pass(ufw: Ufw) -> None:
     """The operator's own values are settings like any other: nothing runs."""
     (ufw.etc / "ufw.conf").write_bytes(b"ENABLED=no  # for now\nLOGLEVEL='medium'\n")
-    Path(ufw.places.defaults).write_bytes(DEFAULTS + b'IPT_MODULES="nf_conntrack_ftp"\n')
+    Path(ufw.places.defaults).write_bytes(
+        DEFAULTS + b'IPT_MODULES="nf_conntrack_ftp nf_nat_ftp"\nIPV6=no\n')
     assert ufw.problems() == []
 
 
@@ -240,16 +246,17 @@ def test_a_sourced_file_that_is_a_fifo_is_named_and_never_read(ufw: Ufw) -> None
                      f"as root, at every boot (rm {conf}, then reinstall ufw)"]
 
 
-@pytest.mark.parametrize("value", ["/root/way-in.conf", "'/etc/ufw/sysctl.conf /root/x.conf'"])
-def test_ufw_applying_another_sysctl_file_is_named(ufw: Ufw, value: str) -> None:
-    """ufw-init applies IPT_SYSCTL's files with sysctl at every boot; only ufw's own is read
-    for the programs the kernel would run as root (statemesh.kernelhelpers)."""
-    defaults = Path(ufw.places.defaults)
-    defaults.write_bytes(DEFAULTS + f"IPT_SYSCTL={value}  # later\n".encode())
-    shown = value.strip("'")
+@pytest.mark.parametrize("sourced", ["defaults", "ufw.conf"])
+def test_ufw_applying_another_sysctl_file_is_named(ufw: Ufw, sourced: str) -> None:
+    """ufw-init applies IPT_SYSCTL's file with sysctl at every boot, as the last file it
+    sources leaves it; only ufw's own is read for the programs the kernel would run as root
+    (statemesh.kernelhelpers)."""
+    path = Path(ufw.places.defaults) if sourced == "defaults" else ufw.etc / "ufw.conf"
+    original = path.read_bytes()
+    path.write_bytes(original + b"IPT_SYSCTL=/root/way-in.conf  # later\n")
     assert ufw.problems() == [
-        f"{defaults} sets IPT_SYSCTL={shown}: ufw.service applies it with sysctl, as root, at "
-        "every boot, where only /etc/ufw/sysctl.conf is read for what it sets "
+        f"{path} sets IPT_SYSCTL=/root/way-in.conf: ufw.service applies it with sysctl, as "
+        "root, at every boot, where only /etc/ufw/sysctl.conf is read for what it sets "
         "(IPT_SYSCTL=/etc/ufw/sysctl.conf)"]
-    defaults.write_bytes(DEFAULTS + b'IPT_SYSCTL=""\n')
+    path.write_bytes(original + b'IPT_SYSCTL=""\n')
     assert ufw.problems() == []
