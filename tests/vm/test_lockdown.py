@@ -289,13 +289,15 @@ def plant_code_for_roots_programs(guest: Guest) -> None:
 
 
 # Programs the kernel itself runs as root when anyone asks: a module loader of root's (which
-# loads the module as the real one would, so that nothing else changes), an interpreter
-# registered with binfmt_misc, and what would set them again at every boot; request-key's
-# configuration, whose commands run whenever any user asks for a key.
+# loads the module as the real one would, so that nothing else changes), a power-off command
+# (a hypervisor's shutdown request), an interpreter registered with binfmt_misc, a
+# request-key program (keyutils is not installed) and request-key's configuration, and
+# what would set them again at every boot.
 MODULE_LOADER = "/root/way-in-modprobe"
 SYSCTL_WAY_IN = "/etc/sysctl.d/99-way-in.conf"
 BINFMT_WAY_IN = "/etc/binfmt.d/way-in.conf"
 REQUEST_KEY_WAY_IN = "/etc/request-key.d/way-in.conf"
+REQUEST_KEY = "/sbin/request-key"
 
 
 def plant_kernel_helpers(guest: Guest) -> None:
@@ -306,6 +308,8 @@ def plant_kernel_helpers(guest: Guest) -> None:
     guest.put(BINFMT_WAY_IN, b":way-in-later:E::wayinlater::/root/way-in:\n")
     guest.put(REQUEST_KEY_WAY_IN, b"create user way-in:* * /root/way-in %k\n")
     guest.run("echo ':way-in:E::wayin::/root/way-in:OC' > /proc/sys/fs/binfmt_misc/register")
+    guest.put(REQUEST_KEY, b"#!/bin/sh\n/root/way-in\n", mode=0o755)
+    guest.run("sysctl -q -w kernel.poweroff_cmd=/root/way-in")
     guest.put(MODULE_LOADER, b"#!/bin/sh\nexec /sbin/modprobe \"$@\"\n", mode=0o755)
     guest.run(f"sysctl -q -w kernel.modprobe={MODULE_LOADER}")
 
@@ -501,6 +505,10 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     f"{GRUB_HOOK}, {KERNEL_HOOK}, {REQUEST_KEY_WAY_IN} and 1 more (",
                     f"/proc/sys/kernel/modprobe is '{MODULE_LOADER}', which the kernel runs as "
                     "root at every module request",
+                    "/proc/sys/kernel/poweroff_cmd is '/root/way-in', which the kernel runs as "
+                    "root at an orderly power-off",
+                    f"the kernel runs {REQUEST_KEY} as root whenever any user asks for a key it "
+                    f"does not hold: {REQUEST_KEY} is not a program as a package installed it",
                     "binfmt_misc registrations whose interpreter the kernel runs whenever a "
                     "matching file is executed (as root for root's programs, and with flag C "
                     "for a setuid file): way-in (flags OC): /root/way-in",
