@@ -84,17 +84,6 @@ def test_a_stock_node_passes(tmp_path: Path) -> None:
     assert kernelhelpers.problems(files, tmp_path) == []
 
 
-def test_a_module_loader_planted_in_root_is_named(tmp_path: Path) -> None:
-    files = stock(tmp_path)
-    write(tmp_path / "root/way-in", "#!/bin/sh\n")
-    modprobe = write(tmp_path / "proc/sys/kernel/modprobe", "/root/way-in\n")
-    assert kernelhelpers.helper_problems(files, tmp_path) == [
-        f"{modprobe} is '/root/way-in', which the kernel runs as root at every module "
-        "request, and anyone can make one (a socket of a protocol family not loaded yet): "
-        f"{tmp_path}/root/way-in is not a program as a package installed it "
-        "(sysctl -w kernel.modprobe=/sbin/modprobe)"]
-
-
 @pytest.mark.parametrize("loader, why", [
     ("/opt/kmod", "{root}/opt is writable by others than root"),
     ("/bin/kmod", "{root}/bin/kmod is reached through a link"),
@@ -121,18 +110,22 @@ def test_a_packaged_module_loader_others_could_replace_is_named(
                      "(sysctl -w kernel.modprobe=/sbin/modprobe)")
 
 
-def test_a_packaged_program_other_than_kmod_as_the_module_loader_is_named(
-        tmp_path: Path) -> None:
-    """python3, as installed, run by the kernel as `python3 -q -- net-pf-NN` from /, would
-    run a file root left at /net-pf-NN; only the module loader itself passes."""
+@pytest.mark.parametrize("loader, why", [
+    ("/root/way-in", "{root}/root/way-in is not a program as a package installed it"),
+    # python3, as installed, run by the kernel as `python3 -q -- net-pf-NN` from /, would
+    # run a file root left at /net-pf-NN: only the module loader itself passes.
+    ("/usr/bin/python3.11", "{root}/usr/bin/python3.11 is not the program /sbin/modprobe "
+     "leads to"),
+])
+def test_a_module_loader_other_than_kmod_is_named(tmp_path: Path, loader: str, why: str) -> None:
     files = stock(tmp_path)
-    modprobe = write(tmp_path / "proc/sys/kernel/modprobe", "/usr/bin/python3.11\n")
+    write(tmp_path / "root/way-in", "#!/bin/sh\n")
+    modprobe = write(tmp_path / "proc/sys/kernel/modprobe", f"{loader}\n")
     assert kernelhelpers.helper_problems(files, tmp_path) == [
-        f"{modprobe} is '/usr/bin/python3.11', which the kernel runs as root at every module "
-        "request, and anyone can make one (a socket of a protocol family not loaded yet): "
-        f"{tmp_path}/usr/bin/python3.11 is not the program /sbin/modprobe leads to "
-        "(sysctl -w kernel.modprobe=/sbin/modprobe)"]
-    write(tmp_path / "proc/sys/kernel/modprobe", "/usr/bin/kmod\n")  # where the link leads
+        f"{modprobe} is {loader!r}, which the kernel runs as root at every module request, and "
+        "anyone can make one (a socket of a protocol family not loaded yet): "
+        f"{why.format(root=tmp_path)} (sysctl -w kernel.modprobe=/sbin/modprobe)"]
+    write(modprobe, "/usr/bin/kmod\n")  # where /sbin/modprobe leads
     assert kernelhelpers.helper_problems(files, tmp_path) == []
 
 
