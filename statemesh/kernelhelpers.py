@@ -44,6 +44,8 @@ MODPROBE = "proc/sys/kernel/modprobe"
 DEFAULT_MODULE_LOADER = "sbin/modprobe"  # kmod's link on Debian
 POWEROFF_CMD = "proc/sys/kernel/poweroff_cmd"
 DEFAULT_POWEROFF = "sbin/poweroff"
+# At any process's crash, when core_pattern pipes (the memory guarantee keeps it so).
+CORE_PATTERN = "proc/sys/kernel/core_pattern"
 # And one by a fixed path: whenever any user asks for a key it does not hold.
 REQUEST_KEY = "sbin/request-key"
 UEVENT_HELPER = "sys/kernel/uevent_helper"
@@ -119,16 +121,17 @@ def _not_the_program(program: str, default: str, files: Dict[str, str],
     return None
 
 
-def helper_problems(files: Dict[str, str], root: Path = ROOT) -> List[str]:
-    """The module loader and the uevent helper the kernel runs now."""
-    problems: List[str] = []
-    modprobe, uevent_helper = root / MODPROBE, root / UEVENT_HELPER
+def _module_loader_problem(files: Dict[str, str], root: Path, problems: List[str]) -> None:
+    modprobe = root / MODPROBE
     loader = _setting(_kernel_text(modprobe, problems))
     why = loader and _not_the_program(loader, DEFAULT_MODULE_LOADER, files, root)
     if why:
         problems.append(f"{modprobe} is {loader!r}, which the kernel runs as root at every "
                         "module request, and anyone can make one (a socket of a protocol "
                         f"family not loaded yet): {why} (sysctl -w kernel.modprobe=/sbin/modprobe)")
+
+
+def _poweroff_problem(files: Dict[str, str], root: Path, problems: List[str]) -> None:
     poweroff_cmd = root / POWEROFF_CMD
     command = _setting(_kernel_text(poweroff_cmd, problems))
     why = command and _not_the_program(command, DEFAULT_POWEROFF, files, root)
@@ -137,15 +140,45 @@ def helper_problems(files: Dict[str, str], root: Path = ROOT) -> List[str]:
                         "orderly power-off (a hypervisor's shutdown request, a thermal event), "
                         f"and the node may live on after it: {why} "
                         "(sysctl -w kernel.poweroff_cmd=/sbin/poweroff)")
+
+
+def _core_dump_handler_problem(files: Dict[str, str], root: Path, problems: List[str]) -> None:
+    """The program a piped core_pattern names (the memory guarantee sets |/bin/false), run
+    as root at any process's crash: a program as a package installed it, whatever it is."""
+    core_pattern = root / CORE_PATTERN
+    pattern = _setting(_kernel_text(core_pattern, problems))
+    if not pattern.startswith("|"):
+        return
+    program = pattern[1:].split(" ", 1)[0]
+    why = _not_packaged(program, files, root)
+    if why:
+        problems.append(f"{core_pattern} pipes core dumps to {program!r}, which the kernel runs "
+                        f"as root at any process's crash: {why} (reinstall its package)")
+
+
+def _request_key_problem(files: Dict[str, str], root: Path, problems: List[str]) -> None:
     request_key = root / REQUEST_KEY
     why = os.path.lexists(request_key) and _not_packaged(f"/{REQUEST_KEY}", files, root)
     if why:
         problems.append(f"the kernel runs {request_key} as root whenever any user asks for a "
                         f"key it does not hold: {why} (remove it, or reinstall keyutils)")
+
+
+def _uevent_helper_problem(root: Path, problems: List[str]) -> None:
+    uevent_helper = root / UEVENT_HELPER
     helper = _setting(_kernel_text(uevent_helper, problems))
     if helper:
         problems.append(f"{uevent_helper} is {helper!r}, which the kernel runs as root at "
                         f"every device event (a loop device at every boot) (echo > {uevent_helper})")
+
+
+def helper_problems(files: Dict[str, str], root: Path = ROOT) -> List[str]:
+    """The programs the kernel runs as root now, named by its settings or at fixed paths."""
+    problems: List[str] = []
+    for judge in (_module_loader_problem, _poweroff_problem, _core_dump_handler_problem,
+                  _request_key_problem):
+        judge(files, root, problems)
+    _uevent_helper_problem(root, problems)
     return problems
 
 

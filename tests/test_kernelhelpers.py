@@ -165,6 +165,23 @@ def test_a_request_key_program_no_package_installed_is_named(tmp_path: Path) -> 
     assert kernelhelpers.helper_problems(files, tmp_path) == []
 
 
+def test_a_core_dump_handler_that_is_no_packaged_program_is_named(tmp_path: Path) -> None:
+    """The memory guarantee pipes core dumps to /bin/false; a /bin/false of root's would run
+    as root at any process's crash, a tenant's included."""
+    files = stock(tmp_path)
+    false = write(tmp_path / "usr/bin/false", "false")
+    files[str(false)] = md5(b"false")
+    core_pattern = write(tmp_path / "proc/sys/kernel/core_pattern", "|/usr/bin/false\n")
+    assert kernelhelpers.helper_problems(files, tmp_path) == []
+    false.write_text("#!/bin/sh\n/root/way-in\n")
+    assert kernelhelpers.helper_problems(files, tmp_path) == [
+        f"{core_pattern} pipes core dumps to '/usr/bin/false', which the kernel runs as root at "
+        f"any process's crash: {false} is not a program as a package installed it "
+        "(reinstall its package)"]
+    write(core_pattern, "core\n")  # a file, no program
+    assert kernelhelpers.helper_problems(files, tmp_path) == []
+
+
 @pytest.mark.parametrize("helper", ["/root/way-in", " "])
 def test_a_uevent_helper_is_named(tmp_path: Path, helper: str) -> None:
     files = stock(tmp_path)
