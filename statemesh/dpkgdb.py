@@ -92,11 +92,14 @@ def state(paragraph: Paragraph) -> str:
     return words[-1] if words else "not-installed"
 
 
-def installed_files(dpkg_dir: Path = DPKG_DIR, ucf_dir: Path = UCF_DIR) -> Dict[str, str]:
-    """Every file of a package whose files are on disk, with the md5 dpkg installed it
-    with: its md5sums, and its conffiles (a conffile's md5 is the package's version, not
-    the admin's); and the files its maintainer scripts generated through ucf, with the md5
-    of what they generated. Unreadable parts count as nothing vouched for."""
+def installed_files(dpkg_dir: Path = DPKG_DIR, ucf_dir: Path = UCF_DIR,
+                    only: Optional[Collection[str]] = None) -> Dict[str, str]:
+    """Every file of a package whose files are on disk (of those named `only`, when given:
+    reading every package's md5sums took 0.33 s in an emulated guest), with the md5
+    dpkg installed it with: its md5sums, and its conffiles (a conffile's md5 is the
+    package's version, not the admin's); and the files its maintainer scripts generated
+    through ucf, with the md5 of what they generated. Unreadable parts count as nothing
+    vouched for."""
     files: Dict[str, str] = {}
     try:
         known = packages(dpkg_dir)
@@ -104,7 +107,8 @@ def installed_files(dpkg_dir: Path = DPKG_DIR, ucf_dir: Path = UCF_DIR) -> Dict[
         return files
     on_disk = set()
     for name, paragraph in known.items():
-        if state(paragraph) not in ON_DISK:
+        if state(paragraph) not in ON_DISK or (only is not None
+                                                 and name.partition(":")[0] not in only):
             continue
         on_disk.add(name.partition(":")[0])
         files.update(_md5sums(dpkg_dir / "info" / f"{name}.md5sums"))

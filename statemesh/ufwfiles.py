@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from statemesh import replaceable, safefile, shsettings
 from statemesh.dpkgdb import as_installed
 
+PACKAGES = ("ufw",)  # whose files the templates are
 INIT_SCRIPTS = ("before.init", "after.init")
 RULES_FILES = ("before.rules", "before6.rules", "after.rules", "after6.rules")
 # Any execute bit: root's `test -x`, which ufw-init asks, is true for each.

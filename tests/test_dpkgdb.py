@@ -45,6 +45,14 @@ def test_only_packages_on_disk_vouch_for_files(tmp_path: Path) -> None:
                      "/etc/old name.conf": "0123456789abcdef0123456789abcdef"}
 
 
+def test_files_of_the_packages_asked_for_only(tmp_path: Path) -> None:
+    """A check about one package's files reads only its records (Multi-Arch names too)."""
+    root = database(tmp_path)
+    assert dpkgdb.installed_files(root, only=("libfoo1",)) == {
+        "/usr/lib/libfoo.so.1": "dd" * 16}
+    assert dpkgdb.installed_files(root, only=("gone", "planted")) == {}
+
+
 def test_the_updates_journal_is_read_after_the_status_file(tmp_path: Path) -> None:
     root = database(tmp_path)
     (root / "updates").mkdir()

@@ -400,7 +400,7 @@ class Firewall:
         }
         if not have("ufw"):
             return Finding(self.name, False, "ufw is not installed", facts)
-        changed = ufwfiles.rules_problems(dpkgdb.installed_files())
+        changed = ufwfiles.rules_problems(dpkgdb.installed_files(only=ufwfiles.PACKAGES))
         facts["ufw_files_changed"] = list(changed)
         try:
             state = read_state()
