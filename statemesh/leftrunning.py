@@ -55,6 +55,9 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 # Listings of every process at most, each after systemd was asked about the units of the
 # one before (a unit may stop meanwhile; a process may move).
 SETTLE_ROUNDS = 3
+# Before listing again when a unit had no cgroup to judge by (restarting): RestartSec='s
+# order, so that the next question meets it running or stopped.
+UNDECIDED_PAUSE = 0.5
 PROCESS_DIRECTORY = re.compile(r"^/proc/[0-9]+(/.*)?$")
 # Units named per finding: each is something to stop before installing, so that one
 # refusal names them all on a machine that is not a container host.
@@ -137,17 +140,35 @@ def _inside(cgroup: str, unit_cgroup: str) -> bool:
     return bool(unit_cgroup) and (cgroup == unit_cgroup or cgroup.startswith(unit_cgroup + "/"))
 
 
-async def _not_systemds(manager: systemd.Systemd, unit: str, cgroups: Set[str]) -> Set[str]:
+async def _not_systemds(manager: systemd.Systemd, unit: str,
+                        cgroups: Set[str]) -> Optional[Set[str]]:
     """Those of `cgroups` that are neither the unit's cgroup nor inside it: made by hand
-    elsewhere and named like it, or an alias's name (all, when systemd has no such unit)."""
+    elsewhere and named like it, or an alias's name (all, when systemd has no such unit).
+    None while the unit has no cgroup: a service between its process's exit and its
+    restart (a failing endpoint's Restart=) had one a moment ago and has one again a
+    moment later, so it is asked again; a cgroup made by hand beside an idle unit stays
+    so, and is named at the last listing."""
     if await manager.get_unit_property(unit, systemd.UNIT, "LoadState") == "not-found":
         return set(cgroups)
     own = await manager.get_unit_property(unit, _type_interface(unit), "ControlGroup")
+    if not own:
+        return None
     return {cgroup for cgroup in cgroups if not _inside(cgroup, own)}
 
 
+@dataclasses.dataclass
+class Judged:
+    """What by_hand found: units started by hand (unit -> what to say of it), cgroups
+    systemd does not own, and units whose cgroup systemd could not say now (unit -> the
+    cgroups of their processes), to be asked about again."""
+
+    started: Dict[str, str] = dataclasses.field(default_factory=dict)
+    foreign: Set[str] = dataclasses.field(default_factory=set)
+    undecided: Dict[str, Set[str]] = dataclasses.field(default_factory=dict)
+
+
 async def by_hand(manager: systemd.Systemd, chain: pulledin.BootChain, later: Collection[str],
-                  running: Dict[str, Set[str]]) -> Tuple[Dict[str, str], Set[str]]:
+                  running: Dict[str, Set[str]]) -> Judged:
     """The units started by hand (of `later`, and of `running`: unit -> the cgroups its
     processes are in), each with what to say of it: those systemd says are transient, and
     packaged ones the machine did not bring up (`chain`); and the cgroups of `running`
@@ -156,25 +177,30 @@ async def by_hand(manager: systemd.Systemd, chain: pulledin.BootChain, later: Co
     units = sorted(set(later) | set(running))
     judged = await systemd.together(_judge(manager, chain, unit, running.get(unit))
                                     for unit in units)
-    started: Dict[str, str] = {}
-    foreign: Set[str] = set()
+    found = Judged()
     for unit, (said, outside) in zip(units, judged):
-        foreign |= outside
+        if outside is None:
+            found.undecided[unit] = running[unit]
+            continue
+        found.foreign |= outside
         if said:
-            started[unit] = said
-    return started, foreign
+            found.started[unit] = said
+    return found
 
 
 async def _judge(manager: systemd.Systemd, chain: pulledin.BootChain, unit: str,
-                 cgroups: Optional[Set[str]]) -> Tuple[str, Set[str]]:
+                 cgroups: Optional[Set[str]]) -> Tuple[str, Optional[Set[str]]]:
     """What to say of one unit ("" when the machine brought it up), and those of its
-    processes' `cgroups` (None: none run) that systemd does not own."""
+    processes' `cgroups` (None: none run) that systemd does not own (None: it cannot say
+    now, _not_systemds)."""
     try:
         if await manager.get_unit_property(unit, systemd.UNIT, "Transient"):
             return "started by hand", set()
-        outside: Set[str] = set()
+        outside: Optional[Set[str]] = set()
         if cgroups is not None:
             outside = await _not_systemds(manager, unit, cgroups)
+            if outside is None:
+                return "", None
         if outside != cgroups and not await chain.brought_up(unit):
             return pulledin.ON_REQUEST, outside
         return "", outside
@@ -234,22 +260,26 @@ async def left_running(manager: systemd.Systemd, excused: Excused = nothing_excu
     processes = userland(cgroup_of)
     own_units = {p.unit for p in processes if excused(p)}
     chain = await pulledin.BootChain.of(manager)
-    started, foreign = await by_hand(manager, chain,
-                                     await _starting_later(manager) - own_units, {})
+    found = await by_hand(manager, chain, await _starting_later(manager) - own_units, {})
     asked: Dict[str, Set[str]] = {}
     for listing in range(1, SETTLE_ROUNDS + 1):
         left = [p for p in processes if not excused(p)]
         new = _not_asked(left, asked)
         if new:
-            more_started, more_foreign = await by_hand(manager, chain, (), new)
-            started.update(more_started)
-            foreign |= more_foreign
+            more = await by_hand(manager, chain, (), new)
+            found.started.update(more.started)
+            found.foreign |= more.foreign
             for unit, cgroups in new.items():
-                asked.setdefault(unit, set()).update(cgroups)
+                if unit not in more.undecided:
+                    asked.setdefault(unit, set()).update(cgroups)
+            if listing == SETTLE_ROUNDS:
+                found.foreign.update(*more.undecided.values())
+            elif more.undecided:
+                await asyncio.sleep(UNDECIDED_PAUSE)
         if not new or listing == SETTLE_ROUNDS:
             break
         processes = userland(cgroup_of)
-    return hidden + describe(left, started, foreign)
+    return hidden + describe(left, found.started, found.foreign)
 
 
 def _not_asked(processes: List[Process], asked: Dict[str, Set[str]]) -> Dict[str, Set[str]]:

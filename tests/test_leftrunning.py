@@ -99,6 +99,20 @@ def test_a_cgroup_made_by_hand_and_named_like_a_unit_is_no_unit(
         f"in no unit systemd owns (/user.slice/cron.service): pid {sleepers[0]} (sleep 60)"]
 
 
+def test_a_service_restarting_when_asked_is_asked_again(
+        fakebus: FakeBus, sleepers: List[int]) -> None:
+    """A failing endpoint (Restart=always) has no cgroup between its process's exit and its
+    restart; its process listed a moment before is the unit's, as the next question
+    shows. A cgroup made by hand beside a unit that never has one stays named."""
+    fakebus.systemd.add("statemesh-atls.service", active_state="activating",
+                        control_groups=["", "", "/system.slice/statemesh-atls.service"])
+    cgroups = {sleepers[0]: "/system.slice/statemesh-atls.service"}
+    assert left(fakebus, cgroups) == []
+    fakebus.systemd.add("cron.service", control_groups=[""])  # idle, loaded
+    assert left(fakebus, {sleepers[1]: "/system.slice/cron.service"}) == [
+        f"in no unit systemd owns (/system.slice/cron.service): pid {sleepers[1]} (sleep 61)"]
+
+
 def test_the_installation_is_excused_but_not_a_shell_beside_it(
         fakebus: FakeBus, sleepers: List[int], tmp_path: Path) -> None:
     """`systemd-run --unit=inst sh -c 'REVSHELL & exec apt-get install ...'`: apt and its

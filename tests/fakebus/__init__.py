@@ -120,6 +120,9 @@ class FakeUnit:
     # As systemd, a mask refuses starts only once a reload has loaded it (and an unmask
     # lets them again only then).
     mask_loaded: Optional[bool] = None
+    # ControlGroup's answers in turn, each read taking one and the last one kept (a unit
+    # restarting has none a moment); none given: its cgroup under system.slice.
+    control_groups: List[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.mask_loaded is None:
@@ -206,6 +209,9 @@ class UnitTypeObject(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def ControlGroup(self) -> "s":  # noqa: N802,F821
         """As systemd: a unit that exists has its cgroup under system.slice."""
+        answers = self.unit.control_groups
+        if answers:
+            return answers.pop(0) if len(answers) > 1 else answers[0]
         return f"/system.slice/{self.unit.name}" if self.unit.exists else ""
 
     @dbus_property(access=PropertyAccess.READ)
