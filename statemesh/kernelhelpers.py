@@ -121,25 +121,24 @@ def _not_the_program(program: str, default: str, files: Dict[str, str],
     return None
 
 
-def _module_loader_problem(files: Dict[str, str], root: Path, problems: List[str]) -> None:
-    modprobe = root / MODPROBE
-    loader = _setting(_kernel_text(modprobe, problems))
-    why = loader and _not_the_program(loader, DEFAULT_MODULE_LOADER, files, root)
-    if why:
-        problems.append(f"{modprobe} is {loader!r}, which the kernel runs as root at every "
-                        "module request, and anyone can make one (a socket of a protocol "
-                        f"family not loaded yet): {why} (sysctl -w kernel.modprobe=/sbin/modprobe)")
+# The helpers a setting names whose default leads to one program: (the setting, that
+# default, the setting's sysctl key, when the kernel runs it).
+DEFAULTED_HELPERS = (
+    (MODPROBE, DEFAULT_MODULE_LOADER, "kernel.modprobe", "at every module request, and anyone "
+     "can make one (a socket of a protocol family not loaded yet)"),
+    (POWEROFF_CMD, DEFAULT_POWEROFF, "kernel.poweroff_cmd", "at an orderly power-off (a "
+     "hypervisor's shutdown request, a thermal event), and the node may live on after it"),
+)
 
 
-def _poweroff_problem(files: Dict[str, str], root: Path, problems: List[str]) -> None:
-    poweroff_cmd = root / POWEROFF_CMD
-    command = _setting(_kernel_text(poweroff_cmd, problems))
-    why = command and _not_the_program(command, DEFAULT_POWEROFF, files, root)
-    if why:
-        problems.append(f"{poweroff_cmd} is {command!r}, which the kernel runs as root at an "
-                        "orderly power-off (a hypervisor's shutdown request, a thermal event), "
-                        f"and the node may live on after it: {why} "
-                        "(sysctl -w kernel.poweroff_cmd=/sbin/poweroff)")
+def _defaulted_helper_problems(files: Dict[str, str], root: Path, problems: List[str]) -> None:
+    for setting, default, key, when in DEFAULTED_HELPERS:
+        path = root / setting
+        program = _setting(_kernel_text(path, problems))
+        why = program and _not_the_program(program, default, files, root)
+        if why:
+            problems.append(f"{path} is {program!r}, which the kernel runs as root {when}: "
+                            f"{why} (sysctl -w {key}=/{default})")
 
 
 def _core_dump_handler_problem(files: Dict[str, str], root: Path, problems: List[str]) -> None:
@@ -175,8 +174,7 @@ def _uevent_helper_problem(root: Path, problems: List[str]) -> None:
 def helper_problems(files: Dict[str, str], root: Path = ROOT) -> List[str]:
     """The programs the kernel runs as root now, named by its settings or at fixed paths."""
     problems: List[str] = []
-    for judge in (_module_loader_problem, _poweroff_problem, _core_dump_handler_problem,
-                  _request_key_problem):
+    for judge in (_defaulted_helper_problems, _core_dump_handler_problem, _request_key_problem):
         judge(files, root, problems)
     _uevent_helper_problem(root, problems)
     return problems
