@@ -568,9 +568,11 @@ def creation_seen_before_its_opener(devpts: str) -> Dict[str, Any]:
     scans: List[int] = []
     real_holders = watchdog_module.terminals.holders
 
-    def late_holders(wanted, tty_rdevs=frozenset(), every_pty=False):
+    def late_holders(wanted, tty_rdevs=frozenset(), every_pty=False, mounts=None):
         scans.append(len(wanted))
-        return iter(()) if len(scans) == 1 else real_holders(wanted, tty_rdevs, every_pty)
+        if len(scans) == 1:
+            return iter(())
+        return real_holders(wanted, tty_rdevs, every_pty, mounts or {})
 
     def capture(event: str, **fields: Any) -> None:
         if event == "kill":

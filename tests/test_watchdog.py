@@ -316,6 +316,18 @@ def test_pty_device_numbers_follow_the_kernel() -> None:
     assert terminals.pty_rdev(300) == os.makedev(137, 44)
 
 
+def test_a_pty_found_by_the_sweep_alone_is_named_by_its_node_where_its_instance_is_known() -> None:
+    # The sweep lists the ptys first and reads /proc after: a pty made in between is held by
+    # no listed terminal (CI run of dce2c05 logged "pts/1 of devpts 0:23" for /dev/pts/1).
+    instance = os.makedev(0, 23)
+    holder = terminals.Process(pid=10, ppid=1, sid=10, tty_nr=0, kernel_thread=False,
+                               start_ticks=0, holds=frozenset({(instance, terminals.pty_rdev(1))}))
+    known = terminals.any_pty(holder, {instance: "/dev/pts"})
+    assert known is not None and known.path == "/dev/pts/1" and known.key == (instance, terminals.pty_rdev(1))
+    unknown = terminals.any_pty(holder, {})
+    assert unknown is not None and unknown.path == "pts/1 of devpts 0:23"
+
+
 @pytest.mark.parametrize("mode, holds", [(os.O_WRONLY, False), (os.O_RDWR, True), (os.O_RDONLY, True)])
 def test_a_terminal_device_open_only_for_writing_is_not_held(mode: int, holds: bool) -> None:
     # /dev/full stands in for a terminal device: this only reads our own fds, kills nothing.

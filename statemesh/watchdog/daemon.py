@@ -431,7 +431,7 @@ class Watchdog:
         for _ in range(MAX_ROUNDS):
             killed = 0
             for terminal, process in terminals.holders(wanted, frozenset(self.tty_rdevs),
-                                                       every_pty):
+                                                       every_pty, self.instances):
                 identity = (process.pid, process.start_ticks)
                 if identity in decided:
                     continue

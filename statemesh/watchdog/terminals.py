@@ -16,7 +16,8 @@ import pwd
 import re
 import stat
 import time
-from typing import Dict, FrozenSet, Iterator, List, Optional, Set, Tuple
+from types import MappingProxyType
+from typing import Dict, FrozenSet, Iterator, List, Mapping, Optional, Set, Tuple
 
 from statemesh import proc
 
@@ -298,31 +299,39 @@ def is_holder(terminal: Terminal, process: Process) -> bool:
     return not terminal.is_pty or _ctty_instance(process) == terminal.instance
 
 
-def any_pty(process: Process) -> Optional[Terminal]:
-    """A pty the process holds, of any devpts instance: by an fd, or as controlling tty."""
+def any_pty(process: Process, mounts: Mapping[int, str]) -> Optional[Terminal]:
+    """A pty the process holds, of any devpts instance: by an fd, or as controlling tty.
+    `mounts` (instance -> where it is mounted) names it by its node where the instance is
+    known: a pty created after the listing the sweep began with is still named as itself."""
     for instance, rdev in sorted(process.holds):
         if instance:
-            return _unlisted_pty(instance, rdev)
+            return _unlisted_pty(instance, rdev, mounts)
     if os.major(process.tty_nr) in PTY_SLAVE_MAJORS:
-        return _unlisted_pty(_ctty_instance(process), process.tty_nr)
+        return _unlisted_pty(_ctty_instance(process), process.tty_nr, mounts)
     return None
 
 
-def _unlisted_pty(instance: int, rdev: int) -> Terminal:
-    """A pty known by its numbers only (no node was listed for it): named for the log."""
+def _unlisted_pty(instance: int, rdev: int, mounts: Mapping[int, str]) -> Terminal:
+    """A pty known by its numbers only (no node was listed for it): named for the log by its
+    node in a known instance, else by its numbers."""
     index = (os.major(rdev) - PTY_SLAVE_MAJOR) * 256 + os.minor(rdev)
-    return Terminal(f"pts/{index} of devpts {os.major(instance)}:{os.minor(instance)}", rdev,
-                    instance, None)
+    if instance in mounts:
+        path = os.path.join(mounts[instance], str(index))
+    else:
+        path = f"pts/{index} of devpts {os.major(instance)}:{os.minor(instance)}"
+    return Terminal(path, rdev, instance, None)
 
 
 def holders(wanted: List[Terminal], tty_rdevs: FrozenSet[int] = frozenset(),
-            every_pty: bool = False) -> Iterator[Tuple[Terminal, Process]]:
+            every_pty: bool = False,
+            mounts: Mapping[int, str] = MappingProxyType({})) -> Iterator[Tuple[Terminal, Process]]:
     """Each process holding one of `wanted` (or, with every_pty, any pty at all), in one
-    pass over /proc, yielded as soon as it is read so that the caller can act at once."""
+    pass over /proc, yielded as soon as it is read so that the caller can act at once.
+    `mounts` names the ptys found by every_pty alone (see any_pty)."""
     for process in processes(tty_rdevs):
         held = next((terminal for terminal in wanted if is_holder(terminal, process)), None)
         if held is None and every_pty:
-            held = any_pty(process)
+            held = any_pty(process, mounts)
         if held is not None:
             yield held, process
 
