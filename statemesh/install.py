@@ -65,9 +65,11 @@ class PreflightRefused(InstallError):
 def transaction(book: journal.Journal, ordered: Sequence[Guarantee],
                 check_preflight: Callable[[], preflight.Report], attempt: int = 1) -> None:
     """Preflight (unless installed already), apply every guarantee in order (systemd loads
-    their masks in one reload at the end), read all back."""
+    their masks in one reload at the end), read all back. An upgrade of an installed node
+    keeps what holds of the guarantees that say so (kept_by_upgrades_while_holding)."""
     book.require_clean_boot()
-    if not book.state().installed:
+    upgrade = book.state().installed
+    if not upgrade:
         report = check_preflight()
         if not report.ok:
             book.record("preflight-refused", problems=report.problems)
@@ -78,6 +80,9 @@ def transaction(book: journal.Journal, ordered: Sequence[Guarantee],
         with unitmask.one_reload(book):
             for guarantee in ordered:
                 current = guarantee.name
+                if upgrade and guarantee.kept_by_upgrades_while_holding and guarantee.check().holds:
+                    book.record("kept", guarantee=current)
+                    continue
                 book.record("apply", guarantee=current)
                 guarantee.apply(book)
                 book.record("applied", guarantee=current)

@@ -31,6 +31,7 @@ class Step:
         self.boot_unit = None
         self.tamper_watched = False
         self.holds_workload_data = name == "storage"
+        self.kept_by_upgrades_while_holding = name == "firewall"
 
     def check(self) -> Finding:
         return Finding(self.name, self.applied and self.holds_after, "checked")
@@ -174,6 +175,31 @@ def test_an_installed_node_is_reapplied_without_preflight(book: journal.Journal)
     install.transaction(book, [Step("ssh", log)], refused)
     assert log == [("apply", "ssh"), ("apply", "ssh")]
     assert book.state().installed
+
+
+def test_an_upgrade_keeps_a_holding_guarantee_that_says_so_and_applies_a_failing_one(
+        book: journal.Journal) -> None:
+    log: List[Any] = []
+    steps = [Step("ssh", log), Step("firewall", log)]
+    install.transaction(book, steps, passed)
+    install.transaction(book, steps, passed)  # an upgrade: the firewall holds, ssh says nothing
+    assert log == [("apply", "ssh"), ("apply", "firewall"), ("apply", "ssh")]
+    assert [e["guarantee"] for e in book.events() if e["event"] == "kept"] == ["firewall"]
+    steps[1].holds_after = False  # broken since: applied, and the verification still reads it
+    with pytest.raises(install.InstallError, match="firewall: checked"):
+        install.transaction(book, steps, passed)
+    assert log[-2:] == [("apply", "ssh"), ("apply", "firewall")]
+
+
+def test_a_first_installation_applies_a_holding_guarantee_all_the_same(book: journal.Journal,
+                                                          boot: Boot) -> None:
+    """Not installed yet (a first installation, or an interrupted one retried): the operator had root,
+    and the firewall's check does not read all a boot would load (a raw line in user.rules)."""
+    log: List[Any] = []
+    firewall = Step("firewall", log)
+    firewall.applied = True  # it holds, as the operator prepared it
+    install.transaction(book, [firewall], passed)
+    assert log == [("apply", "firewall")]
 
 
 def test_revert_is_reverse_with_each_record_then_the_record_is_spent(

@@ -132,6 +132,7 @@ class RemoteAgents(BusGuarantee):
     boot_unit = HARDEN_UNIT
     tamper_watched = True
     holds_workload_data = False
+    kept_by_upgrades_while_holding = False
 
     def __init__(self, grace_path: Path = grace.GRACE_PATH):
         self.grace_path = grace_path

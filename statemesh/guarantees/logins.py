@@ -68,6 +68,7 @@ class Logins(BusGuarantee):
     boot_unit = HARDEN_UNIT
     tamper_watched = True
     holds_workload_data = False
+    kept_by_upgrades_while_holding = False
 
     def __init__(self, root: Path = Path("/"),
                  grace_path: Path = grace.GRACE_PATH,

@@ -86,6 +86,7 @@ class Memory(BusGuarantee):
     boot_unit = HARDEN_UNIT
     tamper_watched = True
     holds_workload_data = False
+    kept_by_upgrades_while_holding = False
 
     def __init__(self, root: Path = Path("/"),
                  unload_crash_kernel: Optional[Callable[[], None]] = None):

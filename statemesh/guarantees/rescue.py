@@ -79,6 +79,7 @@ class Rescue(BusGuarantee):
     boot_unit = HARDEN_UNIT
     tamper_watched = True
     holds_workload_data = False
+    kept_by_upgrades_while_holding = False
 
     def __init__(self, root: Path = Path("/"),
                  regenerate_grub: Callable[[], None] = update_grub):

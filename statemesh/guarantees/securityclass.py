@@ -23,6 +23,7 @@ class SecurityClass:
     boot_unit = None  # classifying changes nothing; statemesh-vtpm.service runs on weak nodes
     tamper_watched = False
     holds_workload_data = False
+    kept_by_upgrades_while_holding = False
 
     def __init__(self, config: NodeConfig):
         self.config = config

@@ -77,6 +77,7 @@ class Ssh(BusGuarantee):
     boot_unit = HARDEN_UNIT
     tamper_watched = True
     holds_workload_data = False
+    kept_by_upgrades_while_holding = False
 
     def __init__(self, root: Path = Path("/"),
                  find_sshd: Callable[[], List[int]] = sshd_processes,

@@ -39,6 +39,7 @@ class Storage:
     boot_unit = None  # statemesh-storage.service sets a new volume up at every boot
     tamper_watched = False
     holds_workload_data = True
+    kept_by_upgrades_while_holding = False
 
     def __init__(self, config: NodeConfig, layout: Layout = Layout()):
         self.config = config

@@ -75,6 +75,7 @@ class WatchdogGuarantee:
     boot_unit = None  # its unit is enabled: systemd starts it at every boot
     tamper_watched = False
     holds_workload_data = False
+    kept_by_upgrades_while_holding = False
 
     def __init__(self, config: NodeConfig, cgroup_root: Path = unitprocs.CGROUP_ROOT,
                  unit_dir: Path = Path("/etc/systemd/system"), devpts: str = "/dev/pts",
