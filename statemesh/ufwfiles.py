@@ -9,15 +9,18 @@ at every boot of the locked-down node. Before anything else it sources /etc/defa
 /etc/ufw/ufw.conf as shell: a command there runs as root too, and so does a setting of its
 own (PATH, for the programs it runs after); they pass while they hold ufw's settings only,
 literal values whoever wrote them (statemesh.shsettings). It loads before.rules,
-before6.rules, after.rules and after6.rules into ufw's own chains with iptables-restore, chains the firewall check does not
-read (it reads INPUT and ufw's user chain): an accept added to before.rules opens a port that
-the firewall's finding would not name.
+before6.rules, after.rules and after6.rules into ufw's own chains with iptables-restore,
+chains the firewall check does not read (it reads INPUT and ufw's user chain): an accept
+added to before.rules opens a port that the firewall's finding would not name. It loads
+user.rules and user6.rules too, which ufw writes itself: a line root adds there (while the
+installing session is spared, after `ufw enable` wrote them) reaches any chain as well.
 
 ufw's postinst copies each of these files from its template (/usr/share/ufw/before.init,
 /usr/share/ufw/iptables/before.rules, ...), files of the ufw package. So an init script
 passes when it is not executable (ufw-init never runs it) or holds its template's bytes
 (which do nothing), and a rules file when it holds its template's bytes; a template counts
 only as the ufw package installed it (statemesh.dpkgdb), since root could have edited both.
+A users' rules file passes when each line is one ufw writes there.
 A link is judged by where it leads, and so is /etc/ufw itself (statemesh.replaceable); a
 FIFO or a device is named, never read (statemesh.safefile). Without ufw-init nothing runs or
 loads these files: there is nothing to judge, and the firewall guarantee names ufw missing.
@@ -63,6 +66,18 @@ _UFW_VALUES = {
 UFW_SETTING = re.compile("|".join(f"(?:{shsettings.setting_pattern(name, value=value).pattern})"
                                   for name, value in _UFW_VALUES.items()))
 LOADS = "ufw.service loads it into the kernel at every boot"
+# ufw's users' rules files: written by ufw itself (`ufw allow`, `ufw enable`), from no
+# template, and loaded at every boot like the others. What ufw writes in them: the filter
+# table, its chains' declarations, rules in its user chains (which the firewall check reads
+# live, from ufw-user-input on) and LOG or RETURN rules in its logging chains.
+USER_RULES_FILES = ("user.rules", "user6.rules")
+_USER_CHAIN = r"ufw6?-user-(?:input|output|forward|limit|limit-accept)"
+_LOGGING_CHAIN = r"ufw6?-(?:(?:before|after|user)-logging-(?:input|output|forward)|logging-(?:deny|allow))"
+_UFWS_OWN_LINE = re.compile(
+    rf"\*filter|COMMIT|:(?:{_USER_CHAIN}|{_LOGGING_CHAIN}) - \[[0-9]+:[0-9]+\]"
+    rf"|-[AI] {_USER_CHAIN}(?: .*)?")
+_LOGGING_RULE = re.compile(rf"-[AI] (?:{_LOGGING_CHAIN})(?: .*)?")
+_TARGET = re.compile(r"(?:^| )(?:-j|--jump|-g|--goto) +([^ ]+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +177,39 @@ def rules_problem(path: str, template: str, files: Dict[str, str]) -> Optional[s
     return None
 
 
+def is_ufws_own_line(line: str) -> bool:
+    """Whether a line of a users' rules file is one ufw writes there (or a blank or a
+    comment): an accept added to a chain of ufw's own that the check does not read, another
+    table, a policy, is not."""
+    line = line.strip()
+    if not line or line.startswith("#") or _UFWS_OWN_LINE.fullmatch(line):
+        return True
+    return (_LOGGING_RULE.fullmatch(line) is not None
+            and set(_TARGET.findall(line)) <= {"LOG", "RETURN"} and bool(_TARGET.search(line)))
+
+
+def user_rules_problem(path: str) -> Optional[str]:
+    """The finding for a users' rules file ufw-init loads, if any: each line must be one
+    ufw writes (a missing file is ufw's own to make again, at `ufw enable`)."""
+    misplaced = _misplaced(path)
+    if misplaced:
+        return f"{misplaced}: {LOADS} (rm {path}, then ufw --force enable)"
+    try:
+        text = safefile.read_text(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        return f"{path} cannot be read ({error}): {LOADS}"
+    foreign = [line.strip() for line in text.split("\n") if not is_ufws_own_line(line)]
+    if not foreign:
+        return None
+    shown = "; ".join(repr(line) for line in foreign[:3])
+    more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+    return (f"{path} holds lines ufw does not write there: {shown}{more}: {LOADS}, into chains "
+            f"the firewall check does not read (delete them, or `ufw --force enable`, which "
+            f"writes the file again from ufw's own rules)")
+
+
 def sourced_problem(path: str) -> Optional[str]:
     """The finding for a file ufw-init sources, if any: anything but ufw's settings with
     literal values (a missing one stops ufw-init before it loads anything, which the
@@ -214,6 +262,11 @@ def rules_problems(files: Dict[str, str], places: Places = UFW) -> Dict[str, str
     for name in RULES_FILES:
         path = places.file(name)
         problem = rules_problem(path, places.rules_template(name), files)
+        if problem:
+            found[path] = problem
+    for name in USER_RULES_FILES:
+        path = places.file(name)
+        problem = user_rules_problem(path)
         if problem:
             found[path] = problem
     return found

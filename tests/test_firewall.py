@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import pytest
 
-from statemesh import config
+from statemesh import config, ufwfiles
 from statemesh.guarantees import firewall
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -491,6 +491,28 @@ def test_a_line_planted_in_user_rules_is_loaded_nowhere(ns: Namespace, chains_lo
     applied = ns.guarantee("apply", ZONE_CONF)
     assert applied["holds"], applied["detail"]
     assert_nothing_of_2222(ns, f"chains loaded: {chains_loaded}")
+
+
+@pytest.mark.parametrize("logging", ["off", "full"])
+def test_what_ufw_writes_in_its_users_rules_passes_and_a_line_added_there_fails_the_check(
+        ns: Namespace, logging: str):
+    """user.rules is ufw's to write (no template to compare with): a line added while the
+    installing session is spared, after the installation's `ufw enable` wrote the file,
+    was loaded at the next boot into ufw-before-input, a chain the check does not read, while
+    status said the firewall held."""
+    set_operator_state(ns)  # allow, limit, deny, route rules
+    ns.sh(f"ufw logging {logging} >/dev/null && ufw allow log 2200/tcp >/dev/null && "
+          "ufw allow log-all from 192.0.2.9 >/dev/null")
+    for name in ufwfiles.USER_RULES_FILES:
+        assert ufwfiles.user_rules_problem(str(ns.workdir / "etc-ufw" / name)) is None
+    assert ns.guarantee("apply", ZONE_CONF)["holds"]
+
+    plant_in_user_rules(ns)
+    report = ns.guarantee("check", ZONE_CONF)
+    assert not report["holds"]
+    assert (f"/etc/ufw/user.rules holds lines ufw does not write there: '{PLANTED_LINE}'"
+            in report["detail"]), report["detail"]
+    assert list(report["facts"]["ufw_files_changed"]) == ["/etc/ufw/user.rules"]
 
 
 def test_an_accept_added_to_ufws_before_rules_fails_the_check(ns: Namespace):

@@ -28,6 +28,8 @@ MESH = snapshot.MESH_PORT
 JOURNAL = "/var/lib/statemesh-node/journal.jsonl"
 # Planted by the spared session once preflight has passed (the end-to-end test).
 LATE_CRON_JOB = "/etc/cron.d/after-preflight"
+USER_RULES = "/etc/ufw/user.rules"
+LATE_USER_RULE = "-A ufw-before-input -p tcp --dport 2223 -j ACCEPT"
 CORE_PATTERN = "/proc/sys/kernel/core_pattern"
 GUEST_AGENT = "qemu-guest-agent.service"
 
@@ -148,6 +150,11 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     terminal.open_window(guest, multiplexer, (
         "systemd-run --unit=left-behind sleep 1644; mkdir -p /etc/cron.d; "
         f"echo '* * * * * root /root/way-in' > {LATE_CRON_JOB}; loginctl enable-linger root"))
+    # And, once the firewall step's `ufw enable` has written ufw's user rules, an accept
+    # added there for a chain the check does not read: ufw.service loads it at every boot.
+    terminal.open_window(guest, multiplexer, (
+        f"until grep -qF '\"event\": \"applied\", \"guarantee\": \"firewall\"' {JOURNAL}; "
+        f"do sleep 0.2; done; sed -i 's/^### END RULES ###/{LATE_USER_RULE}\\n&/' {USER_RULES}"))
     guest.wait_for("! pgrep -x apt-get", f"apt-get's end in the {multiplexer.name} window", 900)
     install_seconds = time.monotonic() - started
     said = guest.run(f"cat {terminal.OUTPUT}").stdout
@@ -174,8 +181,13 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert not planted["holds"], planted
     assert LATE_CRON_JOB in planted["detail"], planted
     assert "service manager starts at boot without a login: root" in planted["detail"], planted
+    firewall = ports.firewall_finding(guest, report)
+    assert not firewall["holds"], firewall
+    assert (f"{USER_RULES} holds lines ufw does not write there: '{LATE_USER_RULE}'"
+            in firewall["detail"]), firewall
     guest.run("systemctl stop left-behind.service")  # on a node, the next boot ends it
-    guest.run(f"rm {LATE_CRON_JOB} && loginctl disable-linger root")
+    guest.run(f"rm {LATE_CRON_JOB} && loginctl disable-linger root && "
+              f"sed -i '/^{LATE_USER_RULE}$/d' {USER_RULES}")
     # logind stops root's service manager a moment later (UserStopDelaySec).
     guest.wait_for("test \"$(systemctl show -P ActiveState user@0.service)\" = inactive",
                    "the lingering manager's stop", 60)
