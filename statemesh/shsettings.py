@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, Optional, Pattern, Sequence
+from typing import Optional, Pattern, Sequence
 
 from statemesh import safefile
 
@@ -35,21 +35,6 @@ def setting_pattern(names: str, expandable: Optional[str] = None,
                  if expandable else "")
     value = value or (rf"""(?:"(?:[^"\\$`]{expansion})*"|'[^']*'|[^ \t"'\\$`;&|<>()#]*)""")
     return re.compile(rf"^[ \t]*(?:export[ \t]+)?{names}={value}(?:[ \t]+#.*)?[ \t]*$")
-
-
-_ASSIGNMENT = re.compile(r"^[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
-
-
-def values(text: str) -> Dict[str, str]:
-    """The value each variable is left with by a settings-only file (see settings_only),
-    quotes and a trailing comment taken off: what its program reads, with nothing run."""
-    found: Dict[str, str] = {}
-    for line in text.split("\n"):
-        assignment = _ASSIGNMENT.match(line)
-        if assignment:
-            value = re.sub(r"[ \t]+#.*$", "", assignment.group(2)).strip(BLANKS)
-            found[assignment.group(1)] = value.strip("\"'")
-    return found
 
 
 def literal(word: str, words: Optional[str] = None) -> str:

@@ -224,11 +224,18 @@ def sourced_problem(path: str) -> Optional[str]:
 
 
 def _last_value(path: str, name: str) -> Optional[str]:
-    """The value a settings-only file leaves in `name`; None when it sets none."""
+    """The value a settings-only file (shsettings) leaves in `name`, quotes and comment
+    taken off; None when it sets none."""
+    value = None
     try:
-        return shsettings.values(safefile.read_text(path)).get(name)
+        lines = safefile.read_text(path).split("\n")
     except (OSError, UnicodeDecodeError):
         return None
+    for line in lines:
+        found = re.match(rf"^[ \t]*(?:export[ \t]+)?{name}=(.*)$", line)
+        if found:
+            value = re.sub(r"[ \t]+#.*$", "", found.group(1)).strip().strip("\"'")
+    return value
 
 
 def sysctl_file_problem(sourced: Sequence[str]) -> Optional[str]:

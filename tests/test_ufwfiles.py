@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import pytest
 
-from statemesh import shsettings, ufwfiles
+from statemesh import ufwfiles
 
 INIT = b"#!/bin/sh\n# ufw's template: does nothing\nset -e\ncase \"$1\" in\n*) ;;\nesac\n"
 RULES = b"*filter\n:ufw-before-input - [0:0]\n-A ufw-before-input -i lo -j ACCEPT\nCOMMIT\n"
@@ -260,12 +260,3 @@ def test_ufw_applying_another_sysctl_file_is_named(ufw: Ufw, sourced: str) -> No
         "(IPT_SYSCTL=/etc/ufw/sysctl.conf)"]
     path.write_bytes(original + b'IPT_SYSCTL=""\n')
     assert ufw.problems() == []
-
-
-def test_the_value_a_settings_file_leaves_is_read_as_sh_would() -> None:
-    # What the firewall guarantee reads of /etc/default/ufw (its IPv6 and policy checks)
-    # and the sysctl check of both sourced files: one reading, the shell's.
-    text = ('IPV6=no\n# IPV6=maybe\n  export IPV6="yes"  # managed\n'
-            "DEFAULT_INPUT_POLICY='DROP'\nIPT_SYSCTL=/etc/ufw/sysctl.conf #x\nnot a setting\n")
-    assert shsettings.values(text) == {"IPV6": "yes", "DEFAULT_INPUT_POLICY": "DROP",
-                                       "IPT_SYSCTL": "/etc/ufw/sysctl.conf"}

@@ -53,7 +53,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from statemesh import dpkgdb, safefile, shsettings, ufwfiles
+from statemesh import dpkgdb, safefile, ufwfiles
 from statemesh.config import IpNetwork, NodeConfig
 from statemesh.guarantees.base import FIREWALL_UNIT, Finding, Way
 from statemesh.run import CommandError, have, run
@@ -196,8 +196,13 @@ def _read_config(path: Path) -> str:
 
 
 def _read_assignments(path: Path) -> Dict[str, str]:
-    """What ufw-init, sourcing a shell-style configuration file, reads of each setting."""
-    return shsettings.values(_read_config(path))
+    """KEY=value lines of a shell-style configuration file, quotes removed."""
+    values: Dict[str, str] = {}
+    for line in _read_config(path).splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key and not key.startswith("#"):
+            values[key] = value.strip().strip("\"'")
+    return values
 
 
 def _set_assignment(path: Path, key: str, value: Optional[str]) -> None:
