@@ -69,15 +69,19 @@ LOADS = "ufw.service loads it into the kernel at every boot"
 # ufw's users' rules files: written by ufw itself (`ufw allow`, `ufw enable`), from no
 # template, and loaded at every boot like the others. What ufw writes in them: the filter
 # table, its chains' declarations, rules in its user chains (which the firewall check reads
-# live, from ufw-user-input on) and LOG or RETURN rules in its logging chains.
+# live, from ufw-user-input on) and, in its logging chains, LOG or RETURN rules made of the
+# options below only (a rule's own matches, conntrack, limit and the log prefix).
 USER_RULES_FILES = ("user.rules", "user6.rules")
-_USER_CHAIN = r"ufw6?-user-(?:input|output|forward|limit|limit-accept)"
-_LOGGING_CHAIN = r"ufw6?-(?:(?:before|after|user)-logging-(?:input|output|forward)|logging-(?:deny|allow))"
-_UFWS_OWN_LINE = re.compile(
-    rf"\*filter|COMMIT|:(?:{_USER_CHAIN}|{_LOGGING_CHAIN}) - \[[0-9]+:[0-9]+\]"
-    rf"|-[AI] {_USER_CHAIN}(?: .*)?")
-_LOGGING_RULE = re.compile(rf"-[AI] (?:{_LOGGING_CHAIN})(?: .*)?")
-_TARGET = re.compile(r"(?:^| )(?:-j|--jump|-g|--goto) +([^ ]+)")
+_USER_CHAIN = re.compile(r"ufw6?-user-(?:input|output|forward|limit|limit-accept)")
+_LOGGING_CHAIN = re.compile(
+    r"ufw6?-(?:(?:before|after|user)-logging-(?:input|output|forward)|logging-(?:deny|allow))")
+_DECLARATION = re.compile(r":([^ ]+) - \[[0-9]+:[0-9]+\]")
+# Each takes one value; spelled out in full (getopt takes `--jum` for --jump).
+_LOGGING_OPTIONS = frozenset({"-p", "-s", "-d", "-i", "-o", "--sport", "--dport", "--sports",
+                              "--dports", "-m", "--ctstate", "--limit", "--limit-burst",
+                              "--log-prefix", "--comment", "-j"})
+_LOGGING_MODULES = frozenset({"conntrack", "limit", "multiport", "comment"})
+_LOGGING_TARGETS = frozenset({"LOG", "RETURN"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,15 +181,69 @@ def rules_problem(path: str, template: str, files: Dict[str, str]) -> Optional[s
     return None
 
 
+def restore_words(line: str) -> List[str]:
+    """The words iptables-restore makes of a rule line (add_param_to_argv): split at spaces,
+    tabs and newlines outside double quotes, which it takes off, a backslash escaping the
+    next character inside them; a closing quote ends a word."""
+    words: List[str] = []
+    word: List[str] = []
+    quoted = escaped = False
+    for char in line:
+        if quoted:
+            if escaped:
+                word.append(char)
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+                words.append("".join(word))
+                word = []
+            else:
+                word.append(char)
+        elif char == '"':
+            quoted = True
+        elif char in " \t\n":
+            if word:
+                words.append("".join(word))
+                word = []
+        else:
+            word.append(char)
+    if word:
+        words.append("".join(word))
+    return words
+
+
 def is_ufws_own_line(line: str) -> bool:
-    """Whether a line of a users' rules file is one ufw writes there (or a blank or a
-    comment): an accept added to a chain of ufw's own that the check does not read, another
-    table, a policy, is not."""
-    line = line.strip()
-    if not line or line.startswith("#") or _UFWS_OWN_LINE.fullmatch(line):
+    """Whether a line of a users' rules file is one ufw writes there, as iptables-restore
+    reads it: an accept in a chain of ufw's own that the check does not read, another table,
+    a policy, a target hidden in a quoted word or behind an abbreviated option, is not."""
+    if not line or line.startswith("#") or line in ("*filter", "COMMIT"):
         return True
-    return (_LOGGING_RULE.fullmatch(line) is not None
-            and set(_TARGET.findall(line)) <= {"LOG", "RETURN"} and bool(_TARGET.search(line)))
+    if not re.fullmatch(r"[ -~]*", line):  # a tab, a control character: ufw writes none
+        return False
+    declared = _DECLARATION.fullmatch(line)
+    if declared:
+        return bool(_USER_CHAIN.fullmatch(declared.group(1))
+                    or _LOGGING_CHAIN.fullmatch(declared.group(1)))
+    words = restore_words(line)
+    if len(words) < 2 or words[0] not in ("-A", "-I"):
+        return False
+    if _USER_CHAIN.fullmatch(words[1]):
+        return True
+    return bool(_LOGGING_CHAIN.fullmatch(words[1])) and _logs_or_returns(words[2:])
+
+
+def _logs_or_returns(words: Sequence[str]) -> bool:
+    """Whether a logging chain's rule, past its chain, is options ufw writes there, each
+    with its value, jumping once, to LOG or RETURN."""
+    options, values = words[0::2], words[1::2]
+    if len(options) != len(values) or not set(options) <= _LOGGING_OPTIONS:
+        return False
+    pairs = list(zip(options, values))
+    targets = [value for option, value in pairs if option == "-j"]
+    modules = {value for option, value in pairs if option == "-m"}
+    return len(targets) == 1 and targets[0] in _LOGGING_TARGETS and modules <= _LOGGING_MODULES
 
 
 def user_rules_problem(path: str) -> Optional[str]:

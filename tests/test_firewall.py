@@ -501,10 +501,20 @@ def test_what_ufw_writes_in_its_users_rules_passes_and_a_line_added_there_fails_
     was loaded at the next boot into ufw-before-input, a chain the check does not read, while
     status said the firewall held."""
     set_operator_state(ns)  # allow, limit, deny, route rules
-    ns.sh(f"ufw logging {logging} >/dev/null && ufw allow log 2200/tcp >/dev/null && "
-          "ufw allow log-all from 192.0.2.9 >/dev/null")
+    ns.sh("sed -i 's/^IPV6=.*/IPV6=yes/' /etc/default/ufw && ufw reload >/dev/null\n"
+          f"ufw logging {logging} >/dev/null\n"
+          "ufw allow log 2200/tcp >/dev/null\n"
+          "ufw allow log-all from 192.0.2.9 >/dev/null\n"
+          "ufw limit log 2201/tcp >/dev/null\n"
+          "ufw deny log from 198.51.100.0/24 to any port 53 proto udp >/dev/null\n"
+          "ufw allow in on eth0 log to any port 80,443 proto tcp >/dev/null\n"
+          "ufw route allow in on eth0 out on eth1 log-all to 10.9.0.0/24 >/dev/null\n"
+          "ufw allow log 'WWW Full' >/dev/null\n"
+          "ufw allow log-all from fd00:99::/64 to any port 2202 proto tcp >/dev/null\n")
     for name in ufwfiles.USER_RULES_FILES:
         assert ufwfiles.user_rules_problem(str(ns.workdir / "etc-ufw" / name)) is None
+        written = (ns.workdir / "etc-ufw" / name).read_text()
+        assert "-user-logging-input -p tcp --dport 2200" in written  # a logged rule's lines
     assert ns.guarantee("apply", ZONE_CONF)["holds"]
 
     plant_in_user_rules(ns)

@@ -260,3 +260,36 @@ def test_ufw_applying_another_sysctl_file_is_named(ufw: Ufw, sourced: str) -> No
         "(IPT_SYSCTL=/etc/ufw/sysctl.conf)"]
     path.write_bytes(original + b'IPT_SYSCTL=""\n')
     assert ufw.problems() == []
+
+
+@pytest.mark.parametrize("line", [
+    "-A ufw-before-input -p tcp --dport 2222 -j ACCEPT",  # a chain the check does not read
+    ":ufw-before-input - [0:0]",  # declared again: flushed by iptables-restore -n
+    ":INPUT ACCEPT [0:0]", "-P INPUT ACCEPT", "*nat",
+    "-A ufw-logging-allow -j ACCEPT", "-A ufw-logging-allow -j LOG -j ACCEPT",
+    # A reviewer's: the target after a tab, behind an abbreviated --jump, with a quoted
+    # word that reads as "-j LOG" to a search of the text.
+    '-A ufw-before-logging-input -p tcp --dport 22 -m comment --comment " -j LOG " -j\tACCEPT',
+    '-A ufw-before-logging-input -p tcp --dport 22 -m comment --comment " -j LOG " --jum ACCEPT',
+    '-A ufw-logging-deny -j LOG --log-prefix "[UFW BLOCK] " -j"" ACCEPT',
+    " -A ufw-before-input -j ACCEPT",  # iptables-restore skips the blank: a rule all the same
+    '-A "ufw-user-input -A ufw-before-input" -j ACCEPT',
+])
+def test_a_line_ufw_does_not_write_in_its_users_rules_is_told(line: str) -> None:
+    assert not ufwfiles.is_ufws_own_line(line)
+
+
+@pytest.mark.parametrize("line", [
+    "*filter", ":ufw6-user-input - [0:0]", ":ufw-logging-deny - [0:0]", "### tuple ### allow tcp 22",
+    "-A ufw-user-input -p tcp --dport 7443 -s 10.0.2.2 -j ACCEPT", "COMMIT",
+    '-I ufw-before-logging-input -j LOG --log-prefix "[UFW AUDIT] "',
+    "-I ufw-logging-deny -m conntrack --ctstate INVALID -j RETURN -m limit --limit 3/min "
+    "--limit-burst 10",
+])
+def test_what_ufw_writes_in_its_users_rules_is_its_own(line: str) -> None:
+    assert ufwfiles.is_ufws_own_line(line)
+
+
+def test_iptables_restore_words_split_at_blanks_outside_double_quotes() -> None:
+    assert ufwfiles.restore_words('-A c --log-prefix "[UFW BLOCK] " a"b c"d ""\t-j') == [
+        "-A", "c", "--log-prefix", "[UFW BLOCK] ", "ab c", "d", "", "-j"]
