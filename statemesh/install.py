@@ -65,10 +65,12 @@ class PreflightRefused(InstallError):
 def transaction(book: journal.Journal, ordered: Sequence[Guarantee],
                 check_preflight: Callable[[], preflight.Report], attempt: int = 1) -> None:
     """Preflight (unless installed already), apply every guarantee in order (systemd loads
-    their masks in one reload at the end), read all back. An upgrade of an installed node
-    keeps what holds of the guarantees that say so (kept_by_upgrades_while_holding)."""
+    their masks in one reload at the end), read all back. An upgrade of a node installed in
+    an earlier boot keeps what holds of the guarantees that say so
+    (kept_by_upgrades_while_holding): no one has had root since that boot began."""
     book.require_clean_boot()
     upgrade = book.state().installed
+    keeps = upgrade and not book.installed_in_this_boot()
     if not upgrade:
         report = check_preflight()
         if not report.ok:
@@ -80,7 +82,7 @@ def transaction(book: journal.Journal, ordered: Sequence[Guarantee],
         with unitmask.one_reload(book):
             for guarantee in ordered:
                 current = guarantee.name
-                if upgrade and guarantee.kept_by_upgrades_while_holding and guarantee.check().holds:
+                if keeps and guarantee.kept_by_upgrades_while_holding and guarantee.check().holds:
                     book.record("kept", guarantee=current)
                     continue
                 book.record("apply", guarantee=current)

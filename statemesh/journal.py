@@ -213,6 +213,20 @@ class Journal:
         write_atomically(self.state_path, dataclasses.asdict(current))
         self.record(f"state-{state}", reason=reason, attempt=attempt)
 
+    def installed_in_this_boot(self) -> bool:
+        """Whether an installation (a transaction begun on a node not installed, whose
+        installing session kept root meanwhile) ran in this boot: not an upgrade."""
+        this_boot, before = boot_id(), None
+        for event in self.events():
+            name = event.get("event")
+            if not (isinstance(name, str) and name.startswith("state-")):
+                continue
+            if (name == f"state-{INSTALLING}" and before != f"state-{INSTALLED}"
+                    and event.get("boot_id") == this_boot):
+                return True
+            before = name
+        return False
+
     def require_clean_boot(self) -> None:
         """Refuse while an installation interrupted in this boot has left the node half-done."""
         current = self.state()

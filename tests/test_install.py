@@ -178,17 +178,32 @@ def test_an_installed_node_is_reapplied_without_preflight(book: journal.Journal)
 
 
 def test_an_upgrade_keeps_a_holding_guarantee_that_says_so_and_applies_a_failing_one(
-        book: journal.Journal) -> None:
+        book: journal.Journal, boot: Boot) -> None:
     log: List[Any] = []
     steps = [Step("ssh", log), Step("firewall", log)]
     install.transaction(book, steps, passed)
-    install.transaction(book, steps, passed)  # an upgrade: the firewall holds, ssh says nothing
-    assert log == [("apply", "ssh"), ("apply", "firewall"), ("apply", "ssh")]
-    assert [e["guarantee"] for e in book.events() if e["event"] == "kept"] == ["firewall"]
+    install.transaction(book, steps, passed)  # an upgrade in the installation's boot
+    assert log == [("apply", "ssh"), ("apply", "firewall")] * 2
+    boot.reboot()
+    install.transaction(book, steps, passed)  # the firewall holds, ssh says nothing
+    install.transaction(book, steps, passed)  # and again, in the same boot
+    assert log[4:] == [("apply", "ssh"), ("apply", "ssh")]
+    assert [e["guarantee"] for e in book.events() if e["event"] == "kept"] == ["firewall"] * 2
     steps[1].holds_after = False  # broken since: applied, and the verification still reads it
     with pytest.raises(install.InstallError, match="firewall: checked"):
         install.transaction(book, steps, passed)
     assert log[-2:] == [("apply", "ssh"), ("apply", "firewall")]
+
+
+def test_an_installation_of_this_boot_is_told_from_upgrades_and_earlier_boots(
+        book: journal.Journal, boot: Boot) -> None:
+    assert not book.installed_in_this_boot()
+    install.transaction(book, [Step("ssh", [])], passed)
+    assert book.installed_in_this_boot()
+    boot.reboot()
+    assert not book.installed_in_this_boot()
+    install.transaction(book, [Step("ssh", [])], passed)  # an upgrade
+    assert not book.installed_in_this_boot()
 
 
 def test_a_first_installation_applies_a_holding_guarantee_all_the_same(book: journal.Journal,

@@ -77,9 +77,11 @@ class Guarantee(Protocol):
     # Whether it holds the workload data: purge gives nothing back unless its revert
     # destroyed that data.
     holds_workload_data: bool
-    # Whether an upgrade of an installed node applies it again only when its check fails,
-    # as every boot does (install.reapply_at_boot): for a guarantee whose apply costs much
-    # or opens something while it runs, and whose holding check() is all status trusts.
+    # Whether an upgrade of a node installed in an earlier boot applies it again only when
+    # its check fails, as every boot does (install.reapply_at_boot): for a guarantee whose
+    # apply costs much or opens something while it runs, and whose holding check() is all
+    # status trusts. Not in the installation's own boot: the installing session had root,
+    # and could have changed what the check does not read (the kernel's own ufw chains).
     kept_by_upgrades_while_holding: bool
 
     def check(self) -> Finding:

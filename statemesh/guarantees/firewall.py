@@ -382,7 +382,8 @@ class Firewall:
     holds_workload_data = False
     # Applying it on a node whose ufw runs means ufw-init force-reload: every chain deleted
     # and INPUT accepting until it loads them again (19 s of a 25 s apply in an emulated
-    # Debian 12 guest, measured): at every unattended upgrade, the node open meanwhile.
+    # Debian 12 guest, measured): at every unattended upgrade, the node open meanwhile. A
+    # boot since the installation loaded ufw's chains from the files the check reads.
     kept_by_upgrades_while_holding = True
 
     def __init__(self, config: NodeConfig):
