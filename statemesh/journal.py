@@ -27,7 +27,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from statemesh import __version__, proc, safefile
 
@@ -149,12 +149,16 @@ class Journal:
     def events(self, since: int = 0) -> List[Dict[str, Any]]:
         """The events recorded from byte offset `since` on; a line cut short (power lost
         during its write) ends the list. JournalError for a FIFO or a device there."""
+        return self._read_events(since)[0]
+
+    def _read_events(self, since: int) -> Tuple[List[Dict[str, Any]], bool]:
+        """(the events from `since` on, whether that is every line: no torn one ended it)."""
         try:
             with safefile.open_regular(self.journal_path) as stream:
                 stream.seek(since)
                 lines = stream.read().decode("utf-8", errors="replace").splitlines()
         except FileNotFoundError:
-            return []
+            return [], True
         except safefile.NotRegularFile as error:
             raise JournalError(f"{self.journal_path} cannot be read: {error}") from None
         found = []
@@ -162,10 +166,10 @@ class Journal:
             try:
                 event = json.loads(line)
             except ValueError:
-                break  # only a read starting after a torn line can go on past one
+                return found, False  # only a read starting after a torn line can go on
             if isinstance(event, dict):
                 found.append(event)
-        return found
+        return found, True
 
     def remember(self, guarantee_name: str, data: Dict[str, Any]) -> None:
         """Keep what a guarantee found before changing it; the first value stays."""
@@ -215,9 +219,13 @@ class Journal:
 
     def installed_in_this_boot(self) -> bool:
         """Whether an installation (a transaction begun on a node not installed, whose
-        installing session kept root meanwhile) ran in this boot: not an upgrade."""
+        installing session kept root meanwhile) ran in this boot: not an upgrade. A torn
+        line hides what follows it: then it may have."""
         this_boot, before = boot_id(), None
-        for event in self.events():
+        events, complete = self._read_events(0)
+        if not complete:
+            return True
+        for event in events:
             name = event.get("event")
             if not (isinstance(name, str) and name.startswith("state-")):
                 continue

@@ -82,6 +82,9 @@ _LOGGING_OPTIONS = frozenset({"-p", "-s", "-d", "-i", "-o", "--sport", "--dport"
                               "--log-prefix", "--comment", "-j"})
 _LOGGING_MODULES = frozenset({"conntrack", "limit", "multiport", "comment"})
 _LOGGING_TARGETS = frozenset({"LOG", "RETURN"})
+# iptables-restore reads a line into a buffer of 10240 bytes (fgets): a longer one is read as
+# two, the second unseen by a check of the first (a comment, say). ufw writes short lines.
+RESTORE_LINE_MAX = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,10 +221,10 @@ def is_ufws_own_line(line: str) -> bool:
     """Whether a line of a users' rules file is one ufw writes there, as iptables-restore
     reads it: an accept in a chain of ufw's own that the check does not read, another table,
     a policy, a target hidden in a quoted word or behind an abbreviated option, is not."""
+    if len(line) >= RESTORE_LINE_MAX or not re.fullmatch(r"[ -~]*", line):
+        return False  # read as two lines; a tab, a control character: ufw writes none
     if not line or line.startswith("#") or line in ("*filter", "COMMIT"):
         return True
-    if not re.fullmatch(r"[ -~]*", line):  # a tab, a control character: ufw writes none
-        return False
     declared = _DECLARATION.fullmatch(line)
     if declared:
         return bool(_USER_CHAIN.fullmatch(declared.group(1))

@@ -276,11 +276,15 @@ def test_parse_live_tells_mesh_rules_from_others():
         "-A ufw-user-input -s 10.0.2.2/32 -p tcp -m tcp --dport 7443 -j ACCEPT",
         "-A ufw-user-input -p tcp -m tcp --dport 22 -j ACCEPT",
         "-A ufw-user-input -i eth0 -p tcp -m tcp --dport 7443 -j ACCEPT",
+        # A reviewer's: negated, the peer's rule opens every other port to everyone.
+        "-A ufw-user-input ! -s 10.1.2.3/32 -p tcp -m tcp ! --dport 7443 -j ACCEPT",
+        "-A ufw-user-input ! -s 10.0.2.2/32 -p tcp -m tcp --dport 7443 -j ACCEPT",
+        "-A ufw-user-input -p tcp -m tcp --dport 7443 -m conntrack --ctstate NEW -j ACCEPT",
     ]
     live = firewall.parse_live(lines, 4, PORT)
     assert (live.policy, live.ufw_loaded) == ("DROP", True)
     assert live.mesh_sources == (net("10.0.2.2/32"),)
-    assert live.other_user_rules == (lines[6], lines[7])
+    assert live.other_user_rules == tuple(lines[6:])
     assert live.outside_rules == (lines[3],)
 
 

@@ -274,6 +274,10 @@ def test_ufw_applying_another_sysctl_file_is_named(ufw: Ufw, sourced: str) -> No
     '-A ufw-logging-deny -j LOG --log-prefix "[UFW BLOCK] " -j"" ACCEPT',
     " -A ufw-before-input -j ACCEPT",  # iptables-restore skips the blank: a rule all the same
     '-A "ufw-user-input -A ufw-before-input" -j ACCEPT',
+    # A second reviewer's: iptables-restore reads 10239 bytes a line, the rest as the next.
+    "#" + "x" * 10238 + "-I ufw-before-input -p tcp --dport 22 -j ACCEPT",
+    "-A ufw-user-input -j RETURN" + " " * 10212 + "-I ufw-before-input -j ACCEPT",
+    "# a comment with a control character\x1b",
 ])
 def test_a_line_ufw_does_not_write_in_its_users_rules_is_told(line: str) -> None:
     assert not ufwfiles.is_ufws_own_line(line)

@@ -49,9 +49,10 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import shlex
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Pattern, Sequence, Tuple
 
 from statemesh import dpkgdb, safefile, ufwfiles
 from statemesh.config import IpNetwork, NodeConfig
@@ -340,6 +341,13 @@ def _may_accept(line: str, target: str, family: int) -> bool:
             and line != _LOOPBACK_ACCEPT)
 
 
+def _mesh_rule(chain: str, port: int) -> Pattern[str]:
+    """The mesh rule as `iptables -S` prints what ufw loads for it, word for word: any other
+    rule is not one (a negated source or port, `! -s PEER ! --dport`, opens the rest)."""
+    return re.compile(rf"-A {chain}(?: -s ([0-9a-f.:]+/[0-9]+))? -p tcp -m tcp "
+                      rf"--dport {port} -j ACCEPT")
+
+
 def parse_live(lines: Sequence[str], family: int, port: int) -> LiveFamily:
     """Policy, ufw hooks and user rules of one family's filter table, from iptables -S."""
     policy = "ACCEPT"
@@ -359,13 +367,9 @@ def parse_live(lines: Sequence[str], family: int, port: int) -> LiveFamily:
             elif _may_accept(line, target, family):
                 outside.append(line)
         elif words[:2] == ["-A", _USER_CHAIN[family]]:
-            options = _options(words)
-            if (options.get("-p"), options.get("--dport"), options.get("-j")) == (
-                "tcp",
-                str(port),
-                "ACCEPT",
-            ) and set(options) <= {"-A", "-s", "-p", "-m", "--dport", "-j"}:
-                sources.append(ipaddress.ip_network(options.get("-s", anywhere)))
+            mesh = _mesh_rule(_USER_CHAIN[family], port).fullmatch(line)
+            if mesh:
+                sources.append(ipaddress.ip_network(mesh.group(1) or anywhere))
             else:
                 others.append(line)
     return LiveFamily(policy, hooked, tuple(sources), tuple(others), tuple(outside))
