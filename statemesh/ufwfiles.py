@@ -85,6 +85,7 @@ _LOGGING_TARGETS = frozenset({"LOG", "RETURN"})
 # iptables-restore reads a line into a buffer of 10240 bytes (fgets): a longer one is read as
 # two, the second unseen by a check of the first (a comment, say). ufw writes short lines.
 RESTORE_LINE_MAX = 4096
+SHOWN_MAX = 200  # characters of a line a finding quotes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +265,8 @@ def user_rules_problem(path: str) -> Optional[str]:
     foreign = [line.strip() for line in text.split("\n") if not is_ufws_own_line(line)]
     if not foreign:
         return None
-    shown = "; ".join(repr(line) for line in foreign[:3])
+    shown = "; ".join(repr(line if len(line) <= SHOWN_MAX else line[:SHOWN_MAX] + "...")
+                      for line in foreign[:3])
     more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
     return (f"{path} holds lines ufw does not write there: {shown}{more}: {LOADS}, into chains "
             f"the firewall check does not read (delete them, or `ufw --force enable`, which "

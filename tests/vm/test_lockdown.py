@@ -30,6 +30,17 @@ JOURNAL = "/var/lib/statemesh-node/journal.jsonl"
 LATE_CRON_JOB = "/etc/cron.d/after-preflight"
 USER_RULES = "/etc/ufw/user.rules"
 LATE_USER_RULE = "-A ufw-before-input -p tcp --dport 2223 -j ACCEPT"
+# The mesh rule negated: every TCP port but the mesh port open to all but the zone's peer.
+NEGATED_RULE = f"! -s {ports.HOST_AS_SEEN_BY_GUEST} -p tcp ! --dport {ports.MESH} -j ACCEPT"
+NEGATED_RULE_SHOWN = (f"! -s {ports.HOST_AS_SEEN_BY_GUEST} -p tcp -m tcp ! --dport {ports.MESH} "
+                      "-j ACCEPT")
+# What the spared session leaves running in a unit of its own, root after the grace.
+LEFT_BEHIND = "/root/left-behind.sh"
+LEFT_BEHIND_SCRIPT = f"""until grep -qF '"event": "state-installed"' {JOURNAL}; do sleep 0.2; done
+sed -i 's/^### END RULES ###/{LATE_USER_RULE}\\n&/' {USER_RULES}
+iptables -I ufw-user-input 1 {NEGATED_RULE}
+exec /usr/bin/sleep 1644
+"""
 CORE_PATTERN = "/proc/sys/kernel/core_pattern"
 GUEST_AGENT = "qemu-guest-agent.service"
 
@@ -147,14 +158,14 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     # so status must say so.
     guest.wait_for(f"grep -q '\"event\": \"apply\"' {JOURNAL}", "the transaction's first step",
                    300)
+    # The unit, once the transaction has ended (installed: its last check passed), adds an
+    # accept to ufw's user rules for a chain the check does not read (ufw.service loads it
+    # at every boot) and to the kernel's user chain a negated rule that opens every port
+    # but the mesh port, then lives on.
+    guest.put(LEFT_BEHIND, LEFT_BEHIND_SCRIPT.encode())
     terminal.open_window(guest, multiplexer, (
-        "systemd-run --unit=left-behind sleep 1644; mkdir -p /etc/cron.d; "
+        f"systemd-run --unit=left-behind sh {LEFT_BEHIND}; mkdir -p /etc/cron.d; "
         f"echo '* * * * * root /root/way-in' > {LATE_CRON_JOB}; loginctl enable-linger root"))
-    # And, once the firewall step's `ufw enable` has written ufw's user rules, an accept
-    # added there for a chain the check does not read: ufw.service loads it at every boot.
-    terminal.open_window(guest, multiplexer, (
-        f"until grep -qF '\"event\": \"applied\", \"guarantee\": \"firewall\"' {JOURNAL}; "
-        f"do sleep 0.2; done; sed -i 's/^### END RULES ###/{LATE_USER_RULE}\\n&/' {USER_RULES}"))
     guest.wait_for("! pgrep -x apt-get", f"apt-get's end in the {multiplexer.name} window", 900)
     install_seconds = time.monotonic() - started
     said = guest.run(f"cat {terminal.OUTPUT}").stdout
@@ -185,9 +196,11 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert not firewall["holds"], firewall
     assert (f"{USER_RULES} holds lines ufw does not write there: '{LATE_USER_RULE}'"
             in firewall["detail"]), firewall
+    assert f"IPv4 rule not ours: -A ufw-user-input {NEGATED_RULE_SHOWN}" in firewall["detail"]
     guest.run("systemctl stop left-behind.service")  # on a node, the next boot ends it
     guest.run(f"rm {LATE_CRON_JOB} && loginctl disable-linger root && "
-              f"sed -i '/^{LATE_USER_RULE}$/d' {USER_RULES}")
+              f"sed -i '/^{LATE_USER_RULE}$/d' {USER_RULES} && "
+              f"iptables -D ufw-user-input {NEGATED_RULE}")
     # logind stops root's service manager a moment later (UserStopDelaySec).
     guest.wait_for("test \"$(systemctl show -P ActiveState user@0.service)\" = inactive",
                    "the lingering manager's stop", 60)
