@@ -76,6 +76,7 @@ _USER_CHAIN = re.compile(r"ufw6?-user-(?:input|output|forward|limit|limit-accept
 _LOGGING_CHAIN = re.compile(
     r"ufw6?-(?:(?:before|after|user)-logging-(?:input|output|forward)|logging-(?:deny|allow))")
 _DECLARATION = re.compile(r":([^ ]+) - \[[0-9]+:[0-9]+\]")
+_PRINTABLE = re.compile(r"[ -~]*")  # what ufw writes: no tab, no control character
 # Each takes one value; spelled out in full (getopt takes `--jum` for --jump).
 _LOGGING_OPTIONS = frozenset({"-p", "-s", "-d", "-i", "-o", "--sport", "--dport", "--sports",
                               "--dports", "-m", "--ctstate", "--limit", "--limit-burst",
@@ -222,7 +223,7 @@ def is_ufws_own_line(line: str) -> bool:
     """Whether a line of a users' rules file is one ufw writes there, as iptables-restore
     reads it: an accept in a chain of ufw's own that the check does not read, another table,
     a policy, a target hidden in a quoted word or behind an abbreviated option, is not."""
-    if len(line) >= RESTORE_LINE_MAX or not re.fullmatch(r"[ -~]*", line):
+    if len(line) >= RESTORE_LINE_MAX or not _PRINTABLE.fullmatch(line):
         return False  # read as two lines; a tab, a control character: ufw writes none
     if not line or line.startswith("#") or line in ("*filter", "COMMIT"):
         return True

@@ -356,6 +356,7 @@ def parse_live(lines: Sequence[str], family: int, port: int) -> LiveFamily:
     others: List[str] = []
     outside: List[str] = []
     anywhere = "0.0.0.0/0" if family == 4 else "::/0"
+    mesh_rule = _mesh_rule(_USER_CHAIN[family], port)
     for line in lines:
         words = line.split()
         if words[:2] == ["-P", "INPUT"]:
@@ -367,7 +368,7 @@ def parse_live(lines: Sequence[str], family: int, port: int) -> LiveFamily:
             elif _may_accept(line, target, family):
                 outside.append(line)
         elif words[:2] == ["-A", _USER_CHAIN[family]]:
-            mesh = _mesh_rule(_USER_CHAIN[family], port).fullmatch(line)
+            mesh = mesh_rule.fullmatch(line)
             if mesh:
                 sources.append(ipaddress.ip_network(mesh.group(1) or anywhere))
             else:
