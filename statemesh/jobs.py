@@ -119,7 +119,8 @@ HOOK_GLOBS = ("/etc/kernel/*.d/*",
               # kernel-install's plugins likewise.
               "/etc/default/grub", "/etc/default/grub.d/*", "/etc/grub.d/*",
               "/etc/kernel/install.d/*", "/usr/lib/kernel/install.d/*",
-              "/etc/request-key.conf", "/etc/request-key.d/*")
+              "/etc/request-key.conf", "/etc/request-key.d/*",
+              "/etc/rsyslog.conf", "/etc/rsyslog.d/*", "/etc/sysfs.conf", "/etc/sysfs.d/*")
 # GRUB's settings files, which update-grub sources as shell: settings only (GRUB_* set to
 # a literal, or to other settings' values) run nothing there, so an operator's console or
 # timeout settings pass, edited or not, and a command substitution does not; but for the
@@ -315,7 +316,8 @@ def hook_problems(files: Dict[str, str], hook_globs: Sequence[str] = HOOK_GLOBS,
         return []
     return [f"hooks of packaged programs not as a package installed them, run as root later "
             f"(kernel and initramfs updates, the initramfs at boot, needrestart, logrotate, "
-            f"udev, modprobe, network events, key requests): {named(_shown(found))} (remove "
+            f"udev, modprobe, network events, key requests, log messages, sysfs at boot): "
+            f"{named(_shown(found))} (remove "
             "them, or reinstall their package)"]
 
 

@@ -31,8 +31,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import psutil
 
 from statemesh import (accounts, apthooks, bootargs, dpkgdb, grace, jobs, kernelhelpers,
-                       leftrunning, networkhooks, ownunits, planted, proc, safefile, systemd,
-                       ufwfiles)
+                       kernelmodules, leftrunning, networkhooks, ownunits, planted, proc,
+                       safefile, systemd, ufwfiles)
 from statemesh.guarantees import memory, rescue
 from statemesh.guarantees.base import Finding
 from statemesh.watchdog import terminals
@@ -253,12 +253,14 @@ def planted_for_later(environment: List[str]) -> List[str]:
     (statemesh.networkhooks), ufw's init scripts and the rules it loads at every boot
     (statemesh.ufwfiles), arguments on the kernel's command line (statemesh.bootargs),
     accounts that reach the TPM beside the endpoint (statemesh.accounts), programs the
-    kernel runs as root and what sets them at boot (statemesh.kernelhelpers)."""
+    kernel runs as root and what sets them at boot (statemesh.kernelhelpers), kernel
+    modules of root's own, loaded or on disk (statemesh.kernelmodules)."""
     files = dpkgdb.installed_files()
     return (planted.problems(environment, files) + jobs.problems(files)
             + apthooks.problems(files) + networkhooks.problems() + ufwfiles.problems(files)
             + bootargs.problems() + rescue.settings_read_after_the_dropin()
-            + accounts.problems() + kernelhelpers.problems(files))
+            + accounts.problems() + kernelhelpers.problems(files)
+            + kernelmodules.problems(files))
 
 
 def planted_finding() -> Finding:

@@ -170,7 +170,8 @@ def test_hooks_of_packaged_programs_not_as_installed(tmp_path: Path) -> None:
     assert jobs.hook_problems(files, globs) == [
         "hooks of packaged programs not as a package installed them, run as root later "
         "(kernel and initramfs updates, the initramfs at boot, needrestart, logrotate, udev, "
-        f"modprobe, network events, key requests): {conf_d}/way-in.conf, {logrotate}/apt, "
+        "modprobe, network events, key requests, log messages, sysfs at boot): "
+        f"{conf_d}/way-in.conf, {logrotate}/apt, "
         f"{kernel}/zz-way-in and 1 more (remove them, or reinstall their package)"]
 
 
@@ -182,6 +183,29 @@ def test_dhcpcds_hooks_are_judged(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc/dhcpcd.exit-hook").write_text("/root/way-in\n")
     assert str(tmp_path / "etc/dhcpcd.exit-hook") in jobs.hook_problems({}, globs)[0]
+
+
+@pytest.mark.parametrize("planted, text", [
+    ("/etc/rsyslog.d/50-way-in.conf",
+     'module(load="omprog")\n*.* action(type="omprog" binary="/root/way-in")\n'),
+    ("/etc/rsyslog.conf", "*.* ^/root/way-in\n"),
+    ("/etc/sysfs.conf", "kernel/uevent_helper = /root/way-in\n"),
+    ("/etc/sysfs.d/way-in.conf", "kernel/uevent_helper = /root/way-in\n"),
+])
+def test_rsyslogs_and_sysfsutils_configuration_is_judged(tmp_path: Path, planted: str,
+                                                          text: str) -> None:
+    """rsyslog runs a program as root at every matching message (omprog, or `^` in the
+    legacy syntax); sysfsutils writes its settings into /sys at every boot."""
+    globs = tuple(f"{tmp_path}{pattern}" for pattern in jobs.HOOK_GLOBS
+                  if "rsyslog" in pattern or "sysfs" in pattern)
+    path = tmp_path / planted.lstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    files = {str(tmp_path / "etc/rsyslog.d/20-ufw.conf"): hashlib.md5(b":msg, contains").hexdigest()}
+    (tmp_path / "etc/rsyslog.d").mkdir(exist_ok=True)
+    (tmp_path / "etc/rsyslog.d/20-ufw.conf").write_bytes(b":msg, contains")  # as packaged
+    [found] = jobs.hook_problems(files, globs)
+    assert found.endswith(f"sysfs at boot): {path} (remove them, or reinstall their package)")
 
 
 def test_a_hook_linked_to_a_packaged_program_or_hidden_by_a_dot_is_named(tmp_path: Path) -> None:
@@ -284,7 +308,7 @@ def test_a_hook_symlink_its_package_shipped_is_not_named(tmp_path: Path) -> None
     planted = dhcp / "dhclient-exit-hooks.d" / "zz"
     planted.symlink_to("../debug")  # a link no package lists
     assert jobs.hook_problems(files, globs, dpkg)[0].endswith(
-        f"network events, key requests): {planted} (remove them, or reinstall their package)")
+        f"network events, key requests, log messages, sysfs at boot): {planted} (remove them, or reinstall their package)")
 
 
 def test_a_hook_or_cron_directory_that_is_a_link_is_named(tmp_path: Path) -> None:

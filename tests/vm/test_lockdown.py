@@ -339,6 +339,33 @@ def plant_kernel_helpers(guest: Guest) -> None:
     guest.run(f"sysctl -q -w kernel.modprobe={MODULE_LOADER}")
 
 
+# Kernel code of root's: a packaged module loaded with its signature cut off (what any module
+# root builds is: unsigned), and a module file no package installed, for modprobe to load at
+# a request or a boot.
+UNSIGNED_MODULE = "dummy"
+PLANTED_MODULE = "/lib/modules/{release}/updates/way-in.ko"
+# A signed module ends in its signature, 12 bytes saying how long it is, and this marker.
+CUT_SIGNATURE = """import sys
+data = open(sys.argv[1], "rb").read()
+marker = b"~Module signature appended~\\n"
+assert data.endswith(marker), "not signed"
+length = int.from_bytes(data[-len(marker) - 4:-len(marker)], "big")
+open(sys.argv[2], "wb").write(data[:-len(marker) - 12 - length])
+"""
+
+
+def plant_kernel_modules(guest: Guest) -> str:
+    """Load an unsigned module and leave a module file behind; returns the file's path."""
+    planted = PLANTED_MODULE.format(release=guest.run("uname -r").stdout.strip())
+    guest.put("/root/cut-signature.py", CUT_SIGNATURE.encode())
+    guest.run(f"f=$(modinfo -n {UNSIGNED_MODULE}) && case $f in *.xz) xz -dc $f;; *) cat $f;; "
+              "esac > /root/signed.ko && "
+              "python3 /root/cut-signature.py /root/signed.ko /root/unsigned.ko && "
+              "insmod /root/unsigned.ko numdummies=0 && "
+              f"mkdir -p {planted.rsplit('/', 1)[0]} && cp /root/signed.ko {planted}")
+    return planted
+
+
 # A container of root's, systemd-container's packaged unit started by hand: it runs what its
 # settings say (a sleep here; a reverse shell as easily) as root until the next boot, and
 # nothing the boot starts pulls it in. Its tree borrows the machine's /usr.
@@ -475,6 +502,7 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
     # A tenant's user given the TPM: it could make the node's attestation key quote anything.
     guest.run("usermod -aG tss nobody")
     plant_kernel_helpers(guest)
+    planted_module = plant_kernel_modules(guest)
     refused = guest.run("apt-get install -y statemesh-node", env=ENV, check=False, timeout=900)
     said = refused.stdout + refused.stderr  # dpkg runs maintainer scripts on a pty
     assert refused.returncode != 0
@@ -526,7 +554,8 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     f"connections: {OPENVPN_WAY_IN}: up (line 2) (",
                     "hooks of packaged programs not as a package installed them, run as root "
                     "later (kernel and initramfs updates, the initramfs at boot, needrestart, "
-                    "logrotate, udev, modprobe, network events, key requests): "
+                    "logrotate, udev, modprobe, network events, key requests, log messages, "
+                    "sysfs at boot): "
                     f"{GRUB_HOOK}, {KERNEL_HOOK}, {REQUEST_KEY_WAY_IN} and 1 more (",
                     f"/proc/sys/kernel/modprobe is '{MODULE_LOADER}', which the kernel runs as "
                     "root at every module request",
@@ -543,7 +572,12 @@ def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_cha
                     f"{SYSCTL_WAY_IN} (kernel.core_pattern) (",
                     "binfmt.d files not as a package installed them, registered at every boot: "
                     "the kernel runs their interpreters whenever a matching file is executed: "
-                    f"{BINFMT_WAY_IN} ("):
+                    f"{BINFMT_WAY_IN} (",
+                    "kernel modules loaded that the distribution's kernel does not vouch for, "
+                    "running in the kernel with no check seeing what they do: "
+                    f"{UNSIGNED_MODULE} (E: not signed by a key the kernel trusts) (",
+                    "kernel module files no package installed, which modprobe loads as kernel "
+                    f"code at a request or at boot: {planted_module} ("):
         assert planted in said, said
     for planted in (f"{UFW_INIT_WAY_IN} is executable and differs from the ufw package's "
                     "/usr/share/ufw/before.init: ufw.service runs it as root at every boot",
