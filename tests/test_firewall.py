@@ -35,11 +35,25 @@ from statemesh import config, install, journal
 from statemesh.guarantees import firewall
 from statemesh.guarantees.base import FIREWALL_UNIT
 
+
+class FileBootUnit:
+    """ufw.service's unit file state, kept in a file: the namespace has no systemd."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def state(self):
+        return self.path.read_text() if self.path.exists() else "enabled"
+
+    def set(self, state):
+        self.path.write_text(state)
+
+
 action, conf_path, state_dir = sys.argv[1:4]
 book = journal.Journal(Path(state_dir))
 try:
     node_config = config.load(Path(conf_path))
-    guarantee = firewall.Firewall(node_config)
+    guarantee = firewall.Firewall(node_config, FileBootUnit(Path(state_dir) / "ufw-unit"))
     if action == "apply":
         guarantee.apply(book)
     elif action == "revert":
@@ -188,6 +202,12 @@ class Namespace:
     @property
     def state_dir(self) -> Path:
         return self.workdir / "state"
+
+    @property
+    def ufw_unit(self) -> Path:
+        """ufw.service's unit file state as the driver's stand-in keeps it ("enabled" when
+        absent)."""
+        return self.state_dir / "ufw-unit"
 
     def events(self) -> List[Dict[str, Any]]:
         lines = (self.state_dir / "journal.jsonl").read_text().splitlines()
@@ -409,6 +429,41 @@ def test_operator_rules_are_reported_removed_and_restored_by_revert(ns: Namespac
     assert ns.ufw_files()["etc-default/ufw"] == original_defaults
     assert "ENABLED=yes" in ns.ufw_files()["etc-ufw/ufw.conf"]
     assert "-P INPUT ACCEPT" in ns.run(["iptables", "-S", "INPUT"]).stdout
+
+
+@pytest.mark.parametrize("found", ["masked", "disabled", "masked-runtime", "enabled-runtime"])
+def test_ufws_boot_unit_not_enabled_fails_the_check_apply_enables_it_and_purge_gives_it_back(
+        ns: Namespace, found: str):
+    """Masked or disabled before installing, ufw.service would load nothing at boot: the
+    node open from the network's start until statemesh-firewall.service runs."""
+    ns.guarantee("apply", ZONE_CONF)
+    assert ns.guarantee("check", ZONE_CONF)["holds"]
+    ns.ufw_unit.write_text(found)
+    report = ns.guarantee("check", ZONE_CONF)
+    assert not report["holds"] and report["facts"]["ufw_unit"] == found
+    assert report["detail"] == (
+        f"ufw.service is {found}: no boot loads ufw's rules before the network is up, and "
+        "every port answers until statemesh-firewall.service applies them")
+    ns.guarantee("revert", ZONE_CONF)
+    ns.state_dir.joinpath("restore.json").unlink()  # a machine prepared so, not yet installed
+
+    applied = ns.guarantee("apply", ZONE_CONF)
+    assert applied["holds"], applied["detail"]
+    assert ns.ufw_unit.read_text() == "enabled"
+    assert [e["previous"] for e in ns.events()
+            if e["event"] == "firewall-boot-loading-enabled"] == [found]
+    ns.guarantee("revert", ZONE_CONF)
+    assert ns.ufw_unit.read_text() == found
+
+
+def test_a_restore_record_without_ufws_boot_unit_leaves_it_enabled(ns: Namespace):
+    """A record written before the unit's state was kept has none to give back."""
+    ns.guarantee("apply", ZONE_CONF)
+    record = ns.restore_record()
+    del record["firewall"]["ufw_unit"]
+    ns.state_dir.joinpath("restore.json").write_text(json.dumps(record))
+    ns.guarantee("revert", ZONE_CONF)
+    assert not ns.ufw_unit.exists() or ns.ufw_unit.read_text() == "enabled"
 
 
 def test_apply_is_idempotent_remembers_the_first_state_and_follows_the_zone(ns: Namespace):

@@ -54,8 +54,9 @@ import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Pattern, Sequence, Tuple
 
-from statemesh import dpkgdb, safefile, ufwfiles
+from statemesh import dpkgdb, safefile, systemd, ufwfiles
 from statemesh.config import IpNetwork, NodeConfig
+from statemesh.guarantees import ufwboot
 from statemesh.guarantees.base import FIREWALL_UNIT, Finding, Way
 from statemesh.run import CommandError, have, run
 
@@ -391,8 +392,10 @@ class Firewall:
     # boot since the installation loaded ufw's chains from the files the check reads.
     kept_by_upgrades_while_holding = True
 
-    def __init__(self, config: NodeConfig):
+    def __init__(self, config: NodeConfig,
+                 ufw_boot: Optional[ufwboot.BootUnit] = None):
         self.config = config
+        self.ufw_boot = ufw_boot if ufw_boot is not None else ufwboot.SystemdBootUnit()
 
     def ways_in(self) -> Sequence[Way]:
         return ()
@@ -415,7 +418,8 @@ class Firewall:
         try:
             state = read_state()
             live = {family: read_live(family, port) for family in self._families()}
-        except (CommandError, FirewallError, OSError) as error:
+            facts["ufw_unit"] = self.ufw_boot.state()
+        except (CommandError, FirewallError, OSError, systemd.SystemdError) as error:
             return Finding(self.name, False, f"cannot read the firewall: {error}", facts)
         todo = plan(state.rules, self.config.zone_peers, port, 6 in live)
         allowed = [source for family in live.values() for source in family.mesh_sources]
@@ -431,6 +435,10 @@ class Firewall:
             rules_outside_ufw=[rule for f in live.values() for rule in f.outside_rules],
         )
         problems = self._problems(state, live, todo, allowed, list(changed.values()))
+        if facts["ufw_unit"] != ufwboot.ENABLED:
+            problems.append(f"{ufwboot.UNIT} is {facts['ufw_unit']}: no boot loads ufw's rules "
+                            "before the network is up, and every port answers until "
+                            f"{FIREWALL_UNIT} applies them")
         if problems:
             return Finding(self.name, False, "; ".join(problems), facts)
         peers = " ".join(facts["allowed_peers"]) or "nobody (Zone-Peers is empty)"
@@ -468,7 +476,11 @@ class Firewall:
         """Remember ufw's state, remove every rule but ours, deny incoming, enable ufw."""
         port = self.config.mesh_port
         state = read_state()
-        journal.remember(self.name, state.as_record())
+        unit_state = self.ufw_boot.state()
+        journal.remember(self.name, {**state.as_record(), "ufw_unit": unit_state})
+        if unit_state != ufwboot.ENABLED:
+            self.ufw_boot.set(ufwboot.ENABLED)
+            journal.record("firewall-boot-loading-enabled", previous=unit_state)
         todo = plan(state.rules, self.config.zone_peers, port, kernel_has_ipv6())
         if state.incoming != "deny":
             _ufw("default", "deny", "incoming")
@@ -539,6 +551,10 @@ class Firewall:
             _ufw("reload")  # load the restored defaults and IPV6 setting into the kernel
         elif previous.enabled:
             _ufw("--force", "enable")
+        # A record written before ufw.service was kept has none: left enabled.
+        unit_state = record.get("ufw_unit", ufwboot.ENABLED)
+        if unit_state != ufwboot.ENABLED and ufwboot.restorable(unit_state):
+            self.ufw_boot.set(unit_state)
         if failed:
             raise FirewallError("could not restore these operator rules: " + "; ".join(failed))
 

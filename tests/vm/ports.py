@@ -82,8 +82,10 @@ def stop_serving(guest: Guest) -> None:
 
 
 def ufw_state(guest: Guest) -> str:
-    """The operator's firewall as purge must give it back: rules and settings."""
-    return guest.run("ufw show added && cat /etc/default/ufw /etc/ufw/ufw.conf").stdout
+    """The operator's firewall as purge must give it back: rules, settings, and whether
+    ufw.service loads them at boot."""
+    return guest.run("ufw show added && cat /etc/default/ufw /etc/ufw/ufw.conf && "
+                     "systemctl is-enabled ufw.service || true").stdout
 
 
 def first_bytes(host_port: int) -> bytes:

@@ -134,10 +134,12 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     ports.serve_all_ports(guest)
     assert ports.probe(guest) == {ports.MESH: True, ports.SSH: True, ports.OTHER: True}
     guest.run("ufw allow 22/tcp && ufw limit 8080/tcp && ufw --force enable", timeout=600)
-    # Prepared: 8080 accepted by hand in one of ufw's own chains (not one check reads), and
-    # ufw.conf saying disabled, so that `ufw enable` loads nothing while ufw's chains stay.
+    # Prepared: 8080 accepted by hand in one of ufw's own chains (not one check reads),
+    # ufw.conf saying disabled, so that `ufw enable` loads nothing while ufw's chains stay,
+    # and ufw.service masked, so that no boot loads ufw's rules before the network is up.
     guest.run("iptables -I ufw-before-input -p tcp --dport 8080 -j ACCEPT && "
-              "sed -i 's/^ENABLED=yes/ENABLED=no/' /etc/ufw/ufw.conf")
+              "sed -i 's/^ENABLED=yes/ENABLED=no/' /etc/ufw/ufw.conf && "
+              "systemctl mask ufw.service")
     assert guest.hypervisor_exec("touch /root/guest-exec-before") == 0  # root, no SSH
     guest.run("test -e /root/guest-exec-before && rm /root/guest-exec-before")
     ufw_before = ports.ufw_state(guest)
@@ -223,6 +225,7 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert finding["facts"]["allowed_peers"] == [ports.HOST_AS_SEEN_BY_GUEST, "192.0.2.0/24"]
     assert "Status: active" in guest.run("ufw status").stdout
     assert "ufw allow 22/tcp" not in guest.run("ufw show added").stdout
+    assert enabled(guest, "ufw.service")["ufw.service"] == "enabled"
 
     # Tamper: unmasking ssh is undone by the listener, and logged.
     guest.run("systemctl unmask ssh.service")
@@ -252,6 +255,7 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     guest.wait_until_booted()
     assert_locked_down(guest)
     assert active(guest, "statemesh-harden.service") == "active"
+    assert active(guest, "ufw.service") == "active"  # loaded ufw's rules before the network
     this_boot = [e for e in events(guest) if e["boot_id"] == guest.boot_id]
     reasserted = [e for e in this_boot if e["event"] == "lockdown-reasserted"]
     # A boot resets the kernel's loginuid switch, nothing else: set again, no mask made anew.
