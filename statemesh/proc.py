@@ -8,9 +8,8 @@ from /proc/PID/stat. Nothing here is specific to terminals.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 _SLICE = ".slice"
 _UNIT_TYPES = ("service", "scope", "socket", "mount", "swap")
@@ -113,35 +112,3 @@ def systemd_cgroup(text: str) -> str:
     if unified and unified != "/":
         return unified
     return legacy or unified
-
-
-# The service manager's own scope, its binary, and where its generators live (preflight and
-# status name any file there that no package installed).
-MANAGER_SCOPE = "/init.scope"
-MANAGER_BINARIES = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd")
-GENERATOR_DIRECTORIES = ("/usr/lib/systemd/system-generators/",
-                         "/lib/systemd/system-generators/")
-
-
-def executable(pid: int) -> str:
-    """The file the process runs, as the kernel resolved it at exec ("" when gone; a
-    replaced file reads "... (deleted)")."""
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return ""
-
-
-def systemds_generator(pid: int, ppid: int, cgroup: str) -> bool:
-    """Whether the process is one of systemd's generators as the manager runs them at every
-    daemon-reload: a program of its generator directories, in the manager's scope, forked by
-    PID 1 or by its executor (systemd's own binary, forked by PID 1 in that scope)."""
-    if cgroup != MANAGER_SCOPE or not executable(pid).startswith(GENERATOR_DIRECTORIES):
-        return False
-    return ppid == 1 or _managers_fork(ppid)
-
-
-def _managers_fork(pid: int, binaries: Sequence[str] = MANAGER_BINARIES) -> bool:
-    stat = read_stat(pid)
-    return (stat is not None and stat[0] == 1 and cgroup_path(pid) == MANAGER_SCOPE
-            and executable(pid) in binaries)

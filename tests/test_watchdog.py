@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import shutil
 import signal
 import subprocess
@@ -262,33 +261,6 @@ def test_a_logins_process_moved_into_an_exempt_unit_is_not_exempt() -> None:
     for cgroup in ("/system.slice/workload.service", "/system.slice/systemd-logind.service"):
         assert daemon.spare_reason(process(), cgroup, exempt, None, a_login) is None
         assert daemon.spare_reason(process(pid=4343), cgroup, exempt, None, a_login)
-
-
-def test_systemds_generator_opening_the_console_is_spared_a_login_in_its_place_is_not() -> None:
-    """systemd-getty-generator opens /dev/ttyS0 at every daemon-reload, in init.scope."""
-    def generator(pid: int, ppid: int, cgroup: str) -> bool:
-        return (pid, ppid, cgroup) == (4242, 100, "/init.scope")
-    def a_login(pid: int) -> bool:
-        return pid == 4242
-    assert daemon.spare_reason(process(), "/init.scope", (), None, not_a_login,
-                               generator) == "systemd's generator"
-    assert daemon.spare_reason(process(), "/init.scope", (), None, a_login, generator) is None
-    assert daemon.spare_reason(process(ppid=101), "/init.scope", (), None, not_a_login,
-                               generator) is None
-
-
-def test_a_generator_is_told_by_its_scope_its_program_and_who_forked_it() -> None:
-    """This test's own process is in no manager's scope and runs no generator."""
-    me, parent = os.getpid(), os.getppid()
-    assert proc.executable(me) == os.path.realpath(sys.executable)
-    assert proc.executable(2 ** 22 + 1) == ""
-    assert not proc.systemds_generator(me, parent, proc.cgroup_path(me))
-    assert not proc.systemds_generator(me, 1, proc.MANAGER_SCOPE)  # python3 is no generator
-    assert not proc._managers_fork(me, binaries=(proc.executable(me),))  # not PID 1's child
-    # systemd's executor: its own binary, forked by PID 1, in init.scope; the stand-in here
-    # is pytest's parent, which is no such thing unless PID 1 forked it there.
-    assert proc._managers_fork(parent, binaries=(proc.executable(parent),)) == (
-        proc.read_stat(parent)[0] == 1 and proc.cgroup_path(parent) == proc.MANAGER_SCOPE)
 
 
 def test_a_loginuid_tells_a_login_from_a_service(tmp_path: Path) -> None:

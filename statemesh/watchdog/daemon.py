@@ -97,17 +97,12 @@ def exempt_unit(cgroup: str, exempt: Tuple[str, ...]) -> Optional[str]:
 
 def spare_reason(process: terminals.Process, cgroup: str, exempt: Tuple[str, ...],
                  current_grace: Optional[grace.Grace],
-                 from_a_login: Callable[[int], bool] = proc.born_of_a_login,
-                 generator: Callable[[int, int, str], bool] = proc.systemds_generator
-                 ) -> Optional[str]:
+                 from_a_login: Callable[[int], bool] = proc.born_of_a_login) -> Optional[str]:
     """Why a holder must not be killed, or None: the watchdog's whole no-false-kill policy.
 
     An exempt unit's cgroup is not enough: root can write any pid into cgroup.procs. Its
     processes are systemd's children, which no login started; a login's processes carry
-    their loginuid wherever they are moved (from_a_login), so they are never exempt. So
-    are systemd's generators, which the manager runs at every daemon-reload:
-    systemd-getty-generator opens the serial console for a moment to see whether it is a
-    terminal (it gives nobody one, and the gettys it writes units for are masked)."""
+    their loginuid wherever they are moved (from_a_login), so they are never exempt."""
     if process.pid == os.getpid():
         return "self"
     if process.pid == 1:
@@ -117,8 +112,6 @@ def spare_reason(process: terminals.Process, cgroup: str, exempt: Tuple[str, ...
     unit = exempt_unit(cgroup, SYSTEM_UNITS + exempt)
     if unit and not from_a_login(process.pid):
         return f"exempt unit {unit}"
-    if generator(process.pid, process.ppid, cgroup) and not from_a_login(process.pid):
-        return "systemd's generator"
     if current_grace is not None and current_grace.spares(process.pid, process.sid, cgroup):
         return "installation grace"
     return None

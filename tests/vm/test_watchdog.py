@@ -117,15 +117,6 @@ def test_every_kind_of_terminal_is_ended_and_a_plain_process_lives(installed_gue
                      logged[unshared]["terminal"]), logged[unshared]
     assert "/dev/console" not in {line["terminal"] for line in logged.values()}
 
-    # A daemon-reload runs systemd's generators: systemd-getty-generator opens the serial
-    # console for a moment to see whether it is a terminal. Spared: nobody is behind it. A
-    # pty opened afterwards is ended, and the watchdog handles events in order.
-    guest.run("systemctl daemon-reload")
-    after = background(guest, f"python3 -c {quote(HOLDER.format(1609))}")
-    assert ended(guest, after), "a pty opened after the reload"
-    generators = [line for line in kill_log(guest) if "generator" in line["command"]]
-    assert generators == [], generators
-
 
 @pytest.mark.cost(15)
 def test_watchdog_refuses_stop_comes_back_after_sigkill_and_is_sandboxed(installed_guest: Guest,
