@@ -89,7 +89,8 @@ GENERATED_CONFIG = {
 # sourced as shell) at every kernel or initramfs update, which unattended-upgrades installs,
 # and the initramfs's scripts at every boot; needrestart's after every upgrade (its
 # configuration is Perl); logrotate's every day (postrotate); udev's rules at device events
-# (RUN+=); modprobe's install commands at module loads; ifupdown's, dhclient's,
+# (RUN+=); modprobe's install commands at module loads, and depmod's configuration, which
+# can point modprobe at modules outside /lib/modules; ifupdown's, dhclient's,
 # NetworkManager's and networkd-dispatcher's at network events; request-key's, which the
 # kernel runs as root whenever any user asks for a key it does not hold (keyctl request2),
 # the commands its configuration names. A pattern ending in "/*" stands for every name in
@@ -107,6 +108,9 @@ HOOK_GLOBS = ("/etc/kernel/*.d/*",
               "/usr/lib/udev/rules.d/*", "/lib/udev/rules.d/*",
               "/etc/modprobe.d/*", "/run/modprobe.d/*", "/usr/local/lib/modprobe.d/*",
               "/usr/lib/modprobe.d/*", "/lib/modprobe.d/*",
+              # depmod's: `external` and `search` send modprobe to modules anywhere.
+              "/etc/depmod.d/*", "/run/depmod.d/*", "/usr/local/lib/depmod.d/*",
+              "/usr/lib/depmod.d/*", "/lib/depmod.d/*",
               "/etc/network/if-*.d/*", "/etc/dhcp/dhclient-enter-hooks.d/*",
               "/etc/dhcp/dhclient-exit-hooks.d/*", "/etc/NetworkManager/dispatcher.d/*",
               "/etc/NetworkManager/dispatcher.d/*/*", "/etc/networkd-dispatcher/*/*",
@@ -131,6 +135,15 @@ _GRUB_DISTRIBUTOR_LINES = (
     "GRUB_DISTRIBUTOR=`lsb_release -i -s 2> /dev/null || echo Debian`",
     "GRUB_DISTRIBUTOR=`( . /etc/os-release; echo ${NAME:-Ubuntu} ) 2>/dev/null || echo Ubuntu`",
 )
+# rsyslog's files, judged by what they do rather than as installed (postfix's postinst
+# writes one; operators forward logs): what runs a program as root (omprog, mmexternal, a
+# legacy `^/program` action) or loads code or configuration from outside rsyslog's own
+# directories (a module or an include named by a path) is named.
+RSYSLOG_FILES = re.compile(r"^/etc/rsyslog\.(conf|d/[^/]*)$")
+_RSYSLOG_RUNS = re.compile(
+    r"omprog|mmexternal|\^\s*/"
+    r"|(\$ModLoad|load\s*=)\s*\"?[^\s\"]*/"
+    r"|(\$IncludeConfig|file\s*=)\s*\"?(?!/etc/rsyslog\.d/)[^\s\"]*/", re.IGNORECASE)
 AT_SEQUENCE = ".SEQ"  # at's job counter, not a job
 MASKED = "/dev/null"  # what a masked unit's file links to: it cannot run
 
@@ -294,7 +307,20 @@ def _hook_as_installed(path: str, files: Dict[str, str]) -> bool:
         return direct_target(path) == MASKED
     if os.path.isdir(path) or as_installed(path, files):
         return True
+    if RSYSLOG_FILES.match(path):
+        return rsyslog_runs_nothing(Path(path))
     return bool(GRUB_SETTINGS_FILES.match(path)) and grub_settings_only(Path(path))
+
+
+def rsyslog_runs_nothing(path: Path) -> bool:
+    """An rsyslog file that neither runs a program nor loads code or configuration from
+    elsewhere: log forwarding, filters and postfix's own socket line pass, edited or not."""
+    try:
+        text = safefile.read_text(path, errors="surrogateescape")
+    except OSError:  # a FIFO or a device too: judged, never waited on
+        return False
+    lines = (line.split("#", 1)[0] for line in text.splitlines())
+    return not any(_RSYSLOG_RUNS.search(line) for line in lines)
 
 
 def grub_settings_only(path: Path) -> bool:

@@ -47,6 +47,8 @@ MEANINGS = {"F": "loaded by force", "E": "not signed by a key the kernel trusts"
 # /usr merge), /usr/lib/modules as Debian 13 ships them.
 MODULE_DIRECTORIES = ("lib/modules", "usr/lib/modules")
 MODULE_FILE = re.compile(r"\.ko(\.xz|\.zst|\.gz)?$")
+# A kernel's links to its headers and sources, which depmod does not search.
+DEPMOD_SKIPS = ("build", "source")
 
 
 def _letters(flags: str) -> str:
@@ -120,6 +122,8 @@ def _module_files(root: Path) -> List[str]:
                 dirs.clear()  # walked already, or a link back up the tree
                 continue
             seen.add((status.st_dev, status.st_ino))
+            if os.path.dirname(here) == str(root / directory):  # a kernel's own directory
+                dirs[:] = [name for name in dirs if name not in DEPMOD_SKIPS]
             found += [os.path.join(here, name)[prefix:] for name in names
                       if MODULE_FILE.search(name)]
     return found

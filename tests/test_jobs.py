@@ -208,6 +208,28 @@ def test_rsyslogs_and_sysfsutils_configuration_is_judged(tmp_path: Path, planted
     assert found.endswith(f"sysfs at boot): {path} (remove them, or reinstall their package)")
 
 
+@pytest.mark.parametrize("text, runs", [
+    ('*.* action(type="omprog" binary="/root/way-in")\n', True),
+    ("*.* ^/root/way-in;RSYSLOG_TraditionalFileFormat\n", True),
+    ('module(load="/root/way-in.so")\n', True),
+    ("$ModLoad /root/way-in.so\n", True),
+    ('include(file="/root/more.conf")\n', True),
+    ("$IncludeConfig /root/*.conf\n", True),
+    ('action(type="mmexternal" binary="/root/way-in")\n', True),
+    ("*.* @@loghost.example:514\n", False),  # forwarding
+    ('module(load="imudp")\ninput(type="imudp" port="514")\n', False),
+    ("$AddUnixListenSocket /var/spool/postfix/dev/log\n", False),  # postfix's postinst
+    ("$IncludeConfig /etc/rsyslog.d/*.conf\n", False),
+    (':msg, regex, "^foo" stop\n', False),
+    ("# *.* ^/root/way-in\n", False),  # a comment
+])
+def test_rsyslogs_files_are_judged_by_what_they_run(tmp_path: Path, text: str,
+                                                    runs: bool) -> None:
+    path = tmp_path / "rsyslog.conf"
+    path.write_text(text)
+    assert jobs.rsyslog_runs_nothing(path) is not runs
+
+
 def test_a_hook_linked_to_a_packaged_program_or_hidden_by_a_dot_is_named(tmp_path: Path) -> None:
     """`ln -s /usr/bin/perl postrm.d/zz` runs perl on a file the operator names after a
     kernel; logrotate reads `.x` too. A link to /dev/null only disables a hook."""

@@ -116,6 +116,21 @@ def test_a_module_reached_through_a_linked_directory_is_named_and_a_link_loop_en
     assert f": {tmp_path}/lib/modules/{VERSION}/updates/way-in.ko (remove them" in found
 
 
+def test_a_kernels_links_to_its_headers_and_sources_are_not_searched(tmp_path: Path) -> None:
+    """depmod skips build/ and source/: a header tree may hold anything named *.ko."""
+    files = stock(tmp_path)
+    write(tmp_path / "usr/src/headers/vim90/tutor/tutor.ko")
+    for name in ("build", "source"):
+        (tmp_path / f"lib/modules/{VERSION}" / name).symlink_to(tmp_path / "usr/src/headers")
+    assert kernelmodules.file_problems(files, tmp_path) == []
+
+
+def test_depmods_configuration_is_judged_with_the_hooks() -> None:
+    """`external VERSION /root/mods` sends modprobe to modules outside /lib/modules."""
+    from statemesh import jobs
+    assert {"/etc/depmod.d/*", "/usr/lib/depmod.d/*", "/lib/depmod.d/*"} <= set(jobs.HOOK_GLOBS)
+
+
 def test_unreadable_kernel_files_are_no_finding(tmp_path: Path) -> None:
     """No /sys or /proc to read (a chroot): nothing loaded is known, nothing is claimed."""
     assert kernelmodules.loaded_problems(tmp_path) == []
