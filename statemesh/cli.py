@@ -179,12 +179,14 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 def cmd_firewall(args: argparse.Namespace) -> int:
     """Re-apply the firewall from node.conf on an installed node (statemesh-firewall.service)."""
     from statemesh import guarantees, install, journal
+    from statemesh import systemd
     from statemesh.guarantees import firewall
     from statemesh.run import CommandError
     ordered = guarantees.ordered(config.load(args.config))
     try:
         findings = install.reapply_at_boot(journal.Journal(), ordered, FIREWALL_UNIT)
-    except (journal.RebootRequiredError, firewall.FirewallError, CommandError) as error:
+    except (journal.RebootRequiredError, firewall.FirewallError, CommandError,
+            systemd.SystemdError) as error:
         print(f"statemesh-node: {error}", file=sys.stderr)
         return EXIT_FAILED
     if findings is None:

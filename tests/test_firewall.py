@@ -456,6 +456,21 @@ def test_ufws_boot_unit_not_enabled_fails_the_check_apply_enables_it_and_purge_g
     assert ns.ufw_unit.read_text() == found
 
 
+def test_ufw_is_wanted_by_the_boot_only_through_multi_user_targets_link(tmp_path: Path):
+    """`systemctl disable ufw` and a link in zz.target.wants: systemd says "enabled", and no
+    boot starts it."""
+    from statemesh.guarantees import ufwboot
+    link = tmp_path / "multi-user.target.wants" / "ufw.service"
+    assert not ufwboot.wanted_by_the_boot(link)
+    link.parent.mkdir()
+    link.symlink_to("/lib/systemd/system/ufw.service")
+    assert ufwboot.wanted_by_the_boot(link) == os.path.exists("/lib/systemd/system/ufw.service")
+    link.unlink()
+    link.symlink_to(tmp_path / "ufw.service")  # a unit file of root's, named like ufw's
+    assert not ufwboot.wanted_by_the_boot(link)
+    assert not ufwboot.restorable(ufwboot.NOT_BY_THE_BOOT)
+
+
 def test_a_restore_record_without_ufws_boot_unit_leaves_it_enabled(ns: Namespace):
     """A record written before the unit's state was kept has none to give back."""
     ns.guarantee("apply", ZONE_CONF)

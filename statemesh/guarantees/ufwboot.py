@@ -11,6 +11,8 @@ systemd's D-Bus API (its unit file state, as `systemctl is-enabled` says it).
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 from typing import Awaitable, Callable, Dict, List, Protocol, Tuple, TypeVar
 
 from statemesh import systemd
@@ -47,11 +49,27 @@ def restorable(state: str) -> bool:
     return state in _RESTORE
 
 
+# Where enabling ufw.service links it ([Install] WantedBy=multi-user.target), and the unit
+# file its package installs (/lib and /usr/lib are one after the /usr merge).
+BOOT_LINK = Path("/etc/systemd/system/multi-user.target.wants") / UNIT
+PACKAGED = ("/usr/lib/systemd/system/ufw.service", "/lib/systemd/system/ufw.service")
+NOT_BY_THE_BOOT = "enabled, but not wanted by multi-user.target"
+
+
+def wanted_by_the_boot(link: Path = BOOT_LINK) -> bool:
+    """Whether the boot's target wants the packaged unit: systemd says "enabled" for a link
+    in any .wants directory, one of a target nothing starts among them."""
+    return os.path.realpath(link) in PACKAGED
+
+
 class SystemdBootUnit:
     """ufw.service as systemd has it on disk, through its D-Bus API."""
 
     def state(self) -> str:
-        return _with_manager(lambda manager: manager.get_unit_file_state(UNIT))
+        state = _with_manager(lambda manager: manager.get_unit_file_state(UNIT))
+        if state == ENABLED and not wanted_by_the_boot():
+            return NOT_BY_THE_BOOT
+        return state
 
     def set(self, state: str) -> None:
         _with_manager(lambda manager: _set(manager, state))
