@@ -10,7 +10,8 @@ root cgroup, or a cgroup made by hand, named like a unit or not, which systemd d
 own) is left running as surely.
 
 Every userland process is judged (a zombie leader whose threads run on too; not the
-kernel's usermode helpers, nor PID 1 and what it forks from systemd's own programs), with
+kernel's usermode helpers, nor PID 1 and what it forks from systemd's own programs for a
+moment), with
 the units that may start one later (active timers, paths, sockets, and services waiting to
 restart). Preflight excuses the installation's own processes (the package manager, what it
 descends from and what it started: `systemd-run apt-get install` is a way to install, a
@@ -48,6 +49,9 @@ KTHREADD = 2  # the kernel's usermode helpers (modprobe, core_pattern's) are its
 # other process in it was put there by hand.
 MANAGER_PID, MANAGER_SCOPE = 1, "init.scope"
 MANAGER_PROGRAMS = ("/usr/lib/systemd/", "/lib/systemd/")
+# How long such a fork may have lived: the generators' executor lives for a daemon-reload
+# (seconds, under emulation); one older is named as any process in systemd's scope is.
+MANAGER_FORK_SECONDS = 60.0
 # Units that start a program later, and services waiting to be restarted.
 STARTING_LATER = ("*.timer", "*.path", "*.socket")
 STARTING_STATES = ("active", "activating", "reloading")
@@ -94,16 +98,20 @@ def _parent_and_flags(pid: int) -> Optional[Tuple[int, int]]:
         return None
 
 
-def _managers_own(pid: int, ppid: int, unit: str) -> bool:
-    """PID 1, and what it forks in init.scope from systemd's own programs."""
+def _managers_own(pid: int, ppid: int, unit: str,
+                  executable: Callable[[int], str] = proc.executable,
+                  age: Callable[[int], Optional[float]] = proc.age) -> bool:
+    """PID 1, and what it forks in init.scope from systemd's own programs for a moment (its
+    generators' executor at every daemon-reload). Root can orphan a process of its own into
+    init.scope running one of those programs (LD_PRELOAD, a copy since deleted): one that
+    outlives MANAGER_FORK_SECONDS, or whose file is gone, is not the manager's."""
     if pid == MANAGER_PID:
         return True
     if unit != MANAGER_SCOPE or ppid != MANAGER_PID:
         return False
-    try:
-        return os.path.realpath(f"/proc/{pid}/exe").startswith(MANAGER_PROGRAMS)
-    except OSError:
-        return False
+    program, seconds = executable(pid), age(pid)
+    return (program.startswith(MANAGER_PROGRAMS) and not program.endswith(" (deleted)")
+            and seconds is not None and seconds < MANAGER_FORK_SECONDS)
 
 
 def userland(cgroup_of: CgroupOf = proc.cgroup_path) -> List[Process]:

@@ -8,6 +8,8 @@ from /proc/PID/stat. Nothing here is specific to terminals.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -32,6 +34,23 @@ def start_ticks(pid: int) -> Optional[int]:
     """A live process's start time in clock ticks after boot: with the pid, its identity."""
     fields = read_stat(pid)
     return None if fields is None else fields[4]
+
+
+def age(pid: int) -> Optional[float]:
+    """Seconds since a live process started (clock-tick resolution); None when it is gone."""
+    ticks = start_ticks(pid)
+    if ticks is None:
+        return None
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+
+
+def executable(pid: int) -> str:
+    """The file the process runs as the kernel resolved it at exec ("" when it cannot be
+    read; a file since deleted or replaced reads "... (deleted)")."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
 
 
 # /proc/PID/loginuid of a process that no login started: systemd's services, the kernel's.

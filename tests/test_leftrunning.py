@@ -4,7 +4,9 @@ excused but not a shell beside them, and units that start a program later count 
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -363,3 +365,32 @@ def test_a_process_that_moves_while_it_is_looked_at_is_named_where_it_went(
     assert fakebus.call(ask()) == [
         f"in no unit systemd owns (/made-by-hand, /system.slice/b.service): pid {new} "
         f"(sleep 61), pid {mover} (sleep 62)"]
+
+
+@pytest.mark.parametrize("program, seconds, ppid, unit, own", [
+    ("/usr/lib/systemd/systemd", 0.5, 1, "init.scope", True),  # the generators' executor
+    ("/usr/lib/systemd/systemd", 600.0, 1, "init.scope", False),  # orphaned there by root
+    ("/usr/lib/systemd/x (deleted)", 0.5, 1, "init.scope", False),  # a copy since deleted
+    ("/usr/bin/sleep", 0.5, 1, "init.scope", False),
+    ("/usr/lib/systemd/systemd", 0.5, 77, "init.scope", False),  # not PID 1's fork
+    ("/usr/lib/systemd/systemd", 0.5, 1, "cron.service", False),
+    ("/usr/lib/systemd/systemd", None, 1, "init.scope", False),  # gone meanwhile
+])
+def test_only_pid_1s_passing_forks_of_its_own_programs_in_its_scope_are_the_managers(
+        program: str, seconds, ppid: int, unit: str, own: bool) -> None:
+    """Root can write any process into init.scope and orphan it to PID 1: a program of
+    systemd's running there for long, or from a file since deleted, is not the manager's."""
+    assert leftrunning._managers_own(4242, ppid, unit, lambda pid: program,
+                                     lambda pid: seconds) is own
+    assert leftrunning._managers_own(1, 0, "init.scope", lambda pid: "", lambda pid: None)
+
+
+def test_a_processs_age_and_executable_are_read_from_proc() -> None:
+    assert proc.executable(os.getpid()) == os.path.realpath(sys.executable)
+    assert proc.executable(2 ** 22 + 1) == "" and proc.age(2 ** 22 + 1) is None
+    started = subprocess.Popen(["sleep", "30"])
+    try:
+        assert 0 <= proc.age(started.pid) < 10
+    finally:
+        started.kill()
+        started.wait()
