@@ -22,6 +22,7 @@ import pytest
 
 from statemesh import config, ufwfiles
 from statemesh.guarantees import firewall
+from tests.fakebus import fakebus  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT = 7443
@@ -469,6 +470,26 @@ def test_ufw_is_wanted_by_the_boot_only_through_multi_user_targets_link(tmp_path
     link.symlink_to(tmp_path / "ufw.service")  # a unit file of root's, named like ufw's
     assert not ufwboot.wanted_by_the_boot(link)
     assert not ufwboot.restorable(ufwboot.NOT_BY_THE_BOOT)
+
+
+def test_the_switch_asks_systemd_and_sets_each_state_it_gives_back(fakebus, tmp_path: Path):
+    """Through systemd's D-Bus API (a stand-in systemd on a private bus)."""
+    from statemesh.guarantees import ufwboot
+    ufw = fakebus.systemd.add("ufw.service", masked=True)
+    link = tmp_path / "ufw.service"
+    link.symlink_to("/lib/systemd/system/ufw.service")  # what enabling it makes
+    switch = ufwboot.SystemdBootUnit(link)
+    assert switch.state() == "masked"
+    switch.set("enabled")
+    assert (ufw.masked, ufw.enabled, switch.state()) == (False, True, "enabled")
+    switch.set("masked")
+    assert (ufw.masked, ufw.enabled, switch.state()) == (True, False, "masked")
+    switch.set("enabled")
+    switch.set("disabled")
+    assert (ufw.masked, ufw.enabled, switch.state()) == (False, False, "disabled")
+    switch.set("enabled")
+    link.unlink()  # enabled, but only through some other target's .wants
+    assert switch.state() == ufwboot.NOT_BY_THE_BOOT
 
 
 def test_a_restore_record_without_ufws_boot_unit_leaves_it_enabled(ns: Namespace):

@@ -65,9 +65,12 @@ def wanted_by_the_boot(link: Path = BOOT_LINK) -> bool:
 class SystemdBootUnit:
     """ufw.service as systemd has it on disk, through its D-Bus API."""
 
+    def __init__(self, boot_link: Path = BOOT_LINK):
+        self.boot_link = boot_link
+
     def state(self) -> str:
         state = _with_manager(lambda manager: manager.get_unit_file_state(UNIT))
-        if state == ENABLED and not wanted_by_the_boot():
+        if state == ENABLED and not wanted_by_the_boot(self.boot_link):
             return NOT_BY_THE_BOOT
         return state
 
