@@ -18,7 +18,8 @@ STATUS_LINES = (
     ("agents", "remote-execution agents' units masked and stopped"),
     ("logins", "gettys and debug shell masked, root's password locked, loginuids immutable"),
     ("rescue", "masked: rescue.service, emergency.service, rescue.target, emergency.target"),
-    ("memory", "no hibernation, core dumps to /bin/false, no crash kernel, no swap but zram"),
+    ("memory", "no hibernation, core dumps to /bin/false, no crash kernel, kexec off, "
+                "no swap but zram"),
     ("firewall", "ufw on, default deny; 7443/tcp only from: 10.0.0.0/8"),
     ("security_class", "TPM (EK certificate chains to a trusted CA)"),
     ("watchdog", "statemesh-watchdog.service running (pid 398), enabled at boot, 0 pty(s)"),

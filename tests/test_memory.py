@@ -27,6 +27,8 @@ def root(tmp_path: Path) -> Path:
     (machine / "proc/swaps").write_text(SWAP_HEADER)
     (machine / "sys/kernel").mkdir(parents=True)
     (machine / "sys/kernel/kexec_crash_loaded").write_text("0\n")
+    (machine / "sys/kernel/kexec_loaded").write_text("0\n")
+    (machine / "proc/sys/kernel/kexec_load_disabled").write_text("0\n")
     (machine / "etc/systemd").mkdir(parents=True)
     return machine
 
@@ -42,22 +44,29 @@ def debian(fakebus: FakeBus) -> FakeBus:
 def test_applied_it_holds_and_purge_gives_everything_back(debian: FakeBus, root: Path,
                                                           tmp_path: Path) -> None:
     book = journal.Journal(tmp_path / "state")
-    unloaded: List[str] = []
-    guarantee = memory.Memory(root, unload_crash_kernel=lambda: unloaded.append("kexec -p -u"))
+    unloaded: List[bool] = []
+    guarantee = memory.Memory(root, unload_kernel=unloaded.append)
     (root / memory.CRASH_KERNEL_LOADED).write_text("1\n")
+    (root / memory.KEXEC_LOADED).write_text("1\n")  # kexec -l before installing
     before = guarantee.check()
     assert not before.holds
     assert "core dumps are written (core_pattern 'core')" in before.detail
     assert "a crash kernel is loaded" in before.detail
+    assert "a kernel is loaded for kexec (started, it would find all of RAM)" in before.detail
+    assert ("loading a kernel for kexec is not turned off (kernel.kexec_load_disabled is not "
+            "1)") in before.detail
 
-    # The stand-in kexec cannot unload: verify() must name what is still there.
+    # The stand-in cannot unload: verify() must name what is still there.
     with pytest.raises(LockdownError, match="a crash kernel is loaded"):
         guarantee.apply(book)
-    assert unloaded == ["kexec -p -u"]
+    assert unloaded == [True, False]
+    assert (root / memory.KEXEC_LOAD_DISABLED).read_text() == "1\n"
     (root / memory.CRASH_KERNEL_LOADED).write_text("0\n")
+    (root / memory.KEXEC_LOADED).write_text("0\n")
     guarantee.apply(book)
     finding = guarantee.check()
     assert finding.holds, finding.detail
+    assert "kernel.kexec_load_disabled = 1" in (root / memory.SYSCTL_DROPIN).read_text()
     assert (root / memory.CORE_PATTERN_FILE).read_text() == "|/bin/false\n"
     assert "AllowHibernation=no" in (root / memory.SLEEP_DROPIN).read_text()
     assert "kernel.core_pattern = |/bin/false" in (root / memory.SYSCTL_DROPIN).read_text()
@@ -72,6 +81,39 @@ def test_applied_it_holds_and_purge_gives_everything_back(debian: FakeBus, root:
     assert not (root / "etc/systemd/sleep.conf.d").exists()  # made by us, removed by us
     assert not (root / "etc/sysctl.d").exists()
     assert not any(units[name].masked for name in memory.UNITS.names if name in units)
+
+
+def test_a_kernel_without_kexec_has_no_switch_to_set(debian: FakeBus, root: Path,
+                                                      tmp_path: Path) -> None:
+    (root / memory.KEXEC_LOAD_DISABLED).unlink()
+    (root / memory.KEXEC_LOADED).unlink()
+    guarantee = memory.Memory(root)
+    guarantee.apply(journal.Journal(tmp_path / "state"))
+    assert guarantee.check().holds
+    assert not (root / memory.KEXEC_LOAD_DISABLED).exists()
+
+
+def test_unloading_asks_the_kernel_with_kexec_file_loads_unload_flag(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No kexec-tools needed: the call, its flags, the machine's number."""
+    calls = []
+
+    class Syscall:
+        restype = None
+
+        def __call__(self, *args):
+            calls.append([getattr(arg, "value", arg) for arg in args])
+            return 0
+
+    class Libc:
+        syscall = Syscall()
+
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name, use_errno: Libc())
+    monkeypatch.setattr(memory.os, "uname", lambda: os.uname_result(
+        ("Linux", "node", "6.1", "#1", "x86_64")))
+    memory.unload_kexec_kernel(crash=True)
+    memory.unload_kexec_kernel(crash=False)
+    assert calls == [[320, -1, -1, 0, None, 0x3], [320, -1, -1, 0, None, 0x1]]
 
 
 def test_a_plain_swap_fails_it_and_zram_does_not(debian: FakeBus, root: Path,

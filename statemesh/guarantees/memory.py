@@ -12,7 +12,11 @@ can read once it is out of the machine:
   becomes a pipe to /bin/false, which reads nothing, now and at every boot (sysctl.d, and
   the harden unit re-asserts it);
 - kdump boots a crash kernel that saves all of RAM under /var/crash: kdump-tools is masked
-  and a crash kernel already loaded is unloaded;
+  and a crash kernel already loaded is unloaded; so is a kernel loaded for kexec, which
+  would start with all of RAM, the volume key included, in reach (kexec -l before
+  installing, kexec -e after), and loading another is turned off until the next boot
+  (kernel.kexec_load_disabled, which cannot be turned on again; the sysctl drop-in sets it
+  at every boot);
 - swap receives workload pages: any swap but compressed RAM (zram) makes this guarantee
   fail and preflight refuse. Swapping it off would take memory the operator sized the
   machine with; a swap encrypted with a key that is random at every boot is safe, but the
@@ -24,6 +28,8 @@ stays RAM).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -48,11 +54,19 @@ AllowSuspendThenHibernate=no
 CORE_PATTERN = "|/bin/false"
 SYSCTL_DROPIN = Path("etc/sysctl.d/90-statemesh-node.conf")
 SYSCTL_SETTINGS = f"""\
-# Written by statemesh-node (removed at purge): a core dump writes process memory to disk.
+# Written by statemesh-node (removed at purge): a core dump writes process memory to disk,
+# and a kernel started with kexec would find all of RAM.
 kernel.core_pattern = {CORE_PATTERN}
+-kernel.kexec_load_disabled = 1
 """
 CORE_PATTERN_FILE = Path("proc/sys/kernel/core_pattern")
 CRASH_KERNEL_LOADED = Path("sys/kernel/kexec_crash_loaded")
+KEXEC_LOADED = Path("sys/kernel/kexec_loaded")
+KEXEC_LOAD_DISABLED = Path("proc/sys/kernel/kexec_load_disabled")
+# kexec_file_load(2) by machine, and its flags: unloading needs no kexec-tools.
+_KEXEC_FILE_LOAD = {"x86_64": 320, "aarch64": 294, "riscv64": 294, "s390x": 381,
+                    "ppc64le": 382}
+KEXEC_FILE_UNLOAD, KEXEC_FILE_ON_CRASH = 0x1, 0x2
 SWAPS = Path("proc/swaps")
 
 
@@ -89,12 +103,13 @@ class Memory(BusGuarantee):
     kept_by_upgrades_while_holding = False
 
     def __init__(self, root: Path = Path("/"),
-                 unload_crash_kernel: Optional[Callable[[], None]] = None):
+                 unload_kernel: Optional[Callable[[bool], None]] = None):
         self.root = root
         self.sleep_dropin = root / SLEEP_DROPIN
         self.sysctl_dropin = root / SYSCTL_DROPIN
         self.core_pattern = root / CORE_PATTERN_FILE
-        self.unload_crash_kernel = unload_crash_kernel or _unload_crash_kernel
+        self.kexec_disabled = root / KEXEC_LOAD_DISABLED
+        self.unload_kernel = unload_kernel or unload_kexec_kernel
 
     def ways_in(self) -> Sequence[Way]:
         return ()  # trying to hibernate a live node is no test to run on it
@@ -111,6 +126,11 @@ class Memory(BusGuarantee):
                             "missing)")
         if _read(self.root / CRASH_KERNEL_LOADED).strip() == "1":
             problems.append("a crash kernel is loaded (kdump would save RAM to disk)")
+        if _read(self.root / KEXEC_LOADED).strip() == "1":
+            problems.append("a kernel is loaded for kexec (started, it would find all of RAM)")
+        if self.kexec_disabled.exists() and _read(self.kexec_disabled).strip() != "1":
+            problems.append("loading a kernel for kexec is not turned off "
+                            "(kernel.kexec_load_disabled is not 1)")
         problems += [f"swap on {area} (not compressed RAM): workload pages reach a disk"
                      for area in plain_swaps(self.root / SWAPS)]
         return problems
@@ -119,7 +139,7 @@ class Memory(BusGuarantee):
         left = await unlocked(manager, UNITS)
         problems = unlocked_problems(left) + self._problems()
         detail = "; ".join(problems) or ("no hibernation, core dumps to /bin/false, "
-                                         "no crash kernel, no swap but zram")
+                                         "no crash kernel, kexec off, no swap but zram")
         return Finding(self.name, not problems, detail, left)
 
     async def enforce(self, manager: Systemd, journal: Any) -> None:
@@ -135,9 +155,12 @@ class Memory(BusGuarantee):
             dropin.parent.mkdir(parents=True, exist_ok=True)
             dropin.write_text(settings, encoding="utf-8")
         self.core_pattern.write_text(CORE_PATTERN + "\n", encoding="utf-8")
-        if _read(self.root / CRASH_KERNEL_LOADED).strip() == "1":
-            self.unload_crash_kernel()
-            journal.record("crash-kernel-unloaded")
+        for loaded, crash in ((CRASH_KERNEL_LOADED, True), (KEXEC_LOADED, False)):
+            if _read(self.root / loaded).strip() == "1":
+                self.unload_kernel(crash)
+                journal.record("crash-kernel-unloaded" if crash else "kexec-kernel-unloaded")
+        if self.kexec_disabled.exists():  # last: once set, nothing can be unloaded either
+            self.kexec_disabled.write_text("1\n", encoding="utf-8")
         await self.verify(manager)
 
     async def restore(self, manager: Systemd, record: Dict[str, Any]) -> List[str]:
@@ -155,7 +178,18 @@ class Memory(BusGuarantee):
         return errors
 
 
-def _unload_crash_kernel() -> None:
-    """kexec-tools loaded it (kdump-tools); without kexec, verify() names the loaded kernel."""
-    if have("kexec"):
-        run(["kexec", "-p", "-u"])
+def unload_kexec_kernel(crash: bool) -> None:
+    """Unload the kernel kexec would start (kdump's crash kernel, with `crash`) through
+    kexec_file_load's unload flag, which takes whatever kexec_load or kexec_file_load
+    loaded; kexec-tools where the machine's call is not known. What is still loaded
+    afterwards, verify() names."""
+    number = _KEXEC_FILE_LOAD.get(os.uname().machine)
+    if number is None:
+        if have("kexec"):
+            run(["kexec", "-p", "-u"] if crash else ["kexec", "-u"])
+        return
+    flags = KEXEC_FILE_UNLOAD | (KEXEC_FILE_ON_CRASH if crash else 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.syscall(ctypes.c_long(number), ctypes.c_int(-1), ctypes.c_int(-1), ctypes.c_ulong(0),
+                 None, ctypes.c_ulong(flags))

@@ -10,6 +10,7 @@ import pytest
 
 from harness.vm.driver import GuestError, SavedGuest
 from tests.vm import package
+from tests.vm.kexec import load_a_kernel_for_kexec
 
 
 @pytest.mark.cost(5)
@@ -30,8 +31,14 @@ def test_install_with_a_tpm_from_local_repository_then_purge_leaves_nothing(gues
     assert guest.run("systemctl is-active multi-user.target").stdout.strip() == "active"
     assert "/dev/tpm0" in guest.run("ls /dev/tpm* || true").stdout
     before = package.system_paths(guest)
+    # kexec -l before installing, for a kexec -e afterwards: the installation unloads it.
+    assert load_a_kernel_for_kexec(guest) == "0 0"
+    assert guest.run("cat /sys/kernel/kexec_loaded").stdout.strip() == "1"
 
     installed = guest.install()
+    assert guest.run("cat /sys/kernel/kexec_loaded").stdout.strip() == "0"
+    assert "kexec-kernel-unloaded" in guest.run(
+        "cat /var/lib/statemesh-node/journal.jsonl").stdout
     package.assert_installed_from_the_local_repository(guest, installed.stdout)
     said = installed.stdout + installed.stderr
     assert "statemesh-node:" not in said, said  # silent under DEBIAN_FRONTEND=noninteractive

@@ -1,6 +1,7 @@
 """Nothing of RAM reaches a disk, on a real installed node: the attacks themselves. With a
 swap large enough to hibernate to, `systemctl hibernate` must not hibernate; a process that
-crashes with core dumps unlimited must leave no core; the swap itself is named by status.
+crashes with core dumps unlimited must leave no core; the swap itself is named by status;
+a kernel cannot be loaded for kexec.
 (Purge giving core_pattern back is asserted by test_lockdown's end-to-end test, and a plain
 swap refused before installing by its preflight test.)"""
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from harness.vm.driver import Guest
+from tests.vm.kexec import load_a_kernel_for_kexec
 from tests.vm.reports import guarantee_finding
 
 SWAPFILE = "/root/swapfile"
@@ -47,3 +49,9 @@ def test_no_hibernation_no_core_dump_and_a_plain_swap_is_named(installed_guest: 
 
     guest.run(f"swapoff {SWAPFILE}")
     assert memory_finding(guest)["holds"]
+
+    # A kernel started with kexec would find all of RAM, the volume key included: loading
+    # one is turned off until the next boot, for root too.
+    assert guest.run("cat /proc/sys/kernel/kexec_load_disabled").stdout.strip() == "1"
+    assert load_a_kernel_for_kexec(guest) == "-1 1"
+    assert guest.run("cat /sys/kernel/kexec_loaded").stdout.strip() == "0"
