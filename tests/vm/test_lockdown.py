@@ -479,7 +479,7 @@ def plant_jobs_for_later(guest: Guest) -> None:
               b"\tlinux /vmlinuz root=/dev/vda1 init=/bin/sh\n\tinitrd /initrd.img\n}\n")
 
 
-@pytest.mark.cost(90)
+@pytest.mark.cost(50)
 def test_a_second_session_and_planted_code_make_preflight_refuse_and_nothing_changes(
         node: Guest) -> None:
     guest = node
