@@ -36,12 +36,18 @@ def start_ticks(pid: int) -> Optional[int]:
     return None if fields is None else fields[4]
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def seconds_since(ticks: int) -> float:
+    """Seconds since a start time in clock ticks after boot (/proc/PID/stat's starttime)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / CLOCK_TICKS
+
+
 def age(pid: int) -> Optional[float]:
     """Seconds since a live process started (clock-tick resolution); None when it is gone."""
     ticks = start_ticks(pid)
-    if ticks is None:
-        return None
-    return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return None if ticks is None else seconds_since(ticks)
 
 
 def executable(pid: int) -> str:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Awaitable, Callable, Dict, List, Protocol, Tuple, TypeVar
+from typing import Awaitable, Callable, Dict, List, Protocol, Tuple
 
 from statemesh import systemd
+from statemesh.guarantees import unitmask
 
 UNIT = "ufw.service"
 ENABLED = "enabled"
-T = TypeVar("T")
 
 
 class BootUnit(Protocol):
@@ -69,13 +69,14 @@ class SystemdBootUnit:
         self.boot_link = boot_link
 
     def state(self) -> str:
-        state = _with_manager(lambda manager: manager.get_unit_file_state(UNIT))
+        state = asyncio.run(unitmask.with_manager(
+            lambda manager: manager.get_unit_file_state(UNIT)))
         if state == ENABLED and not wanted_by_the_boot(self.boot_link):
             return NOT_BY_THE_BOOT
         return state
 
     def set(self, state: str) -> None:
-        _with_manager(lambda manager: _set(manager, state))
+        asyncio.run(unitmask.with_manager(lambda manager: _set(manager, state)))
 
 
 async def _set(manager: systemd.Systemd, state: str) -> None:
@@ -92,10 +93,3 @@ async def _set(manager: systemd.Systemd, state: str) -> None:
     }
     for step in _RESTORE.get(state, ()):
         await steps[step]()
-
-
-def _with_manager(action: Callable[[systemd.Systemd], Awaitable[T]]) -> T:
-    async def ask() -> T:
-        async with systemd.manager() as manager:
-            return await action(manager)
-    return asyncio.run(ask())

@@ -167,7 +167,7 @@ def masks_unloaded() -> bool:
 def _load_masks(unreloaded: Sequence[Tuple[UnitSet, FrozenSet[str]]], journal: Any) -> None:
     """The one reload, and the second stop of every set locked without one."""
     if unreloaded:
-        stopped = asyncio.run(_with_manager(
+        stopped = asyncio.run(with_manager(
             lambda systemd_manager: _reload_and_stop(systemd_manager, unreloaded)))
         journal.record("masks-loaded", stopped=stopped)
 
@@ -298,7 +298,7 @@ def one_give_back() -> Iterator[Dict[str, List[str]]]:
 
 def _start_given_back(unstarted: Sequence[_Unstarted]) -> Dict[str, List[str]]:
     try:
-        return asyncio.run(_with_manager(
+        return asyncio.run(with_manager(
             lambda systemd_manager: _reload_and_start(systemd_manager, unstarted)))
     except Exception as error:  # noqa: BLE001 - charged to every set, as revert_all would
         return {given.owner: [f"not reloaded, nothing started again: {error}"]
@@ -355,23 +355,24 @@ class BusGuarantee(abc.ABC):
 
     def check(self) -> Finding:
         try:
-            return asyncio.run(_with_manager(self.inspect))
+            return asyncio.run(with_manager(self.inspect))
         except SystemdError as error:
             return Finding(self.name, False, f"cannot ask systemd: {error}")
 
     def apply(self, journal: Any) -> None:
-        asyncio.run(_with_manager(lambda manager: self.enforce(manager, journal)))
+        asyncio.run(with_manager(lambda manager: self.enforce(manager, journal)))
 
     def revert(self, record: Dict[str, Any]) -> None:
         if not record:
             return
-        errors = asyncio.run(_with_manager(lambda manager: self.restore(manager, record)))
+        errors = asyncio.run(with_manager(lambda manager: self.restore(manager, record)))
         if errors:
             raise LockdownError(f"{self.name}: not everything could be given back: "
                                 + "; ".join(errors))
 
 
-async def _with_manager(action: Callable[[Systemd], Awaitable[T]]) -> T:
+async def with_manager(action: Callable[[Systemd], Awaitable[T]]) -> T:
+    """Run one action with a connection to systemd's manager, closed after it."""
     async with manager() as systemd_manager:
         return await action(systemd_manager)
 
@@ -386,7 +387,7 @@ def _probe_start(name: str, unit: str) -> Probe:
     """Ask systemd to start a unit that must not start: blocked only when systemd refuses
     and the unit is not running (started anyway, it is stopped again)."""
     try:
-        return asyncio.run(_with_manager(lambda systemd_manager: _try_start(systemd_manager,
+        return asyncio.run(with_manager(lambda systemd_manager: _try_start(systemd_manager,
                                                                             name, unit)))
     except SystemdError as error:
         return Probe(name, False, f"could not ask systemd: {error}")

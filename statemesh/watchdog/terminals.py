@@ -15,7 +15,6 @@ import os
 import pwd
 import re
 import stat
-import time
 from types import MappingProxyType
 from typing import Dict, FrozenSet, Iterator, List, Mapping, Optional, Set, Tuple
 
@@ -25,7 +24,6 @@ PTY_SLAVE_MAJOR = 136  # UNIX98_PTY_SLAVE_MAJOR; indices above 255 use the next 
 PTY_SLAVE_MAJORS = range(PTY_SLAVE_MAJOR, PTY_SLAVE_MAJOR + 8)
 PTMX = os.makedev(5, 2)
 PF_KTHREAD = 0x00200000
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # (instance, rdev): instance is the devpts st_dev for a pty, 0 for a global tty device.
 Key = Tuple[int, int]
@@ -98,7 +96,7 @@ class Process:
 
     def age(self) -> float:
         """Seconds since the process started (tick resolution)."""
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - self.start_ticks / _CLOCK_TICKS
+        return proc.seconds_since(self.start_ticks)
 
 
 def _pts_instance_of(pid: int) -> int:
