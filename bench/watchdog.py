@@ -8,6 +8,11 @@ keeps it; the latency is from just before openpty to the moment the bench sees t
 dead, N times in a row. Then the watchdog's CPU time over an idle period. Then the same
 latency for a baseline that polls the devpts every second and kills what it finds (what
 `watch -n1 'ls -l /dev/pts'` plus a kill would do), fewer samples since each costs ~0.5 s.
+Before it, the first line's figures (the terminal filter, statemesh.watchdog.devicefilter,
+attached to a cgroup made for the bench, never this machine's root): N opens of /dev/ptmx
+from a cgroup it refuses (each must fail: leaked counts those that did not), and the same
+from a cgroup it allows against one with no filter at all, the baseline, in the same run
+(one process taking turns in the three cgroups).
 The last line is the summary that the project's reports quote.
 """
 
@@ -26,7 +31,7 @@ from typing import Any, Dict, List
 
 import psutil
 
-from harness import watchdog_scenarios as scenarios
+from harness import terminal_filter_scenarios, watchdog_scenarios as scenarios
 from harness.private_devpts import run_scenario
 
 UNIT_FILE = Path(__file__).resolve().parent.parent / "systemd" / "statemesh-watchdog.service"
@@ -110,7 +115,26 @@ def measure(devpts: str, n: int, idle_seconds: float, baseline_n: int) -> Dict[s
         baseline.kill()
         baseline.wait()
     return {"watchdog_ms": watchdog_ms, "idle_cpu_pct": idle_cpu_pct, "baseline_ms": baseline_ms,
-            "kills_logged": sum(1 for line in state["log"] if line["event"] == "kill")}
+            "kills_logged": sum(1 for line in state["log"] if line["event"] == "kill"),
+            "opens": terminal_filter_scenarios.open_timings(n)}
+
+
+def deny_line(opens: Dict[str, List[List[Any]]]) -> str:
+    """The filter's line: refused opens' latency, and what an allowed open costs more than
+    one with no filter (p99 against p99, same run)."""
+    def microseconds(samples: List[List[Any]]) -> List[float]:
+        return [nanoseconds / 1000 for nanoseconds, _opened in samples]
+    refused = opens["refused"]
+    denied = sum(1 for _ns, opened in refused if not opened)
+    refused_us = microseconds(refused)
+    allowed, baseline = microseconds(opens["allowed"]), microseconds(opens["baseline"])
+    allowed_p99, baseline_p99 = percentile(allowed, 0.99), percentile(baseline, 0.99)
+    p50_overhead = percentile(allowed, 0.5) - percentile(baseline, 0.5)
+    return (f"watchdog-deny opens={len(refused)} denied={denied} leaked={len(refused) - denied} "
+            f"p50_us={percentile(refused_us, 0.5):.1f} p99_us={percentile(refused_us, 0.99):.1f} "
+            f"allowed_overhead_us={allowed_p99 - baseline_p99:.1f} "
+            f"allowed_overhead_p50_us={p50_overhead:.1f} "
+            f"allowed_p99_us={allowed_p99:.1f} baseline_p99_us={baseline_p99:.1f}")
 
 
 def main(argv: List[str]) -> int:
@@ -131,6 +155,7 @@ def main(argv: List[str]) -> int:
           f"mean {sum(ms) / len(ms):.2f} ms")
     print(f"baseline (1 s polling): {len(result['baseline_ms'])} ptys; "
           f"p50 {percentile(result['baseline_ms'], 0.5):.1f} ms")
+    print(deny_line(result["opens"]))
     print(f"watchdog p50_ms={p50:.2f} p99_ms={p99:.2f} max_ms={worst:.2f} "
           f"idle_cpu_pct={result['idle_cpu_pct']:.3f} baseline_p99_ms={baseline_p99:.1f} "
           f"ratio={baseline_p99 / p99:.1f}")

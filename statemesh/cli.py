@@ -88,7 +88,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_watchdog(args: argparse.Namespace) -> int:
     """Run the terminal watchdog (what statemesh-watchdog.service runs)."""
     from statemesh import grace
-    from statemesh.watchdog import daemon
+    from statemesh.watchdog import daemon, devicefilter
     node_config = config.load(args.config)
     settings = daemon.Settings(
         devpts=args.devpts,
@@ -96,6 +96,8 @@ def cmd_watchdog(args: argparse.Namespace) -> int:
         grace_path=args.grace_file or grace.GRACE_PATH,
         exempt_units=node_config.watchdog_exempt_units,
         logind=not args.no_logind,
+        filter_cgroup=args.terminal_filter,
+        filter_pins=args.terminal_filter_pins or devicefilter.PIN_DIRECTORY,
     )
     try:
         return daemon.main(settings)
@@ -270,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     watchdog_args.add_argument("--grace-file", type=Path,
                                help="installation grace record (default: the installation's)")
     watchdog_args.add_argument("--no-logind", action="store_true", help="leave logind alone")
+    watchdog_args.add_argument("--terminal-filter", type=Path, metavar="CGROUP2_ROOT",
+                               help="refuse terminal opens below this cgroup v2 root "
+                                    "(the unit gives /sys/fs/cgroup)")
+    watchdog_args.add_argument("--terminal-filter-pins", type=Path, metavar="BPFFS_DIRECTORY",
+                               help="where the filter is pinned (default: /sys/fs/bpf)")
     sub.choices["storage"].add_argument("action", choices=("setup", "teardown"))
     sub.choices["verify"].add_argument("target", metavar="HOST:PORT", help="the node's aTLS endpoint")
     sub.choices["verify"].add_argument("--policy", type=Path, help="JSON verification policy")

@@ -30,6 +30,9 @@ def test_a_host_benchmark_runs_and_prints_its_summary(name: str, arguments: List
     assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith(summary), last
+    if name == "watchdog":  # the terminal filter's line: every open from a refused cgroup failed
+        deny = next(line for line in done.stdout.splitlines() if line.startswith("watchdog-deny "))
+        assert " denied=3 leaked=0 " in deny, deny
 
 
 def test_every_host_benchmark_is_run_here() -> None:

@@ -21,7 +21,7 @@ from statemesh.config import NodeConfig
 from statemesh.guarantees import unitprocs
 from statemesh.guarantees.base import Finding, Probe, Step, Way
 from statemesh.ownunits import PURGE_DROPIN_TEXT
-from statemesh.watchdog import terminals
+from statemesh.watchdog import devicefilter, terminals
 
 UNIT = "statemesh-watchdog.service"
 # A runtime drop-in lifts RefuseManualStop for purge only; /run is gone at the next boot.
@@ -38,13 +38,20 @@ CHILD_DEADLINE_SECONDS = 15.0
 # A unit every node runs and the watchdog always exempts (it holds VTs): where an intruder
 # would move a shell to.
 ALWAYS_EXEMPT = "systemd-logind.service"
+# A holder the kernel refused its terminal exits with this (the terminal filter's first line).
+REFUSED_EXIT = 77
 # Each runs in a child (python3 -I: nothing of the environment's Python), prints what it
-# holds, then waits to be killed; argv[1] is how long it waits at most.
+# holds, then waits to be killed; argv[1] is how long it waits at most. Refused the open,
+# it says so and exits with REFUSED_EXIT.
 UNSHARED_PTY = """
 import os, subprocess, sys, time
 subprocess.run(["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0600", "devpts",
                 "/dev/pts"], check=True)
-master = os.open("/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY)
+try:
+    master = os.open("/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY)
+except PermissionError as error:
+    print(f"the open of ptmx of the devpts that `unshare -m` mounted refused ({error.strerror})")
+    sys.exit(77)
 print("a pty of the devpts that `unshare -m` mounted on its /dev/pts", flush=True)
 time.sleep(float(sys.argv[1]))
 """
@@ -57,7 +64,11 @@ except OSError:
     pass
 with open(sys.argv[2], "w") as procs:
     procs.write(str(os.getpid()))
-master, slave = os.openpty()
+try:
+    master, slave = os.openpty()
+except PermissionError as error:
+    print(f"openpty of a login's process written into {sys.argv[2]} refused ({error.strerror})")
+    sys.exit(77)
 print(f"{os.ttyname(slave)} held by a login's process written into {sys.argv[2]}", flush=True)
 time.sleep(float(sys.argv[1]))
 """
@@ -79,8 +90,10 @@ class WatchdogGuarantee:
 
     def __init__(self, config: NodeConfig, cgroup_root: Path = unitprocs.CGROUP_ROOT,
                  unit_dir: Path = Path("/etc/systemd/system"), devpts: str = "/dev/pts",
-                 grace_path: Path = grace.GRACE_PATH):
+                 grace_path: Path = grace.GRACE_PATH,
+                 filter_pins: Path = devicefilter.PIN_DIRECTORY):
         self.config = config
+        self.filter_pins = filter_pins
         self.grace_path = grace_path
         self.cgroup_root = cgroup_root
         self.wants = unit_dir / "multi-user.target.wants" / UNIT
@@ -110,21 +123,41 @@ class WatchdogGuarantee:
 
     def check(self) -> Finding:
         """Running (and not stopped: a SIGSTOPped watchdog ends no terminal, and systemd,
-        seeing it alive, does not restart it) and enabled at boot."""
+        seeing it alive, does not restart it) and enabled at boot; the terminal filter,
+        where attached, letting no cgroup but the watchdog's and the exempt units' open one."""
         pids = unitprocs.unit_pids(UNIT, self.cgroup_root)
         halted = unitprocs.stopped(pids)
         enabled = self.wants.is_symlink() or self.wants.exists()
         ptys = len(terminals.ptys(self.devpts)) if os.path.isdir(self.devpts) else 0
+        refusal = self._refusal()
         facts = {"running": bool(pids) and not halted, "pids": pids, "stopped": halted,
                  "enabled": enabled, "ptys_now": ptys,
-                 "exempt_units": list(self.config.watchdog_exempt_units)}
-        holds = facts["running"] and enabled
-        if holds:
-            detail = f"{UNIT} running (pid {pids[0]}), enabled at boot, {ptys} pty(s) in use"
+                 "exempt_units": list(self.config.watchdog_exempt_units), **refusal}
+        holds = facts["running"] and enabled and not refusal["filter_allows_others"]
+        if facts["running"] and enabled:
+            detail = (f"{UNIT} running (pid {pids[0]}), enabled at boot, {ptys} pty(s) in use; "
+                      f"{refusal['filter']}")
         else:
             detail = (f"{UNIT} {_state(pids, halted)}, "
                       f"{'enabled' if enabled else 'not enabled'} at boot")
         return Finding(self.name, holds, detail, facts)
+
+    def _refusal(self) -> Dict[str, Any]:
+        """The terminal filter as the kernel has it: whether opens are refused, and any
+        cgroup its map lets open terminals that is neither the watchdog's nor exempt."""
+        state = devicefilter.state(self.cgroup_root, self.filter_pins)
+        if not state.attached:
+            return {"filter_attached": False, "filter_allows_others": [],
+                    "filter": f"terminals are killed once opened, not refused ({state.detail})"}
+        units = (UNIT, *self.config.watchdog_exempt_units)
+        expected = devicefilter.cgroups_of_units(units, self.cgroup_root)
+        allowed = devicefilter.names(state.allowed, self.cgroup_root)  # the ones that exist
+        others = sorted(path for cgroup, path in allowed.items() if cgroup not in expected)
+        if others:
+            said = f"the terminal filter lets {', '.join(others)} open terminals"
+        else:
+            said = f"the kernel refuses terminal opens but for {', '.join(sorted(allowed.values()))}"
+        return {"filter_attached": True, "filter_allows_others": others, "filter": said}
 
     def apply(self, journal: Any) -> None:
         asyncio.run(_start())
@@ -140,6 +173,7 @@ class WatchdogGuarantee:
             PURGE_DROPIN.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 PURGE_DROPIN.parent.rmdir()
+        devicefilter.remove(self.cgroup_root, self.filter_pins)  # terminals open again
 
 
 def _state(pids: List[int], halted: List[int]) -> str:
@@ -172,13 +206,17 @@ async def _stop() -> None:
 
 
 def probe_pty(deadline: float = PTY_DEADLINE_SECONDS) -> Probe:
-    """Open a pty in a child process and wait for the watchdog to kill the holder."""
+    """Open a pty in a child process: refused by the kernel, or its holder killed."""
     name = PTY_PROBE
     ready_read, ready_write = os.pipe()
     child = os.fork()
     if child == 0:  # the holder: open a terminal, say so, and wait to be killed
         os.close(ready_read)
-        _master, slave = os.openpty()
+        try:
+            _master, slave = os.openpty()
+        except PermissionError as error:
+            os.write(ready_write, f"refused ({error.strerror})".encode())
+            os._exit(REFUSED_EXIT)
         os.write(ready_write, os.ttyname(slave).encode())
         time.sleep(deadline * 4)
         os._exit(0)
@@ -194,6 +232,8 @@ def probe_pty(deadline: float = PTY_DEADLINE_SECONDS) -> Probe:
         os.waitpid(child, 0)
         return Probe(name, False, f"{terminal} stayed open {deadline:.1f} s")
     elapsed_ms = (time.monotonic() - started) * 1000
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == REFUSED_EXIT:
+        return Probe(name, True, f"openpty {terminal} by the kernel")
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
         return Probe(name, True, f"holder of {terminal} killed after {elapsed_ms:.0f} ms")
     return Probe(name, False, f"holder of {terminal} ended on its own (status {status})")
@@ -219,6 +259,8 @@ def _probe_child(name: str, argv: List[str], deadline: float) -> Probe:
         out, err = child.communicate()
         return Probe(name, False, f"{out.strip() or 'its holder'} stayed open {deadline:.0f} s")
     elapsed_ms = (time.monotonic() - started) * 1000
+    if child.returncode == REFUSED_EXIT:
+        return Probe(name, True, out.strip())
     if child.returncode == -signal.SIGKILL:
         return Probe(name, True, f"holder of {out.strip() or 'it'} killed "
                                  f"{elapsed_ms:.0f} ms after it was started")

@@ -31,7 +31,8 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Set
 
 from statemesh import grace, proc
 from statemesh.events import log
-from statemesh.watchdog import handover, terminals
+from statemesh.watchdog import devicefilter, handover, terminals
+from statemesh.watchdog.refusal import Refusal
 from statemesh.watchdog.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_IGNORED, IN_MOVED_TO,
                                         IN_OPEN, IN_Q_OVERFLOW, Inotify)
 
@@ -67,6 +68,10 @@ class Settings:
     exempt_units: Tuple[str, ...] = ()
     logind: bool = True
     reconcile_seconds: float = RECONCILE_SECONDS
+    # The cgroup v2 tree whose root the terminal filter is attached to; None: no filter
+    # (tests, which must never refuse this machine's terminals).
+    filter_cgroup: Optional[Path] = None
+    filter_pins: Path = devicefilter.PIN_DIRECTORY
 
 
 class WatchdogError(RuntimeError):
@@ -143,6 +148,11 @@ class Watchdog:
         if not os.path.isdir(settings.dev):
             raise WatchdogError(f"{settings.dev} is not a directory of terminal devices")
         self.inotify = Inotify()
+        self.refusal: Optional[Refusal] = None
+        if settings.filter_cgroup is not None:
+            self.refusal = Refusal(settings.filter_cgroup, settings.filter_pins,
+                                   settings.exempt_units, self.inotify)
+            self.refusal.admit_self()
         # IN_CREATE watches on every devpts instance -> (its path from here, its st_dev)
         self.devpts_wds: Dict[int, Tuple[str, int]] = {}
         self.instances: Dict[int, str] = {}  # st_dev -> path, of every instance watched
@@ -272,6 +282,8 @@ class Watchdog:
                 terminal = terminals.tty_device(self.tty_wds[event.wd])
             elif event.wd == self.grace_wd and event.name == self.settings.grace_path.name:
                 self.load_grace()
+            elif self.refusal is not None:
+                self.refusal.on_event(event)
             if terminal is not None:
                 found[terminal.key] = terminal
         if reconcile:
@@ -330,6 +342,8 @@ class Watchdog:
             self.grace = None
         if self.grace is None and before is not None:
             self._after_grace(before, "grace record")
+        elif self.grace is not None:
+            self.keep_filter()
 
     def _believable(self, found: grace.Grace) -> bool:
         return found.pid > 1 and (found.pid, found.start_ticks) not in self.graces_ended
@@ -381,8 +395,14 @@ class Watchdog:
 
     def _after_grace(self, installer: grace.Grace, why: str) -> None:
         log("grace-ended", pid=installer.pid, why=why)
+        self.keep_filter()
         self.reconcile("grace-ended")
         asyncio.get_running_loop().create_task(self.end_sessions())
+
+    def keep_filter(self) -> None:
+        """The kernel refuses terminal opens while no grace runs (statemesh.watchdog.refusal)."""
+        if self.refusal is not None:
+            self.refusal.keep(self.grace is not None)
 
     # -- ending terminals ----------------------------------------------------
 
@@ -534,6 +554,7 @@ class Watchdog:
         """Arm every source, end what exists already, report ready, then reconcile forever."""
         asyncio.get_running_loop().add_reader(self.inotify.fileno(), self.on_inotify)
         self.load_grace()
+        self.keep_filter()
         self.reconcile("start")
         # logged before it is reported: a predecessor's "handed-over" line always comes after
         log("ready", devpts=self.settings.devpts, ttys=sorted(self.tty_wds.values()),
@@ -544,6 +565,7 @@ class Watchdog:
         asyncio.get_running_loop().create_task(self._discover_loop())
         for rounds in itertools.count(1):
             await asyncio.sleep(self.settings.reconcile_seconds)
+            self.keep_filter()
             self.periodic(rounds)
 
     async def _discover_loop(self) -> None:

@@ -113,6 +113,10 @@ def begin_install_and_wait_midway(guest: Guest) -> None:
                    promptly=True)
 
 
+# Refused by the terminal filter while installed (EPERM), a pty again once purged.
+OPENPTY = "python3 -c 'import os; os.openpty()'"
+
+
 @pytest.mark.every_release
 @pytest.mark.cost(600)
 def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
@@ -261,6 +265,7 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     # A boot resets the kernel's loginuid switch, nothing else: set again, no mask made anew.
     assert reasserted and reasserted[-1]["applied"] == ["logins"], this_boot
     assert not any(e["event"] == "logins-locked" for e in this_boot), this_boot
+    assert "Operation not permitted" in guest.run(OPENPTY, check=False).stderr  # at boot too
     ports.serve_all_ports(guest)
     assert ports.probe(guest) == {ports.MESH: False, ports.SSH: False, ports.OTHER: False}
     finding = ports.firewall_finding(guest)
@@ -282,6 +287,9 @@ def test_install_locks_down_holds_after_reboot_and_purge_gives_back(
     assert guest.run("test -e /var/lib/statemesh-node", check=False).returncode == 1
     assert sorted(set(package.system_paths(guest)) - set(paths_before)) == []
     assert guest.run(f"cat {CORE_PATTERN}").stdout == core_pattern_before
+    # the terminal filter detached and unpinned: terminals open again
+    assert guest.run(OPENPTY).returncode == 0
+    assert guest.run("ls /sys/fs/bpf").stdout.split() == []
 
 
 LOGIND_PROCS = "/sys/fs/cgroup/system.slice/systemd-logind.service/cgroup.procs"

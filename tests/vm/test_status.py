@@ -130,4 +130,6 @@ def test_status_names_a_planted_dropin_and_the_process_it_left_running(
     assert guest.run("systemctl is-active statemesh-watchdog.service").stdout.strip() == "active"
     units = package_units(guest)
     assert units["detail"] == (f"statemesh-watchdog.service main process {sleeper} runs "
-                               "'/bin/sleep infinity', not '/usr/bin/statemesh-node watchdog'")
+                               "'/bin/sleep infinity', not '/usr/bin/statemesh-node watchdog "
+                               "--terminal-filter /sys/fs/cgroup "
+                               "--terminal-filter-pins /run/statemesh-node/bpf'")

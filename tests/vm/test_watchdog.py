@@ -1,10 +1,13 @@
 """The terminal watchdog on a real guest: real ptys, ttys, systemd units and a real restart.
 
 What only a real system shows: `script`, `systemd-run --pty`, an agetty started by hand,
-`machinectl shell` (where systemd-container is installed) and a Python openpty holder are
-all ended; a process without a terminal is not, nor one writing to the console, nor any
-service systemd starts; the unit refuses a manual stop, comes back after SIGKILL, runs
-sandboxed, and a reload re-reads node.conf (exemptions).
+`machinectl shell` (where systemd-container is installed), a Python openpty and a pty of a
+devpts instance of its own are all refused by the kernel at open (the terminal filter);
+with the filter detached, as root could, a holder is killed (the second line) and the
+filter is back within a round. A process without a terminal lives, as does one writing to
+the console and every service systemd starts; the unit refuses a manual stop, comes back
+after SIGKILL with the filter refusing all along, runs sandboxed, and a reload re-reads
+node.conf (exemptions).
 """
 
 from __future__ import annotations
@@ -67,37 +70,54 @@ def kill_log(guest: Guest) -> List[Dict]:
     return [json.loads(line) for line in lines if line.startswith('{"event": "kill"')]
 
 
+REFUSED = "Operation not permitted"
+DETACH = ("python3 -c 'from statemesh.watchdog import devicefilter; "
+          "print(devicefilter.remove())'")
+
+
+def refused(guest: Guest, command: str) -> str:
+    """A command that wants a terminal, run to its end: what it said; it must have failed."""
+    done = guest.run(f"timeout 60 {command} </dev/null", check=False, timeout=90)
+    assert done.returncode not in (0, 124), (command, done.returncode, done.stdout, done.stderr)
+    return done.stdout + done.stderr
+
+
+def filter_log(guest: Guest) -> List[Dict]:
+    lines = guest.run(f"journalctl -q -u {UNIT} -o cat").stdout.splitlines()
+    return [json.loads(line) for line in lines if line.startswith('{"event": "terminal-filter"')]
+
+
 @pytest.mark.every_release
 @pytest.mark.cost(85)
-def test_every_kind_of_terminal_is_ended_and_a_plain_process_lives(installed_guest: Guest) -> None:
+def test_every_kind_of_terminal_is_refused_and_a_plain_process_lives(installed_guest: Guest) -> None:
     guest = installed_guest
     watchdog = start_watchdog(guest)
+    assert filter_log(guest)[-1]["state"] in ("attached", "kept")
+    kills_before = len(kill_log(guest))  # the installation's (before the filter was attached)
     guest.run("systemd-run --unit=sm-workload sleep 1605")
     plain = background(guest, "sleep 1606")
     # writes to the console, as systemd and boot scripts do: no input, so no session
     console_writer = background(guest, "sh -c 'exec 3>/dev/console; exec sleep 1607'")
 
-    python = background(guest, f"python3 -c {quote(HOLDER.format(1601))}")
-    script = background(guest, "script -qfc 'sleep 1602' /dev/null")
-    pty_client = background(guest, "systemd-run --pty --unit=sm-pty sleep 1603")
-    agetty = background(guest, "agetty --noclear tty3 linux")
-    has_machinectl = guest.run("command -v machinectl", check=False).returncode == 0
-    shell = background(guest, "machinectl shell .host /bin/sleep 1604") if has_machinectl else None
-    # a devpts of its own that /dev/pts never shows: /dev/ptmx opens its ptys from then on
+    assert REFUSED in refused(guest, f"python3 -c {quote(HOLDER.format(1601))}")
+    assert REFUSED in refused(guest, "script -qfc 'sleep 1602' /dev/null")
+    assert REFUSED in refused(guest, "systemd-run --pty --unit=sm-pty sleep 1603")
+    refused(guest, "agetty --noclear tty3 linux")  # it tells syslog, not its stderr
+    assert REFUSED in guest.run("journalctl -q -t agetty -o cat | tail -1").stdout
+    assert REFUSED in refused(guest, "sh -c 'exec 3</dev/console'")  # read: input, refused
+    if guest.run("command -v machinectl", check=False).returncode == 0:
+        refused(guest, "machinectl shell .host /bin/sleep 1604")  # machined's error, in its words
+    # a devpts of its own that /dev/pts never shows: decided by device numbers all the same
     inner = ("mount -t devpts -o newinstance devpts /dev/pts && "
              f"exec python3 -c {quote(HOLDER.format(1608))}")
-    unshared = background(guest, f"unshare -m sh -c {quote(inner)}")
-
-    assert ended(guest, python), "python openpty holder"
-    assert ended(guest, script), "script"
-    assert ended(guest, pty_client), "systemd-run --pty client"
-    assert ended(guest, agetty), "agetty on tty3"
-    if shell is not None:
-        assert ended(guest, shell), "machinectl shell"
-    assert ended(guest, unshared), "a pty of a devpts instance that unshare -m mounted"
-    for duration in (1601, 1602, 1603, 1604):
+    assert REFUSED in refused(guest, f"unshare -m sh -c {quote(inner)}")
+    for duration in (1601, 1602, 1603, 1604, 1608):
         assert running(guest, f"sleep {duration}") == [], f"the shell side of sleep {duration}"
     assert guest.run("systemctl is-active sm-pty", check=False).stdout.strip() != "active"
+    # systemd-getty-generator opens the serial console read-write at every reload: refused
+    # now, where the watchdog killed it before the filter
+    guest.run("systemctl daemon-reload")
+    assert kill_log(guest)[kills_before:] == []  # nothing held a terminal: nothing was killed
 
     assert guest.run("systemctl is-active sm-workload").stdout.strip() == "active"
     assert running(guest, "sleep 1606") == [plain]
@@ -105,17 +125,27 @@ def test_every_kind_of_terminal_is_ended_and_a_plain_process_lives(installed_gue
     assert failed_service_starts(guest, 100) == 0
     assert main_pid(guest) == watchdog
 
+    # Root detaches the filter: the second line kills what opens a terminal meanwhile, and
+    # the filter is attached again at the watchdog's next round.
+    python = None
+    for _ in range(3):  # the round may come between the detach and the open: try again
+        guest.run(DETACH)
+        python = background(guest, f"python3 -c {quote(HOLDER.format(1609))}")
+        assert ended(guest, python), "a pty holder while the filter was detached"
+        if python in {line["pid"] for line in kill_log(guest)}:
+            break
     logged = {line["pid"]: line for line in kill_log(guest)}
     assert python in logged and logged[python]["terminal"].startswith("/dev/pts/")
     assert logged[python]["user"] == "root" and "os.openpty" in logged[python]["command"]
     assert logged[python]["latency_ms"] >= 0
-    assert agetty in logged and logged[agetty]["terminal"] == "/dev/tty3"
-    # Named by its node when the instance's nodes were listed first, else by its numbers (the
-    # sweep for any pty found it first): either way a pty of that instance, never the host's.
-    assert unshared in logged, logged
-    assert re.search(r"/dev/pts/\d+$|^pts/\d+ of devpts \d+:\d+$",
-                     logged[unshared]["terminal"]), logged[unshared]
-    assert "/dev/console" not in {line["terminal"] for line in logged.values()}
+    guest.wait_for(f"journalctl -q -u {UNIT} -o cat | grep -q 'attached again'",
+                   "the watchdog to attach the filter again", 30)
+    assert REFUSED in refused(guest, f"python3 -c {quote(HOLDER.format(1610))}")
+    status = guest.run("statemesh-node status --json", check=False)
+    finding = next(g for g in json.loads(status.stdout)["guarantees"] if g["name"] == "watchdog")
+    assert finding["holds"] and finding["facts"]["filter_attached"], finding
+    assert "the kernel refuses terminal opens but for /system.slice/statemesh-watchdog.service" \
+        in finding["detail"], finding
 
 
 @pytest.mark.cost(15)
@@ -129,20 +159,27 @@ def test_watchdog_refuses_stop_comes_back_after_sigkill_and_is_sandboxed(install
     guest = installed_guest
     first = start_watchdog(guest)
 
-    refused = guest.run(f"systemctl stop {UNIT}", check=False)
-    assert refused.returncode != 0 and "refused" in refused.stderr
+    stop = guest.run(f"systemctl stop {UNIT}", check=False)
+    assert stop.returncode != 0 and "refused" in stop.stderr
     assert main_pid(guest) == first
 
-    guest.run(f"kill -9 {first}")
+    # SIGKILLed again and again while ptys are opened: the kernel refuses each all along,
+    # the watchdog's restarts notwithstanding (the attached filter outlives its process).
+    opened = guest.run(
+        f"for i in 1 2 3 4 5; do kill -9 $(systemctl show -P MainPID {UNIT}) 2>/dev/null; "
+        f"python3 -c {quote('import os; os.openpty()')} 2>&1 | tail -1; sleep 0.3; done",
+        timeout=120).stdout.splitlines()
+    assert len(opened) == 5 and all(REFUSED in line for line in opened), opened
     guest.wait_for(f"systemctl is-active --quiet {UNIT} && pid=$(systemctl show -P MainPID {UNIT}) "
                    f"&& [ \"$pid\" != 0 ] && [ \"$pid\" != {first} ]",
                    f"{UNIT} to come back after SIGKILL", 60)
-    holder = background(guest, f"python3 -c {quote(HOLDER.format(1611))}")
-    assert ended(guest, holder), "a pty opened after the restart"
+    assert REFUSED in refused(guest, f"python3 -c {quote(HOLDER.format(1611))}")
+    assert filter_log(guest)[-1]["state"] == "kept"  # the one attached, found pinned
 
     status = guest.run(f"grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/{main_pid(guest)}/status").stdout
     assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
-    assert int(status.split("CapEff:")[1].split()[0], 16) == (1 << 5) | (1 << 19)  # KILL, SYS_PTRACE
+    # KILL, NET_ADMIN, SYS_PTRACE, BPF (the last two for the terminal filter)
+    assert int(status.split("CapEff:")[1].split()[0], 16) == (1 << 5) | (1 << 12) | (1 << 19) | (1 << 39)
     scores = {unit: exposure(guest, unit) for unit in PACKAGE_UNITS if unit.endswith(".service")}
     for unit, score in scores.items():
         measured(f"exposure of {unit}", f"{score:.1f}")

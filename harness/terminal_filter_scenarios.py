@@ -1,0 +1,284 @@
+"""The terminal filter on this host's kernel, confined to a cgroup made for the scenario.
+
+Run by harness.private_devpts (a private mount and PID namespace, its own devpts instance
+over /dev/pts and /dev/ptmx). A private bpffs takes the pins and a cgroup v2 mount gives a
+cgroup made for the scenario, where the filter is attached instead of the root: only the
+scenario's own children, written into its sub-cgroups, are ever refused anything, and the
+cgroup is removed at the end. The program the kernel runs is the one the node attaches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import stat
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List
+
+from statemesh import bpf
+from statemesh.watchdog import devicefilter
+from statemesh.watchdog import refusal as keeping_module
+from statemesh.watchdog.inotify import Inotify
+
+# (device, open flags) a child tries; the console may be written, never read
+OPENS = (("/dev/ptmx", os.O_RDWR), ("/dev/tty", os.O_RDWR), ("/dev/console", os.O_WRONLY),
+         ("/dev/console", os.O_RDWR), ("/dev/null", os.O_RDWR), ("/dev/ttyprintk", os.O_WRONLY))
+
+
+@contextlib.contextmanager
+def _mounted(kind: str, where: Path) -> Iterator[Path]:
+    where.mkdir()
+    subprocess.run(["mount", "-t", kind, kind, str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@contextlib.contextmanager
+def _scenario_cgroup(cgroup2: Path) -> Iterator[Path]:
+    top = cgroup2 / f"statemesh-filter-test-{uuid.uuid4().hex[:12]}"
+    top.mkdir()
+    try:
+        yield top
+    finally:
+        for child in sorted(top.iterdir(), reverse=True):
+            if child.is_dir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
+
+
+def _in_cgroup(cgroup: Path, action: Callable[[], str]) -> str:
+    """What `action` says when run by a child written into `cgroup`."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(read_end)
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+            said = action()
+        except BaseException as error:  # noqa: BLE001 - reported to the parent
+            said = f"error {error!r}"
+        os.write(write_end, said.encode())
+        os._exit(0)
+    os.close(write_end)
+    said = b""
+    while True:
+        chunk = os.read(read_end, 4096)
+        if not chunk:
+            break
+        said += chunk
+    os.close(read_end)
+    os.waitpid(child, 0)
+    return said.decode()
+
+
+def _opens() -> str:
+    """JSON: "path mode" -> "ok" or "errno N"."""
+    results: Dict[str, str] = {}
+    for path, flags in OPENS:
+        if not os.path.exists(path):
+            continue
+        mode = "w" if flags == os.O_WRONLY else "rw"
+        try:
+            os.close(os.open(path, flags | os.O_NOCTTY))
+            results[f"{path} {mode}"] = "ok"
+        except OSError as error:
+            results[f"{path} {mode}"] = f"errno {error.errno}"
+    return json.dumps(results)
+
+
+# Device numbers made with mknod by a refused process (allowed: only the open is judged),
+# then opened: errno 1 is the filter's refusal, anything else the driver's own answer.
+NODES = {"tty5": (4, 5), "ttyS0": (4, 64), "vcs1": (7, 1), "pts-slave": (136, 0),
+         "pts-slave-last-major": (143, 0), "hvc0": (229, 0), "ttyUSB0": (188, 0),
+         "ttyprintk": (5, 3), "null": (1, 3), "after-pty-majors": (144, 0)}
+
+
+def _made_nodes(directory: str) -> Callable[[], str]:
+    def make_and_open() -> str:
+        results: List[str] = []
+        for name, (major, minor) in NODES.items():
+            path = os.path.join(directory, name)
+            try:
+                os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(major, minor))
+            except OSError as error:
+                results.append(f"{name} mknod errno {error.errno}")
+                continue
+            try:
+                os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY))
+                results.append(f"{name} ok")
+            except OSError as error:
+                results.append(f"{name} errno {error.errno}")
+        return "; ".join(results)
+    return make_and_open
+
+
+def _openpty() -> str:
+    try:
+        master, slave = os.openpty()
+    except OSError as error:
+        return f"errno {error.errno}"
+    os.close(master)
+    os.close(slave)
+    return "ok"
+
+
+def _attached(top: Path) -> List[int]:
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return bpf.attached_ids(fd)
+    finally:
+        os.close(fd)
+
+
+def refusal(devpts: str) -> Dict[str, Any]:
+    """Attach, open from a refused and an allowed cgroup, attach again (kept), attach a
+    changed program (replaced), read the state back, remove."""
+    del devpts  # /dev/ptmx is the private instance's already
+    result: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="sm-filter-") as scratch, \
+            _mounted("bpf", Path(scratch) / "pins") as pins, \
+            _mounted("cgroup2", Path(scratch) / "cgroup") as cgroup2, \
+            _scenario_cgroup(cgroup2) as top:
+        refused, allowed = top / "refused", top / "allowed"
+        refused.mkdir()
+        allowed.mkdir()
+        first = devicefilter.enforce([devicefilter.cgroup_id(allowed)], top, pins)
+        result["first"] = {"replaced": first.replaced, "attached": _attached(top)}
+        result["refused_opens"] = json.loads(_in_cgroup(refused, _opens))
+        result["refused_openpty"] = _in_cgroup(refused, _openpty)
+        nodes = tempfile.mkdtemp(prefix="sm-nodes-")
+        result["refused_made_nodes"] = _in_cgroup(refused, _made_nodes(nodes))
+        result["allowed_openpty"] = _in_cgroup(allowed, _openpty)
+        again = devicefilter.enforce([devicefilter.cgroup_id(allowed)], top, pins)
+        result["again"] = {"replaced": again.replaced, "same": again.prog_id == first.prog_id,
+                           "attached": _attached(top)}
+        state = devicefilter.state(top, pins)
+        result["state"] = {"attached": state.attached, "detail": state.detail,
+                           "allowed_is_the_allowed_cgroup":
+                               list(state.allowed) == [devicefilter.cgroup_id(allowed)]}
+        again.allow([])
+        result["allowed_openpty_after_allow_nobody"] = _in_cgroup(allowed, _openpty)
+        original = devicefilter.OTHER_TERMINAL_MAJORS
+        devicefilter.OTHER_TERMINAL_MAJORS = (*original, 250)  # a later package's program
+        try:
+            changed = devicefilter.enforce([], top, pins)
+        finally:
+            devicefilter.OTHER_TERMINAL_MAJORS = original
+        result["changed"] = {"replaced": changed.replaced, "attached": _attached(top),
+                             "new": changed.prog_id != first.prog_id}
+        result["state_of_another_program"] = devicefilter.state(top, pins).detail
+        result["removed"] = devicefilter.remove(top, pins)
+        result["after_remove"] = {"attached": _attached(top),
+                                  "refused_openpty": _in_cgroup(refused, _openpty),
+                                  "pins": sorted(os.listdir(pins))}
+        for made in (first, again, changed):
+            made.close()
+    return result
+
+
+ROUNDS = 20  # the three cgroups take turns, so that a slower moment weighs on each alike
+
+
+def _timed_opens(count: int, cgroups: Dict[str, Path]) -> Callable[[str], str]:
+    """JSON: name -> [nanoseconds, opened] of `count` opens of /dev/ptmx made from each
+    cgroup, the process moving from one to the next every count / ROUNDS opens."""
+    def run() -> str:
+        samples: Dict[str, List[List[Any]]] = {name: [] for name in cgroups}
+        per_turn = max(1, count // ROUNDS)
+        while any(len(taken) < count for taken in samples.values()):
+            for name, cgroup in cgroups.items():
+                (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+                for _ in range(min(per_turn, count - len(samples[name]))):
+                    samples[name].append(_timed_open())
+        return json.dumps(samples)
+    return run
+
+
+def _timed_open() -> List[Any]:
+    started = time.perf_counter_ns()
+    try:
+        fd = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
+    except PermissionError:
+        return [time.perf_counter_ns() - started, False]
+    os.close(fd)
+    return [time.perf_counter_ns() - started, True]
+
+
+def open_timings(count: int) -> Dict[str, Any]:
+    """Opens of /dev/ptmx timed from a refused cgroup, from an allowed one, and from one
+    with no filter at all (the baseline), in turns, in one run."""
+    with tempfile.TemporaryDirectory(prefix="sm-filter-") as scratch, \
+            _mounted("bpf", Path(scratch) / "pins") as pins, \
+            _mounted("cgroup2", Path(scratch) / "cgroup") as cgroup2, \
+            _scenario_cgroup(cgroup2) as top:
+        filtered = top / "filtered"
+        cgroups = {"baseline": top / "plain", "refused": filtered / "refused",
+                   "allowed": filtered / "allowed"}
+        filtered.mkdir()
+        for directory in cgroups.values():
+            directory.mkdir()
+        made = devicefilter.enforce([devicefilter.cgroup_id(cgroups["allowed"])], filtered, pins)
+        try:
+            return json.loads(_in_cgroup(cgroups["baseline"], _timed_opens(count, cgroups)))
+        finally:
+            made.close()
+            devicefilter.remove(filtered, pins)
+
+
+def _keep_as_a_watchdog(top: Path, pins: Path, hierarchy: Path) -> str:
+    """JSON: what the watchdog's keeping of the filter did, run from a cgroup of its own."""
+    logged: List[Dict[str, Any]] = []
+    keeping_module.log = lambda event, **fields: logged.append({"event": event, **fields})
+    inotify = Inotify()
+    keeper = keeping_module.Refusal(top, pins, ("sm-late.service",), inotify, hierarchy=hierarchy)
+    other, late = top / "other", top / "work.slice" / "sm-late.service"
+    said: Dict[str, Any] = {}
+    keeper.keep(grace_running=True)  # an installation's grace: nothing attached yet
+    said["during_grace"] = _in_cgroup(other, _openpty)
+    keeper.keep(grace_running=False)
+    said["after_grace"] = _in_cgroup(other, _openpty)
+    late.mkdir()  # the exempt unit starts: its cgroup is made in a slice
+    select.select([inotify.fileno()], [], [], 5)
+    for event in inotify.read():
+        keeper.on_event(event)
+    said["exempt_unit_started"] = _in_cgroup(late, _openpty)
+    devicefilter.remove(top, pins)  # root detaches it
+    said["detached"] = _in_cgroup(other, _openpty)
+    keeper.keep(grace_running=False)  # the next round
+    said["next_round"] = _in_cgroup(other, _openpty)
+    keeper.keep(grace_running=True)
+    said["lifted"] = _in_cgroup(other, _openpty)
+    said["log"] = logged
+    return json.dumps(said)
+
+
+def keeping(devpts: str) -> Dict[str, Any]:
+    """statemesh.watchdog.refusal as the watchdog runs it: lifted during a grace, attached
+    after, an exempt unit allowed the moment its cgroup is made, attached again after root
+    detached it, lifted again."""
+    del devpts
+    with tempfile.TemporaryDirectory(prefix="sm-filter-") as scratch, \
+            _mounted("bpf", Path(scratch) / "pins") as pins, \
+            _mounted("cgroup2", Path(scratch) / "cgroup") as cgroup2, \
+            _scenario_cgroup(cgroup2) as top:
+        for name in ("watchdog", "other", "work.slice"):
+            (top / name).mkdir()
+        try:
+            said = _in_cgroup(top / "watchdog", lambda: _keep_as_a_watchdog(top, pins, cgroup2))
+            if not said.startswith("{"):
+                raise RuntimeError(said)
+            return json.loads(said)
+        finally:
+            devicefilter.remove(top, pins)
+            with contextlib.suppress(OSError):
+                (top / "work.slice" / "sm-late.service").rmdir()

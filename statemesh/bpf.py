@@ -1,0 +1,185 @@
+"""The few bpf(2) commands the terminal filter needs, through libc: no bcc, no libbpf.
+
+Debian's and Ubuntu's kernels have cgroup device programs (BPF_PROG_TYPE_CGROUP_DEVICE)
+since 4.15; loading and attaching one takes CAP_BPF and CAP_NET_ADMIN. Each function is
+one command of the syscall; attributes are packed as the kernel's `union bpf_attr` lays
+them out (x86_64 and aarch64 share the layout: only the syscall's number differs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import struct
+from typing import Iterator, List, Optional
+
+# __NR_bpf per machine (os.uname().machine)
+SYSCALL_NUMBERS = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361,
+                   "s390x": 351, "armv7l": 386, "i686": 357}
+
+MAP_CREATE = 0
+MAP_LOOKUP_ELEM = 1
+MAP_UPDATE_ELEM = 2
+MAP_DELETE_ELEM = 3
+MAP_GET_NEXT_KEY = 4
+PROG_LOAD = 5
+OBJ_PIN = 6
+OBJ_GET = 7
+PROG_ATTACH = 8
+PROG_DETACH = 9
+OBJ_GET_INFO_BY_FD = 15
+PROG_QUERY = 16
+
+MAP_TYPE_HASH = 1
+PROG_TYPE_CGROUP_DEVICE = 15
+CGROUP_DEVICE = 6  # the attach type
+F_ALLOW_MULTI = 1 << 1  # beside systemd's own device programs, each of which must allow too
+F_REPLACE = 1 << 2
+OBJ_NAME_LEN = 16
+LOG_SIZE = 65536
+
+_ATTR_SIZE = 128  # larger than every command's part of union bpf_attr used here
+_PROG_INFO = struct.Struct("=II8sIIQQQIIQ16s")  # type .. name of struct bpf_prog_info
+
+
+class BpfError(OSError):
+    """A bpf(2) command the kernel refused; errno says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramInfo:
+    """What the kernel says of a loaded program: enough to tell ours from any other."""
+
+    prog_id: int
+    name: str
+    tag: bytes
+    map_ids: List[int]
+
+
+def _syscall_number() -> int:
+    number = SYSCALL_NUMBERS.get(os.uname().machine)
+    if number is None:
+        raise BpfError(0, f"bpf(2)'s number on {os.uname().machine} is not known here")
+    return number
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def call(command: int, attr: bytes) -> int:
+    """bpf(command, attr): the kernel's answer (an fd for the commands that make one)."""
+    buffer = ctypes.create_string_buffer(attr.ljust(_ATTR_SIZE, b"\0"), _ATTR_SIZE)
+    result = _libc.syscall(ctypes.c_long(_syscall_number()), ctypes.c_int(command),
+                           buffer, ctypes.c_uint(_ATTR_SIZE))
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise BpfError(errno, os.strerror(errno))
+    return int(result)
+
+
+def _address(buffer: ctypes.Array) -> int:  # type: ignore[type-arg]
+    return ctypes.addressof(buffer)
+
+
+def create_hash_map(key_size: int, value_size: int, max_entries: int, name: str) -> int:
+    attr = struct.pack("=IIIIIII16s", MAP_TYPE_HASH, key_size, value_size, max_entries, 0, 0,
+                       0, name.encode()[:OBJ_NAME_LEN - 1])
+    return call(MAP_CREATE, attr)
+
+
+def map_update(map_fd: int, key: bytes, value: bytes) -> None:
+    key_buffer = ctypes.create_string_buffer(key, len(key))
+    value_buffer = ctypes.create_string_buffer(value, len(value))
+    call(MAP_UPDATE_ELEM, struct.pack("=IIQQQ", map_fd, 0, _address(key_buffer),
+                                      _address(value_buffer), 0))
+
+
+def map_delete(map_fd: int, key: bytes) -> None:
+    key_buffer = ctypes.create_string_buffer(key, len(key))
+    call(MAP_DELETE_ELEM, struct.pack("=IIQ", map_fd, 0, _address(key_buffer)))
+
+
+def map_keys(map_fd: int, key_size: int) -> Iterator[bytes]:
+    """Every key of a hash map (the first one asked for with no key)."""
+    current: Optional[ctypes.Array] = None  # type: ignore[type-arg]
+    following = ctypes.create_string_buffer(key_size)
+    while True:
+        try:
+            call(MAP_GET_NEXT_KEY, struct.pack("=IIQQ", map_fd, 0,
+                                               0 if current is None else _address(current),
+                                               _address(following)))
+        except BpfError as error:
+            if error.errno == 2:  # ENOENT: no key after the last
+                return
+            raise
+        yield following.raw
+        current = ctypes.create_string_buffer(following.raw, key_size)
+
+
+def load_program(prog_type: int, instructions: bytes, name: str, license_: str = "GPL") -> int:
+    """Load a program; the verifier's log in the error when it refuses it."""
+    insns = ctypes.create_string_buffer(instructions, len(instructions))
+    license_buffer = ctypes.create_string_buffer(license_.encode())
+    log = ctypes.create_string_buffer(LOG_SIZE)
+    attr = struct.pack("=IIQQIIQII16s", prog_type, len(instructions) // 8, _address(insns),
+                       _address(license_buffer), 1, LOG_SIZE, _address(log), 0, 0,
+                       name.encode()[:OBJ_NAME_LEN - 1])
+    try:
+        return call(PROG_LOAD, attr)
+    except BpfError as error:
+        said = log.value.decode(errors="replace").strip()
+        raise BpfError(error.errno, f"{error.strerror}: {said[-500:]}" if said else error.strerror) from None
+
+
+def pin(fd: int, path: str) -> None:
+    path_buffer = ctypes.create_string_buffer(path.encode())
+    call(OBJ_PIN, struct.pack("=QI", _address(path_buffer), fd))
+
+
+def pinned(path: str) -> int:
+    """An fd of the object pinned at `path` (FileNotFoundError where none is)."""
+    path_buffer = ctypes.create_string_buffer(path.encode())
+    try:
+        return call(OBJ_GET, struct.pack("=QII", _address(path_buffer), 0, 0))
+    except BpfError as error:
+        if error.errno == 2:
+            raise FileNotFoundError(2, f"nothing pinned at {path}") from None
+        raise
+
+
+def attach(cgroup_fd: int, prog_fd: int, replace_fd: Optional[int] = None) -> None:
+    flags = F_ALLOW_MULTI | (F_REPLACE if replace_fd is not None else 0)
+    call(PROG_ATTACH, struct.pack("=IIIII", cgroup_fd, prog_fd, CGROUP_DEVICE, flags,
+                                  replace_fd or 0))
+
+
+def detach(cgroup_fd: int, prog_fd: int) -> None:
+    call(PROG_DETACH, struct.pack("=IIII", cgroup_fd, prog_fd, CGROUP_DEVICE, 0))
+
+
+def attached_ids(cgroup_fd: int, most: int = 64) -> List[int]:
+    """The ids of the device programs attached to this cgroup itself (not its ancestors')."""
+    ids = (ctypes.c_uint32 * most)()
+    attr = ctypes.create_string_buffer(
+        struct.pack("=IIIIQI", cgroup_fd, CGROUP_DEVICE, 0, 0, ctypes.addressof(ids), most)
+        .ljust(_ATTR_SIZE, b"\0"), _ATTR_SIZE)
+    result = _libc.syscall(ctypes.c_long(_syscall_number()), ctypes.c_int(PROG_QUERY), attr,
+                           ctypes.c_uint(_ATTR_SIZE))
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise BpfError(errno, os.strerror(errno))
+    count = struct.unpack_from("=I", attr.raw, 24)[0]  # prog_cnt, written back
+    return list(ids[:count])
+
+
+def program_info(prog_fd: int) -> ProgramInfo:
+    map_ids = (ctypes.c_uint32 * 8)()
+    info = ctypes.create_string_buffer(
+        _PROG_INFO.pack(0, 0, b"", 0, 0, 0, 0, 0, 0, len(map_ids), ctypes.addressof(map_ids), b""))
+    call(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", prog_fd, len(info), _address(info)))
+    fields = _PROG_INFO.unpack(info.raw[:_PROG_INFO.size])
+    count = min(fields[9], len(map_ids))
+    return ProgramInfo(prog_id=fields[1], name=fields[11].rstrip(b"\0").decode(errors="replace"),
+                       tag=fields[2], map_ids=list(map_ids[:count]))

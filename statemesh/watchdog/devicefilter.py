@@ -1,0 +1,397 @@
+"""The watchdog's first line: the kernel refuses to open a terminal at all.
+
+A cgroup device program attached to the root of the cgroup v2 tree runs at every open of a
+device node by every process (the kernel checks device numbers in inode_permission, so a
+devpts instance of any mount namespace and a node made with mknod anywhere are covered
+alike). It refuses a read or write of a terminal device: the pty multiplexer (/dev/ptmx and
+every devpts instance's ptmx, 5:2), every pty slave (136-143), /dev/tty (5:0), the virtual
+consoles and serial lines (4), their screen memory (/dev/vcs*, 7), hvc, ttyAMA, ttyUSB,
+ttyACM and BSD ptys; /dev/console (5:1) may only be written (systemd and journald write
+boot messages there; nobody reads input from a write-only fd). Creating a node (mknod) is
+left alone: its open is what is judged.
+
+Allowed: a process whose cgroup is in the program's map, which the watchdog fills with its
+own cgroup (inotify needs read permission on each terminal it watches) and the exempt
+units' (statemesh.watchdog.daemon). Root can write a pid into an allowed cgroup's
+cgroup.procs: that is why the second line, the watchdog's kill-on-sight of every holder it
+does not spare by something stronger (the loginuid), stays.
+
+Attached with BPF_F_ALLOW_MULTI beside systemd's per-unit device programs: every program
+on the way from the root must allow an open, so no unit can widen it. The attachment holds
+the program: a killed watchdog leaves the kernel refusing. Program and map are pinned in
+bpffs, so the next watchdog (a restart, a hand-over) finds them instead of attaching a
+second copy; a changed program (an upgrade) replaces the old one atomically (BPF_F_REPLACE).
+Only a stop of the watchdog (at purge; RefuseManualStop refuses any other) detaches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import struct
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from statemesh import bpf
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PIN_DIRECTORY = Path("/sys/fs/bpf")
+PROGRAM_PIN = "statemesh-terminal-filter"
+MAP_PIN = "statemesh-terminal-filter-allowed"
+PROBE_SUFFIX = "-probe"  # bpffs refuses names with a dot
+PROGRAM_NAME = "statemesh_tty"
+MAP_NAME = "statemesh_tty_ok"
+ALLOWED_MOST = 1024  # cgroups: the watchdog's own and exempt units', with their sub-cgroups
+
+# Device numbers (Documentation/admin-guide/devices.txt) a terminal is opened through.
+TTY_MAJOR = 4  # virtual consoles tty0-63, serial lines ttyS0-191
+TTYAUX_MAJOR = 5  # /dev/tty (0), /dev/console (1), /dev/ptmx (2); 3 is ttyprintk, write-only
+CONSOLE_MINOR = 1
+TTYAUX_TERMINALS_BELOW = 3
+VCS_MAJOR = 7
+PTY_SLAVE_MAJORS = range(136, 144)
+OTHER_TERMINAL_MAJORS = (2, 3, 166, 188, 204, 229)  # BSD pty master/slave, ACM, USB, AMA, hvc
+
+# struct bpf_cgroup_dev_ctx and its access bits
+ACCESS_MKNOD = 1
+ACCESS_READ = 2
+ACCESS_WRITE = 4
+DEVICE_CHAR = 2
+
+# BPF instruction classes and operations used below
+_LDX_W = 0x61  # dst = *(u32 *)(src + off)
+_MOV64_X = 0xBF
+_MOV64_K = 0xB7
+_AND64_K = 0x57
+_RSH64_K = 0x77
+_ADD64_K = 0x07
+_STX_DW = 0x7B  # *(u64 *)(dst + off) = src
+_LD_IMM64 = 0x18
+_PSEUDO_MAP_FD = 1
+_JA = 0x05
+_JEQ_K = 0x15
+_JNE_K = 0x55
+_JGT_K = 0x25
+_JLT_K = 0xA5
+_CALL = 0x85
+_EXIT = 0x95
+_GET_CURRENT_CGROUP_ID = 80
+_MAP_LOOKUP_ELEM = 1
+
+
+class FilterError(RuntimeError):
+    """The kernel will not refuse terminal opens here (no cgroup v2, no BPF, no right)."""
+
+
+class _Assembler:
+    """Instructions with named jump targets, resolved into the kernel's relative offsets."""
+
+    def __init__(self) -> None:
+        self.slots: List[Tuple[int, int, int, int, int, Optional[str]]] = []
+        self.labels: Dict[str, int] = {}
+
+    def op(self, code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> None:
+        self.slots.append((code, dst, src, off, imm, None))
+
+    def jump(self, code: int, dst: int, imm: int, label: str) -> None:
+        self.slots.append((code, dst, 0, 0, imm, label))
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.slots)
+
+    def assemble(self) -> bytes:
+        out = []
+        for index, (code, dst, src, off, imm, label) in enumerate(self.slots):
+            if label is not None:
+                off = self.labels[label] - index - 1
+            out.append(struct.pack("<BBhi", code, (src << 4) | dst, off, imm))
+        return b"".join(out)
+
+
+def program(map_fd: int) -> bytes:
+    """The filter's instructions; map_fd is the allowed cgroups' map (0 for the tag)."""
+    asm = _Assembler()
+    asm.op(_LDX_W, dst=2, src=1, off=0)  # r2 = access_type: (access << 16) | device type
+    asm.op(_LDX_W, dst=3, src=1, off=4)  # r3 = major
+    asm.op(_LDX_W, dst=4, src=1, off=8)  # r4 = minor
+    asm.op(_MOV64_X, dst=5, src=2)
+    asm.op(_AND64_K, dst=5, imm=0xFFFF)
+    asm.jump(_JNE_K, 5, DEVICE_CHAR, "allow")
+    asm.op(_RSH64_K, dst=2, imm=16)
+    asm.op(_MOV64_X, dst=5, src=2)
+    asm.op(_AND64_K, dst=5, imm=ACCESS_READ | ACCESS_WRITE)
+    asm.jump(_JEQ_K, 5, 0, "allow")  # mknod alone: the open is judged
+    asm.jump(_JEQ_K, 3, TTYAUX_MAJOR, "ttyaux")
+    for major in (TTY_MAJOR, VCS_MAJOR, *OTHER_TERMINAL_MAJORS):
+        asm.jump(_JEQ_K, 3, major, "judge")
+    asm.jump(_JLT_K, 3, PTY_SLAVE_MAJORS.start, "allow")
+    asm.jump(_JLT_K, 3, PTY_SLAVE_MAJORS.stop, "judge")
+    asm.jump(_JA, 0, 0, "allow")
+    asm.label("ttyaux")
+    asm.jump(_JGT_K, 4, TTYAUX_TERMINALS_BELOW - 1, "allow")
+    asm.jump(_JNE_K, 4, CONSOLE_MINOR, "judge")
+    asm.jump(_JEQ_K, 2, ACCESS_WRITE, "allow")  # the console, written only
+    asm.label("judge")
+    asm.op(_CALL, imm=_GET_CURRENT_CGROUP_ID)
+    asm.op(_STX_DW, dst=10, src=0, off=-8)
+    asm.op(_MOV64_X, dst=2, src=10)
+    asm.op(_ADD64_K, dst=2, imm=-8)
+    asm.op(_LD_IMM64, dst=1, src=_PSEUDO_MAP_FD, imm=map_fd)
+    asm.op(0)  # the second half of the 64-bit load
+    asm.op(_CALL, imm=_MAP_LOOKUP_ELEM)
+    asm.jump(_JNE_K, 0, 0, "allow")
+    asm.op(_MOV64_K, dst=0, imm=0)  # refused: the opener gets EPERM
+    asm.op(_EXIT)
+    asm.label("allow")
+    asm.op(_MOV64_K, dst=0, imm=1)
+    asm.op(_EXIT)
+    return asm.assemble()
+
+
+def _cgroup_fd(cgroup_root: Path) -> int:
+    try:
+        return os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        raise FilterError(f"no cgroup v2 tree at {cgroup_root}: {error.strerror}") from None
+
+
+def _pinned(pins: Path) -> Tuple[Optional[int], Optional[int]]:
+    """The program and map a watchdog pinned in this boot (fds), where they are."""
+    found: List[Optional[int]] = []
+    for name in (PROGRAM_PIN, MAP_PIN):
+        try:
+            found.append(bpf.pinned(str(pins / name)))
+        except FileNotFoundError:
+            found.append(None)
+    return found[0], found[1]
+
+
+def _close(*fds: Optional[int]) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
+def _load() -> Tuple[int, int]:
+    """A new allowed-cgroups map and this code's program over it (fds, not attached)."""
+    map_fd = bpf.create_hash_map(8, 1, ALLOWED_MOST, MAP_NAME)
+    try:
+        return bpf.load_program(bpf.PROG_TYPE_CGROUP_DEVICE, program(map_fd), PROGRAM_NAME), map_fd
+    except BaseException:
+        os.close(map_fd)
+        raise
+
+
+def _can_pin(pins: Path, fd: int) -> None:
+    """Pin once under a name of its own and unpin: a directory that is no bpffs, or one
+    this process may not write, fails here, before anything is attached (bpffs cannot
+    rename, so the real pins are made only once attached)."""
+    probe = pins / f"{PROGRAM_PIN}{PROBE_SUFFIX}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(probe)
+    bpf.pin(fd, str(probe))
+    os.unlink(probe)
+
+
+def _repin(pins: Path, prog_fd: int, map_fd: int) -> None:
+    for name, fd in ((PROGRAM_PIN, prog_fd), (MAP_PIN, map_fd)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pins / name)
+        bpf.pin(fd, str(pins / name))
+
+
+@dataclasses.dataclass
+class DeviceFilter:
+    """The attached filter's map, through which the watchdog says who may open terminals."""
+
+    map_fd: int
+    prog_id: int
+    replaced: bool  # whether this start attached it (or replaced an older program)
+
+    def allow(self, cgroup_ids: Iterable[int]) -> None:
+        """Exactly these cgroups may open terminals from now on."""
+        wanted = {cgroup_id.to_bytes(8, "little") for cgroup_id in cgroup_ids}
+        present = set(bpf.map_keys(self.map_fd, 8))
+        for key in wanted - present:
+            bpf.map_update(self.map_fd, key, b"\1")
+        for key in present - wanted:
+            with contextlib.suppress(FileNotFoundError, bpf.BpfError):
+                bpf.map_delete(self.map_fd, key)
+
+    def close(self) -> None:
+        os.close(self.map_fd)
+
+
+def enforce(allowed: Iterable[int], cgroup_root: Path = CGROUP_ROOT,
+            pins: Path = PIN_DIRECTORY) -> DeviceFilter:
+    """The filter attached at cgroup_root and allowing exactly `allowed`: the one pinned in
+    this boot where it is this code's program and still attached, else this code's,
+    attached in its place (atomically, where one was attached) and pinned."""
+    cgroup_fd = _cgroup_fd(cgroup_root)
+    old_prog: Optional[int] = None
+    old_map: Optional[int] = None
+    try:
+        old_prog, old_map = _pinned(pins)
+        new_prog, new_map = _load()
+        try:
+            return _enforce(list(allowed), cgroup_fd, pins, (old_prog, old_map), (new_prog, new_map))
+        finally:
+            _close(new_prog, new_map)
+    except OSError as error:  # bpf.BpfError among them
+        raise FilterError(f"the terminal filter could not be put in force: {error}") from None
+    finally:
+        _close(old_prog, old_map, cgroup_fd)
+
+
+def _enforce(allowed: List[int], cgroup_fd: int, pins: Path,
+             old: Tuple[Optional[int], Optional[int]], new: Tuple[int, int]) -> DeviceFilter:
+    attached = bpf.attached_ids(cgroup_fd)
+    old_info = bpf.program_info(old[0]) if old[0] is not None else None
+    new_info = bpf.program_info(new[0])
+    old_attached = old_info is not None and old_info.prog_id in attached
+    if old_attached and old[1] is not None and old_info.tag == new_info.tag:  # type: ignore[union-attr]
+        kept = DeviceFilter(os.dup(old[1]), old_info.prog_id, replaced=False)  # type: ignore[union-attr]
+        kept.allow(allowed)
+        return kept
+    made = DeviceFilter(os.dup(new[1]), new_info.prog_id, replaced=True)
+    try:
+        made.allow(allowed)  # before it is attached: the watchdog's own watches keep working
+        _can_pin(pins, new[0])
+        bpf.attach(cgroup_fd, new[0], old[0] if old_attached else None)
+        try:
+            _repin(pins, *new)
+        except OSError:
+            bpf.detach(cgroup_fd, new[0])  # never an attached filter that no watchdog can find
+            raise
+    except BaseException:
+        made.close()
+        raise
+    return made
+
+
+def remove(cgroup_root: Path = CGROUP_ROOT, pins: Path = PIN_DIRECTORY) -> bool:
+    """Detach the pinned filter and forget the pins (purge); whether one was attached."""
+    prog_fd, map_fd = _pinned(pins)
+    detached = False
+    try:
+        if prog_fd is not None:
+            cgroup_fd = _cgroup_fd(cgroup_root)
+            try:
+                if bpf.program_info(prog_fd).prog_id in bpf.attached_ids(cgroup_fd):
+                    bpf.detach(cgroup_fd, prog_fd)
+                    detached = True
+            finally:
+                os.close(cgroup_fd)
+        for name in (PROGRAM_PIN, MAP_PIN):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pins / name)
+    finally:
+        _close(prog_fd, map_fd)
+    return detached
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterState:
+    """What status says of the filter: attached or why not, and whom it lets open terminals."""
+
+    attached: bool
+    detail: str
+    allowed: Tuple[int, ...] = ()
+
+
+def state(cgroup_root: Path = CGROUP_ROOT, pins: Path = PIN_DIRECTORY) -> FilterState:
+    """Read back from the kernel: the pinned program attached at the root, this code's
+    program (its tag equals a twin's loaded now), and the cgroups its map allows."""
+    try:
+        prog_fd, map_fd = _pinned(pins)
+    except bpf.BpfError as error:
+        return FilterState(False, f"cannot read the pinned filter: {error}")
+    try:
+        if prog_fd is None or map_fd is None:
+            return FilterState(False, "no filter pinned")
+        cgroup_fd = _cgroup_fd(cgroup_root)
+        try:
+            attached = bpf.attached_ids(cgroup_fd)
+        finally:
+            os.close(cgroup_fd)
+        info = bpf.program_info(prog_fd)
+        if info.prog_id not in attached:
+            return FilterState(False, "the pinned filter is not attached")
+        twin_prog, twin_map = _load()
+        try:
+            twin_tag = bpf.program_info(twin_prog).tag
+        finally:
+            _close(twin_prog, twin_map)
+        if info.tag != twin_tag:
+            return FilterState(False, f"the attached filter is not this package's program "
+                                      f"(tag {info.tag.hex()})")
+        allowed = tuple(sorted(int.from_bytes(key, "little") for key in bpf.map_keys(map_fd, 8)))
+        return FilterState(True, "attached", allowed)
+    except (bpf.BpfError, FilterError) as error:
+        return FilterState(False, f"cannot read the filter: {error}")
+    finally:
+        _close(prog_fd, map_fd)
+
+
+def cgroup_id(path: Path) -> int:
+    """A cgroup v2 directory's id, as bpf_get_current_cgroup_id() gives it: its inode."""
+    return os.stat(path).st_ino
+
+
+def cgroups_of_units(units: Iterable[str], cgroup_root: Path = CGROUP_ROOT) -> Dict[int, str]:
+    """id -> path of every cgroup of these units, with the cgroups below them: reached
+    through slices only (a unit's cgroup sits in its slice's), so a walk is short."""
+    wanted = set(units)
+    found: Dict[int, str] = {}
+    if not wanted:
+        return found
+    pending = [cgroup_root]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue  # gone since it was listed
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.name in wanted:
+                found.update(_subtree(Path(entry.path), cgroup_root))
+            elif entry.name.endswith(".slice"):
+                pending.append(Path(entry.path))
+    return found
+
+
+def _subtree(top: Path, cgroup_root: Path) -> Dict[int, str]:
+    found: Dict[int, str] = {}
+    for directory, _dirs, _files in os.walk(top):
+        with contextlib.suppress(OSError):
+            found[cgroup_id(Path(directory))] = _below(directory, cgroup_root)
+    return found
+
+
+def slices(cgroup_root: Path = CGROUP_ROOT) -> List[Path]:
+    """The root and every slice below it: where a unit's cgroup is made when it starts."""
+    found = [cgroup_root]
+    for directory, dirs, _files in os.walk(cgroup_root):
+        dirs[:] = [name for name in dirs if name.endswith(".slice")]
+        found.extend(Path(directory) / name for name in dirs)
+    return found
+
+
+def names(cgroup_ids: Iterable[int], cgroup_root: Path = CGROUP_ROOT) -> Dict[int, str]:
+    """id -> path below the root, for the ids that name a cgroup now (a walk of the tree)."""
+    wanted = set(cgroup_ids)
+    found: Dict[int, str] = {}
+    for directory, _dirs, _files in os.walk(cgroup_root):
+        with contextlib.suppress(OSError):
+            ino = cgroup_id(Path(directory))
+            if ino in wanted:
+                found[ino] = _below(directory, cgroup_root)
+    return found
+
+
+def _below(directory: str, cgroup_root: Path) -> str:
+    relative = os.path.relpath(directory, cgroup_root)
+    return "/" if relative == "." else "/" + relative
