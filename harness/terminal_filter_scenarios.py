@@ -17,6 +17,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import types
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List
@@ -48,12 +49,9 @@ def _scenario_cgroup(cgroup2: Path) -> Iterator[Path]:
     try:
         yield top
     finally:
-        for child in sorted(top.iterdir(), reverse=True):
-            if child.is_dir():
-                with contextlib.suppress(OSError):
-                    child.rmdir()
-        with contextlib.suppress(OSError):
-            top.rmdir()
+        for directory, _dirs, _files in os.walk(top, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
 
 
 def _in_cgroup(cgroup: Path, action: Callable[[], str]) -> str:
@@ -99,7 +97,7 @@ def _opens() -> str:
 # Device numbers made with mknod by a refused process (allowed: only the open is judged),
 # then opened: errno 1 is the filter's refusal, anything else the driver's own answer.
 NODES = {"tty5": (4, 5), "ttyS0": (4, 64), "vcs1": (7, 1), "pts-slave": (136, 0),
-         "pts-slave-last-major": (143, 0), "hvc0": (229, 0), "ttyUSB0": (188, 0),
+         "pts-slave-300": (136, 300), "hvc0": (229, 0), "ttyUSB0": (188, 0),
          "ttyprintk": (5, 3), "null": (1, 3), "after-pty-majors": (144, 0)}
 
 
@@ -140,6 +138,54 @@ def _attached(top: Path) -> List[int]:
         os.close(fd)
 
 
+def _tag_swap(top: Path, pins: Path, refused: Path) -> Dict[str, Any]:
+    """Root's program of the same code over a map of its own (the same tag), put in place
+    of the pinned one and pinned under its name: status must not take it for the filter,
+    and the next round replaces it."""
+    majors = devicefilter.terminal_majors()
+    own_map = bpf.create_hash_map(8, 1, 16, "root_map")
+    bpf.map_update(own_map, devicefilter.cgroup_id(refused).to_bytes(8, "little"), b"\1")
+    own_prog = bpf.load_program(bpf.PROG_TYPE_CGROUP_DEVICE, devicefilter.program(own_map, majors),
+                                devicefilter.PROGRAM_NAME)
+    pinned_prog = bpf.pinned(str(pins / devicefilter.PROGRAM_PIN))
+    cgroup_fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        bpf.attach(cgroup_fd, own_prog, pinned_prog)
+        os.unlink(pins / devicefilter.PROGRAM_PIN)
+        bpf.pin(own_prog, str(pins / devicefilter.PROGRAM_PIN))
+        said: Dict[str, Any] = {"opens_with_roots_program": _in_cgroup(refused, _openpty),
+                                "state": devicefilter.state(top, pins).detail}
+        next_round = devicefilter.enforce([], top, pins)
+        said["next_round_replaced"] = next_round.replaced
+        said["opens_after_next_round"] = _in_cgroup(refused, _openpty)
+        next_round.close()
+        return said
+    finally:
+        for fd in (own_map, own_prog, pinned_prog, cgroup_fd):
+            os.close(fd)
+
+
+def _interrupted_attach(top: Path, pins: Path) -> Dict[str, Any]:
+    """A watchdog killed between attaching a replacement and moving its pins in place: the
+    next start finishes the move and keeps that program, never a second one."""
+    new = devicefilter._load((*devicefilter.terminal_majors(), 251))
+    old_prog = bpf.pinned(str(pins / devicefilter.PROGRAM_PIN))
+    cgroup_fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        devicefilter._pin(pins, devicefilter.NEW, *new)
+        bpf.attach(cgroup_fd, new[0], old_prog)  # ... and killed here
+        new_id = bpf.program_info(new[0]).prog_id
+        started = devicefilter.enforce([], top, pins, majors=(*devicefilter.terminal_majors(), 251))
+        said = {"kept_the_attached_one": not started.replaced and started.prog_id == new_id,
+                "attached": len(_attached(top)),
+                "new_pins_left": sorted(name for name in os.listdir(pins) if name.endswith("-new"))}
+        started.close()
+        return said
+    finally:
+        for fd in (*new, old_prog, cgroup_fd):
+            os.close(fd)
+
+
 def refusal(devpts: str) -> Dict[str, Any]:
     """Attach, open from a refused and an allowed cgroup, attach again (kept), attach a
     changed program (replaced), read the state back, remove."""
@@ -168,15 +214,13 @@ def refusal(devpts: str) -> Dict[str, Any]:
                                list(state.allowed) == [devicefilter.cgroup_id(allowed)]}
         again.allow([])
         result["allowed_openpty_after_allow_nobody"] = _in_cgroup(allowed, _openpty)
-        original = devicefilter.OTHER_TERMINAL_MAJORS
-        devicefilter.OTHER_TERMINAL_MAJORS = (*original, 250)  # a later package's program
-        try:
-            changed = devicefilter.enforce([], top, pins)
-        finally:
-            devicefilter.OTHER_TERMINAL_MAJORS = original
+        changed = devicefilter.enforce([], top, pins,
+                                       majors=(*devicefilter.terminal_majors(), 250))
         result["changed"] = {"replaced": changed.replaced, "attached": _attached(top),
                              "new": changed.prog_id != first.prog_id}
         result["state_of_another_program"] = devicefilter.state(top, pins).detail
+        result["tag_swap"] = _tag_swap(top, pins, refused)
+        result["interrupted"] = _interrupted_attach(top, pins)
         result["removed"] = devicefilter.remove(top, pins)
         result["after_remove"] = {"attached": _attached(top),
                                   "refused_openpty": _in_cgroup(refused, _openpty),
@@ -235,29 +279,32 @@ def open_timings(count: int) -> Dict[str, Any]:
             devicefilter.remove(filtered, pins)
 
 
-def _keep_as_a_watchdog(top: Path, pins: Path, hierarchy: Path) -> str:
-    """JSON: what the watchdog's keeping of the filter did, run from a cgroup of its own."""
+def _keep_as_a_watchdog(top: Path, pins: Path, hierarchy: Path, installer: int) -> str:
+    """JSON: what the watchdog's keeping of the filter did, run from a cgroup of its own;
+    `installer` stands for a grace's package manager."""
     logged: List[Dict[str, Any]] = []
     keeping_module.log = lambda event, **fields: logged.append({"event": event, **fields})
     inotify = Inotify()
-    keeper = keeping_module.Refusal(top, pins, ("sm-late.service",), inotify, hierarchy=hierarchy)
-    other, late = top / "other", top / "work.slice" / "sm-late.service"
+    keeper = keeping_module.Refusal(top, pins, ("sm-late.service", "work.slice"), inotify,
+                                    hierarchy=hierarchy)
+    other, late = top / "other", top / "sm-late.service"
     said: Dict[str, Any] = {}
-    keeper.keep(grace_running=True)  # an installation's grace: nothing attached yet
-    said["during_grace"] = _in_cgroup(other, _openpty)
-    keeper.keep(grace_running=False)
-    said["after_grace"] = _in_cgroup(other, _openpty)
-    late.mkdir()  # the exempt unit starts: its cgroup is made in a slice
-    select.select([inotify.fileno()], [], [], 5)
-    for event in inotify.read():
-        keeper.on_event(event)
+    keeper.keep(types.SimpleNamespace(pid=installer))  # an installation's grace
+    said["grace_installer"] = _in_cgroup(top / "installer", _openpty)
+    said["grace_other"] = _in_cgroup(other, _openpty)
+    keeper.keep(None)  # the grace ended
+    said["after_grace_installer"] = _in_cgroup(top / "installer", _openpty)
+    for made in (late, top / "work.slice" / "job.service"):
+        made.mkdir()  # an exempt unit starts; a unit starts in an exempt slice
+        select.select([inotify.fileno()], [], [], 5)
+        for event in inotify.read():
+            keeper.on_event(event)
     said["exempt_unit_started"] = _in_cgroup(late, _openpty)
+    said["unit_in_exempt_slice_started"] = _in_cgroup(top / "work.slice" / "job.service", _openpty)
     devicefilter.remove(top, pins)  # root detaches it
     said["detached"] = _in_cgroup(other, _openpty)
-    keeper.keep(grace_running=False)  # the next round
+    keeper.keep(None)  # the next round
     said["next_round"] = _in_cgroup(other, _openpty)
-    keeper.keep(grace_running=True)
-    said["lifted"] = _in_cgroup(other, _openpty)
     said["log"] = logged
     return json.dumps(said)
 
@@ -271,14 +318,17 @@ def keeping(devpts: str) -> Dict[str, Any]:
             _mounted("bpf", Path(scratch) / "pins") as pins, \
             _mounted("cgroup2", Path(scratch) / "cgroup") as cgroup2, \
             _scenario_cgroup(cgroup2) as top:
-        for name in ("watchdog", "other", "work.slice"):
+        for name in ("watchdog", "other", "work.slice", "installer"):
             (top / name).mkdir()
+        installer = subprocess.Popen(["sleep", "60"])
+        (top / "installer" / "cgroup.procs").write_text(str(installer.pid))
         try:
-            said = _in_cgroup(top / "watchdog", lambda: _keep_as_a_watchdog(top, pins, cgroup2))
+            said = _in_cgroup(top / "watchdog",
+                              lambda: _keep_as_a_watchdog(top, pins, cgroup2, installer.pid))
             if not said.startswith("{"):
                 raise RuntimeError(said)
             return json.loads(said)
         finally:
+            installer.kill()
+            installer.wait()
             devicefilter.remove(top, pins)
-            with contextlib.suppress(OSError):
-                (top / "work.slice" / "sm-late.service").rmdir()

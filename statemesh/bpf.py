@@ -14,9 +14,9 @@ import os
 import struct
 from typing import Iterator, List, Optional
 
-# __NR_bpf per machine (os.uname().machine)
-SYSCALL_NUMBERS = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361,
-                   "s390x": 351, "armv7l": 386, "i686": 357}
+# __NR_bpf per machine (os.uname().machine): 64-bit little-endian ones only, where a
+# cgroup's inode number is its whole id and instructions are packed as below
+SYSCALL_NUMBERS = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361}
 
 MAP_CREATE = 0
 MAP_LOOKUP_ELEM = 1
@@ -28,10 +28,12 @@ OBJ_PIN = 6
 OBJ_GET = 7
 PROG_ATTACH = 8
 PROG_DETACH = 9
+PROG_GET_FD_BY_ID = 13
 OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
 
 MAP_TYPE_HASH = 1
+F_NO_PREALLOC = 1  # a hash map's entries allocated as they are added
 PROG_TYPE_CGROUP_DEVICE = 15
 CGROUP_DEVICE = 6  # the attach type
 F_ALLOW_MULTI = 1 << 1  # beside systemd's own device programs, each of which must allow too
@@ -84,8 +86,8 @@ def _address(buffer: ctypes.Array) -> int:  # type: ignore[type-arg]
 
 
 def create_hash_map(key_size: int, value_size: int, max_entries: int, name: str) -> int:
-    attr = struct.pack("=IIIIIII16s", MAP_TYPE_HASH, key_size, value_size, max_entries, 0, 0,
-                       0, name.encode()[:OBJ_NAME_LEN - 1])
+    attr = struct.pack("=IIIIIII16s", MAP_TYPE_HASH, key_size, value_size, max_entries,
+                       F_NO_PREALLOC, 0, 0, name.encode()[:OBJ_NAME_LEN - 1])
     return call(MAP_CREATE, attr)
 
 
@@ -183,3 +185,15 @@ def program_info(prog_fd: int) -> ProgramInfo:
     count = min(fields[9], len(map_ids))
     return ProgramInfo(prog_id=fields[1], name=fields[11].rstrip(b"\0").decode(errors="replace"),
                        tag=fields[2], map_ids=list(map_ids[:count]))
+
+
+def program_by_id(prog_id: int) -> int:
+    """An fd of a loaded program (CAP_SYS_ADMIN: purge and status, never the watchdog)."""
+    return call(PROG_GET_FD_BY_ID, struct.pack("=III", prog_id, 0, 0))
+
+
+def map_id(map_fd: int) -> int:
+    """A map's id, as a program's info lists the maps it reads."""
+    info = ctypes.create_string_buffer(16)  # type, id, key_size, value_size of bpf_map_info
+    call(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", map_fd, len(info), _address(info)))
+    return struct.unpack_from("=I", info.raw, 4)[0]

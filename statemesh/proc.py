@@ -63,6 +63,15 @@ def executable(pid: int) -> str:
 LOGINUID_UNSET = 4294967295
 
 
+def cmdline(pid: int) -> Tuple[str, ...]:
+    """The process's arguments; empty when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ()
+    return tuple(os.fsdecode(part) for part in raw.split(b"\0")[:-1])
+
+
 def born_of_a_login(pid: int) -> bool:
     """Whether the process descends from a login: pam_loginuid gave its session a loginuid,
     which every child inherits and which, once the node has made loginuids immutable

@@ -313,7 +313,7 @@ def test_systemd_cgroup_path_from_unified_and_hybrid_hierarchies() -> None:
 
 def test_pty_device_numbers_follow_the_kernel() -> None:
     assert terminals.pty_rdev(0) == os.makedev(136, 0)
-    assert terminals.pty_rdev(300) == os.makedev(137, 44)
+    assert terminals.pty_rdev(300) == os.makedev(136, 300)  # /dev/pts/300 is 136:300
 
 
 def test_a_pty_found_by_the_sweep_alone_is_named_by_its_node_where_its_instance_is_known() -> None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from statemesh import grace, systemd
+from statemesh import grace, proc, systemd
 from statemesh.config import NodeConfig
 from statemesh.guarantees import unitprocs
 from statemesh.guarantees.base import Finding, Probe, Step, Way
@@ -24,6 +24,7 @@ from statemesh.ownunits import PURGE_DROPIN_TEXT
 from statemesh.watchdog import devicefilter, terminals
 
 UNIT = "statemesh-watchdog.service"
+FILTER_OPTION = "--terminal-filter"  # in the command line of a watchdog that attaches it
 # A runtime drop-in lifts RefuseManualStop for purge only; /run is gone at the next boot.
 PURGE_DROPIN = Path(f"/run/systemd/system/{UNIT}.d/50-statemesh-purge.conf")
 SERVICE_INTERFACE = "org.freedesktop.systemd1.Service"
@@ -129,11 +130,11 @@ class WatchdogGuarantee:
         halted = unitprocs.stopped(pids)
         enabled = self.wants.is_symlink() or self.wants.exists()
         ptys = len(terminals.ptys(self.devpts)) if os.path.isdir(self.devpts) else 0
-        refusal = self._refusal()
+        refusal = self._refusal(pids)
         facts = {"running": bool(pids) and not halted, "pids": pids, "stopped": halted,
                  "enabled": enabled, "ptys_now": ptys,
                  "exempt_units": list(self.config.watchdog_exempt_units), **refusal}
-        holds = facts["running"] and enabled and not refusal["filter_allows_others"]
+        holds = facts["running"] and enabled and not refusal["filter_problem"]
         if facts["running"] and enabled:
             detail = (f"{UNIT} running (pid {pids[0]}), enabled at boot, {ptys} pty(s) in use; "
                       f"{refusal['filter']}")
@@ -142,22 +143,43 @@ class WatchdogGuarantee:
                       f"{'enabled' if enabled else 'not enabled'} at boot")
         return Finding(self.name, holds, detail, facts)
 
-    def _refusal(self) -> Dict[str, Any]:
-        """The terminal filter as the kernel has it: whether opens are refused, and any
-        cgroup its map lets open terminals that is neither the watchdog's nor exempt."""
+    def _refusal(self, pids: List[int]) -> Dict[str, Any]:
+        """The terminal filter as the kernel has it. A problem (the guarantee fails): a
+        watchdog that attaches it runs and it is not in force (detached and kept off, or
+        not this package's program), or its map lets a cgroup open terminals that is
+        neither the watchdog's nor an exempt unit's. A watchdog started before the package
+        had the filter (an upgrade's hand-over keeps the running process) attaches none:
+        said, not failed."""
         state = devicefilter.state(self.cgroup_root, self.filter_pins)
         if not state.attached:
-            return {"filter_attached": False, "filter_allows_others": [],
-                    "filter": f"terminals are killed once opened, not refused ({state.detail})"}
+            if any(FILTER_OPTION in proc.cmdline(pid) for pid in pids):
+                return {"filter_attached": False, "filter_problem": True,
+                        "filter": f"the kernel does not refuse terminal opens: {state.detail}"}
+            return {"filter_attached": False, "filter_problem": False,
+                    "filter": "terminals are killed once opened, not refused (the running "
+                              "watchdog attaches no filter: it predates it, until it restarts)"}
         units = (UNIT, *self.config.watchdog_exempt_units)
         expected = devicefilter.cgroups_of_units(units, self.cgroup_root)
+        expected.update(self._installers_cgroup())
         allowed = devicefilter.names(state.allowed, self.cgroup_root)  # the ones that exist
         others = sorted(path for cgroup, path in allowed.items() if cgroup not in expected)
         if others:
-            said = f"the terminal filter lets {', '.join(others)} open terminals"
-        else:
-            said = f"the kernel refuses terminal opens but for {', '.join(sorted(allowed.values()))}"
-        return {"filter_attached": True, "filter_allows_others": others, "filter": said}
+            return {"filter_attached": True, "filter_problem": True,
+                    "filter": f"the terminal filter lets {', '.join(others)} open terminals"}
+        return {"filter_attached": True, "filter_problem": False,
+                "filter": ("the kernel refuses terminal opens but for "
+                           f"{', '.join(sorted(allowed.values()))}")}
+
+    def _installers_cgroup(self) -> Dict[int, str]:
+        """The cgroup of a running grace's package manager, which the filter allows."""
+        spared = grace.current(self.grace_path)
+        path = proc.cgroup_path(spared.pid) if spared is not None else ""
+        if not path:
+            return {}
+        try:
+            return {devicefilter.cgroup_id(self.cgroup_root / path.lstrip("/")): path}
+        except OSError:
+            return {}
 
     def apply(self, journal: Any) -> None:
         asyncio.run(_start())

@@ -336,7 +336,8 @@ class Watchdog:
         record = grace.recorded(self.settings.grace_path)
         if record is not None and record.ends_at is not None:
             self.grace_deadline = min(self.grace_deadline or record.ends_at, record.ends_at)
-        running = record is not None and grace.is_running(record) and self._believable(record)
+        running = (record is not None and grace.is_running(record) and self._believable(record)
+                   and not self._past_deadline())
         self.grace = record if running else None
         if self.grace is not None and not self._watch_installer(self.grace):
             self.grace = None
@@ -344,6 +345,10 @@ class Watchdog:
             self._after_grace(before, "grace record")
         elif self.grace is not None:
             self.keep_filter()
+
+    def _past_deadline(self) -> bool:
+        """The earliest deadline read has passed: no record believed again in this run."""
+        return self.grace_deadline is not None and grace.boottime() >= self.grace_deadline
 
     def _believable(self, found: grace.Grace) -> bool:
         return found.pid > 1 and (found.pid, found.start_ticks) not in self.graces_ended
@@ -359,17 +364,17 @@ class Watchdog:
             tty=installer.tty, command=installer.command, ends_at=self.grace_deadline)
         loop = asyncio.get_running_loop()
         loop.add_reader(self.grace_fd, self._end_grace, "exited")
-        self.grace_poll = loop.call_later(GRACE_POLL_SECONDS, self._poll_grace)
+        if self.grace_poll is None:  # never put off by a rewritten record: one look each period
+            self.grace_poll = loop.call_later(GRACE_POLL_SECONDS, self._poll_grace)
         return True
 
     def _forget_grace_watch(self) -> None:
+        """The installer's pidfd closed; the period's look stays scheduled (it ends itself
+        once no grace runs), so that rewriting the record cannot put it off."""
         if self.grace_fd is not None:
             asyncio.get_running_loop().remove_reader(self.grace_fd)
             os.close(self.grace_fd)
             self.grace_fd = None
-        if self.grace_poll is not None:
-            self.grace_poll.cancel()
-            self.grace_poll = None
 
     def _poll_grace(self) -> None:
         self.grace_poll = None
@@ -400,9 +405,10 @@ class Watchdog:
         asyncio.get_running_loop().create_task(self.end_sessions())
 
     def keep_filter(self) -> None:
-        """The kernel refuses terminal opens while no grace runs (statemesh.watchdog.refusal)."""
+        """The kernel refuses terminal opens (statemesh.watchdog.refusal); a grace's
+        package manager may open them while it runs."""
         if self.refusal is not None:
-            self.refusal.keep(self.grace is not None)
+            self.refusal.keep(self.grace)
 
     # -- ending terminals ----------------------------------------------------
 

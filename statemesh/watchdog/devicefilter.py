@@ -4,24 +4,23 @@ A cgroup device program attached to the root of the cgroup v2 tree runs at every
 device node by every process (the kernel checks device numbers in inode_permission, so a
 devpts instance of any mount namespace and a node made with mknod anywhere are covered
 alike). It refuses a read or write of a terminal device: the pty multiplexer (/dev/ptmx and
-every devpts instance's ptmx, 5:2), every pty slave (136-143), /dev/tty (5:0), the virtual
-consoles and serial lines (4), their screen memory (/dev/vcs*, 7), hvc, ttyAMA, ttyUSB,
-ttyACM and BSD ptys; /dev/console (5:1) may only be written (systemd and journald write
-boot messages there; nobody reads input from a write-only fd). Creating a node (mknod) is
-left alone: its open is what is judged.
+every devpts instance's ptmx, 5:2), every pty slave (136), /dev/tty (5:0), the virtual
+consoles and serial lines (4), their screen memory (/dev/vcs*, 7), every tty driver's major
+/proc/tty/drivers lists; /dev/console (5:1) may only be written (systemd and journald
+write boot messages there; nobody reads input from a write-only fd). Creating a node
+(mknod) is left alone: its open is what is judged.
 
-Allowed: a process whose cgroup is in the program's map, which the watchdog fills with its
-own cgroup (inotify needs read permission on each terminal it watches) and the exempt
-units' (statemesh.watchdog.daemon). Root can write a pid into an allowed cgroup's
-cgroup.procs: that is why the second line, the watchdog's kill-on-sight of every holder it
-does not spare by something stronger (the loginuid), stays.
+Allowed: a process whose cgroup is in the program's map, which the watchdog fills
+(statemesh.watchdog.refusal). Root can write a pid into an allowed cgroup's cgroup.procs:
+that is why the second line, the watchdog's kill-on-sight of every holder it does not
+spare by something stronger (the loginuid), stays.
 
 Attached with BPF_F_ALLOW_MULTI beside systemd's per-unit device programs: every program
 on the way from the root must allow an open, so no unit can widen it. The attachment holds
 the program: a killed watchdog leaves the kernel refusing. Program and map are pinned in
 bpffs, so the next watchdog (a restart, a hand-over) finds them instead of attaching a
-second copy; a changed program (an upgrade) replaces the old one atomically (BPF_F_REPLACE).
-Only a stop of the watchdog (at purge; RefuseManualStop refuses any other) detaches it.
+second copy; a changed program (an upgrade, a new terminal driver) replaces the old one
+atomically (BPF_F_REPLACE). Only purge detaches it.
 """
 
 from __future__ import annotations
@@ -39,19 +38,21 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PIN_DIRECTORY = Path("/sys/fs/bpf")
 PROGRAM_PIN = "statemesh-terminal-filter"
 MAP_PIN = "statemesh-terminal-filter-allowed"
-PROBE_SUFFIX = "-probe"  # bpffs refuses names with a dot
+NEW = "-new"  # a replacement's pins until it is attached (bpffs refuses names with a dot)
 PROGRAM_NAME = "statemesh_tty"
 MAP_NAME = "statemesh_tty_ok"
-ALLOWED_MOST = 1024  # cgroups: the watchdog's own and exempt units', with their sub-cgroups
+# cgroups: the watchdog's own, exempt units' with every cgroup below them (a container
+# runtime's), a grace's package manager's; allocated as used (BPF_F_NO_PREALLOC)
+ALLOWED_MOST = 65536
 
 # Device numbers (Documentation/admin-guide/devices.txt) a terminal is opened through.
-TTY_MAJOR = 4  # virtual consoles tty0-63, serial lines ttyS0-191
-TTYAUX_MAJOR = 5  # /dev/tty (0), /dev/console (1), /dev/ptmx (2); 3 is ttyprintk, write-only
+TTYAUX_MAJOR = 5  # /dev/tty (0), /dev/console (1), /dev/ptmx (2); judged by minor below
 CONSOLE_MINOR = 1
-TTYAUX_TERMINALS_BELOW = 3
-VCS_MAJOR = 7
-PTY_SLAVE_MAJORS = range(136, 144)
-OTHER_TERMINAL_MAJORS = (2, 3, 166, 188, 204, 229)  # BSD pty master/slave, ACM, USB, AMA, hvc
+TTYAUX_TERMINALS_BELOW = 3  # 5:3 is ttyprintk, which writes into the kernel's log only
+# Always refused, whatever /proc/tty/drivers lists: VTs and 8250 serial lines, the VTs'
+# screen memory (/dev/vcs*, no tty driver), pty slaves, BSD ptys, ACM, USB, AMA, hvc.
+KNOWN_TERMINAL_MAJORS = frozenset({4, 7, 136, 2, 3, 166, 188, 204, 229})
+TTY_DRIVERS = Path("/proc/tty/drivers")
 
 # struct bpf_cgroup_dev_ctx and its access bits
 ACCESS_MKNOD = 1
@@ -73,7 +74,6 @@ _JA = 0x05
 _JEQ_K = 0x15
 _JNE_K = 0x55
 _JGT_K = 0x25
-_JLT_K = 0xA5
 _CALL = 0x85
 _EXIT = 0x95
 _GET_CURRENT_CGROUP_ID = 80
@@ -109,8 +109,23 @@ class _Assembler:
         return b"".join(out)
 
 
-def program(map_fd: int) -> bytes:
-    """The filter's instructions; map_fd is the allowed cgroups' map (0 for the tag)."""
+def terminal_majors(drivers: Path = TTY_DRIVERS) -> Tuple[int, ...]:
+    """Every major a terminal can be opened through on this kernel now: each tty driver's
+    (/proc/tty/drivers: a driver loaded later, a dynamic major) and the known ones; 5 is
+    judged by its minor instead."""
+    found = set(KNOWN_TERMINAL_MAJORS)
+    with contextlib.suppress(OSError):
+        for line in drivers.read_text(encoding="ascii", errors="replace").splitlines():
+            fields = line.split()
+            if len(fields) >= 5 and fields[-3].isdigit():
+                found.add(int(fields[-3]))
+    found.discard(TTYAUX_MAJOR)
+    return tuple(sorted(found))
+
+
+def program(map_fd: int, majors: Iterable[int]) -> bytes:
+    """The filter's instructions; map_fd is the allowed cgroups' map (0 for the tag),
+    majors those refused whole (terminal_majors)."""
     asm = _Assembler()
     asm.op(_LDX_W, dst=2, src=1, off=0)  # r2 = access_type: (access << 16) | device type
     asm.op(_LDX_W, dst=3, src=1, off=4)  # r3 = major
@@ -123,10 +138,8 @@ def program(map_fd: int) -> bytes:
     asm.op(_AND64_K, dst=5, imm=ACCESS_READ | ACCESS_WRITE)
     asm.jump(_JEQ_K, 5, 0, "allow")  # mknod alone: the open is judged
     asm.jump(_JEQ_K, 3, TTYAUX_MAJOR, "ttyaux")
-    for major in (TTY_MAJOR, VCS_MAJOR, *OTHER_TERMINAL_MAJORS):
+    for major in sorted(set(majors)):
         asm.jump(_JEQ_K, 3, major, "judge")
-    asm.jump(_JLT_K, 3, PTY_SLAVE_MAJORS.start, "allow")
-    asm.jump(_JLT_K, 3, PTY_SLAVE_MAJORS.stop, "judge")
     asm.jump(_JA, 0, 0, "allow")
     asm.label("ttyaux")
     asm.jump(_JGT_K, 4, TTYAUX_TERMINALS_BELOW - 1, "allow")
@@ -156,12 +169,12 @@ def _cgroup_fd(cgroup_root: Path) -> int:
         raise FilterError(f"no cgroup v2 tree at {cgroup_root}: {error.strerror}") from None
 
 
-def _pinned(pins: Path) -> Tuple[Optional[int], Optional[int]]:
-    """The program and map a watchdog pinned in this boot (fds), where they are."""
+def _pinned(pins: Path, suffix: str = "") -> Tuple[Optional[int], Optional[int]]:
+    """The program and map pinned under these names (fds), where they are."""
     found: List[Optional[int]] = []
     for name in (PROGRAM_PIN, MAP_PIN):
         try:
-            found.append(bpf.pinned(str(pins / name)))
+            found.append(bpf.pinned(str(pins / f"{name}{suffix}")))
         except FileNotFoundError:
             found.append(None)
     return found[0], found[1]
@@ -173,32 +186,56 @@ def _close(*fds: Optional[int]) -> None:
             os.close(fd)
 
 
-def _load() -> Tuple[int, int]:
+def _load(majors: Iterable[int]) -> Tuple[int, int]:
     """A new allowed-cgroups map and this code's program over it (fds, not attached)."""
     map_fd = bpf.create_hash_map(8, 1, ALLOWED_MOST, MAP_NAME)
     try:
-        return bpf.load_program(bpf.PROG_TYPE_CGROUP_DEVICE, program(map_fd), PROGRAM_NAME), map_fd
+        return bpf.load_program(bpf.PROG_TYPE_CGROUP_DEVICE, program(map_fd, majors),
+                                PROGRAM_NAME), map_fd
     except BaseException:
         os.close(map_fd)
         raise
 
 
-def _can_pin(pins: Path, fd: int) -> None:
-    """Pin once under a name of its own and unpin: a directory that is no bpffs, or one
-    this process may not write, fails here, before anything is attached (bpffs cannot
-    rename, so the real pins are made only once attached)."""
-    probe = pins / f"{PROGRAM_PIN}{PROBE_SUFFIX}"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(probe)
-    bpf.pin(fd, str(probe))
-    os.unlink(probe)
+def _reads(prog_fd: int, map_fd: int) -> bool:
+    """Whether the program reads exactly this map: a tag says nothing of which map it is
+    (the kernel zeroes map references before hashing)."""
+    return bpf.program_info(prog_fd).map_ids == [bpf.map_id(map_fd)]
 
 
-def _repin(pins: Path, prog_fd: int, map_fd: int) -> None:
+def _pin(pins: Path, suffix: str, prog_fd: int, map_fd: int) -> None:
     for name, fd in ((PROGRAM_PIN, prog_fd), (MAP_PIN, map_fd)):
+        bpf.pin(fd, str(pins / f"{name}{suffix}"))
+
+
+def _forget(pins: Path, suffix: str) -> None:
+    for name in (PROGRAM_PIN, MAP_PIN):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(pins / name)
-        bpf.pin(fd, str(pins / name))
+            os.unlink(pins / f"{name}{suffix}")
+
+
+def _move_in_place(pins: Path) -> None:
+    """The new pins over the old ones: map first, so that a kill in between leaves the
+    new program pinned as new, which the next start finishes moving."""
+    for name in (MAP_PIN, PROGRAM_PIN):
+        os.rename(pins / f"{name}{NEW}", pins / name)
+
+
+def _finish_interrupted(cgroup_fd: int, pins: Path) -> None:
+    """A watchdog killed between attaching a program and moving its pins in place left
+    them pinned as new: attached, that program is the one in force (its pins are moved
+    in place); not attached, it is forgotten."""
+    prog_fd, map_fd = _pinned(pins, NEW)
+    try:
+        if prog_fd is not None and bpf.program_info(prog_fd).prog_id in bpf.attached_ids(cgroup_fd):
+            if map_fd is None:  # the map's pin was moved already
+                os.rename(pins / f"{PROGRAM_PIN}{NEW}", pins / PROGRAM_PIN)
+            else:
+                _move_in_place(pins)
+        else:
+            _forget(pins, NEW)
+    finally:
+        _close(prog_fd, map_fd)
 
 
 @dataclasses.dataclass
@@ -208,92 +245,113 @@ class DeviceFilter:
     map_fd: int
     prog_id: int
     replaced: bool  # whether this start attached it (or replaced an older program)
+    majors: Tuple[int, ...]  # the terminal drivers' majors it refuses whole
 
     def allow(self, cgroup_ids: Iterable[int]) -> None:
         """Exactly these cgroups may open terminals from now on."""
         wanted = {cgroup_id.to_bytes(8, "little") for cgroup_id in cgroup_ids}
         present = set(bpf.map_keys(self.map_fd, 8))
-        for key in wanted - present:
-            bpf.map_update(self.map_fd, key, b"\1")
-        for key in present - wanted:
+        for key in present - wanted:  # first: a full map has room again
             with contextlib.suppress(FileNotFoundError, bpf.BpfError):
                 bpf.map_delete(self.map_fd, key)
+        for key in wanted - present:
+            bpf.map_update(self.map_fd, key, b"\1")
 
     def close(self) -> None:
         os.close(self.map_fd)
 
 
 def enforce(allowed: Iterable[int], cgroup_root: Path = CGROUP_ROOT,
-            pins: Path = PIN_DIRECTORY) -> DeviceFilter:
+            pins: Path = PIN_DIRECTORY, majors: Optional[Tuple[int, ...]] = None) -> DeviceFilter:
     """The filter attached at cgroup_root and allowing exactly `allowed`: the one pinned in
-    this boot where it is this code's program and still attached, else this code's,
-    attached in its place (atomically, where one was attached) and pinned."""
+    this boot where it is this code's program over its pinned map and still attached,
+    else this code's, attached in its place (atomically, where one was attached) and
+    pinned."""
+    majors = terminal_majors() if majors is None else majors
     cgroup_fd = _cgroup_fd(cgroup_root)
-    old_prog: Optional[int] = None
-    old_map: Optional[int] = None
+    old: Tuple[Optional[int], Optional[int]] = (None, None)
     try:
-        old_prog, old_map = _pinned(pins)
-        new_prog, new_map = _load()
+        _finish_interrupted(cgroup_fd, pins)
+        old = _pinned(pins)
+        new = _load(majors)
         try:
-            return _enforce(list(allowed), cgroup_fd, pins, (old_prog, old_map), (new_prog, new_map))
+            return _enforce(list(allowed), cgroup_fd, pins, old, new, majors)
         finally:
-            _close(new_prog, new_map)
+            _close(*new)
     except OSError as error:  # bpf.BpfError among them
         raise FilterError(f"the terminal filter could not be put in force: {error}") from None
     finally:
-        _close(old_prog, old_map, cgroup_fd)
+        _close(*old, cgroup_fd)
 
 
 def _enforce(allowed: List[int], cgroup_fd: int, pins: Path,
-             old: Tuple[Optional[int], Optional[int]], new: Tuple[int, int]) -> DeviceFilter:
+             old: Tuple[Optional[int], Optional[int]], new: Tuple[int, int],
+             majors: Tuple[int, ...]) -> DeviceFilter:
+    old_prog, old_map = old
     attached = bpf.attached_ids(cgroup_fd)
-    old_info = bpf.program_info(old[0]) if old[0] is not None else None
+    old_info = bpf.program_info(old_prog) if old_prog is not None else None
     new_info = bpf.program_info(new[0])
     old_attached = old_info is not None and old_info.prog_id in attached
-    if old_attached and old[1] is not None and old_info.tag == new_info.tag:  # type: ignore[union-attr]
-        kept = DeviceFilter(os.dup(old[1]), old_info.prog_id, replaced=False)  # type: ignore[union-attr]
+    if (old_info is not None and old_attached and old_map is not None
+            and old_info.tag == new_info.tag and _reads(old_prog, old_map)):  # type: ignore[arg-type]
+        kept = DeviceFilter(os.dup(old_map), old_info.prog_id, replaced=False, majors=majors)
         kept.allow(allowed)
         return kept
-    made = DeviceFilter(os.dup(new[1]), new_info.prog_id, replaced=True)
+    made = DeviceFilter(os.dup(new[1]), new_info.prog_id, replaced=True, majors=majors)
     try:
         made.allow(allowed)  # before it is attached: the watchdog's own watches keep working
-        _can_pin(pins, new[0])
-        bpf.attach(cgroup_fd, new[0], old[0] if old_attached else None)
+        _forget(pins, NEW)
+        _pin(pins, NEW, *new)  # a directory that is no bpffs fails here, attaching nothing
         try:
-            _repin(pins, *new)
-        except OSError:
-            bpf.detach(cgroup_fd, new[0])  # never an attached filter that no watchdog can find
+            bpf.attach(cgroup_fd, new[0], old_prog if old_attached else None)
+        except BaseException:
+            _forget(pins, NEW)
             raise
+        _move_in_place(pins)
     except BaseException:
         made.close()
         raise
     return made
 
 
-def remove(cgroup_root: Path = CGROUP_ROOT, pins: Path = PIN_DIRECTORY) -> bool:
-    """Detach the pinned filter and forget the pins (purge); whether one was attached."""
-    prog_fd, map_fd = _pinned(pins)
-    detached = False
+def _ours_attached(cgroup_fd: int) -> List[int]:
+    """fds of every program named as this package's attached at the cgroup (root only:
+    a program's fd from its id takes CAP_SYS_ADMIN)."""
+    found = []
+    for prog_id in bpf.attached_ids(cgroup_fd):
+        try:
+            fd = bpf.program_by_id(prog_id)
+        except bpf.BpfError:
+            continue  # gone since it was listed
+        if bpf.program_info(fd).name == PROGRAM_NAME:
+            found.append(fd)
+        else:
+            os.close(fd)
+    return found
+
+
+def remove(cgroup_root: Path = CGROUP_ROOT, pins: Path = PIN_DIRECTORY) -> int:
+    """Detach every program of this package's name from the root and forget the pins
+    (purge, as root); how many were attached."""
+    cgroup_fd = _cgroup_fd(cgroup_root)
+    detached = 0
     try:
-        if prog_fd is not None:
-            cgroup_fd = _cgroup_fd(cgroup_root)
+        for fd in _ours_attached(cgroup_fd):
             try:
-                if bpf.program_info(prog_fd).prog_id in bpf.attached_ids(cgroup_fd):
-                    bpf.detach(cgroup_fd, prog_fd)
-                    detached = True
+                bpf.detach(cgroup_fd, fd)
+                detached += 1
             finally:
-                os.close(cgroup_fd)
-        for name in (PROGRAM_PIN, MAP_PIN):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(pins / name)
+                os.close(fd)
     finally:
-        _close(prog_fd, map_fd)
+        os.close(cgroup_fd)
+    for suffix in ("", NEW):
+        _forget(pins, suffix)
     return detached
 
 
 @dataclasses.dataclass(frozen=True)
 class FilterState:
-    """What status says of the filter: attached or why not, and whom it lets open terminals."""
+    """What status says of the filter: in force or why not, and whom it lets open terminals."""
 
     attached: bool
     detail: str
@@ -301,8 +359,9 @@ class FilterState:
 
 
 def state(cgroup_root: Path = CGROUP_ROOT, pins: Path = PIN_DIRECTORY) -> FilterState:
-    """Read back from the kernel: the pinned program attached at the root, this code's
-    program (its tag equals a twin's loaded now), and the cgroups its map allows."""
+    """Read back from the kernel (as root): the pinned program attached at the root, the
+    only one of its name there, over its pinned map, and this code's program for this
+    kernel's terminal drivers (its tag equals a twin's loaded now); the cgroups it allows."""
     try:
         prog_fd, map_fd = _pinned(pins)
     except bpf.BpfError as error:
@@ -310,28 +369,39 @@ def state(cgroup_root: Path = CGROUP_ROOT, pins: Path = PIN_DIRECTORY) -> Filter
     try:
         if prog_fd is None or map_fd is None:
             return FilterState(False, "no filter pinned")
-        cgroup_fd = _cgroup_fd(cgroup_root)
-        try:
-            attached = bpf.attached_ids(cgroup_fd)
-        finally:
-            os.close(cgroup_fd)
-        info = bpf.program_info(prog_fd)
-        if info.prog_id not in attached:
-            return FilterState(False, "the pinned filter is not attached")
-        twin_prog, twin_map = _load()
-        try:
-            twin_tag = bpf.program_info(twin_prog).tag
-        finally:
-            _close(twin_prog, twin_map)
-        if info.tag != twin_tag:
-            return FilterState(False, f"the attached filter is not this package's program "
-                                      f"(tag {info.tag.hex()})")
-        allowed = tuple(sorted(int.from_bytes(key, "little") for key in bpf.map_keys(map_fd, 8)))
-        return FilterState(True, "attached", allowed)
+        return _read_back(cgroup_root, prog_fd, map_fd)
     except (bpf.BpfError, FilterError) as error:
         return FilterState(False, f"cannot read the filter: {error}")
     finally:
         _close(prog_fd, map_fd)
+
+
+def _read_back(cgroup_root: Path, prog_fd: int, map_fd: int) -> FilterState:
+    info = bpf.program_info(prog_fd)
+    cgroup_fd = _cgroup_fd(cgroup_root)
+    try:
+        ours = _ours_attached(cgroup_fd)
+        ours_ids = [bpf.program_info(fd).prog_id for fd in ours]
+        _close(*ours)
+    finally:
+        os.close(cgroup_fd)
+    if info.prog_id not in ours_ids:
+        return FilterState(False, "the pinned filter is not attached")
+    if len(ours_ids) > 1:
+        return FilterState(False, f"{len(ours_ids)} programs of its name are attached, "
+                                  "not the one pinned alone")
+    if not _reads(prog_fd, map_fd):
+        return FilterState(False, "the attached filter reads another map than the one pinned")
+    twin = _load(terminal_majors())
+    try:
+        twin_tag = bpf.program_info(twin[0]).tag
+    finally:
+        _close(*twin)
+    if info.tag != twin_tag:
+        return FilterState(False, "the attached filter is not this package's program for this "
+                                  f"kernel's terminal drivers (tag {info.tag.hex()})")
+    allowed = tuple(sorted(int.from_bytes(key, "little") for key in bpf.map_keys(map_fd, 8)))
+    return FilterState(True, "attached", allowed)
 
 
 def cgroup_id(path: Path) -> int:

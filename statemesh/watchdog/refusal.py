@@ -1,12 +1,11 @@
 """The watchdog's keeping of the terminal filter (statemesh.watchdog.devicefilter).
 
-In force whenever no installation grace runs: during one, the installing session's
-package manager opens ptys of its own (apt runs dpkg on one), so the filter waits for the
-grace to end, and the kill-on-sight line alone guards meanwhile, as before. The filter
-lets exactly two kinds of cgroup open terminals: the watchdog's own (inotify asks for read
-permission on each terminal it watches) and the exempt units', found again whenever one
-is made in a slice and at every round. Detached by anyone, it is attached again at the
-next round, and the journal says so.
+In force from the watchdog's start. It lets these cgroups open terminals: the watchdog's
+own (inotify asks for read permission on each terminal it watches), the exempt units'
+(found again whenever a cgroup is made in a slice or below an exempt unit, and at every
+round), and while an installation grace runs, its package manager's (apt runs dpkg on a
+pty of its own when it has a terminal). Detached by anyone, it is attached again at the
+next round, and the journal says so; where that fails, status fails.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from statemesh import bpf, proc
+from statemesh import bpf, grace, proc
 from statemesh.events import log
 from statemesh.watchdog import devicefilter
 from statemesh.watchdog.inotify import IN_CREATE, IN_IGNORED, Event, Inotify
@@ -25,7 +24,7 @@ IN_ONLYDIR = 0x01000000
 
 
 class Refusal:
-    """Attaches, keeps and lifts the filter for one watchdog process."""
+    """Attaches and keeps the filter for one watchdog process."""
 
     def __init__(self, cgroup_root: Path, pins: Path, exempt_units: Tuple[str, ...],
                  inotify: Inotify, hierarchy: Path = devicefilter.CGROUP_ROOT):
@@ -35,6 +34,7 @@ class Refusal:
         self.exempt_units = exempt_units
         self.inotify = inotify
         self.filter: Optional[devicefilter.DeviceFilter] = None
+        self.installer: Optional[grace.Grace] = None
         self.failure: Optional[str] = None  # the last refusal, logged once
         self.slice_wds: Dict[int, Path] = {}
 
@@ -55,27 +55,40 @@ class Refusal:
         """id -> path of every cgroup the filter lets open terminals now."""
         found = devicefilter.cgroups_of_units(self.exempt_units, self.cgroup_root)
         found[self.own_cgroup()] = proc.cgroup_path(os.getpid())
+        if self.installer is not None:
+            path = proc.cgroup_path(self.installer.pid)
+            with contextlib.suppress(OSError):
+                if path:
+                    found[devicefilter.cgroup_id(self.hierarchy / path.lstrip("/"))] = path
         return found
 
-    def keep(self, grace_running: bool) -> None:
-        """Attached (or attached again) while no grace runs; lifted while one does."""
-        if grace_running:
-            self._lift()
-            return
-        if self.filter is not None and self._attached(self.filter.prog_id):
+    def keep(self, installer: Optional[grace.Grace]) -> None:
+        """Attached (or attached again), allowing the grace's package manager while it runs."""
+        self.installer = installer
+        if self.filter is not None and self._attached(self.filter.prog_id) \
+                and self.filter.majors == devicefilter.terminal_majors():
             self.refresh()
             return
-        again = self.filter is not None
+        previous = self.filter
         try:
             allowed = self.allowed()
             self.filter = devicefilter.enforce(allowed, self.cgroup_root, self.pins)
         except (devicefilter.FilterError, OSError) as error:
             self._failed(str(error))
             return
+        if previous is not None:
+            previous.close()
         self.failure = None
-        state = "attached again" if again else ("attached" if self.filter.replaced else "kept")
+        if not self.filter.replaced:
+            state = "kept"
+        elif previous is None:
+            state = "attached"
+        elif previous.majors != self.filter.majors:
+            state = "replaced for new terminal drivers"
+        else:
+            state = "attached again"
         log("terminal-filter", state=state, program=self.filter.prog_id,
-            allowed=sorted(allowed.values()))
+            allowed=sorted(allowed.values()), majors=list(self.filter.majors))
         self.watch_slices()
 
     def refresh(self) -> None:
@@ -88,25 +101,33 @@ class Refusal:
             self._failed(f"updating the allowed cgroups: {error}")
 
     def watch_slices(self) -> None:
-        """A creation watch on every slice, where an exempt unit's cgroup would be made."""
+        """A creation watch on every slice and on every cgroup of an exempt unit: where an
+        exempt unit's cgroup, or one below it (a container runtime's), is made."""
         if not self.exempt_units:
             return
-        for directory in devicefilter.slices(self.cgroup_root):
+        below = [self.cgroup_root / path.lstrip("/") for path in
+                 devicefilter.cgroups_of_units(self.exempt_units, self.cgroup_root).values()]
+        for directory in [*devicefilter.slices(self.cgroup_root), *below]:
             with contextlib.suppress(OSError):
                 self.slice_wds[self.inotify.add_watch(str(directory), IN_CREATE | IN_ONLYDIR)] = directory
 
     def on_event(self, event: Event) -> bool:
-        """Whether the event was a slice's; a new exempt unit's cgroup is allowed at once."""
+        """Whether the event was one of those watches; a cgroup made for an exempt unit or
+        below one is allowed at once."""
         directory = self.slice_wds.get(event.wd)
         if directory is None:
             return False
         if event.mask & IN_IGNORED:
             del self.slice_wds[event.wd]
-        elif event.name.endswith(".slice"):
-            self.watch_slices()
-        elif event.name in self.exempt_units:
+        elif event.name.endswith(".slice") or self._exempt(directory / event.name):
             self.refresh()
+            self.watch_slices()
         return True
+
+    def _exempt(self, cgroup: Path) -> bool:
+        with contextlib.suppress(ValueError):
+            return any(part in self.exempt_units for part in cgroup.relative_to(self.cgroup_root).parts)
+        return False
 
     def _attached(self, prog_id: int) -> bool:
         try:
@@ -119,20 +140,6 @@ class Refusal:
             return False
         finally:
             os.close(cgroup_fd)
-
-    def _lift(self) -> None:
-        if self.filter is None and not (self.pins / devicefilter.PROGRAM_PIN).exists():
-            return
-        try:
-            detached = devicefilter.remove(self.cgroup_root, self.pins)
-        except (bpf.BpfError, OSError) as error:
-            self._failed(f"lifting it for the installation grace: {error}")
-            return
-        if self.filter is not None:
-            self.filter.close()
-            self.filter = None
-        if detached:
-            log("terminal-filter", state="lifted", why="installation grace")
 
     def _failed(self, why: str) -> None:
         if why != self.failure:

@@ -20,7 +20,7 @@ from typing import Dict, FrozenSet, Iterator, List, Mapping, Optional, Set, Tupl
 
 from statemesh import proc
 
-PTY_SLAVE_MAJOR = 136  # UNIX98_PTY_SLAVE_MAJOR; indices above 255 use the next majors
+PTY_SLAVE_MAJOR = 136  # UNIX98_PTY_SLAVE_MAJOR: every pty slave, its index the minor
 PTY_SLAVE_MAJORS = range(PTY_SLAVE_MAJOR, PTY_SLAVE_MAJOR + 8)
 PTMX = os.makedev(5, 2)
 PF_KTHREAD = 0x00200000
@@ -48,8 +48,9 @@ class Terminal:
 
 
 def pty_rdev(index: int) -> int:
-    """The device number of pty slave `index`, as the kernel numbers them."""
-    return os.makedev(PTY_SLAVE_MAJOR + index // 256, index % 256)
+    """The device number of pty slave `index`, as the kernel numbers them: one major, a
+    20-bit minor (/proc/tty/drivers: "pty_slave /dev/pts 136 0-1048575")."""
+    return os.makedev(PTY_SLAVE_MAJOR, index)
 
 
 def pty(devpts: str, name: str) -> Optional[Terminal]:
