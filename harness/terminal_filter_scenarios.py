@@ -186,6 +186,22 @@ def _interrupted_attach(top: Path, pins: Path) -> Dict[str, Any]:
             os.close(fd)
 
 
+def _unpinned_extra(top: Path, pins: Path) -> str:
+    """A second program of the package's name attached and pinned nowhere (what a watchdog
+    killed at the wrong moment could once leave): status says so; purge finds it by name."""
+    extra_map = bpf.create_hash_map(8, 1, 16, "extra")
+    extra = bpf.load_program(bpf.PROG_TYPE_CGROUP_DEVICE,
+                             devicefilter.program(extra_map, devicefilter.terminal_majors()),
+                             devicefilter.PROGRAM_NAME)
+    cgroup_fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        bpf.attach(cgroup_fd, extra)
+    finally:
+        for fd in (extra_map, extra, cgroup_fd):
+            os.close(fd)  # the attachment holds it
+    return devicefilter.state(top, pins).detail
+
+
 def refusal(devpts: str) -> Dict[str, Any]:
     """Attach, open from a refused and an allowed cgroup, attach again (kept), attach a
     changed program (replaced), read the state back, remove."""
@@ -221,6 +237,7 @@ def refusal(devpts: str) -> Dict[str, Any]:
         result["state_of_another_program"] = devicefilter.state(top, pins).detail
         result["tag_swap"] = _tag_swap(top, pins, refused)
         result["interrupted"] = _interrupted_attach(top, pins)
+        result["unpinned_extra"] = _unpinned_extra(top, pins)
         result["removed"] = devicefilter.remove(top, pins)
         result["after_remove"] = {"attached": _attached(top),
                                   "refused_openpty": _in_cgroup(refused, _openpty),
@@ -286,10 +303,10 @@ def _keep_as_a_watchdog(top: Path, pins: Path, hierarchy: Path, installer: int) 
     keeping_module.log = lambda event, **fields: logged.append({"event": event, **fields})
     inotify = Inotify()
     keeper = keeping_module.Refusal(top, pins, ("sm-late.service", "work.slice"), inotify,
-                                    hierarchy=hierarchy)
+                                    hierarchy=hierarchy, lock=pins.parent / "filter.lock")
     other, late = top / "other", top / "sm-late.service"
     said: Dict[str, Any] = {}
-    keeper.keep(types.SimpleNamespace(pid=installer))  # an installation's grace
+    keeper.keep(types.SimpleNamespace(pid=installer, start_ticks=0))  # an installation's grace
     said["grace_installer"] = _in_cgroup(top / "installer", _openpty)
     said["grace_other"] = _in_cgroup(other, _openpty)
     keeper.keep(None)  # the grace ended
@@ -305,6 +322,10 @@ def _keep_as_a_watchdog(top: Path, pins: Path, hierarchy: Path, installer: int) 
     said["detached"] = _in_cgroup(other, _openpty)
     keeper.keep(None)  # the next round
     said["next_round"] = _in_cgroup(other, _openpty)
+    for name in (devicefilter.PROGRAM_PIN, devicefilter.MAP_PIN):
+        os.unlink(pins / name)  # the pins lost (unlinked; a bpffs mounted over them)
+    keeper.keep(None)
+    said["after_lost_pins"] = devicefilter.state(top, pins).attached
     said["log"] = logged
     return json.dumps(said)
 

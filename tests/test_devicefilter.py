@@ -66,8 +66,12 @@ def test_a_start_after_a_kill_between_attach_and_pins_keeps_the_one_attached(ref
                                       "new_pins_left": []}
 
 
+def test_a_second_program_of_its_name_is_named_by_status(refusal) -> None:
+    assert refusal["unpinned_extra"] == "2 programs of its name are attached, not the one pinned alone"
+
+
 def test_remove_detaches_it_and_forgets_the_pins(refusal) -> None:
-    assert refusal["removed"] == 1
+    assert refusal["removed"] == 2  # the pinned one and an unpinned one of its name
     after = refusal["after_remove"]
     assert after["attached"] == [] and after["refused_openpty"] == "ok"
     assert not [name for name in after["pins"] if name.startswith("statemesh")]
@@ -82,7 +86,8 @@ def test_a_grace_allows_its_package_manager_alone_and_only_while_it_runs(keeping
     assert keeping["grace_installer"] == "ok"  # apt opens a pty for dpkg when it has a terminal
     assert keeping["grace_other"] == EPERM
     assert keeping["after_grace_installer"] == EPERM
-    assert [line["state"] for line in keeping["log"]] == ["attached", "attached again"]
+    assert [line["state"] for line in keeping["log"]] == ["attached", "attached again",
+                                                          "pinned again"]
 
 
 def test_an_exempt_unit_and_a_unit_in_an_exempt_slice_are_allowed_once_made(keeping) -> None:
@@ -92,3 +97,7 @@ def test_an_exempt_unit_and_a_unit_in_an_exempt_slice_are_allowed_once_made(keep
 
 def test_a_filter_root_detached_is_attached_again_at_the_next_round(keeping) -> None:
     assert keeping["detached"] == "ok" and keeping["next_round"] == EPERM
+
+
+def test_lost_pins_are_made_again_from_the_program_in_force(keeping) -> None:
+    assert keeping["after_lost_pins"] is True

@@ -363,9 +363,12 @@ def test_tpm2_pytss_structures_work_after_unittest_mock_was_imported() -> None:
 @pytest.mark.esapi
 def test_the_direct_backends_templates_are_tpm2_pytss_s() -> None:
     """The EK templates (TCG EK Credential Profile L-1 and L-2) as tpm2-pytss builds them."""
-    from tpm2_pytss.utils import NoSuchIndex
-
+    # tpm_esapi first: it imports tpm2-pytss with unittest.mock out of sys.modules (other
+    # test modules load mock; tpm2-pytss imported first here would leave its structures
+    # empty in this worker for every later test: a failure that came and went with xdist's
+    # distribution of the tests)
     from statemesh.attest import tpm_esapi
+    from tpm2_pytss.utils import NoSuchIndex  # noqa: I100 - after tpm_esapi, see above
 
     class NoNv:  # NVReadEK's interface: no certificate, template or nonce in NV
         def __call__(self, index: int) -> bytes:

@@ -25,6 +25,7 @@ from statemesh.watchdog import devicefilter, terminals
 
 UNIT = "statemesh-watchdog.service"
 FILTER_OPTION = "--terminal-filter"  # in the command line of a watchdog that attaches it
+FILTER_REREAD_SECONDS = 0.2
 # A runtime drop-in lifts RefuseManualStop for purge only; /run is gone at the next boot.
 PURGE_DROPIN = Path(f"/run/systemd/system/{UNIT}.d/50-statemesh-purge.conf")
 SERVICE_INTERFACE = "org.freedesktop.systemd1.Service"
@@ -151,6 +152,9 @@ class WatchdogGuarantee:
         had the filter (an upgrade's hand-over keeps the running process) attaches none:
         said, not failed."""
         state = devicefilter.state(self.cgroup_root, self.filter_pins)
+        if not state.attached:  # read again: a watchdog may have been between two pins
+            time.sleep(FILTER_REREAD_SECONDS)
+            state = devicefilter.state(self.cgroup_root, self.filter_pins)
         if not state.attached:
             if any(FILTER_OPTION in proc.cmdline(pid) for pid in pids):
                 return {"filter_attached": False, "filter_problem": True,

@@ -149,6 +149,7 @@ class Watchdog:
             raise WatchdogError(f"{settings.dev} is not a directory of terminal devices")
         self.inotify = Inotify()
         self.refusal: Optional[Refusal] = None
+        self.keeps_filter = True  # until it hands over
         if settings.filter_cgroup is not None:
             self.refusal = Refusal(settings.filter_cgroup, settings.filter_pins,
                                    settings.exempt_units, self.inotify)
@@ -407,7 +408,7 @@ class Watchdog:
     def keep_filter(self) -> None:
         """The kernel refuses terminal opens (statemesh.watchdog.refusal); a grace's
         package manager may open them while it runs."""
-        if self.refusal is not None:
+        if self.refusal is not None and self.keeps_filter:
             self.refusal.keep(self.grace)
 
     # -- ending terminals ----------------------------------------------------
@@ -600,8 +601,9 @@ class HandOverOnHangup:
     """SIGHUP (ExecReload, the package's postinst): pass the role to a process running the
     code now installed, watching all along (statemesh.watchdog.handover); one hand-over at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, watchdog: "Watchdog"):
         self.loop = loop
+        self.watchdog = watchdog
         self.task: Optional["asyncio.Task[None]"] = None
 
     def __call__(self) -> None:
@@ -612,11 +614,15 @@ class HandOverOnHangup:
 
     async def _hand_over(self) -> None:
         log("handover", pid=os.getpid(), state="starting the successor")
+        # The successor keeps the terminal filter from now on: this process putting its own
+        # program back in between would undo an upgrade's.
+        self.watchdog.keeps_filter = False
         argv = [sys.executable, *sys.orig_argv[1:]]  # also `python3 -m statemesh.cli` in tests
         try:
             successor = await handover.hand_over(argv, HANDOVER_TIMEOUT)
         except handover.HandOverError as error:
             log("error", what="handover", error=str(error), pid=os.getpid())
+            self.watchdog.keeps_filter = True  # still the one watching
             return
         log("handed-over", pid=os.getpid(), successor=successor)
         self.loop.stop()
@@ -636,7 +642,7 @@ def main(settings: Settings) -> int:
     loop = asyncio.new_event_loop()
     watchdog = Watchdog(settings, connect_logind if settings.logind else None)
     loop.add_signal_handler(signal.SIGTERM, loop.stop)
-    loop.add_signal_handler(signal.SIGHUP, HandOverOnHangup(loop))
+    loop.add_signal_handler(signal.SIGHUP, HandOverOnHangup(loop, watchdog))
     task = loop.create_task(watchdog.run())
     task.add_done_callback(_stop_its_loop)
     loop.run_forever()

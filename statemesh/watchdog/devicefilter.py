@@ -243,6 +243,7 @@ class DeviceFilter:
     """The attached filter's map, through which the watchdog says who may open terminals."""
 
     map_fd: int
+    prog_fd: int
     prog_id: int
     replaced: bool  # whether this start attached it (or replaced an older program)
     majors: Tuple[int, ...]  # the terminal drivers' majors it refuses whole
@@ -257,8 +258,24 @@ class DeviceFilter:
         for key in wanted - present:
             bpf.map_update(self.map_fd, key, b"\1")
 
+    def pin_again_if_lost(self, pins: Path) -> bool:
+        """Pinned again where its pins are gone or name another program (unlinked, a bpffs
+        mounted over them): else the next watchdog would attach a second one. Whether it
+        had to be."""
+        prog_fd, map_fd = _pinned(pins)
+        try:
+            if prog_fd is not None and map_fd is not None and \
+                    bpf.program_info(prog_fd).prog_id == self.prog_id and _reads(prog_fd, self.map_fd) \
+                    and bpf.map_id(map_fd) == bpf.map_id(self.map_fd):
+                return False
+        finally:
+            _close(prog_fd, map_fd)
+        _forget(pins, "")
+        _pin(pins, "", self.prog_fd, self.map_fd)
+        return True
+
     def close(self) -> None:
-        os.close(self.map_fd)
+        _close(self.map_fd, self.prog_fd)
 
 
 def enforce(allowed: Iterable[int], cgroup_root: Path = CGROUP_ROOT,
@@ -294,10 +311,12 @@ def _enforce(allowed: List[int], cgroup_fd: int, pins: Path,
     old_attached = old_info is not None and old_info.prog_id in attached
     if (old_info is not None and old_attached and old_map is not None
             and old_info.tag == new_info.tag and _reads(old_prog, old_map)):  # type: ignore[arg-type]
-        kept = DeviceFilter(os.dup(old_map), old_info.prog_id, replaced=False, majors=majors)
+        kept = DeviceFilter(os.dup(old_map), os.dup(old_prog), old_info.prog_id,  # type: ignore[arg-type]
+                            replaced=False, majors=majors)
         kept.allow(allowed)
         return kept
-    made = DeviceFilter(os.dup(new[1]), new_info.prog_id, replaced=True, majors=majors)
+    made = DeviceFilter(os.dup(new[1]), os.dup(new[0]), new_info.prog_id, replaced=True,
+                        majors=majors)
     try:
         made.allow(allowed)  # before it is attached: the watchdog's own watches keep working
         _forget(pins, NEW)
@@ -321,8 +340,10 @@ def _ours_attached(cgroup_fd: int) -> List[int]:
     for prog_id in bpf.attached_ids(cgroup_fd):
         try:
             fd = bpf.program_by_id(prog_id)
-        except bpf.BpfError:
-            continue  # gone since it was listed
+        except bpf.BpfError as error:
+            if error.errno == 2:
+                continue  # gone since it was listed
+            raise  # EPERM: without CAP_SYS_ADMIN nothing can be said of them
         if bpf.program_info(fd).name == PROGRAM_NAME:
             found.append(fd)
         else:
@@ -331,8 +352,9 @@ def _ours_attached(cgroup_fd: int) -> List[int]:
 
 
 def remove(cgroup_root: Path = CGROUP_ROOT, pins: Path = PIN_DIRECTORY) -> int:
-    """Detach every program of this package's name from the root and forget the pins
-    (purge, as root); how many were attached."""
+    """Detach every program of this package's name from the root, then forget the pins
+    (purge, as root); how many were attached. A failure leaves the pins, so that a retry
+    still finds what to detach."""
     cgroup_fd = _cgroup_fd(cgroup_root)
     detached = 0
     try:

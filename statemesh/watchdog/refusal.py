@@ -11,9 +11,10 @@ next round, and the journal says so; where that fails, status fails.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 from statemesh import bpf, grace, proc
 from statemesh.events import log
@@ -21,13 +22,15 @@ from statemesh.watchdog import devicefilter
 from statemesh.watchdog.inotify import IN_CREATE, IN_IGNORED, Event, Inotify
 
 IN_ONLYDIR = 0x01000000
+LOCK = Path("/run/statemesh-node/terminal-filter.lock")
 
 
 class Refusal:
     """Attaches and keeps the filter for one watchdog process."""
 
     def __init__(self, cgroup_root: Path, pins: Path, exempt_units: Tuple[str, ...],
-                 inotify: Inotify, hierarchy: Path = devicefilter.CGROUP_ROOT):
+                 inotify: Inotify, hierarchy: Path = devicefilter.CGROUP_ROOT,
+                 lock: Path = LOCK):
         self.cgroup_root = cgroup_root  # where it is attached, and below which units are found
         self.hierarchy = hierarchy  # where the cgroup v2 tree's root is mounted
         self.pins = pins
@@ -37,6 +40,9 @@ class Refusal:
         self.installer: Optional[grace.Grace] = None
         self.failure: Optional[str] = None  # the last refusal, logged once
         self.slice_wds: Dict[int, Path] = {}
+        self.lock = lock
+        # (pid, start) of a grace's package manager -> its cgroup when first seen there
+        self.installer_cgroups: Dict[Tuple[int, int], Tuple[int, str]] = {}
 
     def own_cgroup(self) -> int:
         return devicefilter.cgroup_id(self.hierarchy / proc.cgroup_path(os.getpid()).lstrip("/"))
@@ -56,26 +62,44 @@ class Refusal:
         found = devicefilter.cgroups_of_units(self.exempt_units, self.cgroup_root)
         found[self.own_cgroup()] = proc.cgroup_path(os.getpid())
         if self.installer is not None:
-            path = proc.cgroup_path(self.installer.pid)
-            with contextlib.suppress(OSError):
-                if path:
-                    found[devicefilter.cgroup_id(self.hierarchy / path.lstrip("/"))] = path
+            found.update(self._installers())
         return found
+
+    def _installers(self) -> Dict[int, str]:
+        """The cgroup the grace's package manager was in when first seen (its login's scope,
+        its unit): where it moves later, or is moved by root, gains nothing; never the root
+        cgroup or PID 1's."""
+        installer = self.installer
+        assert installer is not None
+        identity = (installer.pid, installer.start_ticks)
+        if identity not in self.installer_cgroups:
+            path = proc.cgroup_path(installer.pid)
+            if path in ("", "/", "/init.scope"):
+                return {}
+            try:
+                self.installer_cgroups[identity] = (
+                    devicefilter.cgroup_id(self.hierarchy / path.lstrip("/")), path)
+            except OSError:
+                return {}
+        cgroup, path = self.installer_cgroups[identity]
+        return {cgroup: path}
 
     def keep(self, installer: Optional[grace.Grace]) -> None:
         """Attached (or attached again), allowing the grace's package manager while it runs."""
         self.installer = installer
-        if self.filter is not None and self._attached(self.filter.prog_id) \
-                and self.filter.majors == devicefilter.terminal_majors():
-            self.refresh()
-            return
-        previous = self.filter
-        try:
-            allowed = self.allowed()
-            self.filter = devicefilter.enforce(allowed, self.cgroup_root, self.pins)
-        except (devicefilter.FilterError, OSError) as error:
-            self._failed(str(error))
-            return
+        with self._locked():  # a hand-over's two processes never replace it at once
+            if self.filter is not None and self._attached(self.filter.prog_id) \
+                    and self.filter.majors == devicefilter.terminal_majors():
+                self._pin_again_if_lost()
+                self.refresh()
+                return
+            previous = self.filter
+            try:
+                allowed = self.allowed()
+                self.filter = devicefilter.enforce(allowed, self.cgroup_root, self.pins)
+            except (devicefilter.FilterError, OSError) as error:
+                self._failed(str(error))
+                return
         if previous is not None:
             previous.close()
         self.failure = None
@@ -90,6 +114,27 @@ class Refusal:
         log("terminal-filter", state=state, program=self.filter.prog_id,
             allowed=sorted(allowed.values()), majors=list(self.filter.majors))
         self.watch_slices()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:  # no runtime directory (a test): one process only
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _pin_again_if_lost(self) -> None:
+        assert self.filter is not None
+        try:
+            if self.filter.pin_again_if_lost(self.pins):
+                log("terminal-filter", state="pinned again", program=self.filter.prog_id)
+        except (bpf.BpfError, OSError) as error:
+            self._failed(f"pinning it again: {error}")
 
     def refresh(self) -> None:
         """The allowed cgroups read again (an exempt unit started or stopped)."""
