@@ -177,13 +177,8 @@ class WatchdogGuarantee:
     def _installers_cgroup(self) -> Dict[int, str]:
         """The cgroup of a running grace's package manager, which the filter allows."""
         spared = grace.current(self.grace_path)
-        path = proc.cgroup_path(spared.pid) if spared is not None else ""
-        if not path:
-            return {}
-        try:
-            return {devicefilter.cgroup_id(self.cgroup_root / path.lstrip("/")): path}
-        except OSError:
-            return {}
+        seen = devicefilter.process_cgroup(spared.pid, self.cgroup_root) if spared is not None else None
+        return {} if seen is None else {seen[0]: seen[1]}
 
     def apply(self, journal: Any) -> None:
         asyncio.run(_start())

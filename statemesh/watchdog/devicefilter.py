@@ -32,7 +32,7 @@ import struct
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from statemesh import bpf
+from statemesh import bpf, proc
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PIN_DIRECTORY = Path("/sys/fs/bpf")
@@ -44,6 +44,7 @@ MAP_NAME = "statemesh_tty_ok"
 # cgroups: the watchdog's own, exempt units' with every cgroup below them (a container
 # runtime's), a grace's package manager's; allocated as used (BPF_F_NO_PREALLOC)
 ALLOWED_MOST = 65536
+KEY_SIZE = 8  # a cgroup id
 
 # Device numbers (Documentation/admin-guide/devices.txt) a terminal is opened through.
 TTYAUX_MAJOR = 5  # /dev/tty (0), /dev/console (1), /dev/ptmx (2); judged by minor below
@@ -188,7 +189,7 @@ def _close(*fds: Optional[int]) -> None:
 
 def _load(majors: Iterable[int]) -> Tuple[int, int]:
     """A new allowed-cgroups map and this code's program over it (fds, not attached)."""
-    map_fd = bpf.create_hash_map(8, 1, ALLOWED_MOST, MAP_NAME)
+    map_fd = bpf.create_hash_map(KEY_SIZE, 1, ALLOWED_MOST, MAP_NAME)
     try:
         return bpf.load_program(bpf.PROG_TYPE_CGROUP_DEVICE, program(map_fd, majors),
                                 PROGRAM_NAME), map_fd
@@ -250,8 +251,8 @@ class DeviceFilter:
 
     def allow(self, cgroup_ids: Iterable[int]) -> None:
         """Exactly these cgroups may open terminals from now on."""
-        wanted = {cgroup_id.to_bytes(8, "little") for cgroup_id in cgroup_ids}
-        present = set(bpf.map_keys(self.map_fd, 8))
+        wanted = {_key(cgroup_id) for cgroup_id in cgroup_ids}
+        present = set(bpf.map_keys(self.map_fd, KEY_SIZE))
         for key in present - wanted:  # first: a full map has room again
             with contextlib.suppress(FileNotFoundError, bpf.BpfError):
                 bpf.map_delete(self.map_fd, key)
@@ -422,8 +423,47 @@ def _read_back(cgroup_root: Path, prog_fd: int, map_fd: int) -> FilterState:
     if info.tag != twin_tag:
         return FilterState(False, "the attached filter is not this package's program for this "
                                   f"kernel's terminal drivers (tag {info.tag.hex()})")
-    allowed = tuple(sorted(int.from_bytes(key, "little") for key in bpf.map_keys(map_fd, 8)))
+    allowed = tuple(sorted(int.from_bytes(key, "little") for key in bpf.map_keys(map_fd, KEY_SIZE)))
     return FilterState(True, "attached", allowed)
+
+
+def _key(cgroup_id: int) -> bytes:
+    """A cgroup id as the map holds it (the u64 bpf_get_current_cgroup_id() returns)."""
+    return cgroup_id.to_bytes(KEY_SIZE, "little")
+
+
+def admit(cgroup_id: int, pins: Path = PIN_DIRECTORY) -> None:
+    """Add one cgroup to the pinned filter's map, where a filter is pinned."""
+    map_fd = bpf.pinned(str(pins / MAP_PIN))
+    try:
+        bpf.map_update(map_fd, _key(cgroup_id), b"\1")
+    finally:
+        os.close(map_fd)
+
+
+def is_attached(prog_id: int, cgroup_root: Path = CGROUP_ROOT) -> bool:
+    """Whether this program is attached to the cgroup itself (False where that cannot be read)."""
+    try:
+        cgroup_fd = _cgroup_fd(cgroup_root)
+    except FilterError:
+        return False
+    try:
+        return prog_id in bpf.attached_ids(cgroup_fd)
+    except bpf.BpfError:
+        return False
+    finally:
+        os.close(cgroup_fd)
+
+
+def process_cgroup(pid: int, hierarchy: Path = CGROUP_ROOT) -> Optional[Tuple[int, str]]:
+    """A process's cgroup v2 id and path, None when it is gone or its cgroup cannot be read."""
+    path = proc.cgroup_path(pid)
+    if not path:
+        return None
+    try:
+        return cgroup_id(hierarchy / path.lstrip("/")), path
+    except OSError:
+        return None
 
 
 def cgroup_id(path: Path) -> int:

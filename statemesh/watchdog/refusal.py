@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
-from statemesh import bpf, grace, proc
+from statemesh import bpf, grace
 from statemesh.events import log
 from statemesh.watchdog import devicefilter
 from statemesh.watchdog.inotify import IN_CREATE, IN_IGNORED, Event, Inotify
@@ -44,23 +44,23 @@ class Refusal:
         # (pid, start) of a grace's package manager -> its cgroup when first seen there
         self.installer_cgroups: Dict[Tuple[int, int], Tuple[int, str]] = {}
 
-    def own_cgroup(self) -> int:
-        return devicefilter.cgroup_id(self.hierarchy / proc.cgroup_path(os.getpid()).lstrip("/"))
+    def own_cgroup(self) -> Tuple[int, str]:
+        own = devicefilter.process_cgroup(os.getpid(), self.hierarchy)
+        if own is None:
+            raise OSError(f"this process's cgroup cannot be read below {self.hierarchy}")
+        return own
 
     def admit_self(self) -> None:
         """Before arming any watch: a filter a predecessor left attached (a restart after
         SIGKILL puts this process in a new cgroup) would refuse them otherwise."""
         with contextlib.suppress(OSError):
-            map_fd = bpf.pinned(str(self.pins / devicefilter.MAP_PIN))
-            try:
-                bpf.map_update(map_fd, self.own_cgroup().to_bytes(8, "little"), b"\1")
-            finally:
-                os.close(map_fd)
+            devicefilter.admit(self.own_cgroup()[0], self.pins)
 
     def allowed(self) -> Dict[int, str]:
         """id -> path of every cgroup the filter lets open terminals now."""
         found = devicefilter.cgroups_of_units(self.exempt_units, self.cgroup_root)
-        found[self.own_cgroup()] = proc.cgroup_path(os.getpid())
+        cgroup, path = self.own_cgroup()
+        found[cgroup] = path
         if self.installer is not None:
             found.update(self._installers())
         return found
@@ -73,14 +73,10 @@ class Refusal:
         assert installer is not None
         identity = (installer.pid, installer.start_ticks)
         if identity not in self.installer_cgroups:
-            path = proc.cgroup_path(installer.pid)
-            if path in ("", "/", "/init.scope"):
+            seen = devicefilter.process_cgroup(installer.pid, self.hierarchy)
+            if seen is None or seen[1] in ("/", "/init.scope"):
                 return {}
-            try:
-                self.installer_cgroups[identity] = (
-                    devicefilter.cgroup_id(self.hierarchy / path.lstrip("/")), path)
-            except OSError:
-                return {}
+            self.installer_cgroups[identity] = seen
         cgroup, path = self.installer_cgroups[identity]
         return {cgroup: path}
 
@@ -88,8 +84,9 @@ class Refusal:
         """Attached (or attached again), allowing the grace's package manager while it runs."""
         self.installer = installer
         with self._locked():  # a hand-over's two processes never replace it at once
-            if self.filter is not None and self._attached(self.filter.prog_id) \
-                    and self.filter.majors == devicefilter.terminal_majors():
+            kept = self.filter
+            if kept is not None and devicefilter.is_attached(kept.prog_id, self.cgroup_root) \
+                    and kept.majors == devicefilter.terminal_majors():
                 self._pin_again_if_lost()
                 self.refresh()
                 return
@@ -173,18 +170,6 @@ class Refusal:
         with contextlib.suppress(ValueError):
             return any(part in self.exempt_units for part in cgroup.relative_to(self.cgroup_root).parts)
         return False
-
-    def _attached(self, prog_id: int) -> bool:
-        try:
-            cgroup_fd = os.open(self.cgroup_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            return prog_id in bpf.attached_ids(cgroup_fd)
-        except bpf.BpfError:
-            return False
-        finally:
-            os.close(cgroup_fd)
 
     def _failed(self, why: str) -> None:
         if why != self.failure:
