@@ -32,6 +32,7 @@ from statemesh.guarantees.base import Finding
 
 SHIPPED_DIR = Path("/lib/systemd/system")
 PACKAGE_UNITS = (
+    "statemesh-node.target",
     "statemesh-storage.service",
     "statemesh-harden.service",
     "statemesh-firewall.service",

@@ -695,6 +695,7 @@ def package_units(fake: FakeSystemd) -> None:
     for name in ("storage", "harden", "firewall", "watchdog", "vtpm", "state", "atls"):
         fake.add(f"statemesh-{name}.service")
     fake.add("statemesh-state.socket")
+    fake.add("statemesh-node.target")
 
 
 @contextlib.contextmanager

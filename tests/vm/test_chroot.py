@@ -48,8 +48,10 @@ def test_dpkg_install_in_a_chroot_defers_hardening_to_first_boot(
     assert "Setting up statemesh-node" in result.stdout
 
     assert _host_state() == before
-    wants = root / "etc/systemd/system/multi-user.target.wants/statemesh-harden.service"
-    assert wants.is_symlink(), "statemesh-harden must be enabled for the first boot"
+    wants = root / "etc/systemd/system/multi-user.target.wants/statemesh-node.target"
+    assert wants.is_symlink(), "statemesh-node.target must be enabled for the first boot"
+    assert "statemesh-harden.service" in (root / "lib/systemd/system/statemesh-node.target"
+                                          ).read_text(), "the target wants the harden unit"
     assert not (root / "var/lib/statemesh-node/restore.json").exists(), "nothing hardened yet"
     status = subprocess.run(["dpkg-query", "--admindir", str(root / "var/lib/dpkg"), "-W",
                              "-f", "${db:Status-Abbrev}", "statemesh-node"],

@@ -28,7 +28,8 @@ Unattended-Upgrade::Automatic-Reboot "false";
 NONINTERACTIVE = {"DEBIAN_FRONTEND": "noninteractive"}
 # What earlier builds left on a node: deb-systemd-helper's links starting
 # statemesh-state.service (before the state socket), the vTPM and the state socket (before
-# the endpoint pulled them in) at every boot, and its record of each.
+# the endpoint pulled them in), the storage, harden and firewall units (before
+# statemesh-node.target wanted them) at every boot, and its record of each.
 HELPER_STATE = "/var/lib/systemd/deb-systemd-helper-enabled"
 JOURNAL = "/var/lib/statemesh-node/journal.jsonl"
 POLICY_LOG = "/root/input-policy"
@@ -36,6 +37,9 @@ LEGACY_LINKS = {
     "statemesh-state.service": "/etc/systemd/system/multi-user.target.wants",
     "statemesh-vtpm.service": "/etc/systemd/system/multi-user.target.wants",
     "statemesh-state.socket": "/etc/systemd/system/sockets.target.wants",
+    "statemesh-storage.service": "/etc/systemd/system/sysinit.target.wants",
+    "statemesh-harden.service": "/etc/systemd/system/multi-user.target.wants",
+    "statemesh-firewall.service": "/etc/systemd/system/multi-user.target.wants",
 }
 
 
@@ -161,6 +165,7 @@ def test_unattended_upgrade_keeps_data_storage_and_lockdown(
     for unit, wants in LEGACY_LINKS.items():
         assert guest.run(f"test ! -L {wants}/{unit} && test ! -e {HELPER_STATE}/{unit}.dsh-also",
                          check=False).returncode == 0, f"an old build's boot link is left: {unit}"
+    assert guest.run("systemctl is-enabled statemesh-node.target").stdout.strip() == "enabled"
     status = guest.run("statemesh-node status --json", check=False)
     assert status.returncode == 0, status.stdout + status.stderr
     assert guest.run("systemctl is-active ssh.service", check=False).stdout.strip() != "active"
