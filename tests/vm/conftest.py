@@ -3,8 +3,9 @@
 Each test gets guests on fresh copy-on-write overlays; their console logs stay under
 build/vm-artifacts/<test>/ and the tail is shown in the report of a failing test.
 
-One run covers every release: each test runs on the first of --suites, and the tests
-marked every_release on the others too, so that the workers share all of the work. Every
+One run covers every release: each test runs on the first of --suites, the tests marked
+every_release on the others too, and those marked later_releases on the others instead, so
+that the workers share all of the work. Every
 VM test declares what it costs (`cost` marker, seconds measured on 2 cores with two guests
 running); the run starts with the most expensive, so that no long test is left for the
 end of a worker's queue.
@@ -38,6 +39,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "every_release: also run on the other supported releases (make vm-test "
         "runs the whole suite on bookworm and these tests on trixie, from the same .deb)")
     config.addinivalue_line(
+        "markers", "later_releases: run on the releases after the first instead (what the "
+        "first release's run of another test already does there; on the first when it is "
+        "the only one)")
+    config.addinivalue_line(
         "markers", "cost(seconds): what the test costs, measured (2 cores, two guests at once); "
         "the most expensive run first")
 
@@ -46,8 +51,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "suite" not in metafunc.fixturenames:
         return
     suites = metafunc.config.getoption("--suites").split(",")
-    every_release = metafunc.definition.get_closest_marker("every_release") is not None
-    metafunc.parametrize("suite", suites if every_release else suites[:1])
+    marked = metafunc.definition.get_closest_marker
+    if marked("every_release"):
+        metafunc.parametrize("suite", suites)
+    elif marked("later_releases"):  # the first release's only when it is the only one
+        metafunc.parametrize("suite", suites[1:] or suites)
+    else:
+        metafunc.parametrize("suite", suites[:1])
 
 
 def _cost(item: pytest.Item) -> float:

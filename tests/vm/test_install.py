@@ -1,6 +1,8 @@
 """The package installs on a machine with a TPM from the local repository, from a cold boot,
 as an operator would, and purges cleanly. (A machine without one, a weak node, is installed
-and purged the same way by test_lockdown's end-to-end test, on every release.)"""
+and purged the same way by test_lockdown's end-to-end test, on every release.) On the first
+release the saved TPM node (harness.vm.snapshot.installed_node) is installed so, from a cold
+boot, and test_atls's TPM test checks it; this test runs on the later releases."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ def test_harness_reports_a_failing_guest_command(guest_factory,
     assert result.returncode == 3
 
 
-@pytest.mark.every_release
+@pytest.mark.later_releases
 @pytest.mark.cost(190)
 def test_install_with_a_tpm_from_local_repository_then_purge_leaves_nothing(guest_factory) -> None:
     guest = guest_factory(tpm=True)

@@ -83,7 +83,7 @@ def test_cloud_init_runcmd_installs_at_first_boot_and_its_unit_ends(
     held = guest.run(f"cat {HELD}").stdout.strip()
     guest.wait_for("systemctl show -P ActiveState cloud-final.service | grep -qx -e inactive "
                    "-e failed", "cloud-final.service's end", 120)
-    guest.run(f"journalctl -u statemesh-harden.service --no-pager | grep -q "
+    guest.run("journalctl -u statemesh-harden.service --no-pager | grep -q "
               "'cloud-final.service did not stop within 30 s: killing every process of it'")
     assert guest.run(f"test -e /proc/{held}", check=False).returncode == 1
     # What runcmd left running is killed with it: it ran as root in no running unit.

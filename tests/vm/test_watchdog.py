@@ -13,7 +13,6 @@ node.conf (exemptions).
 from __future__ import annotations
 
 import json
-import re
 from typing import Dict, List
 
 import pytest
