@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import select
 import stat
@@ -130,6 +131,19 @@ def _openpty() -> str:
     return "ok"
 
 
+def _told(made: devicefilter.DeviceFilter, refused: Path) -> List[Any]:
+    """The refusals the ring buffer told, as the watchdog reads them: the cgroup named
+    "refused" when it is the refused one."""
+    ring = bpf.RingBuffer(made.events_fd, devicefilter.EVENTS_SIZE, devicefilter.EVENT.size)
+    try:
+        told = [devicefilter.Refused.decode(record) for record in ring.read().records]
+    finally:
+        ring.close()
+    return [[one.device, one.mode, one.uid,
+             "refused" if one.cgroup_id == devicefilter.cgroup_id(refused) else one.cgroup_id]
+            for one in told]
+
+
 def _attached(top: Path) -> List[int]:
     fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -144,8 +158,10 @@ def _tag_swap(top: Path, pins: Path, refused: Path) -> Dict[str, Any]:
     and the next round replaces it."""
     majors = devicefilter.terminal_majors()
     own_map = bpf.create_hash_map(8, 1, 16, "root_map")
+    own_events = bpf.create_ring_buffer(devicefilter.EVENTS_SIZE, "root_events")
     bpf.map_update(own_map, devicefilter.cgroup_id(refused).to_bytes(8, "little"), b"\1")
-    own_prog = bpf.load_program(bpf.PROG_TYPE_CGROUP_DEVICE, devicefilter.program(own_map, majors),
+    own_prog = bpf.load_program(bpf.PROG_TYPE_CGROUP_DEVICE,
+                                devicefilter.program(own_map, own_events, majors),
                                 devicefilter.PROGRAM_NAME)
     pinned_prog = bpf.pinned(str(pins / devicefilter.PROGRAM_PIN))
     cgroup_fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
@@ -161,7 +177,7 @@ def _tag_swap(top: Path, pins: Path, refused: Path) -> Dict[str, Any]:
         next_round.close()
         return said
     finally:
-        for fd in (own_map, own_prog, pinned_prog, cgroup_fd):
+        for fd in (own_map, own_events, own_prog, pinned_prog, cgroup_fd):
             os.close(fd)
 
 
@@ -172,9 +188,9 @@ def _interrupted_attach(top: Path, pins: Path) -> Dict[str, Any]:
     old_prog = bpf.pinned(str(pins / devicefilter.PROGRAM_PIN))
     cgroup_fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        devicefilter._pin(pins, devicefilter.NEW, *new)
-        bpf.attach(cgroup_fd, new[0], old_prog)  # ... and killed here
-        new_id = bpf.program_info(new[0]).prog_id
+        devicefilter._pin(pins, devicefilter.NEW, new)
+        bpf.attach(cgroup_fd, new.prog, old_prog)  # ... and killed here
+        new_id = bpf.program_info(new.prog).prog_id
         started = devicefilter.enforce([], top, pins, majors=(*devicefilter.terminal_majors(), 251))
         said = {"kept_the_attached_one": not started.replaced and started.prog_id == new_id,
                 "attached": len(_attached(top)),
@@ -190,14 +206,16 @@ def _unpinned_extra(top: Path, pins: Path) -> str:
     """A second program of the package's name attached and pinned nowhere (what a watchdog
     killed at the wrong moment could once leave): status says so; purge finds it by name."""
     extra_map = bpf.create_hash_map(8, 1, 16, "extra")
+    extra_events = bpf.create_ring_buffer(devicefilter.EVENTS_SIZE, "extra_events")
     extra = bpf.load_program(bpf.PROG_TYPE_CGROUP_DEVICE,
-                             devicefilter.program(extra_map, devicefilter.terminal_majors()),
+                             devicefilter.program(extra_map, extra_events,
+                                                  devicefilter.terminal_majors()),
                              devicefilter.PROGRAM_NAME)
     cgroup_fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
     try:
         bpf.attach(cgroup_fd, extra)
     finally:
-        for fd in (extra_map, extra, cgroup_fd):
+        for fd in (extra_map, extra_events, extra, cgroup_fd):
             os.close(fd)  # the attachment holds it
     return devicefilter.state(top, pins).detail
 
@@ -217,6 +235,7 @@ def refusal(devpts: str) -> Dict[str, Any]:
         first = devicefilter.enforce([devicefilter.cgroup_id(allowed)], top, pins)
         result["first"] = {"replaced": first.replaced, "attached": _attached(top)}
         result["refused_opens"] = json.loads(_in_cgroup(refused, _opens))
+        result["refusals_told"] = _told(first, refused)
         result["refused_openpty"] = _in_cgroup(refused, _openpty)
         nodes = tempfile.mkdtemp(prefix="sm-nodes-")
         result["refused_made_nodes"] = _in_cgroup(refused, _made_nodes(nodes))
@@ -309,6 +328,12 @@ def _keep_as_a_watchdog(top: Path, pins: Path, hierarchy: Path, installer: int) 
     keeper.keep(types.SimpleNamespace(pid=installer, start_ticks=0))  # an installation's grace
     said["grace_installer"] = _in_cgroup(top / "installer", _openpty)
     said["grace_other"] = _in_cgroup(other, _openpty)
+    for _ in range(2):
+        _in_cgroup(other, _openpty)  # the same opener again: counted in one line
+    keeper.tell_refusals()
+    keeper.tell_refusals()  # nothing more told
+    said["flood"] = _flood(keeper, top, logged)
+    said["moved"] = _moved_position(keeper, pins, other, logged)
     keeper.keep(None)  # the grace ended
     said["after_grace_installer"] = _in_cgroup(top / "installer", _openpty)
     for made in (late, top / "work.slice" / "job.service"):
@@ -322,12 +347,52 @@ def _keep_as_a_watchdog(top: Path, pins: Path, hierarchy: Path, installer: int) 
     said["detached"] = _in_cgroup(other, _openpty)
     keeper.keep(None)  # the next round
     said["next_round"] = _in_cgroup(other, _openpty)
-    for name in (devicefilter.PROGRAM_PIN, devicefilter.MAP_PIN):
+    for name in devicefilter.PIN_NAMES:
         os.unlink(pins / name)  # the pins lost (unlinked; a bpffs mounted over them)
     keeper.keep(None)
     said["after_lost_pins"] = devicefilter.state(top, pins).attached
     said["log"] = logged
     return json.dumps(said)
+
+
+def _flood(keeper: keeping_module.Refusal, top: Path, logged: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Refused opens from more cgroups than a read names: the lines one read journals."""
+    before = len(logged)
+    for index in range(keeping_module.LINES_PER_READ + 4):
+        cgroup = top / f"flood-{index}"
+        cgroup.mkdir()
+        for _ in range(1 + index % 3):
+            _in_cgroup(cgroup, _openpty)
+    keeper.tell_refusals()
+    lines = logged[before:]
+    return {"refused_lines": sum(line["event"] == "terminal-refused" for line in lines),
+            "more": [{key: line[key] for key in ("count", "cgroups", "buffer_was_full",
+                                                 "position_moved")}
+                     for line in lines if line["event"] == "terminal-refused-more"]}
+
+
+def _moved_position(keeper: keeping_module.Refusal, pins: Path, other: Path,
+                    logged: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Root writes the ring buffer's consumer position (any holder of the map may): the
+    read says so and goes on, and the next refusal is told."""
+    events = bpf.pinned(str(pins / devicefilter.EVENTS_PIN))
+    try:
+        with mmap.mmap(events, mmap.PAGESIZE, mmap.MAP_SHARED,
+                       mmap.PROT_READ | mmap.PROT_WRITE) as page:
+            page[:8] = (1 << 40).to_bytes(8, "little")
+    finally:
+        os.close(events)
+    _in_cgroup(other, _openpty)
+    before = len(logged)
+    keeper.tell_refusals()
+    moved = [line.get("position_moved") for line in logged[before:]
+             if line["event"] == "terminal-refused-more"]
+    _in_cgroup(other, _openpty)
+    before = len(logged)
+    keeper.tell_refusals()
+    return {"moved_said": moved,
+            "next_told": [line["count"] for line in logged[before:]
+                          if line["event"] == "terminal-refused"]}
 
 
 def keeping(devpts: str) -> Dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import mmap
 import os
 import struct
 from typing import Iterator, List, Optional
@@ -33,6 +34,7 @@ OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
 
 MAP_TYPE_HASH = 1
+MAP_TYPE_RINGBUF = 27
 F_NO_PREALLOC = 1  # a hash map's entries allocated as they are added
 PROG_TYPE_CGROUP_DEVICE = 15
 CGROUP_DEVICE = 6  # the attach type
@@ -89,6 +91,118 @@ def create_hash_map(key_size: int, value_size: int, max_entries: int, name: str)
     attr = struct.pack("=IIIIIII16s", MAP_TYPE_HASH, key_size, value_size, max_entries,
                        F_NO_PREALLOC, 0, 0, name.encode()[:OBJ_NAME_LEN - 1])
     return call(MAP_CREATE, attr)
+
+
+def create_ring_buffer(size: int, name: str) -> int:
+    """A ring buffer map of `size` bytes (a power of two, whole pages): what programs send
+    to user space (bpf_ringbuf_output), read with RingBuffer."""
+    attr = struct.pack("=IIIIIII16s", MAP_TYPE_RINGBUF, 0, 0, size, 0, 0, 0,
+                       name.encode()[:OBJ_NAME_LEN - 1])
+    return call(MAP_CREATE, attr)
+
+
+@dataclasses.dataclass(frozen=True)
+class Read:
+    """What one read of a ring buffer found: the records, whether the buffer was close to
+    full (records may have been lost: a program's output fails then), and whether the
+    consumer's position was not where this reader left it (someone holding the map wrote
+    it; the reader went on from the producer's position)."""
+
+    records: List[bytes]
+    was_full: bool
+    moved: bool
+
+
+class RingBuffer:
+    """The reading end of a ring buffer map, as the kernel maps it: the consumer's position
+    on a page of its own (the one page user space may write), then the producer's position
+    and the data, mapped twice in a row so that no record wraps. Its map's fd is readable
+    (poll) when records wait. The reader keeps its own position and only ever writes it:
+    root can map that page too. Loads and stores are plain (x86-64's order suffices; a
+    weakly ordered machine may see a record's length before its data)."""
+
+    BUSY = 1 << 31  # a record reserved, not committed yet
+    DISCARD = 1 << 30
+    HEADER = 8
+
+    def __init__(self, map_fd: int, size: int, record_size: int):
+        page = mmap.PAGESIZE
+        self.size = size
+        self.record_size = record_size
+        self.page = page
+        self.fd = os.dup(map_fd)  # its own: polled until this reader is closed
+        try:
+            self.consumer = mmap.mmap(self.fd, page, mmap.MAP_SHARED,
+                                      mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+            try:
+                self.producer = mmap.mmap(self.fd, page + 2 * size, mmap.MAP_SHARED,
+                                          mmap.PROT_READ, offset=page)
+            except BaseException:
+                self.consumer.close()
+                raise
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.position = self._consumer_position()  # where the last reader left off
+        end = self._producer_position()
+        if self.position % 8 or self.position > end or end - self.position > size:
+            self.position = end
+
+    def _consumer_position(self) -> int:
+        return struct.unpack_from("=Q", self.consumer, 0)[0]
+
+    def _producer_position(self) -> int:
+        return struct.unpack_from("=Q", self.producer, 0)[0]
+
+    def read(self, most: int = 4096) -> Read:
+        """The committed records of `record_size` not read yet, in order (at most `most`),
+        consumed. Anything else where a record should be (a length of another size, a
+        position not 8-aligned, a producer behind the reader) ends the read at the
+        producer's position."""
+        end = self._producer_position()
+        moved = self._consumer_position() != self.position
+        was_full = end - self.position > self.size - 2 * (self.HEADER + self.record_size)
+        found: List[bytes] = []
+        while self.position < end and len(found) < most:
+            at = self.page + (self.position & (self.size - 1))
+            length = struct.unpack_from("=I", self.producer, at)[0]
+            if length & self.BUSY:
+                break
+            size = length & ~(self.BUSY | self.DISCARD)
+            if size != self.record_size or self.position % 8:
+                self.position = end
+                moved = True
+                break
+            if not length & self.DISCARD:
+                found.append(self.producer[at + self.HEADER:at + self.HEADER + size])
+            self.position += (size + self.HEADER + 7) & ~7
+        if self.position > end or end - self.position > self.size:
+            self.position, moved = end, True
+        struct.pack_into("=Q", self.consumer, 0, self.position)
+        return Read(found, was_full, moved)
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.producer.close()
+        os.close(self.fd)
+
+
+@dataclasses.dataclass(frozen=True)
+class MapInfo:
+    """What the kernel says of a map: its type, id and how many entries (a ring buffer's
+    size in bytes)."""
+
+    type: int
+    id: int
+    max_entries: int
+
+
+def map_info(map_fd: int) -> MapInfo:
+    # type, id, key_size, value_size, max_entries: the start of struct bpf_map_info
+    info = ctypes.create_string_buffer(20)
+    call(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", map_fd, len(info), _address(info)))
+    kind, ident, _key, _value, most = struct.unpack_from("=IIIII", info.raw, 0)
+    return MapInfo(kind, ident, most)
 
 
 def map_update(map_fd: int, key: bytes, value: bytes) -> None:
@@ -194,6 +308,4 @@ def program_by_id(prog_id: int) -> int:
 
 def map_id(map_fd: int) -> int:
     """A map's id, as a program's info lists the maps it reads."""
-    info = ctypes.create_string_buffer(16)  # type, id, key_size, value_size of bpf_map_info
-    call(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", map_fd, len(info), _address(info)))
-    return struct.unpack_from("=I", info.raw, 4)[0]
+    return map_info(map_fd).id

@@ -28,6 +28,12 @@ def test_a_refused_cgroup_cannot_open_any_terminal_and_may_only_write_the_consol
     assert refusal["refused_openpty"] == EPERM
 
 
+def test_each_refusal_is_told_with_its_device_access_uid_and_cgroup(refusal) -> None:
+    # the opens above, in order: /dev/ptmx, /dev/tty and the console read, each refused
+    assert refusal["refusals_told"] == [["5:2", "rw", 0, "refused"], ["5:0", "rw", 0, "refused"],
+                                        ["5:1", "rw", 0, "refused"]]
+
+
 def test_the_decision_is_by_device_numbers_wherever_the_node_was_made(refusal) -> None:
     said = dict(item.split(" ", 1) for item in refusal["refused_made_nodes"].split("; "))
     for terminal in ("tty5", "ttyS0", "vcs1", "pts-slave", "pts-slave-300", "hvc0", "ttyUSB0"):
@@ -57,7 +63,7 @@ def test_a_second_start_keeps_the_attached_program_and_an_upgrade_replaces_it(re
 def test_the_same_code_over_roots_own_map_is_not_taken_for_the_filter(refusal) -> None:
     swap = refusal["tag_swap"]
     assert swap["opens_with_roots_program"] == "ok"  # what root gains while it lasts
-    assert swap["state"] == "the attached filter reads another map than the one pinned"
+    assert swap["state"] == "the attached filter reads other maps than those pinned"
     assert swap["next_round_replaced"] is True and swap["opens_after_next_round"] == EPERM
 
 
@@ -86,8 +92,27 @@ def test_a_grace_allows_its_package_manager_alone_and_only_while_it_runs(keeping
     assert keeping["grace_installer"] == "ok"  # apt opens a pty for dpkg when it has a terminal
     assert keeping["grace_other"] == EPERM
     assert keeping["after_grace_installer"] == EPERM
-    assert [line["state"] for line in keeping["log"]] == ["attached", "attached again",
-                                                          "pinned again"]
+    assert [line["state"] for line in keeping["log"]
+            if line["event"] == "terminal-filter"] == ["attached", "attached again", "pinned again"]
+
+
+def test_the_watchdog_journals_each_openers_cgroup_once_per_read(keeping) -> None:
+    told = [line for line in keeping["log"] if line["event"] == "terminal-refused"]
+    line = told[0]  # three refused openpty calls, one line
+    assert (line["devices"], line["uids"], line["count"]) == (["5:2 rw"], [0], 3)
+    assert line["cgroup"].endswith("/other") and line["unit"] == ""
+    assert line["processes"] == []  # the opener has exited: nothing runs there now
+
+
+def test_a_flood_from_many_cgroups_costs_a_bounded_number_of_lines(keeping) -> None:
+    # 12 cgroups refused: 8 lines, the 4 least refused in one more (1 + i % 3 opens each)
+    assert keeping["flood"]["refused_lines"] == 8
+    assert keeping["flood"]["more"] == [{"count": 4, "cgroups": 4, "buffer_was_full": False,
+                                         "position_moved": False}]
+
+
+def test_a_consumer_position_written_by_root_is_said_and_reading_goes_on(keeping) -> None:
+    assert keeping["moved"] == {"moved_said": [True], "next_told": [1]}
 
 
 def test_an_exempt_unit_and_a_unit_in_an_exempt_slice_are_allowed_once_made(keeping) -> None:

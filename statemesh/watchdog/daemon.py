@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
-from statemesh import grace, proc
+from statemesh import bpf, grace, proc
 from statemesh.events import log
 from statemesh.watchdog import devicefilter, handover, terminals
-from statemesh.watchdog.refusal import Refusal
+from statemesh.watchdog.refusal import REFUSED_PAUSE, Refusal
 from statemesh.watchdog.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_IGNORED, IN_MOVED_TO,
                                         IN_OPEN, IN_Q_OVERFLOW, Inotify)
 
@@ -150,6 +150,7 @@ class Watchdog:
         self.inotify = Inotify()
         self.refusal: Optional[Refusal] = None
         self.keeps_filter = True  # until it hands over
+        self.refused: Optional[bpf.RingBuffer] = None  # where the filter's refusals are read
         if settings.filter_cgroup is not None:
             self.refusal = Refusal(settings.filter_cgroup, settings.filter_pins,
                                    settings.exempt_units, self.inotify)
@@ -407,9 +408,45 @@ class Watchdog:
 
     def keep_filter(self) -> None:
         """The kernel refuses terminal opens (statemesh.watchdog.refusal); a grace's
-        package manager may open them while it runs."""
+        package manager may open them while it runs. The refusals it tells are read."""
         if self.refusal is not None and self.keeps_filter:
             self.refusal.keep(self.grace)
+            self._read_refusals(self.refusal.told)
+
+    def _read_refusals(self, ring: Optional[bpf.RingBuffer]) -> None:
+        """Journal the refusals told through `ring` whenever some wait (the filter in
+        force's); the reader before is no longer polled, then closed."""
+        if ring is self.refused:
+            return
+        loop = asyncio.get_running_loop()
+        if self.refused is not None:
+            loop.remove_reader(self.refused.fd)
+        self.refused = ring
+        if ring is not None:
+            loop.add_reader(ring.fd, self._on_refusals)
+        if self.refusal is not None:
+            self.refusal.retire_readers()
+
+    def _on_refusals(self) -> None:
+        """Told, then deaf for a moment ten times what telling cost: a loop of refused
+        opens costs the watchdog a tenth of its time at most."""
+        assert self.refusal is not None and self.refused is not None
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.refused.fd)
+        took = 0.0
+        try:
+            took = self.refusal.tell_refusals()
+        except Exception as error:  # noqa: BLE001 - the next read tries again
+            log("error", what="telling refused terminal opens", error=repr(error))
+        finally:
+            loop.call_later(max(REFUSED_PAUSE, 10 * took), self._listen_again, self.refused)
+
+    def stop_reading_refusals(self) -> None:
+        self._read_refusals(None)
+
+    def _listen_again(self, ring: bpf.RingBuffer) -> None:
+        if ring is self.refused:
+            asyncio.get_running_loop().add_reader(ring.fd, self._on_refusals)
 
     # -- ending terminals ----------------------------------------------------
 
@@ -614,9 +651,11 @@ class HandOverOnHangup:
 
     async def _hand_over(self) -> None:
         log("handover", pid=os.getpid(), state="starting the successor")
-        # The successor keeps the terminal filter from now on: this process putting its own
-        # program back in between would undo an upgrade's.
+        # The successor keeps the terminal filter from now on, and tells its refusals: this
+        # process putting its own program back in between would undo an upgrade's, and two
+        # readers of one ring buffer would each tell part of it.
         self.watchdog.keeps_filter = False
+        self.watchdog.stop_reading_refusals()
         argv = [sys.executable, *sys.orig_argv[1:]]  # also `python3 -m statemesh.cli` in tests
         try:
             successor = await handover.hand_over(argv, HANDOVER_TIMEOUT)

@@ -13,11 +13,12 @@ write boot messages there; nobody reads input from a write-only fd). Creating a 
 Allowed: a process whose cgroup is in the program's map, which the watchdog fills
 (statemesh.watchdog.refusal). Root can write a pid into an allowed cgroup's cgroup.procs:
 that is why the second line, the watchdog's kill-on-sight of every holder it does not
-spare by something stronger (the loginuid), stays.
+spare by something stronger (the loginuid), stays. Each refusal is also written to a ring
+buffer (the device, the access, the opener's uid and cgroup), which the watchdog journals.
 
 Attached with BPF_F_ALLOW_MULTI beside systemd's per-unit device programs: every program
 on the way from the root must allow an open, so no unit can widen it. The attachment holds
-the program: a killed watchdog leaves the kernel refusing. Program and map are pinned in
+the program: a killed watchdog leaves the kernel refusing. Program and maps are pinned in
 bpffs, so the next watchdog (a restart, a hand-over) finds them instead of attaching a
 second copy; a changed program (an upgrade, a new terminal driver) replaces the old one
 atomically (BPF_F_REPLACE). Only purge detaches it.
@@ -30,7 +31,7 @@ import dataclasses
 import os
 import struct
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from statemesh import bpf, proc
 
@@ -38,9 +39,15 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PIN_DIRECTORY = Path("/sys/fs/bpf")
 PROGRAM_PIN = "statemesh-terminal-filter"
 MAP_PIN = "statemesh-terminal-filter-allowed"
+EVENTS_PIN = "statemesh-terminal-filter-refused"
 NEW = "-new"  # a replacement's pins until it is attached (bpffs refuses names with a dot)
 PROGRAM_NAME = "statemesh_tty"
 MAP_NAME = "statemesh_tty_ok"
+EVENTS_NAME = "statemesh_tty_no"
+# Each refused open, for the watchdog's journal: major, minor, access (u32 each), the
+# opener's uid (u32) and cgroup id (u64). 64 KiB hold 2048 of them between two reads.
+EVENT = struct.Struct("<IIIIQ")
+EVENTS_SIZE = 64 * 1024
 # cgroups: the watchdog's own, exempt units' with every cgroup below them (a container
 # runtime's), a grace's package manager's; allocated as used (BPF_F_NO_PREALLOC)
 ALLOWED_MOST = 65536
@@ -69,6 +76,8 @@ _AND64_K = 0x57
 _RSH64_K = 0x77
 _ADD64_K = 0x07
 _STX_DW = 0x7B  # *(u64 *)(dst + off) = src
+_LSH64_K = 0x67
+_OR64_X = 0x4F
 _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD = 1
 _JA = 0x05
@@ -78,7 +87,34 @@ _JGT_K = 0x25
 _CALL = 0x85
 _EXIT = 0x95
 _GET_CURRENT_CGROUP_ID = 80
+_GET_CURRENT_UID_GID = 15
 _MAP_LOOKUP_ELEM = 1
+_RINGBUF_OUTPUT = 130
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """One open the filter refused, as the kernel told it (the opener's pid is not among
+    what a device program may read: its cgroup is)."""
+
+    major: int
+    minor: int
+    access: int  # ACCESS_READ | ACCESS_WRITE bits
+    uid: int
+    cgroup_id: int
+
+    @classmethod
+    def decode(cls, record: bytes) -> "Refused":
+        return cls(*EVENT.unpack(record[:EVENT.size]))
+
+    @property
+    def device(self) -> str:
+        return f"{self.major}:{self.minor}"
+
+    @property
+    def mode(self) -> str:
+        """The access asked for, as an open's mode: r, w or rw."""
+        return ("r" if self.access & ACCESS_READ else "") + ("w" if self.access & ACCESS_WRITE else "")
 
 
 class FilterError(RuntimeError):
@@ -124,43 +160,69 @@ def terminal_majors(drivers: Path = TTY_DRIVERS) -> Tuple[int, ...]:
     return tuple(sorted(found))
 
 
-def program(map_fd: int, majors: Iterable[int]) -> bytes:
-    """The filter's instructions; map_fd is the allowed cgroups' map (0 for the tag),
-    majors those refused whole (terminal_majors)."""
+def program(map_fd: int, events_fd: int, majors: Iterable[int]) -> bytes:
+    """The filter's instructions; map_fd is the allowed cgroups' map and events_fd the ring
+    buffer each refusal is told through, majors those refused whole
+    (terminal_majors). Access, major and minor are kept in r6-r8, which calls preserve."""
     asm = _Assembler()
-    asm.op(_LDX_W, dst=2, src=1, off=0)  # r2 = access_type: (access << 16) | device type
-    asm.op(_LDX_W, dst=3, src=1, off=4)  # r3 = major
-    asm.op(_LDX_W, dst=4, src=1, off=8)  # r4 = minor
-    asm.op(_MOV64_X, dst=5, src=2)
+    asm.op(_LDX_W, dst=6, src=1, off=0)  # r6 = access_type: (access << 16) | device type
+    asm.op(_LDX_W, dst=7, src=1, off=4)  # r7 = major
+    asm.op(_LDX_W, dst=8, src=1, off=8)  # r8 = minor
+    asm.op(_MOV64_X, dst=5, src=6)
     asm.op(_AND64_K, dst=5, imm=0xFFFF)
     asm.jump(_JNE_K, 5, DEVICE_CHAR, "allow")
-    asm.op(_RSH64_K, dst=2, imm=16)
-    asm.op(_MOV64_X, dst=5, src=2)
+    asm.op(_RSH64_K, dst=6, imm=16)
+    asm.op(_MOV64_X, dst=5, src=6)
     asm.op(_AND64_K, dst=5, imm=ACCESS_READ | ACCESS_WRITE)
     asm.jump(_JEQ_K, 5, 0, "allow")  # mknod alone: the open is judged
-    asm.jump(_JEQ_K, 3, TTYAUX_MAJOR, "ttyaux")
+    asm.jump(_JEQ_K, 7, TTYAUX_MAJOR, "ttyaux")
     for major in sorted(set(majors)):
-        asm.jump(_JEQ_K, 3, major, "judge")
+        asm.jump(_JEQ_K, 7, major, "judge")
     asm.jump(_JA, 0, 0, "allow")
     asm.label("ttyaux")
-    asm.jump(_JGT_K, 4, TTYAUX_TERMINALS_BELOW - 1, "allow")
-    asm.jump(_JNE_K, 4, CONSOLE_MINOR, "judge")
-    asm.jump(_JEQ_K, 2, ACCESS_WRITE, "allow")  # the console, written only
+    asm.jump(_JGT_K, 8, TTYAUX_TERMINALS_BELOW - 1, "allow")
+    asm.jump(_JNE_K, 8, CONSOLE_MINOR, "judge")
+    asm.jump(_JEQ_K, 6, ACCESS_WRITE, "allow")  # the console, written only
     asm.label("judge")
     asm.op(_CALL, imm=_GET_CURRENT_CGROUP_ID)
-    asm.op(_STX_DW, dst=10, src=0, off=-8)
+    asm.op(_STX_DW, dst=10, src=0, off=-8)  # the event's cgroup id, and the lookup's key
     asm.op(_MOV64_X, dst=2, src=10)
     asm.op(_ADD64_K, dst=2, imm=-8)
-    asm.op(_LD_IMM64, dst=1, src=_PSEUDO_MAP_FD, imm=map_fd)
-    asm.op(0)  # the second half of the 64-bit load
+    _load_map(asm, 1, map_fd)
     asm.op(_CALL, imm=_MAP_LOOKUP_ELEM)
     asm.jump(_JNE_K, 0, 0, "allow")
+    _tell_refusal(asm, events_fd)
     asm.op(_MOV64_K, dst=0, imm=0)  # refused: the opener gets EPERM
     asm.op(_EXIT)
     asm.label("allow")
     asm.op(_MOV64_K, dst=0, imm=1)
     asm.op(_EXIT)
     return asm.assemble()
+
+
+def _load_map(asm: _Assembler, register: int, map_fd: int) -> None:
+    asm.op(_LD_IMM64, dst=register, src=_PSEUDO_MAP_FD, imm=map_fd)
+    asm.op(0)  # the second half of the 64-bit load
+
+
+def _tell_refusal(asm: _Assembler, events_fd: int) -> None:
+    """The EVENT on the stack below the cgroup id, sent to the ring buffer; a full buffer
+    loses the event, never the refusal. Written 8 bytes at a time: without CAP_PERFMON,
+    Linux 6.1's verifier refuses a 4-byte store beside another in one stack slot."""
+    asm.op(_MOV64_X, dst=1, src=8)
+    asm.op(_LSH64_K, dst=1, imm=32)
+    asm.op(_OR64_X, dst=1, src=7)
+    asm.op(_STX_DW, dst=10, src=1, off=-24)  # major, then minor
+    asm.op(_CALL, imm=_GET_CURRENT_UID_GID)
+    asm.op(_LSH64_K, dst=0, imm=32)  # the uid (the low half) above
+    asm.op(_OR64_X, dst=0, src=6)  # the access
+    asm.op(_STX_DW, dst=10, src=0, off=-16)
+    _load_map(asm, 1, events_fd)
+    asm.op(_MOV64_X, dst=2, src=10)
+    asm.op(_ADD64_K, dst=2, imm=-EVENT.size)
+    asm.op(_MOV64_K, dst=3, imm=EVENT.size)
+    asm.op(_MOV64_K, dst=4, imm=0)
+    asm.op(_CALL, imm=_RINGBUF_OUTPUT)
 
 
 def _cgroup_fd(cgroup_root: Path) -> int:
@@ -170,15 +232,33 @@ def _cgroup_fd(cgroup_root: Path) -> int:
         raise FilterError(f"no cgroup v2 tree at {cgroup_root}: {error.strerror}") from None
 
 
-def _pinned(pins: Path, suffix: str = "") -> Tuple[Optional[int], Optional[int]]:
-    """The program and map pinned under these names (fds), where they are."""
+class Objects(NamedTuple):
+    """The filter's program and its two maps (fds), as loaded or as pinned (None: not)."""
+
+    prog: Optional[int]
+    allowed: Optional[int]
+    events: Optional[int]
+
+    def complete(self) -> bool:
+        return None not in self
+
+
+PIN_NAMES = (PROGRAM_PIN, MAP_PIN, EVENTS_PIN)  # in the order of Objects' fields
+
+
+def _pinned(pins: Path, suffix: str = "") -> Objects:
+    """The program and maps pinned under these names (fds), where they are."""
     found: List[Optional[int]] = []
-    for name in (PROGRAM_PIN, MAP_PIN):
-        try:
-            found.append(bpf.pinned(str(pins / f"{name}{suffix}")))
-        except FileNotFoundError:
-            found.append(None)
-    return found[0], found[1]
+    try:
+        for name in PIN_NAMES:
+            try:
+                found.append(bpf.pinned(str(pins / f"{name}{suffix}")))
+            except FileNotFoundError:
+                found.append(None)
+    except BaseException:
+        _close(*found)
+        raise
+    return Objects(*found)
 
 
 def _close(*fds: Optional[int]) -> None:
@@ -187,63 +267,71 @@ def _close(*fds: Optional[int]) -> None:
             os.close(fd)
 
 
-def _load(majors: Iterable[int]) -> Tuple[int, int]:
-    """A new allowed-cgroups map and this code's program over it (fds, not attached)."""
-    map_fd = bpf.create_hash_map(KEY_SIZE, 1, ALLOWED_MOST, MAP_NAME)
+def _load(majors: Iterable[int]) -> Objects:
+    """New maps and this code's program over them (fds, not attached)."""
+    made: List[int] = []
     try:
-        return bpf.load_program(bpf.PROG_TYPE_CGROUP_DEVICE, program(map_fd, majors),
-                                PROGRAM_NAME), map_fd
+        made.append(bpf.create_hash_map(KEY_SIZE, 1, ALLOWED_MOST, MAP_NAME))
+        made.append(bpf.create_ring_buffer(EVENTS_SIZE, EVENTS_NAME))
+        prog = bpf.load_program(bpf.PROG_TYPE_CGROUP_DEVICE, program(made[0], made[1], majors),
+                                PROGRAM_NAME)
     except BaseException:
-        os.close(map_fd)
+        _close(*made)
         raise
+    return Objects(prog, made[0], made[1])
 
 
-def _reads(prog_fd: int, map_fd: int) -> bool:
-    """Whether the program reads exactly this map: a tag says nothing of which map it is
-    (the kernel zeroes map references before hashing)."""
-    return bpf.program_info(prog_fd).map_ids == [bpf.map_id(map_fd)]
+def _reads(objects: Objects) -> bool:
+    """Whether the program reads exactly these maps, in the order its code names them, and
+    the ring buffer is of this code's size: a tag says nothing of which maps they are (the
+    kernel zeroes map references before hashing)."""
+    assert objects.complete()
+    events = bpf.map_info(objects.events)  # type: ignore[arg-type]
+    return bpf.program_info(objects.prog).map_ids == [  # type: ignore[arg-type]
+        bpf.map_id(objects.allowed), events.id] and \
+        (events.type, events.max_entries) == (bpf.MAP_TYPE_RINGBUF, EVENTS_SIZE)  # type: ignore[arg-type]
 
 
-def _pin(pins: Path, suffix: str, prog_fd: int, map_fd: int) -> None:
-    for name, fd in ((PROGRAM_PIN, prog_fd), (MAP_PIN, map_fd)):
-        bpf.pin(fd, str(pins / f"{name}{suffix}"))
+def _pin(pins: Path, suffix: str, objects: Objects) -> None:
+    for name, fd in zip(PIN_NAMES, objects):
+        bpf.pin(fd, str(pins / f"{name}{suffix}"))  # type: ignore[arg-type]
 
 
 def _forget(pins: Path, suffix: str) -> None:
-    for name in (PROGRAM_PIN, MAP_PIN):
+    for name in PIN_NAMES:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pins / f"{name}{suffix}")
 
 
 def _move_in_place(pins: Path) -> None:
-    """The new pins over the old ones: map first, so that a kill in between leaves the
+    """The new pins over the old ones: maps first, so that a kill in between leaves the
     new program pinned as new, which the next start finishes moving."""
-    for name in (MAP_PIN, PROGRAM_PIN):
-        os.rename(pins / f"{name}{NEW}", pins / name)
+    for name in (MAP_PIN, EVENTS_PIN, PROGRAM_PIN):
+        with contextlib.suppress(FileNotFoundError):  # moved by a start that was killed
+            os.rename(pins / f"{name}{NEW}", pins / name)
 
 
 def _finish_interrupted(cgroup_fd: int, pins: Path) -> None:
     """A watchdog killed between attaching a program and moving its pins in place left
     them pinned as new: attached, that program is the one in force (its pins are moved
     in place); not attached, it is forgotten."""
-    prog_fd, map_fd = _pinned(pins, NEW)
+    new = _pinned(pins, NEW)
     try:
-        if prog_fd is not None and bpf.program_info(prog_fd).prog_id in bpf.attached_ids(cgroup_fd):
-            if map_fd is None:  # the map's pin was moved already
-                os.rename(pins / f"{PROGRAM_PIN}{NEW}", pins / PROGRAM_PIN)
-            else:
-                _move_in_place(pins)
+        if new.prog is not None and bpf.program_info(new.prog).prog_id in bpf.attached_ids(cgroup_fd):
+            _move_in_place(pins)
         else:
             _forget(pins, NEW)
     finally:
-        _close(prog_fd, map_fd)
+        _close(*new)
 
 
 @dataclasses.dataclass
 class DeviceFilter:
-    """The attached filter's map, through which the watchdog says who may open terminals."""
+    """The attached filter's maps: through one the watchdog says who may open terminals,
+    through the other the kernel tells it each refusal."""
 
     map_fd: int
+    events_fd: int
     prog_fd: int
     prog_id: int
     replaced: bool  # whether this start attached it (or replaced an older program)
@@ -259,35 +347,38 @@ class DeviceFilter:
         for key in wanted - present:
             bpf.map_update(self.map_fd, key, b"\1")
 
+    def objects(self) -> Objects:
+        return Objects(self.prog_fd, self.map_fd, self.events_fd)
+
     def pin_again_if_lost(self, pins: Path) -> bool:
-        """Pinned again where its pins are gone or name another program (unlinked, a bpffs
-        mounted over them): else the next watchdog would attach a second one. Whether it
-        had to be."""
-        prog_fd, map_fd = _pinned(pins)
+        """Pinned again where its pins are gone or name another program or map (unlinked,
+        a bpffs mounted over them): else the next watchdog would attach a second one.
+        Whether it had to be."""
+        pinned = _pinned(pins)
         try:
-            if prog_fd is not None and map_fd is not None and \
-                    bpf.program_info(prog_fd).prog_id == self.prog_id and _reads(prog_fd, self.map_fd) \
-                    and bpf.map_id(map_fd) == bpf.map_id(self.map_fd):
+            if pinned.complete() and bpf.program_info(pinned.prog).prog_id == self.prog_id \
+                    and [bpf.map_id(fd) for fd in pinned[1:]] == \
+                    [bpf.map_id(self.map_fd), bpf.map_id(self.events_fd)]:  # type: ignore[arg-type]
                 return False
         finally:
-            _close(prog_fd, map_fd)
+            _close(*pinned)
         _forget(pins, "")
-        _pin(pins, "", self.prog_fd, self.map_fd)
+        _pin(pins, "", self.objects())
         return True
 
     def close(self) -> None:
-        _close(self.map_fd, self.prog_fd)
+        _close(self.map_fd, self.events_fd, self.prog_fd)
 
 
 def enforce(allowed: Iterable[int], cgroup_root: Path = CGROUP_ROOT,
             pins: Path = PIN_DIRECTORY, majors: Optional[Tuple[int, ...]] = None) -> DeviceFilter:
     """The filter attached at cgroup_root and allowing exactly `allowed`: the one pinned in
-    this boot where it is this code's program over its pinned map and still attached,
+    this boot where it is this code's program over its pinned maps and still attached,
     else this code's, attached in its place (atomically, where one was attached) and
     pinned."""
     majors = terminal_majors() if majors is None else majors
     cgroup_fd = _cgroup_fd(cgroup_root)
-    old: Tuple[Optional[int], Optional[int]] = (None, None)
+    old = Objects(None, None, None)
     try:
         _finish_interrupted(cgroup_fd, pins)
         old = _pinned(pins)
@@ -302,28 +393,28 @@ def enforce(allowed: Iterable[int], cgroup_root: Path = CGROUP_ROOT,
         _close(*old, cgroup_fd)
 
 
-def _enforce(allowed: List[int], cgroup_fd: int, pins: Path,
-             old: Tuple[Optional[int], Optional[int]], new: Tuple[int, int],
+def _duplicate(objects: Objects, replaced: bool, majors: Tuple[int, ...]) -> DeviceFilter:
+    prog, allowed, events = (os.dup(fd) for fd in objects)  # type: ignore[arg-type]
+    return DeviceFilter(allowed, events, prog, bpf.program_info(prog).prog_id, replaced, majors)
+
+
+def _enforce(allowed: List[int], cgroup_fd: int, pins: Path, old: Objects, new: Objects,
              majors: Tuple[int, ...]) -> DeviceFilter:
-    old_prog, old_map = old
     attached = bpf.attached_ids(cgroup_fd)
-    old_info = bpf.program_info(old_prog) if old_prog is not None else None
-    new_info = bpf.program_info(new[0])
+    old_info = bpf.program_info(old.prog) if old.prog is not None else None
     old_attached = old_info is not None and old_info.prog_id in attached
-    if (old_info is not None and old_attached and old_map is not None
-            and old_info.tag == new_info.tag and _reads(old_prog, old_map)):  # type: ignore[arg-type]
-        kept = DeviceFilter(os.dup(old_map), os.dup(old_prog), old_info.prog_id,  # type: ignore[arg-type]
-                            replaced=False, majors=majors)
+    if old_attached and old.complete() and old_info.tag == bpf.program_info(new.prog).tag \
+            and _reads(old):  # type: ignore[union-attr,arg-type]
+        kept = _duplicate(old, replaced=False, majors=majors)
         kept.allow(allowed)
         return kept
-    made = DeviceFilter(os.dup(new[1]), os.dup(new[0]), new_info.prog_id, replaced=True,
-                        majors=majors)
+    made = _duplicate(new, replaced=True, majors=majors)
     try:
         made.allow(allowed)  # before it is attached: the watchdog's own watches keep working
         _forget(pins, NEW)
-        _pin(pins, NEW, *new)  # a directory that is no bpffs fails here, attaching nothing
+        _pin(pins, NEW, new)  # a directory that is no bpffs fails here, attaching nothing
         try:
-            bpf.attach(cgroup_fd, new[0], old_prog if old_attached else None)
+            bpf.attach(cgroup_fd, new.prog, old.prog if old_attached else None)  # type: ignore[arg-type]
         except BaseException:
             _forget(pins, NEW)
             raise
@@ -383,24 +474,24 @@ class FilterState:
 
 def state(cgroup_root: Path = CGROUP_ROOT, pins: Path = PIN_DIRECTORY) -> FilterState:
     """Read back from the kernel (as root): the pinned program attached at the root, the
-    only one of its name there, over its pinned map, and this code's program for this
+    only one of its name there, over its pinned maps, and this code's program for this
     kernel's terminal drivers (its tag equals a twin's loaded now); the cgroups it allows."""
     try:
-        prog_fd, map_fd = _pinned(pins)
+        pinned = _pinned(pins)
     except bpf.BpfError as error:
         return FilterState(False, f"cannot read the pinned filter: {error}")
     try:
-        if prog_fd is None or map_fd is None:
+        if not pinned.complete():
             return FilterState(False, "no filter pinned")
-        return _read_back(cgroup_root, prog_fd, map_fd)
+        return _read_back(cgroup_root, pinned)
     except (bpf.BpfError, FilterError) as error:
         return FilterState(False, f"cannot read the filter: {error}")
     finally:
-        _close(prog_fd, map_fd)
+        _close(*pinned)
 
 
-def _read_back(cgroup_root: Path, prog_fd: int, map_fd: int) -> FilterState:
-    info = bpf.program_info(prog_fd)
+def _read_back(cgroup_root: Path, pinned: Objects) -> FilterState:
+    info = bpf.program_info(pinned.prog)  # type: ignore[arg-type]
     cgroup_fd = _cgroup_fd(cgroup_root)
     try:
         ours = _ours_attached(cgroup_fd)
@@ -413,17 +504,18 @@ def _read_back(cgroup_root: Path, prog_fd: int, map_fd: int) -> FilterState:
     if len(ours_ids) > 1:
         return FilterState(False, f"{len(ours_ids)} programs of its name are attached, "
                                   "not the one pinned alone")
-    if not _reads(prog_fd, map_fd):
-        return FilterState(False, "the attached filter reads another map than the one pinned")
+    if not _reads(pinned):
+        return FilterState(False, "the attached filter reads other maps than those pinned")
     twin = _load(terminal_majors())
     try:
-        twin_tag = bpf.program_info(twin[0]).tag
+        twin_tag = bpf.program_info(twin.prog).tag  # type: ignore[arg-type]
     finally:
         _close(*twin)
     if info.tag != twin_tag:
         return FilterState(False, "the attached filter is not this package's program for this "
                                   f"kernel's terminal drivers (tag {info.tag.hex()})")
-    allowed = tuple(sorted(int.from_bytes(key, "little") for key in bpf.map_keys(map_fd, KEY_SIZE)))
+    allowed = tuple(sorted(int.from_bytes(key, "little")
+                           for key in bpf.map_keys(pinned.allowed, KEY_SIZE)))  # type: ignore[arg-type]
     return FilterState(True, "attached", allowed)
 
 

@@ -160,7 +160,6 @@ def _found_on_the_disk(guest: Guest, needles: Sequence[bytes],
     return hits
 
 
-@pytest.mark.every_release
 @pytest.mark.cost(340)
 def test_file_backed_volume_is_new_at_every_boot_and_the_old_one_leaves_no_trace(
         installed_guest: Guest, measured, tmp_path: Path) -> None:

@@ -81,9 +81,9 @@ def refused(guest: Guest, command: str) -> str:
     return done.stdout + done.stderr
 
 
-def filter_log(guest: Guest) -> List[Dict]:
+def filter_log(guest: Guest, event: str = "terminal-filter") -> List[Dict]:
     lines = guest.run(f"journalctl -q -u {UNIT} -o cat").stdout.splitlines()
-    return [json.loads(line) for line in lines if line.startswith('{"event": "terminal-filter"')]
+    return [json.loads(line) for line in lines if line.startswith(f'{{"event": "{event}"')]
 
 
 @pytest.mark.every_release
@@ -112,6 +112,15 @@ def test_every_kind_of_terminal_is_refused_and_a_plain_process_lives(installed_g
     assert REFUSED in refused(guest, f"unshare -m sh -c {quote(inner)}")
     for duration in (1601, 1602, 1603, 1604, 1608):
         assert running(guest, f"sleep {duration}") == [], f"the shell side of sleep {duration}"
+    # Each refusal journaled: the device, the access, who (uid, cgroup, its unit and what
+    # runs there: here the test agent, which ran every command above).
+    guest.wait_for(f"journalctl -q -u {UNIT} -o cat | grep -F terminal-refused | "
+                   "grep -qF '\"4:3 rw\"'", "the agetty's refusal in the journal", 30)
+    told = filter_log(guest, "terminal-refused")
+    assert {"5:2 rw", "4:3 rw", "5:1 r"} <= {device for line in told for device in line["devices"]}, told
+    agetty = next(line for line in told if "4:3 rw" in line["devices"])
+    assert agetty["uids"] == [0] and agetty["unit"] == "statemesh-test-agent.service", agetty
+    assert any("statemesh-test-agent" in process for process in agetty["processes"]), agetty
     assert guest.run("systemctl is-active sm-pty", check=False).stdout.strip() != "active"
     # systemd-getty-generator opens the serial console read-write at every reload: refused
     # now, where the watchdog killed it before the filter
