@@ -145,8 +145,13 @@ class RingBuffer:
             raise
         self.position = self._consumer_position()  # where the last reader left off
         end = self._producer_position()
-        if self.position % 8 or self.position > end or end - self.position > size:
+        if not self._readable_up_to(end):
             self.position = end
+
+    def _readable_up_to(self, end: int) -> bool:
+        """Whether the position is one a reader can go on from to the producer's `end`:
+        8-aligned, not past it, and less than the whole buffer behind it."""
+        return self.position % 8 == 0 and self.position <= end and end - self.position <= self.size
 
     def _consumer_position(self) -> int:
         return struct.unpack_from("=Q", self.consumer, 0)[0]
@@ -176,7 +181,7 @@ class RingBuffer:
             if not length & self.DISCARD:
                 found.append(self.producer[at + self.HEADER:at + self.HEADER + size])
             self.position += (size + self.HEADER + 7) & ~7
-        if self.position > end or end - self.position > self.size:
+        if not self._readable_up_to(end):
             self.position, moved = end, True
         struct.pack_into("=Q", self.consumer, 0, self.position)
         return Read(found, was_full, moved)
